@@ -1,0 +1,51 @@
+"""What makes two caches comparable, and a readable account of how two differ."""
+from __future__ import annotations
+
+# Keys that must match for features to be mixed or appended. Time, host and data location may differ.
+COMPARED = (
+    "backbone",
+    "weights_sha256",
+    "preprocess",
+    "image_layer",
+    "image_pooling",
+    "text_layer",
+    "text_pooling",
+    "dataset",
+    "dataset_fingerprint",
+    "split",
+    "dtype",
+    "views",
+    "templates",
+    "toolkit_version",
+    "shard",
+)
+
+
+def _short(v, n: int = 60) -> str:
+    s = str(v)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def differences(existing: dict, wanted: dict) -> list[str]:
+    """Human-readable lines, one per differing key; empty when the two are compatible."""
+    out = []
+    for k in COMPARED:
+        a, b = existing.get(k), wanted.get(k)
+        if a is None and b is None:
+            continue
+        if str(a) != str(b):
+            out.append(f"{k}: cache has {_short(a)!s}, this run has {_short(b)!s}")
+    return out
+
+
+class ProvenanceMismatch(RuntimeError):
+    """Raised instead of silently mixing features of different backbones, weights or data."""
+
+    def __init__(self, path, diffs: list[str]):
+        self.path = str(path)
+        self.diffs = diffs
+        lines = "\n  ".join(diffs)
+        super().__init__(
+            f"{path}: refusing to mix features; the existing cache differs in provenance:\n  {lines}\n"
+            "Use another --out folder, or delete that file to rebuild it."
+        )

@@ -1,0 +1,148 @@
+"""Load one cached split into memory as torch tensors.
+
+Schema (one HDF5 file per dataset x split x backbone, written by `cache.writer`):
+
+    attrs                       provenance: backbone, weights_sha256, preprocess, image_layer, image_pooling,
+                                text_layer, text_pooling, dataset, dataset_fingerprint, split, toolkit_version,
+                                created, dtype, synthetic, ...
+    images/ids        [N] str   image ids, dataset order, skipped images left out
+    images/locations  [N] str   where each image was read from (relative to the data root)
+    images/features   [N, Di]   raw pooled image features (not L2-normalised), float16 by default
+    images/view_features [N, V, Di]  optional: features of V augmented views of each image
+    captions/text     [M] str
+    captions/image_row [M] int  row in images/ of each caption's image
+    captions/features [M, Dt]   raw caption features
+    concepts/ids      [C] str   concept vocabulary (shared by all splits of a dataset)
+    concepts/names    [C] str   canonical name, "" when the dataset gives none
+    concepts/indptr   [N+1], concepts/indices [nnz]   multi-hot labels as CSR rows
+    concepts/templates [T] str  prompt templates, e.g. "a radiology image showing {name}"
+    concepts/text_features [C, T, Dt]  raw text features of every (concept, template); unnamed concepts
+                                are encoded from their id and flagged by an empty name
+    skipped/ids, skipped/locations, skipped/reasons [S] str   images that could not be read, and why
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+SPLIT_ORDER = ("train", "valid", "test")
+
+
+def _strings(ds) -> list[str]:
+    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+@dataclass
+class CachedSplit:
+    split: str
+    image_ids: list[str]
+    image_features: torch.Tensor  # [N, Di] float32
+    caption_features: torch.Tensor  # [M, Dt] float32
+    caption_image: torch.Tensor  # [M] int64
+    captions: list[str]
+    concept_ids: list[str] = field(default_factory=list)
+    concept_names: list[str] = field(default_factory=list)
+    concepts: sp.csr_matrix | None = None  # [N, C] multi-hot
+    concept_text_features: torch.Tensor | None = None  # [C, T, Dt] float32
+    templates: list[str] = field(default_factory=list)
+    view_features: torch.Tensor | None = None  # [N, V, Di] float32
+    image_locations: list[str] = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def n_images(self) -> int:
+        return self.image_features.shape[0]
+
+    @property
+    def n_captions(self) -> int:
+        return self.caption_features.shape[0]
+
+    def concept_dense(self) -> np.ndarray:
+        """[N, C] bool; fine for the small splits tests and few-shot use."""
+        if self.concepts is None:
+            return np.zeros((self.n_images, 0), dtype=bool)
+        return self.concepts.toarray().astype(bool)
+
+
+def _read_float(ds) -> torch.Tensor:
+    # one contiguous read of the whole dataset (chunks are row blocks), then widen
+    arr = np.empty(ds.shape, dtype=ds.dtype)
+    ds.read_direct(arr)
+    return torch.from_numpy(arr.astype(np.float32, copy=False))
+
+
+def read_attrs(path: str | Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+def load_split(path: str | Path, with_views: bool = True) -> CachedSplit:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such cache file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 cache ({e})") from e
+    with f:
+        if "images/features" not in f:
+            raise ValueError(f"{path}: not a feature cache (no images/features dataset)")
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        n = f["images/features"].shape[0]
+        concepts = None
+        concept_ids: list[str] = []
+        concept_names: list[str] = []
+        ctf = None
+        templates: list[str] = []
+        if "concepts/ids" in f:
+            concept_ids = _strings(f["concepts/ids"])
+            concept_names = _strings(f["concepts/names"])
+            indptr = f["concepts/indptr"][()].astype(np.int64)
+            indices = f["concepts/indices"][()].astype(np.int64)
+            concepts = sp.csr_matrix(
+                (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n, len(concept_ids))
+            )
+            if "concepts/text_features" in f:
+                ctf = _read_float(f["concepts/text_features"])
+                templates = _strings(f["concepts/templates"])
+        views = _read_float(f["images/view_features"]) if with_views and "images/view_features" in f else None
+        return CachedSplit(
+            split=attrs.get("split", path.stem),
+            image_ids=_strings(f["images/ids"]),
+            image_features=_read_float(f["images/features"]),
+            caption_features=_read_float(f["captions/features"]),
+            caption_image=torch.from_numpy(f["captions/image_row"][()].astype(np.int64)),
+            captions=_strings(f["captions/text"]),
+            concept_ids=concept_ids,
+            concept_names=concept_names,
+            concepts=concepts,
+            concept_text_features=ctf,
+            templates=templates,
+            view_features=views,
+            image_locations=_strings(f["images/locations"]) if "images/locations" in f else [],
+            attrs=attrs,
+            path=str(path),
+        )
+
+
+def find_splits(features_dir: str | Path) -> dict[str, Path]:
+    """Finished split files in a features folder (`{dir}/{split}.h5`), train/valid/test first."""
+    d = Path(features_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such features folder (run `cli.py extract` first)")
+    files = {p.stem: p for p in sorted(d.glob("*.h5"))}
+    if not files:
+        raise FileNotFoundError(f"{d}: no finished cache files (*.h5); run `cli.py extract` first")
+    order = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    return dict(sorted(files.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
+
+
+def provenance_json(attrs: dict) -> str:
+    return json.dumps(attrs, sort_keys=True, default=str)

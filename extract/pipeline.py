@@ -1,0 +1,305 @@
+"""Phase 1: run a frozen backbone once over a dataset and store its features in the HDF5 cache.
+
+One call of `extract_split` does one split (or one shard of it) from start to finish and can be
+killed and re-run at any point; `extract` is the plain loop over splits that the CLI calls.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cache.lock import WriterLock
+from cache.parts import PartStore
+from cache.provenance import ProvenanceMismatch, differences
+from cache.reader import read_attrs
+from cache.writer import write_split
+from extract.records import ZIP_SEP, Dataset, Record
+from extract.version import __version__
+from extract.worker import ImageItems, collate_items
+
+DEFAULT_TEMPLATES = (
+    "{name}",
+    "a radiology image showing {name}",
+    "a medical image of {name}",
+    "an image showing {name}",
+)
+TEXT_BATCH = 256
+
+
+class ExtractError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExtractConfig:
+    data: str | None = None  # None: the embedded synthetic dataset
+    backbone: str = "effnet-lite0+minilm"
+    splits: list[str] | None = None  # None: every split the dataset has
+    batch_size: int = 64
+    workers: int = 2
+    device: str = "auto"
+    out: str = "features"
+    strict: bool = False
+    dtype: str = "float16"
+    views: int = 0  # augmented views per image stored beside the plain features
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    progress: bool = True
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    path: str
+    records: int = 0
+    images: int = 0
+    captions: int = 0
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, location, reason)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    status: str = "written"  # written | resumed | up to date
+
+
+@dataclass
+class ExtractSummary:
+    dataset: str
+    synthetic: bool
+    backbone: str
+    device: str
+    out_dir: str
+    splits: list[SplitSummary]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExtractError("--device cuda asked for, but torch sees no CUDA device")
+    return device
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_")
+
+
+def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
+    return Path(out) / slug(dataset) / slug(backbone)
+
+
+def _relative(location: str, root: str) -> str:
+    path, sep, member = location.partition(ZIP_SEP)
+    try:
+        rel = os.path.relpath(path, root)
+    except ValueError:
+        rel = path
+    return rel + sep + member
+
+
+def split_provenance(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> dict:
+    return {
+        **{k: str(v) for k, v in bb.provenance.items()},
+        "backbone": bb.name,
+        "dataset": dataset.name,
+        "dataset_layout": dataset.layout,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "synthetic": bool(dataset.synthetic),
+        "split": split,
+        "dtype": cfg.dtype,
+        "views": int(cfg.views),
+        "templates": "\n".join(cfg.templates),
+        "toolkit_version": __version__,
+        "image_dim": int(bb.image_dim),
+        "text_dim": int(bb.text_dim),
+    }
+
+
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else nullcontext()
+
+
+def _image_phase(bb, records: list[Record], store: PartStore, batch_size: int, cfg: ExtractConfig, device: str, bar):
+    """Batch b always holds records [b*bs, (b+1)*bs): fixed boundaries make resumed output identical."""
+    n_batches = (len(records) + batch_size - 1) // batch_size
+    todo = [b for b in range(n_batches) if not store.done("img", b)]
+    bar.update(sum(min(batch_size, len(records) - b * batch_size) for b in range(n_batches) if store.done("img", b)))
+    if not todo:
+        return 0, 0.0
+    items = ImageItems(records, bb.preprocess, bb.augment, cfg.views)
+    batches = [list(range(b * batch_size, min((b + 1) * batch_size, len(records)))) for b in todo]
+    loader = DataLoader(
+        items,
+        batch_sampler=batches,
+        num_workers=cfg.workers,
+        collate_fn=collate_items,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+    )
+    n_done, t0 = 0, time.perf_counter()
+    for b, (idx, pixels, views, failures) in zip(todo, loader):
+        if failures and cfg.strict:
+            i, reason = failures[0]
+            raise ExtractError(
+                f"{records[i].image}: record {records[i].image_id} ({reason}); stopping because of --strict. "
+                f"{store.count('img')} finished batches are kept in {store.dir} and a re-run continues from there."
+            )
+        feats = np.zeros((0, bb.image_dim), np.float32)
+        vfeats = np.zeros((0, cfg.views, bb.image_dim), np.float32)
+        if pixels is not None:
+            with torch.inference_mode(), _autocast(device):
+                feats = bb.encode_images(pixels.to(device, non_blocking=True)).float().cpu().numpy()
+                if views is not None:
+                    v = views.flatten(0, 1).to(device, non_blocking=True)
+                    vfeats = bb.encode_images(v).float().cpu().numpy().reshape(len(idx), cfg.views, -1)
+        store.put(
+            "img",
+            b,
+            rows=np.asarray(idx, np.int64),
+            features=feats.astype(cfg.dtype),
+            views=vfeats.astype(cfg.dtype),
+            fail_rows=np.asarray([f[0] for f in failures], np.int64),
+            fail_reasons=np.asarray([f[1] for f in failures], dtype=str),
+        )
+        n_done += len(idx) + len(failures)
+        bar.update(len(idx) + len(failures))
+    return n_done, time.perf_counter() - t0
+
+
+def _gather_images(store: PartStore, n_records: int, batch_size: int):
+    n_batches = (n_records + batch_size - 1) // batch_size
+    rows, feats, views, fails = [], [], [], []
+    for b in range(n_batches):
+        p = store.get("img", b)
+        rows.append(p["rows"])
+        feats.append(p["features"])
+        views.append(p["views"])
+        fails += list(zip(p["fail_rows"].tolist(), p["fail_reasons"].tolist()))
+    return np.concatenate(rows), np.concatenate(feats), np.concatenate(views), fails
+
+
+def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, device: str) -> np.ndarray:
+    n_batches = (len(texts) + TEXT_BATCH - 1) // TEXT_BATCH
+    for b in range(n_batches):
+        if store.done(kind, b):
+            continue
+        with torch.inference_mode(), _autocast(device):
+            f = bb.encode_texts(texts[b * TEXT_BATCH : (b + 1) * TEXT_BATCH], batch_size=TEXT_BATCH)
+        store.put(kind, b, features=f.float().cpu().numpy().astype(dtype))
+    if n_batches == 0:
+        return np.zeros((0, bb.text_dim), dtype)
+    return np.concatenate([store.get(kind, b)["features"] for b in range(n_batches)])
+
+
+def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str) -> SplitSummary:
+    """Extract one split into `{out}/{dataset}/{backbone}/{split}.h5`; safe to kill and re-run."""
+    records = dataset.split(split)
+    if not records:
+        raise ExtractError(f"{dataset.root}: split '{split}' has no records (splits here: {', '.join(dataset.splits)})")
+    final = cache_dir(cfg.out, dataset.name, bb.name) / f"{split}.h5"
+    summary = SplitSummary(split=split, path=str(final), records=len(records))
+    prov = split_provenance(bb, dataset, split, cfg)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with WriterLock(final):
+        if final.exists():
+            diffs = differences(read_attrs(final), prov)
+            if diffs:
+                raise ProvenanceMismatch(final, diffs)
+            attrs = read_attrs(final)
+            summary.status, summary.images, summary.captions = "up to date", attrs["n_images"], attrs["n_captions"]
+            return summary
+        store = PartStore(final)
+        resumed = store.exists()
+        settings = store.open(prov, {"batch_size": cfg.batch_size})
+        batch_size = int(settings["batch_size"])
+        summary.status = "resumed" if resumed else "written"
+        t0 = time.perf_counter()
+        with tqdm(total=len(records), desc=f"{split} images", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
+            n_new, secs = _image_phase(bb, records, store, batch_size, cfg, device, bar)
+        rows, feats, views, fails = _gather_images(store, len(records), batch_size)
+        kept = [records[i] for i in rows]
+        captions, caption_image = [], []
+        for r_i, rec in enumerate(kept):
+            for c in rec.captions:
+                captions.append(c)
+                caption_image.append(r_i)
+        cap_feats = _text_phase(bb, captions, store, "cap", cfg.dtype, device)
+
+        vocab = dataset.concept_vocab()
+        col = {c: j for j, c in enumerate(vocab)}
+        names = [dataset.concept_names.get(c, "") for c in vocab]
+        prompts = [t.format(name=n or c) for c, n in zip(vocab, names) for t in cfg.templates]
+        con_feats = _text_phase(bb, prompts, store, "con", cfg.dtype, device)
+        con_feats = con_feats.reshape(len(vocab), len(cfg.templates), -1)
+        indptr, indices = [0], []
+        for rec in kept:
+            indices += sorted({col[c] for c in rec.concepts})
+            indptr.append(len(indices))
+
+        summary.skipped = [(records[i].image_id, records[i].image, reason) for i, reason in fails]
+        summary.images, summary.captions = len(kept), len(captions)
+        attrs = {
+            **prov,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "data_root": str(Path(dataset.root).resolve()),
+            "n_records": len(records),
+            "extract_batch_size": batch_size,
+        }
+        write_split(
+            final,
+            attrs=attrs,
+            image_ids=[r.image_id for r in kept],
+            image_locations=[_relative(r.image, dataset.root) for r in kept],
+            image_features=feats,
+            view_features=views if cfg.views else None,
+            captions=captions,
+            caption_image=np.asarray(caption_image, np.int64),
+            caption_features=cap_feats,
+            concept_ids=vocab,
+            concept_names=names,
+            concept_indptr=np.asarray(indptr),
+            concept_indices=np.asarray(indices),
+            templates=list(cfg.templates),
+            concept_text_features=con_feats,
+            skipped=[(rid, _relative(loc, dataset.root), why) for rid, loc, why in summary.skipped],
+            dtype=cfg.dtype,
+            feature_attrs={
+                "images": {"layer": bb.provenance.get("image_layer", ""), "pooling": bb.provenance.get("image_pooling", "")},
+                "captions": {"layer": bb.provenance.get("text_layer", ""), "pooling": bb.provenance.get("text_pooling", "")},
+            },
+        )
+        store.remove()
+        summary.seconds = time.perf_counter() - t0
+        summary.images_per_s = n_new / secs if secs > 0 else 0.0
+        return summary
+
+
+def extract(cfg: ExtractConfig) -> ExtractSummary:
+    from extract.backbones import create_backbone
+    from extract.datasets import load_dataset
+    from extract.synthetic import ensure_default_dataset
+
+    dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset())
+    splits = cfg.splits or dataset.splits
+    unknown = [s for s in splits if s not in dataset.splits]
+    if unknown:
+        raise ExtractError(f"{dataset.root}: no split {', '.join(unknown)} (splits here: {', '.join(dataset.splits)})")
+    device = resolve_device(cfg.device)
+    bb = create_backbone(cfg.backbone, device=device)
+    results = [extract_split(bb, dataset, s, cfg, device) for s in splits]
+    return ExtractSummary(
+        dataset=dataset.name,
+        synthetic=bool(dataset.synthetic),
+        backbone=bb.name,
+        device=device,
+        out_dir=str(cache_dir(cfg.out, dataset.name, bb.name)),
+        splits=results,
+    )

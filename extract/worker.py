@@ -1,0 +1,70 @@
+"""Decode images inside DataLoader workers, never letting one bad file stop the run.
+
+Each item comes back as (record index, pixels or None, reason); the collate keeps failures beside
+the batch instead of raising, so the caller can count, report, or (with --strict) stop.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset as TorchDataset
+
+from extract.records import Record, image_size, open_image
+
+# A decompression bomb is refused outright rather than allowed to exhaust memory.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+def describe_failure(location: str, exc: BaseException) -> str:
+    if image_size(location) < 0:
+        return "missing file"
+    if image_size(location) == 0:
+        return "zero-byte file"
+    if isinstance(exc, Image.DecompressionBombError):
+        return "decompression bomb (too many pixels)"
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "truncated" in msg.lower():
+        return f"truncated image ({msg})"
+    if "cannot identify image file" in msg:
+        return "not an image (unrecognised format)"
+    return f"unreadable image ({type(exc).__name__}: {msg})"
+
+
+@dataclass
+class ImageItems(TorchDataset):
+    records: list[Record]
+    preprocess: Callable
+    augment: Callable | None = None
+    views: int = 0
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        rec = self.records[i]
+        try:
+            img = open_image(rec.image)
+            pixels = self.preprocess(img)
+            view_px = None
+            if self.views:
+                # seeded per record: the same views whichever worker, batch or resume computes them
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed * 1_000_003 + i)
+                    view_px = torch.stack([self.augment(img) for _ in range(self.views)])
+            return i, pixels, view_px, ""
+        except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
+            return i, None, None, describe_failure(rec.image, e)
+
+
+def collate_items(items):
+    """(indices_ok, pixels [B,3,H,W] | None, views [B,V,3,H,W] | None, failures [(index, reason)])."""
+    ok = [it for it in items if it[1] is not None]
+    failures = [(it[0], it[3]) for it in items if it[1] is None]
+    idx = [it[0] for it in ok]
+    pixels = torch.stack([it[1] for it in ok]) if ok else None
+    views = torch.stack([it[2] for it in ok]) if ok and ok[0][2] is not None else None
+    return idx, pixels, views, failures
