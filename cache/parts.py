@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.faults import reached
 from cache.provenance import ProvenanceMismatch, differences
 
 
@@ -68,7 +69,9 @@ class PartStore:
         np.savez(tmp, **arrays)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        reached(f"{kind}-part:{index}")
         os.replace(tmp, self.path(kind, index))
+        reached(f"{kind}:{index}")
 
     def get(self, kind: str, index: int) -> dict[str, np.ndarray]:
         with np.load(self.path(kind, index), allow_pickle=False) as z:

@@ -11,6 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from cache.faults import reached
+
 FORMAT = "medembed-cache/1"
 STR = h5py.string_dtype("utf-8")
 
@@ -97,5 +99,7 @@ def write_split(
         _put_str(g, "locations", [s[1] for s in sk])
         _put_str(g, "reasons", [s[2] for s in sk])
         f.attrs["complete"] = True
+    reached("h5-tmp")
     os.replace(tmp, path)
+    reached("h5-final")
     return path

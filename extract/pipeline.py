@@ -213,6 +213,7 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
             diffs = differences(read_attrs(final), prov)
             if diffs:
                 raise ProvenanceMismatch(final, diffs)
+            PartStore(final).remove()  # left over when a run died between rename and clean-up
             attrs = read_attrs(final)
             summary.status, summary.images, summary.captions = "up to date", attrs["n_images"], attrs["n_captions"]
             return summary

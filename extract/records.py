@@ -2,13 +2,20 @@
 
 Readers differ in file formats; everything downstream (cache, adapt, evaluate) only ever sees
 `Record` and `Dataset`, so a new layout is one new reader and nothing else.
+
+Images may live inside a zip archive (ImageCLEF ships `resized_train.zip`); such a location is written
+"ARCHIVE.zip::member/inside.jpg" and read without unpacking. Opening a ZipFile parses the whole central
+directory, which for a 100k-member archive costs far more than decoding one image, so open archives are
+kept per process (see `_ZipHandles`).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import threading
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -33,6 +40,7 @@ class Dataset:
     records: list[Record]
     concept_names: dict[str, str] = field(default_factory=dict)
     synthetic: bool = False
+    warnings: list[str] = field(default_factory=list)  # data problems that were tolerated (e.g. empty captions dropped)
 
     @property
     def splits(self) -> list[str]:
@@ -64,13 +72,59 @@ class Dataset:
         return h.hexdigest()
 
 
-def image_size(location: str) -> int:
-    """Byte size of an image file or zip member; -1 when it does not exist."""
+class _ZipHandles:
+    """Open ZipFile objects, one set per process.
+
+    Keyed by (pid, path): a DataLoader worker forked from a parent that already opened the archive
+    must not share the parent's file offset, so each process opens its own handle on first use.
+    The archive's mtime and size are checked on every lookup so a rewritten archive is reopened
+    instead of read through a stale central directory. Few archives are ever in use at once, so a
+    small LRU bound keeps file descriptors in check.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self._capacity = capacity
+        self._open: OrderedDict[tuple[int, str], tuple[tuple[int, int], zipfile.ZipFile]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, archive: str) -> zipfile.ZipFile:
+        st = os.stat(archive)
+        signature = (st.st_mtime_ns, st.st_size)
+        key = (os.getpid(), os.path.abspath(archive))
+        with self._lock:
+            cached = self._open.get(key)
+            if cached is not None and cached[0] == signature:
+                self._open.move_to_end(key)
+                return cached[1]
+            if cached is not None:
+                del self._open[key]
+                cached[1].close()
+            handle = zipfile.ZipFile(archive)
+            self._open[key] = (signature, handle)
+            while len(self._open) > self._capacity:
+                (pid, _), (_, old) = self._open.popitem(last=False)
+                if pid == os.getpid():  # a handle inherited from the parent is the parent's to close
+                    old.close()
+            return handle
+
+
+_ZIPS = _ZipHandles()
+
+
+def split_location(location: str) -> tuple[str, str | None]:
+    """("archive.zip", "member") for a zip location, (path, None) for a plain file."""
     if ZIP_SEP in location:
         archive, member = location.split(ZIP_SEP, 1)
+        return archive, member
+    return location, None
+
+
+def image_size(location: str) -> int:
+    """Byte size of an image file or zip member; -1 when it does not exist."""
+    archive, member = split_location(location)
+    if member is not None:
         try:
-            with zipfile.ZipFile(archive) as z:
-                return z.getinfo(member).file_size
+            return _ZIPS.get(archive).getinfo(member).file_size
         except (KeyError, OSError, zipfile.BadZipFile):
             return -1
     try:
@@ -80,10 +134,12 @@ def image_size(location: str) -> int:
 
 
 def read_image_bytes(location: str) -> bytes:
-    if ZIP_SEP in location:
-        archive, member = location.split(ZIP_SEP, 1)
-        with zipfile.ZipFile(archive) as z:
-            return z.read(member)
+    archive, member = split_location(location)
+    if member is not None:
+        try:
+            return _ZIPS.get(archive).read(member)
+        except KeyError:
+            raise FileNotFoundError(f"{archive}: no member {member!r}") from None
     with open(location, "rb") as f:
         return f.read()
 

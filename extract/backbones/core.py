@@ -1,0 +1,152 @@
+"""The one object every backbone is turned into, plus the helpers all loaders share.
+
+Extraction, adapter training and search only ever talk to `Backbone`: raw (un-normalised) pooled
+features from two towers, one eval transform, one train-time view, one tokenizer and a provenance
+record precise enough to tell whether two caches were made by the same weights and preprocessing.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PROVENANCE_KEYS = (
+    "backbone",
+    "weights_sha256",
+    "preprocess",
+    "image_layer",
+    "image_pooling",
+    "text_layer",
+    "text_pooling",
+    "image_model",
+    "text_model",
+)
+
+
+class Tower(nn.Module):
+    """A feature tower that also knows how to cut itself into unfreezable blocks."""
+
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+
+class BlockGroup(nn.Module):
+    """Shares (does not copy) a set of parameters and modules under one nn.Module.
+
+    Lets a loose parameter such as a projection matrix be part of an unfreezable "block" even
+    though it lives directly on the model rather than inside a submodule.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module] | None = None,
+                 parameters: dict[str, nn.Parameter] | None = None) -> None:
+        super().__init__()
+        for name, module in (modules or {}).items():
+            self.add_module(_safe_name(name), module)
+        for name, param in (parameters or {}).items():
+            self.register_parameter(_safe_name(name), param)
+
+
+def _safe_name(name: str) -> str:
+    return name.replace(".", "__")
+
+
+@dataclass
+class Backbone:
+    """Image tower + text tower + the preprocessing and tokenizer that go with them.
+
+    `image_model(pixels)` and `text_model(**tokens)` return RAW pooled features; normalising is the
+    consumer's choice, so caches keep the information a learned head might want.
+    `extra_modules` are owners of state the towers use but do not hold themselves (an open_clip
+    model's text attention mask, for instance); `to` moves them too, so move a backbone with
+    `Backbone.to`, not tower by tower.
+    """
+
+    name: str
+    image_model: Tower
+    text_model: Tower
+    preprocess: Callable
+    augment: Callable
+    tokenize: Callable[[list[str]], dict[str, torch.Tensor]]
+    image_dim: int
+    text_dim: int
+    provenance: dict[str, str]
+    extra_modules: tuple[nn.Module, ...] = field(default=(), repr=False)
+
+    def to(self, device: str | torch.device) -> Backbone:
+        for module in (*self.extra_modules, self.image_model, self.text_model):
+            module.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.image_model.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Raw float32 image features, left on the backbone's device (the caller decides when to copy)."""
+        self.image_model.eval()
+        return self.image_model(pixels.to(self.device, non_blocking=True)).float()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Raw float32 text features on CPU, in the order given.
+
+        Texts are batched by length so padding (and wasted compute) stays small; pooling is
+        mask-aware, so grouping does not change any row beyond float rounding.
+        """
+        self.text_model.eval()
+        texts = list(texts)
+        out = torch.empty(len(texts), self.text_dim, dtype=torch.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        device = self.device
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            tokens = self.tokenize([texts[i] for i in idx])
+            tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
+            out[idx] = self.text_model(**tokens).float().cpu()
+        return out
+
+    def image_blocks(self) -> list[nn.Module]:
+        """Bottom-to-top trainable blocks of the image tower (unfreeze the last k for partial fine-tuning)."""
+        return self.image_model.blocks()
+
+    def text_blocks(self) -> list[nn.Module]:
+        """Bottom-to-top trainable blocks of the text tower."""
+        return self.text_model.blocks()
+
+
+def sha256_files(paths: Iterable[str | Path], chunk: int = 1 << 20) -> str:
+    """One digest over the bytes of the files in order: equals `sha256sum` for a single file."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """Digest of a state dict's names, dtypes, shapes and bytes: identifies random-init weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\x1f{tensor.dtype}\x1f{tuple(tensor.shape)}\x1e".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def sha256_text(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Random weight init inside is reproducible, and the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

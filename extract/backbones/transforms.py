@@ -1,0 +1,74 @@
+"""Image transforms built only from picklable pieces, so DataLoader workers can receive them."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from PIL import Image
+from torchvision import transforms as T
+
+INTERPOLATIONS = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Greyscale radiographs and palette PNGs become 3-channel like every backbone expects."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class EvalTransformConfig:
+    """Resize the shorter side to `resize`, centre-crop `size`, scale to [0,1], normalise."""
+
+    size: int
+    resize: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "size": self.size, "resize_shorter": self.resize, "crop": "center",
+            "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+        }, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Mild train-time views: radiographs tolerate small crops and jitter; big crops lose findings.
+
+    Horizontal flips swap left and right, which captions sometimes name; set hflip=0 when laterality matters.
+    """
+
+    scale: tuple[float, float] = (0.7, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.05
+    hue: float = 0.0
+
+
+def eval_transform(cfg: EvalTransformConfig) -> T.Compose:
+    return T.Compose([
+        to_rgb,
+        T.Resize(cfg.resize, interpolation=INTERPOLATIONS[cfg.interpolation]),
+        T.CenterCrop(cfg.size),
+        T.ToTensor(),
+        T.Normalize(cfg.mean, cfg.std),
+    ])
+
+
+def augment_transform(size: int, mean, std, interpolation: str = "bicubic",
+                      cfg: AugmentConfig = AugmentConfig()) -> T.Compose:
+    return T.Compose([
+        to_rgb,
+        T.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio, interpolation=INTERPOLATIONS[interpolation]),
+        T.RandomHorizontalFlip(cfg.hflip),
+        T.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation, hue=cfg.hue),
+        T.ToTensor(),
+        T.Normalize(tuple(mean), tuple(std)),
+    ])

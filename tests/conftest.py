@@ -1,0 +1,52 @@
+"""Fixtures shared by the test modules: real-data locations and a tiny dataset made on the fly."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """A real dataset beside the repo, or a clean skip saying why."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {path} is absent (it lives in ../shared/data beside the repo root)")
+    return path
+
+
+def make_imageclef2023(root: Path, n_per_split: dict[str, int], size: int = 48, seed: int = 0) -> Path:
+    """Tiny ImageCLEFmedical-2023 folder: coloured squares whose captions name the colour."""
+    rng = np.random.default_rng(seed)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "grey": (128, 128, 128)}
+    cuis = {"red": "C0000001", "green": "C0000002", "blue": "C0000003", "grey": "C0000004"}
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    k = 0
+    for split, n in n_per_split.items():
+        cap_lines, con_lines = ["ID,Caption"], ["ID,CUIs"]
+        for _ in range(n):
+            name = list(colours)[k % len(colours)]
+            arr = np.clip(np.array(colours[name])[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            image_id = f"IMG_{k:05d}"
+            Image.fromarray(arr).save(root / "images" / f"{image_id}.jpg", quality=90)
+            cap_lines.append(f'{image_id},"A {name} square, case {k}."')
+            con_lines.append(f"{image_id},{cuis[name]};C0009999")
+            k += 1
+        (root / f"{split}_captions.csv").write_text("\n".join(cap_lines) + "\n")
+        (root / f"{split}_concepts.csv").write_text("\n".join(con_lines) + "\n")
+    names = ["CUI,Canonical name"] + [f"{c},{n} colour" for n, c in cuis.items()]
+    (root / "cui_names.csv").write_text("\n".join(names) + "\n")
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return make_imageclef2023(tmp_path / "tiny", {"train": 24, "valid": 8})
