@@ -50,7 +50,7 @@ class DatasetError(ValueError):
 
 def load_dataset(path: str | Path, name: str | None = None) -> Dataset:
     """Read a data folder (or one annotations file) of any supported layout, all splits at once."""
-    path = Path(path).expanduser().absolute()
+    path = Path(os.path.normpath(Path(path).expanduser().absolute()))
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
     layout = detect_layout(path)
@@ -107,6 +107,7 @@ def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     quote characters, which a quoting parser would glue across lines.
     """
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    kind = "TSV" if delimiter == "\t" else "CSV"
     reader = csv.reader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
     start = 1
     try:
@@ -115,7 +116,7 @@ def _rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
             if any(f.strip() for f in row):
                 yield line, [f.strip() for f in row]
     except csv.Error as e:
-        raise DatasetError(f"{path}:{reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'}: {e}") from None
+        raise DatasetError(f"{path}:{reader.line_num}: malformed {kind}: {e}") from None
 
 
 def _find_column(header: list[str], aliases: tuple[str, ...]) -> int | None:
@@ -141,7 +142,6 @@ class _IdRows:
 
     path: Path
     values: dict[str, tuple[int, str]] = field(default_factory=dict)
-    empty_lines: list[int] = field(default_factory=list)
 
     def add(self, line: int, image_id: str, value: str) -> None:
         if not image_id:
@@ -173,14 +173,12 @@ def _read_header_table(path: Path, value_aliases: tuple[str, ...], value_label: 
     return out
 
 
-_HEADER_FIRST = {"id", "image_id", "imageid", "image", "cui", "concept", "concept_id", "name", "filename"}
-_HEADER_SECOND = {"caption", "captions", "cuis", "cui", "concepts", "concept", "name", "canonical name", "text"}
+_HEADER_FIRST = {"id", "image_id", "imageid", "image", "cui", "cuis", "concept", "concept_id", "name", "filename"}
 
 
 def _looks_like_header(row: list[str]) -> bool:
-    first = row[0].lower()
-    second = row[1].lower() if len(row) > 1 else ""
-    return first in _HEADER_FIRST or second in _HEADER_SECOND
+    """Judged by the first field alone: an ID is never literally "ID", while a caption may well be "Caption"."""
+    return row[0].lower() in _HEADER_FIRST
 
 
 def _read_positional_table(path: Path, delimiter: str) -> _IdRows:
@@ -189,6 +187,8 @@ def _read_positional_table(path: Path, delimiter: str) -> _IdRows:
     for index, (line, row) in enumerate(_rows(path, delimiter)):
         if index == 0 and _looks_like_header(row):
             continue
+        while len(row) > 2 and not row[-1]:  # trailing separators
+            row = row[:-1]
         if len(row) > 2 and delimiter == "\t":
             raise DatasetError(f"{path}:{line}: expected ID<TAB>value, found {len(row)} tab-separated fields")
         out.add(line, row[0], delimiter.join(row[1:]) if len(row) > 1 else "")
@@ -235,11 +235,15 @@ class _ImageIndex:
             if source.is_dir():
                 names = [e.name for e in os.scandir(source) if e.is_file()]
             else:
-                with zipfile.ZipFile(source) as z:
-                    names = [
-                        n for n in z.namelist()
-                        if not n.endswith("/") and not n.startswith("__MACOSX/") and not os.path.basename(n).startswith("._")
-                    ]
+                try:
+                    with zipfile.ZipFile(source) as z:
+                        names = [
+                            n for n in z.namelist()
+                            if not n.endswith("/") and not n.startswith("__MACOSX/")
+                            and not os.path.basename(n).startswith("._")
+                        ]
+                except (OSError, zipfile.BadZipFile) as e:
+                    raise DatasetError(f"{source}: cannot read the image archive ({e})") from None
             listing: dict[str, str] = {}
             for name in sorted(names, key=lambda n: _ext_rank(n)):
                 base = os.path.basename(name)
