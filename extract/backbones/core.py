@@ -120,14 +120,21 @@ class Backbone:
         return self.text_model.blocks()
 
 
-def sha256_files(paths: Iterable[str | Path], chunk: int = 1 << 20) -> str:
-    """One digest over the bytes of the files in order: equals `sha256sum` for a single file."""
-    h = hashlib.sha256()
+def sha256_files(paths: Iterable[str | Path], chunk: int = 1 << 20) -> tuple[str, list[str]]:
+    """Digest over the bytes of all files in order (equals `sha256sum` for one file), plus each file's own.
+
+    One read serves both, so multi-file backbones do not pay twice for hashing.
+    """
+    combined = hashlib.sha256()
+    each = []
     for path in paths:
+        own = hashlib.sha256()
         with open(path, "rb") as f:
             while block := f.read(chunk):
-                h.update(block)
-    return h.hexdigest()
+                combined.update(block)
+                own.update(block)
+        each.append(own.hexdigest())
+    return combined.hexdigest(), each
 
 
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
@@ -138,10 +145,6 @@ def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}\x1f{tensor.dtype}\x1f{tuple(tensor.shape)}\x1e".encode())
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def sha256_text(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
 @contextmanager

