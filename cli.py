@@ -53,24 +53,127 @@ def _print_extract_summary(summary) -> None:
 @click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also store features of N randomly augmented views of each image.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
-def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict) -> None:
+@click.option("--shard", default=None, metavar="I/N",
+              help="Do only the I-th (0-based) of N contiguous blocks of each split; join with `cache merge`.")
+@click.option("--engine", type=click.Choice(["loop", "ray"]), default="loop", show_default=True,
+              help="ray: run shards as Ray tasks (one GPU each where there are GPUs), then merge.")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
+@click.option("--shards", default=None, type=click.IntRange(min=1), help="Shards per split with --engine ray.")
+def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, shard, engine, address,
+            shards) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
     from extract.pipeline import ExtractConfig
     from extract.pipeline import extract as run_extract
 
     cfg = ExtractConfig(
         data=data, backbone=backbone, splits=splits.split(",") if splits else None, batch_size=batch_size,
-        workers=workers, device=device, out=out, dtype=dtype, views=views, strict=strict,
+        workers=workers, device=device, out=out, dtype=dtype, views=views, strict=strict, shard=shard,
     )
     try:
-        summary = run_extract(cfg)
+        if engine == "ray":
+            from extract.distributed import extract_with_ray
+
+            summary = extract_with_ray(cfg, address=address, shards=shards)
+        else:
+            summary = run_extract(cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     _print_extract_summary(summary)
 
+@main.group()
+def cache() -> None:
+    """Work on feature caches."""
+
+
+@cache.command("merge")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+def cache_merge(out_dir) -> None:
+    """Join the shard files in OUT_DIR (OUT/DATASET/BACKBONE) into one file per split."""
+    from cache.shards import merge_shards
+
+    try:
+        for path in merge_shards(out_dir):
+            click.echo(f"merged {path}")
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+
+
 # --- adapt -----------------------------------------------------------------------------------
 
+@main.command()
+@click.option("--features", "features_dir", type=click.Path(file_okay=False), help="Features folder with train/valid/test.h5.")
+@click.option("--loss", type=click.Choice(["infonce", "margin", "siglip"]), help="Training loss [infonce].")
+@click.option("--head", type=click.Choice(["linear", "mlp", "residual", "cca"]), help="Projection head [mlp]; cca is closed form.")
+@click.option("--epochs", type=int, help="Maximum epochs [30]; early stopping on valid mean recall.")
+@click.option("--batch-size", type=int, help="Pairs per step [256].")
+@click.option("--lr", type=float, help="Peak AdamW learning rate [1e-3].")
+@click.option("--dim", type=int, help="Embedding dimension [256].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay on weight matrices [0.1].")
+@click.option("--dropout", type=float, help="Dropout inside the heads [0.1].")
+@click.option("--temperature", type=float, help="Initial InfoNCE temperature, learned [0.07].")
+@click.option("--margin", type=float, help="Margin loss: negatives penalised above this cosine [0.2].")
+@click.option("--augment", type=click.Choice(["none", "concepts"]), help="Add named concepts as extra positive texts [none].")
+@click.option("--ensemble", type=int, help="Train K heads jointly and average their cosines [1].")
+@click.option("--patience", type=int, help="Epochs without improvement before stopping [5].")
+@click.option("--seed", type=int, help="Random seed [0].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train [auto].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder, e.g. runs/NAME.")
+def adapt(resume: bool, **options) -> None:
+    """Train projection heads on cached features (seconds on a CPU)."""
+    from adapt.run import config_from_options, format_summary, train
+
+    explicit = {k for k, v in options.items() if v is not None}
+    try:
+        summary = train(config_from_options(options, explicit, resume), resume=resume)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_summary(summary))
+
+
 # --- eval / search ---------------------------------------------------------------------------
+
+
+# --- index / export --------------------------------------------------------------------------
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
+@click.option("--split", default="all", show_default=True, help="Split to index (test, train, ...), or all of them.")
+@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
+              help="flat: exact inner product; ivf / hnsw: approximate, for millions of images.")
+@click.option("--nlist", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells; 0: 4*sqrt(N).")
+@click.option("--nprobe", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/32, at least 8.")
+@click.option("--m", default=32, show_default=True, type=click.IntRange(min=2), help="hnsw links per vector.")
+def index(run_dir, split, kind, nlist, nprobe, m) -> None:
+    """Build a FAISS index of the run's adapted image embeddings (used by search)."""
+    from evaluate.index import IndexOptions, build_index, format_index_summary
+
+    try:
+        path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m))
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_index_summary(path, meta))
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
+@click.option("--split", default="test", show_default=True, help="Split to export, or all.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), default="npy", show_default=True,
+              help="npy: img_emb/*.npy + metadata/*.parquet; parquet: an `embedding` column in img_emb/*.parquet.")
+@click.option("--rows", type=click.Choice(["images", "captions"]), default="images", show_default=True,
+              help="One row per image (with its first caption) or one per caption.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Dtype of the npy embeddings.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/export/SPLIT-FORMAT].")
+def export(run_dir, split, fmt, rows, dtype, out) -> None:
+    """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""
+    from evaluate.export import ExportOptions, export_embeddings, format_export_summary
+
+    try:
+        summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows))
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_export_summary(summary))
 
 
 if __name__ == "__main__":

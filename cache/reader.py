@@ -137,7 +137,7 @@ def find_splits(features_dir: str | Path) -> dict[str, Path]:
     d = Path(features_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"{d}: no such features folder (run `cli.py extract` first)")
-    files = {p.stem: p for p in sorted(d.glob("*.h5"))}
+    files = {p.stem: p for p in sorted(d.glob("*.h5")) if ".shard-" not in p.name}
     if not files:
         raise FileNotFoundError(f"{d}: no finished cache files (*.h5); run `cli.py extract` first")
     order = {s: i for i, s in enumerate(SPLIT_ORDER)}

@@ -22,6 +22,7 @@ from cache.lock import WriterLock
 from cache.parts import PartStore
 from cache.provenance import ProvenanceMismatch, differences
 from cache.reader import read_attrs
+from cache.shards import write_done_marker
 from cache.writer import write_split
 from extract.records import ZIP_SEP, Dataset, Record
 from extract.version import __version__
@@ -54,6 +55,30 @@ class ExtractConfig:
     views: int = 0  # augmented views per image stored beside the plain features
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     progress: bool = True
+    shard: str | None = None  # "I/N": this process does the I-th of N contiguous blocks of each split
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    if not shard:
+        return None
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise ExtractError(f"--shard {shard!r}: expected I/N with whole numbers, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise ExtractError(f"--shard {shard!r}: I must be in 0..N-1 and N >= 1")
+    return i, n
+
+
+def shard_file_name(split: str, shard: tuple[int, int] | None) -> str:
+    return f"{split}.h5" if shard is None else f"{split}.shard-{shard[0]:04d}-of-{shard[1]:04d}.h5"
+
+
+def shard_records(records: list, shard: tuple[int, int] | None) -> list:
+    if shard is None:
+        return records
+    i, n = shard
+    return records[i * len(records) // n : (i + 1) * len(records) // n]
 
 
 @dataclass
@@ -117,6 +142,7 @@ def split_provenance(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> di
         "views": int(cfg.views),
         "templates": "\n".join(cfg.templates),
         "toolkit_version": __version__,
+        "shard": cfg.shard or "",
         "image_dim": int(bb.image_dim),
         "text_dim": int(bb.text_dim),
     }
@@ -200,11 +226,15 @@ def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, d
 
 
 def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str) -> SplitSummary:
-    """Extract one split into `{out}/{dataset}/{backbone}/{split}.h5`; safe to kill and re-run."""
-    records = dataset.split(split)
-    if not records:
+    """Extract one split (or one shard of it, with cfg.shard) into `{out}/{dataset}/{backbone}/`.
+
+    Safe to kill and re-run at any point: finished batches are kept and the run continues.
+    """
+    if not dataset.split(split):
         raise ExtractError(f"{dataset.root}: split '{split}' has no records (splits here: {', '.join(dataset.splits)})")
-    final = cache_dir(cfg.out, dataset.name, bb.name) / f"{split}.h5"
+    shard = parse_shard(cfg.shard)
+    records = shard_records(dataset.split(split), shard)
+    final = cache_dir(cfg.out, dataset.name, bb.name) / shard_file_name(split, shard)
     summary = SplitSummary(split=split, path=str(final), records=len(records))
     prov = split_provenance(bb, dataset, split, cfg)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +245,8 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
                 raise ProvenanceMismatch(final, diffs)
             PartStore(final).remove()  # left over when a run died between rename and clean-up
             attrs = read_attrs(final)
+            if shard is not None:  # the run may have died between the rename and the marker
+                write_done_marker(final, n_images=attrs["n_images"], n_captions=attrs["n_captions"], shard=cfg.shard)
             summary.status, summary.images, summary.captions = "up to date", attrs["n_images"], attrs["n_captions"]
             return summary
         store = PartStore(final)
@@ -277,6 +309,8 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
                 "captions": {"layer": bb.provenance.get("text_layer", ""), "pooling": bb.provenance.get("text_pooling", "")},
             },
         )
+        if shard is not None:
+            write_done_marker(final, n_images=len(kept), n_captions=len(captions), shard=cfg.shard)
         store.remove()
         summary.seconds = time.perf_counter() - t0
         summary.images_per_s = n_new / secs if secs > 0 else 0.0
@@ -284,7 +318,7 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
 
 
 def extract(cfg: ExtractConfig) -> ExtractSummary:
-    from extract.backbones import create_backbone
+    from extract.backbones import AugmentConfig, create_backbone
     from extract.datasets import load_dataset
     from extract.synthetic import ensure_default_dataset
 
@@ -294,7 +328,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     if unknown:
         raise ExtractError(f"{dataset.root}: no split {', '.join(unknown)} (splits here: {', '.join(dataset.splits)})")
     device = resolve_device(cfg.device)
-    bb = create_backbone(cfg.backbone, device=device)
+    # no flips for the stored views: radiology captions name the patient's left and right
+    bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     results = [extract_split(bb, dataset, s, cfg, device) for s in splits]
     return ExtractSummary(
         dataset=dataset.name,

@@ -1,0 +1,72 @@
+"""Run extraction shards as Ray tasks on a local or existing cluster, then merge them.
+
+The task body is the same `extract_split` the plain loop calls, with a shard set: a shard that
+dies is simply re-run (Ray retries it) and continues from its own finished batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from cache.shards import merge_shards
+from extract.pipeline import ExtractConfig, ExtractError, ExtractSummary, SplitSummary, cache_dir, resolve_device
+
+
+def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
+    from extract.backbones import AugmentConfig, create_backbone
+    from extract.datasets import load_dataset
+    from extract.pipeline import extract_split
+
+    device = resolve_device(cfg.device)
+    dataset = load_dataset(cfg.data)
+    bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
+    return extract_split(bb, dataset, split, cfg, device)
+
+
+def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int | None = None,
+                     num_cpus: int | None = None) -> ExtractSummary:
+    """One task per (split, shard), one GPU each where the cluster has GPUs; returns merged splits."""
+    try:
+        import ray
+    except ImportError:
+        raise ExtractError("--engine ray needs Ray: pip install 'medembed[distributed]'") from None
+    from extract.datasets import load_dataset
+    from extract.synthetic import ensure_default_dataset
+
+    data = str(cfg.data or ensure_default_dataset())
+    dataset = load_dataset(data)
+    splits = cfg.splits or dataset.splits
+    started_here = not ray.is_initialized()
+    if started_here:
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")])),
+                                    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, runtime_env=runtime_env,
+                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        n = shards or max(1, gpus or int(ray.cluster_resources().get("CPU", 1)))
+        task = ray.remote(_shard_task).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)
+        base = dataclasses.replace(cfg, data=os.path.abspath(data), out=os.path.abspath(cfg.out), progress=False, workers=min(cfg.workers, 1),
+                                   device="auto" if gpus else "cpu")
+        refs = [task.remote(dataclasses.replace(base, shard=f"{i}/{n}"), s) for s in splits for i in range(n)]
+        parts = ray.get(refs)
+    finally:
+        if started_here:
+            ray.shutdown()
+    folder = cache_dir(cfg.out, dataset.name, cfg.backbone)
+    merge_shards(folder)
+    results = []
+    for s in splits:
+        mine = [p for p in parts if p.split == s]
+        results.append(SplitSummary(
+            split=s, path=str(folder / f"{s}.h5"), records=sum(p.records for p in mine),
+            images=sum(p.images for p in mine), captions=sum(p.captions for p in mine),
+            skipped=[x for p in mine for x in p.skipped], seconds=max(p.seconds for p in mine),
+            images_per_s=sum(p.images_per_s for p in mine), status=f"merged from {n} Ray shards",
+        ))
+    return ExtractSummary(dataset=dataset.name, synthetic=bool(dataset.synthetic), backbone=cfg.backbone,
+                          device="ray", out_dir=str(folder), splits=results)
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
