@@ -83,6 +83,14 @@ def read_attrs(path: str | Path) -> dict:
         return {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
 
 
+def read_skipped(path: str | Path) -> list[tuple[str, str, str]]:
+    """(id, location, reason) of every image the extraction could not read."""
+    with h5py.File(path, "r") as f:
+        if "skipped/ids" not in f:
+            return []
+        return list(zip(_strings(f["skipped/ids"]), _strings(f["skipped/locations"]), _strings(f["skipped/reasons"])))
+
+
 def load_split(path: str | Path, with_views: bool = True) -> CachedSplit:
     path = Path(path)
     if not path.exists():

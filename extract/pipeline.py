@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from cache.lock import WriterLock
 from cache.parts import PartStore
 from cache.provenance import ProvenanceMismatch, differences
-from cache.reader import read_attrs
+from cache.reader import read_attrs, read_skipped
 from cache.shards import write_done_marker
 from cache.writer import write_split
 from extract.records import ZIP_SEP, Dataset, Record
@@ -248,6 +248,7 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
             if shard is not None:  # the run may have died between the rename and the marker
                 write_done_marker(final, n_images=attrs["n_images"], n_captions=attrs["n_captions"], shard=cfg.shard)
             summary.status, summary.images, summary.captions = "up to date", attrs["n_images"], attrs["n_captions"]
+            summary.skipped = read_skipped(final)
             return summary
         store = PartStore(final)
         resumed = store.exists()

@@ -1,0 +1,221 @@
+"""`cli.py export`: a run's embeddings in the folder layout of clip-retrieval, autofaiss and
+embedding-reader, so the tools built around that layout (index building, a search back end,
+streaming readers) take a medembed run without conversion.
+
+    OUT/img_emb/img_emb_{i}.npy          [n_i, D] image embeddings          (--format npy)
+    OUT/text_emb/text_emb_{i}.npy        [n_i, D] caption embeddings
+    OUT/img_emb/img_emb_{i}.parquet      metadata columns + `embedding`     (--format parquet)
+    OUT/text_emb/text_emb_{i}.parquet
+    OUT/metadata/metadata_{i}.parquet    image_path, caption, id, split, image_row, caption_row, concepts
+    OUT/export.json                      provenance: run, heads, cache files, dims, row counts
+
+Row r of partition i is the same sample in every file, as those tools assume. A row is one image
+(its first caption beside it; `rows="captions"` gives one row per caption instead, repeating the
+image's embedding), partitions are numbered like clip-retrieval's (zero-padded to the partition
+count) and never span two splits. The export is built in a sibling folder and swapped in at the
+end, so OUT is either the previous export or the new one, never half of each.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cache.reader import CachedSplit, find_splits, load_split
+from evaluate.examples import image_path
+from evaluate.index import ALL_SPLITS, heads_sha256
+
+__all__ = ["EXPORT_FORMATS", "ExportOptions", "ExportSummary", "export_embeddings", "format_export_summary"]
+
+EXPORT_FORMATS = ("npy", "parquet")
+ROW_KINDS = ("images", "captions")
+MANIFEST = "export.json"
+EMBEDDING_COLUMN = "embedding"
+
+
+@dataclass
+class ExportOptions:
+    format: str = "npy"
+    split: str = "test"  # a split of the run's features folder, or "all"
+    out: str | None = None  # default: RUN/export/{split}-{format}
+    dtype: str = "float16"  # npy files; parquet `embedding` lists are float32 (embedding-reader reads 4-byte floats)
+    rows: str = "images"  # one row per image, or one per caption
+    rows_per_file: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.format not in EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.rows not in ROW_KINDS:
+            raise ValueError(f"rows must be one of {', '.join(ROW_KINDS)}, got {self.rows!r}")
+        if self.rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+
+
+@dataclass
+class ExportSummary:
+    out: str
+    format: str
+    rows: int
+    dim: int
+    partitions: int
+    files: list[str]
+
+
+def _check_parquet_engine() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("writing parquet needs pyarrow, which is not installed: pip install pyarrow") from e
+
+
+def _concept_labels(split: CachedSplit) -> list[str]:
+    if split.concepts is None or not split.concept_ids:
+        return [""] * split.n_images
+    ind, ptr = split.concepts.indices, split.concepts.indptr
+    return [";".join(split.concept_ids[c] for c in ind[ptr[r] : ptr[r + 1]]) for r in range(split.n_images)]
+
+
+def _sample_rows(split: CachedSplit, rows: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image row, caption row or -1) of every output row of one split, in cache order."""
+    cap_img = split.caption_image.numpy()
+    if rows == "captions":
+        return cap_img.astype(np.int64), np.arange(cap_img.size, dtype=np.int64)
+    first = np.full(split.n_images, -1, dtype=np.int64)
+    images, first_row = np.unique(cap_img, return_index=True)
+    first[images] = first_row
+    return np.arange(split.n_images, dtype=np.int64), first
+
+
+def _metadata(split: CachedSplit, img_rows: np.ndarray, cap_rows: np.ndarray, concepts: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({
+        "image_path": [image_path(split, int(r)) for r in img_rows],
+        "caption": [split.captions[int(c)] if c >= 0 else "" for c in cap_rows],
+        "id": [split.image_ids[int(r)] for r in img_rows],
+        "split": split.split,
+        "image_row": img_rows,
+        "caption_row": cap_rows,
+        "concepts": [concepts[int(r)] for r in img_rows],
+    })
+
+
+def _embed_rows(embed, feats: torch.Tensor, rows: np.ndarray, dim: int) -> np.ndarray:
+    """Embeddings of feats[rows]; rows of -1 (an image without a caption) stay zero vectors."""
+    out = np.zeros((rows.size, dim), dtype=np.float32)
+    have = rows >= 0
+    if have.any():
+        out[have] = embed(feats[torch.from_numpy(rows[have])]).float().numpy()
+    return out
+
+
+def _parquet_with_embeddings(meta: pd.DataFrame, emb: np.ndarray, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(meta, preserve_index=False)
+    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))
+    offsets = pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32))
+    table = table.append_column(EMBEDDING_COLUMN, pa.ListArray.from_arrays(offsets, flat))
+    pq.write_table(table, str(path))
+
+
+def _write_partition(work: Path, name: str, fmt: str, dtype: str, meta: pd.DataFrame,
+                     img: np.ndarray, txt: np.ndarray) -> list[Path]:
+    written = []
+    for folder, emb in (("img_emb", img), ("text_emb", txt)):
+        path = work / folder / f"{folder}_{name}.{fmt}"
+        if fmt == "npy":
+            np.save(path, emb.astype(dtype))
+        else:
+            _parquet_with_embeddings(meta, emb, path)
+        written.append(path)
+    path = work / "metadata" / f"metadata_{name}.parquet"
+    meta.to_parquet(path, index=False)
+    return written + [path]
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Replace `out` by the finished `work` folder; only an earlier export is ever removed."""
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(work, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+        raise FileExistsError(f"{out}: exists and is not an earlier export (no {MANIFEST}); choose another --out")
+
+
+def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None, run=None) -> ExportSummary:
+    """Write the run's image and caption embeddings of a split, with metadata, under `options.out`.
+
+    `run` may be an already loaded run (anything with `embed_images`, `embed_texts`, `dim`,
+    `features_dir`, `config`)."""
+    options = options or ExportOptions()
+    run_dir = Path(run_dir)
+    _check_parquet_engine()  # metadata is parquet in both layouts
+    if run is None:
+        from adapt.run import load_run  # the adapt phase: imported where used
+
+        run = load_run(run_dir)
+    files = find_splits(run.features_dir)
+    if options.split != ALL_SPLITS and options.split not in files:
+        raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
+    chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
+    out = Path(options.out) if options.out else run_dir / "export" / f"{options.split}-{options.format}"
+    _check_out(out)
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    for folder in ("img_emb", "text_emb", "metadata"):
+        (work / folder).mkdir(parents=True)
+
+    splits = {name: load_split(path, with_views=False) for name, path in chosen.items()}
+    counts = {name: (s.n_images if options.rows == "images" else s.n_captions) for name, s in splits.items()}
+    n_parts = sum(math.ceil(c / options.rows_per_file) for c in counts.values())
+    width = int(math.log10(max(n_parts, 1))) + 1
+    files_out: list[Path] = []
+    part = 0
+    for split in splits.values():
+        img_rows, cap_rows = _sample_rows(split, options.rows)
+        concepts = _concept_labels(split)
+        for s in range(0, img_rows.size, options.rows_per_file):
+            ir, cr = img_rows[s : s + options.rows_per_file], cap_rows[s : s + options.rows_per_file]
+            img = _embed_rows(run.embed_images, split.image_features, ir, run.dim)
+            txt = _embed_rows(run.embed_texts, split.caption_features, cr, run.dim)
+            files_out += _write_partition(work, str(part).zfill(width), options.format, options.dtype,
+                                          _metadata(split, ir, cr, concepts), img, txt)
+            part += 1
+
+    manifest = {
+        "format": options.format, "rows": options.rows, "dtype": options.dtype if options.format == "npy" else "float32",
+        "dim": run.dim, "n_rows": sum(counts.values()), "partitions": part, "embedding_column": EMBEDDING_COLUMN,
+        "run_dir": str(run_dir), "heads_sha256": heads_sha256(run_dir), "backbone": run.config.get("backbone", ""),
+        "split": options.split, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sources": [{"split": k, "path": str(chosen[k]), "rows": counts[k],
+                     "dataset_fingerprint": str(splits[k].attrs.get("dataset_fingerprint", ""))} for k in splits],
+    }
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    _swap_in(work, out)
+    return ExportSummary(out=str(out), format=options.format, rows=manifest["n_rows"], dim=run.dim, partitions=part,
+                         files=[str(out / p.relative_to(work)) for p in files_out])
+
+
+def format_export_summary(summary: ExportSummary) -> str:
+    return (f"exported {summary.rows} rows x {summary.dim} dims in {summary.partitions} partition(s) "
+            f"as {summary.format} to {summary.out}\n" + "\n".join(f"  {f}" for f in summary.files))
+

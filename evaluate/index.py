@@ -1,0 +1,423 @@
+"""`cli.py index`: a FAISS index of a run's adapted image embeddings, so a query against millions
+of images is no longer a scan of every one of them.
+
+A FAISS file holds only vectors and row numbers. The JSON written beside it records what those
+rows are: which cache files, in which order, with which image ids, embedded by which trained
+heads. Loading compares that record with the run's cache and checkpoint as they are now and
+refuses a stale index (re-extracted cache, retrained heads, a half-written file) with a message
+saying how to rebuild it, so row 17 of an index is never read as image 17 of a different cache.
+
+Inner product on unit vectors is the cosine, the score every metric here ranks by: `flat` is exact,
+`ivf` scans only the `nprobe` closest of `nlist` k-means cells, `hnsw` walks a neighbour graph.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import faiss
+import h5py
+import numpy as np
+import torch
+
+from cache.reader import find_splits, read_attrs
+
+__all__ = [
+    "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
+    "build_index", "format_index_summary", "index_paths", "load_index", "new_index", "search_index", "stale_reasons",
+    "tune",
+]
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_DIR = "index"
+FORMAT = "medembed-index/1"
+ALL_SPLITS = "all"
+HEADS_FILE = "best.safetensors"
+RUN_CONFIG = "config.json"
+
+
+class StaleIndexError(ValueError):
+    """The index no longer describes the run's cache or heads: it must be rebuilt."""
+
+
+@dataclass
+class IndexOptions:
+    """How to build one index. Zero means "pick from the number of vectors" (see `resolved`)."""
+
+    split: str = ALL_SPLITS  # a split name of the run's features folder, or "all" (every split, in order)
+    kind: str = "flat"
+    nlist: int = 0  # ivf: k-means cells; 0 = sqrt(N), at most N/39 (faiss wants >= 39 points per cell)
+    nprobe: int = 0  # ivf: cells scanned per query; 0 = max(16, nlist/16), at most nlist
+    m: int = 32  # hnsw: graph links per vector
+    ef_construction: int = 40  # hnsw: candidate list while inserting
+    ef_search: int = 128  # hnsw: candidate list while searching
+    train_size: int = 0  # ivf: vectors k-means trains on; 0 = min(N, 64 * nlist)
+    chunk_rows: int = 65536  # rows read, embedded and added at a time: bounds memory
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
+        for name in ("nlist", "nprobe", "train_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 picks it from the data size), got {getattr(self, name)}")
+        if self.m < 2:
+            raise ValueError(f"m (hnsw links per vector) must be >= 2, got {self.m}")
+        for name in ("ef_construction", "ef_search", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def resolved(self, n: int) -> dict:
+        """The parameters actually used for `n` vectors (what the JSON records)."""
+        if self.kind == "flat":
+            return {}
+        if self.kind == "hnsw":
+            return {"m": self.m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
+        nlist = self.nlist or max(1, min(round(math.sqrt(n)), n // 39))
+        if nlist > n:
+            raise ValueError(f"--nlist {nlist} is more cells than the {n} vectors to index")
+        nprobe = min(nlist, self.nprobe or max(16, round(nlist / 16)))
+        train = min(n, self.train_size or 64 * nlist)
+        if train < nlist:
+            raise ValueError(f"ivf training needs at least nlist={nlist} vectors, got train_size {train}")
+        return {"nlist": nlist, "nprobe": nprobe, "train_size": train, "seed": self.seed}
+
+
+@dataclass
+class IndexSource:
+    """One cache file whose images fill a contiguous block of index rows."""
+
+    split: str
+    path: str
+    n_images: int
+    backbone: str
+    dataset_fingerprint: str
+    ids_sha256: str
+
+
+@dataclass
+class IndexMeta:
+    """The JSON beside a FAISS file: what its rows are and where they came from."""
+
+    kind: str
+    split: str
+    params: dict
+    ntotal: int
+    dim: int
+    run_dir: str
+    heads_sha256: str
+    sources: list[IndexSource]
+    image_ids: list[str]
+    index_bytes: int = 0
+    build_seconds: float = 0.0
+    created: str = ""
+    metric: str = "inner_product"
+    format: str = FORMAT
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "") -> IndexMeta:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a medembed index description (format {d.get('format')!r}, want {FORMAT!r})")
+        d = dict(d)
+        d["sources"] = [IndexSource(**s) for s in d.get("sources", [])]
+        return cls(**d)
+
+    def locate(self, row: int) -> tuple[str, int]:
+        """Index row -> (split, image row in that split's cache)."""
+        if not 0 <= row < self.ntotal:
+            raise IndexError(f"row {row} outside the index (ntotal {self.ntotal})")
+        for s in self.sources:
+            if row < s.n_images:
+                return s.split, row
+            row -= s.n_images
+        raise IndexError(f"row {row}: the index sources cover fewer rows than ntotal {self.ntotal}")
+
+
+# ------------------------------------------------------------------ paths and hashes
+
+def index_paths(run_dir: str | Path, split: str, kind: str) -> tuple[Path, Path]:
+    """(`runs/NAME/index/{split}-{kind}.faiss`, the JSON beside it)."""
+    base = Path(run_dir) / INDEX_DIR / f"{split}-{kind}"
+    return base.with_suffix(".faiss"), base.with_suffix(".json")
+
+
+def ids_sha256(ids: list[str]) -> str:
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(i.encode("utf-8") + b"\x1f")
+    return h.hexdigest()
+
+
+def heads_sha256(run_dir: str | Path) -> str:
+    path = Path(run_dir) / HEADS_FILE
+    if not path.exists():
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_ids(path: Path) -> list[str]:
+    with h5py.File(path, "r") as f:
+        return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f["images/ids"][()]]
+
+
+def _feature_chunks(path: Path, rows: int) -> Iterator[np.ndarray]:
+    """Raw image features of one cache file, `rows` at a time (never the whole file in memory)."""
+    with h5py.File(path, "r") as f:
+        ds = f["images/features"]
+        for s in range(0, ds.shape[0], rows):
+            yield ds[s : s + rows]
+
+
+def _split_files(features_dir: Path, split: str) -> dict[str, Path]:
+    files = find_splits(features_dir)
+    if split == ALL_SPLITS:
+        return files
+    if split not in files:
+        raise FileNotFoundError(f"{features_dir}: no {split}.h5 (found: {', '.join(files)})")
+    return {split: files[split]}
+
+
+def _describe(split: str, path: Path) -> IndexSource:
+    attrs = read_attrs(path)
+    ids = _read_ids(path)
+    return IndexSource(split=split, path=str(path), n_images=len(ids), backbone=str(attrs.get("backbone", "")),
+                       dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")), ids_sha256=ids_sha256(ids))
+
+
+# ------------------------------------------------------------------ building
+
+def new_index(kind: str, dim: int, params: dict) -> faiss.Index:
+    """An empty index of `kind` for unit vectors (`params` from `IndexOptions.resolved`); ivf still needs `train`."""
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
+        index.hnsw.efSearch = params["ef_search"]
+        return index
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical = True  # unit centroids: a cell is a cone around a direction, as cosine wants
+    index.cp.seed = params["seed"]
+    index.nprobe = params["nprobe"]
+    return index
+
+
+def _as_queries(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    return x
+
+
+def _embed(run, raw: np.ndarray) -> np.ndarray:
+    return _as_queries(run.embed_images(torch.from_numpy(np.asarray(raw, dtype=np.float32))))
+
+
+def _training_sample(run, paths: list[Path], n: int, size: int, rows: int, seed: int) -> np.ndarray:
+    """Embeddings of `size` rows drawn uniformly over all files, read in one streamed pass."""
+    pick = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    out, offset = [], 0
+    for path in paths:
+        for chunk in _feature_chunks(path, rows):
+            lo, hi = np.searchsorted(pick, [offset, offset + chunk.shape[0]])
+            if hi > lo:
+                out.append(_embed(run, chunk[pick[lo:hi] - offset]))
+            offset += chunk.shape[0]
+    return np.concatenate(out)
+
+
+def _write_atomic(index: faiss.Index, meta: IndexMeta, faiss_path: Path, json_path: Path) -> None:
+    """FAISS file first, then the JSON that vouches for it; each via temp file + rename. A kill in
+    between leaves an old JSON whose index_bytes/ntotal no longer match: reported as stale."""
+    faiss_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = faiss_path.with_name(faiss_path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    meta.index_bytes = tmp.stat().st_size
+    os.replace(tmp, faiss_path)
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(meta.to_dict(), indent=1) + "\n")
+    os.replace(tmp, json_path)
+
+
+def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=None) -> tuple[Path, IndexMeta]:
+    """Embed the split's cached images with the run's image head and write a FAISS index of them.
+
+    `run` may be an already loaded run (anything with `embed_images`, `dim`, `features_dir`).
+    Returns the FAISS file's path and its description.
+    """
+    options = options or IndexOptions()
+    run_dir = Path(run_dir)
+    if run is None:
+        from adapt.run import load_run  # the adapt phase: imported where used
+
+        run = load_run(run_dir)
+    t0 = time.perf_counter()
+    files = _split_files(Path(run.features_dir), options.split)
+    sources = [_describe(split, path) for split, path in files.items()]
+    n = sum(s.n_images for s in sources)
+    if n == 0:
+        raise ValueError(f"{run.features_dir}: the {options.split} cache holds no images to index")
+    params = options.resolved(n)
+    index = new_index(options.kind, run.dim, params)
+    paths = list(files.values())
+    if options.kind == "ivf":
+        index.train(_training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed))
+    for path in paths:
+        for chunk in _feature_chunks(path, options.chunk_rows):
+            index.add(_embed(run, chunk))
+    ids = [i for path in paths for i in _read_ids(path)]
+    meta = IndexMeta(
+        kind=options.kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
+        run_dir=str(run_dir), heads_sha256=heads_sha256(run_dir), sources=sources, image_ids=ids,
+        build_seconds=round(time.perf_counter() - t0, 3),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    faiss_path, json_path = index_paths(run_dir, options.split, options.kind)
+    _write_atomic(index, meta, faiss_path, json_path)
+    return faiss_path, meta
+
+
+# ------------------------------------------------------------------ loading and checking
+
+def _features_dir(run_dir: Path) -> Path:
+    cfg = run_dir / RUN_CONFIG
+    if not cfg.exists():
+        raise FileNotFoundError(f"{cfg}: no config.json, not an adapter run folder")
+    features = json.loads(cfg.read_text()).get("features_dir")
+    if not features:
+        raise ValueError(f"{cfg}: names no features_dir; cannot check the index against the cache")
+    return Path(features)
+
+
+def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | None = None,
+                  faiss_path: Path | None = None) -> list[str]:
+    """Every way the index differs from the run's cache and heads now; empty when it is current."""
+    run_dir = Path(run_dir)
+    out = []
+    if index is not None and (int(index.ntotal) != meta.ntotal or int(index.d) != meta.dim):
+        out.append(f"the FAISS file holds {index.ntotal} x {index.d}, its description says {meta.ntotal} x {meta.dim}")
+    if faiss_path is not None and meta.index_bytes and faiss_path.stat().st_size != meta.index_bytes:
+        out.append(f"{faiss_path.name} is {faiss_path.stat().st_size} bytes, {meta.index_bytes} when it was built")
+    if meta.heads_sha256 != heads_sha256(run_dir):
+        out.append(f"the run's heads ({HEADS_FILE}) changed since the index was built")
+    try:
+        files = _split_files(_features_dir(run_dir), meta.split)
+    except (FileNotFoundError, ValueError) as e:
+        return out + [str(e)]
+    built = [s.split for s in meta.sources]
+    if list(files) != built:
+        out.append(f"the cache now has splits {', '.join(files)}; the index was built from {', '.join(built)}")
+    by_split = {s.split: s for s in meta.sources}
+    for split, path in files.items():
+        was = by_split.get(split)
+        if was is None:
+            continue
+        now = _describe(split, path)
+        if now.n_images != was.n_images:
+            out.append(f"{path}: {now.n_images} images now, {was.n_images} when the index was built")
+        elif now.ids_sha256 != was.ids_sha256:
+            out.append(f"{path}: the image ids or their order changed since the index was built")
+        for key in ("backbone", "dataset_fingerprint"):
+            if getattr(now, key) != getattr(was, key):
+                out.append(f"{path}: {key} is {getattr(now, key)!r}, the index was built from {getattr(was, key)!r}")
+    if sum(s.n_images for s in meta.sources) != meta.ntotal or len(meta.image_ids) != meta.ntotal:
+        out.append(f"the description lists {len(meta.image_ids)} ids for {meta.ntotal} vectors")
+    return out
+
+
+def available_indexes(run_dir: str | Path, split: str | None = None) -> list[tuple[str, str]]:
+    """(split, kind) of every index written for the run, most recently built first."""
+    folder = Path(run_dir) / INDEX_DIR
+    found = []
+    for js in folder.glob("*.json") if folder.is_dir() else []:
+        name, _, kind = js.stem.rpartition("-")
+        if kind in INDEX_KINDS and js.with_suffix(".faiss").exists() and (split is None or name == split):
+            found.append((js.stat().st_mtime, name, kind))
+    return [(name, kind) for _, name, kind in sorted(found, reverse=True)]
+
+
+def tune(index: faiss.Index, params: dict) -> faiss.Index:
+    """Apply the search-time knobs (ivf nprobe, hnsw efSearch), which a FAISS file may not keep."""
+    if "nprobe" in params:
+        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
+    if "ef_search" in params and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(params["ef_search"])
+    return index
+
+
+def load_index(run_dir: str | Path, split: str | None = None, kind: str | None = None,
+               check: bool = True) -> tuple[faiss.Index, IndexMeta] | None:
+    """The run's index over `split` (None = "all"), or None when none was built.
+
+    `kind` None takes the most recently built kind. Raises StaleIndexError when the index no
+    longer matches the run's cache or heads (`check=False` skips that, e.g. to inspect an old one).
+    """
+    run_dir = Path(run_dir)
+    split = split or ALL_SPLITS
+    if kind is None:
+        found = available_indexes(run_dir, split)
+        if not found:
+            return None
+        kind = found[0][1]
+    faiss_path, json_path = index_paths(run_dir, split, kind)
+    if not (faiss_path.exists() and json_path.exists()):
+        return None
+    try:
+        meta = IndexMeta.from_dict(json.loads(json_path.read_text()), str(json_path))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise StaleIndexError(f"{json_path}: unreadable index description ({e}); {_rebuild_hint(run_dir, split, kind)}") from e
+    try:
+        index = faiss.read_index(str(faiss_path))
+    except RuntimeError as e:
+        raise StaleIndexError(f"{faiss_path}: unreadable FAISS file; {_rebuild_hint(run_dir, split, kind)}") from e
+    if check:
+        reasons = stale_reasons(meta, run_dir, index, faiss_path)
+        if reasons:
+            lines = "\n  - ".join(reasons)
+            raise StaleIndexError(f"{faiss_path}: stale index, it no longer matches the run:\n  - {lines}\n"
+                                  f"{_rebuild_hint(run_dir, split, kind)}")
+    return tune(index, meta.params), meta
+
+
+def _rebuild_hint(run_dir: Path, split: str, kind: str) -> str:
+    return f"rebuild it with: python cli.py index --run {run_dir} --split {split} --kind {kind}"
+
+
+def search_index(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k index rows for unit queries [Q, D] (numpy or torch): (scores [Q, k] float32 cosines,
+    rows [Q, k] int64), best first. k is capped at the index size; approximate kinds may return
+    fewer hits, padded with row -1 and score -inf."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    q = _as_queries(queries)
+    if q.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {q.shape[1]}, the index {index.d}")
+    k = min(k, int(index.ntotal))
+    if k == 0 or q.shape[0] == 0:
+        return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
+    scores, rows = index.search(q, k)
+    scores[rows < 0] = -np.inf
+    return scores, rows.astype(np.int64)
+
+
+def format_index_summary(path: Path, meta: IndexMeta) -> str:
+    params = ", ".join(f"{k} {v}" for k, v in meta.params.items() if k != "seed") or "exact"
+    splits = ", ".join(f"{s.split} {s.n_images}" for s in meta.sources)
+    return (f"{meta.kind} index of {meta.ntotal} x {meta.dim} image embeddings ({splits}; {params}) "
+            f"built in {meta.build_seconds:.1f} s\n  {path}\n  {path.with_suffix('.json')}")

@@ -1,0 +1,291 @@
+"""FAISS indexes of adapted embeddings and the clip-retrieval style export, on tiny caches.
+
+Exactness is checked against brute-force numpy, approximate kinds by recall@10 against exact search
+on clustered vectors, staleness by changing the cache or the heads under a built index, and the
+export by reading every file back and matching rows to the cache ids, captions and embeddings.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from adapt import checkpoint as ckpt
+from adapt.config import AdaptConfig
+from adapt.run import AdaptedRun, load_run, train
+from adapt.synthetic import write_synthetic_features
+from cache.reader import load_split
+from cache.writer import write_split
+from evaluate.export import ExportOptions, export_embeddings
+from evaluate.index import (
+    IndexOptions,
+    StaleIndexError,
+    build_index,
+    index_paths,
+    load_index,
+    search_index,
+)
+
+pytest.importorskip("pyarrow", reason="parquet files need pyarrow")
+
+
+def _write_cache(path: Path, feats: np.ndarray, ids: list[str], captions_per_image: int = 1,
+                 fingerprint: str = "fp-1") -> Path:
+    n = feats.shape[0]
+    rows = np.repeat(np.arange(n), captions_per_image)
+    return write_split(
+        path, attrs={"backbone": "toy", "dataset": "toy", "dataset_fingerprint": fingerprint, "split": path.stem},
+        image_ids=ids, image_locations=[f"images/{i}.png" for i in ids], image_features=feats,
+        captions=[f"caption {k} of {ids[r]}" for k, r in enumerate(rows)], caption_image=rows,
+        caption_features=feats[rows], dtype="float32",
+    )
+
+
+def _identity_run(run_dir: Path, features_dir: Path, dim: int) -> AdaptedRun:
+    """A run whose heads only normalise: its embeddings are the unit raw features."""
+    config = {"features_dir": str(features_dir), "dim": dim, "backbone": "toy", "head": "identity"}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    return AdaptedRun(run_dir, config, nn.Identity(), nn.Identity())
+
+
+def _clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _brute_top(db: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :k]
+
+
+@pytest.fixture(scope="module")
+def cca_run(tmp_path_factory) -> Path:
+    """A real closed-form run on a synthetic cache (two captions per image)."""
+    root = tmp_path_factory.mktemp("idx")
+    features = write_synthetic_features(root / "features", n_train=160, n_eval=60, captions_per_image=2)
+    train(AdaptConfig(features_dir=str(features), out=str(root / "run"), head="cca", dim=12), progress=False)
+    return root / "run"
+
+
+# ------------------------------------------------------------------ search and kinds
+
+def test_search_index_hand_computed_scores(tmp_path):
+    index = faiss.IndexFlatIP(2)
+    s = np.sqrt(0.5)
+    index.add(np.array([[1, 0], [0, 1], [s, s]], dtype=np.float32))
+    scores, rows = search_index(index, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), k=5)  # k capped at 3
+    assert rows.tolist() == [[0, 2, 1], [1, 2, 0]]
+    np.testing.assert_allclose(scores, [[1, s, 0], [1, s, 0]], atol=1e-6)
+    with pytest.raises(ValueError, match="dimension 3"):
+        search_index(index, np.ones((1, 3), np.float32), k=1)
+
+
+def test_flat_index_is_exact_top_k(cca_run):
+    path, meta = build_index(cca_run, IndexOptions(split="test", kind="flat"))
+    assert path == cca_run / "index" / "test-flat.faiss" and meta.ntotal == 60 and meta.dim == 12
+    run = load_run(cca_run)
+    split = load_split(Path(run.features_dir) / "test.h5")
+    assert meta.image_ids == split.image_ids
+    index, _ = load_index(cca_run, "test", "flat")
+    db = run.embed_images(split.image_features).numpy()
+    q = run.embed_texts(split.caption_features).numpy()
+    scores, rows = search_index(index, q, k=10)
+    np.testing.assert_array_equal(rows, _brute_top(db, q, 10))
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ db.T, rows, 1), atol=1e-5)
+    # the run's own captions find their image first far above chance (1/60)
+    top1 = (rows[:, 0] == split.caption_image.numpy()).mean()
+    assert top1 > 0.5
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_kinds_recall_at_10(tmp_path, kind):
+    feats = _clustered(3000, 32, clusters=40, seed=0)
+    features = tmp_path / "features"
+    _write_cache(features / "test.h5", feats, [f"img{i:05d}" for i in range(len(feats))])
+    run = _identity_run(tmp_path / "run", features, 32)
+    _, meta = build_index(run.run_dir, IndexOptions(split="test", kind=kind, m=16), run=run)
+    if kind == "ivf":
+        assert meta.params["nlist"] == 55 and meta.params["nprobe"] == 16  # min(sqrt(3000), 3000 // 39); max(16, 55/16)
+    rng = np.random.default_rng(1)
+    q = feats[rng.choice(len(feats), 200, replace=False)] + 0.05 * rng.standard_normal((200, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    index, _ = load_index(run.run_dir, "test", kind)
+    _, rows = search_index(index, q, k=10)
+    exact = _brute_top(feats, q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact.tolist())])
+    assert recall >= 0.9
+
+
+def test_ivf_rejects_more_cells_than_vectors(tmp_path):
+    features = tmp_path / "features"
+    _write_cache(features / "test.h5", _clustered(50, 8, 4, 0), [f"i{i}" for i in range(50)])
+    run = _identity_run(tmp_path / "run", features, 8)
+    with pytest.raises(ValueError, match="more cells than the 50 vectors"):
+        build_index(run.run_dir, IndexOptions(split="test", kind="ivf", nlist=60), run=run)
+
+
+# ------------------------------------------------------------------ files and staleness
+
+def test_all_splits_index_round_trip(tmp_path):
+    features = tmp_path / "features"
+    a, b = _clustered(30, 8, 3, 0), _clustered(20, 8, 3, 1)
+    _write_cache(features / "train.h5", a, [f"tr{i}" for i in range(30)])
+    _write_cache(features / "test.h5", b, [f"te{i}" for i in range(20)])
+    run = _identity_run(tmp_path / "run", features, 8)
+    build_index(run.run_dir, IndexOptions(kind="flat", chunk_rows=7), run=run)  # chunks straddle nothing special
+    assert load_index(run.run_dir, "test") is None  # only "all" was built
+    index, meta = load_index(run.run_dir)  # split None = all, newest kind
+    assert meta.kind == "flat" and [s.split for s in meta.sources] == ["train", "test"]
+    assert meta.image_ids == [f"tr{i}" for i in range(30)] + [f"te{i}" for i in range(20)]
+    assert meta.locate(0) == ("train", 0) and meta.locate(29) == ("train", 29) and meta.locate(33) == ("test", 3)
+    _, rows = search_index(index, b[3:4], k=1)
+    assert rows.tolist() == [[33]]
+    described = json.loads(index_paths(run.run_dir, "all", "flat")[1].read_text())
+    assert described["ntotal"] == 50 and described["dim"] == 8
+    assert described["sources"][1]["dataset_fingerprint"] == "fp-1" and described["sources"][1]["backbone"] == "toy"
+
+
+def test_stale_index_is_refused_with_a_rebuild_hint(tmp_path):
+    features = tmp_path / "features"
+    feats = _clustered(40, 8, 3, 0)
+    ids = [f"img{i}" for i in range(40)]
+    _write_cache(features / "test.h5", feats, ids)
+    run = _identity_run(tmp_path / "run", features, 8)
+    build_index(run.run_dir, IndexOptions(split="test"), run=run)
+    assert load_index(run.run_dir, "test") is not None
+
+    _write_cache(features / "test.h5", feats[:39], ids[:39])  # re-extracted: one image fewer
+    with pytest.raises(StaleIndexError, match=r"39 images now, 40 when the index was built") as e:
+        load_index(run.run_dir, "test")
+    assert "python cli.py index --run" in str(e.value) and "--split test --kind flat" in str(e.value)
+
+    _write_cache(features / "test.h5", feats[::-1].copy(), ids[::-1])  # same count, other order
+    with pytest.raises(StaleIndexError, match="ids or their order changed"):
+        load_index(run.run_dir, "test")
+
+    _write_cache(features / "test.h5", feats, ids, fingerprint="fp-2")  # data edited upstream
+    with pytest.raises(StaleIndexError, match="dataset_fingerprint is 'fp-2'"):
+        load_index(run.run_dir, "test")
+    assert load_index(run.run_dir, "test", check=False)[1].ntotal == 40
+
+    _write_cache(features / "test.h5", feats, ids)  # back as built: current again
+    assert load_index(run.run_dir, "test")[1].ntotal == 40
+
+
+def test_retrained_heads_and_damaged_file_make_an_index_stale(cca_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(cca_run, run_dir)
+    build_index(run_dir, IndexOptions(split="valid", kind="hnsw", m=8))
+    assert load_index(run_dir, "valid")[1].kind == "hnsw"
+    run = load_run(run_dir)
+    with torch.no_grad():
+        run.image_head.weight.add_(0.01)
+    ckpt.save_heads(run_dir / ckpt.BEST, run.image_head, run.text_head)
+    with pytest.raises(StaleIndexError, match="heads .* changed"):
+        load_index(run_dir, "valid")
+
+    build_index(run_dir, IndexOptions(split="valid", kind="hnsw", m=8))
+    faiss_path, _ = index_paths(run_dir, "valid", "hnsw")
+    other = faiss.IndexHNSWFlat(12, 8, faiss.METRIC_INNER_PRODUCT)
+    other.add(np.eye(12, dtype=np.float32))
+    faiss.write_index(other, str(faiss_path))  # a FAISS file that is not the one described
+    with pytest.raises(StaleIndexError, match="holds 12 x 12, its description says 60 x 12"):
+        load_index(run_dir, "valid")
+    faiss_path.write_bytes(b"not an index")
+    with pytest.raises(StaleIndexError, match="unreadable FAISS file"):
+        load_index(run_dir, "valid")
+
+
+# ------------------------------------------------------------------ export
+
+def test_export_npy_rows_align_with_cache(cca_run, tmp_path):
+    out = tmp_path / "emb"
+    summary = export_embeddings(cca_run, ExportOptions(format="npy", split="test", out=str(out), dtype="float32"))
+    assert summary.rows == 60 and summary.partitions == 1
+    img = np.load(out / "img_emb" / "img_emb_0.npy")
+    txt = np.load(out / "text_emb" / "text_emb_0.npy")
+    meta = pd.read_parquet(out / "metadata" / "metadata_0.parquet")
+    run = load_run(cca_run)
+    split = load_split(Path(run.features_dir) / "test.h5")
+    assert img.shape == txt.shape == (60, 12) and img.dtype == np.float32
+    assert meta["id"].tolist() == split.image_ids
+    assert meta["image_path"].tolist() == [f"images/{i}.jpg" for i in split.image_ids]
+    # one row per image, beside its first caption (captions are stored image by image, 2 each)
+    assert meta["caption_row"].tolist() == list(range(0, 120, 2))
+    assert meta["caption"].tolist() == [split.captions[c] for c in range(0, 120, 2)]
+    np.testing.assert_allclose(img, run.embed_images(split.image_features).numpy(), atol=1e-6)
+    np.testing.assert_allclose(txt, run.embed_texts(split.caption_features[::2]).numpy(), atol=1e-6)
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["n_rows"] == 60 and manifest["dim"] == 12 and manifest["sources"][0]["split"] == "test"
+
+
+def test_export_parquet_caption_rows_and_partitions(cca_run, tmp_path):
+    out = tmp_path / "emb"
+    summary = export_embeddings(cca_run, ExportOptions(format="parquet", split="all", out=str(out), rows="captions",
+                                                       rows_per_file=100))
+    # train 320 captions -> 4 files, valid 120 -> 2, test 120 -> 2: zero-padded to one digit
+    assert summary.rows == 560 and summary.partitions == 8
+    names = sorted(p.name for p in (out / "img_emb").iterdir())
+    assert names == [f"img_emb_{i}.parquet" for i in range(8)]
+    run = load_run(cca_run)
+    test = load_split(Path(run.features_dir) / "test.h5")
+    img = pd.read_parquet(out / "img_emb" / "img_emb_6.parquet")  # first 100 test captions
+    txt = pd.read_parquet(out / "text_emb" / "text_emb_6.parquet")
+    meta = pd.read_parquet(out / "metadata" / "metadata_6.parquet")
+    assert (img["split"] == "test").all() and img["caption_row"].tolist() == list(range(100))
+    assert img["id"].tolist() == meta["id"].tolist() == [test.image_ids[r] for r in test.caption_image[:100].tolist()]
+    assert txt["caption"].tolist() == test.captions[:100]
+    np.testing.assert_allclose(np.stack(txt["embedding"].to_numpy()),
+                               run.embed_texts(test.caption_features[:100]).numpy(), atol=1e-6)
+    emb_img = np.stack(img["embedding"].to_numpy())
+    np.testing.assert_allclose(emb_img, run.embed_images(test.image_features[test.caption_image[:100]]).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(emb_img[0], emb_img[1])  # two captions of one image share its row
+
+    # exporting again to the same folder replaces it: no partition of the earlier export survives
+    export_embeddings(cca_run, ExportOptions(format="parquet", split="test", out=str(out)))
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.parquet"]
+    assert len(pd.read_parquet(out / "metadata" / "metadata_0.parquet")) == 60
+
+
+def test_export_float16_and_refuses_a_foreign_folder(cca_run, tmp_path):
+    out = tmp_path / "emb"
+    export_embeddings(cca_run, ExportOptions(format="npy", split="valid", out=str(out)))
+    img = np.load(out / "img_emb" / "img_emb_0.npy")
+    assert img.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        export_embeddings(cca_run, ExportOptions(out=str(foreign)))
+    assert (foreign / "todo.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ commands
+
+def test_index_and_export_commands(cca_run, tmp_path):
+    from cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(cca_run, run_dir)
+    runner = CliRunner()
+    res = runner.invoke(main, ["index", "--run", str(run_dir), "--split", "test", "--kind", "ivf", "--nlist", "4"])
+    assert res.exit_code == 0, res.output
+    assert "ivf index of 60 x 12" in res.output and "nlist 4, nprobe 4" in res.output
+    assert (run_dir / "index" / "test-ivf.faiss").exists()
+    res = runner.invoke(main, ["index", "--run", str(run_dir), "--split", "nope"])
+    assert res.exit_code != 0 and "no nope.h5" in res.output
+    res = runner.invoke(main, ["export", "--run", str(run_dir), "--format", "parquet"])
+    assert res.exit_code == 0, res.output
+    assert "exported 60 rows x 12 dims" in res.output
+    assert len(pd.read_parquet(run_dir / "export" / "test-parquet" / "img_emb" / "img_emb_0.parquet")) == 60
