@@ -66,9 +66,13 @@ class PartStore:
 
     def put(self, kind: str, index: int, **arrays: np.ndarray) -> None:
         tmp = self.dir / f".{kind}_{index:06d}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            np.savez(tmp, **arrays)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         reached(f"{kind}-part:{index}")
         os.replace(tmp, self.path(kind, index))
         reached(f"{kind}:{index}")

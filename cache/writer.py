@@ -65,6 +65,22 @@ def write_split(
     tmp = path.with_name(path.name + ".tmp")
     feature_attrs = feature_attrs or {}
     n = len(image_ids)
+    try:
+        _write_file(tmp, n, attrs, image_ids, image_locations, image_features, captions, caption_image,
+                    caption_features, concept_ids, concept_names, concept_indptr, concept_indices, templates,
+                    concept_text_features, view_features, skipped, dtype, feature_attrs)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave half a file that looks like a cache
+        raise
+    reached("h5-tmp")
+    os.replace(tmp, path)
+    reached("h5-final")
+    return path
+
+
+def _write_file(tmp, n, attrs, image_ids, image_locations, image_features, captions, caption_image, caption_features,
+                concept_ids, concept_names, concept_indptr, concept_indices, templates, concept_text_features,
+                view_features, skipped, dtype, feature_attrs) -> None:
     with h5py.File(tmp, "w") as f:
         for k, v in attrs.items():
             f.attrs[k] = v if isinstance(v, (int, float, bool, np.integer, np.floating)) else str(v)
@@ -99,7 +115,3 @@ def write_split(
         _put_str(g, "locations", [s[1] for s in sk])
         _put_str(g, "reasons", [s[2] for s in sk])
         f.attrs["complete"] = True
-    reached("h5-tmp")
-    os.replace(tmp, path)
-    reached("h5-final")
-    return path

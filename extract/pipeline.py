@@ -225,7 +225,23 @@ def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, d
     return np.concatenate([store.get(kind, b)["features"] for b in range(n_batches)])
 
 
-def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str) -> SplitSummary:
+def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str,
+                  memo: dict | None = None) -> SplitSummary:
+    """`memo` carries results shared by the splits of one run (the concept-prompt features)."""
+    try:
+        return _extract_split(bb, dataset, split, cfg, device, {} if memo is None else memo)
+    except OSError as e:
+        # a full disk or a vanished folder: say where, keep every finished batch for the re-run
+        final = cache_dir(cfg.out, dataset.name, bb.name) / shard_file_name(split, parse_shard(cfg.shard))
+        store = PartStore(final)
+        kept = f"; {store.count('img')} finished image batches are kept in {store.dir}" if store.dir.exists() else ""
+        raise ExtractError(
+            f"{e.filename or final}: {e.strerror or e}{kept}. Free space (or fix the folder) and re-run the same "
+            "command to continue."
+        ) from e
+
+
+def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str, memo: dict) -> SplitSummary:
     """Extract one split (or one shard of it, with cfg.shard) into `{out}/{dataset}/{backbone}/`.
 
     Safe to kill and re-run at any point: finished batches are kept and the run continues.
@@ -271,7 +287,10 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
         col = {c: j for j, c in enumerate(vocab)}
         names = [dataset.concept_names.get(c, "") for c in vocab]
         prompts = [t.format(name=n or c) for c, n in zip(vocab, names) for t in cfg.templates]
-        con_feats = _text_phase(bb, prompts, store, "con", cfg.dtype, device)
+        key = ("concepts", tuple(prompts))
+        if key not in memo:  # the same prompts for every split: encode them once per run
+            memo[key] = _text_phase(bb, prompts, store, "con", cfg.dtype, device)
+        con_feats = memo[key]
         con_feats = con_feats.reshape(len(vocab), len(cfg.templates), -1)
         indptr, indices = [0], []
         for rec in kept:
@@ -331,7 +350,8 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
     device = resolve_device(cfg.device)
     # no flips for the stored views: radiology captions name the patient's left and right
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
-    results = [extract_split(bb, dataset, s, cfg, device) for s in splits]
+    memo: dict = {}
+    results = [extract_split(bb, dataset, s, cfg, device, memo) for s in splits]
     return ExtractSummary(
         dataset=dataset.name,
         synthetic=bool(dataset.synthetic),

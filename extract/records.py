@@ -144,11 +144,24 @@ def read_image_bytes(location: str) -> bytes:
         return f.read()
 
 
-def open_image(location: str) -> Image.Image:
-    """Decode fully (not lazily) so truncated files fail here, inside the skip-and-report guard."""
+MAX_PIXELS = 64_000_000  # ~8000 x 8000; far beyond any radiograph, far below what exhausts memory
+
+
+class DecompressionBomb(ValueError):
+    pass
+
+
+def open_image(location: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode fully (not lazily) so truncated files fail here, inside the skip-and-report guard.
+
+    The pixel count is checked from the header before decoding: a small file claiming a huge
+    canvas is refused without allocating it.
+    """
     data = read_image_bytes(location)
     if not data:
         raise ValueError("zero-byte file")
     img = Image.open(io.BytesIO(data))
+    if img.width * img.height > max_pixels:
+        raise DecompressionBomb(f"{img.width} x {img.height} pixels exceeds the limit of {max_pixels}")
     img.load()
     return img.convert("RGB")

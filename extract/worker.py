@@ -12,10 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from extract.records import Record, image_size, open_image
-
-# A decompression bomb is refused outright rather than allowed to exhaust memory.
-Image.MAX_IMAGE_PIXELS = 64_000_000
+from extract.records import DecompressionBomb, Record, image_size, open_image
 
 
 def describe_failure(location: str, exc: BaseException) -> str:
@@ -23,8 +20,8 @@ def describe_failure(location: str, exc: BaseException) -> str:
         return "missing file"
     if image_size(location) == 0:
         return "zero-byte file"
-    if isinstance(exc, Image.DecompressionBombError):
-        return "decompression bomb (too many pixels)"
+    if isinstance(exc, (DecompressionBomb, Image.DecompressionBombError)):
+        return f"decompression bomb ({exc})"
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "truncated" in msg.lower():
         return f"truncated image ({msg})"
