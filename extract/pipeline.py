@@ -291,7 +291,7 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
         if key not in memo:  # the same prompts for every split: encode them once per run
             memo[key] = _text_phase(bb, prompts, store, "con", cfg.dtype, device)
         con_feats = memo[key]
-        con_feats = con_feats.reshape(len(vocab), len(cfg.templates), -1)
+        con_feats = con_feats.reshape(len(vocab), len(cfg.templates), bb.text_dim)
         indptr, indices = [0], []
         for rec in kept:
             indices += sorted({col[c] for c in rec.concepts})

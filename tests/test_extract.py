@@ -169,3 +169,21 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert "up to date" in r.stdout and "skipped [train] IMG_00006: zero-byte file" in r.stdout
     assert _feature_bytes(final) == reference
     assert not (out / "d" / "tiny-clip" / "train.parts").exists()
+
+
+def test_generic_csv_without_labels_several_captions(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "flickrish"
+    (root / "images").mkdir(parents=True)
+    rows = ["image,caption,split"]
+    for i in range(5):
+        Image.new("RGB", (40, 30), (i * 40, 90, 200 - i * 30)).save(root / "images" / f"p{i}.jpg")
+        rows += [f"p{i}.jpg,first caption of {i},train", f"p{i}.jpg,second caption of {i},train"]
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    s = extract(_cfg(root, tmp_path / "out")).splits[0]
+    tr = load_split(s.path)
+    assert tr.n_images == 5 and tr.n_captions == 10
+    assert tr.caption_image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert tr.captions[3] == "second caption of 1"
+    assert tr.concept_ids == [] and tr.concepts.shape == (5, 0)
