@@ -1,0 +1,20 @@
+"""Phase 3: metrics, reports and plots for adapted runs, each beside its baselines.
+
+Each metric module exposes `evaluate(...) -> dict` of flat named numbers (retrieval, zeroshot,
+fewshot, detection) and `chance(...)` with the same keys; `run_eval` ties them into the
+`cli.py eval` command and `evaluate.search.search` backs `cli.py search`.
+
+`run_eval` is resolved on first use, so importing one metric module (a benchmark, adapt-side
+tooling) does not pull in plotting and the model-fitting libraries.
+"""
+from __future__ import annotations
+
+__all__ = ["EvalOptions", "run_eval"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from evaluate import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'evaluate' has no attribute {name!r}")

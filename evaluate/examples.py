@@ -1,0 +1,93 @@
+"""Retrieval examples as pictures: the qualitative check that numbers alone cannot give.
+
+Cached image locations are relative to the data root the extractor recorded (`attrs["data_root"]`),
+so drawing needs the original images; an image that cannot be read is drawn as a placeholder
+rather than failing the evaluation.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cache.reader import CachedSplit
+from evaluate.plots import Tile, image_query_grid, text_query_grid
+from evaluate.retrieval import top_k
+from extract.records import ZIP_SEP, open_image
+
+THUMBNAIL = 384
+
+
+def image_path(split: CachedSplit, row: int) -> str:
+    """Where image `row` of a cached split lives, joined onto the recorded data root."""
+    loc = split.image_locations[row] if row < len(split.image_locations) else ""
+    root = str(split.attrs.get("data_root", "") or "")
+    if not loc:
+        return ""
+    archive, sep, member = loc.partition(ZIP_SEP)
+    if root and not os.path.isabs(archive):
+        archive = os.path.join(root, archive)
+    return archive + sep + member
+
+
+def load_pool_image(split: CachedSplit, row: int) -> Image.Image | None:
+    path = image_path(split, row)
+    if not path:
+        return None
+    try:
+        img = open_image(path)
+    except (OSError, ValueError, KeyError):
+        return None
+    img.thumbnail((THUMBNAIL, THUMBNAIL))
+    return img
+
+
+def first_captions(split: CachedSplit) -> dict[int, str]:
+    """The first caption of every image that has one (labels for image tiles)."""
+    out: dict[int, str] = {}
+    for text, row in zip(split.captions, split.caption_image.tolist()):
+        out.setdefault(int(row), text)
+    return out
+
+
+def write_examples(
+    split: CachedSplit,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    out_dir: Path,
+    n_examples: int = 1,
+    n_images: int = 9,
+    n_captions: int = 5,
+    seed: int = 0,
+) -> list[Path]:
+    """`n_examples` text queries with their top images and image queries with their top captions.
+
+    Queries are drawn with a fixed seed, so reruns show the same examples and two runs evaluated
+    on the same split can be compared picture by picture.
+    """
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    caption_image = split.caption_image.long()
+    paths: list[Path] = []
+    if text_emb.shape[0] == 0 or image_emb.shape[0] == 0:
+        return paths
+    for i, c in enumerate(rng.choice(text_emb.shape[0], size=min(n_examples, text_emb.shape[0]), replace=False)):
+        scores, rows = top_k(text_emb[int(c)][None], image_emb, n_images)
+        tiles = [
+            Tile(load_pool_image(split, r), f"{split.image_ids[r]}  {s:.3f}", r == int(caption_image[c]))
+            for s, r in zip(scores[0].tolist(), rows[0].tolist())
+        ]
+        paths.append(text_query_grid(split.captions[int(c)], tiles, out_dir / f"example_text2image_{i + 1}.png"))
+    with_caption = torch.unique(caption_image).numpy()
+    for i, r in enumerate(rng.choice(with_caption, size=min(n_examples, len(with_caption)), replace=False)):
+        r = int(r)
+        scores, rows = top_k(image_emb[r][None], text_emb, n_captions)
+        caps = [(split.captions[j], s, int(caption_image[j]) == r) for s, j in zip(scores[0].tolist(), rows[0].tolist())]
+        paths.append(
+            image_query_grid(load_pool_image(split, r), f"query: {split.image_ids[r]}", caps,
+                             out_dir / f"example_image2text_{i + 1}.png")
+        )
+    return paths

@@ -1,0 +1,171 @@
+"""Text->image and image->text retrieval over a whole split, as CLIP-style papers report it.
+
+The ranking itself is `adapt.recall.retrieval_ranks` (ties count against the query; an image query
+is a hit at the best-ranked of its captions), so early stopping and the report can never disagree.
+This module adds what a report needs on top: any K (also K larger than the pool), median and mean
+rank, the pool sizes, a chunk size derived from a memory budget, and the exact chance levels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.special import gammaln
+
+from adapt.recall import recall_at, retrieval_ranks
+
+DEFAULT_MEMORY_MB = 512
+# bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32
+# score buffer and counts in place, plus the float sum's temporaries
+_BYTES_PER_SCORE = 8
+
+
+def chunk_rows(pool: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
+    """Query rows per chunk so one chunk's score matrices fit in `memory_mb`."""
+    rows = int(memory_mb * 2**20 // (max(pool, 1) * _BYTES_PER_SCORE))
+    return max(16, min(rows, 8192))
+
+
+@dataclass
+class RetrievalRanks:
+    t2i: torch.Tensor  # [M] 1-based rank of each caption's own image among all images
+    i2t: torch.Tensor  # [N] 1-based rank of each image's best caption among all captions
+    pool_images: int
+    pool_captions: int
+
+
+def ranks(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> RetrievalRanks:
+    caption_image = torch.as_tensor(caption_image).long()
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    if caption_image.shape[0] != m:
+        raise ValueError(f"caption_image has {caption_image.shape[0]} rows but there are {m} caption embeddings")
+    if m and (caption_image.min() < 0 or caption_image.max() >= n):
+        raise ValueError(f"caption_image points outside the {n} images (range {caption_image.min()}..{caption_image.max()})")
+    chunk = chunk_rows(max(n, m), memory_mb)
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, chunk=chunk)
+    return RetrievalRanks(t2i, i2t, n, m)
+
+
+def summarize(r: RetrievalRanks, ks: list[int] | tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Flat numbers: R@K in percent for each direction, median/mean rank, pool sizes.
+
+    K larger than the pool is allowed: every retrievable item is then found (R@K = 100 unless an
+    image has no caption at all, which no K can retrieve).
+    """
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"t2i_R@{k}"] = 100 * recall_at(r.t2i, min(k, r.pool_images))
+    for k in ks:
+        # an image without captions ranks pool + 1: capping K at the pool keeps it a miss
+        out[f"i2t_R@{k}"] = 100 * recall_at(r.i2t, min(k, r.pool_captions))
+    for name, rk in (("t2i", r.t2i), ("i2t", r.i2t)):
+        out[f"{name}_medr"] = float(rk.float().median()) if rk.numel() else float("nan")
+        out[f"{name}_meanr"] = float(rk.float().mean()) if rk.numel() else float("nan")
+    out["pool_images"] = r.pool_images
+    out["pool_captions"] = r.pool_captions
+    return out
+
+
+def evaluate(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    ks: list[int] | tuple[int, ...] = (1, 5, 10),
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> dict[str, float]:
+    return summarize(ranks(image_emb, text_emb, caption_image, memory_mb), ks)
+
+
+def recall_curve(rank: torch.Tensor, ks: list[int], pool: int) -> list[float]:
+    """R@K in percent for each K (for the recall@K plot); K is capped at the pool as in `summarize`."""
+    return [100 * recall_at(rank, min(k, pool)) for k in ks]
+
+
+# --- chance -------------------------------------------------------------------------------------
+
+
+def _p_first_positive_within(pool: int, positives: np.ndarray, k: int) -> np.ndarray:
+    """P(at least one of c positives lands in the top k of a random order of `pool` items)."""
+    c = positives.astype(np.float64)
+    out = np.zeros_like(c)
+    has = c > 0
+    sure = has & (k > pool - c)  # fewer negatives than k: a positive must be in the top k
+    out[sure] = 1.0
+    rest = has & ~sure
+    if rest.any() and k > 0:
+        cr = c[rest]
+        # C(pool-c, k) / C(pool, k) via log-gamma, exact up to float rounding
+        log_miss = gammaln(pool - cr + 1) - gammaln(pool - cr - k + 1) - gammaln(pool + 1) + gammaln(pool - k + 1)
+        out[rest] = 1.0 - np.exp(log_miss)
+    return out
+
+
+def chance(caption_image: torch.Tensor, n_images: int, ks: list[int] | tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Expected numbers for a scorer that orders the pool at random (no ties).
+
+    t2i: the own image is uniform over the N images. i2t: an image with c captions is found at the
+    first of c positions drawn without replacement from M, so P(hit@K) = 1 - C(M-c,K)/C(M,K),
+    E[rank] = (M+1)/(c+1); an image without captions ranks M+1 as in `retrieval_ranks`.
+    The median is the smallest r with P(rank <= r) >= 1/2 over all queries of a direction.
+    """
+    caption_image = torch.as_tensor(caption_image).long()
+    m = int(caption_image.shape[0])
+    n = int(n_images)
+    counts = np.bincount(caption_image.numpy(), minlength=n)[:n] if n else np.zeros(0, int)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"t2i_R@{k}"] = 100.0 * min(k, n) / n if n else float("nan")
+    for k in ks:
+        out[f"i2t_R@{k}"] = 100.0 * float(_p_first_positive_within(m, counts, k).mean()) if n else float("nan")
+    out["t2i_medr"] = float(math.ceil(n / 2)) if n else float("nan")
+    out["t2i_meanr"] = (n + 1) / 2 if n else float("nan")
+    if n:
+        lo, hi = 1, m + 1  # smallest r with P(rank <= r) >= 1/2 over all image queries
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if _p_first_positive_within(m, counts, mid).mean() >= 0.5:
+                hi = mid
+            else:
+                lo = mid + 1
+        out["i2t_medr"] = float(lo)
+        expected = np.where(counts > 0, (m + 1) / (counts + 1.0), m + 1.0)
+        out["i2t_meanr"] = float(expected.mean())
+    else:
+        out["i2t_medr"] = out["i2t_meanr"] = float("nan")
+    out["pool_images"] = n
+    out["pool_captions"] = m
+    return out
+
+
+# --- top-k over a pool (examples, search) -------------------------------------------------------
+
+
+@torch.no_grad()
+def top_k(
+    queries: torch.Tensor, pool: torch.Tensor, k: int, memory_mb: float = DEFAULT_MEMORY_MB
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best k pool rows for each query by dot product: (scores [Q, k], rows [Q, k]).
+
+    Streams over the pool in blocks and merges running top-k lists, so memory stays at
+    Q x block whatever the pool size.
+    """
+    q = queries.shape[0]
+    k = min(k, pool.shape[0])
+    block = max(1024, int(memory_mb * 2**20 // (max(q, 1) * 8)))
+    best_s = torch.full((q, 0), float("-inf"))
+    best_i = torch.zeros((q, 0), dtype=torch.long)
+    for s in range(0, pool.shape[0], block):
+        sims = queries.float() @ pool[s : s + block].float().T
+        bs, bi = sims.topk(min(k, sims.shape[1]), dim=1)
+        cat_s = torch.cat([best_s, bs], 1)
+        cat_i = torch.cat([best_i, bi + s], 1)
+        keep = cat_s.topk(min(k, cat_s.shape[1]), dim=1).indices
+        best_s, best_i = cat_s.gather(1, keep), cat_i.gather(1, keep)
+    return best_s, best_i

@@ -1,0 +1,132 @@
+"""Retrieval metrics against hand-computed ranks: several captions per image, ties, K beyond the pool,
+and chance levels checked against an exhaustive enumeration of random orders."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evaluate import retrieval
+
+# images I0=(1,0), I1=(0,1), I2=(.6,.8); captions t0,t1 -> I0, t2 -> I1, t3 -> I2
+IMAGES = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+TEXTS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [0.6, 0.8]])
+CAPTION_IMAGE = torch.tensor([0, 0, 1, 2])
+
+
+def test_ranks_with_several_captions_per_image():
+    r = retrieval.ranks(IMAGES, TEXTS, CAPTION_IMAGE)
+    # t0: own I0 scores 1 (best) -> 1; t1: own I0 scores 0, I1=1 and I2=.8 above -> 3;
+    # t2: own I1 scores .6, I0=.8 and I2=.96 above -> 3; t3: own I2 scores 1 -> 1
+    assert r.t2i.tolist() == [1, 3, 3, 1]
+    # I0: best own caption t0 scores 1 -> 1; I1: own t2 scores .6, t1=1 and t3=.8 above -> 3; I2: t3 -> 1
+    assert r.i2t.tolist() == [1, 3, 1]
+    m = retrieval.summarize(r, ks=(1, 2, 5))
+    assert m["t2i_R@1"] == pytest.approx(50.0)
+    assert m["t2i_R@2"] == pytest.approx(50.0)
+    assert m["i2t_R@1"] == pytest.approx(200 / 3)
+    assert m["i2t_R@5"] == pytest.approx(100.0)
+    assert m["t2i_meanr"] == pytest.approx(2.0)
+    assert m["i2t_meanr"] == pytest.approx(5 / 3)
+    assert m["i2t_medr"] == 1.0
+    assert (m["pool_images"], m["pool_captions"]) == (3, 4)
+
+
+def test_ties_count_against_the_query():
+    same_images = torch.ones(3, 2)
+    same_texts = torch.ones(4, 2)
+    r = retrieval.ranks(same_images, same_texts, CAPTION_IMAGE)
+    assert r.t2i.tolist() == [3, 3, 3, 3]  # every image ties with the own one: last place
+    # I0 has 2 captions, ties with the 2 others -> rank 3; I1, I2 tie with 3 negatives -> rank 4
+    assert r.i2t.tolist() == [3, 4, 4]
+    m = retrieval.summarize(r, ks=(1,))
+    assert m["t2i_R@1"] == 0.0 and m["i2t_R@1"] == 0.0
+
+
+def test_k_larger_than_pool_and_an_uncaptioned_image():
+    m = retrieval.evaluate(IMAGES, TEXTS, CAPTION_IMAGE, ks=(10, 1000))
+    assert m["t2i_R@10"] == 100.0 and m["i2t_R@1000"] == 100.0
+    # I2 has no caption: no K retrieves it, its rank is pool + 1
+    r = retrieval.ranks(IMAGES, TEXTS[:3], CAPTION_IMAGE[:3])
+    assert r.i2t.tolist()[2] == 4
+    assert retrieval.summarize(r, ks=(3, 100))["i2t_R@100"] == pytest.approx(200 / 3)
+    assert retrieval.chance(CAPTION_IMAGE[:3], 3, ks=(100,))["i2t_R@100"] == pytest.approx(200 / 3)
+
+
+def test_caption_rows_outside_the_pool_are_rejected():
+    with pytest.raises(ValueError, match="outside the 3 images"):
+        retrieval.ranks(IMAGES, TEXTS, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="3 rows but there are 4"):
+        retrieval.ranks(IMAGES, TEXTS, torch.tensor([0, 1, 2]))
+
+
+def test_small_memory_budget_gives_identical_ranks():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(300, 8, generator=g), torch.randn(600, 8, generator=g)
+    rows = torch.arange(600) % 300
+    big = retrieval.ranks(img, txt, rows, memory_mb=512)
+    tiny = retrieval.ranks(img, txt, rows, memory_mb=0.01)  # 16-row chunks
+    assert retrieval.chunk_rows(600, 0.01) == 16
+    assert torch.equal(big.t2i, tiny.t2i) and torch.equal(big.i2t, tiny.i2t)
+
+
+def _enumerated_i2t(counts: list[int], ks: list[int]) -> tuple[dict[int, float], float, float]:
+    """Exact chance by listing every order of the captions: P(hit@K), median and mean rank."""
+    m = sum(counts)
+    owner = [i for i, c in enumerate(counts) for _ in range(c)]
+    ranks = []
+    for perm in itertools.permutations(range(m)):
+        for image in range(len(counts)):
+            ranks.append(next(pos + 1 for pos, cap in enumerate(perm) if owner[cap] == image))
+    ranks = np.array(ranks)
+    hit = {k: float((ranks <= k).mean()) for k in ks}
+    median = min(r for r in range(1, m + 1) if (ranks <= r).mean() >= 0.5)
+    return hit, float(median), float(ranks.mean())
+
+
+def test_chance_matches_exhaustive_enumeration():
+    counts = [2, 1, 1, 1]  # 5 captions, the first image has two
+    caption_image = torch.tensor([0, 0, 1, 2, 3])
+    ks = [1, 2, 3, 10]
+    c = retrieval.chance(caption_image, 4, ks)
+    hit, median, mean = _enumerated_i2t(counts, ks)
+    for k in ks:
+        assert c[f"i2t_R@{k}"] == pytest.approx(100 * hit[k])
+    assert c["i2t_medr"] == median
+    assert c["i2t_meanr"] == pytest.approx(mean)
+    # text -> image: the own image is uniform over 4
+    assert [c[f"t2i_R@{k}"] for k in ks] == pytest.approx([25.0, 50.0, 75.0, 100.0])
+    assert c["t2i_medr"] == 2.0 and c["t2i_meanr"] == 2.5
+
+
+def test_chance_hand_values():
+    # image with 2 of 4 captions: P(hit@1) = 2/4, P(hit@2) = 1 - C(2,2)/C(4,2) = 5/6
+    c = retrieval.chance(torch.tensor([0, 0, 1, 1]), 2, [1, 2])
+    assert c["i2t_R@1"] == pytest.approx(50.0)
+    assert c["i2t_R@2"] == pytest.approx(100 * 5 / 6)
+    assert c["i2t_meanr"] == pytest.approx(5 / 3)  # (M+1)/(c+1)
+    # an image without captions is never found
+    c = retrieval.chance(torch.tensor([0, 0]), 2, [1])
+    assert c["i2t_R@1"] == pytest.approx(50.0)
+    assert c["i2t_meanr"] == pytest.approx((1.0 + 3.0) / 2)
+
+
+def test_top_k_streams_over_pool_blocks():
+    g = torch.Generator().manual_seed(1)
+    pool, queries = torch.randn(5000, 8, generator=g), torch.randn(3, 8, generator=g)
+    scores, rows = retrieval.top_k(queries, pool, 7, memory_mb=0.001)  # 1024-row blocks
+    full = (queries @ pool.T).topk(7, dim=1)
+    assert torch.equal(rows, full.indices)
+    assert torch.allclose(scores, full.values)
+    scores, rows = retrieval.top_k(queries, pool[:4], 10)  # k capped at the pool
+    assert rows.shape == (3, 4)
+
+
+def test_recall_curve_is_monotone_and_reaches_100():
+    r = retrieval.ranks(IMAGES, TEXTS, CAPTION_IMAGE)
+    curve = retrieval.recall_curve(r.t2i, [1, 2, 3, 4], r.pool_images)
+    assert curve == pytest.approx([50.0, 50.0, 100.0, 100.0])
+    assert math.isclose(curve[-1], 100.0)
