@@ -16,8 +16,8 @@ Schema (one HDF5 file per dataset x split x backbone, written by `cache.writer`)
     concepts/names    [C] str   canonical name, "" when the dataset gives none
     concepts/indptr   [N+1], concepts/indices [nnz]   multi-hot labels as CSR rows
     concepts/templates [T] str  prompt templates, e.g. "a radiology image showing {name}"
-    concepts/text_features [C, T, Dt]  raw text features of every (concept, template); unnamed concepts
-                                are encoded from their id and flagged by an empty name
+    concepts/text_features [C, T, Dt]  raw text features of every (named concept, template); rows of
+                                unnamed concepts (empty name) are zeros
     skipped/ids, skipped/locations, skipped/reasons [S] str   images that could not be read, and why
 """
 from __future__ import annotations

@@ -286,12 +286,15 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
         vocab = dataset.concept_vocab()
         col = {c: j for j, c in enumerate(vocab)}
         names = [dataset.concept_names.get(c, "") for c in vocab]
-        prompts = [t.format(name=n or c) for c, n in zip(vocab, names) for t in cfg.templates]
+        # Only named concepts get prompts: an id such as C0376152 carries no meaning for a text
+        # encoder, and in ROCO most ids are unnamed (skipping them saves ~85% of the prompts).
+        named = [j for j, n in enumerate(names) if n]
+        prompts = [t.format(name=names[j]) for j in named for t in cfg.templates]
         key = ("concepts", tuple(prompts))
         if key not in memo:  # the same prompts for every split: encode them once per run
             memo[key] = _text_phase(bb, prompts, store, "con", cfg.dtype, device)
-        con_feats = memo[key]
-        con_feats = con_feats.reshape(len(vocab), len(cfg.templates), bb.text_dim)
+        con_feats = np.zeros((len(vocab), len(cfg.templates), bb.text_dim), cfg.dtype)
+        con_feats[named] = memo[key].reshape(len(named), len(cfg.templates), bb.text_dim)
         indptr, indices = [0], []
         for rec in kept:
             indices += sorted({col[c] for c in rec.concepts})

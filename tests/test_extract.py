@@ -52,6 +52,8 @@ def test_extract_writes_every_split(tiny_dataset, tmp_path):
     assert tr.concept_names[0] == "red colour" and tr.concept_names[4] == ""
     assert tr.concept_dense()[1].tolist() == [False, True, False, False, True]
     assert tr.concept_text_features.shape[:2] == (5, len(tr.templates))
+    assert tr.concept_text_features[0].abs().sum() > 0  # named: encoded from "red colour" prompts
+    assert tr.concept_text_features[4].abs().sum() == 0  # unnamed: zeros, flagged by its empty name
     a = tr.attrs
     assert a["backbone"] == "tiny-clip" and len(a["weights_sha256"]) == 64 and a["split"] == "train"
     for key in ("preprocess", "image_layer", "image_pooling", "text_layer", "dataset_fingerprint",
