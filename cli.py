@@ -133,6 +133,83 @@ def adapt(resume: bool, **options) -> None:
 
 # --- eval / search ---------------------------------------------------------------------------
 
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        ks = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not ks or min(ks) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return ks
+
+
+@main.command("eval")
+@click.option("--run", "run_dirs", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run folder (repeat to compare runs); the first one's numbers go to metrics.json.")
+@click.option("--split", default="test", show_default=True, help="Split to evaluate on (its whole pool).")
+@click.option("--k", "ks", default="1,5,10", show_default=True, callback=_int_list, help="Recall@K cut-offs.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/eval-SPLIT].")
+@click.option("--modality-concepts", default=None,
+              help="Modality classes as LABEL=CUI,... [CT=C0040405,MRI=C0024485,ultrasound=C0041618,"
+                   "plain x-ray=C1306645,angiogram=C0002978,PET=C0032743].")
+@click.option("--min-positives", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Zero-shot mAP/AUROC only over concepts with at least this many positive images.")
+@click.option("--fewshot-seeds", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--fewshot-concepts", default=25, show_default=True, type=click.IntRange(min=1),
+              help="Few-shot evaluates at most this many (the most frequent) concepts.")
+@click.option("--skip", default="", help="Comma-separated sections to skip: zeroshot, fewshot, detection.")
+@click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
+@click.option("--examples", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Example grids per direction (0: none).")
+def eval_cmd(run_dirs, split, ks, out, modality_concepts, min_positives, fewshot_seeds, fewshot_concepts, skip,
+             no_closed_form, examples) -> None:
+    """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
+    from evaluate import EvalOptions, run_eval
+    from evaluate.fewshot import FewShotConfig
+    from evaluate.report import format_summary
+    from evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
+
+    try:
+        skipped = {s.strip() for s in skip.split(",") if s.strip()}
+        unknown = skipped - {"zeroshot", "fewshot", "detection"}
+        if unknown:
+            raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} (zeroshot, fewshot, detection)")
+        options = EvalOptions(
+            zeroshot=ZeroShotConfig(min_positives=min_positives, modalities=parse_modality_concepts(modality_concepts)
+                                    if modality_concepts else DEFAULT_MODALITIES),
+            fewshot=FewShotConfig(seeds=fewshot_seeds, max_concepts=fewshot_concepts),
+            closed_form=not no_closed_form,
+            sections=tuple(s for s in ("retrieval", "zeroshot", "fewshot", "detection") if s not in skipped),
+            examples=examples,
+        )
+        result = run_eval(list(run_dirs), split=split, ks=ks, out_dir=out, options=options)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_summary(result))
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder.")
+@click.option("--text", default=None, help="A caption: find the images it describes.")
+@click.option("--image", default=None, type=click.Path(exists=True, dir_okay=False), help="An image: find its captions.")
+@click.option("-k", "k", default=9, show_default=True, type=click.IntRange(min=1), help="How many results.")
+@click.option("--split", default=None, help="Search one split's pool only [every split of the run's features].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also draw the results into this PNG.")
+def search(run_dir, text, image, k, split, out) -> None:
+    """Top-k of the cached pool for a new caption or image, through a run's heads."""
+    from evaluate.search import format_results
+    from evaluate.search import search as run_search
+
+    if (text is None) == (image is None):
+        raise click.UsageError("give exactly one of --text or --image")
+    try:
+        results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_results(results))
+    if out:
+        click.echo(f"grid: {out}")
+
 
 # --- index / export --------------------------------------------------------------------------
 
@@ -141,8 +218,8 @@ def adapt(resume: bool, **options) -> None:
 @click.option("--split", default="all", show_default=True, help="Split to index (test, train, ...), or all of them.")
 @click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
               help="flat: exact inner product; ivf / hnsw: approximate, for millions of images.")
-@click.option("--nlist", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells; 0: 4*sqrt(N).")
-@click.option("--nprobe", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/32, at least 8.")
+@click.option("--nlist", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells; 0: sqrt(N).")
+@click.option("--nprobe", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/16, at least 16.")
 @click.option("--m", default=32, show_default=True, type=click.IntRange(min=2), help="hnsw links per vector.")
 def index(run_dir, split, kind, nlist, nprobe, m) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search)."""

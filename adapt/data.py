@@ -1,0 +1,220 @@
+"""Training pairs from a cached split: shuffled batches of (image, text) features plus the mask of
+which texts in a batch describe which images.
+
+Two sources give the same blocks: `MemorySource` holds a loaded split (one block, no copies);
+`StreamSource` reads a cache file that exceeds RAM in contiguous row chunks, shuffling chunk order
+and rows within a chunk. Features stay in their stored dtype (float16 halves RAM) and are widened
+to float32 one batch at a time.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from cache.reader import CachedSplit
+
+
+@dataclass
+class Block:
+    """A contiguous slice of a split: captions, the images they point at, and where those images
+    sit in the whole split (global rows, for concept labels)."""
+
+    image_features: torch.Tensor  # [n, Di]
+    view_features: torch.Tensor | None  # [n, V, Di]
+    caption_features: torch.Tensor  # [m, Dt]
+    caption_image: torch.Tensor  # [m] local image row
+    caption_key: torch.Tensor  # [m] equal for identical caption strings
+    image_rows: torch.Tensor  # [n] global image rows
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, Di] float32
+    texts: torch.Tensor  # [B, Dt] float32
+    positives: torch.Tensor  # [B, B] bool: text j describes image i
+
+
+def caption_keys(captions: list[str]) -> torch.Tensor:
+    """Identical captions (after case and whitespace folding) share a key: "Axial CT." written
+    under two images is a positive for both, never a negative."""
+    seen: dict[str, int] = {}
+    return torch.tensor([seen.setdefault(" ".join(c.lower().split()), len(seen)) for c in captions], dtype=torch.long)
+
+
+class ConceptTexts:
+    """Named concepts as extra positive texts: (image, concept) pairs whose text feature is one of
+    the concept's prompt templates, drawn at random each time. Concepts without a name were encoded
+    from their id ("C0040405") and carry no language, so they are left out."""
+
+    def __init__(self, concepts: sp.csr_matrix | None, names: list[str], text_features: torch.Tensor | None):
+        if concepts is None or text_features is None or not names:
+            raise ValueError("this cache has no concept text features; extract with concepts to use --augment concepts")
+        named = np.array([i for i, n in enumerate(names) if n], dtype=np.int64)
+        if named.size == 0:
+            raise ValueError("no concept in this cache has a name; --augment concepts needs named concepts")
+        labels = concepts.tocsc()[:, named].tocsr()
+        self.has = torch.from_numpy(labels.toarray().astype(bool))  # [N, Cn]
+        coo = labels.tocoo()
+        self.pair_image = torch.from_numpy(coo.row.astype(np.int64))
+        self.pair_concept = torch.from_numpy(coo.col.astype(np.int64))
+        self.text_features = text_features[torch.from_numpy(named)]  # [Cn, T, Dt]
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.pair_image.numel())
+
+
+class MemorySource:
+    def __init__(self, split: CachedSplit):
+        self.split = split
+        self.block = Block(
+            image_features=split.image_features,
+            view_features=split.view_features,
+            caption_features=split.caption_features,
+            caption_image=split.caption_image.long(),
+            caption_key=caption_keys(split.captions) if split.captions else torch.arange(split.n_captions),
+            image_rows=torch.arange(split.n_images),
+        )
+
+    image_dim = property(lambda self: self.split.image_features.shape[1])
+    text_dim = property(lambda self: self.split.caption_features.shape[1])
+    n_images = property(lambda self: self.split.n_images)
+    n_captions = property(lambda self: self.split.n_captions)
+    has_views = property(lambda self: self.split.view_features is not None)
+
+    def blocks(self, gen: torch.Generator) -> Iterator[Block]:
+        yield self.block
+
+    def image_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor]:
+        x = self.split.image_features
+        return (x[s : s + rows] for s in range(0, x.shape[0], rows))
+
+    def caption_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor]:
+        x = self.split.caption_features
+        return (x[s : s + rows] for s in range(0, x.shape[0], rows))
+
+
+class StreamSource:
+    """A cache file read block by block: each block is `chunk_rows` consecutive captions and the
+    images they point at (one slice when captions are stored image by image, as the writer does)."""
+
+    def __init__(self, path: str | Path, chunk_rows: int = 65536, with_views: bool = True):
+        self.path = Path(path)
+        self.chunk_rows = chunk_rows
+        with h5py.File(self.path, "r") as f:
+            self.caption_image = torch.from_numpy(f["captions/image_row"][()].astype(np.int64))
+            self.image_dim = int(f["images/features"].shape[1])
+            self.text_dim = int(f["captions/features"].shape[1])
+            self.n_images = int(f["images/features"].shape[0])
+            self.has_views = with_views and "images/view_features" in f
+            texts = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f["captions/text"][()]]
+        self.caption_key = caption_keys(texts)
+        self.n_captions = int(self.caption_image.numel())
+
+    def _rows(self, ds, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo <= 2 * rows.size + 1024:  # nearly contiguous: one slice read
+            return torch.from_numpy(ds[lo:hi]), torch.arange(lo, hi)
+        uniq = np.unique(rows)
+        return torch.from_numpy(ds[uniq]), torch.from_numpy(uniq)
+
+    def blocks(self, gen: torch.Generator) -> Iterator[Block]:
+        starts = torch.arange(0, self.n_captions, self.chunk_rows)
+        with h5py.File(self.path, "r") as f:
+            for s in starts[torch.randperm(len(starts), generator=gen)].tolist():
+                e = min(s + self.chunk_rows, self.n_captions)
+                img_of = self.caption_image[s:e]
+                images, rows = self._rows(f["images/features"], img_of.numpy())
+                views = self._rows(f["images/view_features"], img_of.numpy())[0] if self.has_views else None
+                local = torch.searchsorted(rows, img_of)
+                yield Block(images, views, torch.from_numpy(f["captions/features"][s:e]), local,
+                            self.caption_key[s:e], rows)
+
+    def _chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        with h5py.File(self.path, "r") as f:
+            ds = f[name]
+            for s in range(0, ds.shape[0], rows):
+                yield torch.from_numpy(ds[s : s + rows])
+
+    def image_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor]:
+        return self._chunks("images/features", rows)
+
+    def caption_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor]:
+        return self._chunks("captions/features", rows)
+
+
+def estimated_bytes(path: str | Path) -> int:
+    """float32 bytes `load_split` would hold for this file's features."""
+    with h5py.File(path, "r") as f:
+        names = [n for n in ("images/features", "images/view_features", "captions/features", "concepts/text_features") if n in f]
+        return sum(4 * int(np.prod(f[n].shape)) for n in names)
+
+
+def iter_batches(
+    block: Block,
+    batch_size: int,
+    gen: torch.Generator,
+    *,
+    concepts: ConceptTexts | None = None,
+    concept_ratio: float = 0.0,
+    use_views: bool = True,
+) -> Iterator[Batch]:
+    """All captions of the block once, plus about concept_ratio x as many (image, concept) pairs,
+    shuffled together; with views, each image is seen as a random one of its original + V views."""
+    m = block.caption_features.shape[0]
+    cp_local = cp_concept = None
+    if concepts is not None and concept_ratio > 0:
+        to_local = torch.full((int(block.image_rows.max()) + 1,), -1, dtype=torch.long)
+        to_local[block.image_rows] = torch.arange(block.image_rows.numel())
+        inside = concepts.pair_image < to_local.numel()
+        cand = torch.nonzero(inside).squeeze(1)
+        cand = cand[to_local[concepts.pair_image[cand]] >= 0]
+        k = min(cand.numel(), round(concept_ratio * m))
+        pick = cand[torch.randperm(cand.numel(), generator=gen)[:k]]
+        cp_local, cp_concept = to_local[concepts.pair_image[pick]], concepts.pair_concept[pick]
+    n_cp = 0 if cp_local is None else cp_local.numel()
+    order = torch.randperm(m + n_cp, generator=gen)
+    views = block.view_features if use_views else None
+    n_templates = concepts.text_features.shape[1] if n_cp else 1
+
+    for idx in order.split(batch_size):
+        if idx.numel() < 2:
+            continue
+        is_cap = idx < m
+        cap, con = idx[is_cap], idx[~is_cap] - m
+        img_local = torch.empty(idx.numel(), dtype=torch.long)
+        img_local[is_cap] = block.caption_image[cap]
+        texts = torch.empty(idx.numel(), block.caption_features.shape[1])
+        texts[is_cap] = block.caption_features[cap].float()
+        concept_of = torch.full((idx.numel(),), -1, dtype=torch.long)
+        if con.numel():
+            img_local[~is_cap] = cp_local[con]
+            concept_of[~is_cap] = cp_concept[con]
+            tpl = torch.randint(0, n_templates, (con.numel(),), generator=gen)
+            texts[~is_cap] = concepts.text_features[cp_concept[con], tpl].float()
+        if views is not None:
+            which = torch.randint(0, views.shape[1] + 1, (idx.numel(),), generator=gen)
+            images = torch.where(
+                (which == 0)[:, None],
+                block.image_features[img_local].float(),
+                views[img_local, (which - 1).clamp_min(0)].float(),
+            )
+        else:
+            images = block.image_features[img_local].float()
+
+        glob = block.image_rows[img_local]
+        positives = glob[:, None] == glob[None, :]
+        key = torch.full((idx.numel(),), -1, dtype=torch.long)
+        key[is_cap] = block.caption_key[cap]
+        positives |= is_cap[:, None] & is_cap[None, :] & (key[:, None] == key[None, :])
+        if con.numel():
+            # text j is concept c: every image in the batch labelled with c is its positive
+            has = concepts.has[glob][:, concept_of.clamp_min(0)]  # [B, B]
+            positives |= has & (~is_cap)[None, :]
+        yield Batch(images, texts, positives)

@@ -1,0 +1,98 @@
+"""A trained run as the rest of the toolkit sees it: two heads that turn raw cached features into
+unit embeddings, rebuilt from `config.json` + `best.safetensors` (never pickle).
+
+Every head kind, the closed-form cca included, saves the same layout, so evaluation and search
+load any run the same way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapt import checkpoint as ckpt
+from adapt.closed_form import fit_closed_form
+from adapt.config import AdaptConfig
+from adapt.trainer import build_towers, train
+
+__all__ = ["AdaptedRun", "load_run", "train", "fit_closed_form", "config_from_options", "format_summary"]
+
+
+@dataclass
+class AdaptedRun:
+    run_dir: Path
+    config: dict
+    image_head: nn.Module
+    text_head: nn.Module
+
+    @torch.no_grad()
+    def _embed(self, head: nn.Module, feats: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        device = next((b.device for b in head.buffers()), torch.device("cpu"))
+        out = [head(feats[s : s + chunk].to(device).float()).float().cpu() for s in range(0, feats.shape[0], chunk)]
+        if not out:
+            return torch.empty(0, int(self.config["dim"]) * int(self.config.get("ensemble", 1)))
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    def embed_images(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw cached image features [N, Di] -> L2-normalised float32 [N, D]."""
+        return self._embed(self.image_head, feats)
+
+    def embed_texts(self, feats: torch.Tensor) -> torch.Tensor:
+        """Raw cached text features [N, Dt] -> L2-normalised float32 [N, D]."""
+        return self._embed(self.text_head, feats)
+
+    @property
+    def features_dir(self) -> Path:
+        return Path(self.config["features_dir"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["dim"]) * int(self.config.get("ensemble", 1))
+
+
+def load_run(run_dir: str | Path) -> AdaptedRun:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / ckpt.CONFIG
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path}: no config.json, not an adapter run folder")
+    config = json.loads(cfg_path.read_text())
+    for key in ("head", "dim", "image_dim", "text_dim"):
+        if key not in config:
+            raise ValueError(f"{cfg_path}: missing {key!r}; was this written by `cli.py adapt`?")
+    with torch.random.fork_rng(devices=[]):
+        image_head, text_head = build_towers(config)
+    ckpt.load_heads(run_dir / ckpt.BEST, image_head, text_head)
+    return AdaptedRun(run_dir, config, image_head.eval(), text_head.eval())
+
+
+def config_from_options(options: dict, explicit: set[str], resume: bool) -> AdaptConfig:
+    """CLI options -> config. On --resume the saved config is the base and only options given on
+    the command line override it (so `adapt --out runs/x --resume` alone continues the run)."""
+    out = Path(options["out"])
+    if resume and (out / ckpt.CONFIG).exists():
+        saved = AdaptConfig.from_run(out).to_dict()
+        saved.update({k: v for k, v in options.items() if k in explicit and v is not None})
+        return AdaptConfig.from_dict(saved)
+    if not options.get("features_dir"):
+        raise ValueError("--features is required (unless --resume continues a run in --out)")
+    return AdaptConfig.from_dict({k: v for k, v in options.items() if v is not None})
+
+
+def format_summary(summary: dict) -> str:
+    """The closing table: best epoch, valid R@1/5/10 both ways, seconds."""
+    v = summary["valid"]
+    cols = ["head", "loss", "best epoch", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "seconds"]
+    best = summary["best_epoch"]
+    if "closed_form" in summary:
+        best = "closed form ({})".format(", ".join(f"{k} {x}" for k, x in summary["closed_form"].items()))
+    vals = [summary["head"], summary["loss"] if summary["head"] != "cca" else "-", f"{best} / {summary['epochs_run']}"]
+    vals += [f"{v[f'{d}_R@{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    vals.append(f"{summary['seconds']:.1f}")
+    widths = [max(len(c), len(str(x))) for c, x in zip(cols, vals)]
+    line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    note = "stopped early" if summary.get("stopped_early") else "ran all epochs"
+    return "\n".join([line(cols), rule, line(vals), f"valid recall in %; {note}; run saved in {summary['run_dir']}"])

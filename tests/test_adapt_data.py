@@ -1,0 +1,97 @@
+"""Batches: which texts count as positives of which images, views, concept texts, streaming."""
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from adapt.data import Block, ConceptTexts, MemorySource, StreamSource, caption_keys, iter_batches
+from adapt.synthetic import correlated_split, write_cache
+
+
+def _block(captions, caption_image, n_images=3, views=None):
+    # caption k's feature is (k, 0): lets a test recover which caption landed where in a shuffled batch
+    feats = torch.stack([torch.tensor([float(k), 0.0]) for k in range(len(captions))])
+    images = torch.stack([torch.tensor([float(i), 1.0]) for i in range(n_images)])
+    return Block(images, views, feats, torch.tensor(caption_image), caption_keys(captions), torch.arange(n_images))
+
+
+def test_caption_keys_fold_case_and_spaces():
+    assert caption_keys(["Axial CT.", "axial  ct.", "Chest X-ray"]).tolist() == [0, 0, 1]
+
+
+def test_positives_cover_same_image_and_identical_captions():
+    captions = ["left lung mass", "mass in the left lung", "Axial CT.", "axial ct."]
+    block = _block(captions, [0, 0, 1, 2])
+    # by hand, indexed by caption: 0,1 share image 0; 2,3 are the same words under images 1 and 2
+    expected = torch.tensor([
+        [1, 1, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+    ], dtype=torch.bool)
+    (batch,) = list(iter_batches(block, 4, torch.Generator().manual_seed(3)))
+    order = batch.texts[:, 0].long()  # caption index of each batch row
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    assert torch.equal(batch.positives, expected[order][:, order])
+    assert torch.equal(batch.images[:, 0].long(), torch.tensor([0, 0, 1, 2])[order])
+
+
+def test_concept_texts_are_positives_for_every_image_labelled_with_them():
+    labels = sp.csr_matrix(np.array([[1, 0], [1, 1], [0, 0]], dtype=np.float32))  # concept 0 on images 0,1
+    ctf = torch.tensor([[[10.0, 0.0]], [[20.0, 0.0]]])  # one template each; value tells the concept
+    concepts = ConceptTexts(labels, ["effusion", "fracture"], ctf)
+    assert concepts.n_pairs == 3
+    block = _block(["a", "b", "c"], [0, 1, 2])
+    (batch,) = list(iter_batches(block, 16, torch.Generator().manual_seed(0), concepts=concepts, concept_ratio=1.0))
+    assert batch.texts.shape[0] == 6  # 3 captions + all 3 concept pairs
+    image_of = batch.images[:, 0].long()
+    text_val = batch.texts[:, 0]
+    for i in range(6):
+        for j in range(6):
+            if text_val[j] == 10:  # "effusion": images 0 and 1
+                want = image_of[i].item() in (0, 1)
+            elif text_val[j] == 20:  # "fracture": image 1
+                want = image_of[i].item() == 1
+            else:  # caption k belongs to image k
+                want = image_of[i].item() == int(text_val[j])
+            assert batch.positives[i, j].item() == want, (i, j)
+
+
+def test_unnamed_concepts_are_not_used_as_texts():
+    labels = sp.csr_matrix(np.array([[1, 1]], dtype=np.float32))
+    concepts = ConceptTexts(labels, ["", "effusion"], torch.zeros(2, 1, 2))
+    assert concepts.n_pairs == 1 and concepts.pair_concept.tolist() == [0]
+
+
+def test_views_are_sampled_per_image():
+    n = 5
+    views = torch.stack([torch.full((n, 2), 100.0 * (v + 1)) for v in range(3)], dim=1)  # [n, 3, 2]
+    views += torch.arange(n, dtype=torch.float32)[:, None, None]
+    block = _block([str(i) for i in range(n)], list(range(n)), n_images=n, views=views)
+    seen = set()
+    for seed in range(20):
+        for batch in iter_batches(block, n, torch.Generator().manual_seed(seed)):
+            img_row = batch.texts[:, 0].long()
+            offset = (batch.images[:, 0] - img_row).round()  # 0 = original view, 100/200/300 = views
+            assert set(offset.tolist()) <= {0.0, 100.0, 200.0, 300.0}
+            seen |= set(offset.tolist())
+    assert seen == {0.0, 100.0, 200.0, 300.0}
+    # without views only the original features are used
+    (batch,) = list(iter_batches(block, n, torch.Generator().manual_seed(0), use_views=False))
+    assert torch.equal(batch.images[:, 0], batch.texts[:, 0])
+
+
+def test_stream_source_covers_every_caption_once(tmp_path):
+    split = correlated_split(50, 6, 4, captions_per_image=2)
+    path = write_cache(split, tmp_path / "train.h5")
+    source = StreamSource(path, chunk_rows=16)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for block in source.blocks(gen):
+        assert block.caption_features.shape[0] <= 16
+        # features read back for each caption must be those of its own image
+        glob = block.image_rows[block.caption_image]
+        assert torch.allclose(block.image_features[block.caption_image].float(), split.image_features[glob])
+        rows.append(glob)
+    assert sorted(torch.cat(rows).tolist()) == sorted(split.caption_image.tolist())
+    mem = MemorySource(split)
+    assert (source.image_dim, source.text_dim, source.n_captions) == (mem.image_dim, mem.text_dim, mem.n_captions)
