@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cache.provenance import ProvenanceMismatch, backbone_differences
 from cache.reader import CachedSplit, find_splits, load_split
 from evaluate import detection, fewshot, retrieval, zeroshot
 from evaluate.examples import write_examples
@@ -196,6 +197,9 @@ def run_eval(
     primary_emb = None
     for name, run in zip(names, runs):
         pair = pairs[Path(run.features_dir)]
+        diffs = backbone_differences(pair.test.attrs, run.config.get("cache", {}))
+        if run.config.get("cache") and diffs:  # e.g. the cache was rebuilt with another backbone since training
+            raise ProvenanceMismatch(pair.test.path, diffs)
         columns[name], img, txt = evaluate_model(model_from_run(run, name), pair, ks, options)
         if primary_emb is None:
             primary_emb = (img, txt)
