@@ -185,3 +185,27 @@ def test_search_cli_prints_ranked_results(runs, monkeypatch):
     assert lines[1].split()[0] == "1"
     res = CliRunner().invoke(main, ["search", "--run", str(runs["cca"])])
     assert res.exit_code != 0 and "exactly one of --text or --image" in res.output
+
+
+def test_eval_refuses_a_cache_from_another_backbone(runs, tmp_path):
+    """A run trained on one backbone's features must not silently score another backbone's."""
+    import shutil
+
+    import h5py
+
+    from cli import main
+
+    features = tmp_path / "features"
+    shutil.copytree(runs["features"], features)
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["cca"], run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["features_dir"] = str(features)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    with h5py.File(features / "test.h5", "r+") as f:
+        trained_on = f.attrs["backbone"]
+        f.attrs["backbone"] = "some-other-backbone"
+    r = CliRunner().invoke(main, ["eval", "--run", str(run_dir), "--skip", "zeroshot,fewshot,detection"])
+    assert r.exit_code == 1
+    assert f"backbone: cache has some-other-backbone, this run has {trained_on}" in r.output
+    assert str(features / "test.h5") in r.output
