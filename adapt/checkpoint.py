@@ -6,6 +6,7 @@ last.safetensors  heads, loss parameters and AdamW moments, with the loop's coun
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,15 +43,41 @@ def _load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: 
         raise ValueError(f"{path}: {prefix} does not match the run's config (missing {missing}, unexpected {unexpected})")
 
 
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: safetensors has no checksum of its own, so a
+    flipped byte in a weight would otherwise load silently."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, refusing unreadable or altered files by name."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from e
+    want = meta.get("sha256")
+    if want and digest(tensors) != want:
+        raise ValueError(f"{path}: checkpoint content does not match its recorded sha256 (altered or corrupt file)")
+    return tensors, meta
+
+
 def save_heads(path: Path, image_head: nn.Module, text_head: nn.Module) -> None:
     tensors = {**_prefixed("image_head", image_head), **_prefixed("text_head", text_head)}
-    _atomic(path, lambda p: save_file(tensors, str(p), metadata={"format": "medembed-heads/1"}))
+    meta = {"format": "medembed-heads/1", "sha256": digest(tensors)}
+    _atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def load_heads(path: Path, image_head: nn.Module, text_head: nn.Module) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no saved heads (the run has not finished an epoch yet)")
-    tensors = load_file(str(path))
+    tensors, _ = read_verified(path)
     _load_prefixed(image_head, tensors, "image_head", path)
     _load_prefixed(text_head, tensors, "text_head", path)
 
@@ -66,16 +93,15 @@ def save_training_state(path: Path, image_head: nn.Module, text_head: nn.Module,
                 tensors[f"optimizer.{idx}.{name}"] = value.detach().cpu().contiguous().clone()
             else:
                 scalars.setdefault(str(idx), {})[name] = value
-    meta = {"state": json.dumps(state), "param_groups": json.dumps(opt["param_groups"]), "scalars": json.dumps(scalars)}
+    meta = {"state": json.dumps(state), "param_groups": json.dumps(opt["param_groups"]), "scalars": json.dumps(scalars),
+            "sha256": digest(tensors)}
     _atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
 def load_training_state(path: Path, image_head: nn.Module, text_head: nn.Module, loss: nn.Module,
                         optimizer: torch.optim.Optimizer) -> dict:
     """Restore everything saved by `save_training_state`; returns the loop's counters."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
+    tensors, meta = read_verified(path)
     _load_prefixed(image_head, tensors, "image_head", path)
     _load_prefixed(text_head, tensors, "text_head", path)
     _load_prefixed(loss, tensors, "loss", path)

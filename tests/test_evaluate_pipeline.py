@@ -209,3 +209,19 @@ def test_eval_refuses_a_cache_from_another_backbone(runs, tmp_path):
     assert r.exit_code == 1
     assert f"backbone: cache has some-other-backbone, this run has {trained_on}" in r.output
     assert str(features / "test.h5") in r.output
+
+
+def test_tampered_or_foreign_checkpoints_are_refused(runs, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["cca"], run_dir)
+    best = run_dir / "best.safetensors"
+    data = bytearray(best.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte inside the last weight
+    best.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"best\.safetensors: checkpoint content does not match its recorded sha256"):
+        load_run(run_dir)
+    best.write_bytes(b"\x80\x04\x95 a pickle is never loaded")
+    with pytest.raises(ValueError, match=r"best\.safetensors: not a readable safetensors checkpoint"):
+        load_run(run_dir)
