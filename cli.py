@@ -33,6 +33,8 @@ def _print_extract_summary(summary) -> None:
             click.echo(f"  skipped [{s.split}] {image_id}: {reason} ({location})")
         if len(s.skipped) > 20:
             click.echo(f"  ... and {len(s.skipped) - 20} more skipped in {s.split} (listed in the cache: skipped/)")
+    for w in summary.warnings:
+        click.echo(f"  warning: {w}")
     click.echo("outputs:")
     for s in summary.splits:
         click.echo(f"  {s.path}")

@@ -102,6 +102,7 @@ class ExtractSummary:
     device: str
     out_dir: str
     splits: list[SplitSummary]
+    warnings: list[str] = field(default_factory=list)  # what the dataset reader dropped, with file and line
 
 
 def resolve_device(device: str) -> str:
@@ -362,4 +363,5 @@ def extract(cfg: ExtractConfig) -> ExtractSummary:
         device=device,
         out_dir=str(cache_dir(cfg.out, dataset.name, bb.name)),
         splits=results,
+        warnings=list(getattr(dataset, "warnings", [])),
     )
