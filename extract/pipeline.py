@@ -10,7 +10,7 @@ import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -305,7 +305,7 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
         summary.images, summary.captions = len(kept), len(captions)
         attrs = {
             **prov,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "data_root": str(Path(dataset.root).resolve()),
             "n_records": len(records),
             "extract_batch_size": batch_size,

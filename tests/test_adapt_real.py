@@ -1,22 +1,21 @@
 """On the real roco-rad cache (default backbone): InfoNCE heads must retrieve far above chance
-within a CI-sized budget. Skipped when the cache has not been extracted."""
+within a CI-sized budget. The cache is extracted on first use; skipped only without the real data."""
 from pathlib import Path
 
 import pytest
 
 from adapt.config import AdaptConfig
-from adapt.run import load_run, train
 from adapt.recall import recall_summary
+from adapt.run import load_run, train
 from cache.reader import load_split
+from tests.conftest import real_cache
 
 ROCO = Path(__file__).resolve().parents[1] / "features" / "roco-rad" / "effnet-lite0+minilm"
 
 
 def _need_cache() -> None:
-    missing = [s for s in ("train", "valid", "test") if not (ROCO / f"{s}.h5").exists()]
-    if missing:
-        pytest.skip(f"roco-rad cache absent ({', '.join(missing)}.h5 under {ROCO}); "
-                    "run `python cli.py extract --data ../shared/data/roco-rad` first")
+    """Extracts the cache on first use; skips (with the reason) only when ../shared/data/roco-rad is absent."""
+    assert real_cache("roco-rad") == ROCO
 
 
 @pytest.mark.slow
