@@ -121,13 +121,31 @@ def cache_merge(out_dir) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train [auto].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder, e.g. runs/NAME.")
-def adapt(resume: bool, **options) -> None:
+@click.option("--unfreeze-every", type=click.IntRange(min=1), default=None,
+              help="After every K adapter epochs, fine-tune the backbone's top blocks end to end, re-extract the "
+                   "cache (new provenance; the old one stays) and go on with adapters.")
+@click.option("--unfreeze-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Epochs over raw images and captions per unfreeze cycle.")
+@click.option("--unlocked-layers", default="2", show_default=True, help="Top blocks of each tower to train, or 'all'.")
+@click.option("--grad-checkpointing", is_flag=True, help="Recompute unlocked blocks' activations to save memory.")
+@click.option("--cached-trunk", is_flag=True,
+              help="Cache the activations entering the first unlocked block once per cycle and train from them.")
+def adapt(resume: bool, unfreeze_every, unfreeze_epochs, unlocked_layers, grad_checkpointing, cached_trunk,
+          **options) -> None:
     """Train projection heads on cached features (seconds on a CPU)."""
     from adapt.run import config_from_options, format_summary, train
 
     explicit = {k for k, v in options.items() if v is not None}
     try:
-        summary = train(config_from_options(options, explicit, resume), resume=resume)
+        config = config_from_options(options, explicit, resume)
+        if unfreeze_every:
+            from adapt.finetune import UnfreezeConfig, train_with_unfreezing
+
+            unfreeze = UnfreezeConfig(every=unfreeze_every, epochs=unfreeze_epochs, unlocked_layers=unlocked_layers,
+                                      grad_checkpointing=grad_checkpointing, cached_trunk=cached_trunk)
+            summary = train_with_unfreezing(config, unfreeze, progress=True)
+        else:
+            summary = train(config, resume=resume)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_summary(summary))

@@ -1,0 +1,35 @@
+"""`cli.py adapt --unfreeze-every` end to end on the tiny random backbone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cache.reader import read_attrs
+from extract.pipeline import ExtractConfig, extract
+from tests.conftest import make_imageclef2023
+
+
+@pytest.mark.slow
+def test_adapt_with_one_unfreeze_cycle_refreshes_the_cache(tmp_path):
+    from cli import main
+
+    data = make_imageclef2023(tmp_path / "d", {"train": 24, "valid": 8, "test": 8})
+    summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(tmp_path / "f"), batch_size=8,
+                                    workers=0, progress=False))
+    old_dir = tmp_path / "f" / "d" / "tiny-clip"
+    old_bytes = (old_dir / "train.h5").read_bytes()
+    r = CliRunner().invoke(main, ["adapt", "--features", str(old_dir), "--head", "linear", "--epochs", "2",
+                                  "--batch-size", "8", "--dim", "16", "--out", str(tmp_path / "run"),
+                                  "--unfreeze-every", "1", "--unlocked-layers", "1"])
+    assert r.exit_code == 0, r.output
+    assert (old_dir / "train.h5").read_bytes() == old_bytes  # the old cache stays as it was
+    state = json.loads((tmp_path / "run" / "unfreeze.json").read_text())
+    assert state
+    new_dirs = [p for p in (tmp_path / "f" / "d").iterdir() if p.name.startswith("tiny-clip+ft-")]
+    assert len(new_dirs) == 1
+    new_attrs = read_attrs(new_dirs[0] / "train.h5")
+    assert new_attrs["weights_sha256"] != read_attrs(old_dir / "train.h5")["weights_sha256"]
+    assert (tmp_path / "run" / "finetuned.safetensors").exists()
+    assert summary.splits[0].images == 24
