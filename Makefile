@@ -22,8 +22,9 @@ install: $(STAMP)
 # extract -> adapt -> eval on the embedded synthetic phantom set (generated on first use, no download)
 demo: install
 	$(PY) cli.py extract --out features
+	rm -rf $(RUN)
 	$(PY) cli.py adapt --features features/synthetic-phantoms/effnet-lite0+minilm --loss infonce --head mlp --out $(RUN)
-	$(PY) cli.py eval --run $(RUN) --split test --k 1,5,10
+	$(PY) cli.py eval --run $(RUN) --split test --k 1,5,10 --fewshot-seeds 1
 
 test: install
 	$(PY) -m pytest -q -ra
