@@ -18,14 +18,14 @@ class AdaptConfig:
     out: str
     loss: str = "infonce"
     head: str = "mlp"
-    dim: int = 256
+    dim: int = 1024
     epochs: int = 30
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_epochs: float = 1.0
     dropout: float = 0.1
-    input_dropout: float = 0.0
+    input_dropout: float = 0.6  # drops raw feature dims: the regulariser few-thousand-pair sets need most
     alpha: float = 0.2  # residual head blend
     temperature: float = 0.07  # InfoNCE initial temperature (learned, clamped at 1/100)
     learn_temperature: bool = True
@@ -37,7 +37,7 @@ class AdaptConfig:
     patience: int = 5  # epochs without a better valid mean_recall before stopping
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # 0: leave torch's choice
+    threads: int = 0  # 0: one thread for small steps (syncing threads costs more than it saves), else torch's choice
     max_memory_gb: float = 8.0  # above this the training split is streamed in chunks from disk
     chunk_rows: int = 65536
     eval_every: int = 1

@@ -149,6 +149,19 @@ class StreamSource:
         return self._chunks("captions/features", rows)
 
 
+def read_concepts(path: str | Path) -> tuple[sp.csr_matrix | None, list[str], torch.Tensor | None]:
+    """Concept labels, names and text features of a cache file without touching its image or
+    caption features (which, when streaming, do not fit in memory)."""
+    with h5py.File(path, "r") as f:
+        if "concepts/ids" not in f or "concepts/text_features" not in f:
+            return None, [], None
+        names = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f["concepts/names"][()]]
+        n = int(f["images/features"].shape[0])
+        indptr, indices = f["concepts/indptr"][()].astype(np.int64), f["concepts/indices"][()].astype(np.int64)
+        labels = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n, len(names)))
+        return labels, names, torch.from_numpy(f["concepts/text_features"][()].astype(np.float32))
+
+
 def estimated_bytes(path: str | Path) -> int:
     """float32 bytes `load_split` would hold for this file's features."""
     with h5py.File(path, "r") as f:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from adapt import checkpoint as ckpt
 from adapt.closed_form import cca_heads, cca_solve, pair_moments
 from adapt.config import AdaptConfig
-from adapt.data import ConceptTexts, MemorySource, StreamSource, estimated_bytes, iter_batches
+from adapt.data import ConceptTexts, MemorySource, StreamSource, estimated_bytes, iter_batches, read_concepts
 from adapt.heads import EnsembleHead, build_head, fit_input_stats
 from adapt.losses import build_loss
 from adapt.recall import recall_summary
@@ -40,6 +40,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA device is visible to torch")
     return torch.device(name)
+
+
+def training_threads(config: AdaptConfig, image_dim: int, text_dim: int, device: torch.device) -> int:
+    """CPU threads for the loop. A step on a few-thousand-pair set is a handful of small GEMMs,
+    where waking and syncing a second thread costs more than it saves (and on a shared machine a
+    busy sibling core stalls every step): below ~4G multiply-adds per step, use one thread."""
+    if config.threads:
+        return config.threads
+    step_macs = config.batch_size * (image_dim + text_dim) * config.dim * config.ensemble
+    return 1 if device.type != "cpu" or step_macs < 4e9 else torch.get_num_threads()
 
 
 def build_towers(run_config: dict) -> tuple[nn.Module, nn.Module]:
@@ -107,8 +117,7 @@ def _load_data(config: AdaptConfig):
     stream = config.head != "cca" and estimated_bytes(train_path) > config.max_memory_gb * 2**30
     if stream:
         source = StreamSource(train_path, chunk_rows=config.chunk_rows, with_views=config.use_views)
-        meta = load_split(train_path, with_views=False) if config.augment == "concepts" else None
-        concepts = (meta.concepts, meta.concept_names, meta.concept_text_features) if meta else None
+        concepts = read_concepts(train_path) if config.augment == "concepts" else None
         train_split = None
     else:
         train_split = load_split(train_path, with_views=config.use_views)
@@ -168,8 +177,6 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
         raise FileExistsError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if resume and has_run:
         _check_resume(json.loads((run_dir / ckpt.CONFIG).read_text()), config, run_dir)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
 
     if splits is not None:
@@ -182,17 +189,24 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     run_config = _run_config(config, source.image_dim, source.text_dim, attrs)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    with torch.random.fork_rng(devices=[]):
-        if config.head == "cca":
-            if train_split is None:
-                raise ValueError(f"{config.features_dir}: --head cca needs the training split in memory; raise --max-memory-gb")
-            return _fit_cca(config, run_config, run_dir, train_split, valid, device)
-        return _train_loop(config, run_config, run_dir, source, concepts, valid, device, resume, stop_after_epoch, progress)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(training_threads(config, source.image_dim, source.text_dim, device))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if config.head == "cca":
+                if train_split is None:
+                    raise ValueError(f"{config.features_dir}: --head cca needs the training split in memory; "
+                                     "raise max_memory_gb in the run config")
+                return _fit_cca(config, run_config, run_dir, train_split, valid)
+            return _train_loop(config, run_config, run_dir, source, concepts, valid, device, resume, stop_after_epoch, progress)
+    finally:
+        torch.set_num_threads(threads_before)
 
 
-def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, train_split: CachedSplit, valid: CachedSplit,
-             device: torch.device) -> dict:
-    """Closed form: pick ridge and correlation weighting on valid, like early stopping picks an epoch."""
+def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, train_split: CachedSplit, valid: CachedSplit) -> dict:
+    """Closed form: pick ridge and correlation weighting on valid, like early stopping picks an epoch.
+    Runs on the CPU: a few eigendecompositions of feature-sized matrices, no loop to accelerate."""
+    device = torch.device("cpu")
     t0 = time.perf_counter()
     moments = pair_moments(train_split)
     best, rows = None, []

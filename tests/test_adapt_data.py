@@ -3,7 +3,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from adapt.data import Block, ConceptTexts, MemorySource, StreamSource, caption_keys, iter_batches
+from adapt.data import Block, ConceptTexts, MemorySource, StreamSource, caption_keys, iter_batches, read_concepts
 from adapt.synthetic import correlated_split, write_cache
 
 
@@ -95,3 +95,12 @@ def test_stream_source_covers_every_caption_once(tmp_path):
     assert sorted(torch.cat(rows).tolist()) == sorted(split.caption_image.tolist())
     mem = MemorySource(split)
     assert (source.image_dim, source.text_dim, source.n_captions) == (mem.image_dim, mem.text_dim, mem.n_captions)
+
+
+def test_read_concepts_matches_full_load(tmp_path):
+    split = correlated_split(40, 6, 4, n_concepts=5, templates=3)
+    path = write_cache(split, tmp_path / "train.h5")
+    labels, names, ctf = read_concepts(path)
+    assert names == split.concept_names
+    assert (labels != split.concepts).nnz == 0 and labels.nnz == split.concepts.nnz > 0
+    assert torch.allclose(ctf, split.concept_text_features)
