@@ -1,5 +1,12 @@
 """Everything one adapter run depends on; saved as `runs/NAME/config.json` so a run can be rebuilt,
-resumed and compared. The defaults are the ones the CLI uses."""
+resumed and compared. The defaults are the ones the CLI uses.
+
+The defaults were chosen on roco-rad validation recall (3.7k training pairs, EfficientNet-Lite0 +
+MiniLM features): with so few pairs an MLP head overfits within 3 epochs, and the largest single
+gain came from dropping 60% of the raw input features per step (valid R@10 ~37% -> ~44%); with
+that regulariser a wide head (1024) and a higher learning rate (3e-3) pay off, where without it
+they only overfit faster.
+"""
 from __future__ import annotations
 
 import json
