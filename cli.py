@@ -164,8 +164,14 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 
 @main.command("eval")
-@click.option("--run", "run_dirs", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
-              help="Run folder (repeat to compare runs); the first one's numbers go to metrics.json.")
+@click.option("--run", "run_dirs", multiple=True, required=True, type=click.Path(exists=True),
+              help="Run folder, unfreezing run folder or its finetuned.safetensors (repeat to compare runs); "
+                   "the first one's numbers go to metrics.json.")
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Score this dataset's raw images and captions, encoded by each run's own backbone (the fine-tuned "
+                   "one for a checkpoint), instead of the run's cache.")
+@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
+              help="Where --data's encoding is cached (reused when up to date).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on (its whole pool).")
 @click.option("--k", "ks", default="1,5,10", show_default=True, callback=_int_list, help="Recall@K cut-offs.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/eval-SPLIT].")
@@ -181,10 +187,11 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
 @click.option("--examples", default=1, show_default=True, type=click.IntRange(min=0),
               help="Example grids per direction (0: none).")
-def eval_cmd(run_dirs, split, ks, out, modality_concepts, min_positives, fewshot_seeds, fewshot_concepts, skip,
-             no_closed_form, examples) -> None:
+def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, min_positives, fewshot_seeds,
+             fewshot_concepts, skip, no_closed_form, examples) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
     from evaluate import EvalOptions, run_eval
+    from extract.pipeline import ExtractError
     from evaluate.fewshot import FewShotConfig
     from evaluate.report import format_summary
     from evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
@@ -201,30 +208,40 @@ def eval_cmd(run_dirs, split, ks, out, modality_concepts, min_positives, fewshot
             closed_form=not no_closed_form,
             sections=tuple(s for s in ("retrieval", "zeroshot", "fewshot", "detection") if s not in skipped),
             examples=examples,
+            data=data,
+            features_root=features_root,
         )
         result = run_eval(list(run_dirs), split=split, ks=ks, out_dir=out, options=options)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ExtractError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_summary(result))
 
 
 @main.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder.")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
+              help="Run folder, unfreezing run folder or its finetuned.safetensors.")
 @click.option("--text", default=None, help="A caption: find the images it describes.")
 @click.option("--image", default=None, type=click.Path(exists=True, dir_okay=False), help="An image: find its captions.")
 @click.option("-k", "k", default=9, show_default=True, type=click.IntRange(min=1), help="How many results.")
 @click.option("--split", default=None, help="Search one split's pool only [every split of the run's features].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also draw the results into this PNG.")
-def search(run_dir, text, image, k, split, out) -> None:
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Search this dataset's raw images and captions (encoded once by the run's backbone) instead of "
+                   "the run's cache.")
+@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
+              help="Where --data's encoding is cached.")
+def search(run_dir, text, image, k, split, out, data, features_root) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
     from evaluate.search import format_results
+    from extract.pipeline import ExtractError
     from evaluate.search import search as run_search
 
     if (text is None) == (image is None):
         raise click.UsageError("give exactly one of --text or --image")
     try:
-        results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split)
-    except (FileNotFoundError, ValueError) as e:
+        results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split, data=data,
+                             features_root=features_root)
+    except (FileNotFoundError, ValueError, ExtractError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_results(results))
     if out:

@@ -2,12 +2,14 @@
 unit embeddings, rebuilt from `config.json` + `best.safetensors` (never pickle).
 
 Every head kind, the closed-form cca included, saves the same layout, so evaluation and search
-load any run the same way.
+load any run the same way. A run reference may also be an unfreezing run's folder or its
+`finetuned.safetensors`: then the run carries its fine-tuned backbone, the only thing that can turn
+new raw images and captions into the features its heads were trained on.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from adapt.closed_form import fit_closed_form
 from adapt.config import AdaptConfig
 from adapt.trainer import build_towers, train
 
-__all__ = ["AdaptedRun", "load_run", "train", "fit_closed_form", "config_from_options", "format_summary"]
+__all__ = ["AdaptedRun", "load_run", "load_checkpoint_run", "train", "fit_closed_form", "config_from_options", "format_summary"]
 
 
 @dataclass
@@ -27,6 +29,8 @@ class AdaptedRun:
     config: dict
     image_head: nn.Module
     text_head: nn.Module
+    checkpoint: Path | None = None  # the fine-tuned backbone + heads file this run was loaded from
+    backbone: object | None = None  # that file's fine-tuned backbone (None: rebuilt from the registry by name)
 
     @torch.no_grad()
     def _embed(self, head: nn.Module, feats: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -52,9 +56,47 @@ class AdaptedRun:
     def dim(self) -> int:
         return int(self.config["dim"]) * int(self.config.get("ensemble", 1))
 
+    @property
+    def label(self) -> str:
+        """A short name for reports: the run folder's (also for a checkpoint file inside it)."""
+        return self.run_dir.name
+
+    def load_backbone(self, device: str = "cpu"):
+        """The backbone whose raw features the heads take: the checkpoint's fine-tuned towers when
+        the run came from one, else the registry backbone named in config.json."""
+        if self.backbone is not None:
+            return self.backbone
+        from adapt.finetune import FT_MARK
+        from extract.backbones import create_backbone
+
+        name = self.config.get("backbone", "")
+        if not name:
+            raise ValueError(f"{self.run_dir}: config.json names no backbone, so new images or captions cannot be encoded")
+        if FT_MARK in name:
+            raise ValueError(f"{self.run_dir}: trained on features of the fine-tuned backbone {name}, which the registry "
+                             "cannot rebuild; pass the unfreezing run folder or its finetuned.safetensors instead")
+        return create_backbone(name, device=device)
+
+    def with_features(self, features_dir: str | Path) -> AdaptedRun:
+        """The same heads pointed at another cache of the same backbone (e.g. a newly encoded dataset)."""
+        return replace(self, config={**self.config, "features_dir": str(features_dir)})
+
 
 def load_run(run_dir: str | Path) -> AdaptedRun:
+    """A run folder (`config.json` + `best.safetensors`), an unfreezing run's folder, or a
+    fine-tuned checkpoint file."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return load_checkpoint_run(run_dir)
+    if (run_dir / "unfreeze.json").exists():
+        from adapt.finetune import CHECKPOINT
+
+        if (run_dir / CHECKPOINT).exists():
+            return load_checkpoint_run(run_dir / CHECKPOINT)
+        stages = sorted(run_dir.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+        if not stages:
+            raise FileNotFoundError(f"{run_dir}: an unfreezing run with no finished stage")
+        return replace(load_run(stages[-1]), run_dir=run_dir)  # no cycle ran: the heads of the only stage
     cfg_path = run_dir / ckpt.CONFIG
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path}: no config.json, not an adapter run folder")
@@ -66,6 +108,20 @@ def load_run(run_dir: str | Path) -> AdaptedRun:
         image_head, text_head = build_towers(config)
     ckpt.load_heads(run_dir / ckpt.BEST, image_head, text_head)
     return AdaptedRun(run_dir, config, image_head.eval(), text_head.eval())
+
+
+def load_checkpoint_run(path: str | Path, device: str = "cpu") -> AdaptedRun:
+    """A `finetuned.safetensors` (fine-tuned towers + heads) as a run: its heads, the config of the
+    adapter stage that trained them (features_dir: the cache its backbone refreshed) and the backbone."""
+    from adapt.finetune import load_finetuned
+
+    path = Path(path)
+    backbone, image_head, text_head = load_finetuned(path, device)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads((f.metadata() or {})["run_config"])
+    return AdaptedRun(path.parent, config, image_head, text_head, checkpoint=path, backbone=backbone)
 
 
 def config_from_options(options: dict, explicit: set[str], resume: bool) -> AdaptConfig:

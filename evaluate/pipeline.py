@@ -34,6 +34,9 @@ class EvalOptions:
     sections: tuple[str, ...] = ("retrieval", "zeroshot", "fewshot", "detection")
     examples: int = 1  # text->image and image->text example grids of the first run
     memory_mb: float = retrieval.DEFAULT_MEMORY_MB
+    data: str | None = None  # score this dataset's raw images and captions, encoded by each run's own backbone
+    features_root: str = "features"  # where that encoding is cached
+    progress: bool = True
 
 
 @dataclass
@@ -153,7 +156,7 @@ def _write_concepts_csv(path: Path, columns: dict[str, ColumnResult]) -> Path | 
 
 
 def run_eval(
-    run_dirs: list[Path],
+    run_dirs: list,
     split: str = "test",
     ks: list[int] | tuple[int, ...] = (1, 5, 10),
     out_dir: Path | None = None,
@@ -161,11 +164,15 @@ def run_eval(
 ) -> dict:
     """Evaluate runs (and their baselines) on one split; write metrics.json, report.md, plots.
 
+    `run_dirs`: run folders, unfreezing run folders, fine-tuned checkpoints or loaded runs. With
+    `options.data` each run is scored on that dataset's raw images and captions, encoded by the
+    run's own backbone (the fine-tuned one for a checkpoint) instead of on the run's cache.
     `metrics.json` holds the first run's flat numbers; `comparison.json` every column's.
     Returns {"columns", "metrics", "out_dir", "metrics_path", "report", "plots", "examples",
     "split", "pool_images", "pool_captions"}.
     """
-    from adapt.run import fit_closed_form, load_run  # the adapt phase: imported where used
+    from adapt.run import fit_closed_form  # the adapt phase: imported where used
+    from evaluate.sources import eval_splits, open_runs
 
     options = options or EvalOptions()
     ks = sorted({int(k) for k in ks})
@@ -173,10 +180,13 @@ def run_eval(
         raise ValueError("eval needs at least one --run")
     if not ks or ks[0] < 1:
         raise ValueError(f"--k values must be positive integers, got {ks}")
-    run_dirs = [Path(p) for p in run_dirs]
-    runs = [load_run(p) for p in run_dirs]
-    names = _unique_names(run_dirs)
-    out_dir = Path(out_dir) if out_dir else run_dirs[0] / f"eval-{split}"
+    wanted = None
+    if options.data is not None:
+        needs_train = options.closed_form or bool({"fewshot", "detection"} & set(options.sections))
+        wanted = eval_splits(options.data, split, needs_train)
+    runs = open_runs(list(run_dirs), options.data, wanted, options.features_root, progress=options.progress)
+    names = _unique_names([r.run_dir for r in runs])
+    out_dir = Path(out_dir) if out_dir else runs[0].run_dir / f"eval-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pairs: dict[Path, SplitPair] = {}
@@ -226,7 +236,9 @@ def run_eval(
         "split": split,
         "features_dir": str(first.features_dir),
         "backbone": test.attrs.get("backbone", ""),
-        "runs": [f"{n} ({r.config.get('head', '?')}, {r.config.get('loss', '?')}, dim {r.dim})" for n, r in zip(names, runs)],
+        "runs": [f"{n} ({r.config.get('head', '?')}, {r.config.get('loss', '?')}, dim {r.dim}"
+                 + (f"; fine-tuned backbone {r.backbone.name} from {r.checkpoint}" if r.checkpoint else "") + ")"
+                 for n, r in zip(names, runs)],
         "pool_images": test.n_images,
         "pool_captions": test.n_captions,
         "templates": len(test.templates),
@@ -246,7 +258,7 @@ def run_eval(
     (out_dir / "comparison.json").write_text(json.dumps({
         "split": split,
         "features_dir": str(first.features_dir),
-        "runs": {n: str(p) for n, p in zip(names, run_dirs)},
+        "runs": {n: str(r.checkpoint or r.run_dir) for n, r in zip(names, runs)},
         "seconds": {n: round(c.seconds, 2) for n, c in columns.items()},
         "columns": {n: {k: (None if v != v else v) for k, v in m.items()} for n, m in flat.items()},
     }, indent=2) + "\n")

@@ -1,9 +1,11 @@
 """`cli.py search`: a new caption or image against the cached pool, through a run's heads.
 
 The query is encoded on the fly with the run's own backbone (the one its cache was extracted
-with), so it lands in the same raw feature space the heads were trained on; the pool is never
-re-encoded, only projected from the cache. A text query ranks images; an image query ranks
-captions (the two directions of the retrieval metrics).
+with; for a fine-tuned checkpoint, the checkpoint's towers), so it lands in the same raw feature
+space the heads were trained on; the pool is never re-encoded, only projected from the cache. With
+`data`, the pool is a dataset of new raw images and captions, encoded once by that same backbone.
+A text query ranks images; an image query ranks captions (the two directions of the retrieval
+metrics).
 """
 from __future__ import annotations
 
@@ -17,14 +19,6 @@ from evaluate.models import EmbeddingModel, model_from_run
 from evaluate.plots import Tile, image_query_grid, text_query_grid
 from evaluate.retrieval import top_k
 from extract.records import open_image
-
-
-def _load_backbone(name: str):
-    from extract.backbones import create_backbone
-
-    if not name:
-        raise ValueError("the run's config.json names no backbone: cannot encode a new query")
-    return create_backbone(name)
 
 
 def encode_query(backbone, text: str | None = None, image: str | Path | None = None) -> torch.Tensor:
@@ -108,6 +102,8 @@ def search(
     split: str | None = None,
     backbone=None,
     use_index: bool = True,
+    data: str | Path | None = None,
+    features_root: str | Path = "features",
 ) -> list[dict]:
     """Top-k for a caption (-> images) or an image file (-> captions) over the run's cached pool.
 
@@ -115,24 +111,29 @@ def search(
     through the run's FAISS index over that pool when `cli.py index` built one (a stale index is
     an error saying how to rebuild it), else through an exact chunked scan. `out` draws the result
     as a grid PNG. `backbone` may be passed in to reuse a loaded one (tests, notebooks).
+    `run_dir` may also be an unfreezing run folder or its `finetuned.safetensors`; `data` searches
+    that dataset's raw images and captions (encoded by the run's backbone, cached under
+    `features_root`) instead of the run's own cache.
     Each result: rank, score, image_id, caption, split, image_row, location, via.
     """
-    from adapt.run import load_run  # the adapt phase: imported where used
+    from evaluate.sources import open_runs
 
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
     if k < 1:
         raise ValueError(f"-k must be >= 1, got {k}")
-    run = load_run(run_dir)
+    (run,) = open_runs([run_dir], data, [split] if split else None, features_root)
     files = find_splits(run.features_dir)
     if split is not None and split not in files:
         raise FileNotFoundError(f"{run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
     splits = [load_split(p, with_views=False) for name, p in files.items() if split is None or name == split]
-    backbone = backbone or _load_backbone(run.config.get("backbone", ""))
+    backbone = backbone or run.load_backbone()
     query_raw = encode_query(backbone, text=text, image=image)
     model = model_from_run(run)
     target = "images" if text is not None else "captions"
-    indexed = _load_image_index(run_dir, split) if target == "images" and use_index else None
+    # an index covers the run's own cache and heads file: not a newly encoded pool, not a checkpoint
+    use_index = use_index and data is None and run.checkpoint is None
+    indexed = _load_image_index(run.run_dir, split) if target == "images" and use_index else None
     if indexed is not None:
         results = rank_index(model, query_raw, splits, *indexed, k)
     else:

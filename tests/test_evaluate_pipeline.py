@@ -176,7 +176,9 @@ def test_search_cli_prints_ranked_results(runs, monkeypatch):
     from cli import main
 
     test = load_split(runs["features"] / "test.h5")
-    monkeypatch.setattr(search_mod, "_load_backbone", lambda name: _LookupBackbone(test))
+    from adapt.run import AdaptedRun
+
+    monkeypatch.setattr(AdaptedRun, "load_backbone", lambda self, device="cpu": _LookupBackbone(test))
     res = CliRunner().invoke(main, ["search", "--run", str(runs["cca"]), "--text", test.captions[0], "-k", "4",
                                     "--split", "test"])
     assert res.exit_code == 0, res.output

@@ -1,0 +1,58 @@
+"""What `eval` and `search` score: a run's own cache, or new raw images and captions.
+
+A run's heads only understand the raw features of the backbone they were trained on. For a run
+made with periodic unfreezing that backbone exists nowhere but in the run's
+`finetuned.safetensors`, so a new dataset has to be encoded with the checkpoint's own towers; it
+is extracted once, like any dataset, into `{features_root}/{dataset}/{backbone}/` (the fine-tuned
+backbone's name carries its weights hash, so the folder can never be mistaken for the base
+backbone's), and later calls find it up to date.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from extract.pipeline import ExtractConfig, cache_dir, extract_split, resolve_device
+
+
+def encode_dataset(run, data: str | Path, splits: list[str] | None = None, features_root: str | Path = "features",
+                   batch_size: int = 64, workers: int = 2, progress: bool = True) -> Path:
+    """Extract `splits` (default: all) of the dataset at `data` with `run`'s backbone; returns the
+    cache folder. A split already extracted by the same weights is reused, not recomputed."""
+    from extract.datasets import load_dataset
+
+    dataset = load_dataset(str(data))
+    wanted = splits or list(dataset.splits)
+    missing = [s for s in wanted if s not in dataset.splits]
+    if missing:
+        raise ValueError(f"{data}: no split {', '.join(missing)} (splits here: {', '.join(dataset.splits)})")
+    device = resolve_device("auto")
+    backbone = run.load_backbone(device=device)
+    backbone.to(device)
+    cfg = ExtractConfig(data=str(data), backbone=backbone.name, splits=wanted, batch_size=batch_size, workers=workers,
+                        device=device, out=str(features_root), progress=progress)
+    memo: dict = {}
+    for split in wanted:
+        extract_split(backbone, dataset, split, cfg, device, memo)
+    return cache_dir(features_root, dataset.name, backbone.name)
+
+
+def open_runs(refs: list, data: str | Path | None = None, splits: list[str] | None = None,
+              features_root: str | Path = "features", progress: bool = True) -> list:
+    """Load each run reference (run folder, unfreezing run folder, fine-tuned checkpoint, or an
+    already loaded run); with `data`, point every run at that dataset encoded by its own backbone."""
+    from adapt.run import AdaptedRun, load_run  # the adapt phase: imported where used
+
+    runs = [r if isinstance(r, AdaptedRun) else load_run(r) for r in refs]
+    if data is None:
+        return runs
+    return [run.with_features(encode_dataset(run, data, splits, features_root, progress=progress)) for run in runs]
+
+
+def eval_splits(data: str | Path, split: str, needs_train: bool) -> list[str]:
+    """The split to score plus, when few-shot / detection / the closed form want it, the train split."""
+    from extract.datasets import load_dataset
+
+    names = list(load_dataset(str(data)).splits)
+    if split not in names:
+        raise ValueError(f"{data}: no split {split} (splits here: {', '.join(names)})")
+    return [split] + (["train"] if needs_train and split != "train" and "train" in names else [])

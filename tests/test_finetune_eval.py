@@ -1,0 +1,88 @@
+"""`eval` and `search` take a fine-tuned checkpoint directly and score new raw images and captions
+with the checkpoint's own towers: the numbers they print are the ones the checkpoint's model
+computes from the image files and caption strings themselves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from adapt.config import AdaptConfig
+from adapt.finetune import FinetunedModel, UnfreezeConfig, train_with_unfreezing
+from adapt.run import load_run
+from cache.reader import load_split, read_attrs
+from evaluate import EvalOptions, retrieval, run_eval
+from extract.pipeline import ExtractConfig, extract
+from tests.conftest import make_imageclef2023
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fteval")
+    data = make_imageclef2023(root / "train-data", {"train": 24, "valid": 8})
+    summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(root / "features"), workers=0,
+                                    progress=False, batch_size=16))
+    config = AdaptConfig(features_dir=summary.out_dir, out=str(root / "run"), head="mlp", dim=16, epochs=2,
+                         batch_size=8, seed=0)
+    result = train_with_unfreezing(config, UnfreezeConfig(every=1, epochs=1, unlocked_layers=1, batch_size=8,
+                                                          backbone_lr=1e-3, augment=False), progress=False)
+    # new raw data the run never saw: other images (another seed), a test split only
+    new = make_imageclef2023(root / "new-data", {"test": 10}, seed=7)
+    return {"root": root, "run": root / "run", "checkpoint": Path(result["checkpoint"]), "new": new}
+
+
+@pytest.mark.slow
+def test_eval_on_new_raw_data_scores_what_the_checkpoint_computes(finetuned, tmp_path):
+    ckpt, new = finetuned["checkpoint"], finetuned["new"]
+    options = EvalOptions(sections=("retrieval",), closed_form=False, examples=0, data=str(new),
+                          features_root=str(tmp_path / "f"), progress=False)
+    result = run_eval([ckpt], split="test", ks=[1, 3, 5], out_dir=tmp_path / "eval", options=options)
+
+    model = FinetunedModel.load(ckpt)
+    cache = tmp_path / "f" / "new-data" / model.backbone.name
+    attrs = read_attrs(cache / "test.h5")
+    assert attrs["weights_sha256"] == model.backbone.provenance["weights_sha256"]  # encoded by the fine-tuned towers
+    split = load_split(cache / "test.h5")
+    img = model.embed_images([new / loc for loc in split.image_locations])
+    txt = model.embed_texts(split.captions)
+    want = retrieval.summarize(retrieval.ranks(img, txt, split.caption_image), [1, 3, 5])
+    got = result["metrics"]
+    # the cache stores float16 features; ranks may only differ where two scores tie within that precision
+    for key in ("t2i_R@1", "t2i_R@3", "t2i_R@5", "i2t_R@1", "i2t_R@5"):
+        assert abs(got[key] - want[key]) <= 100 / 10 + 1e-6, key
+    assert result["pool_images"] == 10
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "fine-tuned backbone" in report and model.backbone.name in report
+
+    # the unfreezing run folder names the same model as its checkpoint file
+    by_folder = load_run(finetuned["run"])
+    assert by_folder.checkpoint == ckpt and by_folder.backbone.name == model.backbone.name
+
+
+@pytest.mark.slow
+def test_search_cli_takes_the_checkpoint_and_a_new_pool(finetuned, tmp_path):
+    from cli import main
+
+    ckpt, new = finetuned["checkpoint"], finetuned["new"]
+    query = "A blue square, case 2."
+    r = CliRunner().invoke(main, ["search", "--run", str(ckpt), "--text", query, "--data", str(new),
+                                  "--features-root", str(tmp_path / "f"), "-k", "3"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()  # progress bars of the one-off encoding come first
+    header = next(i for i, line in enumerate(lines) if "rank  score" in line)
+    rows = [line.split() for line in lines[header + 1:]]
+    assert len(rows) == 3
+    model = FinetunedModel.load(ckpt)
+    split = load_split(tmp_path / "f" / "new-data" / model.backbone.name / "test.h5")
+    scores = model.embed_images([new / loc for loc in split.image_locations]) @ model.embed_texts([query]).T
+    best = torch.topk(scores[:, 0], 3)
+    assert [float(x[1]) for x in rows] == pytest.approx(best.values.tolist(), abs=5e-3)
+    assert rows[0][2] == split.image_ids[int(best.indices[0])]
+
+
+def test_a_stage_trained_on_finetuned_features_points_to_the_checkpoint(finetuned):
+    stage = load_run(finetuned["run"] / "stage-1")
+    with pytest.raises(ValueError, match="finetuned.safetensors"):
+        stage.load_backbone()
