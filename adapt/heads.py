@@ -50,11 +50,32 @@ class Standardize(nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+class Dropout(nn.Module):
+    """nn.Dropout's semantics (zero with probability p, scale the rest by 1/(1-p); identity in eval)
+    with the mask drawn as uniform < keep: on CPU that draw is about twice as fast as the per-element
+    Bernoulli sampler, which otherwise costs a fifth of a training step on cached features."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        mask = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class LinearHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
         self.norm_in = Standardize(in_dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.proj = nn.Linear(in_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,11 +89,11 @@ class MLPHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1, input_dropout: float = 0.0):
         super().__init__()
         self.norm_in = Standardize(in_dim)
-        self.drop_in = nn.Dropout(input_dropout)
+        self.drop_in = Dropout(input_dropout)
         self.proj = nn.Linear(in_dim, out_dim)
         self.act = nn.GELU()
         self.fc = nn.Linear(out_dim, out_dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm_out = nn.LayerNorm(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +118,7 @@ class ResidualHead(nn.Module):
         self.norm_in = Standardize(in_dim)
         self.skip = nn.Identity() if self.identity_skip else nn.Linear(in_dim, out_dim)
         self.adapter = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+            nn.Linear(in_dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, out_dim)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
