@@ -267,6 +267,9 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
         from adapt.run import load_run  # the adapt phase: imported where used
 
         run = load_run(run_dir)
+    if getattr(run, "checkpoint", None) is not None:
+        raise ValueError(f"{run_dir}: a fine-tuned run (backbone and heads in {run.checkpoint.name}); indexes are kept "
+                         "for adapter runs, and `search` on this run scans its pool exactly")
     t0 = time.perf_counter()
     files = _split_files(Path(run.features_dir), options.split)
     sources = [_describe(split, path) for split, path in files.items()]
