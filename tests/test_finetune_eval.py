@@ -86,3 +86,10 @@ def test_a_stage_trained_on_finetuned_features_points_to_the_checkpoint(finetune
     stage = load_run(finetuned["run"] / "stage-1")
     with pytest.raises(ValueError, match="finetuned.safetensors"):
         stage.load_backbone()
+
+
+def test_index_refuses_a_finetuned_run_with_the_reason(finetuned):
+    from evaluate.index import build_index
+
+    with pytest.raises(ValueError, match="scans its pool exactly"):
+        build_index(finetuned["run"])
