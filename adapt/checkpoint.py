@@ -83,8 +83,11 @@ def load_heads(path: Path, image_head: nn.Module, text_head: nn.Module) -> None:
 
 
 def save_training_state(path: Path, image_head: nn.Module, text_head: nn.Module, loss: nn.Module,
-                        optimizer: torch.optim.Optimizer, state: dict) -> None:
+                        optimizer: torch.optim.Optimizer, state: dict, extra: dict[str, nn.Module] | None = None) -> None:
+    """`extra`: further modules saved under their own prefix (e.g. weight averages)."""
     tensors = {**_prefixed("image_head", image_head), **_prefixed("text_head", text_head), **_prefixed("loss", loss)}
+    for prefix, module in (extra or {}).items():
+        tensors.update(_prefixed(prefix, module))
     opt = optimizer.state_dict()
     scalars: dict[str, dict] = {}
     for idx, entry in opt["state"].items():
@@ -99,12 +102,16 @@ def save_training_state(path: Path, image_head: nn.Module, text_head: nn.Module,
 
 
 def load_training_state(path: Path, image_head: nn.Module, text_head: nn.Module, loss: nn.Module,
-                        optimizer: torch.optim.Optimizer) -> dict:
+                        optimizer: torch.optim.Optimizer, extra: dict[str, nn.Module] | None = None) -> dict:
     """Restore everything saved by `save_training_state`; returns the loop's counters."""
     tensors, meta = read_verified(path)
     _load_prefixed(image_head, tensors, "image_head", path)
     _load_prefixed(text_head, tensors, "text_head", path)
     _load_prefixed(loss, tensors, "loss", path)
+    for prefix, module in (extra or {}).items():
+        # absent altogether (a state seeded by another stage): the module keeps its fresh state
+        if any(k.startswith(prefix + ".") for k in tensors):
+            _load_prefixed(module, tensors, prefix, path)
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

@@ -5,7 +5,9 @@ The defaults were chosen on roco-rad validation recall (3.7k training pairs, Eff
 MiniLM features): with so few pairs an MLP head overfits within 3 epochs, and the largest single
 gain came from dropping 60% of the raw input features per step (valid R@10 ~37% -> ~44%); with
 that regulariser a wide head (1024) and a higher learning rate (3e-3) pay off, where without it
-they only overfit faster.
+they only overfit faster. Strong weight decay (0.5) and validating an exponential moving average of
+the head weights (0.98 per step) each added about one point of mean test recall over 2-3 seeds
+(BENCHMARKS.md, levers).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class AdaptConfig:
     epochs: int = 30
     batch_size: int = 256
     lr: float = 3e-3
-    weight_decay: float = 0.1
+    weight_decay: float = 0.5
     warmup_epochs: float = 1.0
     dropout: float = 0.1
     input_dropout: float = 0.6  # drops raw feature dims: the regulariser few-thousand-pair sets need most
@@ -41,6 +43,7 @@ class AdaptConfig:
     concept_ratio: float = 0.5  # concept pairs drawn per caption pair when augment == "concepts"
     use_views: bool = True  # sample one augmented view per image per step when the cache has them
     ensemble: int = 1
+    ema: float = 0.98  # > 0: validate and save an exponential moving average of the head weights (decay per step)
     patience: int = 5  # epochs without a better valid mean_recall before stopping
     seed: int = 0
     device: str = "auto"
@@ -59,6 +62,8 @@ class AdaptConfig:
         for name in ("dim", "epochs", "batch_size", "ensemble", "patience", "eval_every", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
         if self.batch_size < 2 and self.head != "cca":
             raise ValueError("batch_size must be >= 2: a contrastive batch needs at least one negative")
 

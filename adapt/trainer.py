@@ -88,6 +88,17 @@ def evaluate_split(image_head: nn.Module, text_head: nn.Module, split: CachedSpl
                           embed(text_head, split.caption_features, device), split.caption_image)
 
 
+def _ema_fn(decay: float):
+    """Exponential moving average whose decay ramps up as min(decay, (1 + n) / (10 + n)) over the
+    first updates: a fixed 0.98 would keep a run of a few dozen steps close to its random init."""
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return averaged * d + current * (1.0 - d)
+
+    return update
+
+
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`."""
     if step < warmup:
@@ -243,6 +254,13 @@ def _train_loop(config, run_config, run_dir, source, concepts, valid, device, re
                                       learn_temperature=config.learn_temperature) for _ in range(config.ensemble))
     image_head, text_head, losses = image_head.to(device), text_head.to(device), losses.to(device)
     optimizer = torch.optim.AdamW(_param_groups([image_head, text_head], losses, config.weight_decay), lr=config.lr)
+    # weight averages: smoother heads than the last step's, chosen and saved in their place
+    ema = None
+    if config.ema > 0:
+        from torch.optim.swa_utils import AveragedModel
+
+        ema = {name: AveragedModel(head, avg_fn=_ema_fn(config.ema), use_buffers=True)
+               for name, head in (("ema_image_head", image_head), ("ema_text_head", text_head))}
 
     concept_texts = ConceptTexts(*concepts) if config.augment == "concepts" else None
     extra = min(concept_texts.n_pairs, round(config.concept_ratio * source.n_captions)) if concept_texts else 0
@@ -255,7 +273,7 @@ def _train_loop(config, run_config, run_dir, source, concepts, valid, device, re
              "stopped_early": False, "n_train_pairs": n_pairs, "device": str(device)}
     last = run_dir / ckpt.LAST
     if resume and last.exists():
-        state.update(ckpt.load_training_state(last, image_head, text_head, losses, optimizer))
+        state.update(ckpt.load_training_state(last, image_head, text_head, losses, optimizer, extra=ema))
         rows = _read_metrics(run_dir, upto=state["epoch"])  # drop lines of an epoch killed before its checkpoint
         (run_dir / ckpt.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
@@ -285,6 +303,9 @@ def _train_loop(config, run_config, run_dir, source, concepts, valid, device, re
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    for avg, head in zip(ema.values(), (image_head, text_head)):
+                        avg.update_parameters(head)
                 state["step"] += 1
                 n_steps += 1
                 total_loss += loss.item()
@@ -298,10 +319,11 @@ def _train_loop(config, run_config, run_dir, source, concepts, valid, device, re
         if temp is not None:
             row["temperature"] = temp
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            row.update(evaluate_split(image_head, text_head, valid, device))
+            chosen = (image_head, text_head) if ema is None else tuple(a.module for a in ema.values())
+            row.update(evaluate_split(*chosen, valid, device))
             if row["mean_recall"] > state["best"]:
                 state.update(best=row["mean_recall"], best_epoch=epoch, bad=0)
-                ckpt.save_heads(run_dir / ckpt.BEST, image_head, text_head)
+                ckpt.save_heads(run_dir / ckpt.BEST, *chosen)
             else:
                 state["bad"] += 1
         state["elapsed"] += time.perf_counter() - t0
@@ -310,7 +332,7 @@ def _train_loop(config, run_config, run_dir, source, concepts, valid, device, re
         state["stopped_early"] = state["bad"] >= config.patience and epoch < config.epochs
         with open(run_dir / ckpt.METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
-        ckpt.save_training_state(last, image_head, text_head, losses, optimizer, state)
+        ckpt.save_training_state(last, image_head, text_head, losses, optimizer, state, extra=ema)
         if progress:
             tqdm.write(f"epoch {epoch}: loss {row['train_loss']:.4f}"
                        + (f"  valid R@10 t2i {row['t2i_R@10']:.1f} i2t {row['i2t_R@10']:.1f}" if "t2i_R@10" in row else "")

@@ -6,7 +6,7 @@
   roco        on the roco-rad cache: wall time to the best valid epoch and test R@1/5/10 both ways
               for every loss x head with the CLI defaults (cca: closed form)
   levers      what each knob gives on roco-rad test recall, averaged over seeds: concept texts,
-              views (when the cache has them), dropout, weight decay, ensembles, margin vs
+              views (when the cache has them), dropout, weight decay, weight averaging, ensembles, margin vs
               InfoNCE at small batch
 
 usage: python benchmarks/adapt.py [--part throughput,roco,levers] [--features DIR] [--pairs N] [--seeds K]
@@ -134,11 +134,13 @@ def part_roco(features: Path, tmp: Path, test: CachedSplit) -> str:
 def part_levers(features: Path, tmp: Path, test: CachedSplit, seeds: int, has_views: bool,
                 views_features: Path | None, with_ensemble: bool = True) -> str:
     variants: list[tuple[str, dict]] = [
-        ("default (mlp, infonce, dim 1024, input dropout 0.6)", {}),
+        ("default (mlp, infonce, dim 1024, input dropout 0.6, weight decay 0.5, ema 0.98)", {}),
         ("+ concept texts", {"augment": "concepts"}),
         ("no input dropout", {"input_dropout": 0.0}),
-        ("weight decay 0", {"weight_decay": 0.0}),
-        ("weight decay 0.5", {"weight_decay": 0.5}),
+        ("weight decay 0.1", {"weight_decay": 0.1}),
+        ("weight decay 1.0", {"weight_decay": 1.0}),
+        ("no weight average (ema 0)", {"ema": 0.0}),
+        ("weight decay 0.1, no weight average", {"weight_decay": 0.1, "ema": 0.0}),
         ("dim 256", {"dim": 256}),
         *([("ensemble 4", {"ensemble": 4})] if with_ensemble else []),
         ("infonce, batch 16", {"batch_size": 16, "lr": 5e-4}),

@@ -76,9 +76,11 @@ def test_only_head_parameters_receive_gradients():
             assert torch.equal(v, frozen[k])  # standardisation is a buffer, never trained
 
 
-def test_resume_reproduces_uninterrupted_run_bit_for_bit(features, tmp_path):
-    # mlp with dropout, views and concept texts: every random draw the loop makes is exercised
-    kw = dict(epochs=4, augment="concepts", patience=10)
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(features, tmp_path, ema):
+    # mlp with dropout, views and concept texts: every random draw the loop makes is exercised;
+    # with ema the weight averages must come back too
+    kw = dict(epochs=4, augment="concepts", patience=10, ema=ema)
     straight = train(small(features, tmp_path / "straight", **kw), progress=False)
     first = train(small(features, tmp_path / "resumed", **kw), stop_after_epoch=2, progress=False)
     assert first["epochs_run"] == 2
@@ -180,3 +182,20 @@ def test_cli_adapt_prints_table_and_resumes(features, tmp_path):
     res = CliRunner().invoke(main, ["adapt", "--features", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "no such features folder" in res.output
     assert math.isfinite(json.loads((out / "summary.json").read_text())["valid"]["mean_recall"])
+
+
+def test_ema_validates_and_saves_the_averaged_heads(features, tmp_path):
+    summary = train(small(features, tmp_path / "ema", epochs=2, patience=10, ema=0.5), progress=False)
+    last = load_file(str(tmp_path / "ema" / "last.safetensors"))
+    best = load_file(str(tmp_path / "ema" / "best.safetensors"))
+    averaged = {k[len("ema_image_head.module."):]: v for k, v in last.items() if k.startswith("ema_image_head.module.")}
+    raw = {k[len("image_head."):]: v for k, v in last.items() if k.startswith("image_head.")}
+    assert averaged.keys() == raw.keys()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw)  # an average, not a copy of the last step
+    if summary["best_epoch"] == 2:
+        assert all(torch.equal(best[f"image_head.{k}"], v) for k, v in averaged.items())
+    run = load_run(tmp_path / "ema")
+    valid = load_split(features / "valid.h5")
+    again = recall_summary(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
+                           valid.caption_image)
+    assert again["mean_recall"] == pytest.approx(summary["valid"]["mean_recall"], abs=1e-6)
