@@ -194,10 +194,10 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, m
              fewshot_concepts, skip, no_closed_form, examples) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
     from evaluate import EvalOptions, run_eval
-    from extract.pipeline import ExtractError
     from evaluate.fewshot import FewShotConfig
     from evaluate.report import format_summary
     from evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
+    from extract.pipeline import ExtractError
 
     try:
         skipped = {s.strip() for s in skip.split(",") if s.strip()}
@@ -236,8 +236,8 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, m
 def search(run_dir, text, image, k, split, out, data, features_root) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
     from evaluate.search import format_results
-    from extract.pipeline import ExtractError
     from evaluate.search import search as run_search
+    from extract.pipeline import ExtractError
 
     if (text is None) == (image is None):
         raise click.UsageError("give exactly one of --text or --image")
