@@ -379,7 +379,7 @@ def refresh_cache(backbone, features_dir: str | Path, unfreeze: UnfreezeConfig, 
     Same dataset, dtype, augmented views and concept templates as the old cache; only the
     backbone identity differs, which is what sends the output to `{root}/{dataset}/{new name}/`."""
     from extract.datasets import load_dataset
-    from extract.pipeline import ExtractConfig, cache_dir, extract_split
+    from extract.pipeline import ExtractConfig, cache_dir, extract
 
     files = find_splits(features_dir)
     if not files:
@@ -397,9 +397,7 @@ def refresh_cache(backbone, features_dir: str | Path, unfreeze: UnfreezeConfig, 
     out = cache_dir(root, dataset.name, backbone.name)
     if out.resolve() == Path(features_dir).resolve():
         raise RuntimeError(f"{out}: refreshed cache would overwrite the cache it replaces (backbone name unchanged)")
-    memo: dict = {}
-    for split in files:
-        extract_split(backbone, dataset, split, cfg, str(device), memo)
+    extract(cfg, backbone=backbone, dataset=dataset)
     return out
 
 
@@ -420,7 +418,12 @@ def save_finetuned(path: str | Path, backbone, image_head: nn.Module, text_head:
 
 
 def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
-    """(Backbone, image_head, text_head) from a `save_finetuned` file, in eval mode on `device`.
+    """(Backbone, image_head, text_head) from a `save_finetuned` file, in eval mode on `device`."""
+    return read_finetuned(path, device)[:3]
+
+
+def read_finetuned(path: str | Path, device: str | torch.device = "cpu"):
+    """(Backbone, image_head, text_head, run_config) from a `save_finetuned` file, in eval mode on `device`.
 
     The base backbone is built from the registry (offline) and its towers overwritten strictly,
     so a file that does not match its base architecture fails loudly instead of half-loading."""
@@ -450,7 +453,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     ckpt._load_prefixed(text_head, tensors, "text_head", path)
     backbone.to(device)
     backbone.image_model.eval(), backbone.text_model.eval()
-    return backbone, image_head.to(device).eval(), text_head.to(device).eval()
+    return backbone, image_head.to(device).eval(), text_head.to(device).eval(), run_config
 
 
 # ------------------------------------------------------------------------------------ the whole loop

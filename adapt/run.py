@@ -56,11 +56,6 @@ class AdaptedRun:
     def dim(self) -> int:
         return int(self.config["dim"]) * int(self.config.get("ensemble", 1))
 
-    @property
-    def label(self) -> str:
-        """A short name for reports: the run folder's (also for a checkpoint file inside it)."""
-        return self.run_dir.name
-
     def load_backbone(self, device: str = "cpu"):
         """The backbone whose raw features the heads take: the checkpoint's fine-tuned towers when
         the run came from one, else the registry backbone named in config.json."""
@@ -93,7 +88,7 @@ def load_run(run_dir: str | Path) -> AdaptedRun:
 
         if (run_dir / CHECKPOINT).exists():
             return load_checkpoint_run(run_dir / CHECKPOINT)
-        stages = sorted(run_dir.glob("stage-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+        stages = sorted(run_dir.glob("stage-[0-9]*"), key=lambda p: int(p.name.removeprefix("stage-")))
         if not stages:
             raise FileNotFoundError(f"{run_dir}: an unfreezing run with no finished stage")
         return replace(load_run(stages[-1]), run_dir=run_dir)  # no cycle ran: the heads of the only stage
@@ -113,14 +108,10 @@ def load_run(run_dir: str | Path) -> AdaptedRun:
 def load_checkpoint_run(path: str | Path, device: str = "cpu") -> AdaptedRun:
     """A `finetuned.safetensors` (fine-tuned towers + heads) as a run: its heads, the config of the
     adapter stage that trained them (features_dir: the cache its backbone refreshed) and the backbone."""
-    from adapt.finetune import load_finetuned
+    from adapt.finetune import read_finetuned
 
     path = Path(path)
-    backbone, image_head, text_head = load_finetuned(path, device)
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads((f.metadata() or {})["run_config"])
+    backbone, image_head, text_head, config = read_finetuned(path, device)
     return AdaptedRun(path.parent, config, image_head, text_head, checkpoint=path, backbone=backbone)
 
 

@@ -180,11 +180,11 @@ def run_eval(
         raise ValueError("eval needs at least one --run")
     if not ks or ks[0] < 1:
         raise ValueError(f"--k values must be positive integers, got {ks}")
-    wanted = None
-    if options.data is not None:
+    data, wanted = options.data, None
+    if data is not None:
         needs_train = options.closed_form or bool({"fewshot", "detection"} & set(options.sections))
-        wanted = eval_splits(options.data, split, needs_train)
-    runs = open_runs(list(run_dirs), options.data, wanted, options.features_root, progress=options.progress)
+        data, wanted = eval_splits(data, split, needs_train)
+    runs = open_runs(list(run_dirs), data, wanted, options.features_root, progress=options.progress)
     names = _unique_names([r.run_dir for r in runs])
     out_dir = Path(out_dir) if out_dir else runs[0].run_dir / f"eval-{split}"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,32 +11,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extract.pipeline import ExtractConfig, cache_dir, extract_split, resolve_device
+from extract.pipeline import ExtractConfig, extract, resolve_device
+from extract.records import Dataset
 
 
-def encode_dataset(run, data: str | Path, splits: list[str] | None = None, features_root: str | Path = "features",
-                   batch_size: int = 64, workers: int = 2, progress: bool = True) -> Path:
-    """Extract `splits` (default: all) of the dataset at `data` with `run`'s backbone; returns the
-    cache folder. A split already extracted by the same weights is reused, not recomputed."""
+def _as_dataset(data: str | Path | Dataset) -> Dataset:
     from extract.datasets import load_dataset
 
-    dataset = load_dataset(str(data))
-    wanted = splits or list(dataset.splits)
-    missing = [s for s in wanted if s not in dataset.splits]
-    if missing:
-        raise ValueError(f"{data}: no split {', '.join(missing)} (splits here: {', '.join(dataset.splits)})")
+    return data if isinstance(data, Dataset) else load_dataset(str(data))
+
+
+def encode_dataset(run, data: str | Path | Dataset, splits: list[str] | None = None,
+                   features_root: str | Path = "features", batch_size: int = 64, workers: int = 2,
+                   progress: bool = True) -> Path:
+    """Extract `splits` (default: all) of the dataset at `data` with `run`'s backbone; returns the
+    cache folder. A split already extracted by the same weights is reused, not recomputed."""
+    dataset = _as_dataset(data)
     device = resolve_device("auto")
     backbone = run.load_backbone(device=device)
     backbone.to(device)
-    cfg = ExtractConfig(data=str(data), backbone=backbone.name, splits=wanted, batch_size=batch_size, workers=workers,
-                        device=device, out=str(features_root), progress=progress)
-    memo: dict = {}
-    for split in wanted:
-        extract_split(backbone, dataset, split, cfg, device, memo)
-    return cache_dir(features_root, dataset.name, backbone.name)
+    cfg = ExtractConfig(data=str(dataset.root), backbone=backbone.name, splits=splits, batch_size=batch_size,
+                        workers=workers, device=device, out=str(features_root), progress=progress)
+    return Path(extract(cfg, backbone=backbone, dataset=dataset).out_dir)
 
 
-def open_runs(refs: list, data: str | Path | None = None, splits: list[str] | None = None,
+def open_runs(refs: list, data: str | Path | Dataset | None = None, splits: list[str] | None = None,
               features_root: str | Path = "features", progress: bool = True) -> list:
     """Load each run reference (run folder, unfreezing run folder, fine-tuned checkpoint, or an
     already loaded run); with `data`, point every run at that dataset encoded by its own backbone."""
@@ -45,14 +44,15 @@ def open_runs(refs: list, data: str | Path | None = None, splits: list[str] | No
     runs = [r if isinstance(r, AdaptedRun) else load_run(r) for r in refs]
     if data is None:
         return runs
-    return [run.with_features(encode_dataset(run, data, splits, features_root, progress=progress)) for run in runs]
+    dataset = _as_dataset(data)  # read once for all runs
+    return [run.with_features(encode_dataset(run, dataset, splits, features_root, progress=progress)) for run in runs]
 
 
-def eval_splits(data: str | Path, split: str, needs_train: bool) -> list[str]:
-    """The split to score plus, when few-shot / detection / the closed form want it, the train split."""
-    from extract.datasets import load_dataset
-
-    names = list(load_dataset(str(data)).splits)
+def eval_splits(data: str | Path | Dataset, split: str, needs_train: bool) -> tuple[Dataset, list[str]]:
+    """The dataset, and the split to score plus, when few-shot / detection / the closed form want
+    it, the train split."""
+    dataset = _as_dataset(data)
+    names = list(dataset.splits)
     if split not in names:
         raise ValueError(f"{data}: no split {split} (splits here: {', '.join(names)})")
-    return [split] + (["train"] if needs_train and split != "train" and "train" in names else [])
+    return dataset, [split] + (["train"] if needs_train and split != "train" and "train" in names else [])

@@ -341,19 +341,23 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
         return summary
 
 
-def extract(cfg: ExtractConfig) -> ExtractSummary:
+def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -> ExtractSummary:
+    """Every split in `cfg.splits` (default: all) of the dataset. `backbone` / `dataset` may be
+    passed in already built (a fine-tuned backbone exists only as an object, not as a registry
+    name); else they come from `cfg.backbone` / `cfg.data`."""
     from extract.backbones import AugmentConfig, create_backbone
     from extract.datasets import load_dataset
     from extract.synthetic import ensure_default_dataset
 
-    dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset())
+    if dataset is None:
+        dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset())
     splits = cfg.splits or dataset.splits
     unknown = [s for s in splits if s not in dataset.splits]
     if unknown:
         raise ExtractError(f"{dataset.root}: no split {', '.join(unknown)} (splits here: {', '.join(dataset.splits)})")
     device = resolve_device(cfg.device)
     # no flips for the stored views: radiology captions name the patient's left and right
-    bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
+    bb = backbone or create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     memo: dict = {}
     results = [extract_split(bb, dataset, s, cfg, device, memo) for s in splits]
     return ExtractSummary(

@@ -47,6 +47,17 @@ def make_imageclef2023(root: Path, n_per_split: dict[str, int], size: int = 48, 
     return root
 
 
+def tiny_clip_cache(root: Path, n_per_split: dict[str, int], data_name: str = "data") -> Path:
+    """`make_imageclef2023` under root/data_name, extracted with the tiny random tiny-clip backbone
+    into root/features; returns the cache folder."""
+    from extract.pipeline import ExtractConfig, extract
+
+    data = make_imageclef2023(root / data_name, n_per_split)
+    summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(root / "features"), workers=0,
+                                    progress=False, batch_size=16))
+    return Path(summary.out_dir)
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return make_imageclef2023(tmp_path / "tiny", {"train": 24, "valid": 8})

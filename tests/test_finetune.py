@@ -27,7 +27,7 @@ from adapt.trainer import build_towers
 from cache.reader import find_splits, load_split, read_attrs
 from extract.backbones import create_backbone
 from extract.backbones.core import sha256_state_dict
-from tests.conftest import make_imageclef2023
+from tests.conftest import tiny_clip_cache
 
 # tiny-clip has 2 resblocks per tower; open_clip's top-2 groups are [last block + final norm] and the projection
 TOP2_IMAGE = {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"}
@@ -36,13 +36,7 @@ TOP2_TEXT = {"text_projection", "ln_final.weight", "ln_final.bias"}
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory) -> Path:
-    from extract.pipeline import ExtractConfig, extract
-
-    root = tmp_path_factory.mktemp("ft")
-    data = make_imageclef2023(root / "data", {"train": 24, "valid": 8})
-    summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(root / "features"), workers=0,
-                                    progress=False, batch_size=16))
-    return Path(summary.out_dir)
+    return tiny_clip_cache(tmp_path_factory.mktemp("ft"), {"train": 24, "valid": 8})
 
 
 def _heads(cache: Path, head: str = "mlp"):

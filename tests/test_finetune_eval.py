@@ -14,17 +14,14 @@ from adapt.finetune import FinetunedModel, UnfreezeConfig, train_with_unfreezing
 from adapt.run import load_run
 from cache.reader import load_split, read_attrs
 from evaluate import EvalOptions, retrieval, run_eval
-from extract.pipeline import ExtractConfig, extract
-from tests.conftest import make_imageclef2023
+from tests.conftest import make_imageclef2023, tiny_clip_cache
 
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fteval")
-    data = make_imageclef2023(root / "train-data", {"train": 24, "valid": 8})
-    summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(root / "features"), workers=0,
-                                    progress=False, batch_size=16))
-    config = AdaptConfig(features_dir=summary.out_dir, out=str(root / "run"), head="mlp", dim=16, epochs=2,
+    cache = tiny_clip_cache(root, {"train": 24, "valid": 8}, data_name="train-data")
+    config = AdaptConfig(features_dir=str(cache), out=str(root / "run"), head="mlp", dim=16, epochs=2,
                          batch_size=8, seed=0)
     result = train_with_unfreezing(config, UnfreezeConfig(every=1, epochs=1, unlocked_layers=1, batch_size=8,
                                                           backbone_lr=1e-3, augment=False), progress=False)
