@@ -64,8 +64,8 @@ def _print_extract_summary(summary) -> None:
 def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, shard, engine, address,
             shards) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
-    from extract.pipeline import ExtractConfig
-    from extract.pipeline import extract as run_extract
+    from medembed.extract.pipeline import ExtractConfig
+    from medembed.extract.pipeline import extract as run_extract
 
     cfg = ExtractConfig(
         data=data, backbone=backbone, splits=splits.split(",") if splits else None, batch_size=batch_size,
@@ -73,7 +73,7 @@ def extract(data, backbone, splits, batch_size, workers, device, out, dtype, vie
     )
     try:
         if engine == "ray":
-            from extract.distributed import extract_with_ray
+            from medembed.extract.distributed import extract_with_ray
 
             summary = extract_with_ray(cfg, address=address, shards=shards)
         else:
@@ -91,7 +91,7 @@ def cache() -> None:
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
 def cache_merge(out_dir) -> None:
     """Join the shard files in OUT_DIR (OUT/DATASET/BACKBONE) into one file per split."""
-    from cache.shards import merge_shards
+    from medembed.cache.shards import merge_shards
 
     try:
         for path in merge_shards(out_dir):
@@ -136,13 +136,13 @@ def cache_merge(out_dir) -> None:
 def adapt(resume: bool, unfreeze_every, unfreeze_epochs, unlocked_layers, grad_checkpointing, cached_trunk,
           **options) -> None:
     """Train projection heads on cached features (seconds on a CPU)."""
-    from adapt.run import config_from_options, format_summary, train
+    from medembed.adapt.run import config_from_options, format_summary, train
 
     explicit = {k for k, v in options.items() if v is not None}
     try:
         config = config_from_options(options, explicit, resume)
         if unfreeze_every:
-            from adapt.finetune import UnfreezeConfig, train_with_unfreezing
+            from medembed.adapt.finetune import UnfreezeConfig, train_with_unfreezing
 
             unfreeze = UnfreezeConfig(every=unfreeze_every, epochs=unfreeze_epochs, unlocked_layers=unlocked_layers,
                                       grad_checkpointing=grad_checkpointing, cached_trunk=cached_trunk)
@@ -193,11 +193,11 @@ def _int_list(ctx, param, value: str) -> list[int]:
 def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, min_positives, fewshot_seeds,
              fewshot_concepts, skip, no_closed_form, examples) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
-    from evaluate import EvalOptions, run_eval
-    from evaluate.fewshot import FewShotConfig
-    from evaluate.report import format_summary
-    from evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
-    from extract.pipeline import ExtractError
+    from medembed.evaluate import EvalOptions, run_eval
+    from medembed.evaluate.fewshot import FewShotConfig
+    from medembed.evaluate.report import format_summary
+    from medembed.evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
+    from medembed.extract.pipeline import ExtractError
 
     try:
         skipped = {s.strip() for s in skip.split(",") if s.strip()}
@@ -235,9 +235,9 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, m
               help="Where --data's encoding is cached.")
 def search(run_dir, text, image, k, split, out, data, features_root) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
-    from evaluate.search import format_results
-    from evaluate.search import search as run_search
-    from extract.pipeline import ExtractError
+    from medembed.evaluate.search import format_results
+    from medembed.evaluate.search import search as run_search
+    from medembed.extract.pipeline import ExtractError
 
     if (text is None) == (image is None):
         raise click.UsageError("give exactly one of --text or --image")
@@ -263,7 +263,7 @@ def search(run_dir, text, image, k, split, out, data, features_root) -> None:
 @click.option("--m", default=32, show_default=True, type=click.IntRange(min=2), help="hnsw links per vector.")
 def index(run_dir, split, kind, nlist, nprobe, m) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search)."""
-    from evaluate.index import IndexOptions, build_index, format_index_summary
+    from medembed.evaluate.index import IndexOptions, build_index, format_index_summary
 
     try:
         path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m))
@@ -284,7 +284,7 @@ def index(run_dir, split, kind, nlist, nprobe, m) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/export/SPLIT-FORMAT].")
 def export(run_dir, split, fmt, rows, dtype, out) -> None:
     """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""
-    from evaluate.export import ExportOptions, export_embeddings, format_export_summary
+    from medembed.evaluate.export import ExportOptions, export_embeddings, format_export_summary
 
     try:
         summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapt.heads import LinearMapHead
-from cache.reader import CachedSplit
+from medembed.adapt.heads import LinearMapHead
+from medembed.cache.reader import CachedSplit
 
 
 @dataclass

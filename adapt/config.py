@@ -15,8 +15,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from adapt.heads import HEAD_KINDS
-from adapt.losses import LOSS_KINDS
+from medembed.adapt.heads import HEAD_KINDS
+from medembed.adapt.losses import LOSS_KINDS
 
 AUGMENT_KINDS = ("none", "concepts")
 

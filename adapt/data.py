@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from cache.reader import CachedSplit
+from medembed.cache.reader import CachedSplit
 
 
 @dataclass

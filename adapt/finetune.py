@@ -25,14 +25,14 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from adapt import checkpoint as ckpt
-from adapt.config import AdaptConfig
-from adapt.data import caption_keys
-from adapt.heads import EnsembleHead
-from adapt.losses import build_loss
-from adapt.run import load_run, train
-from adapt.trainer import build_towers, lr_at, resolve_device
-from cache.reader import find_splits, load_split, read_attrs
+from medembed.adapt import checkpoint as ckpt
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.data import caption_keys
+from medembed.adapt.heads import EnsembleHead
+from medembed.adapt.losses import build_loss
+from medembed.adapt.run import load_run, train
+from medembed.adapt.trainer import build_towers, lr_at, resolve_device
+from medembed.cache.reader import find_splits, load_split, read_attrs
 
 FORMAT = "medembed-finetuned/1"
 FT_MARK = "+ft-"
@@ -87,7 +87,7 @@ def parse_unlocked(value: int | str) -> int | str:
 
 # --------------------------------------------------------------------------------------------- locking
 def _open_clip(backbone) -> nn.Module | None:
-    from adapt.midcache import open_clip_model
+    from medembed.adapt.midcache import open_clip_model
 
     return open_clip_model(backbone)
 
@@ -176,7 +176,7 @@ class RawPairs(torch.utils.data.Dataset):
         return len(self.captions)
 
     def __getitem__(self, i: int):
-        from extract.records import open_image
+        from medembed.extract.records import open_image
 
         row = int(self.caption_image[i])
         location = self.locations[row]
@@ -259,7 +259,7 @@ def fine_tune(backbone, image_head: nn.Module, text_head: nn.Module, losses: nn.
 
     mid, top, mid_seconds = None, None, 0.0
     if unfreeze.cached_trunk:
-        from adapt.midcache import build_mid_cache, top_for
+        from medembed.adapt.midcache import build_mid_cache, top_for
 
         top = top_for(backbone)
         t0 = time.perf_counter()
@@ -354,7 +354,7 @@ def mark_finetuned(backbone, cycle: int, unfreeze: UnfreezeConfig) -> str:
 
     The name carries the short hash, so every refreshed cache lands in a folder of its own and the
     cache it was trained from is never overwritten; `finetuned_from` keeps the lineage."""
-    from extract.backbones.core import sha256_state_dict
+    from medembed.extract.backbones.core import sha256_state_dict
 
     sha = sha256_state_dict(tower_state(backbone))
     base = base_name(backbone)
@@ -378,8 +378,8 @@ def refresh_cache(backbone, features_dir: str | Path, unfreeze: UnfreezeConfig, 
 
     Same dataset, dtype, augmented views and concept templates as the old cache; only the
     backbone identity differs, which is what sends the output to `{root}/{dataset}/{new name}/`."""
-    from extract.datasets import load_dataset
-    from extract.pipeline import ExtractConfig, cache_dir, extract
+    from medembed.extract.datasets import load_dataset
+    from medembed.extract.pipeline import ExtractConfig, cache_dir, extract
 
     files = find_splits(features_dir)
     if not files:
@@ -427,7 +427,7 @@ def read_finetuned(path: str | Path, device: str | torch.device = "cpu"):
 
     The base backbone is built from the registry (offline) and its towers overwritten strictly,
     so a file that does not match its base architecture fails loudly instead of half-loading."""
-    from extract.backbones import create_backbone
+    from medembed.extract.backbones import create_backbone
 
     path = Path(path)
     if not path.exists():
@@ -472,7 +472,7 @@ def _seed_next_stage(stage_dir: Path, image_head: nn.Module, text_head: nn.Modul
                      config: AdaptConfig) -> None:
     """Write a `last.safetensors` at epoch 0 so `train(..., resume=True)` continues from the
     fine-tuned heads and temperature (keeping their input standardisation) rather than a fresh init."""
-    from adapt.trainer import _param_groups
+    from medembed.adapt.trainer import _param_groups
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(_param_groups([image_head, text_head], losses, config.weight_decay), lr=config.lr)
@@ -493,7 +493,7 @@ def train_with_unfreezing(config: AdaptConfig, unfreeze: UnfreezeConfig, progres
     adapter epochs in all. Stages go to `{out}/stage-0`, `{out}/stage-1`, ...; the fine-tuned towers
     plus the final best heads go to `{out}/finetuned.safetensors`. Returns the last stage's summary
     with `cycles` (timings, new cache folders) and `checkpoint` added."""
-    from extract.backbones import create_backbone
+    from medembed.extract.backbones import create_backbone
 
     if config.head == "cca":
         raise ValueError("--head cca is closed form; periodic unfreezing needs a trained head (linear, mlp, residual)")
@@ -559,7 +559,7 @@ class FinetunedModel:
     @torch.no_grad()
     def embed_images(self, images: list, batch_size: int = 64) -> torch.Tensor:
         """PIL images or image file paths -> L2-normalised float32 [N, D] on CPU."""
-        from extract.records import open_image
+        from medembed.extract.records import open_image
 
         out = []
         for s in range(0, len(images), batch_size):

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapt import checkpoint as ckpt
-from adapt.closed_form import fit_closed_form
-from adapt.config import AdaptConfig
-from adapt.trainer import build_towers, train
+from medembed.adapt import checkpoint as ckpt
+from medembed.adapt.closed_form import fit_closed_form
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.trainer import build_towers, train
 
 __all__ = ["AdaptedRun", "load_run", "load_checkpoint_run", "train", "fit_closed_form", "config_from_options", "format_summary"]
 
@@ -61,8 +61,8 @@ class AdaptedRun:
         the run came from one, else the registry backbone named in config.json."""
         if self.backbone is not None:
             return self.backbone
-        from adapt.finetune import FT_MARK
-        from extract.backbones import create_backbone
+        from medembed.adapt.finetune import FT_MARK
+        from medembed.extract.backbones import create_backbone
 
         name = self.config.get("backbone", "")
         if not name:
@@ -84,7 +84,7 @@ def load_run(run_dir: str | Path) -> AdaptedRun:
     if run_dir.is_file():
         return load_checkpoint_run(run_dir)
     if (run_dir / "unfreeze.json").exists():
-        from adapt.finetune import CHECKPOINT
+        from medembed.adapt.finetune import CHECKPOINT
 
         if (run_dir / CHECKPOINT).exists():
             return load_checkpoint_run(run_dir / CHECKPOINT)
@@ -108,7 +108,7 @@ def load_run(run_dir: str | Path) -> AdaptedRun:
 def load_checkpoint_run(path: str | Path, device: str = "cpu") -> AdaptedRun:
     """A `finetuned.safetensors` (fine-tuned towers + heads) as a run: its heads, the config of the
     adapter stage that trained them (features_dir: the cache its backbone refreshed) and the backbone."""
-    from adapt.finetune import read_finetuned
+    from medembed.adapt.finetune import read_finetuned
 
     path = Path(path)
     backbone, image_head, text_head, config = read_finetuned(path, device)

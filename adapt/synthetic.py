@@ -13,8 +13,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from cache.reader import CachedSplit
-from cache.writer import write_split
+from medembed.cache.reader import CachedSplit
+from medembed.cache.writer import write_split
 
 
 def correlated_split(

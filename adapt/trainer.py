@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adapt import checkpoint as ckpt
-from adapt.closed_form import cca_heads, cca_solve, pair_moments
-from adapt.config import AdaptConfig
-from adapt.data import ConceptTexts, MemorySource, StreamSource, estimated_bytes, iter_batches, read_concepts
-from adapt.heads import EnsembleHead, build_head, fit_input_stats
-from adapt.losses import build_loss
-from adapt.recall import recall_summary
-from cache.reader import CachedSplit, find_splits, load_split, read_attrs
+from medembed.adapt import checkpoint as ckpt
+from medembed.adapt.closed_form import cca_heads, cca_solve, pair_moments
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.data import ConceptTexts, MemorySource, StreamSource, estimated_bytes, iter_batches, read_concepts
+from medembed.adapt.heads import EnsembleHead, build_head, fit_input_stats
+from medembed.adapt.losses import build_loss
+from medembed.adapt.recall import recall_summary
+from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
 
 PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
                    "text_pooling", "dataset", "dataset_fingerprint", "toolkit_version", "synthetic")

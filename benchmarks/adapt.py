@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapt.config import AdaptConfig  # noqa: E402
-from adapt.recall import recall_summary  # noqa: E402
-from adapt.run import load_run, train  # noqa: E402
-from cache.reader import CachedSplit, load_split  # noqa: E402
+from medembed.adapt.config import AdaptConfig  # noqa: E402
+from medembed.adapt.recall import recall_summary  # noqa: E402
+from medembed.adapt.run import load_run, train  # noqa: E402
+from medembed.cache.reader import CachedSplit, load_split  # noqa: E402
 
 DEFAULT_FEATURES = ROOT / "features" / "roco-rad" / "effnet-lite0+minilm"
 

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate import retrieval  # noqa: E402
+from medembed.evaluate import retrieval  # noqa: E402
 
 
 def rss_mb() -> float:

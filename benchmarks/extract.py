@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from extract.backbones import create_backbone  # noqa: E402
-from extract.datasets import load_dataset  # noqa: E402
-from extract.pipeline import ExtractConfig, extract_split  # noqa: E402
-from extract.records import open_image  # noqa: E402
+from medembed.extract.backbones import create_backbone  # noqa: E402
+from medembed.extract.datasets import load_dataset  # noqa: E402
+from medembed.extract.pipeline import ExtractConfig, extract_split  # noqa: E402
+from medembed.extract.records import open_image  # noqa: E402
 
 
 def main() -> None:

@@ -62,13 +62,13 @@ def _colour_dataset(root: Path, n_train: int, n_valid: int, size: int) -> Path:
 
 
 def speed(args) -> None:
-    from adapt.config import AdaptConfig
-    from adapt.finetune import UnfreezeConfig, fine_tune
-    from adapt.losses import build_loss
-    from adapt.trainer import build_towers, evaluate_split
-    from cache.reader import load_split, read_attrs
-    from extract.backbones import create_backbone
-    from extract.pipeline import ExtractConfig, extract
+    from medembed.adapt.config import AdaptConfig
+    from medembed.adapt.finetune import UnfreezeConfig, fine_tune
+    from medembed.adapt.losses import build_loss
+    from medembed.adapt.trainer import build_towers, evaluate_split
+    from medembed.cache.reader import load_split, read_attrs
+    from medembed.extract.backbones import create_backbone
+    from medembed.extract.pipeline import ExtractConfig, extract
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,7 +110,7 @@ def speed(args) -> None:
 
 
 def _open(root: Path, location: str):
-    from extract.records import open_image
+    from medembed.extract.records import open_image
 
     return open_image(str(Path(root) / location))
 
@@ -119,8 +119,8 @@ def _open(root: Path, location: str):
 def _roco_subset(work: Path, n_train: int) -> tuple[Path, Path]:
     """A dataset folder (CSV rows for the first n_train training images + all of valid, images linked)
     and the matching slice of the existing base cache, so only the fine-tuned refresh is extracted."""
-    from cache.reader import load_split
-    from cache.writer import write_split
+    from medembed.cache.reader import load_split
+    from medembed.cache.writer import write_split
 
     data = work / "roco-sub"
     data.mkdir(parents=True, exist_ok=True)
@@ -158,9 +158,9 @@ def _roco_subset(work: Path, n_train: int) -> tuple[Path, Path]:
 
 
 def roco(args) -> None:
-    from adapt.config import AdaptConfig
-    from adapt.finetune import UnfreezeConfig, train_with_unfreezing
-    from adapt.run import train
+    from medembed.adapt.config import AdaptConfig
+    from medembed.adapt.finetune import UnfreezeConfig, train_with_unfreezing
+    from medembed.adapt.run import train
 
     if not ROCO.is_dir() or not (ROCO_CACHE / "train.h5").exists():
         sys.exit(f"needs {ROCO} and the cache {ROCO_CACHE} (extract it first)")

@@ -1,4 +1,4 @@
 """Phase 2: the HDF5 feature cache (one file per dataset x split x backbone)."""
-from cache.reader import CachedSplit, find_splits, load_split, read_attrs
+from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
 
 __all__ = ["CachedSplit", "find_splits", "load_split", "read_attrs"]

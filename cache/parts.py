@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.faults import reached
-from cache.provenance import ProvenanceMismatch, differences
+from medembed.cache.faults import reached
+from medembed.cache.provenance import ProvenanceMismatch, differences
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.provenance import ProvenanceMismatch, differences
-from cache.reader import read_attrs
-from cache.writer import write_split
+from medembed.cache.provenance import ProvenanceMismatch, differences
+from medembed.cache.reader import read_attrs
+from medembed.cache.writer import write_split
 
 SHARD_RE = re.compile(r"^(?P<split>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>h5|parts|done)$")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.faults import reached
+from medembed.cache.faults import reached
 
 FORMAT = "medembed-cache/1"
 STR = h5py.string_dtype("utf-8")

@@ -14,7 +14,7 @@ __all__ = ["EvalOptions", "run_eval"]
 
 def __getattr__(name: str):
     if name in __all__:
-        from evaluate import pipeline
+        from medembed.evaluate import pipeline
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'evaluate' has no attribute {name!r}")

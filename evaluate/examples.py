@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cache.reader import CachedSplit
-from evaluate.plots import Tile, image_query_grid, text_query_grid
-from evaluate.retrieval import top_k
-from extract.records import ZIP_SEP, open_image
+from medembed.cache.reader import CachedSplit
+from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
+from medembed.evaluate.retrieval import top_k
+from medembed.extract.records import ZIP_SEP, open_image
 
 THUMBNAIL = 384
 

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cache.reader import CachedSplit, find_splits, load_split
-from evaluate.examples import image_path
-from evaluate.index import ALL_SPLITS, heads_sha256
+from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.evaluate.examples import image_path
+from medembed.evaluate.index import ALL_SPLITS, heads_sha256
 
 __all__ = ["EXPORT_FORMATS", "ExportOptions", "ExportSummary", "export_embeddings", "format_export_summary"]
 
@@ -169,7 +169,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     run_dir = Path(run_dir)
     _check_parquet_engine()  # metadata is parquet in both layouts
     if run is None:
-        from adapt.run import load_run  # the adapt phase: imported where used
+        from medembed.adapt.run import load_run  # the adapt phase: imported where used
 
         run = load_run(run_dir)
     files = find_splits(run.features_dir)

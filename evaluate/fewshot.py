@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.metrics import average_precision_score
 
-from evaluate.zeroshot import expected_random_ap
+from medembed.evaluate.zeroshot import expected_random_ap
 
 FEWSHOT_KS: tuple[int, ...] = (1, 2, 4, 8, 16)
 METHODS: tuple[str, ...] = ("logreg", "lightgbm", "prototype", "tip_adapter")

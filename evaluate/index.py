@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 import torch
 
-from cache.reader import find_splits, read_attrs
+from medembed.cache.reader import find_splits, read_attrs
 
 __all__ = [
     "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
@@ -264,7 +264,7 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     options = options or IndexOptions()
     run_dir = Path(run_dir)
     if run is None:
-        from adapt.run import load_run  # the adapt phase: imported where used
+        from medembed.adapt.run import load_run  # the adapt phase: imported where used
 
         run = load_run(run_dir)
     if getattr(run, "checkpoint", None) is not None:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from cache.provenance import ProvenanceMismatch, backbone_differences
-from cache.reader import CachedSplit, find_splits, load_split
-from evaluate import detection, fewshot, retrieval, zeroshot
-from evaluate.examples import write_examples
-from evaluate.models import EmbeddingModel, model_from_heads, model_from_run
-from evaluate.plots import fewshot_curves, recall_curves
-from evaluate.report import markdown_report, write_metrics
+from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
+from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.evaluate import detection, fewshot, retrieval, zeroshot
+from medembed.evaluate.examples import write_examples
+from medembed.evaluate.models import EmbeddingModel, model_from_heads, model_from_run
+from medembed.evaluate.plots import fewshot_curves, recall_curves
+from medembed.evaluate.report import markdown_report, write_metrics
 
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
@@ -171,8 +171,8 @@ def run_eval(
     Returns {"columns", "metrics", "out_dir", "metrics_path", "report", "plots", "examples",
     "split", "pool_images", "pool_captions"}.
     """
-    from adapt.run import fit_closed_form  # the adapt phase: imported where used
-    from evaluate.sources import eval_splits, open_runs
+    from medembed.adapt.run import fit_closed_form  # the adapt phase: imported where used
+    from medembed.evaluate.sources import eval_splits, open_runs
 
     options = options or EvalOptions()
     ks = sorted({int(k) for k in ks})

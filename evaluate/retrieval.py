@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
-from adapt.recall import recall_at, retrieval_ranks
+from medembed.adapt.recall import recall_at, retrieval_ranks
 
 DEFAULT_MEMORY_MB = 512
 # bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32

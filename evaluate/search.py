@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from cache.reader import CachedSplit, find_splits, load_split
-from evaluate.examples import first_captions, image_path, load_pool_image
-from evaluate.models import EmbeddingModel, model_from_run
-from evaluate.plots import Tile, image_query_grid, text_query_grid
-from evaluate.retrieval import top_k
-from extract.records import open_image
+from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.evaluate.examples import first_captions, image_path, load_pool_image
+from medembed.evaluate.models import EmbeddingModel, model_from_run
+from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
+from medembed.evaluate.retrieval import top_k
+from medembed.extract.records import open_image
 
 
 def encode_query(backbone, text: str | None = None, image: str | Path | None = None) -> torch.Tensor:
@@ -57,7 +57,7 @@ def rank_pool(
 
 
 def _load_image_index(run_dir: str | Path, split: str | None):
-    from evaluate.index import load_index
+    from medembed.evaluate.index import load_index
 
     return load_index(run_dir, split)
 
@@ -77,7 +77,7 @@ def _result(rank: int, score: float, split: CachedSplit, image_row: int, caption
 
 def rank_index(model: EmbeddingModel, query_raw: torch.Tensor, splits: list[CachedSplit], index, meta, k: int) -> list[dict]:
     """Top-k images for a raw caption query through a FAISS index built over `splits`' images."""
-    from evaluate.index import search_index
+    from medembed.evaluate.index import search_index
 
     by_name = {s.split: s for s in splits}
     scores, rows = search_index(index, model.texts(query_raw), k)
@@ -116,7 +116,7 @@ def search(
     `features_root`) instead of the run's own cache.
     Each result: rank, score, image_id, caption, split, image_row, location, via.
     """
-    from evaluate.sources import open_runs
+    from medembed.evaluate.sources import open_runs
 
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")

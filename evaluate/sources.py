@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extract.pipeline import ExtractConfig, extract, resolve_device
-from extract.records import Dataset
+from medembed.extract.pipeline import ExtractConfig, extract, resolve_device
+from medembed.extract.records import Dataset
 
 
 def _as_dataset(data: str | Path | Dataset) -> Dataset:
-    from extract.datasets import load_dataset
+    from medembed.extract.datasets import load_dataset
 
     return data if isinstance(data, Dataset) else load_dataset(str(data))
 
@@ -39,7 +39,7 @@ def open_runs(refs: list, data: str | Path | Dataset | None = None, splits: list
               features_root: str | Path = "features", progress: bool = True) -> list:
     """Load each run reference (run folder, unfreezing run folder, fine-tuned checkpoint, or an
     already loaded run); with `data`, point every run at that dataset encoded by its own backbone."""
-    from adapt.run import AdaptedRun, load_run  # the adapt phase: imported where used
+    from medembed.adapt.run import AdaptedRun, load_run  # the adapt phase: imported where used
 
     runs = [r if isinstance(r, AdaptedRun) else load_run(r) for r in refs]
     if data is None:

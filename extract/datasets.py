@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from extract.records import ZIP_SEP, Dataset, Record
+from medembed.extract.records import ZIP_SEP, Dataset, Record
 
 SYNTHETIC_MARKER = "SYNTHETIC"  # a file of this name in the data folder marks generated (not real) data
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")

@@ -8,14 +8,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from cache.shards import merge_shards
-from extract.pipeline import ExtractConfig, ExtractError, ExtractSummary, SplitSummary, cache_dir, resolve_device
+from medembed.cache.shards import merge_shards
+from medembed.extract.pipeline import ExtractConfig, ExtractError, ExtractSummary, SplitSummary, cache_dir, resolve_device
 
 
 def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
-    from extract.backbones import AugmentConfig, create_backbone
-    from extract.datasets import load_dataset
-    from extract.pipeline import extract_split
+    from medembed.extract.backbones import AugmentConfig, create_backbone
+    from medembed.extract.datasets import load_dataset
+    from medembed.extract.pipeline import extract_split
 
     device = resolve_device(cfg.device)
     dataset = load_dataset(cfg.data)
@@ -30,8 +30,8 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
         import ray
     except ImportError:
         raise ExtractError("--engine ray needs Ray: pip install 'medembed[distributed]'") from None
-    from extract.datasets import load_dataset
-    from extract.synthetic import ensure_default_dataset
+    from medembed.extract.datasets import load_dataset
+    from medembed.extract.synthetic import ensure_default_dataset
 
     data = str(cfg.data or ensure_default_dataset())
     dataset = load_dataset(data)

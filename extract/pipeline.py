@@ -18,15 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cache.lock import WriterLock
-from cache.parts import PartStore
-from cache.provenance import ProvenanceMismatch, differences
-from cache.reader import read_attrs, read_skipped
-from cache.shards import write_done_marker
-from cache.writer import write_split
-from extract.records import ZIP_SEP, Dataset, Record
-from extract.version import __version__
-from extract.worker import ImageItems, collate_items
+from medembed.cache.lock import WriterLock
+from medembed.cache.parts import PartStore
+from medembed.cache.provenance import ProvenanceMismatch, differences
+from medembed.cache.reader import read_attrs, read_skipped
+from medembed.cache.shards import write_done_marker
+from medembed.cache.writer import write_split
+from medembed.extract.records import ZIP_SEP, Dataset, Record
+from medembed import __version__
+from medembed.extract.worker import ImageItems, collate_items
 
 DEFAULT_TEMPLATES = (
     "{name}",
@@ -345,9 +345,9 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     """Every split in `cfg.splits` (default: all) of the dataset. `backbone` / `dataset` may be
     passed in already built (a fine-tuned backbone exists only as an object, not as a registry
     name); else they come from `cfg.backbone` / `cfg.data`."""
-    from extract.backbones import AugmentConfig, create_backbone
-    from extract.datasets import load_dataset
-    from extract.synthetic import ensure_default_dataset
+    from medembed.extract.backbones import AugmentConfig, create_backbone
+    from medembed.extract.datasets import load_dataset
+    from medembed.extract.synthetic import ensure_default_dataset
 
     if dataset is None:
         dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset())

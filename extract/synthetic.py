@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from extract.datasets import SYNTHETIC_MARKER
+from medembed.extract.datasets import SYNTHETIC_MARKER
 
 DEFAULT_NAME = "synthetic-phantoms"
 GENERATOR_VERSION = 1

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from extract.records import DecompressionBomb, Record, image_size, open_image
+from medembed.extract.records import DecompressionBomb, Record, image_size, open_image
 
 
 def describe_failure(location: str, exc: BaseException) -> str:

@@ -3,8 +3,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from adapt.data import Block, ConceptTexts, MemorySource, StreamSource, caption_keys, iter_batches, read_concepts
-from adapt.synthetic import correlated_split, write_cache
+from medembed.adapt.data import Block, ConceptTexts, MemorySource, StreamSource, caption_keys, iter_batches, read_concepts
+from medembed.adapt.synthetic import correlated_split, write_cache
 
 
 def _block(captions, caption_image, n_images=3, views=None):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from adapt.heads import build_head
-from adapt.losses import InfoNCELoss, MarginLoss, SigLIPLoss, build_loss
+from medembed.adapt.heads import build_head
+from medembed.adapt.losses import InfoNCELoss, MarginLoss, SigLIPLoss, build_loss
 
 # unit vectors chosen so every cosine is a round number:
 # cos(img_i, txt_j) = [[1, 0.6], [0, 0.8]]

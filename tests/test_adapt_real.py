@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from adapt.config import AdaptConfig
-from adapt.recall import recall_summary
-from adapt.run import load_run, train
-from cache.reader import load_split
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.recall import recall_summary
+from medembed.adapt.run import load_run, train
+from medembed.cache.reader import load_split
 from tests.conftest import real_cache
 
 ROCO = Path(__file__).resolve().parents[1] / "features" / "roco-rad" / "effnet-lite0+minilm"

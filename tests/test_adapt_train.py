@@ -9,16 +9,16 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from adapt.closed_form import fit_closed_form
-from adapt.config import AdaptConfig
-from adapt.data import MemorySource, iter_batches
-from adapt.heads import EnsembleHead, Standardize, build_head, fit_input_stats
-from adapt.losses import build_loss
-from adapt.recall import recall_summary
-from adapt.run import load_run, train
-from adapt.synthetic import correlated_split, write_synthetic_features
-from adapt.trainer import _param_groups, lr_at
-from cache.reader import load_split
+from medembed.adapt.closed_form import fit_closed_form
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.data import MemorySource, iter_batches
+from medembed.adapt.heads import EnsembleHead, Standardize, build_head, fit_input_stats
+from medembed.adapt.losses import build_loss
+from medembed.adapt.recall import recall_summary
+from medembed.adapt.run import load_run, train
+from medembed.adapt.synthetic import correlated_split, write_synthetic_features
+from medembed.adapt.trainer import _param_groups, lr_at
+from medembed.cache.reader import load_split
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_streamed_training_matches_in_memory_quality(features, tmp_path):
 
 
 def test_cli_adapt_prints_table_and_resumes(features, tmp_path):
-    from cli import main
+    from medembed.cli import main
 
     out = tmp_path / "cli_run"
     args = ["adapt", "--features", str(features), "--head", "linear", "--epochs", "2", "--dim", "8", "--out", str(out)]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from extract.backbones import (
+from medembed.extract.backbones import (
     DEFAULT_BACKBONE,
     PROVENANCE_KEYS,
     Backbone,

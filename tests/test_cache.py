@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache.parts import PartStore
-from cache.provenance import ProvenanceMismatch, differences
-from cache.reader import find_splits, load_split
-from cache.writer import write_split
+from medembed.cache.parts import PartStore
+from medembed.cache.provenance import ProvenanceMismatch, differences
+from medembed.cache.reader import find_splits, load_split
+from medembed.cache.writer import write_split
 
 
 def _write(path, dtype="float16", **over):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from extract.datasets import DatasetError, detect_layout, load_dataset
-from extract.records import Record, image_size, open_image, read_image_bytes
+from medembed.extract.datasets import DatasetError, detect_layout, load_dataset
+from medembed.extract.records import Record, image_size, open_image, read_image_bytes
 from tests.conftest import shared_dataset
 
 

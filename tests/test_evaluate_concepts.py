@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from evaluate import detection, fewshot, zeroshot
+from medembed.evaluate import detection, fewshot, zeroshot
 
 
 def _unit(rows) -> torch.Tensor:

@@ -9,14 +9,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adapt.config import AdaptConfig
-from adapt.run import load_run, train
-from adapt.synthetic import write_synthetic_features
-from cache.reader import load_split
-from evaluate import EvalOptions, retrieval, run_eval
-from evaluate import search as search_mod
-from evaluate.detection import DetectionConfig
-from evaluate.fewshot import FewShotConfig
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.run import load_run, train
+from medembed.adapt.synthetic import write_synthetic_features
+from medembed.cache.reader import load_split
+from medembed.evaluate import EvalOptions, retrieval, run_eval
+from medembed.evaluate import search as search_mod
+from medembed.evaluate.detection import DetectionConfig
+from medembed.evaluate.fewshot import FewShotConfig
 
 REQUIRED_KEYS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_medr", "i2t_medr",
                  "pool_images", "pool_captions", "zeroshot_concept_map", "fewshot_map@1", "fewshot_map@16", "concept_f1"]
@@ -84,7 +84,7 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
 
 @pytest.mark.slow
 def test_eval_cli_default_out_and_table(runs):
-    from cli import main
+    from medembed.cli import main
 
     res = CliRunner().invoke(main, ["eval", "--run", str(runs["cca"]), "--k", "1,5,1000", "--skip", "fewshot,detection",
                                     "--examples", "0", "--no-closed-form"])
@@ -98,7 +98,7 @@ def test_eval_cli_default_out_and_table(runs):
 
 
 def test_eval_cli_rejects_bad_k(runs):
-    from cli import main
+    from medembed.cli import main
 
     res = CliRunner().invoke(main, ["eval", "--run", str(runs["cca"]), "--k", "0,5"])
     assert res.exit_code != 0 and "positive integers" in res.output
@@ -159,7 +159,7 @@ def test_search_image_ranks_captions(runs, tmp_path):
 def test_search_uses_a_built_index_and_agrees_with_the_scan(runs, tmp_path):
     import shutil
 
-    from evaluate.index import IndexOptions, build_index
+    from medembed.evaluate.index import IndexOptions, build_index
 
     run_dir = Path(shutil.copytree(runs["cca"], tmp_path / "cca"))  # the index stays out of the shared run
     test = load_split(runs["features"] / "test.h5")
@@ -173,10 +173,10 @@ def test_search_uses_a_built_index_and_agrees_with_the_scan(runs, tmp_path):
 
 
 def test_search_cli_prints_ranked_results(runs, monkeypatch):
-    from cli import main
+    from medembed.cli import main
 
     test = load_split(runs["features"] / "test.h5")
-    from adapt.run import AdaptedRun
+    from medembed.adapt.run import AdaptedRun
 
     monkeypatch.setattr(AdaptedRun, "load_backbone", lambda self, device="cpu": _LookupBackbone(test))
     res = CliRunner().invoke(main, ["search", "--run", str(runs["cca"]), "--text", test.captions[0], "-k", "4",
@@ -195,7 +195,7 @@ def test_eval_refuses_a_cache_from_another_backbone(runs, tmp_path):
 
     import h5py
 
-    from cli import main
+    from medembed.cli import main
 
     features = tmp_path / "features"
     shutil.copytree(runs["features"], features)

@@ -22,7 +22,7 @@ def _cache(dataset: str) -> Path:
 
 
 def _adapt_then_eval(features: Path, tmp_path: Path, *extra: str) -> tuple[dict, str, Path]:
-    from cli import main
+    from medembed.cli import main
 
     run = tmp_path / "run"
     res = CliRunner().invoke(main, ["adapt", "--features", str(features), "--out", str(run), "--epochs", "10"])
@@ -35,7 +35,7 @@ def _adapt_then_eval(features: Path, tmp_path: Path, *extra: str) -> tuple[dict,
 
 @pytest.mark.slow
 def test_roco_rad_adapt_then_eval(tmp_path):
-    from cache.reader import read_attrs
+    from medembed.cache.reader import read_attrs
 
     features = _cache("roco-rad")
     columns, output, out = _adapt_then_eval(features, tmp_path, "--fewshot-seeds", "1")

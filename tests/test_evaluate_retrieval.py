@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import retrieval
+from medembed.evaluate import retrieval
 
 # images I0=(1,0), I1=(0,1), I2=(.6,.8); captions t0,t1 -> I0, t2 -> I1, t3 -> I2
 IMAGES = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cache.lock import CacheBusy, WriterLock
-from cache.provenance import ProvenanceMismatch
-from cache.reader import load_split
-from extract.pipeline import ExtractConfig, ExtractError, extract
+from medembed.cache.lock import CacheBusy, WriterLock
+from medembed.cache.provenance import ProvenanceMismatch
+from medembed.cache.reader import load_split
+from medembed.extract.pipeline import ExtractConfig, ExtractError, extract
 from tests.conftest import REPO, make_imageclef2023
 
 FEATURE_DATASETS = (
@@ -121,7 +121,7 @@ def test_second_writer_refused(tmp_path):
 def test_unknown_split_and_cli_error(tiny_dataset, tmp_path):
     with pytest.raises(ExtractError, match="no split test"):
         extract(_cfg(tiny_dataset, tmp_path / "out", splits=["test"]))
-    from cli import main
+    from medembed.cli import main
 
     r = CliRunner().invoke(main, ["extract", "--data", str(tiny_dataset), "--backbone", "tiny-clip",
                                   "--splits", "test", "--out", str(tmp_path / "o"), "--workers", "0"])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cache.lock import WriterLock
-from cache.parts import PartStore
-from cache.reader import load_split
-from extract.pipeline import ExtractConfig, ExtractError, extract
+from medembed.cache.lock import WriterLock
+from medembed.cache.parts import PartStore
+from medembed.cache.reader import load_split
+from medembed.extract.pipeline import ExtractConfig, ExtractError, extract
 from tests.conftest import REPO, make_imageclef2023
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt.config import AdaptConfig
-from adapt.finetune import (
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.finetune import (
     UnfreezeConfig,
     fine_tune,
     load_finetuned,
@@ -21,12 +21,12 @@ from adapt.finetune import (
     tower_parameters,
     train_with_unfreezing,
 )
-from adapt.losses import build_loss
-from adapt.midcache import top_for
-from adapt.trainer import build_towers
-from cache.reader import find_splits, load_split, read_attrs
-from extract.backbones import create_backbone
-from extract.backbones.core import sha256_state_dict
+from medembed.adapt.losses import build_loss
+from medembed.adapt.midcache import top_for
+from medembed.adapt.trainer import build_towers
+from medembed.cache.reader import find_splits, load_split, read_attrs
+from medembed.extract.backbones import create_backbone
+from medembed.extract.backbones.core import sha256_state_dict
 from tests.conftest import tiny_clip_cache
 
 # tiny-clip has 2 resblocks per tower; open_clip's top-2 groups are [last block + final norm] and the projection
@@ -100,7 +100,7 @@ def test_cycle_moves_unlocked_and_keeps_locked_bit_identical(tiny_cache, cached)
 
 @pytest.mark.slow
 def test_grad_checkpointing_changes_memory_not_results(tiny_cache, monkeypatch):
-    import adapt.finetune as ft
+    import medembed.adapt.finetune as ft
 
     calls = []
     real = ft.checkpoint
@@ -154,7 +154,7 @@ def test_checkpoint_round_trips_exactly(tiny_cache, tmp_path):
         assert torch.equal(th2(bb2.encode_texts(texts)), text_head(bb.encode_texts(texts)))
     from PIL import Image
 
-    from adapt.finetune import FinetunedModel
+    from medembed.adapt.finetune import FinetunedModel
 
     model = FinetunedModel.load(path)
     img = Image.fromarray((torch.rand(40, 40, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy())
@@ -164,7 +164,7 @@ def test_checkpoint_round_trips_exactly(tiny_cache, tmp_path):
     assert emb_t.shape == (2, 16) and torch.allclose(emb_t.norm(dim=-1), torch.ones(2))
     assert torch.allclose(emb_i, want, atol=1e-6)
     bad = tmp_path / "heads.safetensors"
-    from adapt.checkpoint import save_heads
+    from medembed.adapt.checkpoint import save_heads
 
     save_heads(bad, image_head, text_head)
     with pytest.raises(ValueError, match="not a fine-tuned backbone checkpoint"):
@@ -197,19 +197,19 @@ def test_unfreezing_run_refreshes_cache_under_new_provenance(tiny_cache, tmp_pat
 
     # the checkpoint is the model that wrote the refreshed cache
     bb, image_head, text_head = load_finetuned(summary["checkpoint"])
-    from adapt.finetune import tower_state
+    from medembed.adapt.finetune import tower_state
 
     assert sha256_state_dict(tower_state(bb)) == new_attrs["weights_sha256"]
     new, old = load_split(new_dir / "valid.h5"), load_split(tiny_cache / "valid.h5")
     assert not torch.allclose(new.image_features, old.image_features, atol=1e-2)
-    from extract.records import open_image
+    from medembed.extract.records import open_image
 
     root = Path(new.attrs["data_root"])
     pixels = torch.stack([bb.preprocess(open_image(str(root / loc))) for loc in new.image_locations])
     assert torch.allclose(bb.encode_images(pixels), new.image_features, atol=2e-2, rtol=1e-2)
     assert torch.allclose(bb.encode_texts(new.captions), new.caption_features, atol=2e-2, rtol=1e-2)
     # the second adapter stage continued from the fine-tuned heads and wrote the heads the checkpoint holds
-    from adapt.run import load_run
+    from medembed.adapt.run import load_run
 
     last = load_run(tmp_path / "run" / "stage-1")
     x = new.image_features[:4]

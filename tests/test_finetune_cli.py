@@ -6,14 +6,14 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cache.reader import read_attrs
-from extract.pipeline import ExtractConfig, extract
+from medembed.cache.reader import read_attrs
+from medembed.extract.pipeline import ExtractConfig, extract
 from tests.conftest import make_imageclef2023
 
 
 @pytest.mark.slow
 def test_adapt_with_one_unfreeze_cycle_refreshes_the_cache(tmp_path):
-    from cli import main
+    from medembed.cli import main
 
     data = make_imageclef2023(tmp_path / "d", {"train": 24, "valid": 8, "test": 8})
     summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(tmp_path / "f"), batch_size=8,

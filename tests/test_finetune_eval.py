@@ -9,11 +9,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adapt.config import AdaptConfig
-from adapt.finetune import FinetunedModel, UnfreezeConfig, train_with_unfreezing
-from adapt.run import load_run
-from cache.reader import load_split, read_attrs
-from evaluate import EvalOptions, retrieval, run_eval
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.finetune import FinetunedModel, UnfreezeConfig, train_with_unfreezing
+from medembed.adapt.run import load_run
+from medembed.cache.reader import load_split, read_attrs
+from medembed.evaluate import EvalOptions, retrieval, run_eval
 from tests.conftest import make_imageclef2023, tiny_clip_cache
 
 
@@ -60,7 +60,7 @@ def test_eval_on_new_raw_data_scores_what_the_checkpoint_computes(finetuned, tmp
 
 @pytest.mark.slow
 def test_search_cli_takes_the_checkpoint_and_a_new_pool(finetuned, tmp_path):
-    from cli import main
+    from medembed.cli import main
 
     ckpt, new = finetuned["checkpoint"], finetuned["new"]
     query = "A blue square, case 2."
@@ -86,7 +86,7 @@ def test_a_stage_trained_on_finetuned_features_points_to_the_checkpoint(finetune
 
 
 def test_index_refuses_a_finetuned_run_with_the_reason(finetuned):
-    from evaluate.index import build_index
+    from medembed.evaluate.index import build_index
 
     with pytest.raises(ValueError, match="scans its pool exactly"):
         build_index(finetuned["run"])

@@ -18,14 +18,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from adapt import checkpoint as ckpt
-from adapt.config import AdaptConfig
-from adapt.run import AdaptedRun, load_run, train
-from adapt.synthetic import write_synthetic_features
-from cache.reader import load_split
-from cache.writer import write_split
-from evaluate.export import ExportOptions, export_embeddings
-from evaluate.index import (
+from medembed.adapt import checkpoint as ckpt
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.run import AdaptedRun, load_run, train
+from medembed.adapt.synthetic import write_synthetic_features
+from medembed.cache.reader import load_split
+from medembed.cache.writer import write_split
+from medembed.evaluate.export import ExportOptions, export_embeddings
+from medembed.evaluate.index import (
     IndexOptions,
     StaleIndexError,
     build_index,
@@ -274,7 +274,7 @@ def test_export_float16_and_refuses_a_foreign_folder(cca_run, tmp_path):
 # ------------------------------------------------------------------ commands
 
 def test_index_and_export_commands(cca_run, tmp_path):
-    from cli import main
+    from medembed.cli import main
 
     run_dir = tmp_path / "run"
     shutil.copytree(cca_run, run_dir)

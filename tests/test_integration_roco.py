@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.reader import load_split
+from medembed.cache.reader import load_split
 from tests.conftest import shared_dataset
 
 MODALITIES = {"C0040405": "CT", "C1306645": "x-ray", "C0041618": "ultrasound", "C0002978": "angiogram"}
@@ -15,7 +15,7 @@ MODALITIES = {"C0040405": "CT", "C1306645": "x-ray", "C0041618": "ultrasound", "
 @pytest.mark.slow
 def test_extract_real_roco_split(tmp_path):
     data = shared_dataset("roco-rad")
-    from cli import main
+    from medembed.cli import main
 
     r = CliRunner().invoke(main, ["extract", "--data", str(data), "--splits", "test", "--out", str(tmp_path),
                                   "--batch-size", "64", "--workers", "2"])

@@ -6,9 +6,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache.reader import find_splits, load_split
-from cache.shards import MergeError, merge_shards
-from extract.pipeline import ExtractConfig, ExtractError, extract, parse_shard, shard_records
+from medembed.cache.reader import find_splits, load_split
+from medembed.cache.shards import MergeError, merge_shards
+from medembed.extract.pipeline import ExtractConfig, ExtractError, extract, parse_shard, shard_records
 from tests.conftest import make_imageclef2023
 
 
@@ -66,7 +66,7 @@ def test_merge_refuses_missing_or_unfinished_shards(tmp_path):
     with pytest.raises(MergeError, match=r"shard 1/3 is still being written; shard 2/3 has no completion marker"):
         merge_shards(folder)
     assert not (folder / "train.h5").exists()
-    from cli import main
+    from medembed.cli import main
 
     r = CliRunner().invoke(main, ["cache", "merge", str(folder)])
     assert r.exit_code == 1 and "shard 1/3" in r.output
@@ -75,7 +75,7 @@ def test_merge_refuses_missing_or_unfinished_shards(tmp_path):
 @pytest.mark.slow
 def test_ray_engine_on_a_local_two_cpu_cluster(tmp_path):
     pytest.importorskip("ray", reason="Ray is the optional [distributed] extra")
-    from extract.distributed import extract_with_ray
+    from medembed.extract.distributed import extract_with_ray
 
     data = make_imageclef2023(tmp_path / "d", {"train": 12, "valid": 4})
     summary = extract_with_ray(_cfg(data, tmp_path / "o"), shards=2, num_cpus=2)

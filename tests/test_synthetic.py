@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.datasets import load_dataset
-from extract.synthetic import (
+from medembed.extract.datasets import load_dataset
+from medembed.extract.synthetic import (
     CONCEPTS,
     MODALITY_CUI,
     default_dataset_dir,

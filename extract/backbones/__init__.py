@@ -8,9 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from .core import PROVENANCE_KEYS, Backbone, BlockGroup, Tower  # noqa: E402
-from .registry import BUILTIN_BACKBONES, DEFAULT_BACKBONE, NAME_PATTERNS, create_backbone, list_backbones  # noqa: E402
-from .transforms import AugmentConfig  # noqa: E402
+from medembed.extract.backbones.core import PROVENANCE_KEYS, Backbone, BlockGroup, Tower  # noqa: E402
+from medembed.extract.backbones.registry import BUILTIN_BACKBONES, DEFAULT_BACKBONE, NAME_PATTERNS, create_backbone, list_backbones  # noqa: E402
+from medembed.extract.backbones.transforms import AugmentConfig  # noqa: E402
 
 __all__ = [
     "AugmentConfig",

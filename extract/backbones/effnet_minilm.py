@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import Backbone, Tower, sha256_files
-from .transforms import AugmentConfig, EvalTransformConfig, augment_transform, eval_transform
+from medembed.extract.backbones.core import Backbone, Tower, sha256_files
+from medembed.extract.backbones.transforms import AugmentConfig, EvalTransformConfig, augment_transform, eval_transform
 
 NAME = "effnet-lite0+minilm"
 TEXT_MAX_LENGTH = 128

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import Backbone, BlockGroup, Tower, seeded_init, sha256_files, sha256_state_dict
-from .transforms import AugmentConfig, augment_transform
+from medembed.extract.backbones.core import Backbone, BlockGroup, Tower, seeded_init, sha256_files, sha256_state_dict
+from medembed.extract.backbones.transforms import AugmentConfig, augment_transform
 
 TINY_CLIP = "tiny-clip"
 TINY_CLIP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / f"{TINY_CLIP}.json"

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from .core import Backbone
-from .effnet_minilm import NAME as EFFNET_MINILM
-from .effnet_minilm import create_effnet_minilm
-from .open_clip_family import TINY_CLIP, create_open_clip, parse_open_clip_name
-from .transforms import AugmentConfig
+from medembed.extract.backbones.core import Backbone
+from medembed.extract.backbones.effnet_minilm import NAME as EFFNET_MINILM
+from medembed.extract.backbones.effnet_minilm import create_effnet_minilm
+from medembed.extract.backbones.open_clip_family import TINY_CLIP, create_open_clip, parse_open_clip_name
+from medembed.extract.backbones.transforms import AugmentConfig
 
 DEFAULT_BACKBONE = EFFNET_MINILM
 BUILTIN_BACKBONES = (EFFNET_MINILM, TINY_CLIP)
