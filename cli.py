@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import fields
 
 import click
+from click.core import ParameterSource
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from medembed import __version__
+from medembed.adapt.config import AUGMENT_KINDS, HEAD_KINDS, LOSS_KINDS, AdaptConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="medembed")
 def main() -> None:
     """Embedding-first CLIP toolkit for medical image-text retrieval."""
+    # offline unless the user says otherwise: a missing model fails at once instead of waiting on a network
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # --- extract ---------------------------------------------------------------------------------
@@ -102,43 +108,59 @@ def cache_merge(out_dir) -> None:
 
 # --- adapt -----------------------------------------------------------------------------------
 
+_ADAPT = {f.name: f.default for f in fields(AdaptConfig)}
+
+
+def _adapt_option(flag: str, help_text: str, **kw):
+    """An adapt option whose default is AdaptConfig's, shown as click's [default: ...]."""
+    name = flag.removeprefix("--").replace("-", "_")
+    return click.option(flag, name, default=_ADAPT[name], show_default=True, help=help_text, **kw)
+
+
+def _given_on_command_line(ctx: click.Context, names) -> set[str]:
+    return {n for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+
+
 @main.command()
-@click.option("--features", "features_dir", type=click.Path(file_okay=False), help="Features folder with train/valid/test.h5.")
-@click.option("--loss", type=click.Choice(["infonce", "margin", "siglip"]), help="Training loss [infonce].")
-@click.option("--head", type=click.Choice(["linear", "mlp", "residual", "cca"]), help="Projection head [mlp]; cca is closed form.")
-@click.option("--epochs", type=int, help="Maximum epochs [30]; early stopping on valid mean recall.")
-@click.option("--batch-size", type=int, help="Pairs per step [256].")
-@click.option("--lr", type=float, help="Peak AdamW learning rate [3e-3].")
-@click.option("--dim", type=int, help="Embedding dimension [1024].")
-@click.option("--weight-decay", type=float, help="AdamW weight decay on weight matrices [0.5].")
-@click.option("--dropout", type=float, help="Dropout inside the heads [0.1].")
-@click.option("--input-dropout", type=float, help="Dropout on the raw cached features, mlp and linear heads [0.6].")
-@click.option("--temperature", type=float, help="Initial InfoNCE temperature, learned [0.07].")
-@click.option("--margin", type=float, help="Margin loss: negatives penalised above this cosine [0.2].")
-@click.option("--augment", type=click.Choice(["none", "concepts"]), help="Add named concepts as extra positive texts [none].")
-@click.option("--ensemble", type=int, help="Train K heads jointly and average their cosines [1].")
-@click.option("--ema", type=float, help="Validate and keep an exponential moving average of the head weights "
-                                      "with this decay per step (0: off) [0.98].")
-@click.option("--patience", type=int, help="Epochs without improvement before stopping [5].")
-@click.option("--seed", type=int, help="Random seed [0].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train [auto].")
+@click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
+              help="Features folder with train/valid/test.h5 (required unless --resume continues a run).")
+@_adapt_option("--loss", "Training loss.", type=click.Choice(LOSS_KINDS))
+@_adapt_option("--head", "Projection head; cca is solved in closed form.", type=click.Choice(HEAD_KINDS))
+@_adapt_option("--epochs", "Maximum epochs; early stopping on valid mean recall.", type=click.IntRange(min=1))
+@_adapt_option("--batch-size", "Pairs per step.", type=click.IntRange(min=2))
+@_adapt_option("--lr", "Peak AdamW learning rate.", type=click.FloatRange(min=0, min_open=True))
+@_adapt_option("--dim", "Embedding dimension.", type=click.IntRange(min=1))
+@_adapt_option("--weight-decay", "AdamW weight decay on weight matrices.", type=click.FloatRange(min=0))
+@_adapt_option("--dropout", "Hidden dropout of the mlp and residual heads.", type=click.FloatRange(0, 1, max_open=True))
+@_adapt_option("--input-dropout", "Dropout on the raw cached features (mlp and linear heads).",
+               type=click.FloatRange(0, 1, max_open=True))
+@_adapt_option("--temperature", "Initial InfoNCE temperature (learned).", type=click.FloatRange(min=0, min_open=True))
+@_adapt_option("--margin", "Margin loss: negatives are penalised above this cosine.", type=click.FloatRange(-1, 1))
+@_adapt_option("--augment", "Add named concepts as extra positive texts.", type=click.Choice(AUGMENT_KINDS))
+@_adapt_option("--ensemble", "Train K heads jointly and average their cosines.", type=click.IntRange(min=1))
+@_adapt_option("--ema", "Validate and keep an exponential moving average of the head weights with this decay per "
+               "step (0: off).", type=click.FloatRange(0, 1, max_open=True))
+@_adapt_option("--patience", "Epochs without improvement before stopping.", type=click.IntRange(min=1))
+@_adapt_option("--seed", "Random seed.", type=int)
+@_adapt_option("--device", "Where to train.", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--unfreeze-every", type=click.IntRange(min=1), default=None,
               help="After every K adapter epochs, fine-tune the backbone's top blocks end to end, re-extract the "
-                   "cache (new provenance; the old one stays) and go on with adapters.")
+                   "cache (new provenance; the old one stays) and go on with adapters [default: off].")
 @click.option("--unfreeze-epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Epochs over raw images and captions per unfreeze cycle.")
 @click.option("--unlocked-layers", default="2", show_default=True, help="Top blocks of each tower to train, or 'all'.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute unlocked blocks' activations to save memory.")
 @click.option("--cached-trunk", is_flag=True,
               help="Cache the activations entering the first unlocked block once per cycle and train from them.")
-def adapt(resume: bool, unfreeze_every, unfreeze_epochs, unlocked_layers, grad_checkpointing, cached_trunk,
-          **options) -> None:
+@click.pass_context
+def adapt(ctx: click.Context, resume: bool, unfreeze_every, unfreeze_epochs, unlocked_layers, grad_checkpointing,
+          cached_trunk, **options) -> None:
     """Train projection heads on cached features (seconds on a CPU)."""
     from medembed.adapt.run import config_from_options, format_summary, train
 
-    explicit = {k for k, v in options.items() if v is not None}
+    explicit = _given_on_command_line(ctx, options)
     try:
         config = config_from_options(options, explicit, resume)
         if unfreeze_every:
@@ -168,30 +190,38 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 @main.command("eval")
 @click.option("--run", "run_dirs", multiple=True, required=True, type=click.Path(exists=True),
-              help="Run folder, unfreezing run folder or its finetuned.safetensors (repeat to compare runs); "
-                   "the first one's numbers go to metrics.json.")
+              help="Run folder, unfreezing run folder or its finetuned.safetensors (repeat to compare runs on the "
+                   "same pool; each gets its own metrics-RUN.json).")
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Score this dataset's raw images and captions, encoded by each run's own backbone (the fine-tuned "
                    "one for a checkpoint), instead of the run's cache.")
 @click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Where --data's encoding is cached (reused when up to date).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on (its whole pool).")
-@click.option("--k", "ks", default="1,5,10", show_default=True, callback=_int_list, help="Recall@K cut-offs.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/eval-SPLIT].")
+@click.option("-k", "--k", "ks", default="1,5,10", show_default=True, callback=_int_list,
+              help="Recall@K cut-offs (capped at the pool, with a note).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder, which must not exist yet [default: FIRST_RUN/eval-SPLIT, with -on-DATASET for "
+                   "--data and -vs-OTHER for a comparison].")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier evaluation in the output folder (swapped in whole "
+                                                 "once the new one is complete).")
+@click.option("--cross", is_flag=True, help="Allow runs scored on different pools (datasets, splits or backbones): "
+                                             "each is scored on its own pool beside that pool's own baselines.")
 @click.option("--modality-concepts", default=None,
               help="Modality classes as LABEL=CUI,... [CT=C0040405,MRI=C0024485,ultrasound=C0041618,"
                    "plain x-ray=C1306645,angiogram=C0002978,PET=C0032743].")
 @click.option("--min-positives", default=5, show_default=True, type=click.IntRange(min=1),
               help="Zero-shot mAP/AUROC only over concepts with at least this many positive images.")
-@click.option("--fewshot-seeds", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--fewshot-seeds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Support sets drawn per concept and k; the figure shows their spread.")
 @click.option("--fewshot-concepts", default=25, show_default=True, type=click.IntRange(min=1),
               help="Few-shot evaluates at most this many (the most frequent) concepts.")
 @click.option("--skip", default="", help="Comma-separated sections to skip: zeroshot, fewshot, detection.")
 @click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
 @click.option("--examples", default=1, show_default=True, type=click.IntRange(min=0),
               help="Example grids per direction (0: none).")
-def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, min_positives, fewshot_seeds,
-             fewshot_concepts, skip, no_closed_form, examples) -> None:
+def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, modality_concepts, min_positives,
+             fewshot_seeds, fewshot_concepts, skip, no_closed_form, examples) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
     from medembed.evaluate import EvalOptions, run_eval
     from medembed.evaluate.fewshot import FewShotConfig
@@ -213,9 +243,11 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, m
             examples=examples,
             data=data,
             features_root=features_root,
+            cross=cross,
+            overwrite=overwrite,
         )
         result = run_eval(list(run_dirs), split=split, ks=ks, out_dir=out, options=options)
-    except (FileNotFoundError, ValueError, ExtractError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ExtractError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_summary(result))
 
@@ -225,15 +257,19 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, modality_concepts, m
               help="Run folder, unfreezing run folder or its finetuned.safetensors.")
 @click.option("--text", default=None, help="A caption: find the images it describes.")
 @click.option("--image", default=None, type=click.Path(exists=True, dir_okay=False), help="An image: find its captions.")
-@click.option("-k", "k", default=9, show_default=True, type=click.IntRange(min=1), help="How many results.")
-@click.option("--split", default=None, help="Search one split's pool only [every split of the run's features].")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also draw the results into this PNG.")
+@click.option("-k", "--k", "k", default=9, show_default=True, type=click.IntRange(min=1),
+              help="How many results (capped at the pool, with a note).")
+@click.option("--split", default=None, help="Search one split's pool only [default: every split of the run's features].")
+@click.option("--exact", is_flag=True, help="Scan the whole pool even when the run has a FAISS index.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also draw the results into this PNG (a new file unless --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Let --out replace an existing file.")
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Search this dataset's raw images and captions (encoded once by the run's backbone) instead of "
                    "the run's cache.")
 @click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Where --data's encoding is cached.")
-def search(run_dir, text, image, k, split, out, data, features_root) -> None:
+def search(run_dir, text, image, k, split, exact, out, overwrite, data, features_root) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
     from medembed.evaluate.search import format_results
     from medembed.evaluate.search import search as run_search
@@ -241,9 +277,11 @@ def search(run_dir, text, image, k, split, out, data, features_root) -> None:
 
     if (text is None) == (image is None):
         raise click.UsageError("give exactly one of --text or --image")
+    if out and os.path.exists(out) and not overwrite:
+        raise click.ClickException(f"{out}: exists; choose another --out or pass --overwrite to replace it")
     try:
         results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split, data=data,
-                             features_root=features_root)
+                             features_root=features_root, use_index=not exact)
     except (FileNotFoundError, ValueError, ExtractError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_results(results))

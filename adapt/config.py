@@ -15,17 +15,28 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from medembed.adapt.heads import HEAD_KINDS
-from medembed.adapt.losses import LOSS_KINDS
-
+HEAD_KINDS = ("linear", "mlp", "residual", "cca")
+LOSS_KINDS = ("infonce", "margin", "siglip")
 AUGMENT_KINDS = ("none", "concepts")
+
+_TRAINED = "has no effect on --head cca, which is solved in closed form"
+# option -> (does this config read it?, why not when it does not)
+ONLY_FOR = {
+    **{name: (lambda c: c.head != "cca", _TRAINED) for name in (
+        "loss", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "augment", "ensemble", "ema", "patience", "eval_every", "seed", "device", "threads")},
+    "dropout": (lambda c: c.head in ("mlp", "residual"), "is the hidden dropout of the mlp and residual heads"),
+    "input_dropout": (lambda c: c.head in ("mlp", "linear"), "drops raw features in the mlp and linear heads only"),
+    "temperature": (lambda c: c.head != "cca" and c.loss == "infonce", "is the InfoNCE temperature"),
+    "margin": (lambda c: c.head != "cca" and c.loss == "margin", "is the cosine margin of --loss margin"),
+    "concept_ratio": (lambda c: c.head != "cca" and c.augment == "concepts", "applies with --augment concepts"),
+}
 
 
 @dataclass
 class AdaptConfig:
     features_dir: str
     out: str
-    loss: str = "infonce"
+    loss: str | None = "infonce"  # None for the closed-form cca head
     head: str = "mlp"
     dim: int = 1024
     epochs: int = 30
@@ -53,10 +64,12 @@ class AdaptConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSS_KINDS:
-            raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
         if self.head not in HEAD_KINDS:
             raise ValueError(f"head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
+        if self.head == "cca":
+            self.loss = None  # solved in closed form: no loss is involved, and config.json says so
+        elif self.loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
         if self.augment not in AUGMENT_KINDS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENT_KINDS)}, got {self.augment!r}")
         for name in ("dim", "epochs", "batch_size", "ensemble", "patience", "eval_every", "chunk_rows"):
@@ -64,11 +77,32 @@ class AdaptConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "max_memory_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("dropout", "input_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not -1.0 <= self.margin <= 1.0:
+            raise ValueError(f"margin is a cosine and must be in [-1, 1], got {self.margin}")
         if self.batch_size < 2 and self.head != "cca":
             raise ValueError("batch_size must be >= 2: a contrastive batch needs at least one negative")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def ignored(self, given: set[str]) -> list[str]:
+        """Which of the options in `given` (field names) this head and loss would silently ignore,
+        each with the reason: the CLI refuses them rather than record a setting that had no effect."""
+        out = []
+        for name in sorted(given):
+            rule = ONLY_FOR.get(name)
+            if rule is not None and not rule[0](self):
+                out.append(f"--{name.replace('_', '-')} {rule[1]}")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> AdaptConfig:

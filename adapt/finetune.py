@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -409,7 +409,7 @@ def save_finetuned(path: str | Path, backbone, image_head: nn.Module, text_head:
         tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()})
     meta = {"format": FORMAT, "base_backbone": base_name(backbone), "backbone": backbone.name,
             "provenance": json.dumps(backbone.provenance, sort_keys=True),
-            "run_config": json.dumps(run_config, sort_keys=True, default=str)}
+            "run_config": json.dumps(run_config, sort_keys=True, default=str), "sha256": ckpt.digest(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -432,11 +432,9 @@ def read_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no fine-tuned checkpoint")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    tensors, meta = ckpt.read_verified(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a fine-tuned backbone checkpoint (format {meta.get('format')!r}, expected {FORMAT})")
-    tensors = load_file(str(path))
     backbone = create_backbone(meta["base_backbone"], device="cpu")
     for prefix, tower in (("image_model", backbone.image_model), ("text_model", backbone.text_model)):
         sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}

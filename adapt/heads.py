@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-HEAD_KINDS = ("linear", "mlp", "residual", "cca")
+from medembed.adapt.config import HEAD_KINDS
 
 
 class Standardize(nn.Module):

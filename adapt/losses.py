@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_KINDS = ("infonce", "margin", "siglip")
+from medembed.adapt.config import LOSS_KINDS
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -152,14 +152,18 @@ class EffnetMiniLMTop:
             x = run(lambda h, i=idx: self._block(i, h), x)
         return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
 
-    def _mask(self, x: torch.Tensor, attention_mask: torch.Tensor):
-        try:
-            mask, _ = self.encoder._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                                           embedding_output=x, encoder_hidden_states=None,
-                                                           past_key_values=None)
-        except (AttributeError, TypeError) as e:  # transformers before 5 builds the mask differently
-            raise MidCacheUnsupported(f"this transformers version hides BERT's mask builder ({e})") from e
-        return mask
+    @staticmethod
+    def _mask(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """BERT's additive attention mask, [B, 1, 1, L]: 0 where a token is attended, the dtype's
+        minimum at padding. Built here rather than by the library's own (private, version-dependent)
+        builder; both the eager and the SDPA attention of BERT layers take this form."""
+        keep = attention_mask[:, None, None, :].to(x.dtype)
+        return (1.0 - keep) * torch.finfo(x.dtype).min
+
+    @staticmethod
+    def _layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = layer(x, mask)
+        return out[0] if isinstance(out, tuple) else out  # a tuple before transformers 5, a tensor since
 
     @torch.no_grad()
     def text_trunk(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +172,7 @@ class EffnetMiniLMTop:
         x = self.encoder.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens.get("token_type_ids"))
         ext = self._mask(x, mask)
         for layer in self.encoder.encoder.layer[: self.text.cut]:
-            x = layer(x, ext)
+            x = self._layer(layer, x, ext)
         return x, mask
 
     def text_top(self, x: torch.Tensor, attention_mask: torch.Tensor, run: Callable = lambda f, *a: f(*a)):
@@ -176,7 +180,7 @@ class EffnetMiniLMTop:
         x, attention_mask = x[:, :used], attention_mask[:, :used]
         ext = self._mask(x, attention_mask)
         for layer in self.encoder.encoder.layer[self.text.cut :]:
-            x = run(lambda h, b=layer: b(h, ext), x)
+            x = run(lambda h, b=layer: self._layer(b, h, ext), x)
         m = attention_mask.unsqueeze(-1).to(x.dtype)
         return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
 

@@ -82,6 +82,9 @@ def load_run(run_dir: str | Path) -> AdaptedRun:
     fine-tuned checkpoint file."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
+        if run_dir.suffix != ".safetensors":
+            raise ValueError(f"{run_dir}: not a run (expected a run folder, an unfreezing run folder or its "
+                             "finetuned.safetensors)")
         return load_checkpoint_run(run_dir)
     if (run_dir / "unfreeze.json").exists():
         from medembed.adapt.finetune import CHECKPOINT
@@ -115,17 +118,41 @@ def load_checkpoint_run(path: str | Path, device: str = "cpu") -> AdaptedRun:
     return AdaptedRun(path.parent, config, image_head, text_head, checkpoint=path, backbone=backbone)
 
 
+def describe_run(run: AdaptedRun) -> str:
+    """What a run is, in a few words: head, loss and width, or the closed form's chosen setting;
+    the fine-tuned backbone it carries."""
+    c = run.config
+    if c.get("head") == "cca":
+        chosen = c.get("closed_form", {})
+        text = "cca head, closed form" + (f" (ridge {chosen['reg']}, weighting {chosen['power']} chosen on valid)"
+                                          if chosen else "")
+    else:
+        text = f"{c.get('head', '?')} head, {c.get('loss', '?')} loss, dim {run.dim}"
+    if run.checkpoint is not None:
+        text += f"; fine-tuned backbone {run.backbone.name} from {run.checkpoint}"
+    return text
+
+
 def config_from_options(options: dict, explicit: set[str], resume: bool) -> AdaptConfig:
     """CLI options -> config. On --resume the saved config is the base and only options given on
-    the command line override it (so `adapt --out runs/x --resume` alone continues the run)."""
+    the command line override it (so `adapt --out runs/x --resume` alone continues the run).
+    Options the chosen head or loss would ignore are refused, naming each and why."""
     out = Path(options["out"])
-    if resume and (out / ckpt.CONFIG).exists():
+    if resume:
+        if not (out / ckpt.CONFIG).exists():
+            raise FileNotFoundError(f"--resume: {out} holds no run to continue (no {ckpt.CONFIG}); drop --resume "
+                                    "to start a new run there")
         saved = AdaptConfig.from_run(out).to_dict()
         saved.update({k: v for k, v in options.items() if k in explicit and v is not None})
-        return AdaptConfig.from_dict(saved)
-    if not options.get("features_dir"):
-        raise ValueError("--features is required (unless --resume continues a run in --out)")
-    return AdaptConfig.from_dict({k: v for k, v in options.items() if v is not None})
+        config = AdaptConfig.from_dict(saved)
+    else:
+        if not options.get("features_dir"):
+            raise ValueError("--features is required (unless --resume continues a run in --out)")
+        config = AdaptConfig.from_dict({k: v for k, v in options.items() if v is not None})
+    ignored = config.ignored(explicit - {"features_dir", "out"})
+    if ignored:
+        raise ValueError("options that would have no effect on this run: " + "; ".join(ignored))
+    return config
 
 
 def format_summary(summary: dict) -> str:

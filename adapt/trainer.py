@@ -19,19 +19,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medembed.adapt import checkpoint as ckpt
-from medembed.adapt.closed_form import cca_heads, cca_solve, pair_moments
+from medembed.adapt.closed_form import fit_cca_on_valid
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.data import ConceptTexts, MemorySource, StreamSource, estimated_bytes, iter_batches, read_concepts
 from medembed.adapt.heads import EnsembleHead, build_head, fit_input_stats
 from medembed.adapt.losses import build_loss
-from medembed.adapt.recall import recall_summary
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
+from medembed.common.ranking import recall_summary
 
 PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
                    "text_pooling", "dataset", "dataset_fingerprint", "toolkit_version", "synthetic")
 # options that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_every", "max_memory_gb", "chunk_rows"}
-CCA_GRID = {"reg": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85), "power": (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -215,30 +214,18 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
 
 
 def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, train_split: CachedSplit, valid: CachedSplit) -> dict:
-    """Closed form: pick ridge and correlation weighting on valid, like early stopping picks an epoch.
+    """Closed form: ridge and correlation weighting picked on valid, like early stopping picks an epoch.
     Runs on the CPU: a few eigendecompositions of feature-sized matrices, no loop to accelerate."""
-    device = torch.device("cpu")
     t0 = time.perf_counter()
-    moments = pair_moments(train_split)
-    best, rows = None, []
-    (run_dir / ckpt.METRICS).write_text("")
-    for reg in CCA_GRID["reg"]:
-        solution = cca_solve(moments, reg)
-        for power in CCA_GRID["power"]:
-            heads = cca_heads(solution, config.dim, power=power)
-            row = {"epoch": len(rows) + 1, "reg": reg, "power": power, **evaluate_split(*heads, valid, device),
-                   "elapsed": time.perf_counter() - t0}
-            rows.append(row)
-            with open(run_dir / ckpt.METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if best is None or row["mean_recall"] > best[0]["mean_recall"]:
-                best = (row, heads)
-    row, heads = best
-    ckpt.save_heads(run_dir / ckpt.BEST, *heads)
-    run_config["closed_form"] = {"reg": row["reg"], "power": row["power"]}
+    fit = fit_cca_on_valid(train_split, valid, config.dim)
+    rows = [{"epoch": i + 1, **r} for i, r in enumerate(fit.grid)]
+    (run_dir / ckpt.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt.save_heads(run_dir / ckpt.BEST, fit.image_head, fit.text_head)
+    run_config["closed_form"] = {"reg": fit.reg, "power": fit.power}
     ckpt.write_json(run_dir / ckpt.CONFIG, run_config)
-    state = {"epoch": len(rows), "best_epoch": row["epoch"], "stopped_early": False,
-             "elapsed": time.perf_counter() - t0, "n_train_pairs": train_split.n_captions, "device": str(device),
+    best = next(r["epoch"] for r in rows if (r["reg"], r["power"]) == (fit.reg, fit.power))
+    state = {"epoch": len(rows), "best_epoch": best, "stopped_early": False,
+             "elapsed": time.perf_counter() - t0, "n_train_pairs": train_split.n_captions, "device": "cpu",
              "closed_form": run_config["closed_form"]}
     summary = _summary(run_dir, run_config, rows, state)
     ckpt.write_json(run_dir / ckpt.SUMMARY, summary)

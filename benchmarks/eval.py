@@ -2,7 +2,7 @@
 
 Synthetic pool: n random unit image vectors and n random unit caption vectors (dim 512), caption i
 belonging to image i. Both directions of the full ranking (text->image and image->text) are timed
-through `evaluate.retrieval.evaluate`, then the same score matrices are computed in the same
+through `evaluate.retrieval.compute`, then the same score matrices are computed in the same
 chunks with nothing else done to them (the GEMM floor, identical FLOPs, same run, same threads).
 
 Peak RSS is the process high-water mark (`resource.getrusage`) read right after the ranking, so it
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     chunk = retrieval.chunk_rows(args.n, args.memory_mb)
 
     start = time.perf_counter()
-    metrics = retrieval.evaluate(images, texts, caption_image, ks=(1, 5, 10), memory_mb=args.memory_mb)
+    metrics = retrieval.compute(images, texts, caption_image, ks=(1, 5, 10), memory_mb=args.memory_mb)
     eval_s = time.perf_counter() - start
     peak = rss_mb()
     gemm_s = gemm_floor(images, texts, chunk)

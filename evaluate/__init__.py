@@ -1,8 +1,9 @@
-"""Phase 3: metrics, reports and plots for adapted runs, each beside its baselines.
+"""Phase 4, evaluate: metrics, reports and plots for adapted runs, each beside its baselines, and
+what is built on them (search, FAISS index, export, the search page).
 
-Each metric module exposes `evaluate(...) -> dict` of flat named numbers (retrieval, zeroshot,
-fewshot, detection) and `chance(...)` with the same keys; `run_eval` ties them into the
-`cli.py eval` command and `evaluate.search.search` backs `cli.py search`.
+Each metric module (retrieval, zeroshot, fewshot, detection) exposes `compute(...) -> dict` of flat
+named numbers and `chance(...) -> dict` with the same keys; `run_eval` ties them into the
+`cli.py eval` command and `evaluate.search.Searcher` backs `cli.py search`.
 
 `run_eval` is resolved on first use, so importing one metric module (a benchmark, adapt-side
 tooling) does not pull in plotting and the model-fitting libraries.

@@ -162,7 +162,7 @@ class DetectionResult:
         }
 
 
-def compute(
+def score(
     train_emb: torch.Tensor,
     train_labels: sp.csr_matrix,
     test_emb: torch.Tensor,
@@ -202,14 +202,16 @@ def compute(
     return DetectionResult(float(f1.mean()), threshold, fallback, int(len(cols)), float(pred.sum(1).mean()))
 
 
-def evaluate(
+
+def compute(
     train_emb: torch.Tensor,
     train_labels: sp.csr_matrix,
     test_emb: torch.Tensor,
     test_labels: sp.csr_matrix,
     config: DetectionConfig | None = None,
 ) -> dict[str, float]:
-    return compute(train_emb, train_labels, test_emb, test_labels, config).metrics()
+    """Flat numbers: ImageCLEF F1 (%) of the predicted concept sets and how they were chosen."""
+    return score(train_emb, train_labels, test_emb, test_labels, config).metrics()
 
 
 def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, draws: int = 5, seed: int = 0) -> dict[str, float]:

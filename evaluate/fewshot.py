@@ -74,8 +74,9 @@ class FewShotResult:
             for k, v in zip(self.ks, self.curve(PRIMARY_METHOD)):
                 out[f"fewshot_map@{k}"] = v
         for method in self.methods:
-            for k, v in zip(self.ks, self.curve(method)):
+            for k, v, sd in zip(self.ks, self.curve(method), self.seed_std(method)):
                 out[f"fewshot_{method}_map@{k}"] = v
+                out[f"fewshot_{method}_map@{k}_seed_std"] = sd
         return out
 
 
@@ -145,7 +146,7 @@ def _lgbm_scores(xs, ys, xq, trees: int, seed: int) -> np.ndarray:
         return clf.predict_proba(xq)[:, 1]
 
 
-def compute(
+def score(
     train_emb: torch.Tensor,
     train_labels: sp.csr_matrix,
     test_emb: torch.Tensor,
@@ -204,7 +205,8 @@ def compute(
     )
 
 
-def evaluate(
+
+def compute(
     train_emb: torch.Tensor,
     train_labels: sp.csr_matrix,
     test_emb: torch.Tensor,
@@ -213,7 +215,9 @@ def evaluate(
     concept_names: list[str] | None = None,
     config: FewShotConfig | None = None,
 ) -> dict[str, float]:
-    return compute(train_emb, train_labels, test_emb, test_labels, concept_emb, concept_names, config).metrics()
+    """Flat numbers: mAP (%) per method and k (mean over concepts, then seeds), its spread over
+    seeds, and how many concepts and seeds were used."""
+    return score(train_emb, train_labels, test_emb, test_labels, concept_emb, concept_names, config).metrics()
 
 
 def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, config: FewShotConfig | None = None) -> dict[str, float]:

@@ -402,10 +402,11 @@ def _rebuild_hint(run_dir: Path, split: str, kind: str) -> str:
     return f"rebuild it with: python cli.py index --run {run_dir} --split {split} --kind {kind}"
 
 
-def search_index(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index: faiss.Index, queries, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k index rows for unit queries [Q, D] (numpy or torch): (scores [Q, k] float32 cosines,
     rows [Q, k] int64), best first. k is capped at the index size; approximate kinds may return
-    fewer hits, padded with row -1 and score -inf."""
+    fewer hits, padded with row -1 and score -inf. `allowed` (bool per index row) restricts the
+    search to those rows (FAISS's own ID selector, so filtered hits are not lost to the top k)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     q = _as_queries(queries)
@@ -414,9 +415,22 @@ def search_index(index: faiss.Index, queries, k: int) -> tuple[np.ndarray, np.nd
     k = min(k, int(index.ntotal))
     if k == 0 or q.shape[0] == 0:
         return np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64)
-    scores, rows = index.search(q, k)
+    if allowed is None:
+        scores, rows = index.search(q, k)
+    else:
+        ids = np.flatnonzero(allowed).astype(np.int64)
+        scores, rows = index.search(q, k, params=_search_params(index, faiss.IDSelectorBatch(ids)))
     scores[rows < 0] = -np.inf
     return scores, rows.astype(np.int64)
+
+
+def _search_params(index: faiss.Index, selector) -> faiss.SearchParameters:
+    """Search parameters carrying a selector and the index's own search-time knobs."""
+    if hasattr(index, "hnsw"):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(index.hnsw.efSearch))
+    if hasattr(index, "nprobe"):
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(index.nprobe))
+    return faiss.SearchParameters(sel=selector)
 
 
 def format_index_summary(path: Path, meta: IndexMeta) -> str:

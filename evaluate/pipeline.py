@@ -1,5 +1,15 @@
 """`cli.py eval`: every metric for each run and its baselines on one split, then files to read.
 
+Three steps, so that nothing is lost or contradicted:
+1. `plan_eval` loads the runs and the pools they are scored on and checks everything that can be
+   checked before a number is computed: the runs are comparable (same dataset, pool and backbone,
+   unless a cross table is asked for), the output folder is new (or replacing it was asked for),
+   K fits the pool.
+2. `score_column` computes each column (chance, the closed-form baseline, each run), printing one
+   progress line per section.
+3. `write_outputs` builds the whole evaluation folder beside its final place and swaps it in with
+   one rename: a reader sees the previous evaluation or the new one, never a mix.
+
 Columns are computed the same way for everything: a model is two raw-feature -> embedding maps
 (`evaluate.models`), so chance, the closed-form head and each trained run are directly comparable.
 Chance columns come from closed forms (expected values of a random ranking), not from sampling.
@@ -7,22 +17,32 @@ Chance columns come from closed forms (expected values of a random ranking), not
 from __future__ import annotations
 
 import csv
-import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
+from medembed import __version__
+from medembed.adapt.closed_form import fit_cca_on_valid
+from medembed.adapt.run import AdaptedRun, describe_run
 from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.common.files import replace_folder, staging_folder, write_json
 from medembed.evaluate import detection, fewshot, retrieval, zeroshot
 from medembed.evaluate.examples import write_examples
 from medembed.evaluate.models import EmbeddingModel, model_from_heads, model_from_run
 from medembed.evaluate.plots import fewshot_curves, recall_curves
-from medembed.evaluate.report import markdown_report, write_metrics
+from medembed.evaluate.report import markdown_report
+from medembed.extract.pipeline import slug
 
+SCHEMA_VERSION = 2
+SECTIONS = ("retrieval", "zeroshot", "fewshot", "detection")
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+COMPARISON = "comparison.json"
 
 
 @dataclass
@@ -30,48 +50,229 @@ class EvalOptions:
     zeroshot: zeroshot.ZeroShotConfig = field(default_factory=zeroshot.ZeroShotConfig)
     fewshot: fewshot.FewShotConfig = field(default_factory=fewshot.FewShotConfig)
     detection: detection.DetectionConfig = field(default_factory=detection.DetectionConfig)
-    closed_form: bool = True  # fit the closed-form baseline on train
-    sections: tuple[str, ...] = ("retrieval", "zeroshot", "fewshot", "detection")
+    closed_form: bool = True  # fit the closed-form baseline on train (ridge and weighting chosen on valid)
+    sections: tuple[str, ...] = SECTIONS
     examples: int = 1  # text->image and image->text example grids of the first run
     memory_mb: float = retrieval.DEFAULT_MEMORY_MB
     data: str | None = None  # score this dataset's raw images and captions, encoded by each run's own backbone
     features_root: str = "features"  # where that encoding is cached
     progress: bool = True
+    cross: bool = False  # allow runs scored on different pools (datasets, splits or backbones)
+    overwrite: bool = False  # replace an earlier evaluation in the output folder
+
+
+@dataclass
+class Pool:
+    """One evaluated split and the splits its baselines and concept sections learn from."""
+
+    features_dir: Path
+    test: CachedSplit
+    train: CachedSplit | None
+    valid: CachedSplit | None
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.test.attrs.get('dataset', self.features_dir.parent.name)}/{self.test.attrs.get('backbone', '')}"
+
+
+@dataclass
+class Column:
+    name: str
+    kind: str  # "chance" | "baseline" | "run"
+    pool: Pool
+    model: EmbeddingModel | None = None
+    run: AdaptedRun | None = None
+    note: str = ""  # how a baseline was fitted
 
 
 @dataclass
 class ColumnResult:
     metrics: dict[str, float]
-    recall: dict[str, list[float]] = field(default_factory=dict)
-    fewshot: dict[str, list[float]] = field(default_factory=dict)
+    sections: dict[str, list[str]]  # section -> the metric keys it produced, in order
+    recall: dict[str, list] = field(default_factory=dict)  # {"ks": [...], "t2i": [...], "i2t": [...]}
+    fewshot: dict[str, list[float]] = field(default_factory=dict)  # method -> mAP per k
     concepts: zeroshot.ZeroShotResult | None = None
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # the evaluated split's (images, texts)
     seconds: float = 0.0
 
 
 @dataclass
-class SplitPair:
-    """The evaluation split and the train split few-shot and detection learn from."""
+class EvalPlan:
+    split: str
+    ks: list[int]
+    out_dir: Path
+    runs: list[AdaptedRun]
+    names: list[str]
+    pools: dict[Path, Pool]
+    columns: list[Column]
+    notes: list[str] = field(default_factory=list)
 
-    features_dir: Path
-    test: CachedSplit
-    train: CachedSplit | None
-    notes: dict[str, list[str]] = field(default_factory=dict)
+
+# ------------------------------------------------------------------------------------------ planning
+def _unique_names(run_dirs: list[Path]) -> list[str]:
+    names = [p.name for p in run_dirs]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
 
 
-def load_pair(features_dir: Path, split: str) -> SplitPair:
+def default_out_dir(runs: list[AdaptedRun], names: list[str], split: str, data: str | None) -> Path:
+    """`FIRST_RUN/eval-SPLIT`, plus `-on-DATASET` for new raw data and `-vs-OTHER-...` for a
+    comparison: a folder named after what was evaluated, so two evaluations never share one."""
+    parts = [f"eval-{split}"]
+    if data is not None:
+        parts.append(f"on-{slug(Path(data).name)}")
+    if len(names) > 1:
+        parts.append("vs-" + "-".join(slug(n.replace("/", "_")) for n in names[1:]))
+    name = "-".join(parts)
+    if len(name) > 120:  # many runs: keep the name short and unique
+        import hashlib
+
+        name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return runs[0].run_dir / name
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not (out_dir / COMPARISON).exists():
+        raise FileExistsError(f"{out_dir}: exists and is not an evaluation folder; choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out_dir}: already holds an evaluation; pass --overwrite to replace it "
+                              "or --out to write elsewhere")
+
+
+def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool) -> Pool:
     files = find_splits(features_dir)
     if split not in files:
         raise FileNotFoundError(f"{features_dir}: no {split}.h5 (found: {', '.join(files)})")
     test = load_split(files[split], with_views=False)
-    train = None
     notes: dict[str, list[str]] = {}
-    if split == "train":
-        notes["fewshot"] = notes["detection"] = ["evaluating on train: few-shot and detection need a separate train split; skipped"]
-    elif "train" not in files:
-        notes["fewshot"] = notes["detection"] = [f"{features_dir} has no train.h5: few-shot, detection and closed-form skipped"]
-    else:
+    train = valid = None
+    if need_train and split == "train":
+        notes["fewshot"] = notes["detection"] = ["evaluating on train: few-shot and detection need a separate "
+                                                 "train split; skipped"]
+    elif need_train and "train" not in files:
+        notes["fewshot"] = notes["detection"] = [f"{features_dir} has no train.h5: few-shot, detection and the "
+                                                 "closed form skipped"]
+    elif need_train:
         train = load_split(files["train"], with_views=False)
-    return SplitPair(Path(features_dir), test, train, notes)
+    if need_valid and "valid" in files and split != "valid":
+        valid = load_split(files["valid"], with_views=False)
+    return Pool(Path(features_dir), test, train, valid, notes)
+
+
+def _pool_differences(a: Pool, b: Pool) -> list[str]:
+    """What makes scores on pool b incomparable with scores on pool a."""
+    ta, tb = a.test, b.test
+    out = []
+    for key in ("dataset", "dataset_fingerprint", "split", "backbone"):
+        va, vb = str(ta.attrs.get(key, "")), str(tb.attrs.get(key, ""))
+        if va != vb:
+            out.append(f"{key} {va[:40]} vs {vb[:40]}")
+    if ta.image_ids != tb.image_ids or ta.captions != tb.captions:
+        out.append(f"pool {ta.n_images} images / {ta.n_captions} captions vs {tb.n_images} / {tb.n_captions}")
+    return out
+
+
+def _check_comparable(runs: list[AdaptedRun], names: list[str], pools: dict[Path, Pool], cross: bool) -> None:
+    first = pools[Path(runs[0].features_dir)]
+    for name, run in zip(names[1:], runs[1:]):
+        diffs = _pool_differences(first, pools[Path(run.features_dir)])
+        if diffs and not cross:
+            raise ValueError(f"{names[0]} and {name} are scored on different pools ({'; '.join(diffs)}): their "
+                             "numbers are not comparable. Evaluate them separately, or pass --cross for a table "
+                             "that scores each run on its own pool beside that pool's own baselines")
+
+
+def _check_trained_on(run: AdaptedRun, pool: Pool) -> None:
+    """A run's heads only read the features of the backbone they were trained on."""
+    trained = run.config.get("cache", {})
+    diffs = backbone_differences(pool.test.attrs, trained)
+    if trained and diffs:
+        raise ProvenanceMismatch(pool.test.path, diffs)
+
+
+def _cap_ks(ks: list[int], pools: dict[Path, Pool]) -> tuple[list[int], list[str]]:
+    smallest = min(p.test.n_images for p in pools.values())
+    capped = sorted({min(k, smallest) for k in ks})
+    over = [k for k in ks if k > smallest]
+    note = [f"--k {', '.join(map(str, over))} is more than the {smallest} images of the pool: capped at "
+            f"R@{smallest}"] if over else []
+    return capped, note
+
+
+def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: EvalOptions) -> EvalPlan:
+    """Everything that can be checked before a number is computed; raises with a one-line reason."""
+    from medembed.evaluate.sources import eval_splits, open_runs
+
+    ks = sorted({int(k) for k in ks})
+    if not run_refs:
+        raise ValueError("eval needs at least one --run")
+    if not ks or ks[0] < 1:
+        raise ValueError(f"--k values must be positive integers, got {ks}")
+    unknown = set(options.sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
+    need_train = options.closed_form or bool({"fewshot", "detection"} & set(options.sections))
+    runs = [r if isinstance(r, AdaptedRun) else _load(r) for r in run_refs]
+    names = _unique_names([r.checkpoint or r.run_dir for r in runs])
+    out_dir = Path(out_dir) if out_dir else default_out_dir(runs, names, split, options.data)
+    _check_out_dir(out_dir, options.overwrite)
+    if options.data is not None:
+        dataset, wanted = eval_splits(options.data, split, need_train, options.closed_form, _logger(options))
+        runs = open_runs(runs, dataset, wanted, options.features_root, progress=options.progress)
+    pools: dict[Path, Pool] = {}
+    for run in runs:
+        fd = Path(run.features_dir)
+        if fd not in pools:
+            pools[fd] = load_pool(fd, split, need_train, options.closed_form)
+        _check_trained_on(run, pools[fd])
+    _check_comparable(runs, names, pools, options.cross)
+    ks, notes = _cap_ks(ks, pools)
+    columns = _columns(runs, names, pools, options)
+    return EvalPlan(split, ks, out_dir, runs, names, pools, columns, notes)
+
+
+def _load(ref) -> AdaptedRun:
+    from medembed.adapt.run import load_run
+
+    return load_run(ref)
+
+
+def _columns(runs: list[AdaptedRun], names: list[str], pools: dict[Path, Pool], options: EvalOptions) -> list[Column]:
+    """chance (and the closed form) of every pool, then each run; a pool's baselines carry its label
+    when there are several pools."""
+    several = len(pools) > 1
+    cols = []
+    for fd, pool in pools.items():
+        tag = f" [{pool.label}]" if several else ""
+        cols.append(Column(f"chance{tag}", "chance", pool))
+        if options.closed_form and pool.train is not None:
+            owner = next(r for r in runs if Path(r.features_dir) == fd)
+            cols.append(Column(f"closed-form{tag}", "baseline", pool, run=owner))
+    for name, run in zip(names, runs):
+        cols.append(Column(name, "run", pools[Path(run.features_dir)], model_from_run(run, name), run))
+    return cols
+
+
+# ------------------------------------------------------------------------------------------- scoring
+def _logger(options: EvalOptions) -> Callable[[str], None]:
+    if not options.progress:
+        return lambda _msg: None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+def _fit_closed_form(col: Column, options: EvalOptions) -> EmbeddingModel:
+    """The same closed form as `adapt --head cca`: ridge and weighting chosen on valid."""
+    pool, dim = col.pool, col.run.dim
+    if pool.valid is not None:
+        fit = fit_cca_on_valid(pool.train, pool.valid, dim)
+        col.note = f"regularised CCA fitted on train, ridge {fit.reg} and weighting {fit.power} chosen on valid"
+        return model_from_heads(col.name, fit.image_head, fit.text_head)
+    from medembed.adapt.closed_form import fit_closed_form
+
+    col.note = "regularised CCA fitted on train, ridge 0.3 and weighting 1.0 (no valid split to choose them on)"
+    return model_from_heads(col.name, *fit_closed_form(pool.train, dim, reg=0.3, power=1.0))
 
 
 def _has_concepts(s: CachedSplit | None) -> bool:
@@ -82,61 +283,128 @@ def curve_ks(ks: list[int], pool: int) -> list[int]:
     return sorted({k for k in (*CURVE_KS, *ks) if k <= max(pool, 1)} | {1})
 
 
-def evaluate_model(model: EmbeddingModel, pair: SplitPair, ks: list[int], options: EvalOptions) -> tuple[ColumnResult, torch.Tensor, torch.Tensor]:
-    """All sections for one model; also returns the evaluation split's image and text embeddings."""
+class _Sections:
+    """Collects each section's keys in order and logs one line per finished section."""
+
+    def __init__(self, name: str, log: Callable[[str], None]):
+        self.name, self.log = name, log
+        self.metrics: dict[str, float] = {}
+        self.keys: dict[str, list[str]] = {}
+
+    def add(self, section: str, values: dict[str, float], started: float) -> None:
+        self.metrics.update(values)
+        self.keys[section] = list(values)
+        self.log(f"eval {self.name}: {section} {time.perf_counter() - started:.1f} s")
+
+
+def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callable[[str], None]) -> ColumnResult:
+    """Every asked-for section for one column."""
     start = time.perf_counter()
-    test, train = pair.test, pair.train
-    img, txt = model.images(test.image_features), model.texts(test.caption_features)
-    res = ColumnResult(metrics={})
+    if col.kind == "chance":
+        res = _score_chance(col, plan, options, log)
+        res.seconds = time.perf_counter() - start
+        return res
+    if col.kind == "baseline":
+        t0 = time.perf_counter()
+        col.model = _fit_closed_form(col, options)
+        log(f"eval {col.name}: fitted ({col.note}) {time.perf_counter() - t0:.1f} s")
+    test, train = col.pool.test, col.pool.train
+    sec = _Sections(col.name, log)
+    img, txt = col.model.images(test.image_features), col.model.texts(test.caption_features)
+    res = ColumnResult(metrics=sec.metrics, sections=sec.keys, embeddings=(img, txt))
     if "retrieval" in options.sections:
+        t0 = time.perf_counter()
         r = retrieval.ranks(img, txt, test.caption_image, options.memory_mb)
-        res.metrics.update(retrieval.summarize(r, ks))
-        cks = curve_ks(ks, max(r.pool_images, r.pool_captions))
-        res.recall = {"t2i": retrieval.recall_curve(r.t2i, cks, r.pool_images),
+        sec.add("retrieval", retrieval.summarize(r, plan.ks), t0)
+        cks = curve_ks(plan.ks, r.pool_images)
+        res.recall = {"ks": cks, "t2i": retrieval.recall_curve(r.t2i, cks, r.pool_images),
                       "i2t": retrieval.recall_curve(r.i2t, cks, r.pool_captions)}
     concept_emb = None
     if _has_concepts(test) and test.concept_text_features is not None:
-        concept_emb = model.concept_prompts(test.concept_text_features)
+        concept_emb = col.model.concept_prompts(test.concept_text_features)
     if "zeroshot" in options.sections and concept_emb is not None:
-        res.concepts = zeroshot.compute(img, concept_emb, test.concepts, test.concept_ids, test.concept_names, options.zeroshot)
-        res.metrics.update(res.concepts.metrics())
-    if _has_concepts(test) and _has_concepts(train):
-        train_img = model.images(train.image_features)
+        t0 = time.perf_counter()
+        res.concepts = zeroshot.score(img, concept_emb, test.concepts, test.concept_ids, test.concept_names,
+                                      options.zeroshot)
+        sec.add("zeroshot", res.concepts.metrics(), t0)
+    if _has_concepts(test) and _has_concepts(train) and {"fewshot", "detection"} & set(options.sections):
+        train_img = col.model.images(train.image_features)
         if "fewshot" in options.sections:
-            fs = fewshot.compute(train_img, train.concepts, img, test.concepts, concept_emb, test.concept_names, options.fewshot)
-            res.metrics.update(fs.metrics())
-            res.fewshot = {m: fs.curve(m) for m in fs.methods} if fs.concept_rows else {}
+            t0 = time.perf_counter()
+            fs = fewshot.compute(train_img, train.concepts, img, test.concepts, concept_emb, test.concept_names,
+                                 options.fewshot)
+            sec.add("fewshot", fs, t0)
+            res.fewshot = _fewshot_curves(fs, options.fewshot)
         if "detection" in options.sections:
-            res.metrics.update(detection.evaluate(train_img, train.concepts, img, test.concepts, options.detection))
+            t0 = time.perf_counter()
+            sec.add("detection", detection.compute(train_img, train.concepts, img, test.concepts, options.detection), t0)
     res.seconds = time.perf_counter() - start
-    return res, img, txt
-
-
-def chance_column(pair: SplitPair, ks: list[int], options: EvalOptions) -> ColumnResult:
-    test, train = pair.test, pair.train
-    res = ColumnResult(metrics={})
-    if "retrieval" in options.sections:
-        res.metrics.update(retrieval.chance(test.caption_image, test.n_images, ks))
-        cks = curve_ks(ks, max(test.n_images, test.n_captions))
-        full = retrieval.chance(test.caption_image, test.n_images, cks)
-        res.recall = {d: [full[f"{d}_R@{k}"] for k in cks] for d in ("t2i", "i2t")}
-    if "zeroshot" in options.sections and _has_concepts(test) and test.concept_text_features is not None:
-        res.metrics.update(zeroshot.chance(test.concepts, test.concept_ids, test.concept_names, options.zeroshot))
-    if _has_concepts(test) and _has_concepts(train):
-        if "fewshot" in options.sections:
-            fs = fewshot.chance(train.concepts, test.concepts, options.fewshot)
-            res.metrics.update(fs)
-            ks_fs = sorted(set(options.fewshot.ks))
-            if fs.get("fewshot_concepts"):
-                res.fewshot = {m: [fs[f"fewshot_{m}_map@{k}"] for k in ks_fs] for m in options.fewshot.methods}
-        if "detection" in options.sections:
-            res.metrics.update(detection.chance(train.concepts, test.concepts))
     return res
 
 
-def _unique_names(run_dirs: list[Path]) -> list[str]:
-    names = [p.name for p in run_dirs]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in run_dirs]
+def _fewshot_curves(metrics: dict[str, float], cfg: fewshot.FewShotConfig) -> dict[str, list[float]]:
+    if not metrics.get("fewshot_concepts"):
+        return {}
+    ks = sorted(set(cfg.ks))
+    return {m: [metrics[f"fewshot_{m}_map@{k}"] for k in ks] for m in cfg.methods}
+
+
+def _score_chance(col: Column, plan: EvalPlan, options: EvalOptions, log) -> ColumnResult:
+    test, train = col.pool.test, col.pool.train
+    sec = _Sections(col.name, log)
+    res = ColumnResult(metrics=sec.metrics, sections=sec.keys)
+    t0 = time.perf_counter()
+    if "retrieval" in options.sections:
+        sec.add("retrieval", retrieval.chance(test.caption_image, test.n_images, plan.ks), t0)
+        cks = curve_ks(plan.ks, max(test.n_images, 1))
+        full = retrieval.chance(test.caption_image, test.n_images, cks)
+        res.recall = {"ks": cks, **{d: [full[f"{d}_R@{k}"] for k in cks] for d in ("t2i", "i2t")}}
+    if "zeroshot" in options.sections and _has_concepts(test) and test.concept_text_features is not None:
+        sec.add("zeroshot", zeroshot.chance(test.concepts, test.concept_ids, test.concept_names, options.zeroshot), t0)
+    if _has_concepts(test) and _has_concepts(train):
+        if "fewshot" in options.sections:
+            fs = fewshot.chance(train.concepts, test.concepts, options.fewshot)
+            sec.add("fewshot", fs, t0)
+            res.fewshot = _fewshot_curves(fs, options.fewshot)
+        if "detection" in options.sections:
+            sec.add("detection", detection.chance(train.concepts, test.concepts), t0)
+    return res
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _scored(pool: Pool) -> dict:
+    """The provenance of what a column was scored on."""
+    attrs = pool.test.attrs
+    keys = ("dataset", "dataset_fingerprint", "split", "backbone", "weights_sha256", "data_root", "created")
+    return {"features": pool.test.path, "pool_images": pool.test.n_images, "pool_captions": pool.test.n_captions,
+            **{k: attrs.get(k, "") for k in keys}}
+
+
+def _run_record(plan: EvalPlan, col: Column, res: ColumnResult, created: str) -> dict:
+    run = col.run
+    return {
+        "schema_version": SCHEMA_VERSION, "toolkit_version": __version__, "created": created,
+        "run": col.name, "run_ref": str(run.checkpoint or run.run_dir), "describe": describe_run(run),
+        "split": plan.split, "ks": plan.ks, "scored": _scored(col.pool),
+        "metrics": res.metrics, "sections": res.sections, "seconds": round(res.seconds, 2),
+    }
+
+
+def _comparison(plan: EvalPlan, results: dict[str, ColumnResult], created: str) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "toolkit_version": __version__, "created": created,
+        "split": plan.split, "ks": plan.ks,
+        "runs": {n: str(r.checkpoint or r.run_dir) for n, r in zip(plan.names, plan.runs)},
+        "columns": {c.name: results[c.name].metrics for c in plan.columns},
+        "sections": {c.name: results[c.name].sections for c in plan.columns},
+        "pools": {c.name: _scored(c.pool) for c in plan.columns},
+        "seconds": {c.name: round(results[c.name].seconds, 2) for c in plan.columns},
+        "notes": plan.notes,
+    }
+
+
+def metrics_file(name: str) -> str:
+    return f"metrics-{slug(name.replace('/', '_'))}.json"
 
 
 def _write_concepts_csv(path: Path, columns: dict[str, ColumnResult]) -> Path | None:
@@ -150,11 +418,54 @@ def _write_concepts_csv(path: Path, columns: dict[str, ColumnResult]) -> Path | 
         for i, cid in enumerate(first.concept_ids):
             row = [cid, first.concept_names[i], first.positives[i]]
             for z in with_concepts.values():
-                row += [f"{100 * z.auroc[i]:.2f}", f"{100 * z.ap[i]:.2f}"]
+                row += [f"{100 * z.auroc[i]:.2f}", f"{100 * z.ap[i]:.2f}"] if i < len(z.auroc) else ["", ""]
             w.writerow(row)
     return path
 
 
+def write_outputs(plan: EvalPlan, results: dict[str, ColumnResult], options: EvalOptions) -> dict:
+    """Build the evaluation folder beside its final place, then swap it in (all or nothing)."""
+    work = staging_folder(plan.out_dir)
+    try:
+        files = _write_files(work, plan, results, options)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    replace_folder(work, plan.out_dir)
+    return {k: (plan.out_dir / Path(v).relative_to(work) if isinstance(v, Path) else
+                [plan.out_dir / Path(x).relative_to(work) for x in v]) for k, v in files.items()}
+
+
+def _write_files(work: Path, plan: EvalPlan, results: dict[str, ColumnResult], options: EvalOptions) -> dict:
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    runs = [c for c in plan.columns if c.kind == "run"]
+    metrics_paths = [write_json(work / metrics_file(c.name), _run_record(plan, c, results[c.name], created))
+                     for c in runs]
+    write_json(work / COMPARISON, _comparison(plan, results, created))
+    first = plan.pools[Path(plan.runs[0].features_dir)]
+    title = f"{first.test.attrs.get('dataset', '')} / {plan.split}"
+    plots: dict[str, Path] = {}
+    curves = {n: r.recall for n, r in results.items() if r.recall}
+    if curves:
+        plots["recall"] = recall_curves(curves, work / "recall_at_k.png", title=f"Recall@K, {title}")
+    fs = {n: r.fewshot for n, r in results.items() if r.fewshot}
+    if any(c.kind != "chance" and results[c.name].fewshot for c in plan.columns):
+        plots["fewshot"] = fewshot_curves(fs, sorted(set(options.fewshot.ks)), work / "fewshot.png",
+                                          title=f"Concept few-shot, {title}")
+    examples = []
+    primary = results[runs[0].name]
+    if options.examples and primary.embeddings is not None:
+        examples = write_examples(first.test, *primary.embeddings, work, options.examples)
+    concepts_csv = _write_concepts_csv(work / "zeroshot_concepts.csv", {n: r for n, r in results.items()})
+    report = work / "report.md"
+    report.write_text(markdown_report(plan, results, options, plots, examples, concepts_csv, work))
+    return {"metrics": metrics_paths, "report": report, "comparison": work / COMPARISON,
+            "plots": list(plots.values()), "examples": examples}
+
+
+# -------------------------------------------------------------------------------------------- entry
 def run_eval(
     run_dirs: list,
     split: str = "test",
@@ -162,125 +473,33 @@ def run_eval(
     out_dir: Path | None = None,
     options: EvalOptions | None = None,
 ) -> dict:
-    """Evaluate runs (and their baselines) on one split; write metrics.json, report.md, plots.
+    """Evaluate runs (and their baselines) on one split; write the evaluation folder.
 
     `run_dirs`: run folders, unfreezing run folders, fine-tuned checkpoints or loaded runs. With
     `options.data` each run is scored on that dataset's raw images and captions, encoded by the
     run's own backbone (the fine-tuned one for a checkpoint) instead of on the run's cache.
-    `metrics.json` holds the first run's flat numbers; `comparison.json` every column's.
-    Returns {"columns", "metrics", "out_dir", "metrics_path", "report", "plots", "examples",
-    "split", "pool_images", "pool_captions"}.
+    Writes `metrics-RUN.json` for every run, `comparison.json` (every column), `report.md`, plots
+    and examples into a new folder (default `FIRST_RUN/eval-SPLIT[-vs-...]`).
+    Returns {"columns", "metrics" (the first run's), "out_dir", "files", "notes", "split",
+    "pool_images", "pool_captions"}.
     """
-    from medembed.adapt.run import fit_closed_form  # the adapt phase: imported where used
-    from medembed.evaluate.sources import eval_splits, open_runs
-
     options = options or EvalOptions()
-    ks = sorted({int(k) for k in ks})
-    if not run_dirs:
-        raise ValueError("eval needs at least one --run")
-    if not ks or ks[0] < 1:
-        raise ValueError(f"--k values must be positive integers, got {ks}")
-    data, wanted = options.data, None
-    if data is not None:
-        needs_train = options.closed_form or bool({"fewshot", "detection"} & set(options.sections))
-        data, wanted = eval_splits(data, split, needs_train)
-    runs = open_runs(list(run_dirs), data, wanted, options.features_root, progress=options.progress)
-    names = _unique_names([r.run_dir for r in runs])
-    out_dir = Path(out_dir) if out_dir else runs[0].run_dir / f"eval-{split}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    pairs: dict[Path, SplitPair] = {}
-    for run in runs:
-        fd = Path(run.features_dir)
-        if fd not in pairs:
-            pairs[fd] = load_pair(fd, split)
-    first = pairs[Path(runs[0].features_dir)]
-
-    columns: dict[str, ColumnResult] = {"chance": chance_column(first, ks, options)}
-    for fd, pair in pairs.items():
-        if not options.closed_form or pair.train is None:
-            continue
-        owner = next(r for r in runs if Path(r.features_dir) == fd)
-        label = "closed-form" if len(pairs) == 1 else f"closed-form ({pair.test.attrs.get('backbone', fd.name)})"
-        image_head, text_head = fit_closed_form(pair.train, owner.dim)
-        columns[label], _, _ = evaluate_model(model_from_heads(label, image_head, text_head), pair, ks, options)
-    primary_emb = None
-    for name, run in zip(names, runs):
-        pair = pairs[Path(run.features_dir)]
-        diffs = backbone_differences(pair.test.attrs, run.config.get("cache", {}))
-        if run.config.get("cache") and diffs:  # e.g. the cache was rebuilt with another backbone since training
-            raise ProvenanceMismatch(pair.test.path, diffs)
-        columns[name], img, txt = evaluate_model(model_from_run(run, name), pair, ks, options)
-        if primary_emb is None:
-            primary_emb = (img, txt)
-
-    flat = {n: c.metrics for n, c in columns.items()}
-    metrics_path = write_metrics(out_dir / "metrics.json", flat[names[0]])
-    plots: dict[str, Path] = {}
-    if any(c.recall for c in columns.values()):
-        cks = curve_ks(ks, max(first.test.n_images, first.test.n_captions))
-        plots["recall"] = recall_curves({n: c.recall for n, c in columns.items() if c.recall}, cks,
-                                        out_dir / "recall_at_k.png", title=f"{split}: {first.test.n_images} images")
-    if any(c.fewshot for n, c in columns.items() if n != "chance"):
-        plots["fewshot"] = fewshot_curves({n: c.fewshot for n, c in columns.items() if c.fewshot},
-                                          sorted(set(options.fewshot.ks)), out_dir / "fewshot.png")
-    examples = []
-    if options.examples and primary_emb is not None:
-        examples = write_examples(pairs[Path(runs[0].features_dir)].test, *primary_emb, out_dir, options.examples)
-    concepts_csv = _write_concepts_csv(out_dir / "zeroshot_concepts.csv", columns)
-
-    test = first.test
-    primary_zs = columns[names[0]].concepts
-    context = {
-        "dataset": test.attrs.get("dataset", first.features_dir.parent.name),
-        "split": split,
-        "features_dir": str(first.features_dir),
-        "backbone": test.attrs.get("backbone", ""),
-        "runs": [f"{n} ({r.config.get('head', '?')}, {r.config.get('loss', '?')}, dim {r.dim}"
-                 + (f"; fine-tuned backbone {r.backbone.name} from {r.checkpoint}" if r.checkpoint else "") + ")"
-                 for n, r in zip(names, runs)],
-        "pool_images": test.n_images,
-        "pool_captions": test.n_captions,
-        "templates": len(test.templates),
-        "min_positives": options.zeroshot.min_positives,
-        "modality_classes": [(m.label, m.concept_id, n) for m, n in primary_zs.modality_classes] if primary_zs else [],
-        "modality_note": primary_zs.modality_note if primary_zs else "",
-        "concepts_csv": concepts_csv,
-        "fewshot_seeds": options.fewshot.seeds,
-        "fewshot_concepts": int(flat[names[0]].get("fewshot_concepts", 0)),
-        "fewshot_min_train": max(options.fewshot.ks),
-        "fewshot_min_test": options.fewshot.min_test_positives,
-        "fewshot_max_concepts": options.fewshot.max_concepts,
-        "notes": _notes(first, test),
-    }
-    report_path = out_dir / "report.md"
-    report_path.write_text(markdown_report(flat, context, plots, examples, out_dir))
-    (out_dir / "comparison.json").write_text(json.dumps({
-        "split": split,
-        "features_dir": str(first.features_dir),
-        "runs": {n: str(r.checkpoint or r.run_dir) for n, r in zip(names, runs)},
-        "seconds": {n: round(c.seconds, 2) for n, c in columns.items()},
-        "columns": {n: {k: (None if v != v else v) for k, v in m.items()} for n, m in flat.items()},
-    }, indent=2) + "\n")
+    plan = plan_eval(list(run_dirs), split, ks, out_dir, options)
+    log = _logger(options)
+    for note in plan.notes:
+        log(f"note: {note}")
+    results: dict[str, ColumnResult] = {}
+    for col in plan.columns:
+        results[col.name] = score_column(col, plan, options, log)
+    files = write_outputs(plan, results, options)
+    first = plan.pools[Path(plan.runs[0].features_dir)].test
     return {
-        "columns": flat,
-        "metrics": flat[names[0]],
-        "out_dir": out_dir,
-        "metrics_path": metrics_path,
-        "report": report_path,
-        "plots": plots,
-        "examples": examples,
+        "columns": {n: r.metrics for n, r in results.items()},
+        "metrics": results[plan.names[0]].metrics,
+        "out_dir": plan.out_dir,
+        "files": files,
+        "notes": plan.notes,
         "split": split,
-        "pool_images": test.n_images,
-        "pool_captions": test.n_captions,
+        "pool_images": first.n_images,
+        "pool_captions": first.n_captions,
     }
-
-
-def _notes(pair: SplitPair, test: CachedSplit) -> dict[str, list[str]]:
-    notes = {k: list(v) for k, v in pair.notes.items()}
-    if not _has_concepts(test):
-        for section in ("zeroshot", "fewshot", "detection"):
-            notes.setdefault(section, []).append("this split carries no concept labels: section skipped")
-    elif test.concept_text_features is None:
-        notes.setdefault("zeroshot", []).append("the cache has no concept prompt features: zero-shot skipped")
-    return notes

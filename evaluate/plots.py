@@ -1,19 +1,16 @@
-"""PNG figures for the report: recall@K curves, the few-shot curve and retrieval example grids.
-
-Matplotlib runs on the Agg backend (files only, no display needed), and every figure is closed
-after saving so a long evaluation does not accumulate open figures.
-"""
+"""PNG figures for the report: recall@K curves, the few-shot curve and retrieval example grids."""
 from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+# Figures are made with matplotlib's object API (`Figure`), never pyplot: nothing global is set (no
+# backend switch at import) and a figure is freed when it goes out of scope.
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
+from medembed.common.files import atomic_write
 
 CHANCE_STYLE = {"color": "grey", "linestyle": ":", "linewidth": 1.5}
 
@@ -21,24 +18,40 @@ CHANCE_STYLE = {"color": "grey", "linestyle": ":", "linewidth": 1.5}
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
-def recall_curves(curves: dict[str, dict[str, list[float]]], ks: list[int], path: Path, title: str = "") -> Path:
-    """curves: {column name: {"t2i": [R@K...], "i2t": [R@K...]}}; one panel per direction."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+def _log_ticks(ax, ks: list[int]) -> None:
+    """Log-scaled K axis labelled with plain numbers (1, 5, 10, ...) instead of powers of ten."""
+    ax.set_xscale("log")
+    ticks = [k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if min(ks) <= k <= max(ks)]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend under the panels, so no curve is hidden behind it."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
+               fontsize=8, frameon=False)
+
+
+def recall_curves(curves: dict[str, dict[str, list]], path: Path, title: str = "") -> Path:
+    """curves: {column name: {"ks": [K...], "t2i": [R@K...], "i2t": [R@K...]}}; one panel per direction.
+    Each column carries its own Ks (columns scored on pools of different sizes stop at their pool)."""
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
+    all_ks = [k for c in curves.values() for k in c["ks"]]
     for ax, direction, label in zip(axes, ("t2i", "i2t"), ("text -> image", "image -> text")):
         for name, c in curves.items():
-            style = CHANCE_STYLE if name == "chance" else {"marker": "o", "markersize": 3}
-            ax.plot(ks, c[direction], label=name, **style)
-        ax.set_xscale("log")
+            style = CHANCE_STYLE if name.startswith("chance") else {"marker": "o", "markersize": 3}
+            ax.plot(c["ks"], c[direction], label=name, **style)
+        _log_ticks(ax, all_ks)
         ax.set_xlabel("K")
         ax.set_title(label)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("Recall@K (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
+    _legend_below(fig, axes)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -49,20 +62,22 @@ def fewshot_curves(curves: dict[str, dict[str, list[float]]], ks: list[int], pat
     methods: list[str] = []
     for c in curves.values():
         methods += [m for m in c if m not in methods]
-    fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(3.6 * max(len(methods), 1), 3.6), sharey=True, squeeze=False)
+    fig = Figure(figsize=(3.6 * max(len(methods), 1), 3.6))
+    axes = fig.subplots(1, max(len(methods), 1), sharey=True, squeeze=False)
     for ax, method in zip(axes[0], methods):
         for name, c in curves.items():
             if method not in c:
                 continue
-            style = CHANCE_STYLE if name == "chance" else {"marker": "o", "markersize": 3}
+            style = CHANCE_STYLE if name.startswith("chance") else {"marker": "o", "markersize": 3}
             ax.plot(ks, c[method], label=name, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
         ax.set_xlabel("shots per class (k)")
         ax.set_title(method)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("concept mAP (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    _legend_below(fig, axes[0])
     if title:
         fig.suptitle(title)
     return _save(fig, path)
@@ -94,7 +109,8 @@ def _frame(ax, correct: bool) -> None:
 def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3) -> Path:
     """A caption and its top images, best first; the caption's own image framed in green."""
     rows = max(1, -(-len(tiles) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.8), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3 * rows + 0.8))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= len(tiles):
             ax.axis("off")
@@ -108,7 +124,7 @@ def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3) ->
 
 def image_query_grid(image: Image.Image | None, label: str, captions: list[tuple[str, float, bool]], path: Path) -> Path:
     """An image and its top captions, best first, with scores; its own captions in green."""
-    fig = plt.figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
     ax = fig.add_axes((0.0, 0.05, 0.3, 0.85))
     _show(ax, image, "image not readable")
     ax.set_title(label, fontsize=9)

@@ -1,39 +1,27 @@
-"""What an evaluation leaves behind: metrics.json (flat numbers), a Markdown report and a console table.
+"""What an evaluation leaves to read: a Markdown report and a console table.
 
 Every table puts the baselines (chance, the closed-form head) beside each run, so a number is
-never read without knowing what doing nothing, or fitting nothing, already gets.
+never read without knowing what doing nothing, or fitting nothing, already gets. Which keys
+belong to which section is what each metric module produced (`ColumnResult.sections`), not a
+guess from key names.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
-SECTIONS = {
-    "retrieval": ("t2i_R@", "i2t_R@", "t2i_medr", "i2t_medr", "t2i_meanr", "i2t_meanr", "pool_images", "pool_captions"),
-    "zeroshot": ("zeroshot_",),
-    "fewshot": ("fewshot_",),
-    "detection": ("concept_f1",),
+# keys shown in the console table (the headline numbers)
+HEADLINE = {
+    "retrieval": re.compile(r"^(t2i|i2t)_(R@\d+|medr)$"),
+    "zeroshot": re.compile(r"^zeroshot_(modality_acc|concept_map)$"),
+    "fewshot": re.compile(r"^fewshot_map@\d+$"),
+    "detection": re.compile(r"^concept_f1$"),
 }
-
-# keys shown in the console table (the headline numbers the task names)
-HEADLINE_PREFIXES = ("t2i_R@", "i2t_R@", "t2i_medr", "i2t_medr", "zeroshot_modality_acc", "zeroshot_concept_map", "fewshot_map@")
-HEADLINE_KEYS = ("concept_f1",)
 
 _INT_KEYS = ("pool_images", "pool_captions", "zeroshot_concepts", "zeroshot_modality_images", "zeroshot_modality_classes",
              "fewshot_concepts", "fewshot_seeds", "concept_f1_concepts")
-
-
-def section_keys(columns: dict[str, dict[str, float]], section: str) -> list[str]:
-    """Keys of one section in first-seen order over all columns (so K order follows --k)."""
-    prefixes = SECTIONS[section]
-    keys: list[str] = []
-    for metrics in columns.values():
-        for key in metrics:
-            if key.startswith(prefixes) and key not in keys:
-                keys.append(key)
-    return keys
+_METHOD_KEY = re.compile(r"^fewshot_(?P<method>.+)_map@(?P<k>\d+)$")
 
 
 def format_value(key: str, value) -> str:
@@ -43,9 +31,17 @@ def format_value(key: str, value) -> str:
         return str(int(value))
     if key.endswith(("_medr", "_meanr")):
         return f"{value:.1f}" if value != int(value) else str(int(value))
-    if key.endswith("_threshold") or key.endswith("_mean_predicted"):
+    if key.endswith(("_threshold", "_mean_predicted")):
         return f"{value:.2f}"
     return f"{value:.1f}"
+
+
+def section_keys(results: dict, section: str, keep=lambda k: True) -> list[str]:
+    """The keys one section produced, in first-seen order over all columns."""
+    keys: list[str] = []
+    for res in results.values():
+        keys += [k for k in res.sections.get(section, []) if k not in keys and keep(k)]
+    return keys
 
 
 def markdown_table(columns: dict[str, dict[str, float]], keys: list[str]) -> str:
@@ -54,18 +50,6 @@ def markdown_table(columns: dict[str, dict[str, float]], keys: list[str]) -> str
     for key in keys:
         lines.append(f"| {key} | " + " | ".join(format_value(key, columns[n].get(key)) for n in names) + " |")
     return "\n".join(lines)
-
-
-def headline_keys(columns: dict[str, dict[str, float]]) -> list[str]:
-    keys: list[str] = []
-    for metrics in columns.values():
-        for key in metrics:
-            if (key.startswith(HEADLINE_PREFIXES) or key in HEADLINE_KEYS) and key not in keys:
-                keys.append(key)
-    return keys
-
-
-_METHOD_KEY = re.compile(r"^fewshot_(?P<method>.+)_map@(?P<k>\d+)$")
 
 
 def fewshot_method_table(metrics: dict[str, float]) -> str:
@@ -84,16 +68,6 @@ def fewshot_method_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_metrics(path: Path, metrics: dict[str, float]) -> Path:
-    """Flat {name: number}; NaN (a metric with nothing to average) is written as null."""
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else round(v, 4) if isinstance(v, float) else v)
-             for k, v in metrics.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean, indent=2) + "\n")
-    return path
-
-
 def _rel(path: Path, out_dir: Path) -> str:
     try:
         return str(Path(path).relative_to(out_dir))
@@ -101,88 +75,113 @@ def _rel(path: Path, out_dir: Path) -> str:
         return str(path)
 
 
-def markdown_report(
-    columns: dict[str, dict[str, float]],
-    context: dict,
-    plots: dict[str, Path],
-    examples: list[Path],
-    out_dir: Path,
-) -> str:
-    """The whole report as Markdown. `context` carries the prose facts: split, features folder,
-    modality classes used, few-shot concept choice, notes on anything skipped."""
-    out: list[str] = [f"# Evaluation on `{context['dataset']}` / {context['split']}", ""]
-    out += [
-        f"- features: `{context['features_dir']}` (backbone `{context['backbone']}`)",
-        f"- runs: {', '.join(f'`{r}`' for r in context['runs'])}",
-        f"- pool: {context['pool_images']} images, {context['pool_captions']} captions (the whole split)",
-        "- columns: `chance` is the expected value of a random ranking/guess; `closed-form` is the "
-        "regularised-CCA head fitted on train without gradient steps; then each run.",
-        "",
-        "## Retrieval",
-        "",
-        "Recall@K in %. Image->text is a hit when any of the image's captions is in the top K; "
-        "text->image uses each caption's own image. Ties count against the query.",
-        "",
-        markdown_table(columns, section_keys(columns, "retrieval")),
-        "",
-    ]
+def _header(plan, results, options) -> list[str]:
+    first = plan.pools[Path(plan.runs[0].features_dir)].test
+    out = [f"# Evaluation on `{first.attrs.get('dataset', '')}` / {plan.split}", ""]
+    from medembed.adapt.run import describe_run
+
+    out += [f"- run `{n}`: {describe_run(r)}" for n, r in zip(plan.names, plan.runs)]
+    for pool in plan.pools.values():
+        out.append(f"- pool `{pool.label}`: {pool.test.n_images} images, {pool.test.n_captions} captions "
+                   f"(the whole {plan.split} split), features `{pool.features_dir}`")
+    baselines = [c for c in plan.columns if c.kind == "baseline"]
+    out.append("- `chance` is the expected value of a random ranking or guess" +
+               "".join(f"; `{c.name}` is {c.note}" for c in baselines) + ".")
+    out += [f"- note: {n}" for n in plan.notes]
+    return out + [""]
+
+
+def _notes(pool, section: str) -> list[str]:
+    return [f"_{n}_" for n in pool.notes.get(section, [])]
+
+
+def _concept_notes(plan, section: str) -> list[str]:
+    """Why a concept section is empty, when it is."""
+    pool = plan.pools[Path(plan.runs[0].features_dir)]
+    test = pool.test
+    if test.concepts is None or test.concepts.nnz == 0:
+        return ["_this split carries no concept labels: section skipped_"]
+    if section == "zeroshot" and test.concept_text_features is None:
+        return ["_the cache has no concept prompt features: zero-shot skipped_"]
+    return _notes(pool, section)
+
+
+def markdown_report(plan, results: dict, options, plots: dict[str, Path], examples: list[Path],
+                    concepts_csv: Path | None, out_dir: Path) -> str:
+    """The whole report as Markdown: header, one section per metric module, examples."""
+    columns = {n: r.metrics for n, r in results.items()}
+    out = _header(plan, results, options)
+    out += ["## Retrieval", "", "Recall@K in %. Image->text is a hit when any of the image's captions is in the top "
+            "K; text->image uses each caption's own image. Ties count against the query.", ""]
+    out += [markdown_table(columns, section_keys(results, "retrieval")), ""]
     if "recall" in plots:
         out += [f"![recall@K]({_rel(plots['recall'], out_dir)})", ""]
-    zs = section_keys(columns, "zeroshot")
     out += ["## Concept zero-shot", ""]
+    zs = section_keys(results, "zeroshot")
     if zs:
-        out += [
-            f"Cosine between image embedding and each named concept's prompt-ensemble embedding "
-            f"({context.get('templates', 0)} templates). mAP and AUROC (in %) over concepts with at least "
-            f"{context['min_positives']} positive images in the split.",
-            "",
-        ]
-        classes = context.get("modality_classes", [])
-        if classes:
-            out += ["Modality accuracy: single-label choice among " + ", ".join(
-                f"{label} ({cid}: {n} images)" for label, cid, n in classes) + "; images carrying exactly one of them.", ""]
-        if context.get("modality_note"):
-            out += [f"Modality classes left out: {context['modality_note']}.", ""]
+        out += _zeroshot_text(plan, results, options, concepts_csv, out_dir)
         out += [markdown_table(columns, zs), ""]
-        if context.get("concepts_csv"):
-            out += [f"Per-concept AUROC and AP: `{_rel(context['concepts_csv'], out_dir)}`.", ""]
-    out += [f"_{n}_" for n in context.get("notes", {}).get("zeroshot", [])]
-    fs = section_keys(columns, "fewshot")
+    else:
+        out += _concept_notes(plan, "zeroshot")
     out += ["", "## Concept few-shot", ""]
+    fs = section_keys(results, "fewshot", keep=lambda k: not _METHOD_KEY.match(k) and not k.endswith("_seed_std"))
     if fs:
-        out += [
-            f"k positive and k negative train images per concept, {context.get('fewshot_seeds')} seeds; "
-            f"the {context.get('fewshot_concepts')} most frequent train concepts with at least "
-            f"{context.get('fewshot_min_train')} train and {context.get('fewshot_min_test')} evaluation positives "
-            f"(capped at {context.get('fewshot_max_concepts')} to keep evaluation fast). "
-            "mAP in % over the evaluation split; `fewshot_map@k` is the logistic-regression probe.",
-            "",
-            markdown_table(columns, [k for k in fs if not _METHOD_KEY.match(k)]),
-            "",
-        ]
-        for name, metrics in columns.items():
-            if name != "chance" and fewshot_method_table(metrics):
-                out += [f"All scorers, `{name}`:", "", fewshot_method_table(metrics), ""]
-        if "fewshot" in plots:
-            out += [f"![few-shot]({_rel(plots['fewshot'], out_dir)})", ""]
-    out += [f"_{n}_" for n in context.get("notes", {}).get("fewshot", [])]
-    det = section_keys(columns, "detection")
+        out += _fewshot_text(plan, columns, options, plots, out_dir, fs)
+    else:
+        out += _concept_notes(plan, "fewshot")
     out += ["", "## Concept detection (ImageCLEFmedical F1)", ""]
+    det = section_keys(results, "detection")
     if det:
-        out += [
-            "One-vs-rest logistic regression on the image embedding; one probability threshold (and whether "
-            "to fall back to the top concept) chosen on 20% of train; F1 per image between predicted and "
-            "gold concept sets, averaged over images (empty vs empty scores 1), in %. Chance guesses each "
-            "concept at its train frequency.",
-            "",
-            markdown_table(columns, det),
-            "",
-        ]
-    out += [f"_{n}_" for n in context.get("notes", {}).get("detection", [])]
+        out += ["One-vs-rest logistic regression on the image embedding; one probability threshold (and whether "
+                "to fall back to the top concept) chosen on 20% of train; F1 per image between predicted and "
+                "gold concept sets, averaged over images (empty vs empty scores 1), in %. Chance guesses each "
+                "concept at its train frequency.", "", markdown_table(columns, det), ""]
+    else:
+        out += _concept_notes(plan, "detection")
     if examples:
-        out += ["", f"## Retrieval examples ({context['runs'][0]})", ""]
+        out += ["", f"## Retrieval examples (`{plan.names[0]}`)", ""]
         out += [f"![example]({_rel(p, out_dir)})" for p in examples]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _zeroshot_text(plan, results, options, concepts_csv, out_dir) -> list[str]:
+    first = plan.pools[Path(plan.runs[0].features_dir)].test
+    out = [f"Cosine between image embedding and each named concept's prompt-ensemble embedding "
+           f"({len(first.templates)} templates). mAP and AUROC (in %) over concepts with at least "
+           f"{options.zeroshot.min_positives} positive images in the split.", ""]
+    z = results[plan.names[0]].concepts
+    if z is not None and z.modality_classes:
+        out += ["Modality accuracy: single-label choice among " + ", ".join(
+            f"{m.label} ({m.concept_id}: {n} images)" for m, n in z.modality_classes) +
+            "; images carrying exactly one of them.", ""]
+    if z is not None and z.modality_note:
+        out += [f"Modality classes left out: {z.modality_note}.", ""]
+    if concepts_csv:
+        out += [f"Per-concept AUROC and AP: `{_rel(concepts_csv, out_dir)}`.", ""]
+    return out
+
+
+def _fewshot_text(plan, columns, options, plots, out_dir, keys) -> list[str]:
+    cfg = options.fewshot
+    n = int(columns[plan.names[0]].get("fewshot_concepts", 0))
+    out = [f"k positive and k negative train images per concept, {cfg.seeds} seed(s); the {n} most frequent "
+           f"train concepts with at least {max(cfg.ks)} train and {cfg.min_test_positives} evaluation positives "
+           f"(capped at {cfg.max_concepts} to keep evaluation fast). mAP in % over the evaluation split; "
+           "`fewshot_map@k` is the logistic-regression probe.", "", markdown_table(columns, keys), ""]
+    for name, metrics in columns.items():
+        if not name.startswith("chance") and fewshot_method_table(metrics):
+            out += [f"All scorers, `{name}`:", "", fewshot_method_table(metrics), ""]
+    if "fewshot" in plots:
+        out += [f"![few-shot]({_rel(plots['fewshot'], out_dir)})", ""]
+    return out
+
+
+def headline_keys(columns: dict[str, dict[str, float]]) -> list[str]:
+    keys: list[str] = []
+    for pattern in HEADLINE.values():
+        for metrics in columns.values():
+            keys += [k for k in metrics if pattern.match(k) and k not in keys]
+    return keys
 
 
 def format_summary(result: dict) -> str:
@@ -199,10 +198,12 @@ def format_summary(result: dict) -> str:
     rows += [line([k, *(format_value(k, columns[n].get(k)) for n in names)]) for k in keys]
     rows.append("")
     rows.append(f"pool: {result['pool_images']} images, {result['pool_captions']} captions ({result['split']})")
-    rows.append(f"metrics: {result['metrics_path']}")
-    rows.append(f"report:  {result['report']}")
-    for name, path in result["plots"].items():
-        rows.append(f"plot ({name}): {path}")
-    if result["examples"]:
-        rows.append(f"examples: {', '.join(str(p) for p in result['examples'])}")
+    rows += [f"note: {n}" for n in result.get("notes", [])]
+    files = result["files"]
+    rows.append(f"report:  {files['report']}")
+    rows += [f"metrics: {p}" for p in files["metrics"]]
+    rows.append(f"comparison: {files['comparison']}")
+    rows += [f"plot: {p}" for p in files["plots"]]
+    if files["examples"]:
+        rows.append(f"examples: {', '.join(str(p) for p in files['examples'])}")
     return "\n".join(rows)

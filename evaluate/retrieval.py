@@ -1,9 +1,11 @@
 """Text->image and image->text retrieval over a whole split, as CLIP-style papers report it.
 
-The ranking itself is `adapt.recall.retrieval_ranks` (ties count against the query; an image query
-is a hit at the best-ranked of its captions), so early stopping and the report can never disagree.
-This module adds what a report needs on top: any K (also K larger than the pool), median and mean
-rank, the pool sizes, a chunk size derived from a memory budget, and the exact chance levels.
+`compute(...) -> dict` and `chance(...) -> dict`, like every metric module. The ranking and its
+summary are `common.ranking`'s (ties count against the query; an image query is a hit at the
+best-ranked of its captions; K above the pool is capped), so early stopping and the report can
+never disagree. This module adds what a report needs on top: the pool sizes, a chunk size derived
+from a memory budget, the per-query ranks (`ranks`) for intervals and paired comparisons, and the
+exact chance levels.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from scipy.special import gammaln
 
-from medembed.adapt.recall import recall_at, retrieval_ranks
+from medembed.common.ranking import recall_at, retrieval_ranks, summarize_ranks
 
 DEFAULT_MEMORY_MB = 512
 # bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32
@@ -54,32 +56,23 @@ def ranks(
 
 
 def summarize(r: RetrievalRanks, ks: list[int] | tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Flat numbers: R@K in percent for each direction, median/mean rank, pool sizes.
-
-    K larger than the pool is allowed: every retrievable item is then found (R@K = 100 unless an
-    image has no caption at all, which no K can retrieve).
-    """
-    out: dict[str, float] = {}
-    for k in ks:
-        out[f"t2i_R@{k}"] = 100 * recall_at(r.t2i, min(k, r.pool_images))
-    for k in ks:
-        # an image without captions ranks pool + 1: capping K at the pool keeps it a miss
-        out[f"i2t_R@{k}"] = 100 * recall_at(r.i2t, min(k, r.pool_captions))
-    for name, rk in (("t2i", r.t2i), ("i2t", r.i2t)):
-        out[f"{name}_medr"] = float(rk.float().median()) if rk.numel() else float("nan")
-        out[f"{name}_meanr"] = float(rk.float().mean()) if rk.numel() else float("nan")
+    """Flat numbers of given ranks: R@K in percent for each direction (K capped at the pool),
+    median/mean rank, pool sizes."""
+    out = summarize_ranks(r.t2i, r.i2t, r.pool_images, r.pool_captions, ks)
+    del out["mean_recall"]
     out["pool_images"] = r.pool_images
     out["pool_captions"] = r.pool_captions
     return out
 
 
-def evaluate(
+def compute(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
     caption_image: torch.Tensor,
     ks: list[int] | tuple[int, ...] = (1, 5, 10),
     memory_mb: float = DEFAULT_MEMORY_MB,
 ) -> dict[str, float]:
+    """Recall@K both ways, ranks and pool sizes of unit embeddings over their whole pool."""
     return summarize(ranks(image_emb, text_emb, caption_image, memory_mb), ks)
 
 

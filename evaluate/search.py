@@ -1,16 +1,23 @@
-"""`cli.py search`: a new caption or image against the cached pool, through a run's heads.
+"""`cli.py search` and the search page: new captions or images against a run's pool.
 
 The query is encoded on the fly with the run's own backbone (the one its cache was extracted
 with; for a fine-tuned checkpoint, the checkpoint's towers), so it lands in the same raw feature
-space the heads were trained on; the pool is never re-encoded, only projected from the cache. With
-`data`, the pool is a dataset of new raw images and captions, encoded once by that same backbone.
-A text query ranks images; an image query ranks captions (the two directions of the retrieval
-metrics).
+space the heads were trained on; the pool is never re-encoded, only projected from the cache,
+once per `Searcher`. With `data`, the pool is a dataset of new raw images and captions, encoded
+once by that same backbone. A text query ranks images; an image query ranks captions or, for
+"more like this", images.
+
+A `Searcher` is built once (run, pool, backbone, FAISS index) and answers many queries: the command
+line asks one, the web page many. Every answer says how it was found (exact scan or which index),
+and anything it could not give: k above the pool is capped, an approximate index that returns
+fewer than k hits says so and how to get all of them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medembed.cache.reader import CachedSplit, find_splits, load_split
@@ -19,78 +26,186 @@ from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
 from medembed.extract.records import open_image
+from medembed.extract.worker import describe_failure
+
+EXACT = "exact scan"
 
 
-def encode_query(backbone, text: str | None = None, image: str | Path | None = None) -> torch.Tensor:
-    """Raw backbone features [1, D] of one caption or one image file."""
-    if text is not None:
-        return backbone.encode_texts([text]).float().cpu()
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    image_id: str
+    caption: str
+    split: str
+    image_row: int
+    location: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    target: str  # "images" or "captions"
+    via: str  # "exact scan" or "<kind> index"
+    pool: int  # candidates searched
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pool:
+    """The splits searched, concatenated: pool row r of images is (split, row) via `image_of`."""
+
+    splits: list[CachedSplit]
+    image_of: list[tuple[int, int]]  # pool image row -> (split index, image row in that split)
+    caption_of: list[tuple[int, int]]  # pool caption row -> (split index, caption row)
+
+    @classmethod
+    def of(cls, splits: list[CachedSplit]) -> Pool:
+        images = [(i, r) for i, s in enumerate(splits) for r in range(s.n_images)]
+        captions = [(i, c) for i, s in enumerate(splits) for c in range(s.n_captions)]
+        return cls(splits, images, captions)
+
+
+def read_query_image(image):
+    """A PIL image from a path or an already opened image; a one-line reason when it is not one."""
+    if not isinstance(image, (str, Path)):
+        return image
     try:
-        pil = open_image(str(image))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{image}: cannot read the query image ({e})") from e
+        return open_image(str(image))
+    except Exception as e:  # noqa: BLE001 - every decode failure becomes the same one-line message
+        raise ValueError(f"{image}: cannot use as a query image: {describe_failure(str(image), e)}") from None
+
+
+def encode_query(backbone, text: str | None = None, image=None) -> torch.Tensor:
+    """Raw backbone features [1, D] of one caption, or of one image (a path or a PIL image)."""
+    if text is not None:
+        if not text.strip():
+            raise ValueError("--text: the query is empty")
+        return backbone.encode_texts([text]).float().cpu()
+    pil = read_query_image(image)
     return backbone.encode_images(backbone.preprocess(pil)[None]).float().cpu()
 
 
-def rank_pool(
-    model: EmbeddingModel, query_raw: torch.Tensor, splits: list[CachedSplit], target: str, k: int
-) -> list[dict]:
-    """Top-k pool items over all `splits` for one raw query; target "images" or "captions"."""
-    query = model.texts(query_raw) if target == "images" else model.images(query_raw)
-    hits: list[tuple[float, CachedSplit, int]] = []
-    for split in splits:
-        pool = model.images(split.image_features) if target == "images" else model.texts(split.caption_features)
-        if pool.shape[0] == 0:
-            continue
-        scores, rows = top_k(query, pool, k)
-        hits += [(s, split, r) for s, r in zip(scores[0].tolist(), rows[0].tolist())]
-    hits.sort(key=lambda h: -h[0])
-    firsts: dict[str, dict[int, str]] = {}
-    results = []
-    for rank, (score, split, row) in enumerate(hits[:k], 1):
-        if target == "images":
-            caption = firsts.setdefault(split.split, first_captions(split)).get(row, "")
-            results.append(_result(rank, score, split, row, caption, "exact scan"))
+class Searcher:
+    """One run's pool, ready for queries: embeddings projected once, the backbone loaded once."""
+
+    def __init__(self, run_ref, split: str | None = None, data: str | Path | None = None,
+                 features_root: str | Path = "features", backbone=None, use_index: bool = True):
+        from medembed.evaluate.sources import open_runs
+
+        (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root)
+        files = find_splits(self.run.features_dir)
+        if split is not None and split not in files:
+            raise FileNotFoundError(f"{self.run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
+        self.pool = Pool.of([load_split(p, with_views=False) for name, p in files.items() if split in (None, name)])
+        self.split = split
+        self.model: EmbeddingModel = model_from_run(self.run)
+        self._backbone = backbone
+        self._images: torch.Tensor | None = None
+        self._captions: torch.Tensor | None = None
+        self._firsts: dict[int, dict[int, str]] = {}
+        # an index covers the run's own cache and heads file: not a newly encoded pool, not a checkpoint
+        self.index = None
+        if use_index and data is None and self.run.checkpoint is None:
+            from medembed.evaluate.index import load_index
+
+            self.index = load_index(self.run.run_dir, split)
+
+    # -- embeddings ---------------------------------------------------------------------------
+    @property
+    def backbone(self):
+        if self._backbone is None:
+            self._backbone = self.run.load_backbone()
+        return self._backbone
+
+    @property
+    def image_embeddings(self) -> torch.Tensor:
+        if self._images is None:
+            self._images = torch.cat([self.model.images(s.image_features) for s in self.pool.splits])
+        return self._images
+
+    @property
+    def caption_embeddings(self) -> torch.Tensor:
+        if self._captions is None:
+            self._captions = torch.cat([self.model.texts(s.caption_features) for s in self.pool.splits])
+        return self._captions
+
+    def embed_text(self, text: str) -> torch.Tensor:
+        return self.model.texts(encode_query(self.backbone, text=text))
+
+    def embed_image(self, image) -> torch.Tensor:
+        return self.model.images(encode_query(self.backbone, image=image))
+
+    # -- queries ------------------------------------------------------------------------------
+    def images(self, query: torch.Tensor, k: int, exact: bool = False, allowed: np.ndarray | None = None) -> SearchResult:
+        """Top-k pool images for a unit query [1, D]; `allowed` (bool per pool image) filters."""
+        n = len(self.pool.image_of) if allowed is None else int(allowed.sum())
+        k_used, notes = _cap(k, n, "images")
+        if self.index is not None and not exact:
+            scores, rows, via = self._index_search(query, k_used, allowed)
+            if len(rows) < k_used:
+                notes.append(f"the {via} returned {len(rows)} of the {k_used} images asked for (approximate search "
+                             "stops early); search again with --exact to scan the whole pool")
         else:
-            results.append(_result(rank, score, split, int(split.caption_image[row]), split.captions[row], "exact scan"))
-    return results
+            (scores, rows), via = self._scan(query, self.image_embeddings, k_used, allowed), EXACT
+        hits = [self._image_hit(i + 1, s, r) for i, (s, r) in enumerate(zip(scores, rows))]
+        return SearchResult(hits, "images", via, n, notes)
+
+    def captions(self, query: torch.Tensor, k: int) -> SearchResult:
+        """Top-k pool captions for a unit query [1, D] (exact scan: captions are not indexed)."""
+        n = len(self.pool.caption_of)
+        k_used, notes = _cap(k, n, "captions")
+        scores, rows = self._scan(query, self.caption_embeddings, k_used, None)
+        hits = []
+        for i, (s, r) in enumerate(zip(scores, rows)):
+            si, c = self.pool.caption_of[r]
+            split = self.pool.splits[si]
+            row = int(split.caption_image[c])
+            hits.append(Hit(i + 1, s, split.image_ids[row], split.captions[c], split.split, row, image_path(split, row)))
+        return SearchResult(hits, "captions", EXACT, n, notes)
+
+    def _scan(self, query, pool, k, allowed):
+        if allowed is not None:
+            rows = np.flatnonzero(allowed)
+            scores, local = top_k(query, pool[torch.from_numpy(rows)], k)
+            return scores[0].tolist(), rows[local[0].numpy()].tolist()
+        scores, rows = top_k(query, pool, k)
+        return scores[0].tolist(), rows[0].tolist()
+
+    def _index_search(self, query, k, allowed):
+        from medembed.evaluate.index import search_index
+
+        index, meta = self.index
+        order = {s.split: i for i, s in enumerate(self.pool.splits)}
+        scores, rows = search_index(index, query, k, allowed=allowed)
+        keep = rows[0] >= 0  # approximate kinds pad missing hits with -1
+        pool_rows = []
+        for row in rows[0][keep].tolist():
+            name, image_row = meta.locate(row)
+            pool_rows.append(self._pool_row(order[name], image_row))
+        return scores[0][keep].tolist(), pool_rows, f"{meta.kind} index"
+
+    def _pool_row(self, split_index: int, image_row: int) -> int:
+        return sum(s.n_images for s in self.pool.splits[:split_index]) + image_row
+
+    def _image_hit(self, rank: int, score: float, pool_row: int) -> Hit:
+        si, row = self.pool.image_of[pool_row]
+        split = self.pool.splits[si]
+        caption = self._firsts.setdefault(si, first_captions(split)).get(row, "")
+        return Hit(rank, float(score), split.image_ids[row], caption, split.split, row, image_path(split, row))
 
 
-def _load_image_index(run_dir: str | Path, split: str | None):
-    from medembed.evaluate.index import load_index
-
-    return load_index(run_dir, split)
-
-
-def _result(rank: int, score: float, split: CachedSplit, image_row: int, caption: str, via: str) -> dict:
-    return {
-        "rank": rank,
-        "score": float(score),
-        "image_id": split.image_ids[image_row],
-        "caption": caption,
-        "split": split.split,
-        "image_row": image_row,
-        "location": image_path(split, image_row),
-        "via": via,
-    }
-
-
-def rank_index(model: EmbeddingModel, query_raw: torch.Tensor, splits: list[CachedSplit], index, meta, k: int) -> list[dict]:
-    """Top-k images for a raw caption query through a FAISS index built over `splits`' images."""
-    from medembed.evaluate.index import search_index
-
-    by_name = {s.split: s for s in splits}
-    scores, rows = search_index(index, model.texts(query_raw), k)
-    firsts: dict[str, dict[int, str]] = {}
-    results = []
-    for score, row in zip(scores[0].tolist(), rows[0].tolist()):
-        if row < 0:  # approximate kinds pad missing hits
-            continue
-        name, image_row = meta.locate(row)
-        split = by_name[name]
-        caption = firsts.setdefault(name, first_captions(split)).get(image_row, "")
-        results.append(_result(len(results) + 1, score, split, image_row, caption, f"{meta.kind} index"))
-    return results
+def _cap(k: int, pool: int, what: str) -> tuple[int, list[str]]:
+    if k < 1:
+        raise ValueError(f"-k must be >= 1, got {k}")
+    if pool == 0:
+        raise ValueError(f"the pool holds no {what} to search")
+    if k > pool:
+        return pool, [f"-k {k} is more than the {pool} {what} in the pool: all {pool} are returned"]
+    return k, []
 
 
 def search(
@@ -104,67 +219,55 @@ def search(
     use_index: bool = True,
     data: str | Path | None = None,
     features_root: str | Path = "features",
-) -> list[dict]:
+) -> SearchResult:
     """Top-k for a caption (-> images) or an image file (-> captions) over the run's cached pool.
 
     The pool is every split of the run's features folder, or only `split`. A caption query goes
     through the run's FAISS index over that pool when `cli.py index` built one (a stale index is
-    an error saying how to rebuild it), else through an exact chunked scan. `out` draws the result
-    as a grid PNG. `backbone` may be passed in to reuse a loaded one (tests, notebooks).
+    an error saying how to rebuild it), else (or with use_index=False) through an exact scan.
+    `out` draws the result as a grid PNG. `backbone` may be passed in to reuse a loaded one.
     `run_dir` may also be an unfreezing run folder or its `finetuned.safetensors`; `data` searches
     that dataset's raw images and captions (encoded by the run's backbone, cached under
     `features_root`) instead of the run's own cache.
-    Each result: rank, score, image_id, caption, split, image_row, location, via.
     """
-    from medembed.evaluate.sources import open_runs
-
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
-    if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
-    (run,) = open_runs([run_dir], data, [split] if split else None, features_root)
-    files = find_splits(run.features_dir)
-    if split is not None and split not in files:
-        raise FileNotFoundError(f"{run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
-    splits = [load_split(p, with_views=False) for name, p in files.items() if split is None or name == split]
-    backbone = backbone or run.load_backbone()
-    query_raw = encode_query(backbone, text=text, image=image)
-    model = model_from_run(run)
-    target = "images" if text is not None else "captions"
-    # an index covers the run's own cache and heads file: not a newly encoded pool, not a checkpoint
-    use_index = use_index and data is None and run.checkpoint is None
-    indexed = _load_image_index(run.run_dir, split) if target == "images" and use_index else None
-    if indexed is not None:
-        results = rank_index(model, query_raw, splits, *indexed, k)
-    else:
-        results = rank_pool(model, query_raw, splits, target, k)
-    if out is not None:
-        draw(results, splits, out, text=text, image=image)
-    return results
-
-
-def draw(results: list[dict], splits: list[CachedSplit], out: str | Path, text: str | None = None,
-         image: str | Path | None = None) -> Path:
-    by_name = {s.split: s for s in splits}
+    if text is not None and not text.strip():
+        raise ValueError("--text: the query is empty")
+    if image is not None:
+        read_query_image(image)  # a bad file is refused before anything is loaded
+    searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index)
     if text is not None:
-        tiles = [Tile(load_pool_image(by_name[r["split"]], r["image_row"]), f"{r['image_id']}  {r['score']:.3f}")
-                 for r in results]
+        result = searcher.images(searcher.embed_text(text), k)
+    else:
+        result = searcher.captions(searcher.embed_image(image), k)
+    if out is not None:
+        draw(result, searcher.pool, out, text=text, image=image)
+    return result
+
+
+def draw(result: SearchResult, pool: Pool, out: str | Path, text: str | None = None,
+         image: str | Path | None = None) -> Path:
+    by_name = {s.split: s for s in pool.splits}
+    if text is not None:
+        tiles = [Tile(load_pool_image(by_name[h.split], h.image_row), f"{h.image_id}  {h.score:.3f}")
+                 for h in result.hits]
         return text_query_grid(text, tiles, Path(out))
     try:
-        query_img = open_image(str(image))
+        query_img = read_query_image(image)
         query_img.thumbnail((384, 384))
-    except (OSError, ValueError):
+    except ValueError:
         query_img = None
-    caps = [(f"[{r['image_id']}] {r['caption']}", r["score"], False) for r in results]
+    caps = [(f"[{h.image_id}] {h.caption}", h.score, False) for h in result.hits]
     return image_query_grid(query_img, f"query: {Path(image).name}", caps, Path(out))
 
 
-def format_results(results: list[dict]) -> str:
-    """One line per hit: rank, score, image id, caption (after a line saying how the pool was searched)."""
-    if not results:
-        return "no results"
-    lines = [f"rank  score   image  caption   ({results[0]['via']}, cosine)"]
-    for r in results:
-        caption = r["caption"] if len(r["caption"]) <= 100 else r["caption"][:97] + "..."
-        lines.append(f"{r['rank']:>3}  {r['score']:.4f}  {r['image_id']}  {caption}")
+def format_results(result: SearchResult) -> str:
+    """One line per hit (rank, score, image id, caption) after a line saying how the pool was
+    searched, then any note about what could not be given."""
+    lines = [f"rank  score   image  caption   ({result.via} over {result.pool} {result.target}, cosine)"]
+    for h in result.hits:
+        caption = h.caption if len(h.caption) <= 100 else h.caption[:97] + "..."
+        lines.append(f"{h.rank:>3}  {h.score:.4f}  {h.image_id}  {caption}")
+    lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)

@@ -48,11 +48,23 @@ def open_runs(refs: list, data: str | Path | Dataset | None = None, splits: list
     return [run.with_features(encode_dataset(run, dataset, splits, features_root, progress=progress)) for run in runs]
 
 
-def eval_splits(data: str | Path | Dataset, split: str, needs_train: bool) -> tuple[Dataset, list[str]]:
-    """The dataset, and the split to score plus, when few-shot / detection / the closed form want
-    it, the train split."""
+def eval_splits(data: str | Path | Dataset, split: str, needs_train: bool, needs_valid: bool,
+                log=print) -> tuple[Dataset, list[str]]:
+    """The dataset, and the splits to encode: the one scored, plus train when few-shot, detection
+    or the closed form learn from it and valid when the closed form chooses its setting on it.
+    Says which and why before anything is encoded, and how to avoid the extra ones."""
     dataset = _as_dataset(data)
     names = list(dataset.splits)
     if split not in names:
         raise ValueError(f"{data}: no split {split} (splits here: {', '.join(names)})")
-    return dataset, [split] + (["train"] if needs_train and split != "train" and "train" in names else [])
+    wanted = [split]
+    if needs_train and split != "train" and "train" in names:
+        wanted.append("train")
+        log(f"eval --data: the train split ({len(dataset.split('train'))} images) is encoded too: few-shot, "
+            "detection and the closed-form baseline learn from it (--skip fewshot,detection --no-closed-form "
+            "leaves it out)")
+    if needs_valid and split != "valid" and "valid" in names:
+        wanted.append("valid")
+        log(f"eval --data: the valid split ({len(dataset.split('valid'))} images) is encoded too: the "
+            "closed-form baseline chooses its setting on it (--no-closed-form leaves it out)")
+    return dataset, wanted

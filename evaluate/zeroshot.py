@@ -1,5 +1,8 @@
 """Concept zero-shot: does an image embedding sit closer to the prompts of the concepts it carries?
 
+`compute(...) -> dict` and `chance(...) -> dict`, like every metric module; `score(...)` keeps the
+per-concept numbers (the report's CSV) and per-image outcomes (its intervals).
+
 Each named concept is scored by the cosine between the image embedding and the concept's
 prompt-ensemble embedding. Two views of the same scores:
 - per concept, a ranking of all images: AUROC and average precision, averaged over concepts with
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
+
+from medembed.common.ranking import average_precision, roc_auc
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ZeroShotResult:
     modality_images: int = 0
     modality_correct: int = 0
     modality_note: str = ""
+    modality_hits: np.ndarray | None = None  # per modality image: was the choice right (for intervals)
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {
@@ -131,7 +136,7 @@ def modality_subset(
 
 
 @torch.no_grad()
-def compute(
+def score(
     image_emb: torch.Tensor,
     concept_emb: torch.Tensor,
     labels: sp.csr_matrix,
@@ -139,7 +144,8 @@ def compute(
     concept_names: list[str],
     config: ZeroShotConfig | None = None,
 ) -> ZeroShotResult:
-    """image_emb [N, D] and concept_emb [C, D] unit vectors; labels [N, C] multi-hot."""
+    """Per-concept AUROC / AP and the modality choice. image_emb [N, D] and concept_emb [C, D]
+    unit vectors; labels [N, C] multi-hot."""
     cfg = config or ZeroShotConfig()
     labels = sp.csr_matrix(labels)
     n = image_emb.shape[0]
@@ -150,16 +156,15 @@ def compute(
     labels_csc = labels.tocsc()
     img = image_emb.float()
     # score a block of concepts over all images at a time: N x block floats stay within memory_mb
-    block = max(1, int(cfg.memory_mb * 2**20 // (max(n, 1) * 4)))
+    block = max(1, int(cfg.memory_mb * 2**20 // (max(n, 1) * 8)))
     aurocs: list[float] = []
     aps: list[float] = []
     for s in range(0, len(cols), block):
         cb = cols[s : s + block]
-        scores = (img @ concept_emb[cb].float().T).numpy()
-        truth = labels_csc[:, cb].toarray() > 0
-        for j in range(len(cb)):
-            aurocs.append(float(roc_auc_score(truth[:, j], scores[:, j])))
-            aps.append(float(average_precision_score(truth[:, j], scores[:, j])))
+        scores = img @ concept_emb[cb].float().T
+        truth = torch.from_numpy(labels_csc[:, cb].toarray() > 0)
+        aurocs += roc_auc(scores, truth).tolist()
+        aps += average_precision(scores, truth).tolist()
     result = ZeroShotResult(
         concept_rows=cols,
         concept_ids=[concept_ids[c] for c in cols],
@@ -180,10 +185,11 @@ def compute(
     result.modality_classes = classes
     result.modality_images = int(len(rows))
     result.modality_correct = int((pred == truth).sum())
+    result.modality_hits = pred == truth
     return result
 
 
-def evaluate(
+def compute(
     image_emb: torch.Tensor,
     concept_emb: torch.Tensor,
     labels: sp.csr_matrix,
@@ -191,7 +197,8 @@ def evaluate(
     concept_names: list[str],
     config: ZeroShotConfig | None = None,
 ) -> dict[str, float]:
-    return compute(image_emb, concept_emb, labels, concept_ids, concept_names, config).metrics()
+    """Flat numbers: mean concept AUROC / mAP over eligible concepts, modality accuracy."""
+    return score(image_emb, concept_emb, labels, concept_ids, concept_names, config).metrics()
 
 
 # --- chance -------------------------------------------------------------------------------------

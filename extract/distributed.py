@@ -9,7 +9,14 @@ import dataclasses
 import os
 
 from medembed.cache.shards import merge_shards
-from medembed.extract.pipeline import ExtractConfig, ExtractError, ExtractSummary, SplitSummary, cache_dir, resolve_device
+from medembed.extract.pipeline import (
+    ExtractConfig,
+    ExtractError,
+    ExtractSummary,
+    SplitSummary,
+    cache_dir,
+    resolve_device,
+)
 
 
 def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:

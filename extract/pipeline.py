@@ -5,9 +5,11 @@ killed and re-run at any point; `extract` is the plain loop over splits that the
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
+import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medembed import __version__
 from medembed.cache.lock import WriterLock
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
@@ -25,7 +28,6 @@ from medembed.cache.reader import read_attrs, read_skipped
 from medembed.cache.shards import write_done_marker
 from medembed.cache.writer import write_split
 from medembed.extract.records import ZIP_SEP, Dataset, Record
-from medembed import __version__
 from medembed.extract.worker import ImageItems, collate_items
 
 DEFAULT_TEMPLATES = (
@@ -114,7 +116,18 @@ def resolve_device(device: str) -> str:
 
 
 def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_")
+    """A folder name for a dataset or backbone name that keeps its letters, in any script.
+
+    Characters that are not letters, digits or `._+-` (path separators, spaces, colons) become `_`.
+    When anything had to change, 8 hex of the name's sha256 are appended, so two different names
+    never share a folder ("Flickr ü" and "Flickr ñ", "a b" and "a/b"); a name that is already a
+    plain folder name (roco-rad, effnet-lite0+minilm, 胸部) is kept as it is. Names are compared in
+    Unicode NFC, so the same letters typed as composed or decomposed characters are one name."""
+    norm = unicodedata.normalize("NFC", name)
+    safe = re.sub(r"[^\w.+-]+", "_", norm).strip("_.")
+    if safe != norm:
+        safe = f"{safe or 'unnamed'}-{hashlib.sha256(norm.encode()).hexdigest()[:8]}"
+    return safe
 
 
 def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:

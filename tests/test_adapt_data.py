@@ -3,7 +3,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from medembed.adapt.data import Block, ConceptTexts, MemorySource, StreamSource, caption_keys, iter_batches, read_concepts
+from medembed.adapt.data import (
+    Block,
+    ConceptTexts,
+    MemorySource,
+    StreamSource,
+    caption_keys,
+    iter_batches,
+    read_concepts,
+)
 from medembed.adapt.synthetic import correlated_split, write_cache
 
 

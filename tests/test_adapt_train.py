@@ -14,11 +14,11 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.data import MemorySource, iter_batches
 from medembed.adapt.heads import EnsembleHead, Standardize, build_head, fit_input_stats
 from medembed.adapt.losses import build_loss
-from medembed.adapt.recall import recall_summary
 from medembed.adapt.run import load_run, train
 from medembed.adapt.synthetic import correlated_split, write_synthetic_features
 from medembed.adapt.trainer import _param_groups, lr_at
 from medembed.cache.reader import load_split
+from medembed.common.ranking import recall_summary
 
 
 @pytest.fixture(scope="module")

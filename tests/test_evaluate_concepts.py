@@ -35,7 +35,7 @@ NAMES = ["finding a", "finding b", "", "finding d"]
 
 
 def test_zeroshot_auroc_and_ap_by_hand():
-    res = zeroshot.compute(IMAGES, CONCEPTS, LABELS, IDS, NAMES, zeroshot.ZeroShotConfig(min_positives=2))
+    res = zeroshot.score(IMAGES, CONCEPTS, LABELS, IDS, NAMES, zeroshot.ZeroShotConfig(min_positives=2))
     # unnamed C3 and D (1 positive) are left out
     assert res.concept_ids == ["A", "B"]
     # A: scores .9(P) .5(N) .1(P) -.3(N): 3 of 4 pos/neg pairs ordered -> AUROC .75; AP = (1/1 + 2/3)/2
@@ -49,8 +49,8 @@ def test_zeroshot_auroc_and_ap_by_hand():
 
 
 def test_zeroshot_memory_blocks_do_not_change_results():
-    a = zeroshot.compute(IMAGES, CONCEPTS, LABELS, IDS, NAMES, zeroshot.ZeroShotConfig(min_positives=2))
-    b = zeroshot.compute(IMAGES, CONCEPTS, LABELS, IDS, NAMES, zeroshot.ZeroShotConfig(min_positives=2, memory_mb=1e-6))
+    a = zeroshot.score(IMAGES, CONCEPTS, LABELS, IDS, NAMES, zeroshot.ZeroShotConfig(min_positives=2))
+    b = zeroshot.score(IMAGES, CONCEPTS, LABELS, IDS, NAMES, zeroshot.ZeroShotConfig(min_positives=2, memory_mb=1e-6))
     assert a.ap == b.ap and a.auroc == b.auroc
 
 
@@ -74,7 +74,7 @@ def _modality_set():
 
 def test_modality_accuracy_single_label_images_only():
     img, concept_emb, labels, ids, names = _modality_set()
-    res = zeroshot.compute(img, concept_emb, labels, ids, names)
+    res = zeroshot.score(img, concept_emb, labels, ids, names)
     used = [(m.label, m.concept_id, n) for m, n in res.modality_classes]
     # image 5 carries two modalities and is left out; 5 CT + 5 ultrasound remain, one CT image is wrong
     assert used == [("CT", "C0040405", 5), ("ultrasound", "C0041618", 5)]
@@ -91,7 +91,7 @@ def test_modality_concepts_are_configurable():
     img, concept_emb, labels, ids, names = _modality_set()
     classes = zeroshot.parse_modality_concepts("CT=C0040405, C0032743")
     assert classes == (zeroshot.ModalityClass("CT", "C0040405"), zeroshot.ModalityClass("C0032743", "C0032743"))
-    res = zeroshot.compute(img, concept_emb, labels, ids, names, zeroshot.ZeroShotConfig(modalities=classes, min_modality_images=2))
+    res = zeroshot.score(img, concept_emb, labels, ids, names, zeroshot.ZeroShotConfig(modalities=classes, min_modality_images=2))
     # CT alone on 0-5 except image 0 (also PET); PET alone on 11
     assert [(m.concept_id, n) for m, n in res.modality_classes] == [("C0040405", 5), ("C0032743", 1)]
     # image 4 now leans to PET (0.2 > 0): 5 of the 6 single-label images right
@@ -152,7 +152,7 @@ def test_fewshot_separable_concepts_reach_full_map():
     xtr, ytr = _clusters(90, seed=0, extra=False)
     xte, yte = _clusters(30, seed=1, extra=False)
     cfg = fewshot.FewShotConfig(ks=(1, 16), seeds=2, max_concepts=5, min_test_positives=5)
-    res = fewshot.compute(xtr, ytr, xte, yte, torch.eye(3, 4), ["a", "b", "c"], cfg)
+    res = fewshot.score(xtr, ytr, xte, yte, torch.eye(3, 4), ["a", "b", "c"], cfg)
     assert res.concept_rows == [0, 1, 2]  # 30 positives each: ties keep column order
     for method in ("logreg", "prototype", "tip_adapter"):
         assert res.curve(method) == pytest.approx([100.0, 100.0]), method
@@ -161,7 +161,7 @@ def test_fewshot_separable_concepts_reach_full_map():
     assert m["fewshot_map@16"] == pytest.approx(100.0) and m["fewshot_concepts"] == 3
     assert fewshot.chance(ytr, yte, cfg)["fewshot_map@16"] == pytest.approx(100 * zeroshot.expected_random_ap(10, 30))
     # the same seeds draw the same supports: a rerun gives identical numbers
-    assert np.array_equal(fewshot.compute(xtr, ytr, xte, yte, torch.eye(3, 4), ["a", "b", "c"], cfg).ap, res.ap)
+    assert np.array_equal(fewshot.score(xtr, ytr, xte, yte, torch.eye(3, 4), ["a", "b", "c"], cfg).ap, res.ap)
 
 
 def test_fewshot_chance_is_expected_random_ap():
@@ -181,7 +181,7 @@ def test_fewshot_uninformative_features_stay_near_chance():
     noise_tr = torch.from_numpy(rng.standard_normal((300, 16))).float()
     noise_te = torch.from_numpy(rng.standard_normal((300, 16))).float()
     cfg = fewshot.FewShotConfig(ks=(4,), seeds=3, methods=("logreg", "prototype"))
-    res = fewshot.compute(noise_tr, ytr, noise_te, yte, None, None, cfg)
+    res = fewshot.score(noise_tr, ytr, noise_te, yte, None, None, cfg)
     chance = fewshot.chance(ytr, yte, cfg)["fewshot_map@4"]
     assert abs(res.curve("logreg")[0] - chance) < 10
     assert abs(res.curve("prototype")[0] - chance) < 10
@@ -211,7 +211,7 @@ def test_f1_per_image_as_imageclef_scores_it():
 def test_detection_learns_separable_concepts():
     xtr, ytr = _clusters(300, seed=0)
     xte, yte = _clusters(90, seed=1)
-    res = detection.compute(xtr, ytr, xte, yte)
+    res = detection.score(xtr, ytr, xte, yte)
     assert res.concepts_modelled == 3
     # each image's main concept is predictable from its embedding; rows 0, 1 and 3 also carry
     # concept 2, which their embedding does not show: F1 2/3 there, 1 elsewhere

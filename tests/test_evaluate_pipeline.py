@@ -52,12 +52,19 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
                       options=_fast_options())
     out = tmp_path / "ev"
     assert list(result["columns"]) == ["chance", "closed-form", "linear", "cca"]
-    metrics = json.loads((out / "metrics.json").read_text())
+    record = json.loads((out / "metrics-linear.json").read_text())
+    assert record["schema_version"] == 2 and record["split"] == "test" and record["run_ref"] == str(linear_run)
+    assert record["scored"]["features"] == str(runs["features"] / "test.h5")
+    assert record["scored"]["backbone"] == "synthetic" and record["scored"]["pool_images"] == 120
+    assert set(record["sections"]) == {"retrieval", "zeroshot", "fewshot", "detection"}
+    metrics = record["metrics"]
     for key in REQUIRED_KEYS:
         assert key in metrics, key
+    assert json.loads((out / "metrics-cca.json").read_text())["metrics"]["t2i_R@1"] == pytest.approx(
+        result["columns"]["cca"]["t2i_R@1"])
     # the first run's retrieval numbers are exactly what the metric function gives on its embeddings
     run, test = load_run(linear_run), load_split(runs["features"] / "test.h5")
-    direct = retrieval.evaluate(run.embed_images(test.image_features), run.embed_texts(test.caption_features),
+    direct = retrieval.compute(run.embed_images(test.image_features), run.embed_texts(test.caption_features),
                                 test.caption_image, ks=(1, 5, 10))
     for key in ("t2i_R@1", "i2t_R@5", "t2i_medr", "i2t_meanr"):
         assert metrics[key] == pytest.approx(direct[key], abs=1e-4)
@@ -73,7 +80,10 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
     # the report puts every column side by side; plots and example grids exist as PNGs
     report = (out / "report.md").read_text()
     assert "| metric | chance | closed-form | linear | cca |" in report
-    assert "pool: 120 images, 240 captions" in report
+    assert "120 images, 240 captions" in report
+    # the closed-form column is the one `adapt --head cca` fits (setting chosen on valid): same numbers
+    assert result["columns"]["closed-form"]["t2i_R@10"] == pytest.approx(result["columns"]["cca"]["t2i_R@10"])
+    assert "chosen on valid" in report
     for name in ("recall_at_k.png", "fewshot.png", "example_text2image_1.png", "example_image2text_1.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     header = (out / "zeroshot_concepts.csv").read_text().splitlines()[0]
@@ -86,15 +96,29 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
 def test_eval_cli_default_out_and_table(runs):
     from medembed.cli import main
 
-    res = CliRunner().invoke(main, ["eval", "--run", str(runs["cca"]), "--k", "1,5,1000", "--skip", "fewshot,detection",
-                                    "--examples", "0", "--no-closed-form"])
+    args = ["eval", "--run", str(runs["cca"]), "--k", "1,5,1000", "--skip", "fewshot,detection", "--examples", "0",
+            "--no-closed-form"]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    assert "t2i_R@1000" in res.output and "closed-form" not in res.output
+    # K beyond the 120-image pool is capped there, and the output says so
+    assert "t2i_R@120" in res.output and "t2i_R@1000" not in res.output and "closed-form" not in res.output
+    assert "--k 1000 is more than the 120 images of the pool: capped at R@120" in res.output
     out = runs["cca"] / "eval-test"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["t2i_R@1000"] == 100.0  # K beyond the 120-image pool
+    metrics = json.loads((out / "metrics-cca.json").read_text())["metrics"]
+    assert metrics["t2i_R@120"] == 100.0
     assert "fewshot_map@1" not in metrics and "concept_f1" not in metrics
     assert str(out / "report.md") in res.output
+    # the same evaluation again is refused, and the first one is left as it was
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "already holds an evaluation; pass --overwrite" in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite replaces the folder whole: nothing of the earlier evaluation stays beside the new one
+    (out / "recall_at_k.png").rename(out / "stale-plot.png")
+    res = CliRunner().invoke(main, [*args, "--overwrite", "--k", "1,5"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "stale-plot.png").exists() and (out / "recall_at_k.png").exists()
+    assert "t2i_R@120" not in json.loads((out / "metrics-cca.json").read_text())["metrics"]
 
 
 def test_eval_cli_rejects_bad_k(runs):
@@ -128,10 +152,11 @@ def test_search_text_finds_the_captions_image(runs, tmp_path):
     j = int(torch.nonzero(r.t2i == 1)[0])  # a caption whose own image the run ranks first
     results = search_mod.search(runs["cca"], text=test.captions[j], k=5, split="test", backbone=_LookupBackbone(test),
                                 out=tmp_path / "grid.png")
-    assert [x["rank"] for x in results] == [1, 2, 3, 4, 5]
-    assert results[0]["image_id"] == test.image_ids[int(test.caption_image[j])]
-    assert results[0]["via"] == "exact scan"
-    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:]))
+    hits = results.hits
+    assert [x.rank for x in hits] == [1, 2, 3, 4, 5]
+    assert hits[0].image_id == test.image_ids[int(test.caption_image[j])]
+    assert results.via == "exact scan" and results.notes == []
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -146,14 +171,14 @@ def test_search_image_ranks_captions(runs, tmp_path):
     Image.new("RGB", (8, 8)).save(image)
     results = search_mod.search(runs["cca"], image=image, k=3, split="test", backbone=_LookupBackbone(test, row),
                                 out=tmp_path / "grid.png")
-    assert len(results) == 3
-    assert results[0]["image_id"] == test.image_ids[row]
-    assert results[0]["caption"] in [c for c, i in zip(test.captions, test.caption_image.tolist()) if i == row]
+    assert len(results.hits) == 3
+    assert results.hits[0].image_id == test.image_ids[row]
+    assert results.hits[0].caption in [c for c, i in zip(test.captions, test.caption_image.tolist()) if i == row]
     assert (tmp_path / "grid.png").exists()
     # without --split the pool is every split: more candidates can only raise the best score
     everywhere = search_mod.search(runs["cca"], image=image, k=3, backbone=_LookupBackbone(test, row))
-    assert everywhere[0]["score"] >= results[0]["score"]
-    assert {x["split"] for x in everywhere} <= {"train", "valid", "test"}
+    assert everywhere.hits[0].score >= results.hits[0].score
+    assert {x.split for x in everywhere.hits} <= {"train", "valid", "test"}
 
 
 def test_search_uses_a_built_index_and_agrees_with_the_scan(runs, tmp_path):
@@ -167,9 +192,9 @@ def test_search_uses_a_built_index_and_agrees_with_the_scan(runs, tmp_path):
     backbone = _LookupBackbone(test)
     via_index = search_mod.search(run_dir, text=test.captions[3], k=6, split="test", backbone=backbone)
     via_scan = search_mod.search(run_dir, text=test.captions[3], k=6, split="test", backbone=backbone, use_index=False)
-    assert via_index[0]["via"] == "flat index"
-    assert [x["image_id"] for x in via_index] == [x["image_id"] for x in via_scan]
-    assert [x["score"] for x in via_index] == pytest.approx([x["score"] for x in via_scan], abs=1e-5)
+    assert via_index.via == "flat index" and via_scan.via == "exact scan"
+    assert [x.image_id for x in via_index.hits] == [x.image_id for x in via_scan.hits]
+    assert [x.score for x in via_index.hits] == pytest.approx([x.score for x in via_scan.hits], abs=1e-5)
 
 
 def test_search_cli_prints_ranked_results(runs, monkeypatch):
@@ -200,7 +225,7 @@ def test_eval_refuses_a_cache_from_another_backbone(runs, tmp_path):
     features = tmp_path / "features"
     shutil.copytree(runs["features"], features)
     run_dir = tmp_path / "run"
-    shutil.copytree(runs["cca"], run_dir)
+    shutil.copytree(runs["cca"], run_dir, ignore=shutil.ignore_patterns("eval-*"))
     cfg = json.loads((run_dir / "config.json").read_text())
     cfg["features_dir"] = str(features)
     (run_dir / "config.json").write_text(json.dumps(cfg))

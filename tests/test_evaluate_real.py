@@ -1,5 +1,7 @@
-"""End to end on the real caches: `cli.py adapt` then `cli.py eval` through click, numbers well above chance.
+"""End to end on the real caches: the default `cli.py adapt` then `cli.py eval` through click.
 
+These guard the quality reached, not just "above chance": each bound sits a few points below what
+the default recipe measured (BENCHMARKS.md), so a change that loses about five points fails here.
 The caches come from the extract pipeline with the default backbone, built on first use; the tests
 skip, saying why, only when ../shared/data lacks the dataset.
 """
@@ -11,7 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-REPO = Path(__file__).resolve().parents[1]
+# roco-rad test (454 images) with the default recipe measured R@10 38.5 / 40.5, modality zero-shot
+# 76.1%, concept F1 19.5, few-shot mAP@16 28.7 (3 seeds); flickr8k-1k test (85 images) R@10 88.7 / 83.5
+ROCO_FLOOR = {"t2i_R@10": 34.0, "i2t_R@10": 34.0, "zeroshot_modality_acc": 72.0, "concept_f1": 16.0,
+              "fewshot_map@16": 24.0}
+FLICKR_FLOOR = {"t2i_R@10": 80.0, "i2t_R@10": 76.0}
 
 
 def _cache(dataset: str) -> Path:
@@ -25,7 +31,7 @@ def _adapt_then_eval(features: Path, tmp_path: Path, *extra: str) -> tuple[dict,
     from medembed.cli import main
 
     run = tmp_path / "run"
-    res = CliRunner().invoke(main, ["adapt", "--features", str(features), "--out", str(run), "--epochs", "10"])
+    res = CliRunner().invoke(main, ["adapt", "--features", str(features), "--out", str(run)])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["eval", "--run", str(run), "--k", "1,5,10", "--out", str(tmp_path / "ev"), *extra])
     assert res.exit_code == 0, res.output
@@ -34,21 +40,18 @@ def _adapt_then_eval(features: Path, tmp_path: Path, *extra: str) -> tuple[dict,
 
 
 @pytest.mark.slow
-def test_roco_rad_adapt_then_eval(tmp_path):
+def test_roco_rad_default_recipe_keeps_its_quality(tmp_path):
     from medembed.cache.reader import read_attrs
 
     features = _cache("roco-rad")
     columns, output, out = _adapt_then_eval(features, tmp_path, "--fewshot-seeds", "1")
-    run, chance, closed = columns["run"], columns["chance"], columns["closed-form"]
-    assert run["pool_images"] == read_attrs(features / "test.h5")["n_images"]  # the whole test split
-    assert run["t2i_R@10"] > 3 * chance["t2i_R@10"]
-    assert run["i2t_R@10"] > 3 * chance["i2t_R@10"]
-    assert closed["t2i_R@10"] > 3 * chance["t2i_R@10"]
+    run, chance = columns["run"], columns["chance"]
+    assert run["pool_images"] == read_attrs(features / "test.h5")["n_images"] == 454  # the whole test split
+    for key, floor in ROCO_FLOOR.items():
+        assert run[key] >= floor, (key, run[key], floor)
+        assert run[key] > 3 * chance[key] or key == "fewshot_map@16", (key, run[key], chance[key])
     # CT, ultrasound, plain x-ray and angiogram have >= 5 test images; MRI is never tagged, PET once
     assert run["zeroshot_modality_classes"] == 4
-    assert run["zeroshot_modality_acc"] > chance["zeroshot_modality_acc"]
-    assert run["fewshot_map@16"] > chance["fewshot_map@16"]
-    assert run["concept_f1"] > chance["concept_f1"]
     report = (out / "report.md").read_text()
     assert "MRI (C0024485)" in report and "plain x-ray (C1306645" in report
     assert "t2i_R@1" in output and "report:" in output
@@ -57,9 +60,9 @@ def test_roco_rad_adapt_then_eval(tmp_path):
 @pytest.mark.slow
 def test_flickr8k_five_captions_per_image(tmp_path):
     columns, _, out = _adapt_then_eval(_cache("flickr8k-1k"), tmp_path)
-    run, chance = columns["run"], columns["chance"]
-    assert run["pool_captions"] == 5 * run["pool_images"]
-    assert run["t2i_R@10"] > 3 * chance["t2i_R@10"]
-    assert run["i2t_R@10"] > 3 * chance["i2t_R@10"]
+    run = columns["run"]
+    assert run["pool_captions"] == 5 * run["pool_images"] == 425
+    for key, floor in FLICKR_FLOOR.items():
+        assert run[key] >= floor, (key, run[key], floor)
     assert "zeroshot_concept_map" not in run  # no concept labels in flickr8k
     assert "no concept labels" in (out / "report.md").read_text()

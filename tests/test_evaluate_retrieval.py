@@ -47,7 +47,7 @@ def test_ties_count_against_the_query():
 
 
 def test_k_larger_than_pool_and_an_uncaptioned_image():
-    m = retrieval.evaluate(IMAGES, TEXTS, CAPTION_IMAGE, ks=(10, 1000))
+    m = retrieval.compute(IMAGES, TEXTS, CAPTION_IMAGE, ks=(10, 1000))
     assert m["t2i_R@10"] == 100.0 and m["i2t_R@1000"] == 100.0
     # I2 has no caption: no K retrieves it, its rank is pool + 1
     r = retrieval.ranks(IMAGES, TEXTS[:3], CAPTION_IMAGE[:3])

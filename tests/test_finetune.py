@@ -218,8 +218,12 @@ def test_unfreezing_run_refreshes_cache_under_new_provenance(tiny_cache, tmp_pat
 
 
 @pytest.mark.slow
-def test_default_backbone_unlocks_top_stage_and_layers_and_its_cached_top_matches():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_default_backbone_unlocks_top_stage_and_layers_and_its_cached_top_matches(attention):
+    """The cached top reproduces the full towers under both attention code paths of BERT layers
+    (the mask is built by the project, not by a private helper of the library)."""
     bb = create_backbone("effnet-lite0+minilm")
+    bb.text_model.encoder.set_attn_implementation(attention)
     lock_backbone(bb, 2)
     trainable = {n for n, p in tower_parameters(bb).items() if p.requires_grad}
     # EfficientNet-Lite0: the last MBConv stage is the single 320-channel block 15, then the head conv

@@ -76,6 +76,7 @@ class Backbone:
     text_dim: int
     provenance: dict[str, str]
     extra_modules: tuple[nn.Module, ...] = field(default=(), repr=False)
+    cpu_micro_batch: int = 0  # > 0: run inference on the CPU this many images at a time (see encode_images)
 
     def to(self, device: str | torch.device) -> Backbone:
         for module in (*self.extra_modules, self.image_model, self.text_model):
@@ -88,9 +89,16 @@ class Backbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Raw float32 image features, left on the backbone's device (the caller decides when to copy)."""
+        """Raw float32 image features, left on the backbone's device (the caller decides when to copy).
+
+        On the CPU a convolutional tower runs fastest on small batches whose activations stay in
+        the cache (EfficientNet-Lite0: 16 images at a time is about 2x faster than 64), so a
+        backbone may set `cpu_micro_batch`; the loader's batch size, which fixes the crash-safe
+        part boundaries, is unaffected."""
         self.image_model.eval()
-        return self.image_model(pixels.to(self.device, non_blocking=True)).float()
+        pixels = pixels.to(self.device, non_blocking=True)
+        step = self.cpu_micro_batch if self.device.type == "cpu" and self.cpu_micro_batch > 0 else len(pixels)
+        return torch.cat([self.image_model(pixels[s : s + step]).float() for s in range(0, len(pixels), max(step, 1))])
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:

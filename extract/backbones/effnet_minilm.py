@@ -29,16 +29,19 @@ EFFNET_EVAL = EvalTransformConfig(size=224, resize=256, mean=(127 / 255,) * 3, s
 
 
 class EfficientNetLiteFeatures(Tower):
-    """Global average pool of the last conv stage (1280-d), i.e. the classifier's input before dropout."""
+    """Global average pool of the last conv stage (1280-d), i.e. the classifier's input before dropout.
+
+    Weights and inputs are kept channels-last: PyTorch's CPU depthwise and pointwise convolutions run
+    about 1.5x faster in that memory layout (the values are the same up to float rounding)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         net._dropout = nn.Identity()
         net._fc = nn.Identity()
-        self.net = net
+        self.net = net.to(memory_format=torch.channels_last)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(pixels).mean(dim=(2, 3))
+        return self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
 
     def blocks(self) -> list[nn.Module]:
         """Stem, the seven MBConv stages (consecutive blocks sharing an output width), head conv."""
@@ -160,4 +163,5 @@ def create_effnet_minilm(augment: AugmentConfig = AugmentConfig()) -> Backbone:
         image_dim=1280,
         text_dim=384,
         provenance=provenance,
+        cpu_micro_batch=16,
     )

@@ -1,0 +1,164 @@
+"""Rankings and the numbers read off them: retrieval ranks over a whole pool (computed in chunks),
+Recall@K, and per-column average precision and ROC AUC.
+
+The one home of these computations: early stopping (adapt) and the report (evaluate) both import
+them, so the recall a run was selected on is computed exactly as the recall it is reported with.
+
+Ties are counted against the query: a positive shares its rank with every negative scoring the
+same, so a collapsed embedding (all scores equal) ranks last instead of first.
+"""
+from __future__ import annotations
+
+import torch
+
+from medembed.common.tensors import unit
+
+
+def _count_at_least_(sims: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per row, how many entries are >= that row's threshold; overwrites `sims`.
+
+    In-place float passes (x - t -> sign -> +1 -> min 1 gives 1 exactly where x >= t) then a float
+    sum: vectorised end to end, several times faster than summing a bool mask, and no mask memory.
+    Float32 sums of 0/1 are exact below 2**24 entries per row; longer rows sum in float64.
+    """
+    ones = sims.sub_(threshold).sign_().add_(1).clamp_(max=1)
+    dtype = torch.float32 if sims.shape[1] < 2**24 else torch.float64
+    return ones.sum(1, dtype=dtype).long()
+
+
+@torch.no_grad()
+def retrieval_ranks(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    chunk: int = 4096,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-based ranks of the correct item for every text query (t2i) and every image query (i2t).
+
+    image_emb [N, D], text_emb [M, D], caption_image [M] (row of each caption's image).
+    An image query is a hit at the best-ranked of its captions. Memory stays at one reused
+    chunk x pool score buffer.
+
+    One GEMM and one counting pass per chunk: the positives' scores are gathered from the chunk's
+    own score matrix (bit-identical to what they are compared with), and an image's rank is
+    (captions scoring >= its best caption) - (its own captions doing so) + 1.
+    """
+    if normalize:
+        image_emb, text_emb = unit(image_emb), unit(text_emb)
+    caption_image = caption_image.long().to(text_emb.device)
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    device = text_emb.device
+
+    t2i = torch.empty(n_txt, dtype=torch.long)
+    buf = torch.empty(min(chunk, n_txt), n_img, device=device)
+    for s in range(0, n_txt, chunk):
+        sims = torch.matmul(text_emb[s : s + chunk], image_emb.T, out=buf[: min(chunk, n_txt - s)])
+        pos = sims.gather(1, caption_image[s : s + chunk, None])
+        t2i[s : s + chunk] = _count_at_least_(sims, pos).cpu()  # counts itself: rank >= 1
+
+    # captions grouped by image: the positives of an image chunk are one contiguous slice
+    order = torch.argsort(caption_image, stable=True)
+    bounds = torch.searchsorted(caption_image[order], torch.arange(n_img + 1, device=device))
+    i2t = torch.empty(n_img, dtype=torch.long)
+    buf = torch.empty(min(chunk, n_img), n_txt, device=device)
+    for s in range(0, n_img, chunk):
+        e = min(s + chunk, n_img)
+        sims = torch.matmul(image_emb[s:e], text_emb.T, out=buf[: e - s])
+        cols = order[bounds[s] : bounds[e]]
+        rows = caption_image[cols] - s
+        pos = sims[rows, cols]
+        best = torch.full((e - s,), float("-inf"), device=device).scatter_reduce(0, rows, pos, "amax")
+        own_at_best = torch.zeros(e - s, dtype=torch.long, device=device).index_add_(0, rows, (pos >= best[rows]).long())
+        at_least = _count_at_least_(sims, best[:, None])
+        # an image without captions can never be retrieved: rank past the pool
+        i2t[s:e] = torch.where(own_at_best > 0, at_least - own_at_best + 1, torch.full_like(at_least, n_txt + 1)).cpu()
+    return t2i, i2t
+
+
+def recall_at(ranks: torch.Tensor, k: int) -> float:
+    return float((ranks <= k).float().mean()) if ranks.numel() else float("nan")
+
+
+def summarize_ranks(t2i: torch.Tensor, i2t: torch.Tensor, n_images: int, n_captions: int,
+                    ks=(1, 5, 10)) -> dict[str, float]:
+    """Flat numbers of a ranking: t2i_R@k and i2t_R@k in %, median and mean ranks, and
+    `mean_recall` (the mean of all R@k, what early stopping maximises).
+
+    K above the pool is capped at it (every retrievable item is then found; an image without
+    captions ranks past the pool and stays a miss at any K)."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"t2i_R@{k}"] = 100 * recall_at(t2i, min(k, n_images))
+    for k in ks:
+        out[f"i2t_R@{k}"] = 100 * recall_at(i2t, min(k, n_captions))
+    for name, rk in (("t2i", t2i), ("i2t", i2t)):
+        out[f"{name}_medr"] = float(rk.float().median()) if rk.numel() else float("nan")
+        out[f"{name}_meanr"] = float(rk.float().mean()) if rk.numel() else float("nan")
+    out["mean_recall"] = sum(out[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in ks) / (2 * len(ks))
+    return out
+
+
+def recall_summary(image_emb, text_emb, caption_image, ks=(1, 5, 10), chunk: int = 4096) -> dict[str, float]:
+    """`summarize_ranks` of the ranking of these embeddings (normalised here)."""
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, chunk=chunk)
+    return summarize_ranks(t2i, i2t, image_emb.shape[0], text_emb.shape[0], ks)
+
+
+# --- per-column ranking scores -------------------------------------------------------------------
+
+
+def _sorted_groups(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column, scores sorted descending: (positives in each run of tied scores, that run's end
+    rank), both [N, C]; a run's count sits at its last row, other rows of the run hold 0."""
+    order = torch.argsort(scores, dim=0, descending=True, stable=True)
+    s = scores.gather(0, order)
+    y = labels.gather(0, order).double()
+    tp = y.cumsum(0)
+    ends = torch.ones_like(s, dtype=torch.bool)
+    ends[:-1] = s[:-1] != s[1:]  # the last row of every run of equal scores
+    at_end = torch.where(ends, tp, torch.zeros_like(tp))
+    # positives per run = cumulative count at its end minus the cumulative count at the previous end
+    prev = torch.cummax(torch.cat([torch.zeros_like(at_end[:1]), at_end[:-1]]), dim=0).values
+    return torch.where(ends, tp - prev, torch.zeros_like(tp)), ends
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Average precision of every column of `scores` [N, C] against 0/1 `labels` [N, C], with
+    tied scores treated as one threshold (as scikit-learn's average_precision_score does):
+    AP = sum over thresholds of (recall gained) x (precision there). NaN for a column without positives."""
+    labels = labels.to(scores.device)
+    gained, ends = _sorted_groups(scores.double(), labels)
+    rank = torch.arange(1, scores.shape[0] + 1, dtype=torch.float64, device=scores.device)[:, None]
+    precision = gained.cumsum(0) / rank
+    positives = labels.double().sum(0)
+    ap = (gained * precision * ends).sum(0) / positives
+    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ROC AUC of every column (the Mann-Whitney statistic, ties counting one half, as
+    scikit-learn's roc_auc_score); NaN for a column with no positive or no negative."""
+    labels = labels.to(scores.device).double()
+    n = scores.shape[0]
+    order = torch.argsort(scores.double(), dim=0, stable=True)
+    s = scores.double().gather(0, order)
+    ranks = torch.empty_like(s)
+    ranks.scatter_(0, order, torch.arange(1, n + 1, dtype=torch.float64, device=scores.device)[:, None].expand_as(s))
+    # average the ranks of tied scores: mean of first and last rank of each run of equal values
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[1:] = s[1:] != s[:-1]
+    run = new.long().cumsum(0) - 1
+    cols = torch.arange(s.shape[1], device=scores.device)[None, :].expand_as(run)
+    key = run * s.shape[1] + cols
+    first = torch.full((n * s.shape[1],), float(n + 1), dtype=torch.float64, device=scores.device)
+    last = torch.zeros(n * s.shape[1], dtype=torch.float64, device=scores.device)
+    pos_sorted = torch.arange(1, n + 1, dtype=torch.float64, device=scores.device)[:, None].expand_as(s)
+    first.scatter_reduce_(0, key.reshape(-1), pos_sorted.reshape(-1), "amin")
+    last.scatter_reduce_(0, key.reshape(-1), pos_sorted.reshape(-1), "amax")
+    avg_sorted = ((first + last) / 2)[key]
+    ranks.scatter_(0, order, avg_sorted)
+    p = labels.sum(0)
+    q = n - p
+    auc = ((ranks * labels).sum(0) - p * (p + 1) / 2) / (p * q)
+    return torch.where((p > 0) & (q > 0), auc, torch.full_like(auc, float("nan")))
