@@ -145,35 +145,50 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @_adapt_option("--device", "Where to train.", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder, e.g. runs/NAME.")
-@click.option("--unfreeze-every", type=click.IntRange(min=1), default=None,
-              help="After every K adapter epochs, fine-tune the backbone's top blocks end to end, re-extract the "
-                   "cache (new provenance; the old one stays) and go on with adapters [default: off].")
+@click.option("--unlock", default=None, metavar="SPEC",
+              help="Train tower blocks together with the heads: text:N (LiT: image features stay cached), "
+                   "image:N, text:all, or N / all for both towers [default: none, heads only].")
+@click.option("--unfreeze-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="0: the unlocked blocks train with the heads every epoch (from cached activations). K: after "
+                   "every K adapter epochs, one short cycle of the unlocked blocks on raw images and captions, then "
+                   "a re-extracted cache; a cycle that lowers valid recall is rolled back.")
 @click.option("--unfreeze-epochs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Epochs over raw images and captions per unfreeze cycle.")
-@click.option("--unlocked-layers", default="2", show_default=True, help="Top blocks of each tower to train, or 'all'.")
+              help="Epochs per unfreeze cycle (with --unfreeze-every K).")
+@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="Peak learning rate of the unlocked tower blocks.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute unlocked blocks' activations to save memory.")
 @click.option("--cached-trunk", is_flag=True,
-              help="Cache the activations entering the first unlocked block once per cycle and train from them.")
+              help="Unfreeze cycles train from the activations entering the first unlocked block, cached once, "
+                   "instead of raw images (no random crops).")
 @click.pass_context
-def adapt(ctx: click.Context, resume: bool, unfreeze_every, unfreeze_epochs, unlocked_layers, grad_checkpointing,
+def adapt(ctx: click.Context, resume: bool, unlock, unfreeze_every, unfreeze_epochs, backbone_lr, grad_checkpointing,
           cached_trunk, **options) -> None:
-    """Train projection heads on cached features (seconds on a CPU)."""
-    from medembed.adapt.run import config_from_options, format_summary, train
+    """Train projection heads on cached features (seconds on a CPU), optionally with tower blocks."""
+    from medembed.adapt.config import config_from_options
+    from medembed.adapt.trainer import format_summary, train
+    from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_unfreezing, tuned_summary_lines
 
     explicit = _given_on_command_line(ctx, options)
+    tuning = _given_on_command_line(ctx, ["unfreeze_every", "unfreeze_epochs", "backbone_lr", "grad_checkpointing",
+                                          "cached_trunk"])
     try:
         config = config_from_options(options, explicit, resume)
-        if unfreeze_every:
-            from medembed.adapt.finetune import UnfreezeConfig, train_with_unfreezing
-
-            unfreeze = UnfreezeConfig(every=unfreeze_every, epochs=unfreeze_epochs, unlocked_layers=unlocked_layers,
-                                      grad_checkpointing=grad_checkpointing, cached_trunk=cached_trunk)
-            summary = train_with_unfreezing(config, unfreeze, progress=True)
+        if unlock is None and unfreeze_every:
+            unlock = "2"  # periodic unfreezing without --unlock: the top 2 blocks of both towers
+        if unlock is None:
+            if tuning:
+                raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} has no effect without --unlock")
+            summary, extra = train(config, resume=resume), []
         else:
-            summary = train(config, resume=resume)
+            if resume:
+                raise ValueError("--resume continues adapter runs only; a run with --unlock starts afresh")
+            tune = TuneConfig(unlock=unlock, every=unfreeze_every, epochs=unfreeze_epochs, backbone_lr=backbone_lr,
+                              grad_checkpointing=grad_checkpointing, cached_trunk=cached_trunk, seed=config.seed)
+            summary = (train_with_unfreezing if unfreeze_every else train_tuned)(config, tune, progress=True)
+            extra = tuned_summary_lines(summary)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from e
-    click.echo(format_summary(summary))
+    click.echo("\n".join([format_summary(summary), *extra]))
 
 
 # --- eval / search ---------------------------------------------------------------------------

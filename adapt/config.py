@@ -115,3 +115,25 @@ class AdaptConfig:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json, not an adapter run folder")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def config_from_options(options: dict, explicit: set[str], resume: bool) -> AdaptConfig:
+    """CLI options -> config. On --resume the saved config is the base and only options given on
+    the command line override it (so `adapt --out runs/x --resume` alone continues the run).
+    Options the chosen head or loss would ignore are refused, naming each and why."""
+    out = Path(options["out"])
+    if resume:
+        if not (out / "config.json").exists():
+            raise FileNotFoundError(f"--resume: {out} holds no run to continue (no config.json); drop --resume "
+                                    "to start a new run there")
+        saved = AdaptConfig.from_run(out).to_dict()
+        saved.update({k: v for k, v in options.items() if k in explicit and v is not None})
+        config = AdaptConfig.from_dict(saved)
+    else:
+        if not options.get("features_dir"):
+            raise ValueError("--features is required (unless --resume continues a run in --out)")
+        config = AdaptConfig.from_dict({k: v for k, v in options.items() if v is not None})
+    ignored = config.ignored(explicit - {"features_dir", "out"})
+    if ignored:
+        raise ValueError("options that would have no effect on this run: " + "; ".join(ignored))
+    return config

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from medembed.cache.reader import CachedSplit
+from medembed.cache.reader import CachedSplit, feature_chunks, strings
 
 
 @dataclass
@@ -113,7 +113,7 @@ class StreamSource:
             self.text_dim = int(f["captions/features"].shape[1])
             self.n_images = int(f["images/features"].shape[0])
             self.has_views = with_views and "images/view_features" in f
-            texts = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f["captions/text"][()]]
+            texts = strings(f["captions/text"])
         self.caption_key = caption_keys(texts)
         self.n_captions = int(self.caption_image.numel())
 
@@ -137,10 +137,7 @@ class StreamSource:
                             self.caption_key[s:e], rows)
 
     def _chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
-        with h5py.File(self.path, "r") as f:
-            ds = f[name]
-            for s in range(0, ds.shape[0], rows):
-                yield torch.from_numpy(ds[s : s + rows])
+        return (torch.from_numpy(x) for x in feature_chunks(self.path, name, rows))
 
     def image_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor]:
         return self._chunks("images/features", rows)
@@ -155,7 +152,7 @@ def read_concepts(path: str | Path) -> tuple[sp.csr_matrix | None, list[str], to
     with h5py.File(path, "r") as f:
         if "concepts/ids" not in f or "concepts/text_features" not in f:
             return None, [], None
-        names = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f["concepts/names"][()]]
+        names = strings(f["concepts/names"])
         n = int(f["images/features"].shape[0])
         indptr, indices = f["concepts/indptr"][()].astype(np.int64), f["concepts/indices"][()].astype(np.int64)
         labels = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n, len(names)))

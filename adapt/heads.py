@@ -11,7 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from medembed.adapt.config import HEAD_KINDS
+from medembed.adapt.config import HEAD_KINDS, AdaptConfig
+from medembed.common.tensors import unit
 
 
 class Standardize(nn.Module):
@@ -123,8 +124,7 @@ class ResidualHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.identity_skip:
-            x = x.float()
-            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            x = unit(x)
         else:
             x = self.norm_in(x)
         return self.alpha * self.adapter(x) + (1 - self.alpha) * self.skip(x)
@@ -179,5 +179,26 @@ class EnsembleHead(nn.Module):
         return [m(x) for m in self.members]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [o / o.norm(dim=-1, keepdim=True).clamp_min(1e-12) for o in self.member_outputs(x)]
+        outs = [unit(o) for o in self.member_outputs(x)]
         return torch.cat(outs, dim=-1) / len(outs) ** 0.5
+
+
+def build_heads(run_config: dict) -> tuple[nn.Module, nn.Module]:
+    """Image and text heads as a run config describes them, initialised from its seed.
+
+    Shared by training and run loading, so a saved run always rebuilds to the same shapes. The
+    initialisation draws from a forked generator state: the caller's random stream is left as it was."""
+    cfg = AdaptConfig.from_dict(run_config)
+    image_dim, text_dim = int(run_config["image_dim"]), int(run_config["text_dim"])
+    if cfg.head == "cca":
+        return build_head("cca", image_dim, cfg.dim), build_head("cca", text_dim, cfg.dim)
+    towers: list[list[nn.Module]] = [[], []]
+    with torch.random.fork_rng(devices=[]):
+        for k in range(cfg.ensemble):
+            torch.manual_seed(cfg.seed * 1009 + k)
+            for tower, in_dim in zip(towers, (image_dim, text_dim)):
+                tower.append(build_head(cfg.head, in_dim, cfg.dim, dropout=cfg.dropout,
+                                        input_dropout=cfg.input_dropout, alpha=cfg.alpha))
+    if cfg.ensemble == 1:
+        return towers[0][0], towers[1][0]
+    return EnsembleHead(towers[0]), EnsembleHead(towers[1])

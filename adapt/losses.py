@@ -15,10 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medembed.adapt.config import LOSS_KINDS
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
+from medembed.common.tensors import unit
 
 
 def _check(img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor | None) -> torch.Tensor:
@@ -48,7 +45,7 @@ class InfoNCELoss(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
         pos = _check(img, txt, positives)
         scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
-        logits = scale * _unit(img) @ _unit(txt).T
+        logits = scale * unit(img) @ unit(txt).T
         eye = torch.eye(pos.shape[0], dtype=torch.bool, device=pos.device)
         # sibling positives leave the softmax entirely: neither target nor negative
         logits = logits.masked_fill(pos & ~eye, float("-inf"))
@@ -69,7 +66,7 @@ class MarginLoss(nn.Module):
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
         pos = _check(img, txt, positives)
-        cos = _unit(img) @ _unit(txt).T
+        cos = unit(img) @ unit(txt).T
         pull = (1 - cos)[pos].mean()
         neg = ~pos
         if not neg.any():
@@ -92,7 +89,7 @@ class SigLIPLoss(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
         pos = _check(img, txt, positives)
         scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
-        logits = scale * _unit(img) @ _unit(txt).T + self.bias
+        logits = scale * unit(img) @ unit(txt).T + self.bias
         labels = pos.float() * 2 - 1
         return -F.logsigmoid(labels * logits).sum() / pos.shape[0]
 

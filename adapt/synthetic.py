@@ -7,6 +7,7 @@ is broken cannot.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,25 +77,8 @@ def correlated_split(
 
 def write_cache(split: CachedSplit, path: str | Path, dtype: str = "float32") -> Path:
     """Write a CachedSplit through the real cache writer (so tests exercise the real reader)."""
-    concepts = split.concepts if split.concepts is not None else sp.csr_matrix((split.n_images, 0))
-    return write_split(
-        path,
-        attrs=split.attrs,
-        image_ids=split.image_ids,
-        image_locations=[f"images/{i}.jpg" for i in split.image_ids],
-        image_features=split.image_features.numpy(),
-        captions=split.captions,
-        caption_image=split.caption_image.numpy(),
-        caption_features=split.caption_features.numpy(),
-        concept_ids=split.concept_ids,
-        concept_names=split.concept_names,
-        concept_indptr=concepts.indptr,
-        concept_indices=concepts.indices,
-        templates=split.templates,
-        concept_text_features=None if split.concept_text_features is None else split.concept_text_features.numpy(),
-        view_features=None if split.view_features is None else split.view_features.numpy(),
-        dtype=dtype,
-    )
+    locations = split.image_locations or [f"images/{i}.jpg" for i in split.image_ids]
+    return write_split(path, replace(split, image_locations=locations), dtype=dtype)
 
 
 def write_synthetic_features(features_dir: str | Path, n_train: int = 200, n_eval: int = 100, **kw) -> Path:

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medembed.adapt.config import AdaptConfig  # noqa: E402
-from medembed.adapt.run import load_run, train  # noqa: E402
+from medembed.adapt.run import load_run  # noqa: E402
+from medembed.adapt.trainer import train  # noqa: E402
 from medembed.cache.reader import CachedSplit, load_split  # noqa: E402
 from medembed.common.ranking import recall_summary  # noqa: E402
 

@@ -160,7 +160,7 @@ def _roco_subset(work: Path, n_train: int) -> tuple[Path, Path]:
 def roco(args) -> None:
     from medembed.adapt.config import AdaptConfig
     from medembed.adapt.finetune import UnfreezeConfig, train_with_unfreezing
-    from medembed.adapt.run import train
+    from medembed.adapt.trainer import train
 
     if not ROCO.is_dir() or not (ROCO_CACHE / "train.h5").exists():
         sys.exit(f"needs {ROCO} and the cache {ROCO_CACHE} (extract it first)")

@@ -16,15 +16,14 @@ import numpy as np
 
 from medembed.cache.faults import reached
 from medembed.cache.provenance import ProvenanceMismatch, differences
+from medembed.common.files import atomic_write
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class PartStore:
@@ -55,7 +54,7 @@ class PartStore:
             return manifest["settings"]
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = {"provenance": provenance, "settings": run_settings}
-        _atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1, default=str).encode())
+        atomic_write(self.manifest_path, lambda tmp: _write_synced(tmp, json.dumps(manifest, indent=1, default=str)))
         return run_settings
 
     def path(self, kind: str, index: int) -> Path:

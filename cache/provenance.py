@@ -1,24 +1,15 @@
 """What makes two caches comparable, and a readable account of how two differ."""
 from __future__ import annotations
 
+# What fixes the feature space: heads trained on one cannot read features from another.
+BACKBONE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
+                 "text_pooling")
+# What identifies the data the features describe.
+DATA_KEYS = ("dataset", "dataset_fingerprint")
 # Keys that must match for features to be mixed or appended. Time, host and data location may differ.
-COMPARED = (
-    "backbone",
-    "weights_sha256",
-    "preprocess",
-    "image_layer",
-    "image_pooling",
-    "text_layer",
-    "text_pooling",
-    "dataset",
-    "dataset_fingerprint",
-    "split",
-    "dtype",
-    "views",
-    "templates",
-    "toolkit_version",
-    "shard",
-)
+COMPARED = (*BACKBONE_KEYS, *DATA_KEYS, "split", "dtype", "views", "templates", "toolkit_version", "shard")
+# What a trained run records of the cache it was trained on (config.json "cache").
+RUN_RECORD_KEYS = (*BACKBONE_KEYS, *DATA_KEYS, "toolkit_version", "synthetic")
 
 
 def _short(v, n: int = 60) -> str:
@@ -36,11 +27,6 @@ def differences(existing: dict, wanted: dict) -> list[str]:
         if str(a) != str(b):
             out.append(f"{k}: cache has {_short(a)!s}, this run has {_short(b)!s}")
     return out
-
-
-# What fixes the feature space: heads trained on one cannot read features from another.
-BACKBONE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
-                 "text_pooling")
 
 
 def backbone_differences(existing: dict, wanted: dict) -> list[str]:

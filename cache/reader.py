@@ -22,7 +22,7 @@ Schema (one HDF5 file per dataset x split x backbone, written by `cache.writer`)
 """
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,11 +31,16 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-SPLIT_ORDER = ("train", "valid", "test")
+from medembed.common.splits import sort_splits
 
 
-def _strings(ds) -> list[str]:
-    return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
+def strings(ds: h5py.Dataset) -> list[str]:
+    """A string dataset as Python strings (h5py decodes the UTF-8)."""
+    return ds.asstr()[()].tolist()
+
+
+def _attrs(f: h5py.File) -> dict:
+    return {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
 
 
 @dataclass
@@ -55,6 +60,7 @@ class CachedSplit:
     image_locations: list[str] = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
     path: str = ""
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, location, reason) of unreadable images
 
     @property
     def n_images(self) -> int:
@@ -71,27 +77,48 @@ class CachedSplit:
         return self.concepts.toarray().astype(bool)
 
 
-def _read_float(ds) -> torch.Tensor:
-    # one contiguous read of the whole dataset (chunks are row blocks), then widen
+def _read_float(ds, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """One contiguous read of the whole dataset (chunks are row blocks), widened to `dtype`
+    (None: the stored dtype)."""
     arr = np.empty(ds.shape, dtype=ds.dtype)
     ds.read_direct(arr)
-    return torch.from_numpy(arr.astype(np.float32, copy=False))
+    out = torch.from_numpy(arr)
+    return out if dtype is None else out.to(dtype)
 
 
 def read_attrs(path: str | Path) -> dict:
     with h5py.File(path, "r") as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        return _attrs(f)
+
+
+def _skipped(f: h5py.File) -> list[tuple[str, str, str]]:
+    if "skipped/ids" not in f:
+        return []
+    return list(zip(strings(f["skipped/ids"]), strings(f["skipped/locations"]), strings(f["skipped/reasons"])))
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str, str]]:
     """(id, location, reason) of every image the extraction could not read."""
     with h5py.File(path, "r") as f:
-        if "skipped/ids" not in f:
-            return []
-        return list(zip(_strings(f["skipped/ids"]), _strings(f["skipped/locations"]), _strings(f["skipped/reasons"])))
+        return _skipped(f)
 
 
-def load_split(path: str | Path, with_views: bool = True) -> CachedSplit:
+def read_strings(path: str | Path, name: str) -> list[str]:
+    """One string dataset of a cache file (e.g. "images/ids", "captions/text") without its features."""
+    with h5py.File(path, "r") as f:
+        return strings(f[name])
+
+
+def feature_chunks(path: str | Path, name: str = "images/features", rows: int = 65536) -> Iterator[np.ndarray]:
+    """A feature dataset of a cache file, `rows` at a time as stored (never the whole file in memory)."""
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        for s in range(0, ds.shape[0], rows):
+            yield ds[s : s + rows]
+
+
+def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | None = torch.float32) -> CachedSplit:
+    """A whole cache file in memory; features as `dtype` (None: as stored, float16 by default)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such cache file")
@@ -102,7 +129,7 @@ def load_split(path: str | Path, with_views: bool = True) -> CachedSplit:
     with f:
         if "images/features" not in f:
             raise ValueError(f"{path}: not a feature cache (no images/features dataset)")
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+        attrs = _attrs(f)
         n = f["images/features"].shape[0]
         concepts = None
         concept_ids: list[str] = []
@@ -110,33 +137,34 @@ def load_split(path: str | Path, with_views: bool = True) -> CachedSplit:
         ctf = None
         templates: list[str] = []
         if "concepts/ids" in f:
-            concept_ids = _strings(f["concepts/ids"])
-            concept_names = _strings(f["concepts/names"])
+            concept_ids = strings(f["concepts/ids"])
+            concept_names = strings(f["concepts/names"])
             indptr = f["concepts/indptr"][()].astype(np.int64)
             indices = f["concepts/indices"][()].astype(np.int64)
             concepts = sp.csr_matrix(
                 (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n, len(concept_ids))
             )
             if "concepts/text_features" in f:
-                ctf = _read_float(f["concepts/text_features"])
-                templates = _strings(f["concepts/templates"])
-        views = _read_float(f["images/view_features"]) if with_views and "images/view_features" in f else None
+                ctf = _read_float(f["concepts/text_features"], dtype)
+                templates = strings(f["concepts/templates"])
+        views = _read_float(f["images/view_features"], dtype) if with_views and "images/view_features" in f else None
         return CachedSplit(
             split=attrs.get("split", path.stem),
-            image_ids=_strings(f["images/ids"]),
-            image_features=_read_float(f["images/features"]),
-            caption_features=_read_float(f["captions/features"]),
+            image_ids=strings(f["images/ids"]),
+            image_features=_read_float(f["images/features"], dtype),
+            caption_features=_read_float(f["captions/features"], dtype),
             caption_image=torch.from_numpy(f["captions/image_row"][()].astype(np.int64)),
-            captions=_strings(f["captions/text"]),
+            captions=strings(f["captions/text"]),
             concept_ids=concept_ids,
             concept_names=concept_names,
             concepts=concepts,
             concept_text_features=ctf,
             templates=templates,
             view_features=views,
-            image_locations=_strings(f["images/locations"]) if "images/locations" in f else [],
+            image_locations=strings(f["images/locations"]) if "images/locations" in f else [],
             attrs=attrs,
             path=str(path),
+            skipped=_skipped(f),
         )
 
 
@@ -148,9 +176,4 @@ def find_splits(features_dir: str | Path) -> dict[str, Path]:
     files = {p.stem: p for p in sorted(d.glob("*.h5")) if ".shard-" not in p.name}
     if not files:
         raise FileNotFoundError(f"{d}: no finished cache files (*.h5); run `cli.py extract` first")
-    order = {s: i for i, s in enumerate(SPLIT_ORDER)}
-    return dict(sorted(files.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
-
-
-def provenance_json(attrs: dict) -> str:
-    return json.dumps(attrs, sort_keys=True, default=str)
+    return {name: files[name] for name in sort_splits(files)}

@@ -7,17 +7,20 @@ unfinished shard stops the merge with its name, never leaving a gap of silent ze
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
 import numpy as np
+import scipy.sparse as sp
+import torch
 
 from medembed.cache.provenance import ProvenanceMismatch, differences
-from medembed.cache.reader import read_attrs
+from medembed.cache.reader import CachedSplit, load_split, read_attrs
 from medembed.cache.writer import write_split
+from medembed.common.files import atomic_write
 
 SHARD_RE = re.compile(r"^(?P<split>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>h5|parts|done)$")
 
@@ -32,9 +35,8 @@ def marker_path(shard_file: Path) -> Path:
 
 def write_done_marker(shard_file: str | Path, *, n_images: int, n_captions: int, shard: str) -> None:
     shard_file = Path(shard_file)
-    tmp = shard_file.with_suffix(f".done.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"file": shard_file.name, "shard": shard, "n_images": n_images, "n_captions": n_captions}))
-    os.replace(tmp, marker_path(shard_file))
+    marker = json.dumps({"file": shard_file.name, "shard": shard, "n_images": n_images, "n_captions": n_captions})
+    atomic_write(marker_path(shard_file), lambda tmp: tmp.write_text(marker))
 
 
 def _scan(folder: Path) -> dict[str, dict]:
@@ -53,10 +55,6 @@ def _scan(folder: Path) -> dict[str, dict]:
         else:
             g["markers"].add(i)
     return found
-
-
-def _strings(ds) -> list[str]:
-    return [x.decode() if isinstance(x, bytes) else str(x) for x in ds[()]]
 
 
 def merge_shards(folder: str | Path) -> list[Path]:
@@ -83,6 +81,27 @@ def merge_shards(folder: str | Path) -> list[Path]:
     return merged
 
 
+def concat_splits(parts: list[CachedSplit]) -> CachedSplit:
+    """Consecutive blocks of one split (shards, in order) as one split: rows appended, caption rows
+    and concept rows re-based, the shared vocabulary and prompt features taken from the first."""
+    first = parts[0]
+    offsets = np.cumsum([0] + [p.n_images for p in parts[:-1]])
+    labels = sp.vstack([p.concepts for p in parts], format="csr") if first.concepts is not None else None
+    views = [p.view_features for p in parts]
+    return replace(
+        first,
+        image_ids=[i for p in parts for i in p.image_ids],
+        image_locations=[loc for p in parts for loc in p.image_locations],
+        image_features=torch.cat([p.image_features for p in parts]),
+        view_features=torch.cat(views) if views[0] is not None else None,
+        captions=[c for p in parts for c in p.captions],
+        caption_image=torch.cat([p.caption_image + int(o) for p, o in zip(parts, offsets)]),
+        caption_features=torch.cat([p.caption_features for p in parts]),
+        concepts=labels,
+        skipped=[x for p in parts for x in p.skipped],
+    )
+
+
 def _merge_split(folder: Path, split: str, files: list[Path]) -> Path:
     first = read_attrs(files[0])
     for f in files[1:]:
@@ -96,52 +115,11 @@ def _merge_split(folder: Path, split: str, files: list[Path]) -> Path:
         if diffs:
             raise ProvenanceMismatch(final, diffs)
         return final
-    cols: dict[str, list] = defaultdict(list)
-    img_off = 0
-    nnz_off = 0
-    for path in files:
-        with h5py.File(path, "r") as f:
-            n_img = f["images/ids"].shape[0]
-            cols["ids"] += _strings(f["images/ids"])
-            cols["locations"] += _strings(f["images/locations"])
-            cols["features"].append(f["images/features"][()])
-            if "images/view_features" in f:
-                cols["views"].append(f["images/view_features"][()])
-            cols["captions"] += _strings(f["captions/text"])
-            cols["caption_image"].append(f["captions/image_row"][()] + img_off)
-            cols["caption_features"].append(f["captions/features"][()])
-            indptr = f["concepts/indptr"][()]
-            cols["indptr"].append((indptr[1:] if cols["indptr"] else indptr) + nnz_off)
-            cols["indices"].append(f["concepts/indices"][()])
-            nnz_off += int(indptr[-1])
-            cols["skipped"] += list(zip(_strings(f["skipped/ids"]), _strings(f["skipped/locations"]),
-                                        _strings(f["skipped/reasons"])))
-            img_off += n_img
+    parts = [load_split(p, dtype=None) for p in files]  # stored dtype: no float32 copy of the shards
+    merged = concat_splits(parts)
+    merged.attrs = {**first, "shard": "", "merged_from_shards": len(files),
+                    "n_records": sum(int(p.attrs["n_records"]) for p in parts)}
     with h5py.File(files[0], "r") as f:
-        concept_ids, concept_names = _strings(f["concepts/ids"]), _strings(f["concepts/names"])
-        templates = _strings(f["concepts/templates"]) if "concepts/templates" in f else []
-        ctf = f["concepts/text_features"][()] if "concepts/text_features" in f else None
         feature_attrs = {"images": dict(f["images/features"].attrs), "captions": dict(f["captions/features"].attrs)}
-    attrs = {k: v for k, v in first.items() if k not in ("format", "dtype", "n_images", "n_captions", "n_skipped", "complete")}
-    attrs.update(shard="", merged_from_shards=len(files), n_records=sum(int(read_attrs(p)["n_records"]) for p in files))
-    write_split(
-        final,
-        attrs=attrs,
-        image_ids=cols["ids"],
-        image_locations=cols["locations"],
-        image_features=np.concatenate(cols["features"]),
-        view_features=np.concatenate(cols["views"]) if cols["views"] else None,
-        captions=cols["captions"],
-        caption_image=np.concatenate(cols["caption_image"]),
-        caption_features=np.concatenate(cols["caption_features"]),
-        concept_ids=concept_ids,
-        concept_names=concept_names,
-        concept_indptr=np.concatenate(cols["indptr"]),
-        concept_indices=np.concatenate(cols["indices"]),
-        templates=templates,
-        concept_text_features=ctf,
-        skipped=cols["skipped"],
-        dtype=str(first.get("dtype", "float16")),
-        feature_attrs=feature_attrs,
-    )
+    write_split(final, merged, dtype=str(first.get("dtype", "float16")), feature_attrs=feature_attrs)
     return final

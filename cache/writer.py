@@ -1,7 +1,7 @@
 """Write a finished split file atomically: everything goes to `NAME.h5.tmp`, then one rename.
 
-`cache.resumable` feeds this from its batch parts; tests and tools can call `write_split` with
-in-memory arrays directly.
+The extractor assembles a `CachedSplit` from its crash-safe batch parts (`cache.parts`) and writes
+it here; shard merging, synthetic test data and tools write the same way.
 """
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import scipy.sparse as sp
+import torch
 
 from medembed.cache.faults import reached
+from medembed.cache.reader import CachedSplit
 
 FORMAT = "medembed-cache/1"
 STR = h5py.string_dtype("utf-8")
@@ -26,8 +29,8 @@ def _rows_chunk(shape: tuple[int, ...], target_bytes: int = 1 << 20, itemsize: i
     return (rows, *shape[1:])
 
 
-def _put_float(g: h5py.Group, name: str, arr: np.ndarray, dtype: str, attrs: dict | None = None) -> None:
-    arr = np.asarray(arr, dtype=dtype)
+def _put_float(g: h5py.Group, name: str, arr, dtype: str, attrs: dict | None = None) -> None:
+    arr = np.asarray(arr.numpy() if isinstance(arr, torch.Tensor) else arr, dtype=dtype)
     ds = g.create_dataset(name, data=arr, chunks=_rows_chunk(arr.shape, itemsize=arr.itemsize))
     for k, v in (attrs or {}).items():
         ds.attrs[k] = v
@@ -37,38 +40,23 @@ def _put_str(g: h5py.Group, name: str, items) -> None:
     g.create_dataset(name, data=np.array(list(items), dtype=object), dtype=STR)
 
 
-def write_split(
-    path: str | Path,
-    *,
-    attrs: dict,
-    image_ids,
-    image_locations,
-    image_features: np.ndarray,
-    captions,
-    caption_image: np.ndarray,
-    caption_features: np.ndarray,
-    concept_ids=(),
-    concept_names=(),
-    concept_indptr: np.ndarray | None = None,
-    concept_indices: np.ndarray | None = None,
-    templates=(),
-    concept_text_features: np.ndarray | None = None,
-    view_features: np.ndarray | None = None,
-    skipped=(),
-    dtype: str = "float16",
-    feature_attrs: dict | None = None,
-) -> Path:
-    """`skipped`: (id, location, reason) triples. `feature_attrs`: {"images": {...}, "captions": {...}}
-    stored on the feature datasets (which layer and pooling produced them)."""
+def write_split(path: str | Path, split: CachedSplit, *, dtype: str = "float16",
+                feature_attrs: dict | None = None) -> Path:
+    """Write `split` (features as torch tensors or numpy arrays) to `path`, all or nothing.
+
+    `split.attrs` become the file's attributes (provenance); `feature_attrs` ({"images": {...},
+    "captions": {...}}) are stored on the feature datasets (which layer and pooling made them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    feature_attrs = feature_attrs or {}
-    n = len(image_ids)
     try:
-        _write_file(tmp, n, attrs, image_ids, image_locations, image_features, captions, caption_image,
-                    caption_features, concept_ids, concept_names, concept_indptr, concept_indices, templates,
-                    concept_text_features, view_features, skipped, dtype, feature_attrs)
+        with h5py.File(tmp, "w") as f:
+            _write_attrs(f, split, dtype)
+            _write_images(f, split, dtype, feature_attrs or {})
+            _write_captions(f, split, dtype, feature_attrs or {})
+            _write_concepts(f, split, dtype, feature_attrs or {})
+            _write_skipped(f, split.skipped)
+            f.attrs["complete"] = True
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave half a file that looks like a cache
         raise
@@ -78,40 +66,48 @@ def write_split(
     return path
 
 
-def _write_file(tmp, n, attrs, image_ids, image_locations, image_features, captions, caption_image, caption_features,
-                concept_ids, concept_names, concept_indptr, concept_indices, templates, concept_text_features,
-                view_features, skipped, dtype, feature_attrs) -> None:
-    with h5py.File(tmp, "w") as f:
-        for k, v in attrs.items():
+def _write_attrs(f: h5py.File, split: CachedSplit, dtype: str) -> None:
+    for k, v in split.attrs.items():
+        if k not in ("format", "dtype", "n_images", "n_captions", "n_skipped", "complete"):
             f.attrs[k] = v if isinstance(v, (int, float, bool, np.integer, np.floating)) else str(v)
-        f.attrs["format"] = FORMAT
-        f.attrs["dtype"] = dtype
-        f.attrs["n_images"] = n
-        f.attrs["n_captions"] = len(captions)
-        f.attrs["n_skipped"] = len(skipped)
-        g = f.create_group("images")
-        _put_str(g, "ids", image_ids)
-        _put_str(g, "locations", image_locations)
-        _put_float(g, "features", image_features, dtype, feature_attrs.get("images"))
-        if view_features is not None:
-            _put_float(g, "view_features", view_features, dtype, feature_attrs.get("images"))
-        g = f.create_group("captions")
-        _put_str(g, "text", captions)
-        g.create_dataset("image_row", data=np.asarray(caption_image, dtype=np.int64))
-        _put_float(g, "features", caption_features, dtype, feature_attrs.get("captions"))
-        g = f.create_group("concepts")
-        _put_str(g, "ids", concept_ids)
-        _put_str(g, "names", concept_names)
-        indptr = np.zeros(n + 1, np.int64) if concept_indptr is None else np.asarray(concept_indptr, np.int64)
-        indices = np.zeros(0, np.int32) if concept_indices is None else np.asarray(concept_indices, np.int32)
-        g.create_dataset("indptr", data=indptr)
-        g.create_dataset("indices", data=indices)
-        if concept_text_features is not None:
-            _put_str(g, "templates", templates)
-            _put_float(g, "text_features", concept_text_features, dtype, feature_attrs.get("captions"))
-        g = f.create_group("skipped")
-        sk = list(skipped)
-        _put_str(g, "ids", [s[0] for s in sk])
-        _put_str(g, "locations", [s[1] for s in sk])
-        _put_str(g, "reasons", [s[2] for s in sk])
-        f.attrs["complete"] = True
+    f.attrs["format"] = FORMAT
+    f.attrs["dtype"] = dtype
+    f.attrs["n_images"] = len(split.image_ids)
+    f.attrs["n_captions"] = len(split.captions)
+    f.attrs["n_skipped"] = len(split.skipped)
+
+
+def _write_images(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
+    g = f.create_group("images")
+    _put_str(g, "ids", split.image_ids)
+    _put_str(g, "locations", split.image_locations or [""] * len(split.image_ids))
+    _put_float(g, "features", split.image_features, dtype, feature_attrs.get("images"))
+    if split.view_features is not None:
+        _put_float(g, "view_features", split.view_features, dtype, feature_attrs.get("images"))
+
+
+def _write_captions(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
+    g = f.create_group("captions")
+    _put_str(g, "text", split.captions)
+    g.create_dataset("image_row", data=np.asarray(split.caption_image, dtype=np.int64))
+    _put_float(g, "features", split.caption_features, dtype, feature_attrs.get("captions"))
+
+
+def _write_concepts(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
+    g = f.create_group("concepts")
+    _put_str(g, "ids", split.concept_ids)
+    _put_str(g, "names", split.concept_names)
+    labels = split.concepts if split.concepts is not None else sp.csr_matrix((len(split.image_ids), 0))
+    g.create_dataset("indptr", data=np.asarray(labels.indptr, np.int64))
+    g.create_dataset("indices", data=np.asarray(labels.indices, np.int32))
+    if split.concept_text_features is not None:
+        _put_str(g, "templates", split.templates)
+        _put_float(g, "text_features", split.concept_text_features, dtype, feature_attrs.get("captions"))
+
+
+def _write_skipped(f: h5py.File, skipped) -> None:
+    g = f.create_group("skipped")
+    sk = list(skipped)
+    _put_str(g, "ids", [s[0] for s in sk])
+    _put_str(g, "locations", [s[1] for s in sk])
+    _put_str(g, "reasons", [s[2] for s in sk])

@@ -1,9 +1,12 @@
 """Writing files and folders so that a reader never sees half of one."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,3 +58,18 @@ def replace_folder(work: str | Path, final: str | Path) -> Path:
     os.replace(work, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def slug(name: str) -> str:
+    """A folder name for a dataset or backbone name that keeps its letters, in any script.
+
+    Characters that are not letters, digits or `._+-` (path separators, spaces, colons) become `_`.
+    When anything had to change, 8 hex of the name's sha256 are appended, so two different names
+    never share a folder ("Flickr ü" and "Flickr ñ", "a b" and "a/b"); a name that is already a
+    plain folder name (roco-rad, effnet-lite0+minilm, 胸部) is kept as it is. Names are compared in
+    Unicode NFC, so the same letters typed as composed or decomposed characters are one name."""
+    norm = unicodedata.normalize("NFC", name)
+    safe = re.sub(r"[^\w.+-]+", "_", norm).strip("_.")
+    if safe != norm:
+        safe = f"{safe or 'unnamed'}-{hashlib.sha256(norm.encode()).hexdigest()[:8]}"
+    return safe

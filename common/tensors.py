@@ -30,3 +30,10 @@ def embed_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], raw: torch.Tenso
         x = raw[s : s + chunk].float()
         parts.append(unit(fn(x if device is None else x.to(device))).cpu())
     return torch.cat(parts)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights (or, for weightless maps, its buffers) live; the CPU if it has neither."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.common.files import replace_folder, staging_folder
 from medembed.evaluate.examples import image_path
 from medembed.evaluate.index import ALL_SPLITS, heads_sha256
 
@@ -143,18 +143,6 @@ def _write_partition(work: Path, name: str, fmt: str, dtype: str, meta: pd.DataF
     return written + [path]
 
 
-def _swap_in(work: Path, out: Path) -> None:
-    """Replace `out` by the finished `work` folder; only an earlier export is ever removed."""
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(work, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise FileExistsError(f"{out}: exists and is not an earlier export (no {MANIFEST}); choose another --out")
@@ -169,18 +157,14 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     run_dir = Path(run_dir)
     _check_parquet_engine()  # metadata is parquet in both layouts
     if run is None:
-        from medembed.adapt.run import load_run  # the adapt phase: imported where used
-
-        run = load_run(run_dir)
+        run = open_run(run_dir)
     files = find_splits(run.features_dir)
     if options.split != ALL_SPLITS and options.split not in files:
         raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
     out = Path(options.out) if options.out else run_dir / "export" / f"{options.split}-{options.format}"
     _check_out(out)
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
+    work = staging_folder(out)
     for folder in ("img_emb", "text_emb", "metadata"):
         (work / folder).mkdir(parents=True)
 
@@ -210,7 +194,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
                      "dataset_fingerprint": str(splits[k].attrs.get("dataset_fingerprint", ""))} for k in splits],
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    _swap_in(work, out)
+    replace_folder(work, out)  # only an earlier export (checked above) is ever replaced
     return ExportSummary(out=str(out), format=options.format, rows=manifest["n_rows"], dim=run.dim, partitions=part,
                          files=[str(out / p.relative_to(work)) for p in files_out])
 

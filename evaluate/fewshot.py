@@ -1,19 +1,29 @@
 """Concept few-shot: how fast does an embedding learn a concept from k labelled train images?
 
+`compute(...) -> dict` and `chance(...) -> dict`, like every metric module; `score(...)` keeps the
+AP of every (method, k, seed, concept).
+
 For each concept, k positive and k negative train images (a balanced support set, drawn per seed;
 the smaller support sets are prefixes of the larger ones, so curves over k are not reshuffled
 noise) train a binary scorer, which then ranks every image of the evaluation split; the score is
 average precision, averaged over concepts (mAP), then over seeds.
 
 Scorers, from most to least trained:
-- `logreg`: L2-regularised logistic regression (a linear probe);
-- `lightgbm`: gradient-boosted trees, settings loosened so a handful of rows can still split;
+- `logreg`: L2-regularised logistic regression (a linear probe), scikit-learn's objective (summed
+  log-loss + ||w||² / 2C, bias free);
+- `lightgbm`: gradient-boosted trees, settings loosened so a handful of rows can still split (one
+  model per support set: off the default path, it costs more than all the others together);
 - `prototype`: cosine to the positive mean minus cosine to the negative mean (training-free);
 - `tip_adapter`: Tip-Adapter's training-free cache, for a binary task: the zero-shot prompt score
   plus alpha x (mean affinity exp(-beta (1 - cos)) to the positive shots minus that to the
   negative shots), each term standardised over the train images first (CLIP's fixed logit scale
   does not carry over to adapted embeddings); unnamed concepts have no prompt and use the cache
   alone.
+
+Every (concept, seed, k) support set of one method is solved at once as batched tensor work: the
+logistic regressions as one L-BFGS problem over a [P, D] weight matrix (the objective is a sum of
+the independent fits, so its optimum is theirs), the training-free scorers as a few matrix products,
+and all APs in one pass (`common.ranking.average_precision`).
 
 Only the `max_concepts` most frequent train concepts with enough train and evaluation positives
 are evaluated, which keeps a run to seconds; the count is part of the output.
@@ -26,12 +36,13 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-from sklearn.metrics import average_precision_score
 
+from medembed.common.ranking import average_precision
 from medembed.evaluate.zeroshot import expected_random_ap
 
 FEWSHOT_KS: tuple[int, ...] = (1, 2, 4, 8, 16)
 METHODS: tuple[str, ...] = ("logreg", "lightgbm", "prototype", "tip_adapter")
+DEFAULT_METHODS: tuple[str, ...] = ("logreg", "prototype", "tip_adapter")
 PRIMARY_METHOD = "logreg"
 
 
@@ -41,8 +52,9 @@ class FewShotConfig:
     seeds: int = 3
     max_concepts: int = 25
     min_test_positives: int = 5
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     logreg_c: float = 1.0
+    logreg_iter: int = 100
     lgbm_trees: int = 50
     tip_alpha: float = 1.0
     tip_beta: float = 5.5
@@ -63,6 +75,7 @@ class FewShotResult:
         return [100 * float(self.ap[m, i].mean(-1).mean()) for i in range(len(self.ks))]
 
     def seed_std(self, method: str) -> list[float]:
+        """Spread over seeds of the mAP (in %) for each k."""
         m = self.methods.index(method)
         return [100 * float(self.ap[m, i].mean(-1).std()) for i in range(len(self.ks))]
 
@@ -93,57 +106,108 @@ def choose_concepts(
     return [int(c) for c in cols[order][:max_concepts]]
 
 
-def _prototype_scores(xs: np.ndarray, ys: np.ndarray, xq: np.ndarray) -> np.ndarray:
-    def unit(v):
-        return v / max(np.linalg.norm(v), 1e-12)
+@dataclass
+class Supports:
+    """Every support set of one evaluation: rows [P, 2K] (K positives then K negatives), the
+    concept of each problem, and where (k, seed, concept) sits among the P problems."""
 
-    return xq @ unit(xs[ys].mean(0)) - xq @ unit(xs[~ys].mean(0))
+    rows: torch.Tensor  # [S, C, 2 * max_k]: per seed and concept, positives then negatives, prefixes by k
+    concepts: list[int]
+    ks: tuple[int, ...]
+
+    def of_k(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train rows [S*C, 2k], labels [2k]) of every seed x concept problem with k shots."""
+        kmax = self.rows.shape[2] // 2
+        rows = torch.cat([self.rows[:, :, :k], self.rows[:, :, kmax : kmax + k]], dim=2)
+        return rows.reshape(-1, 2 * k), torch.arange(2 * k) < k
 
 
-def _standardised(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    return (scores - reference.mean()) / max(float(reference.std()), 1e-12)
+def draw_supports(train_labels: sp.csc_matrix, cols: list[int], ks: tuple[int, ...], seeds: int) -> Supports:
+    """Per (seed, concept) one shuffled order of positives and of negatives; k shots are their first k."""
+    n, kmax = train_labels.shape[0], max(ks)
+    rows = np.zeros((seeds, len(cols), 2 * kmax), dtype=np.int64)
+    for ci, c in enumerate(cols):
+        pos_all = np.flatnonzero(train_labels[:, c].toarray().ravel() > 0)
+        neg_all = np.setdiff1d(np.arange(n), pos_all)
+        for seed in range(seeds):
+            rng = np.random.default_rng([seed, c])
+            rows[seed, ci, :kmax] = rng.permutation(pos_all)[:kmax]
+            rows[seed, ci, kmax:] = rng.permutation(neg_all)[:kmax]
+    return Supports(torch.from_numpy(rows), cols, ks)
 
 
-def _tip_scores(xs, ys, xq, xref, prompt: np.ndarray | None, alpha: float, beta: float) -> np.ndarray:
+# ---------------------------------------------------------------------------------------- scorers
+def logreg_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, c: float, iters: int) -> torch.Tensor:
+    """Batched L2 logistic regression: xs [P, n, D], ys [n] (shared labels), xq [Q, D] -> scores [Q, P]."""
+    p, _, d = xs.shape
+    xs64, y = xs.double(), ys.double()
+    w = torch.zeros(p, d, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(p, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = torch.einsum("pnd,pd->pn", xs64, w) + b[:, None]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.expand_as(logits), reduction="sum")
+        loss = loss + 0.5 / c * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (xq.double() @ w.detach().T + b.detach()).float()
+
+
+def prototype_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    pos = torch.nn.functional.normalize(xs[:, ys].mean(1), dim=-1)
+    neg = torch.nn.functional.normalize(xs[:, ~ys].mean(1), dim=-1)
+    return xq @ (pos - neg).T
+
+
+def _standardised(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return (scores - reference.mean(0)) / reference.std(0, unbiased=False).clamp_min(1e-12)
+
+
+def tip_scores(xs, ys, xq, xref, prompts: torch.Tensor | None, alpha: float, beta: float) -> torch.Tensor:
     """Zero-shot prompt score + alpha x cache score, each standardised over the train images
-    (`xref`, labels unused) so alpha weighs two terms of the same scale whatever the embedding."""
+    (`xref`, labels unused) so alpha weighs two terms of the same scale whatever the embedding.
+    `prompts` [P, D] (zero rows: no prompt for that concept)."""
 
-    def cache(x):
-        affinity = np.exp(-beta * (1.0 - x @ xs.T))  # [n, 2k]
-        return affinity[:, ys].mean(1) - affinity[:, ~ys].mean(1)
+    def cache(x):  # [Q, P]
+        affinity = torch.exp(-beta * (1.0 - torch.einsum("qd,pnd->qpn", x, xs)))
+        return affinity[..., ys].mean(-1) - affinity[..., ~ys].mean(-1)
 
     score = alpha * _standardised(cache(xq), cache(xref))
-    if prompt is not None:
-        score = score + _standardised(xq @ prompt, xref @ prompt)
+    if prompts is not None:
+        has = prompts.norm(dim=1) > 0
+        zs = _standardised(xq @ prompts.T, xref @ prompts.T)
+        score = score + torch.where(has[None], zs, torch.zeros_like(zs))
     return score
 
 
-def _logreg_scores(xs, ys, xq, c: float) -> np.ndarray:
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(C=c, max_iter=1000)
-    clf.fit(xs, ys)
-    return clf.decision_function(xq)
-
-
-def _lgbm_scores(xs, ys, xq, trees: int, seed: int) -> np.ndarray:
+def lgbm_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, trees: int, seeds: torch.Tensor) -> torch.Tensor:
     import lightgbm as lgb
 
-    clf = lgb.LGBMClassifier(
-        n_estimators=trees,
-        learning_rate=0.1,
-        num_leaves=4,
-        min_child_samples=1,
-        min_child_weight=1e-3,
-        min_data_in_bin=1,
-        random_state=seed,
-        n_jobs=1,
-        verbose=-1,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no further splits" on 2-row supports is expected
-        clf.fit(xs, ys)
-        return clf.predict_proba(xq)[:, 1]
+    out = []
+    for i in range(xs.shape[0]):
+        clf = lgb.LGBMClassifier(n_estimators=trees, learning_rate=0.1, num_leaves=4, min_child_samples=1,
+                                 min_child_weight=1e-3, min_data_in_bin=1, random_state=int(seeds[i]), n_jobs=1,
+                                 verbose=-1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no further splits" on 2-row supports is expected
+            clf.fit(xs[i].numpy(), ys.numpy())
+            out.append(torch.from_numpy(clf.predict_proba(xq.numpy())[:, 1]).float())
+    return torch.stack(out, dim=1)
+
+
+def _method_scores(method: str, xs, ys, xq, xtr, prompts, seed_of, cfg: FewShotConfig) -> torch.Tensor:
+    if method == "logreg":
+        return logreg_scores(xs, ys, xq, cfg.logreg_c, cfg.logreg_iter)
+    if method == "prototype":
+        return prototype_scores(xs, ys, xq)
+    if method == "tip_adapter":
+        return tip_scores(xs, ys, xq, xtr, prompts, cfg.tip_alpha, cfg.tip_beta)
+    return lgbm_scores(xs, ys, xq, cfg.lgbm_trees, seed_of)
 
 
 def score(
@@ -156,9 +220,7 @@ def score(
     config: FewShotConfig | None = None,
 ) -> FewShotResult:
     """train_emb [Ntr, D], test_emb [Nte, D] unit vectors; labels multi-hot over the same columns.
-
-    concept_emb [C, D] prompt embeddings feed `tip_adapter`'s zero-shot term (None: cache only).
-    """
+    concept_emb [C, D] prompt embeddings feed `tip_adapter`'s zero-shot term (None: cache only)."""
     cfg = config or FewShotConfig()
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
@@ -168,42 +230,33 @@ def score(
         raise ValueError(f"train has {train_labels.shape[1]} concept columns, evaluation split {test_labels.shape[1]}")
     ks = tuple(sorted(set(cfg.ks)))
     cols = choose_concepts(train_labels, test_labels, max(ks), cfg.max_concepts, cfg.min_test_positives)
-    xtr = train_emb.float().numpy()
-    xte = test_emb.float().numpy()
     ap = np.zeros((len(cfg.methods), len(ks), cfg.seeds, len(cols)))
-    for ci, c in enumerate(cols):
-        truth = test_labels[:, c].toarray().ravel() > 0
-        pos_all = np.flatnonzero(train_labels[:, c].toarray().ravel() > 0)
-        neg_all = np.setdiff1d(np.arange(xtr.shape[0]), pos_all)
-        named = concept_emb is not None and (concept_names is None or bool(concept_names[c]))
-        prompt = concept_emb[c].float().numpy() if named else None
-        for seed in range(cfg.seeds):
-            rng = np.random.default_rng([seed, c])
-            pos_order, neg_order = rng.permutation(pos_all), rng.permutation(neg_all)
-            for ki, k in enumerate(ks):
-                rows = np.concatenate([pos_order[:k], neg_order[:k]])
-                xs, ys = xtr[rows], np.arange(2 * k) < k
-                for mi, method in enumerate(cfg.methods):
-                    if method == "logreg":
-                        scores = _logreg_scores(xs, ys, xte, cfg.logreg_c)
-                    elif method == "lightgbm":
-                        scores = _lgbm_scores(xs, ys, xte, cfg.lgbm_trees, seed)
-                    elif method == "prototype":
-                        scores = _prototype_scores(xs, ys, xte)
-                    else:
-                        scores = _tip_scores(xs, ys, xte, xtr, prompt, cfg.tip_alpha, cfg.tip_beta)
-                    ap[mi, ki, seed, ci] = average_precision_score(truth, scores)
+    if cols:
+        supports = draw_supports(train_labels, cols, ks, cfg.seeds)
+        xtr, xte = train_emb.float(), test_emb.float()
+        truth = torch.from_numpy(test_labels[:, cols].toarray() > 0).repeat(1, cfg.seeds)  # [Nte, S*C]
+        prompts = _prompts(concept_emb, concept_names, cols, cfg.seeds)
+        seed_of = torch.arange(cfg.seeds).repeat_interleave(len(cols))
+        for ki, k in enumerate(ks):
+            rows, ys = supports.of_k(k)
+            xs = xtr[rows]  # [S*C, 2k, D]
+            for mi, method in enumerate(cfg.methods):
+                scores = _method_scores(method, xs, ys, xte, xtr, prompts, seed_of, cfg)
+                ap[mi, ki] = average_precision(scores, truth).reshape(cfg.seeds, len(cols)).numpy()
     tr_counts = np.asarray(train_labels.sum(0)).ravel()
     te_counts = np.asarray(test_labels.sum(0)).ravel()
-    return FewShotResult(
-        ks=ks,
-        methods=tuple(cfg.methods),
-        concept_rows=cols,
-        train_positives=[int(tr_counts[c]) for c in cols],
-        test_positives=[int(te_counts[c]) for c in cols],
-        ap=ap,
-    )
+    return FewShotResult(ks=ks, methods=tuple(cfg.methods), concept_rows=cols,
+                         train_positives=[int(tr_counts[c]) for c in cols],
+                         test_positives=[int(te_counts[c]) for c in cols], ap=ap)
 
+
+def _prompts(concept_emb, concept_names, cols: list[int], seeds: int) -> torch.Tensor | None:
+    """The prompt embedding of each problem's concept (zero for unnamed concepts)."""
+    if concept_emb is None:
+        return None
+    named = torch.tensor([concept_names is None or bool(concept_names[c]) for c in cols])
+    per_concept = concept_emb[cols].float() * named[:, None]
+    return per_concept.repeat(seeds, 1)
 
 
 def compute(

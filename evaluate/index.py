@@ -15,19 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import faiss
-import h5py
 import numpy as np
 import torch
 
-from medembed.cache.reader import find_splits, read_attrs
+from medembed.adapt import checkpoint as ckpt
+from medembed.adapt.tuning.runs import open_run
+from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
+from medembed.common.files import atomic_write
+from medembed.common.hashing import sha256_file
 
 __all__ = [
     "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
@@ -39,8 +40,8 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_DIR = "index"
 FORMAT = "medembed-index/1"
 ALL_SPLITS = "all"
-HEADS_FILE = "best.safetensors"
-RUN_CONFIG = "config.json"
+HEADS_FILE = ckpt.BEST
+RUN_CONFIG = ckpt.CONFIG
 
 
 class StaleIndexError(ValueError):
@@ -160,26 +161,11 @@ def ids_sha256(ids: list[str]) -> str:
 
 def heads_sha256(run_dir: str | Path) -> str:
     path = Path(run_dir) / HEADS_FILE
-    if not path.exists():
-        return ""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path) if path.exists() else ""
 
 
 def _read_ids(path: Path) -> list[str]:
-    with h5py.File(path, "r") as f:
-        return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f["images/ids"][()]]
-
-
-def _feature_chunks(path: Path, rows: int) -> Iterator[np.ndarray]:
-    """Raw image features of one cache file, `rows` at a time (never the whole file in memory)."""
-    with h5py.File(path, "r") as f:
-        ds = f["images/features"]
-        for s in range(0, ds.shape[0], rows):
-            yield ds[s : s + rows]
+    return read_strings(path, "images/ids")
 
 
 def _split_files(features_dir: Path, split: str) -> dict[str, Path]:
@@ -201,18 +187,18 @@ def _describe(split: str, path: Path) -> IndexSource:
 # ------------------------------------------------------------------ building
 
 def new_index(kind: str, dim: int, params: dict) -> faiss.Index:
-    """An empty index of `kind` for unit vectors (`params` from `IndexOptions.resolved`); ivf still needs `train`."""
-    if kind == "flat":
-        return faiss.IndexFlatIP(dim)
+    """An empty index of `kind` for unit vectors (`params` from `IndexOptions.resolved`), made by
+    faiss's own factory; ivf still needs `train`."""
+    spec = {"flat": "Flat", "hnsw": f"HNSW{params.get('m', 32)},Flat", "ivf": f"IVF{params.get('nlist', 1)},Flat"}[kind]
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, params["m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params["ef_construction"]
         index.hnsw.efSearch = params["ef_search"]
-        return index
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
-    index.cp.spherical = True  # unit centroids: a cell is a cone around a direction, as cosine wants
-    index.cp.seed = params["seed"]
-    index.nprobe = params["nprobe"]
+    elif kind == "ivf":
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.spherical = True  # unit centroids: a cell is a cone around a direction, as cosine wants
+        ivf.cp.seed = params["seed"]
+        ivf.nprobe = params["nprobe"]
     return index
 
 
@@ -234,7 +220,7 @@ def _training_sample(run, paths: list[Path], n: int, size: int, rows: int, seed:
     pick = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
     out, offset = [], 0
     for path in paths:
-        for chunk in _feature_chunks(path, rows):
+        for chunk in feature_chunks(path, rows=rows):
             lo, hi = np.searchsorted(pick, [offset, offset + chunk.shape[0]])
             if hi > lo:
                 out.append(_embed(run, chunk[pick[lo:hi] - offset]))
@@ -246,13 +232,13 @@ def _write_atomic(index: faiss.Index, meta: IndexMeta, faiss_path: Path, json_pa
     """FAISS file first, then the JSON that vouches for it; each via temp file + rename. A kill in
     between leaves an old JSON whose index_bytes/ntotal no longer match: reported as stale."""
     faiss_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = faiss_path.with_name(faiss_path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    meta.index_bytes = tmp.stat().st_size
-    os.replace(tmp, faiss_path)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(meta.to_dict(), indent=1) + "\n")
-    os.replace(tmp, json_path)
+
+    def write_index(tmp: Path) -> None:
+        faiss.write_index(index, str(tmp))
+        meta.index_bytes = tmp.stat().st_size
+
+    atomic_write(faiss_path, write_index)
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(meta.to_dict(), indent=1) + "\n"))
 
 
 def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=None) -> tuple[Path, IndexMeta]:
@@ -264,9 +250,7 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     options = options or IndexOptions()
     run_dir = Path(run_dir)
     if run is None:
-        from medembed.adapt.run import load_run  # the adapt phase: imported where used
-
-        run = load_run(run_dir)
+        run = open_run(run_dir)
     if getattr(run, "checkpoint", None) is not None:
         raise ValueError(f"{run_dir}: a fine-tuned run (backbone and heads in {run.checkpoint.name}); indexes are kept "
                          "for adapter runs, and `search` on this run scans its pool exactly")
@@ -282,7 +266,7 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     if options.kind == "ivf":
         index.train(_training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed))
     for path in paths:
-        for chunk in _feature_chunks(path, options.chunk_rows):
+        for chunk in feature_chunks(path, rows=options.chunk_rows):
             index.add(_embed(run, chunk))
     ids = [i for path in paths for i in _read_ids(path)]
     meta = IndexMeta(

@@ -17,6 +17,8 @@ Chance columns come from closed forms (expected values of a random ranking), not
 from __future__ import annotations
 
 import csv
+import hashlib
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,17 +29,18 @@ from pathlib import Path
 import torch
 
 from medembed import __version__
-from medembed.adapt.closed_form import fit_cca_on_valid
+from medembed.adapt.closed_form import fit_cca_on_valid, fit_closed_form
 from medembed.adapt.run import AdaptedRun, describe_run
+from medembed.adapt.tuning.runs import open_run
 from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
-from medembed.common.files import replace_folder, staging_folder, write_json
+from medembed.common.files import replace_folder, slug, staging_folder, write_json
 from medembed.evaluate import detection, fewshot, retrieval, zeroshot
 from medembed.evaluate.examples import write_examples
 from medembed.evaluate.models import EmbeddingModel, model_from_heads, model_from_run
 from medembed.evaluate.plots import fewshot_curves, recall_curves
 from medembed.evaluate.report import markdown_report
-from medembed.extract.pipeline import slug
+from medembed.evaluate.sources import eval_splits, open_runs
 
 SCHEMA_VERSION = 2
 SECTIONS = ("retrieval", "zeroshot", "fewshot", "detection")
@@ -125,8 +128,6 @@ def default_out_dir(runs: list[AdaptedRun], names: list[str], split: str, data: 
         parts.append("vs-" + "-".join(slug(n.replace("/", "_")) for n in names[1:]))
     name = "-".join(parts)
     if len(name) > 120:  # many runs: keep the name short and unique
-        import hashlib
-
         name = name[:100] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return runs[0].run_dir / name
 
@@ -203,8 +204,6 @@ def _cap_ks(ks: list[int], pools: dict[Path, Pool]) -> tuple[list[int], list[str
 
 def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: EvalOptions) -> EvalPlan:
     """Everything that can be checked before a number is computed; raises with a one-line reason."""
-    from medembed.evaluate.sources import eval_splits, open_runs
-
     ks = sorted({int(k) for k in ks})
     if not run_refs:
         raise ValueError("eval needs at least one --run")
@@ -214,29 +213,24 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     if unknown:
         raise ValueError(f"unknown sections {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
     need_train = options.closed_form or bool({"fewshot", "detection"} & set(options.sections))
-    runs = [r if isinstance(r, AdaptedRun) else _load(r) for r in run_refs]
+    need_valid = options.closed_form or "detection" in options.sections
+    runs = [open_run(r) for r in run_refs]
     names = _unique_names([r.checkpoint or r.run_dir for r in runs])
     out_dir = Path(out_dir) if out_dir else default_out_dir(runs, names, split, options.data)
     _check_out_dir(out_dir, options.overwrite)
     if options.data is not None:
-        dataset, wanted = eval_splits(options.data, split, need_train, options.closed_form, _logger(options))
+        dataset, wanted = eval_splits(options.data, split, need_train, need_valid, _logger(options))
         runs = open_runs(runs, dataset, wanted, options.features_root, progress=options.progress)
     pools: dict[Path, Pool] = {}
     for run in runs:
         fd = Path(run.features_dir)
         if fd not in pools:
-            pools[fd] = load_pool(fd, split, need_train, options.closed_form)
+            pools[fd] = load_pool(fd, split, need_train, need_valid)
         _check_trained_on(run, pools[fd])
     _check_comparable(runs, names, pools, options.cross)
     ks, notes = _cap_ks(ks, pools)
     columns = _columns(runs, names, pools, options)
     return EvalPlan(split, ks, out_dir, runs, names, pools, columns, notes)
-
-
-def _load(ref) -> AdaptedRun:
-    from medembed.adapt.run import load_run
-
-    return load_run(ref)
 
 
 def _columns(runs: list[AdaptedRun], names: list[str], pools: dict[Path, Pool], options: EvalOptions) -> list[Column]:
@@ -269,8 +263,6 @@ def _fit_closed_form(col: Column, options: EvalOptions) -> EmbeddingModel:
         fit = fit_cca_on_valid(pool.train, pool.valid, dim)
         col.note = f"regularised CCA fitted on train, ridge {fit.reg} and weighting {fit.power} chosen on valid"
         return model_from_heads(col.name, fit.image_head, fit.text_head)
-    from medembed.adapt.closed_form import fit_closed_form
-
     col.note = "regularised CCA fitted on train, ridge 0.3 and weighting 1.0 (no valid split to choose them on)"
     return model_from_heads(col.name, *fit_closed_form(pool.train, dim, reg=0.3, power=1.0))
 
@@ -337,7 +329,10 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
             res.fewshot = _fewshot_curves(fs, options.fewshot)
         if "detection" in options.sections:
             t0 = time.perf_counter()
-            sec.add("detection", detection.compute(train_img, train.concepts, img, test.concepts, options.detection), t0)
+            valid = col.pool.valid
+            tune_on = (col.model.images(valid.image_features), valid.concepts) if _has_concepts(valid) else None
+            sec.add("detection", detection.compute(train_img, train.concepts, img, test.concepts, options.detection,
+                                                   tune_on), t0)
     res.seconds = time.perf_counter() - start
     return res
 
@@ -429,8 +424,6 @@ def write_outputs(plan: EvalPlan, results: dict[str, ColumnResult], options: Eva
     try:
         files = _write_files(work, plan, results, options)
     except BaseException:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
         raise
     replace_folder(work, plan.out_dir)

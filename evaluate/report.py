@@ -11,6 +11,8 @@ import math
 import re
 from pathlib import Path
 
+from medembed.adapt.run import describe_run
+
 # keys shown in the console table (the headline numbers)
 HEADLINE = {
     "retrieval": re.compile(r"^(t2i|i2t)_(R@\d+|medr)$"),
@@ -78,8 +80,6 @@ def _rel(path: Path, out_dir: Path) -> str:
 def _header(plan, results, options) -> list[str]:
     first = plan.pools[Path(plan.runs[0].features_dir)].test
     out = [f"# Evaluation on `{first.attrs.get('dataset', '')}` / {plan.split}", ""]
-    from medembed.adapt.run import describe_run
-
     out += [f"- run `{n}`: {describe_run(r)}" for n, r in zip(plan.names, plan.runs)]
     for pool in plan.pools.values():
         out.append(f"- pool `{pool.label}`: {pool.test.n_images} images, {pool.test.n_captions} captions "
@@ -132,10 +132,12 @@ def markdown_report(plan, results: dict, options, plots: dict[str, Path], exampl
     out += ["", "## Concept detection (ImageCLEFmedical F1)", ""]
     det = section_keys(results, "detection")
     if det:
-        out += ["One-vs-rest logistic regression on the image embedding; one probability threshold (and whether "
-                "to fall back to the top concept) chosen on 20% of train; F1 per image between predicted and "
-                "gold concept sets, averaged over images (empty vs empty scores 1), in %. Chance guesses each "
-                "concept at its train frequency.", "", markdown_table(columns, det), ""]
+        out += ["Two predictors from the image embedding: one-vs-rest logistic regression (`concept_f1_logreg`) and "
+                "concept propagation from the most similar train images (`concept_f1_knn`); each one's score "
+                "threshold (and whether to fall back to the top concept) chosen on the valid split (20% of train "
+                "without one), and `concept_f1` is the predictor that scored best there. F1 per image between "
+                "predicted and gold concept sets, averaged over images (empty vs empty scores 1), in %. Chance "
+                "guesses each concept at its train frequency.", "", markdown_table(columns, det), ""]
     else:
         out += _concept_notes(plan, "detection")
     if examples:

@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.evaluate.examples import first_captions, image_path, load_pool_image
 from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
+from medembed.evaluate.sources import open_runs
 from medembed.extract.records import open_image
 from medembed.extract.worker import describe_failure
 
@@ -94,8 +96,6 @@ class Searcher:
 
     def __init__(self, run_ref, split: str | None = None, data: str | Path | None = None,
                  features_root: str | Path = "features", backbone=None, use_index: bool = True):
-        from medembed.evaluate.sources import open_runs
-
         (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root)
         files = find_splits(self.run.features_dir)
         if split is not None and split not in files:
@@ -118,7 +118,7 @@ class Searcher:
     @property
     def backbone(self):
         if self._backbone is None:
-            self._backbone = self.run.load_backbone()
+            self._backbone = run_backbone(self.run)
         return self._backbone
 
     @property

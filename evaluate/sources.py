@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medembed.extract.pipeline import ExtractConfig, extract, resolve_device
+from medembed.adapt.run import AdaptedRun
+from medembed.adapt.tuning.runs import open_run, run_backbone
+from medembed.common.device import resolve_device
+from medembed.extract.datasets import load_dataset
+from medembed.extract.pipeline import ExtractConfig, extract
 from medembed.extract.records import Dataset
 
 
 def _as_dataset(data: str | Path | Dataset) -> Dataset:
-    from medembed.extract.datasets import load_dataset
-
     return data if isinstance(data, Dataset) else load_dataset(str(data))
 
 
@@ -27,8 +29,8 @@ def encode_dataset(run, data: str | Path | Dataset, splits: list[str] | None = N
     """Extract `splits` (default: all) of the dataset at `data` with `run`'s backbone; returns the
     cache folder. A split already extracted by the same weights is reused, not recomputed."""
     dataset = _as_dataset(data)
-    device = resolve_device("auto")
-    backbone = run.load_backbone(device=device)
+    device = resolve_device("auto").type
+    backbone = run_backbone(run, device=device)
     backbone.to(device)
     cfg = ExtractConfig(data=str(dataset.root), backbone=backbone.name, splits=splits, batch_size=batch_size,
                         workers=workers, device=device, out=str(features_root), progress=progress)
@@ -36,12 +38,10 @@ def encode_dataset(run, data: str | Path | Dataset, splits: list[str] | None = N
 
 
 def open_runs(refs: list, data: str | Path | Dataset | None = None, splits: list[str] | None = None,
-              features_root: str | Path = "features", progress: bool = True) -> list:
+              features_root: str | Path = "features", progress: bool = True) -> list[AdaptedRun]:
     """Load each run reference (run folder, unfreezing run folder, fine-tuned checkpoint, or an
     already loaded run); with `data`, point every run at that dataset encoded by its own backbone."""
-    from medembed.adapt.run import AdaptedRun, load_run  # the adapt phase: imported where used
-
-    runs = [r if isinstance(r, AdaptedRun) else load_run(r) for r in refs]
+    runs = [open_run(r) for r in refs]
     if data is None:
         return runs
     dataset = _as_dataset(data)  # read once for all runs
@@ -66,5 +66,6 @@ def eval_splits(data: str | Path | Dataset, split: str, needs_train: bool, needs
     if needs_valid and split != "valid" and "valid" in names:
         wanted.append("valid")
         log(f"eval --data: the valid split ({len(dataset.split('valid'))} images) is encoded too: the "
-            "closed-form baseline chooses its setting on it (--no-closed-form leaves it out)")
+            "closed-form baseline and concept detection choose their settings on it (--no-closed-form "
+            "--skip detection leaves it out)")
     return dataset, wanted

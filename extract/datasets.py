@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medembed.common.splits import sort_splits
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 
 SYNTHETIC_MARKER = "SYNTHETIC"  # a file of this name in the data folder marks generated (not real) data
@@ -41,7 +42,6 @@ _SPLIT_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*?"
 _CLEF2023_CAPTIONS = re.compile(rf"^(?P<split>{_SPLIT_NAME})_captions\.csv$")
 _CLEF2022_CAPTIONS = re.compile(rf"^caption_prediction_(?P<split>{_SPLIT_NAME})\.csv$")
 _MAX_LINES_LISTED = 5
-_SPLIT_ORDER = {"train": 0, "valid": 1, "val": 1, "dev": 1, "test": 2}
 
 
 class DatasetError(ValueError):
@@ -280,7 +280,7 @@ def _split_files(folder: Path, pattern: re.Pattern[str]) -> dict[str, Path]:
         m = pattern.match(p.name)
         if m and p.is_file():
             found[m.group("split")] = p
-    return {s: found[s] for s in sorted(found, key=lambda s: (_SPLIT_ORDER.get(s, 9), s))}
+    return {s: found[s] for s in sort_splits(found)}
 
 
 def _empty_caption_warning(path: Path, lines: list[int]) -> str:

@@ -9,13 +9,13 @@ import dataclasses
 import os
 
 from medembed.cache.shards import merge_shards
+from medembed.common.device import resolve_device
 from medembed.extract.pipeline import (
     ExtractConfig,
     ExtractError,
     ExtractSummary,
     SplitSummary,
     cache_dir,
-    resolve_device,
 )
 
 
@@ -24,7 +24,7 @@ def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
     from medembed.extract.datasets import load_dataset
     from medembed.extract.pipeline import extract_split
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device).type
     dataset = load_dataset(cfg.data)
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     return extract_split(bb, dataset, split, cfg, device)

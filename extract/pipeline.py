@@ -5,17 +5,15 @@ killed and re-run at any point; `extract` is the plain loop over splits that the
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import time
-import unicodedata
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -24,9 +22,11 @@ from medembed import __version__
 from medembed.cache.lock import WriterLock
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
-from medembed.cache.reader import read_attrs, read_skipped
+from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
 from medembed.cache.shards import write_done_marker
 from medembed.cache.writer import write_split
+from medembed.common.device import resolve_device
+from medembed.common.files import slug
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 from medembed.extract.worker import ImageItems, collate_items
 
@@ -105,29 +105,6 @@ class ExtractSummary:
     out_dir: str
     splits: list[SplitSummary]
     warnings: list[str] = field(default_factory=list)  # what the dataset reader dropped, with file and line
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExtractError("--device cuda asked for, but torch sees no CUDA device")
-    return device
-
-
-def slug(name: str) -> str:
-    """A folder name for a dataset or backbone name that keeps its letters, in any script.
-
-    Characters that are not letters, digits or `._+-` (path separators, spaces, colons) become `_`.
-    When anything had to change, 8 hex of the name's sha256 are appended, so two different names
-    never share a folder ("Flickr ü" and "Flickr ñ", "a b" and "a/b"); a name that is already a
-    plain folder name (roco-rad, effnet-lite0+minilm, 胸部) is kept as it is. Names are compared in
-    Unicode NFC, so the same letters typed as composed or decomposed characters are one name."""
-    norm = unicodedata.normalize("NFC", name)
-    safe = re.sub(r"[^\w.+-]+", "_", norm).strip("_.")
-    if safe != norm:
-        safe = f"{safe or 'unnamed'}-{hashlib.sha256(norm.encode()).hexdigest()[:8]}"
-    return safe
 
 
 def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
@@ -226,14 +203,22 @@ def _gather_images(store: PartStore, n_records: int, batch_size: int):
     return np.concatenate(rows), np.concatenate(feats), np.concatenate(views), fails
 
 
-def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, device: str) -> np.ndarray:
+_TEXT_KINDS = {"cap": "captions", "con": "concept prompts"}
+
+
+def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, device: str,
+                progress: bool = False) -> np.ndarray:
     n_batches = (len(texts) + TEXT_BATCH - 1) // TEXT_BATCH
-    for b in range(n_batches):
-        if store.done(kind, b):
-            continue
-        with torch.inference_mode(), _autocast(device):
-            f = bb.encode_texts(texts[b * TEXT_BATCH : (b + 1) * TEXT_BATCH], batch_size=TEXT_BATCH)
-        store.put(kind, b, features=f.float().cpu().numpy().astype(dtype))
+    todo = [b for b in range(n_batches) if not store.done(kind, b)]
+    with tqdm(total=len(texts), desc=_TEXT_KINDS.get(kind, kind), unit="text", disable=not progress or not todo,
+              dynamic_ncols=True) as bar:
+        bar.update(len(texts) - sum(len(texts[b * TEXT_BATCH : (b + 1) * TEXT_BATCH]) for b in todo))
+        for b in todo:
+            chunk = texts[b * TEXT_BATCH : (b + 1) * TEXT_BATCH]
+            with torch.inference_mode(), _autocast(device):
+                f = bb.encode_texts(chunk, batch_size=TEXT_BATCH)
+            store.put(kind, b, features=f.float().cpu().numpy().astype(dtype))
+            bar.update(len(chunk))
     if n_batches == 0:
         return np.zeros((0, bb.text_dim), dtype)
     return np.concatenate([store.get(kind, b)["features"] for b in range(n_batches)])
@@ -255,6 +240,71 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
         ) from e
 
 
+def _up_to_date(final: Path, prov: dict, summary: SplitSummary, cfg: ExtractConfig, shard) -> SplitSummary:
+    """A finished file of the same provenance is kept; one of another provenance is never mixed."""
+    attrs = read_attrs(final)
+    diffs = differences(attrs, prov)
+    if diffs:
+        raise ProvenanceMismatch(final, diffs)
+    PartStore(final).remove()  # left over when a run died between rename and clean-up
+    if shard is not None:  # the run may have died between the rename and the marker
+        write_done_marker(final, n_images=attrs["n_images"], n_captions=attrs["n_captions"], shard=cfg.shard)
+    summary.status, summary.images, summary.captions = "up to date", attrs["n_images"], attrs["n_captions"]
+    summary.skipped = read_skipped(final)
+    return summary
+
+
+def _concept_columns(bb, dataset: Dataset, kept: list[Record], store: PartStore, cfg: ExtractConfig,
+                     device: str, memo: dict):
+    """(vocabulary, names, CSR labels of the kept images, prompt features [C, T, Dt]).
+
+    Only named concepts get prompts: an id such as C0376152 carries no meaning for a text encoder,
+    and in ROCO most ids are unnamed (skipping them saves ~85% of the prompts). The prompts are the
+    same for every split: `memo` encodes them once per run."""
+    vocab = dataset.concept_vocab()
+    col = {c: j for j, c in enumerate(vocab)}
+    names = [dataset.concept_names.get(c, "") for c in vocab]
+    named = [j for j, n in enumerate(names) if n]
+    prompts = [t.format(name=names[j]) for j in named for t in cfg.templates]
+    key = ("concepts", tuple(prompts))
+    if key not in memo:
+        memo[key] = _text_phase(bb, prompts, store, "con", cfg.dtype, device, cfg.progress)
+    features = np.zeros((len(vocab), len(cfg.templates), bb.text_dim), cfg.dtype)
+    features[named] = memo[key].reshape(len(named), len(cfg.templates), bb.text_dim)
+    indptr, indices = [0], []
+    for rec in kept:
+        indices += sorted({col[c] for c in rec.concepts})
+        indptr.append(len(indices))
+    labels = sp.csr_matrix((np.ones(len(indices), np.float32), np.asarray(indices, np.int64), np.asarray(indptr)),
+                           shape=(len(kept), len(vocab)))
+    return vocab, names, labels, features
+
+
+def _assemble(bb, dataset: Dataset, split: str, records: list[Record], store: PartStore, batch_size: int,
+              prov: dict, cfg: ExtractConfig, device: str, memo: dict) -> CachedSplit:
+    """The finished split from its crash-safe parts: images kept, their captions, concepts, skips."""
+    rows, feats, views, fails = _gather_images(store, len(records), batch_size)
+    kept = [records[i] for i in rows]
+    captions = [c for rec in kept for c in rec.captions]
+    caption_image = np.asarray([r for r, rec in enumerate(kept) for _ in rec.captions], np.int64)
+    cap_feats = _text_phase(bb, captions, store, "cap", cfg.dtype, device, cfg.progress)
+    vocab, names, labels, concept_feats = _concept_columns(bb, dataset, kept, store, cfg, device, memo)
+    attrs = {**prov, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+             "data_root": str(Path(dataset.root).resolve()), "n_records": len(records), "extract_batch_size": batch_size}
+    return CachedSplit(
+        split=split, image_ids=[r.image_id for r in kept], image_features=feats, caption_features=cap_feats,
+        caption_image=caption_image, captions=captions, concept_ids=vocab, concept_names=names, concepts=labels,
+        concept_text_features=concept_feats, templates=list(cfg.templates), view_features=views if cfg.views else None,
+        image_locations=[_relative(r.image, dataset.root) for r in kept], attrs=attrs,
+        skipped=[(records[i].image_id, _relative(records[i].image, dataset.root), why) for i, why in fails])
+
+
+def _feature_attrs(bb) -> dict:
+    p = bb.provenance
+    return {"images": {"layer": p.get("image_layer", ""), "pooling": p.get("image_pooling", "")},
+            "captions": {"layer": p.get("text_layer", ""), "pooling": p.get("text_pooling", "")}}
+
+
 def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str, memo: dict) -> SplitSummary:
     """Extract one split (or one shard of it, with cfg.shard) into `{out}/{dataset}/{backbone}/`.
 
@@ -270,85 +320,21 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
     final.parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(final):
         if final.exists():
-            diffs = differences(read_attrs(final), prov)
-            if diffs:
-                raise ProvenanceMismatch(final, diffs)
-            PartStore(final).remove()  # left over when a run died between rename and clean-up
-            attrs = read_attrs(final)
-            if shard is not None:  # the run may have died between the rename and the marker
-                write_done_marker(final, n_images=attrs["n_images"], n_captions=attrs["n_captions"], shard=cfg.shard)
-            summary.status, summary.images, summary.captions = "up to date", attrs["n_images"], attrs["n_captions"]
-            summary.skipped = read_skipped(final)
-            return summary
+            return _up_to_date(final, prov, summary, cfg, shard)
         store = PartStore(final)
         resumed = store.exists()
-        settings = store.open(prov, {"batch_size": cfg.batch_size})
-        batch_size = int(settings["batch_size"])
+        batch_size = int(store.open(prov, {"batch_size": cfg.batch_size})["batch_size"])
         summary.status = "resumed" if resumed else "written"
         t0 = time.perf_counter()
         with tqdm(total=len(records), desc=f"{split} images", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
             n_new, secs = _image_phase(bb, records, store, batch_size, cfg, device, bar)
-        rows, feats, views, fails = _gather_images(store, len(records), batch_size)
-        kept = [records[i] for i in rows]
-        captions, caption_image = [], []
-        for r_i, rec in enumerate(kept):
-            for c in rec.captions:
-                captions.append(c)
-                caption_image.append(r_i)
-        cap_feats = _text_phase(bb, captions, store, "cap", cfg.dtype, device)
-
-        vocab = dataset.concept_vocab()
-        col = {c: j for j, c in enumerate(vocab)}
-        names = [dataset.concept_names.get(c, "") for c in vocab]
-        # Only named concepts get prompts: an id such as C0376152 carries no meaning for a text
-        # encoder, and in ROCO most ids are unnamed (skipping them saves ~85% of the prompts).
-        named = [j for j, n in enumerate(names) if n]
-        prompts = [t.format(name=names[j]) for j in named for t in cfg.templates]
-        key = ("concepts", tuple(prompts))
-        if key not in memo:  # the same prompts for every split: encode them once per run
-            memo[key] = _text_phase(bb, prompts, store, "con", cfg.dtype, device)
-        con_feats = np.zeros((len(vocab), len(cfg.templates), bb.text_dim), cfg.dtype)
-        con_feats[named] = memo[key].reshape(len(named), len(cfg.templates), bb.text_dim)
-        indptr, indices = [0], []
-        for rec in kept:
-            indices += sorted({col[c] for c in rec.concepts})
-            indptr.append(len(indices))
-
-        summary.skipped = [(records[i].image_id, records[i].image, reason) for i, reason in fails]
-        summary.images, summary.captions = len(kept), len(captions)
-        attrs = {
-            **prov,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "data_root": str(Path(dataset.root).resolve()),
-            "n_records": len(records),
-            "extract_batch_size": batch_size,
-        }
-        write_split(
-            final,
-            attrs=attrs,
-            image_ids=[r.image_id for r in kept],
-            image_locations=[_relative(r.image, dataset.root) for r in kept],
-            image_features=feats,
-            view_features=views if cfg.views else None,
-            captions=captions,
-            caption_image=np.asarray(caption_image, np.int64),
-            caption_features=cap_feats,
-            concept_ids=vocab,
-            concept_names=names,
-            concept_indptr=np.asarray(indptr),
-            concept_indices=np.asarray(indices),
-            templates=list(cfg.templates),
-            concept_text_features=con_feats,
-            skipped=[(rid, _relative(loc, dataset.root), why) for rid, loc, why in summary.skipped],
-            dtype=cfg.dtype,
-            feature_attrs={
-                "images": {"layer": bb.provenance.get("image_layer", ""), "pooling": bb.provenance.get("image_pooling", "")},
-                "captions": {"layer": bb.provenance.get("text_layer", ""), "pooling": bb.provenance.get("text_pooling", "")},
-            },
-        )
+        cached = _assemble(bb, dataset, split, records, store, batch_size, prov, cfg, device, memo)
+        write_split(final, cached, dtype=cfg.dtype, feature_attrs=_feature_attrs(bb))
         if shard is not None:
-            write_done_marker(final, n_images=len(kept), n_captions=len(captions), shard=cfg.shard)
+            write_done_marker(final, n_images=cached.n_images, n_captions=len(cached.captions), shard=cfg.shard)
         store.remove()
+        summary.skipped = cached.skipped
+        summary.images, summary.captions = cached.n_images, len(cached.captions)
         summary.seconds = time.perf_counter() - t0
         summary.images_per_s = n_new / secs if secs > 0 else 0.0
         return summary
@@ -368,7 +354,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     unknown = [s for s in splits if s not in dataset.splits]
     if unknown:
         raise ExtractError(f"{dataset.root}: no split {', '.join(unknown)} (splits here: {', '.join(dataset.splits)})")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device).type
     # no flips for the stored views: radiology captions name the patient's left and right
     bb = backbone or create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     memo: dict = {}

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from medembed.common.splits import sort_splits
+
 ZIP_SEP = "::"
 
 
@@ -44,9 +46,7 @@ class Dataset:
 
     @property
     def splits(self) -> list[str]:
-        order = {"train": 0, "valid": 1, "val": 1, "dev": 1, "test": 2}
-        names = {r.split for r in self.records}
-        return sorted(names, key=lambda s: (order.get(s, 9), s))
+        return sort_splits({r.split for r in self.records})
 
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]

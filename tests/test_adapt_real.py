@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run, train
+from medembed.adapt.run import load_run
+from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.common.ranking import recall_summary
 from tests.conftest import real_cache

@@ -14,9 +14,10 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.data import MemorySource, iter_batches
 from medembed.adapt.heads import EnsembleHead, Standardize, build_head, fit_input_stats
 from medembed.adapt.losses import build_loss
-from medembed.adapt.run import load_run, train
+from medembed.adapt.run import load_run
+from medembed.adapt.state import Schedule
 from medembed.adapt.synthetic import correlated_split, write_synthetic_features
-from medembed.adapt.trainer import _param_groups, lr_at
+from medembed.adapt.trainer import param_groups, train
 from medembed.cache.reader import load_split
 from medembed.common.ranking import recall_summary
 
@@ -34,10 +35,15 @@ def small(features, out, **kw) -> AdaptConfig:
 
 
 def test_lr_schedule_by_hand():
-    assert lr_at(0, 1.0, warmup=4, total=20) == pytest.approx(0.25)
-    assert lr_at(3, 1.0, warmup=4, total=20) == pytest.approx(1.0)
-    assert lr_at(12, 1.0, warmup=4, total=20) == pytest.approx(0.5)  # half-way down the cosine
-    assert lr_at(20, 1.0, warmup=4, total=20) == pytest.approx(0.0)
+    schedule = Schedule([1.0, 0.1], warmup=4, total=20)
+    assert schedule.lr(0, 1.0) == pytest.approx(0.25)
+    assert schedule.lr(3, 1.0) == pytest.approx(1.0)
+    assert schedule.lr(12, 1.0) == pytest.approx(0.5)  # half-way down the cosine
+    assert schedule.lr(20, 1.0) == pytest.approx(0.0)
+    opt = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)]},
+                           {"params": [torch.zeros(1, requires_grad=True)]}], lr=1.0)
+    schedule.apply(opt, 12)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05])  # each group from its own peak
 
 
 def test_standardize_matches_numpy():
@@ -55,7 +61,7 @@ def test_only_head_parameters_receive_gradients():
     fit_input_stats(hi, [split.image_features])
     fit_input_stats(ht, [split.caption_features])
     loss_fn = build_loss("infonce")
-    groups = _param_groups([hi, ht], loss_fn, weight_decay=0.1)
+    groups = param_groups([hi, ht], loss_fn, weight_decay=0.1, lr=1e-3)
     optimised = {id(p) for g in groups for p in g["params"]}
     trainable = {id(p) for m in (hi, ht, loss_fn) for p in m.parameters()}
     assert optimised == trainable  # nothing else is stepped

@@ -6,36 +6,35 @@ import json
 import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
-from medembed.cache.reader import find_splits, load_split
+from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.cache.writer import write_split
 
 
 def _write(path, dtype="float16", **over):
     rng = np.random.default_rng(0)
     kw = dict(
+        split="train",
         attrs={"backbone": "b", "split": "train", "weights_sha256": "0" * 64},
         image_ids=["a", "b", "c"],
         image_locations=["images/a.jpg", "images/b.jpg", "x.zip::c.png"],
-        image_features=rng.normal(size=(3, 5)).astype(np.float32),
+        image_features=torch.from_numpy(rng.normal(size=(3, 5)).astype(np.float32)),
         captions=["one", "two", "three", "four"],
-        caption_image=np.array([0, 0, 1, 2]),
-        caption_features=rng.normal(size=(4, 6)).astype(np.float32),
+        caption_image=torch.tensor([0, 0, 1, 2]),
+        caption_features=torch.from_numpy(rng.normal(size=(4, 6)).astype(np.float32)),
         concept_ids=["C1", "C2", "C3"],
         concept_names=["lung", "", "heart"],
-        concept_indptr=np.array([0, 2, 2, 3]),
-        concept_indices=np.array([0, 2, 1]),
+        concepts=sp.csr_matrix((np.ones(3, np.float32), np.array([0, 2, 1]), np.array([0, 2, 2, 3])), shape=(3, 3)),
         templates=["{name}", "an image of {name}"],
-        concept_text_features=rng.normal(size=(3, 2, 6)).astype(np.float32),
+        concept_text_features=torch.from_numpy(rng.normal(size=(3, 2, 6)).astype(np.float32)),
         skipped=[("d", "images/d.jpg", "zero-byte file")],
-        dtype=dtype,
-        feature_attrs={"images": {"layer": "stage7", "pooling": "avg"}},
     )
     kw.update(over)
-    write_split(path, **kw)
+    write_split(path, CachedSplit(**kw), dtype=dtype, feature_attrs={"images": {"layer": "stage7", "pooling": "avg"}})
     return kw
 
 
@@ -44,8 +43,8 @@ def test_round_trip_float32_exact(tmp_path):
     s = load_split(tmp_path / "train.h5")
     assert s.image_ids == ["a", "b", "c"]
     assert s.image_locations[2] == "x.zip::c.png"
-    assert torch.equal(s.image_features, torch.from_numpy(kw["image_features"]))
-    assert torch.equal(s.caption_features, torch.from_numpy(kw["caption_features"]))
+    assert torch.equal(s.image_features, kw["image_features"])
+    assert torch.equal(s.caption_features, kw["caption_features"])
     assert s.caption_image.tolist() == [0, 0, 1, 2]
     assert s.captions == ["one", "two", "three", "four"]
     assert s.concept_dense().tolist() == [[True, False, True], [False, False, False], [False, True, False]]
@@ -60,9 +59,9 @@ def test_round_trip_float32_exact(tmp_path):
 
 def test_float16_default_and_row_chunks(tmp_path):
     feats = np.random.default_rng(1).normal(size=(3000, 512)).astype(np.float32)
-    _write(tmp_path / "t.h5", image_features=feats, image_ids=[str(i) for i in range(3000)],
-           image_locations=[""] * 3000, caption_image=np.zeros(4, int), concept_indptr=np.zeros(3001, int),
-           concept_indices=np.zeros(0, int))
+    _write(tmp_path / "t.h5", image_features=torch.from_numpy(feats), image_ids=[str(i) for i in range(3000)],
+           image_locations=[""] * 3000, caption_image=torch.zeros(4, dtype=torch.long),
+           concepts=sp.csr_matrix((3000, 3), dtype=np.float32))
     with h5py.File(tmp_path / "t.h5") as f:
         ds = f["images/features"]
         assert ds.dtype == np.float16

@@ -151,7 +151,7 @@ def test_choose_concepts_by_frequency_with_thresholds():
 def test_fewshot_separable_concepts_reach_full_map():
     xtr, ytr = _clusters(90, seed=0, extra=False)
     xte, yte = _clusters(30, seed=1, extra=False)
-    cfg = fewshot.FewShotConfig(ks=(1, 16), seeds=2, max_concepts=5, min_test_positives=5)
+    cfg = fewshot.FewShotConfig(ks=(1, 16), seeds=2, max_concepts=5, min_test_positives=5, methods=fewshot.METHODS)
     res = fewshot.score(xtr, ytr, xte, yte, torch.eye(3, 4), ["a", "b", "c"], cfg)
     assert res.concept_rows == [0, 1, 2]  # 30 positives each: ties keep column order
     for method in ("logreg", "prototype", "tip_adapter"):
@@ -167,7 +167,7 @@ def test_fewshot_separable_concepts_reach_full_map():
 def test_fewshot_chance_is_expected_random_ap():
     xtr, ytr = _clusters(90, seed=0)
     _, yte = _clusters(30, seed=1)
-    c = fewshot.chance(ytr, yte, fewshot.FewShotConfig(ks=(1, 16), max_concepts=5))
+    c = fewshot.chance(ytr, yte, fewshot.FewShotConfig(ks=(1, 16), max_concepts=5, methods=fewshot.METHODS))
     # test set: concept 2 on 10 + 4 rows (row 0..3 overlap: rows 0,1,3 are extra), concepts 0/1 on 10 rows each
     counts = np.asarray(yte.sum(0)).ravel()
     expected = 100 * np.mean([zeroshot.expected_random_ap(int(counts[j]), 30) for j in (2, 0, 1)])
@@ -211,12 +211,18 @@ def test_f1_per_image_as_imageclef_scores_it():
 def test_detection_learns_separable_concepts():
     xtr, ytr = _clusters(300, seed=0)
     xte, yte = _clusters(90, seed=1)
-    res = detection.score(xtr, ytr, xte, yte)
-    assert res.concepts_modelled == 3
-    # each image's main concept is predictable from its embedding; rows 0, 1 and 3 also carry
-    # concept 2, which their embedding does not show: F1 2/3 there, 1 elsewhere
-    assert res.f1 == pytest.approx((87 + 3 * 2 / 3) / 90)
-    assert res.mean_predicted == pytest.approx(1.0)
+    for predictor in ("logreg", "knn"):
+        res = detection.score(xtr, ytr, xte, yte, detection.DetectionConfig(predictors=(predictor,)))
+        assert res.concepts_modelled == 3 and res.predictor == predictor
+        # each image's main concept is predictable from its embedding; rows 0, 1 and 3 also carry
+        # concept 2, which their embedding does not show: F1 2/3 there, 1 elsewhere
+        assert res.f1 == pytest.approx((87 + 3 * 2 / 3) / 90), predictor
+        assert res.mean_predicted == pytest.approx(1.0)
+    # with a valid split the settings are chosen there, and both predictors are reported
+    xva, yva = _clusters(60, seed=2)
+    m = detection.compute(xtr, ytr, xte, yte, valid=(xva, yva))
+    assert m["concept_f1_logreg"] == pytest.approx(100 * (87 + 3 * 2 / 3) / 90)
+    assert m["concept_f1_knn"] == pytest.approx(100 * (87 + 3 * 2 / 3) / 90)
 
 
 def test_detection_chance_matches_its_expectation():

@@ -10,8 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run, train
+from medembed.adapt.run import load_run
 from medembed.adapt.synthetic import write_synthetic_features
+from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.evaluate import EvalOptions, retrieval, run_eval
 from medembed.evaluate import search as search_mod
@@ -24,7 +25,7 @@ REQUIRED_KEYS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@
 
 def _fast_options(**kw) -> EvalOptions:
     return EvalOptions(fewshot=FewShotConfig(ks=(1, 4, 16), seeds=1, max_concepts=3, methods=("logreg", "prototype")),
-                       detection=DetectionConfig(steps=30), **kw)
+                       detection=DetectionConfig(max_iter=10), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +202,7 @@ def test_search_cli_prints_ranked_results(runs, monkeypatch):
     from medembed.cli import main
 
     test = load_split(runs["features"] / "test.h5")
-    from medembed.adapt.run import AdaptedRun
-
-    monkeypatch.setattr(AdaptedRun, "load_backbone", lambda self, device="cpu": _LookupBackbone(test))
+    monkeypatch.setattr(search_mod, "run_backbone", lambda run, device="cpu": _LookupBackbone(test))
     res = CliRunner().invoke(main, ["search", "--run", str(runs["cca"]), "--text", test.captions[0], "-k", "4",
                                     "--split", "test"])
     assert res.exit_code == 0, res.output

@@ -16,20 +16,23 @@ def test_adapt_with_one_unfreeze_cycle_refreshes_the_cache(tmp_path):
     from medembed.cli import main
 
     data = make_imageclef2023(tmp_path / "d", {"train": 24, "valid": 8, "test": 8})
-    summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(tmp_path / "f"), batch_size=8,
+    extracted = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(tmp_path / "f"), batch_size=8,
                                     workers=0, progress=False))
     old_dir = tmp_path / "f" / "d" / "tiny-clip"
     old_bytes = (old_dir / "train.h5").read_bytes()
     r = CliRunner().invoke(main, ["adapt", "--features", str(old_dir), "--head", "linear", "--epochs", "2",
                                   "--batch-size", "8", "--dim", "16", "--out", str(tmp_path / "run"),
-                                  "--unfreeze-every", "1", "--unlocked-layers", "1"])
+                                  "--unfreeze-every", "1", "--unlock", "1", "--backbone-lr", "1e-3"])
     assert r.exit_code == 0, r.output
     assert (old_dir / "train.h5").read_bytes() == old_bytes  # the old cache stays as it was
-    state = json.loads((tmp_path / "run" / "unfreeze.json").read_text())
-    assert state
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["mode"] == "periodic" and len(summary["cycles"]) == 1
     new_dirs = [p for p in (tmp_path / "f" / "d").iterdir() if p.name.startswith("tiny-clip+ft-")]
     assert len(new_dirs) == 1
     new_attrs = read_attrs(new_dirs[0] / "train.h5")
     assert new_attrs["weights_sha256"] != read_attrs(old_dir / "train.h5")["weights_sha256"]
-    assert (tmp_path / "run" / "finetuned.safetensors").exists()
-    assert summary.splits[0].images == 24
+    # a kept cycle leaves the fine-tuned model in the run folder; a rolled-back one says so instead
+    kept = (tmp_path / "run" / "finetuned.safetensors").exists()
+    assert kept != any("rolled back" in n for n in summary["notes"]), summary["notes"]
+    assert ("checkpoint:" in r.output) == kept and "cycle 1 (raw)" in r.output
+    assert extracted.splits[0].images == 24

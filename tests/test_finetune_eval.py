@@ -10,8 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.finetune import FinetunedModel, UnfreezeConfig, train_with_unfreezing
 from medembed.adapt.run import load_run
+from medembed.adapt.tuning.checkpoint import FinetunedModel
+from medembed.adapt.tuning.runs import open_run, run_backbone
+from medembed.adapt.tuning.unfreeze import TuneConfig, train_with_unfreezing
 from medembed.cache.reader import load_split, read_attrs
 from medembed.evaluate import EvalOptions, retrieval, run_eval
 from tests.conftest import make_imageclef2023, tiny_clip_cache
@@ -23,8 +25,8 @@ def finetuned(tmp_path_factory) -> dict:
     cache = tiny_clip_cache(root, {"train": 24, "valid": 8}, data_name="train-data")
     config = AdaptConfig(features_dir=str(cache), out=str(root / "run"), head="mlp", dim=16, epochs=2,
                          batch_size=8, seed=0)
-    result = train_with_unfreezing(config, UnfreezeConfig(every=1, epochs=1, unlocked_layers=1, batch_size=8,
-                                                          backbone_lr=1e-3, augment=False), progress=False)
+    result = train_with_unfreezing(config, TuneConfig(unlock="1", every=1, epochs=1, batch_size=8, backbone_lr=1e-3,
+                                                      augment=False, rollback=False), progress=False)
     # new raw data the run never saw: other images (another seed), a test split only
     new = make_imageclef2023(root / "new-data", {"test": 10}, seed=7)
     return {"root": root, "run": root / "run", "checkpoint": Path(result["checkpoint"]), "new": new}
@@ -54,7 +56,7 @@ def test_eval_on_new_raw_data_scores_what_the_checkpoint_computes(finetuned, tmp
     assert "fine-tuned backbone" in report and model.backbone.name in report
 
     # the unfreezing run folder names the same model as its checkpoint file
-    by_folder = load_run(finetuned["run"])
+    by_folder = open_run(finetuned["run"])
     assert by_folder.checkpoint == ckpt and by_folder.backbone.name == model.backbone.name
 
 
@@ -79,10 +81,10 @@ def test_search_cli_takes_the_checkpoint_and_a_new_pool(finetuned, tmp_path):
     assert rows[0][2] == split.image_ids[int(best.indices[0])]
 
 
-def test_a_stage_trained_on_finetuned_features_points_to_the_checkpoint(finetuned):
-    stage = load_run(finetuned["run"] / "stage-1")
+def test_heads_trained_on_finetuned_features_point_to_the_checkpoint(finetuned):
+    heads_only = load_run(finetuned["run"])  # config.json + best.safetensors, without the towers
     with pytest.raises(ValueError, match="finetuned.safetensors"):
-        stage.load_backbone()
+        run_backbone(heads_only)
 
 
 def test_index_refuses_a_finetuned_run_with_the_reason(finetuned):

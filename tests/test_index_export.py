@@ -20,9 +20,10 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import AdaptedRun, load_run, train
+from medembed.adapt.run import AdaptedRun, load_run
 from medembed.adapt.synthetic import write_synthetic_features
-from medembed.cache.reader import load_split
+from medembed.adapt.trainer import train
+from medembed.cache.reader import CachedSplit, load_split
 from medembed.cache.writer import write_split
 from medembed.evaluate.export import ExportOptions, export_embeddings
 from medembed.evaluate.index import (
@@ -41,12 +42,12 @@ def _write_cache(path: Path, feats: np.ndarray, ids: list[str], captions_per_ima
                  fingerprint: str = "fp-1") -> Path:
     n = feats.shape[0]
     rows = np.repeat(np.arange(n), captions_per_image)
-    return write_split(
-        path, attrs={"backbone": "toy", "dataset": "toy", "dataset_fingerprint": fingerprint, "split": path.stem},
-        image_ids=ids, image_locations=[f"images/{i}.png" for i in ids], image_features=feats,
-        captions=[f"caption {k} of {ids[r]}" for k, r in enumerate(rows)], caption_image=rows,
-        caption_features=feats[rows], dtype="float32",
-    )
+    split = CachedSplit(
+        split=path.stem, attrs={"backbone": "toy", "dataset": "toy", "dataset_fingerprint": fingerprint, "split": path.stem},
+        image_ids=ids, image_locations=[f"images/{i}.png" for i in ids], image_features=torch.from_numpy(feats),
+        captions=[f"caption {k} of {ids[r]}" for k, r in enumerate(rows)], caption_image=torch.from_numpy(rows),
+        caption_features=torch.from_numpy(feats[rows]))
+    return write_split(path, split, dtype="float32")
 
 
 def _identity_run(run_dir: Path, features_dir: Path, dim: int) -> AdaptedRun:

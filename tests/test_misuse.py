@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import train
 from medembed.adapt.synthetic import correlated_split, write_cache, write_synthetic_features
+from medembed.adapt.trainer import train
 from medembed.cli import main
 from tests.conftest import make_imageclef2023
 

@@ -6,26 +6,17 @@ record precise enough to tell whether two caches were made by the same weights a
 """
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-PROVENANCE_KEYS = (
-    "backbone",
-    "weights_sha256",
-    "preprocess",
-    "image_layer",
-    "image_pooling",
-    "text_layer",
-    "text_pooling",
-    "image_model",
-    "text_model",
-)
+from medembed.cache.provenance import BACKBONE_KEYS
+
+# every backbone's provenance names what fixes its feature space and the models it was made of
+PROVENANCE_KEYS = (*BACKBONE_KEYS, "image_model", "text_model")
 
 
 class Tower(nn.Module):
@@ -126,33 +117,6 @@ class Backbone:
     def text_blocks(self) -> list[nn.Module]:
         """Bottom-to-top trainable blocks of the text tower."""
         return self.text_model.blocks()
-
-
-def sha256_files(paths: Iterable[str | Path], chunk: int = 1 << 20) -> tuple[str, list[str]]:
-    """Digest over the bytes of all files in order (equals `sha256sum` for one file), plus each file's own.
-
-    One read serves both, so multi-file backbones do not pay twice for hashing.
-    """
-    combined = hashlib.sha256()
-    each = []
-    for path in paths:
-        own = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                combined.update(block)
-                own.update(block)
-        each.append(own.hexdigest())
-    return combined.hexdigest(), each
-
-
-def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """Digest of a state dict's names, dtypes, shapes and bytes: identifies random-init weights."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        h.update(f"{name}\x1f{tensor.dtype}\x1f{tuple(tensor.shape)}\x1e".encode())
-        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 @contextmanager

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medembed.extract.backbones.core import Backbone, Tower, sha256_files
+from medembed.common.hashing import sha256_files
+from medembed.extract.backbones.core import Backbone, Tower
 from medembed.extract.backbones.transforms import AugmentConfig, EvalTransformConfig, augment_transform, eval_transform
 
 NAME = "effnet-lite0+minilm"

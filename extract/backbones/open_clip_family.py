@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medembed.extract.backbones.core import Backbone, BlockGroup, Tower, seeded_init, sha256_files, sha256_state_dict
+from medembed.common.hashing import sha256_files, tensor_digest
+from medembed.extract.backbones.core import Backbone, BlockGroup, Tower, seeded_init
 from medembed.extract.backbones.transforms import AugmentConfig, augment_transform
 
 TINY_CLIP = "tiny-clip"
@@ -176,14 +177,18 @@ class OpenClipTokenize:
         return {"input_ids": self.tokenizer(list(texts))}
 
 
+LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
 def resolved_checkpoint(spec: OpenClipName) -> str | None:
-    """The file open_clip loaded weights from, found the same way open_clip finds it (cache only)."""
-    from open_clip import factory, pretrained
+    """The file the weights came from (hashed for provenance): a local-dir's weights file, or the
+    local Hugging Face cache copy of a hub or pretrained tag (never downloaded: offline mode)."""
+    from open_clip import pretrained
 
     try:
         if spec.schema == "local-dir":
-            finder = getattr(factory, "_find_checkpoint_in_dir", None)
-            return finder(Path(spec.model_name[len(LOCAL_DIR_PREFIX):])) if finder else None
+            folder = Path(spec.model_name[len(LOCAL_DIR_PREFIX):])
+            return next((str(folder / n) for n in LOCAL_DIR_WEIGHTS if (folder / n).is_file()), None)
         if spec.schema == "hf-hub":
             return pretrained.download_pretrained_from_hf(spec.model_name[len(HF_HUB_PREFIX):])
         if spec.pretrained:
@@ -239,7 +244,7 @@ def create_open_clip(spec: OpenClipName, augment: AugmentConfig = AugmentConfig(
         weights_sha, _ = sha256_files([checkpoint])
         weights = os.path.basename(checkpoint)
     else:
-        weights_sha = sha256_state_dict(clip.state_dict())
+        weights_sha = tensor_digest(clip.state_dict())
         weights = f"random init (torch seed {RANDOM_INIT_SEED}); sha256 of the state dict"
     visual = clip.visual
     text_pool = getattr(clip, "text_pool_type", None) or getattr(getattr(clip, "text", None), "pool_type", None)
