@@ -2,14 +2,14 @@
 
 The repository's top-level folders (`extract/`, `cache/`, `adapt/`, `evaluate/`, `common/`) and
 `cli.py` install as the `medembed` package, so no global module name is claimed. The notebook API
-(`load_run`, `embed_texts`, `embed_images`, `search`, `evaluate`) is resolved on first use: importing
+(`load_run`, `embed_texts`, `embed_images`, `search`, `evaluate_run`) is resolved on first use: importing
 `medembed` (which every `medembed.*` import and the CLI do) stays cheap.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from medembed.common.version import __version__
 
-_API = ("load_run", "embed_texts", "embed_images", "search", "evaluate")
+_API = ("load_run", "embed_texts", "embed_images", "search", "evaluate_run")
 __all__ = ["__version__", *_API]
 
 

@@ -11,8 +11,8 @@ from dataclasses import fields
 import click
 from click.core import ParameterSource
 
-from medembed import __version__
 from medembed.adapt.config import AUGMENT_KINDS, HEAD_KINDS, LOSS_KINDS, AdaptConfig
+from medembed.common.version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -238,8 +238,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
 def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, modality_concepts, min_positives,
              fewshot_seeds, fewshot_concepts, skip, no_closed_form, examples) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
-    from medembed.evaluate import EvalOptions, run_eval
     from medembed.evaluate.fewshot import FewShotConfig
+    from medembed.evaluate.pipeline import EvalOptions, run_eval
     from medembed.evaluate.report import format_summary
     from medembed.evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
     from medembed.extract.pipeline import ExtractError

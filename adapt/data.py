@@ -166,6 +166,21 @@ def estimated_bytes(path: str | Path) -> int:
         return sum(4 * int(np.prod(f[n].shape)) for n in names)
 
 
+def _concept_pairs(block: Block, concepts: ConceptTexts | None, ratio: float, m: int, gen: torch.Generator):
+    """About ratio x m (image, concept) pairs drawn among the block's images: (local image rows,
+    concept columns), or (None, None) without concept texts."""
+    if concepts is None or ratio <= 0:
+        return None, None
+    to_local = torch.full((int(block.image_rows.max()) + 1,), -1, dtype=torch.long)
+    to_local[block.image_rows] = torch.arange(block.image_rows.numel())
+    inside = concepts.pair_image < to_local.numel()
+    cand = torch.nonzero(inside).squeeze(1)
+    cand = cand[to_local[concepts.pair_image[cand]] >= 0]
+    k = min(cand.numel(), round(ratio * m))
+    pick = cand[torch.randperm(cand.numel(), generator=gen)[:k]]
+    return to_local[concepts.pair_image[pick]], concepts.pair_concept[pick]
+
+
 def iter_batches(
     block: Block,
     batch_size: int,
@@ -178,16 +193,7 @@ def iter_batches(
     """All captions of the block once, plus about concept_ratio x as many (image, concept) pairs,
     shuffled together; with views, each image is seen as a random one of its original + V views."""
     m = block.caption_features.shape[0]
-    cp_local = cp_concept = None
-    if concepts is not None and concept_ratio > 0:
-        to_local = torch.full((int(block.image_rows.max()) + 1,), -1, dtype=torch.long)
-        to_local[block.image_rows] = torch.arange(block.image_rows.numel())
-        inside = concepts.pair_image < to_local.numel()
-        cand = torch.nonzero(inside).squeeze(1)
-        cand = cand[to_local[concepts.pair_image[cand]] >= 0]
-        k = min(cand.numel(), round(concept_ratio * m))
-        pick = cand[torch.randperm(cand.numel(), generator=gen)[:k]]
-        cp_local, cp_concept = to_local[concepts.pair_image[pick]], concepts.pair_concept[pick]
+    cp_local, cp_concept = _concept_pairs(block, concepts, concept_ratio, m, gen)
     n_cp = 0 if cp_local is None else cp_local.numel()
     order = torch.randperm(m + n_cp, generator=gen)
     views = block.view_features if use_views else None

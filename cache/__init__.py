@@ -1,4 +1,2 @@
-"""Phase 2: the HDF5 feature cache (one file per dataset x split x backbone)."""
-from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
-
-__all__ = ["CachedSplit", "find_splits", "load_split", "read_attrs"]
+"""Phase 2, cache: the HDF5 feature store, one file per dataset x split x backbone (`reader`,
+`writer`), its provenance rules (`provenance`), and crash-safe writing (`parts`, `lock`, `shards`)."""

@@ -1,21 +1,7 @@
-"""Phase 4, evaluate: metrics, reports and plots for adapted runs, each beside its baselines, and
-what is built on them (search, FAISS index, export, the search page).
+"""Phase 4, evaluate: scoring runs beside their baselines, and what is built on scored embeddings.
 
-Each metric module (retrieval, zeroshot, fewshot, detection) exposes `compute(...) -> dict` of flat
-named numbers and `chance(...) -> dict` with the same keys; `run_eval` ties them into the
-`cli.py eval` command and `evaluate.search.Searcher` backs `cli.py search`.
-
-`run_eval` is resolved on first use, so importing one metric module (a benchmark, adapt-side
-tooling) does not pull in plotting and the model-fitting libraries.
+Metric modules (retrieval, zeroshot, fewshot, detection) each expose `compute(...) -> dict` of
+flat named numbers and `chance(...) -> dict` with the same keys. `pipeline.run_eval` ties them into
+`cli.py eval` (report, plots, one JSON per run); `search.Searcher` backs `cli.py search` and the
+search page; `index` and `export` give FAISS indexes and clip-retrieval style embedding folders.
 """
-from __future__ import annotations
-
-__all__ = ["EvalOptions", "run_eval"]
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        from medembed.evaluate import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(f"module 'evaluate' has no attribute {name!r}")

@@ -168,14 +168,18 @@ def _standardised(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return (scores - reference.mean(0)) / reference.std(0, unbiased=False).clamp_min(1e-12)
 
 
-def tip_scores(xs, ys, xq, xref, prompts: torch.Tensor | None, alpha: float, beta: float) -> torch.Tensor:
+def tip_scores(xs, ys, xq, xref, prompts: torch.Tensor | None, alpha: float, beta: float,
+               chunk: int = 2048) -> torch.Tensor:
     """Zero-shot prompt score + alpha x cache score, each standardised over the train images
     (`xref`, labels unused) so alpha weighs two terms of the same scale whatever the embedding.
-    `prompts` [P, D] (zero rows: no prompt for that concept)."""
+    `prompts` [P, D] (zero rows: no prompt for that concept). Queries go `chunk` at a time."""
 
     def cache(x):  # [Q, P]
-        affinity = torch.exp(-beta * (1.0 - torch.einsum("qd,pnd->qpn", x, xs)))
-        return affinity[..., ys].mean(-1) - affinity[..., ~ys].mean(-1)
+        parts = []
+        for s in range(0, x.shape[0], chunk):
+            affinity = torch.exp(-beta * (1.0 - torch.einsum("qd,pnd->qpn", x[s : s + chunk], xs)))
+            parts.append(affinity[..., ys].mean(-1) - affinity[..., ~ys].mean(-1))
+        return torch.cat(parts)
 
     score = alpha * _standardised(cache(xq), cache(xref))
     if prompts is not None:
@@ -259,18 +263,10 @@ def _prompts(concept_emb, concept_names, cols: list[int], seeds: int) -> torch.T
     return per_concept.repeat(seeds, 1)
 
 
-def compute(
-    train_emb: torch.Tensor,
-    train_labels: sp.csr_matrix,
-    test_emb: torch.Tensor,
-    test_labels: sp.csr_matrix,
-    concept_emb: torch.Tensor | None = None,
-    concept_names: list[str] | None = None,
-    config: FewShotConfig | None = None,
-) -> dict[str, float]:
+def compute(*args, **kwargs) -> dict[str, float]:
     """Flat numbers: mAP (%) per method and k (mean over concepts, then seeds), its spread over
-    seeds, and how many concepts and seeds were used."""
-    return score(train_emb, train_labels, test_emb, test_labels, concept_emb, concept_names, config).metrics()
+    seeds, and how many concepts and seeds were used. Takes `score`'s arguments."""
+    return score(*args, **kwargs).metrics()
 
 
 def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, config: FewShotConfig | None = None) -> dict[str, float]:

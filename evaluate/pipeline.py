@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from medembed import __version__
 from medembed.adapt.closed_form import fit_cca_on_valid, fit_closed_form
 from medembed.adapt.run import AdaptedRun, describe_run
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.common.files import replace_folder, slug, staging_folder, write_json
+from medembed.common.version import __version__
 from medembed.evaluate import detection, fewshot, retrieval, zeroshot
 from medembed.evaluate.examples import write_examples
 from medembed.evaluate.models import EmbeddingModel, model_from_heads, model_from_run

@@ -155,8 +155,9 @@ def score(
     counts = _column_counts(labels)
     labels_csc = labels.tocsc()
     img = image_emb.float()
-    # score a block of concepts over all images at a time: N x block floats stay within memory_mb
-    block = max(1, int(cfg.memory_mb * 2**20 // (max(n, 1) * 8)))
+    # score a block of concepts over all images at a time: the ranking passes hold about 64 bytes per
+    # (image, concept) cell, so N x block cells stay within memory_mb
+    block = max(1, int(cfg.memory_mb * 2**20 // (max(n, 1) * 64)))
     aurocs: list[float] = []
     aps: list[float] = []
     for s in range(0, len(cols), block):
@@ -189,16 +190,9 @@ def score(
     return result
 
 
-def compute(
-    image_emb: torch.Tensor,
-    concept_emb: torch.Tensor,
-    labels: sp.csr_matrix,
-    concept_ids: list[str],
-    concept_names: list[str],
-    config: ZeroShotConfig | None = None,
-) -> dict[str, float]:
-    """Flat numbers: mean concept AUROC / mAP over eligible concepts, modality accuracy."""
-    return score(image_emb, concept_emb, labels, concept_ids, concept_names, config).metrics()
+def compute(*args, **kwargs) -> dict[str, float]:
+    """Flat numbers: mean concept AUROC / mAP over eligible concepts, modality accuracy. Takes `score`'s arguments."""
+    return score(*args, **kwargs).metrics()
 
 
 # --- chance -------------------------------------------------------------------------------------

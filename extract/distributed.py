@@ -10,20 +10,20 @@ import os
 
 from medembed.cache.shards import merge_shards
 from medembed.common.device import resolve_device
+from medembed.extract.backbones import AugmentConfig, create_backbone
+from medembed.extract.datasets import load_dataset
 from medembed.extract.pipeline import (
     ExtractConfig,
     ExtractError,
     ExtractSummary,
     SplitSummary,
     cache_dir,
+    extract_split,
 )
+from medembed.extract.synthetic import ensure_default_dataset
 
 
 def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
-    from medembed.extract.backbones import AugmentConfig, create_backbone
-    from medembed.extract.datasets import load_dataset
-    from medembed.extract.pipeline import extract_split
-
     device = resolve_device(cfg.device).type
     dataset = load_dataset(cfg.data)
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
@@ -37,9 +37,6 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
         import ray
     except ImportError:
         raise ExtractError("--engine ray needs Ray: pip install 'medembed[distributed]'") from None
-    from medembed.extract.datasets import load_dataset
-    from medembed.extract.synthetic import ensure_default_dataset
-
     data = str(cfg.data or ensure_default_dataset())
     dataset = load_dataset(data)
     splits = cfg.splits or dataset.splits

@@ -18,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medembed import __version__
 from medembed.cache.lock import WriterLock
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
@@ -27,7 +26,11 @@ from medembed.cache.shards import write_done_marker
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
 from medembed.common.files import slug
+from medembed.common.version import __version__
+from medembed.extract.backbones import AugmentConfig, create_backbone
+from medembed.extract.datasets import load_dataset
 from medembed.extract.records import ZIP_SEP, Dataset, Record
+from medembed.extract.synthetic import ensure_default_dataset
 from medembed.extract.worker import ImageItems, collate_items
 
 DEFAULT_TEMPLATES = (
@@ -344,10 +347,6 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     """Every split in `cfg.splits` (default: all) of the dataset. `backbone` / `dataset` may be
     passed in already built (a fine-tuned backbone exists only as an object, not as a registry
     name); else they come from `cfg.backbone` / `cfg.data`."""
-    from medembed.extract.backbones import AugmentConfig, create_backbone
-    from medembed.extract.datasets import load_dataset
-    from medembed.extract.synthetic import ensure_default_dataset
-
     if dataset is None:
         dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset())
     splits = cfg.splits or dataset.splits

@@ -15,7 +15,8 @@ from medembed.adapt.tuning.checkpoint import FinetunedModel
 from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.adapt.tuning.unfreeze import TuneConfig, train_with_unfreezing
 from medembed.cache.reader import load_split, read_attrs
-from medembed.evaluate import EvalOptions, retrieval, run_eval
+from medembed.evaluate import retrieval
+from medembed.evaluate.pipeline import EvalOptions, run_eval
 from tests.conftest import make_imageclef2023, tiny_clip_cache
 
 

@@ -290,16 +290,33 @@ def _tuned_config(run_config: dict, backbone: Backbone, features_dir: Path) -> d
     return {**run_config, "features_dir": str(features_dir), "backbone": backbone.name, "cache": cache}
 
 
-# ---------------------------------------------------------------------------------- continuous (LiT)
-def train_tuned(config: AdaptConfig, tune: TuneConfig, progress: bool = True) -> dict:
-    """The unlocked blocks train with the heads in every epoch, from cached mid-layer activations."""
-    spec, device = tune.spec, resolve_device(config.device)
+@dataclass
+class Start:
+    """What every tuned run starts from: the resolved config, its run folder, device, the cached
+    data in memory and the base backbone that made the cache."""
+
+    config: AdaptConfig
+    run_dir: Path
+    device: torch.device
+    data: TrainingData
+    backbone: Backbone
+
+
+def _start(config: AdaptConfig) -> Start:
+    device = resolve_device(config.device)
     config = replace(config, features_dir=str(Path(config.features_dir).resolve()))
     run_dir = prepare_run_dir(config, resume=False)
     data = load_training_data(config)
     if data.train is None:
         raise ValueError(f"{config.features_dir}: tuning towers needs the training split in memory; raise max_memory_gb")
-    backbone = _base_backbone(config.features_dir, device)
+    return Start(config, run_dir, device, data, _base_backbone(config.features_dir, device))
+
+
+# ---------------------------------------------------------------------------------- continuous (LiT)
+def train_tuned(config: AdaptConfig, tune: TuneConfig, progress: bool = True) -> dict:
+    """The unlocked blocks train with the heads in every epoch, from cached mid-layer activations."""
+    s = _start(config)
+    config, run_dir, device, data, backbone, spec = s.config, s.run_dir, s.device, s.data, s.backbone, tune.spec
     trainable = lock_backbone(backbone, spec)
     root = _data_root(config.features_dir, tune) if spec.image != 0 else None
     t0 = time.perf_counter()
@@ -480,13 +497,8 @@ def train_with_unfreezing(config: AdaptConfig, tune: TuneConfig, progress: bool 
     cycle was kept, `checkpoint` (finetuned.safetensors in the run folder)."""
     if tune.every < 1:
         raise ValueError("periodic unfreezing needs --unfreeze-every K >= 1")
-    device = resolve_device(config.device)
-    config = replace(config, features_dir=str(Path(config.features_dir).resolve()))
-    run_dir = prepare_run_dir(config, resume=False)
-    data = load_training_data(config)
-    if data.train is None:
-        raise ValueError(f"{config.features_dir}: tuning towers needs the training split in memory; raise max_memory_gb")
-    backbone = _base_backbone(config.features_dir, device)
+    s = _start(config)
+    config, run_dir, device, data, backbone = s.config, s.run_dir, s.device, s.data, s.backbone
     run_config = _run_config(config, data, tune)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ckpt.METRICS).write_text("")

@@ -213,6 +213,36 @@ def preprocess_json(cfg: dict[str, Any]) -> str:
     return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, sort_keys=True)
 
 
+def open_clip_provenance(spec: OpenClipName, clip: nn.Module) -> dict[str, str]:
+    """Which weights, preprocessing, layers and pooling make this backbone's features."""
+    import open_clip
+
+    pp = dict(clip.visual.preprocess_cfg)
+    checkpoint = resolved_checkpoint(spec)
+    if checkpoint:
+        weights_sha, _ = sha256_files([checkpoint])
+        weights = os.path.basename(checkpoint)
+    else:
+        weights_sha = tensor_digest(clip.state_dict())
+        weights = f"random init (torch seed {RANDOM_INIT_SEED}); sha256 of the state dict"
+    visual = clip.visual
+    text_pool = getattr(clip, "text_pool_type", None) or getattr(getattr(clip, "text", None), "pool_type", None)
+    return {
+        "backbone": spec.backbone,
+        "weights_sha256": weights_sha,
+        "weights": weights,
+        "preprocess": preprocess_json(pp),
+        "image_layer": "projection (open_clip encode_image, normalize=False)",
+        "image_pooling": f"pool_type={getattr(visual, 'pool_type', 'model default')}"
+                         + (", attentional pool" if getattr(visual, "attn_pool", None) is not None else ""),
+        "text_layer": "projection (open_clip encode_text, normalize=False)",
+        "text_pooling": f"pool_type={text_pool or 'model default'}",
+        "image_model": f"open_clip {spec.model_name} visual ({type(visual).__name__})",
+        "text_model": f"open_clip {spec.model_name} text ({text_tower_kind(clip)})",
+        "open_clip_version": open_clip.__version__,
+    }
+
+
 def create_open_clip(spec: OpenClipName, augment: AugmentConfig = AugmentConfig()) -> Backbone:
     import open_clip
 
@@ -239,30 +269,8 @@ def create_open_clip(spec: OpenClipName, augment: AugmentConfig = AugmentConfig(
         image_dim = image_model(torch.zeros(1, 3, height, width)).shape[-1]
         text_dim = text_model(**tokenize(["a"])).shape[-1]
 
-    checkpoint = resolved_checkpoint(spec)
-    if checkpoint:
-        weights_sha, _ = sha256_files([checkpoint])
-        weights = os.path.basename(checkpoint)
-    else:
-        weights_sha = tensor_digest(clip.state_dict())
-        weights = f"random init (torch seed {RANDOM_INIT_SEED}); sha256 of the state dict"
-    visual = clip.visual
-    text_pool = getattr(clip, "text_pool_type", None) or getattr(getattr(clip, "text", None), "pool_type", None)
+    provenance = open_clip_provenance(spec, clip)
     interpolation = pp.get("interpolation", "bicubic")
-    provenance = {
-        "backbone": spec.backbone,
-        "weights_sha256": weights_sha,
-        "weights": weights,
-        "preprocess": preprocess_json(pp),
-        "image_layer": "projection (open_clip encode_image, normalize=False)",
-        "image_pooling": f"pool_type={getattr(visual, 'pool_type', 'model default')}"
-                         + (", attentional pool" if getattr(visual, "attn_pool", None) is not None else ""),
-        "text_layer": "projection (open_clip encode_text, normalize=False)",
-        "text_pooling": f"pool_type={text_pool or 'model default'}",
-        "image_model": f"open_clip {spec.model_name} visual ({type(visual).__name__})",
-        "text_model": f"open_clip {spec.model_name} text ({text_tower_kind(clip)})",
-        "open_clip_version": open_clip.__version__,
-    }
     return Backbone(
         name=spec.backbone,
         image_model=image_model,
