@@ -98,46 +98,66 @@ class Logistic:
         return torch.sigmoid(((x.float() - self.mean) / self.std) @ self.weight + self.bias)
 
 
-@torch.no_grad()
-def knn_scores(train_emb: torch.Tensor, train_y: torch.Tensor, query: torch.Tensor, k: int, sharpness: float,
-               chunk: int = 1024) -> torch.Tensor:
-    """Per query, the similarity-weighted share of its k nearest training images carrying each concept:
-    softmax(sharpness x cosine) over the k neighbours, times their labels. Queries go `chunk` at a
-    time, the vote as one sparse-weights x labels product, so memory stays at chunk x train."""
-    y = train_y.float()
-    k = min(k, train_emb.shape[0])
-    out = []
-    for s in range(0, query.shape[0], chunk):
-        sims = query[s : s + chunk].float() @ train_emb.float().T
-        top, rows = sims.topk(k, dim=1)
-        weights = torch.zeros_like(sims).scatter_(1, rows, torch.softmax(sharpness * top, dim=1))
-        out.append(weights @ y)
-    return torch.cat(out) if out else torch.zeros(0, y.shape[1])
+CHUNK = 2048  # images scored at a time: keeps chunk x concepts (and chunk x train) score matrices small
+
+
+@dataclass
+class Neighbours:
+    """The `k` most similar training images of every query (cosines and rows, best first)."""
+
+    sims: torch.Tensor  # [Q, k]
+    rows: torch.Tensor  # [Q, k]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, train_emb: torch.Tensor, query: torch.Tensor, k: int, chunk: int = CHUNK) -> Neighbours:
+        k = min(k, train_emb.shape[0])
+        sims, rows = [], []
+        for s in range(0, query.shape[0], chunk):
+            top, idx = (query[s : s + chunk].float() @ train_emb.float().T).topk(k, dim=1)
+            sims.append(top)
+            rows.append(idx)
+        if not sims:
+            return cls(torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long))
+        return cls(torch.cat(sims), torch.cat(rows))
+
+
+def knn_vote(nb: Neighbours, train_y: sp.csr_matrix, k: int, sharpness: float) -> torch.Tensor:
+    """Per query, the similarity-weighted share of its k nearest training images carrying each
+    concept: softmax(sharpness x cosine) over the neighbours times their labels (a sparse product)."""
+    top, rows = nb.sims[:, :k], nb.rows[:, :k]
+    w = torch.softmax(sharpness * top, dim=1).numpy().ravel()
+    q = top.shape[0]
+    weights = sp.csr_matrix((w, rows.numpy().ravel(), np.arange(0, q * rows.shape[1] + 1, rows.shape[1])),
+                            shape=(q, train_y.shape[0]))
+    return torch.from_numpy((weights @ train_y).toarray().astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------- decisions
-def _f1_batched(scores: torch.Tensor, gold: torch.Tensor, thresholds: torch.Tensor, fallback: bool,
-                chunk: int = 512) -> torch.Tensor:
-    """Mean per-image F1 for every threshold at once, [T], over row chunks (memory T x chunk x C)."""
-    total = torch.zeros(len(thresholds), dtype=torch.float64)
-    for s in range(0, scores.shape[0], chunk):
-        sc, g = scores[s : s + chunk], gold[s : s + chunk]
-        pred = sc[None] >= thresholds[:, None, None]  # [T, n, C]
-        if fallback:
-            none = ~pred.any(2)
-            top = torch.nn.functional.one_hot(sc.argmax(1), sc.shape[1]).bool()
-            pred = pred | (none[..., None] & top[None])
-        tp = (pred & g[None]).sum(2).double()
-        size = pred.sum(2).double() + g.sum(1).double()[None]
-        total += torch.where(size == 0, torch.ones_like(tp), 2 * tp / size.clamp_min(1)).sum(1)
-    return total / max(scores.shape[0], 1)
+def _f1_sums(scores: torch.Tensor, gold: torch.Tensor, thresholds: torch.Tensor, fallback: bool) -> torch.Tensor:
+    """Summed per-image F1 of a block of images for every threshold at once: [T]."""
+    pred = scores[None] >= thresholds[:, None, None]  # [T, n, C]
+    if fallback:
+        none = ~pred.any(2)
+        top = torch.nn.functional.one_hot(scores.argmax(1), scores.shape[1]).bool()
+        pred = pred | (none[..., None] & top[None])
+    tp = (pred & gold[None]).sum(2).double()
+    size = pred.sum(2).double() + gold.sum(1).double()[None]
+    return torch.where(size == 0, torch.ones_like(tp), 2 * tp / size.clamp_min(1)).sum(1)
 
 
-def choose_threshold(scores: torch.Tensor, gold: torch.Tensor) -> tuple[float, bool, float]:
-    """(threshold, fallback, mean F1) best on the held-out images."""
+def choose_threshold(blocks) -> tuple[float, bool, float]:
+    """(threshold, fallback, mean F1) best over (scores, gold) blocks of held-out images."""
+    sums = {False: torch.zeros(len(THRESHOLDS), dtype=torch.float64), True: torch.zeros(len(THRESHOLDS), dtype=torch.float64)}
+    n = 0
+    for scores, gold in blocks:
+        for step in range(0, scores.shape[0], 256):  # T x 256 x C booleans at a time
+            for fallback in sums:
+                sums[fallback] += _f1_sums(scores[step : step + 256], gold[step : step + 256], THRESHOLDS, fallback)
+        n += scores.shape[0]
     best = (0.5, False, -1.0)
-    for fallback in (False, True):
-        f1 = _f1_batched(scores, gold, THRESHOLDS, fallback)
+    for fallback, total in sums.items():
+        f1 = total / max(n, 1)
         i = int(f1.argmax())
         if float(f1[i]) > best[2] + 1e-12:
             best = (float(THRESHOLDS[i]), fallback, float(f1[i]))
@@ -150,10 +170,6 @@ def decide(scores: torch.Tensor, threshold: float, fallback: bool) -> torch.Tens
         none = ~pred.any(1)
         pred[none, scores[none].argmax(1)] = True
     return pred
-
-
-def _dense(labels: sp.csr_matrix, cols: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(labels[:, cols].toarray() > 0)
 
 
 @dataclass
@@ -179,22 +195,40 @@ class DetectionResult:
 
 
 @dataclass
+class Split:
+    """Embeddings and the labels of the modelled concept columns of one split."""
+
+    emb: torch.Tensor
+    labels: sp.csr_matrix  # [N, C'] over the modelled columns
+
+    def blocks(self, scorer, chunk: int = CHUNK):
+        """(scores, gold) of `chunk` images at a time."""
+        for s in range(0, self.emb.shape[0], chunk):
+            yield scorer(s, s + chunk), torch.from_numpy(self.labels[s : s + chunk].toarray() > 0)
+
+
+@dataclass
 class _Tuned:
     threshold: float
     fallback: bool
     f1: float  # on the images it was tuned on
-    scorer: object  # query embeddings -> scores [Q, C]
+    scorer: object  # (query embeddings, row offset) -> scores [Q, C']
 
 
-def _tune(name: str, xfit, yfit, xtune, ytune, cfg: DetectionConfig) -> _Tuned:
-    """Fit a predictor on (xfit, yfit) and choose its settings on (xtune, ytune)."""
+def _tune(name: str, fit: Split, tune: Split, cfg: DetectionConfig) -> _Tuned:
+    """Fit a predictor on `fit` and choose its settings on `tune`."""
     if name == "logreg":
-        model = Logistic.fit(xfit, yfit, cfg)
-        return _Tuned(*choose_threshold(model.scores(xtune), ytune), model.scores)
+        model = Logistic.fit(fit.emb, torch.from_numpy(fit.labels.toarray() > 0), cfg)
+        return _Tuned(*choose_threshold(tune.blocks(lambda s, e: model.scores(tune.emb[s:e]))), model.scores)
+    y = fit.labels.astype(np.float32).tocsr()
+    near = Neighbours.of(fit.emb, tune.emb, max(k for k, _ in cfg.knn_grid))
     best = None
     for k, sharpness in cfg.knn_grid:
-        tuned = _Tuned(*choose_threshold(knn_scores(xfit, yfit, xtune, k, sharpness), ytune),
-                       lambda q, k=k, sh=sharpness: knn_scores(xfit, yfit, q, k, sh))
+        def vote(s, e, k=k, sh=sharpness):
+            return knn_vote(Neighbours(near.sims[s:e], near.rows[s:e]), y, k, sh)
+
+        scorer = lambda x, k=k, sh=sharpness: knn_vote(Neighbours.of(fit.emb, x, k), y, k, sh)  # noqa: E731
+        tuned = _Tuned(*choose_threshold(tune.blocks(vote)), scorer)
         if best is None or tuned.f1 > best.f1 + 1e-12:
             best = tuned
     return best
@@ -221,8 +255,8 @@ def score(
     if len(cols) == 0:  # nothing learnable: predict empty sets
         f1 = float(f1_per_image(test_labels, sp.csr_matrix(test_labels.shape)).mean())
         return DetectionResult(f1, "none", 1.0, False, 0, 0.0, {})
-    xfit, yfit, xtune, ytune = _fit_and_tune_rows(train_emb.float(), _dense(train_labels, cols), valid, cols, cfg)
-    tuned = {name: _tune(name, xfit, yfit, xtune, ytune, cfg) for name in cfg.predictors}
+    fit, tune = _fit_and_tune(Split(train_emb.float(), train_labels[:, cols]), valid, cols, cfg)
+    tuned = {name: _tune(name, fit, tune, cfg) for name in cfg.predictors}
     results = {name: _test_f1(t, test_emb.float(), test_labels, cols) for name, t in tuned.items()}
     chosen = max(tuned, key=lambda p: tuned[p].f1)
     f1, mean_pred = results[chosen]
@@ -230,19 +264,20 @@ def score(
                            {p: v[0] for p, v in results.items()})
 
 
-def _fit_and_tune_rows(x: torch.Tensor, y: torch.Tensor, valid, cols: np.ndarray, cfg: DetectionConfig):
+def _fit_and_tune(train: Split, valid, cols: np.ndarray, cfg: DetectionConfig) -> tuple[Split, Split]:
     if valid is not None:
-        return x, y, valid[0].float(), _dense(sp.csr_matrix(valid[1]), cols)
-    perm = torch.from_numpy(np.random.default_rng(cfg.seed).permutation(x.shape[0]))
-    n_hold = int(round(cfg.holdout * x.shape[0]))
-    if not 0 < n_hold < x.shape[0]:
-        raise ValueError(f"holdout {cfg.holdout} of {x.shape[0]} train images leaves nothing to fit or to tune on")
-    hold, fit_rows = perm[:n_hold], perm[n_hold:]
-    return x[fit_rows], y[fit_rows], x[hold], y[hold]
+        return train, Split(valid[0].float(), sp.csr_matrix(valid[1])[:, cols])
+    perm = np.random.default_rng(cfg.seed).permutation(train.emb.shape[0])
+    n_hold = int(round(cfg.holdout * train.emb.shape[0]))
+    if not 0 < n_hold < train.emb.shape[0]:
+        raise ValueError(f"holdout {cfg.holdout} of {train.emb.shape[0]} train images leaves nothing to fit or to tune on")
+    hold, rest = perm[:n_hold], perm[n_hold:]
+    return (Split(train.emb[torch.from_numpy(rest)], train.labels[rest]),
+            Split(train.emb[torch.from_numpy(hold)], train.labels[hold]))
 
 
 def _test_f1(tuned: _Tuned, test_emb: torch.Tensor, test_labels: sp.csr_matrix, cols: np.ndarray,
-             chunk: int = 4096) -> tuple[float, float]:
+             chunk: int = CHUNK) -> tuple[float, float]:
     """(mean ImageCLEF F1, mean predicted set size) on the evaluation split, `chunk` images at a time;
     predictions over the modelled columns are scored against gold over all columns."""
     f1, sizes = [], []

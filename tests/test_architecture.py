@@ -120,3 +120,13 @@ def test_the_layer_rule_catches_an_upward_import(tmp_path):
     assert _layer("medembed.adapt.trainer") == "adapt" and _layer(target) == "extract"
     assert LAYERS[_layer(target)] >= LAYERS["adapt"] and _layer(target) != "adapt"
     assert _layer("medembed.adapt.tuning.unfreeze") == "adapt.tuning"
+
+
+def test_every_source_package_is_installed():
+    """`pip install .` ships exactly the packages pyproject.toml lists: a new subpackage must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"medembed", *(_module(p.parent / "__init__.py") for d in SOURCE_DIRS
+                           for p in (REPO / d).rglob("__init__.py"))}
+    assert found == listed, f"missing from pyproject: {found - listed}; listed but absent: {listed - found}"
