@@ -279,12 +279,14 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Also draw the results into this PNG (a new file unless --overwrite).")
 @click.option("--overwrite", is_flag=True, help="Let --out replace an existing file.")
+@click.option("--explain", "explain_maps", is_flag=True,
+              help="With --text and --out: draw over each image a heat map of the regions that drive its score.")
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Search this dataset's raw images and captions (encoded once by the run's backbone) instead of "
                    "the run's cache.")
 @click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Where --data's encoding is cached.")
-def search(run_dir, text, image, k, split, exact, out, overwrite, data, features_root) -> None:
+def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, data, features_root) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
     from medembed.evaluate.search import format_results
     from medembed.evaluate.search import search as run_search
@@ -296,12 +298,37 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, data, features
         raise click.ClickException(f"{out}: exists; choose another --out or pass --overwrite to replace it")
     try:
         results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split, data=data,
-                             features_root=features_root, use_index=not exact)
+                             features_root=features_root, use_index=not exact, explain_maps=explain_maps)
     except (FileNotFoundError, ValueError, ExtractError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_results(results))
     if out:
         click.echo(f"grid: {out}")
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
+              help="Run folder, or a finetuned.safetensors.")
+@click.option("--index/--exact", "use_index", default=True, show_default=True,
+              help="Answer text queries through the run's FAISS index when `cli.py index` built one, or always "
+                   "scan exactly.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; only this machine can reach the page unless you change it.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--split", default=None, help="Serve one split's pool only [default: every split of the run's features].")
+def serve(run_dir, use_index, host, port, split) -> None:
+    """A local search page and JSON API over a run's pool (text -> images, image -> captions and images)."""
+    from medembed.evaluate.search import Searcher
+    from medembed.evaluate.serve import serve as run_server
+
+    try:
+        searcher = Searcher(run_dir, split, use_index=use_index)
+        _ = searcher.backbone, searcher.image_embeddings  # load the model and project the pool before listening
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    index = f"{searcher.index[1].kind} index" if searcher.index is not None else "exact scan"
+    click.echo(f"serving {len(searcher.pool.image_of)} images of {run_dir} ({index}) on http://{host}:{port}/")
+    run_server(searcher, host=host, port=port)
 
 
 # --- index / export --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def correlated_split(
     split: str = "train",
     world_seed: int = 1234,
     dtype: torch.dtype = torch.float32,
+    concept_rate: float | tuple[float, float] | None = None,
 ) -> CachedSplit:
     """`world_seed` fixes the maps (shared by train/valid/test of one synthetic dataset); `seed`
     draws this split's images. Concepts are latent directions: an image has concept c when its
@@ -52,8 +53,7 @@ def correlated_split(
     concepts = ctf = None
     names: list[str] = []
     if n_concepts:
-        score = z @ concept_dirs.T
-        concepts = sp.csr_matrix(score > 1.0, dtype=np.float32)
+        concepts = _concept_labels(z, concept_dirs, concept_rate)
         ctf_np = concept_dirs[:, None, :] @ b + 0.1 * noise * rng.standard_normal((n_concepts, templates, text_dim))
         ctf = torch.from_numpy(ctf_np.astype(np.float32))
         names = [f"finding {c}" for c in range(n_concepts)]
@@ -73,6 +73,21 @@ def correlated_split(
         view_features=as_t(view_feats) if view_feats is not None else None,
         attrs={"backbone": "synthetic", "dataset": "synthetic", "split": split, "synthetic": True},
     )
+
+
+def _concept_labels(z: np.ndarray, dirs: np.ndarray, rate, chunk: int = 8192) -> sp.csr_matrix:
+    """Image i has concept c when z_i leans along c's direction: above 1.0, or (with `rate`) above
+    the level a share `rate` of images reaches (z ~ N(0, I), so z . c ~ N(0, |c|^2)); a (low, high)
+    rate spreads the concepts' frequencies log-uniformly between the two, as real concept
+    vocabularies have a few common and many rare concepts. Built in row chunks, so 100k images x
+    2,000 concepts never exist as one dense matrix."""
+    from scipy.stats import norm
+
+    if isinstance(rate, tuple):
+        rate = np.exp(np.linspace(np.log(rate[1]), np.log(rate[0]), len(dirs)))
+    level = 1.0 if rate is None else norm.ppf(1.0 - np.asarray(rate)) * np.linalg.norm(dirs, axis=1)
+    parts = [sp.csr_matrix(z[s : s + chunk] @ dirs.T > level, dtype=np.float32) for s in range(0, len(z), chunk)]
+    return sp.vstack(parts, format="csr")
 
 
 def write_cache(split: CachedSplit, path: str | Path, dtype: str = "float32") -> Path:

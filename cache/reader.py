@@ -117,8 +117,10 @@ def feature_chunks(path: str | Path, name: str = "images/features", rows: int = 
             yield ds[s : s + rows]
 
 
-def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | None = torch.float32) -> CachedSplit:
-    """A whole cache file in memory; features as `dtype` (None: as stored, float16 by default)."""
+def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | None = torch.float32,
+               with_captions: bool = True) -> CachedSplit:
+    """A whole cache file in memory; features as `dtype` (None: as stored, float16 by default).
+    `with_captions=False` leaves the captions out (no rows), for uses that need only images and labels."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such cache file")
@@ -152,9 +154,11 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
             split=attrs.get("split", path.stem),
             image_ids=strings(f["images/ids"]),
             image_features=_read_float(f["images/features"], dtype),
-            caption_features=_read_float(f["captions/features"], dtype),
-            caption_image=torch.from_numpy(f["captions/image_row"][()].astype(np.int64)),
-            captions=strings(f["captions/text"]),
+            caption_features=_read_float(f["captions/features"], dtype) if with_captions else
+            torch.zeros(0, f["captions/features"].shape[1]),
+            caption_image=torch.from_numpy(f["captions/image_row"][()].astype(np.int64)) if with_captions else
+            torch.zeros(0, dtype=torch.long),
+            captions=strings(f["captions/text"]) if with_captions else [],
             concept_ids=concept_ids,
             concept_names=concept_names,
             concepts=concepts,

@@ -29,6 +29,7 @@ import torch
 
 THRESHOLDS = torch.linspace(0.05, 0.95, 19)
 PREDICTORS = ("logreg", "knn")
+CHUNK = 2048  # images scored at a time: keeps chunk x concepts (and chunk x train) score matrices small
 
 
 @dataclass
@@ -37,6 +38,7 @@ class DetectionConfig:
     holdout: float = 0.2  # share of train used to choose the threshold (and the predictor)
     l2: float = 0.1  # logreg: L2 penalty per weight, relative to the mean loss
     max_iter: int = 20  # logreg: L-BFGS iterations
+    max_fit_rows: int = 20000  # logreg: fitted on at most this many train images (a fixed random subset)
     knn_grid: tuple[tuple[int, float], ...] = ((20, 5.0), (40, 5.0), (80, 5.0), (40, 10.0))  # (k, sharpness) tried
     predictors: tuple[str, ...] = PREDICTORS
     seed: int = 0
@@ -74,21 +76,33 @@ class Logistic:
     bias: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, cfg: DetectionConfig) -> Logistic:
+    def fit(cls, x: torch.Tensor, y: sp.csr_matrix, cfg: DetectionConfig) -> Logistic:
+        """Full-batch L-BFGS on the mean log-loss + l2 |W|^2, over at most `cfg.max_fit_rows` images
+        (a fixed random subset beyond that); the loss is summed over row blocks, so memory stays at
+        a block x concepts, whatever the number of images."""
+        if x.shape[0] > cfg.max_fit_rows:
+            keep = np.sort(np.random.default_rng(cfg.seed).permutation(x.shape[0])[: cfg.max_fit_rows])
+            x, y = x[torch.from_numpy(keep)], y[keep]
         x = x.float()
         mean, std = x.mean(0), x.std(0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones(x.shape[1])
-        xs, y = (x - mean) / std, y.float()
-        prior = y.mean(0).clamp(0.5 / len(y), 1 - 0.5 / len(y))
+        xs, n = (x - mean) / std, x.shape[0]
+        prior = torch.from_numpy(np.asarray(y.mean(0)).ravel()).float().clamp(0.5 / n, 1 - 0.5 / n)
         weight = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)
         bias = torch.log(prior / (1 - prior)).clone().requires_grad_(True)  # rare concepts start at "mostly no"
         opt = torch.optim.LBFGS([weight, bias], max_iter=cfg.max_iter, history_size=10, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ weight + bias, y, reduction="sum") / len(y)
-            loss = loss + cfg.l2 * weight.pow(2).sum()
-            loss.backward()
-            return loss
+            total = 0.0
+            for s in range(0, n, CHUNK):
+                target = torch.from_numpy(y[s : s + CHUNK].toarray()).float()
+                part = torch.nn.functional.binary_cross_entropy_with_logits(
+                    xs[s : s + CHUNK] @ weight + bias, target, reduction="sum") / n
+                part.backward()
+                total += float(part.detach())
+            penalty = cfg.l2 * weight.pow(2).sum()
+            penalty.backward()
+            return torch.tensor(total + float(penalty.detach()))
 
         opt.step(closure)
         return cls(mean, std, weight.detach(), bias.detach())
@@ -96,9 +110,6 @@ class Logistic:
     @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(((x.float() - self.mean) / self.std) @ self.weight + self.bias)
-
-
-CHUNK = 2048  # images scored at a time: keeps chunk x concepts (and chunk x train) score matrices small
 
 
 @dataclass
@@ -218,7 +229,7 @@ class _Tuned:
 def _tune(name: str, fit: Split, tune: Split, cfg: DetectionConfig) -> _Tuned:
     """Fit a predictor on `fit` and choose its settings on `tune`."""
     if name == "logreg":
-        model = Logistic.fit(fit.emb, torch.from_numpy(fit.labels.toarray() > 0), cfg)
+        model = Logistic.fit(fit.emb, fit.labels, cfg)
         return _Tuned(*choose_threshold(tune.blocks(lambda s, e: model.scores(tune.emb[s:e]))), model.scores)
     y = fit.labels.astype(np.float32).tocsr()
     near = Neighbours.of(fit.emb, tune.emb, max(k for k, _ in cfg.knn_grid))

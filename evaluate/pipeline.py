@@ -142,7 +142,9 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "or --out to write elsewhere")
 
 
-def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool) -> Pool:
+def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool, captions: bool = True) -> Pool:
+    """The evaluated split, and train / valid when asked for (their captions only with `captions`:
+    the closed form learns from pairs, few-shot and detection from images and labels alone)."""
     files = find_splits(features_dir)
     if split not in files:
         raise FileNotFoundError(f"{features_dir}: no {split}.h5 (found: {', '.join(files)})")
@@ -156,9 +158,9 @@ def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool
         notes["fewshot"] = notes["detection"] = [f"{features_dir} has no train.h5: few-shot, detection and the "
                                                  "closed form skipped"]
     elif need_train:
-        train = load_split(files["train"], with_views=False)
+        train = load_split(files["train"], with_views=False, with_captions=captions)
     if need_valid and "valid" in files and split != "valid":
-        valid = load_split(files["valid"], with_views=False)
+        valid = load_split(files["valid"], with_views=False, with_captions=captions)
     return Pool(Path(features_dir), test, train, valid, notes)
 
 
@@ -225,7 +227,7 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     for run in runs:
         fd = Path(run.features_dir)
         if fd not in pools:
-            pools[fd] = load_pool(fd, split, need_train, need_valid)
+            pools[fd] = load_pool(fd, split, need_train, need_valid, captions=options.closed_form)
         _check_trained_on(run, pools[fd])
     _check_comparable(runs, names, pools, options.cross)
     ks, notes = _cap_ks(ks, pools)
@@ -286,7 +288,7 @@ class _Sections:
     def add(self, section: str, values: dict[str, float], started: float) -> None:
         self.metrics.update(values)
         self.keys[section] = list(values)
-        self.log(f"eval {self.name}: {section} {time.perf_counter() - started:.1f} s")
+        self.log(f"eval {self.name}: {section} {time.perf_counter() - started:.2f} s")
 
 
 def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callable[[str], None]) -> ColumnResult:
@@ -299,7 +301,7 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
     if col.kind == "baseline":
         t0 = time.perf_counter()
         col.model = _fit_closed_form(col, options)
-        log(f"eval {col.name}: fitted ({col.note}) {time.perf_counter() - t0:.1f} s")
+        log(f"eval {col.name}: fitted ({col.note}) {time.perf_counter() - t0:.2f} s")
     test, train = col.pool.test, col.pool.train
     sec = _Sections(col.name, log)
     img, txt = col.model.images(test.image_features), col.model.texts(test.caption_features)

@@ -106,7 +106,7 @@ def _frame(ax, correct: bool) -> None:
         spine.set_linewidth(4 if correct else 1)
 
 
-def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3) -> Path:
+def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3, note: str = "") -> Path:
     """A caption and its top images, best first; the caption's own image framed in green."""
     rows = max(1, -(-len(tiles) // cols))
     fig = Figure(figsize=(3 * cols, 3 * rows + 0.8))
@@ -118,7 +118,7 @@ def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3) ->
         _show(ax, tiles[i].image, "image not readable")
         _frame(ax, tiles[i].correct)
         ax.set_title(f"{i + 1}. {tiles[i].label}", fontsize=8)
-    fig.suptitle("\n".join(textwrap.wrap(f"query: {query}", 90)[:3]), fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(f"query: {query}", 90)[:3] + ([note] if note else [])), fontsize=10)
     return _save(fig, path)
 
 

@@ -18,7 +18,7 @@ from scipy.special import gammaln
 
 from medembed.common.ranking import recall_at, retrieval_ranks, summarize_ranks
 
-DEFAULT_MEMORY_MB = 512
+DEFAULT_MEMORY_MB = 256
 # bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32
 # score buffer and counts in place, plus the float sum's temporaries
 _BYTES_PER_SCORE = 8

@@ -23,6 +23,7 @@ import torch
 from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.evaluate.examples import first_captions, image_path, load_pool_image
+from medembed.evaluate.explain import explain
 from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
@@ -219,13 +220,15 @@ def search(
     use_index: bool = True,
     data: str | Path | None = None,
     features_root: str | Path = "features",
+    explain_maps: bool = False,
 ) -> SearchResult:
     """Top-k for a caption (-> images) or an image file (-> captions) over the run's cached pool.
 
     The pool is every split of the run's features folder, or only `split`. A caption query goes
     through the run's FAISS index over that pool when `cli.py index` built one (a stale index is
     an error saying how to rebuild it), else (or with use_index=False) through an exact scan.
-    `out` draws the result as a grid PNG. `backbone` may be passed in to reuse a loaded one.
+    `out` draws the result as a grid PNG (with `explain_maps`, each image under the heat map of what
+    drives its score against the query). `backbone` may be passed in to reuse a loaded one.
     `run_dir` may also be an unfreezing run folder or its `finetuned.safetensors`; `data` searches
     that dataset's raw images and captions (encoded by the run's backbone, cached under
     `features_root`) instead of the run's own cache.
@@ -237,22 +240,32 @@ def search(
     if image is not None:
         read_query_image(image)  # a bad file is refused before anything is loaded
     searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index)
+    if explain_maps and (text is None or out is None):
+        raise ValueError("--explain draws heat maps over the images a --text query retrieves: it needs --text and --out")
     if text is not None:
-        result = searcher.images(searcher.embed_text(text), k)
+        query = searcher.embed_text(text)
+        result = searcher.images(query, k)
     else:
-        result = searcher.captions(searcher.embed_image(image), k)
+        query = searcher.embed_image(image)
+        result = searcher.captions(query, k)
     if out is not None:
-        draw(result, searcher.pool, out, text=text, image=image)
+        draw(result, searcher, out, text=text, image=image, query=query if explain_maps else None)
     return result
 
 
-def draw(result: SearchResult, pool: Pool, out: str | Path, text: str | None = None,
-         image: str | Path | None = None) -> Path:
-    by_name = {s.split: s for s in pool.splits}
+def draw(result: SearchResult, searcher: Searcher, out: str | Path, text: str | None = None,
+         image: str | Path | None = None, query: torch.Tensor | None = None) -> Path:
+    """The result as a PNG grid; with `query`, each image under its explanation map."""
+    by_name = {s.split: s for s in searcher.pool.splits}
     if text is not None:
-        tiles = [Tile(load_pool_image(by_name[h.split], h.image_row), f"{h.image_id}  {h.score:.3f}")
-                 for h in result.hits]
-        return text_query_grid(text, tiles, Path(out))
+        tiles = []
+        for h in result.hits:
+            pic = load_pool_image(by_name[h.split], h.image_row)
+            if query is not None and pic is not None:
+                pic = explain(searcher.run, searcher.backbone, open_image(h.location), query).overlay()
+            tiles.append(Tile(pic, f"{h.image_id}  {h.score:.3f}"))
+        note = "heat map: the regions that drive each image's score (red: most)" if query is not None else ""
+        return text_query_grid(text, tiles, Path(out), note=note)
     try:
         query_img = read_query_image(image)
         query_img.thumbnail((384, 384))

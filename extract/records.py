@@ -157,7 +157,11 @@ def open_image(location: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     The pixel count is checked from the header before decoding: a small file claiming a huge
     canvas is refused without allocating it.
     """
-    data = read_image_bytes(location)
+    return decode_image(read_image_bytes(location), max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file's bytes as an RGB image, the pixel count checked from the header first."""
     if not data:
         raise ValueError("zero-byte file")
     img = Image.open(io.BytesIO(data))

@@ -20,6 +20,11 @@ def describe_failure(location: str, exc: BaseException) -> str:
         return "missing file"
     if image_size(location) == 0:
         return "zero-byte file"
+    return describe_error(exc)
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why image bytes could not be decoded, in a few words."""
     if isinstance(exc, (DecompressionBomb, Image.DecompressionBombError)):
         return f"decompression bomb ({exc})"
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -162,6 +162,24 @@ class TowerCut:
 
 
 # ------------------------------------------------------------------------------------ the two tops
+def vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """A ViT's input tokens: patch embedding, class token, positions, pre-norm ([B, 1 + patches, width])."""
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    return visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
+
+
+def vit_pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ViT's final norm, class-token or mean pooling and projection of its last tokens."""
+    after_pool = getattr(visual, "final_ln_after_pool", False)
+    if not after_pool:
+        x = visual.ln_post(x)
+    pooled = x[:, 0] if getattr(visual, "pool_type", "tok") == "tok" else x[:, 1:].mean(dim=1)
+    if after_pool:
+        pooled = visual.ln_post(pooled)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
 class OpenClipTop:
     """The unlocked top of an open_clip CLIP's two towers, run from cached mid-layer activations:
     the ViT's patch embedding and class token before the cut, its final norm, pooling and
@@ -186,25 +204,15 @@ class OpenClipTop:
 
     @torch.no_grad()
     def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
-        v = self.visual
-        x = v.conv1(pixels).flatten(2).transpose(1, 2)  # [B, patches, width]
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
-        for block in v.transformer.resblocks[: self.image.cut]:
+        x = vit_tokens(self.visual, pixels)
+        for block in self.visual.transformer.resblocks[: self.image.cut]:
             x = block(x)
         return x
 
     def image_top(self, x: torch.Tensor, run: Callable = plain) -> torch.Tensor:
-        v = self.visual
-        for block in v.transformer.resblocks[self.image.cut :]:
+        for block in self.visual.transformer.resblocks[self.image.cut :]:
             x = run(block, x)
-        after_pool = getattr(v, "final_ln_after_pool", False)
-        if not after_pool:
-            x = v.ln_post(x)
-        pooled = x[:, 0] if getattr(v, "pool_type", "tok") == "tok" else x[:, 1:].mean(dim=1)
-        if after_pool:
-            pooled = v.ln_post(pooled)
-        return pooled @ v.proj if v.proj is not None else pooled
+        return vit_pool(self.visual, x)
 
     @torch.no_grad()
     def text_trunk(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

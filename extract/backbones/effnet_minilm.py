@@ -41,8 +41,12 @@ class EfficientNetLiteFeatures(Tower):
         net._fc = nn.Identity()
         self.net = net.to(memory_format=torch.channels_last)
 
+    def spatial(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The last conv stage's feature map [B, 1280, h, w], before the global average pool."""
+        return self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(pixels.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
+        return self.spatial(pixels).mean(dim=(2, 3))
 
     def blocks(self) -> list[nn.Module]:
         """Stem, the seven MBConv stages (consecutive blocks sharing an output width), head conv."""
