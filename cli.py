@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -30,6 +31,8 @@ def main() -> None:
 def _print_extract_summary(summary) -> None:
     tag = " (SYNTHETIC embedded default)" if summary.synthetic else ""
     click.echo(f"\ndataset {summary.dataset}{tag} | backbone {summary.backbone} | device {summary.device}")
+    if summary.found:
+        click.echo(f"found: {summary.found}")
     click.echo(f"{'split':<8}{'records':>9}{'images':>9}{'captions':>10}{'skipped':>9}{'img/s':>9}  status")
     for s in summary.splits:
         rate = f"{s.images_per_s:.1f}" if s.images_per_s else "-"
@@ -52,12 +55,15 @@ def _print_extract_summary(summary) -> None:
 @click.option("--backbone", default="effnet-lite0+minilm", show_default=True,
               help="Backbone name: effnet-lite0+minilm, tiny-clip, an open_clip ARCH[@TAG], hf-hub:ORG/REPO or local-dir:PATH.")
 @click.option("--splits", default=None, help="Comma-separated splits (default: all the dataset has).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per crash-safe batch (a re-run continues from the last finished one).")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the backbone runs: auto takes CUDA when torch sees a GPU (fp16 autocast there).")
 @click.option("--out", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Output folder; files go to OUT/DATASET/BACKBONE/SPLIT.h5.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="How features are stored (float16 halves the cache; heads train in float32 either way).")
 @click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also store features of N randomly augmented views of each image.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
@@ -66,7 +72,8 @@ def _print_extract_summary(summary) -> None:
 @click.option("--engine", type=click.Choice(["loop", "ray"]), default="loop", show_default=True,
               help="ray: run shards as Ray tasks (one GPU each where there are GPUs), then merge.")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
-@click.option("--shards", default=None, type=click.IntRange(min=1), help="Shards per split with --engine ray.")
+@click.option("--shards", default=None, type=click.IntRange(min=1),
+              help="Shards per split with --engine ray [default: one per GPU, else one per CPU].")
 def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, shard, engine, address,
             shards) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
@@ -123,7 +130,7 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 
 @main.command()
 @click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
-              help="Features folder with train/valid/test.h5 (required unless --resume continues a run).")
+              help="Features folder with train/valid/test.h5 [required; --resume may leave it out].")
 @_adapt_option("--loss", "Training loss.", type=click.Choice(LOSS_KINDS))
 @_adapt_option("--head", "Projection head; cca is solved in closed form.", type=click.Choice(HEAD_KINDS))
 @_adapt_option("--epochs", "Maximum epochs; early stopping on valid mean recall.", type=click.IntRange(min=1))
@@ -231,7 +238,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
               help="Support sets drawn per concept and k; the figure shows their spread.")
 @click.option("--fewshot-concepts", default=25, show_default=True, type=click.IntRange(min=1),
               help="Few-shot evaluates at most this many (the most frequent) concepts.")
-@click.option("--skip", default="", help="Comma-separated sections to skip: zeroshot, fewshot, detection.")
+@click.option("--skip", default=None, help="Comma-separated sections to skip: zeroshot, fewshot, detection.")
 @click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
 @click.option("--examples", default=1, show_default=True, type=click.IntRange(min=0),
               help="Example grids per direction (0: none).")
@@ -245,7 +252,7 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
     from medembed.extract.pipeline import ExtractError
 
     try:
-        skipped = {s.strip() for s in skip.split(",") if s.strip()}
+        skipped = {s.strip() for s in (skip or "").split(",") if s.strip()}
         unknown = skipped - {"zeroshot", "fewshot", "detection"}
         if unknown:
             raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} (zeroshot, fewshot, detection)")
@@ -329,6 +336,49 @@ def serve(run_dir, use_index, host, port, split) -> None:
     index = f"{searcher.index[1].kind} index" if searcher.index is not None else "exact scan"
     click.echo(f"serving {len(searcher.pool.image_of)} images of {run_dir} ({index}) on http://{host}:{port}/")
     run_server(searcher, host=host, port=port)
+
+
+@main.command()
+@click.argument("folder", default="runs", type=click.Path(file_okay=False))
+@click.option("--sort", "sort_key", default="created", show_default=True,
+              type=click.Choice(["created", "name", "valid", "test_t2i", "test_i2t"]),
+              help="Order of the rows (valid: best valid mean recall first; test_*: latest test R@10 first).")
+def runs(folder, sort_key) -> None:
+    """Every run under FOLDER: backbone, dataset, model, best valid recall, latest test evaluation, when made."""
+    from medembed.evaluate.runs import find_runs, format_runs, sort_runs, sweep_boards
+
+    try:
+        rows = sort_runs(find_runs(folder), sort_key)
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(format_runs(rows) if rows else f"no runs under {folder}")
+    for where, board in sweep_boards(folder):
+        click.echo(f"\nsweep {where}:\n{board}")
+
+
+@main.command()
+@click.option("--features", "features_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The cache every cell trains on.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=V1,V2",
+              help="One swept setting and its values (repeat for a grid), e.g. --set head=mlp,linear --set lr=1e-3,3e-3.")
+@click.option("--grid", "grid_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A JSON or YAML file {setting: [values]} (merged with --set).")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Runs per cell (seeds 0..N-1).")
+@click.option("--fixed", "fixed_sets", multiple=True, metavar="KEY=V",
+              help="A setting held fixed for every cell, e.g. --fixed epochs=10.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Sweep folder: OUT/CELL/seed-S runs, OUT/leaderboard.md and .json.")
+def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
+    """A grid of adapter settings over one cache, several seeds per cell, and a leaderboard."""
+    from medembed.evaluate.sweep import format_leaderboard, parse_grid, run_sweep
+
+    try:
+        grid = parse_grid(list(sets), grid_file)
+        fixed = {k: v[0] for k, v in parse_grid(list(fixed_sets)).items()} if fixed_sets else {}
+        board = run_sweep(features_dir, grid, seeds, out, fixed, log=click.echo)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo("\n" + format_leaderboard(board, seeds) + f"\nwritten: {Path(out) / 'leaderboard.md'}")
 
 
 # --- index / export --------------------------------------------------------------------------

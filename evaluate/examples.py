@@ -62,11 +62,13 @@ def write_examples(
     n_images: int = 9,
     n_captions: int = 5,
     seed: int = 0,
+    run_name: str = "",
 ) -> list[Path]:
     """`n_examples` text queries with their top images and image queries with their top captions.
 
     Queries are drawn with a fixed seed, so reruns show the same examples and two runs evaluated
-    on the same split can be compared picture by picture.
+    on the same split can be compared picture by picture. Each grid names the run, says what the
+    green marks mean, and where the right answer ranks when it is not among those shown.
     """
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -80,14 +82,22 @@ def write_examples(
             Tile(load_pool_image(split, r), f"{split.image_ids[r]}  {s:.3f}", r == int(caption_image[c]))
             for s, r in zip(scores[0].tolist(), rows[0].tolist())
         ]
-        paths.append(text_query_grid(split.captions[int(c)], tiles, out_dir / f"example_text2image_{i + 1}.png"))
+        own = int(caption_image[c])
+        rank = int((image_emb @ text_emb[int(c)] >= image_emb[own] @ text_emb[int(c)]).sum())
+        note = (f"run {run_name} · green frame: the caption's own image"
+                + ("" if any(t.correct for t in tiles) else f" (ranked {rank} of {image_emb.shape[0]}, not shown)"))
+        paths.append(text_query_grid(split.captions[int(c)], tiles, out_dir / f"example_text2image_{i + 1}.png",
+                                     note=note))
     with_caption = torch.unique(caption_image).numpy()
     for i, r in enumerate(rng.choice(with_caption, size=min(n_examples, len(with_caption)), replace=False)):
         r = int(r)
         scores, rows = top_k(image_emb[r][None], text_emb, n_captions)
         caps = [(split.captions[j], s, int(caption_image[j]) == r) for s, j in zip(scores[0].tolist(), rows[0].tolist())]
-        paths.append(
-            image_query_grid(load_pool_image(split, r), f"query: {split.image_ids[r]}", caps,
-                             out_dir / f"example_image2text_{i + 1}.png")
-        )
+        own = caption_image == r
+        sims = text_emb @ image_emb[r]
+        rank = int((sims >= sims[own].max()).sum())
+        note = (f"run {run_name} · green: the image's own caption"
+                + ("" if any(c[2] for c in caps) else f" (best ranked {rank} of {text_emb.shape[0]}, not shown)"))
+        paths.append(image_query_grid(load_pool_image(split, r), f"query: {split.image_ids[r]}", caps,
+                                      out_dir / f"example_image2text_{i + 1}.png", note=note))
     return paths

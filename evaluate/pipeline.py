@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 import sys
 import time
@@ -38,9 +39,10 @@ from medembed.common.version import __version__
 from medembed.evaluate import detection, fewshot, retrieval, zeroshot
 from medembed.evaluate.examples import write_examples
 from medembed.evaluate.models import EmbeddingModel, model_from_heads, model_from_run
-from medembed.evaluate.plots import fewshot_curves, recall_curves
+from medembed.evaluate.plots import fewshot_curves, recall_curves, training_curve
 from medembed.evaluate.report import markdown_report
 from medembed.evaluate.sources import eval_splits, open_runs
+from medembed.evaluate.stats import paired_difference, rate_interval
 
 SCHEMA_VERSION = 2
 SECTIONS = ("retrieval", "zeroshot", "fewshot", "detection")
@@ -97,6 +99,7 @@ class ColumnResult:
     fewshot: dict[str, list[float]] = field(default_factory=dict)  # method -> mAP per k
     concepts: zeroshot.ZeroShotResult | None = None
     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # the evaluated split's (images, texts)
+    ranks: retrieval.RetrievalRanks | None = None  # per-query ranks: intervals and paired differences
     seconds: float = 0.0
 
 
@@ -308,11 +311,13 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
     res = ColumnResult(metrics=sec.metrics, sections=sec.keys, embeddings=(img, txt))
     if "retrieval" in options.sections:
         t0 = time.perf_counter()
-        r = retrieval.ranks(img, txt, test.caption_image, options.memory_mb)
+        r = res.ranks = retrieval.ranks(img, txt, test.caption_image, options.memory_mb)
         sec.add("retrieval", retrieval.summarize(r, plan.ks), t0)
         cks = curve_ks(plan.ks, r.pool_images)
-        res.recall = {"ks": cks, "t2i": retrieval.recall_curve(r.t2i, cks, r.pool_images),
-                      "i2t": retrieval.recall_curve(r.i2t, cks, r.pool_captions)}
+        res.recall = {"ks": cks}
+        for d in ("t2i", "i2t"):
+            res.recall[d] = [100 * float(retrieval.hits(r, d, k).mean()) for k in cks]
+            res.recall[f"{d}_band"] = [rate_interval(retrieval.hits(r, d, k)) for k in cks]
     concept_emb = None
     if _has_concepts(test) and test.concept_text_features is not None:
         concept_emb = col.model.concept_prompts(test.concept_text_features)
@@ -368,6 +373,29 @@ def _score_chance(col: Column, plan: EvalPlan, options: EvalOptions, log) -> Col
     return res
 
 
+# ----------------------------------------------------------------------------------- comparisons
+def paired(plan: EvalPlan, results: dict[str, ColumnResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each run after the first against the first, on the queries both were scored on: the paired
+    bootstrap interval of the difference of every Recall@K and of the modality accuracy."""
+    runs = [c for c in plan.columns if c.kind == "run"]
+    first = runs[0]
+    out = {}
+    for other in runs[1:]:
+        if other.pool is not first.pool:
+            continue  # a cross table: different queries, no pairing
+        a, b = results[first.name], results[other.name]
+        rows = {}
+        if a.ranks is not None and b.ranks is not None:
+            for d in ("t2i", "i2t"):
+                for k in plan.ks:
+                    rows[f"{d}_R@{k}"] = paired_difference(retrieval.hits(a.ranks, d, k), retrieval.hits(b.ranks, d, k))
+        za, zb = a.concepts, b.concepts
+        if za is not None and zb is not None and za.modality_hits is not None and zb.modality_hits is not None:
+            rows["zeroshot_modality_acc"] = paired_difference(za.modality_hits, zb.modality_hits)
+        out[other.name] = {m: {"diff": p.diff, "ci_low": p.low, "ci_high": p.high} for m, p in rows.items()}
+    return out
+
+
 # ------------------------------------------------------------------------------------------- writing
 def _scored(pool: Pool) -> dict:
     """The provenance of what a column was scored on."""
@@ -387,8 +415,9 @@ def _run_record(plan: EvalPlan, col: Column, res: ColumnResult, created: str) ->
     }
 
 
-def _comparison(plan: EvalPlan, results: dict[str, ColumnResult], created: str) -> dict:
+def _comparison(plan: EvalPlan, results: dict[str, ColumnResult], created: str, pairs: dict) -> dict:
     return {
+        "paired_vs": plan.names[0], "paired": pairs,
         "schema_version": SCHEMA_VERSION, "toolkit_version": __version__, "created": created,
         "split": plan.split, "ks": plan.ks,
         "runs": {n: str(r.checkpoint or r.run_dir) for n, r in zip(plan.names, plan.runs)},
@@ -433,29 +462,57 @@ def write_outputs(plan: EvalPlan, results: dict[str, ColumnResult], options: Eva
                 [plan.out_dir / Path(x).relative_to(work) for x in v]) for k, v in files.items()}
 
 
+def _training_curve(col: Column, work: Path, title: str) -> Path | None:
+    """The run's own metrics.jsonl as a figure (none for the closed form, which has no epochs)."""
+    rows = [r for r in _metrics_rows(col.run) if "train_loss" in r]
+    if not rows:
+        return None
+    summary = col.run.run_dir / "summary.json"
+    best = json.loads(summary.read_text()).get("best_epoch", 0) if summary.exists() else 0
+    return training_curve(rows, best, work / f"training-{slug(col.name.replace('/', '_'))}.png",
+                          title=f"Training of {col.name} (valid split of its cache); evaluated on {title}")
+
+
+def _metrics_rows(run: AdaptedRun) -> list[dict]:
+    path = run.run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _write_files(work: Path, plan: EvalPlan, results: dict[str, ColumnResult], options: EvalOptions) -> dict:
     created = datetime.now(UTC).isoformat(timespec="seconds")
     runs = [c for c in plan.columns if c.kind == "run"]
     metrics_paths = [write_json(work / metrics_file(c.name), _run_record(plan, c, results[c.name], created))
                      for c in runs]
-    write_json(work / COMPARISON, _comparison(plan, results, created))
+    pairs = paired(plan, results)
+    write_json(work / COMPARISON, _comparison(plan, results, created, pairs))
     first = plan.pools[Path(plan.runs[0].features_dir)]
-    title = f"{first.test.attrs.get('dataset', '')} / {plan.split}"
+    title = f"{first.test.attrs.get('dataset', '')} {plan.split}, {first.test.n_images} images"
     plots: dict[str, Path] = {}
     curves = {n: r.recall for n, r in results.items() if r.recall}
     if curves:
-        plots["recall"] = recall_curves(curves, work / "recall_at_k.png", title=f"Recall@K, {title}")
+        plots["recall"] = recall_curves(curves, work / "recall_at_k.png",
+                                        title=f"Recall@K of {', '.join(plan.names)} on {title} (bands: 95% intervals)")
     fs = {n: r.fewshot for n, r in results.items() if r.fewshot}
     if any(c.kind != "chance" and results[c.name].fewshot for c in plan.columns):
-        plots["fewshot"] = fewshot_curves(fs, sorted(set(options.fewshot.ks)), work / "fewshot.png",
-                                          title=f"Concept few-shot, {title}")
+        ks = sorted(set(options.fewshot.ks))
+        spread = {n: {m: [r.metrics.get(f"fewshot_{m}_map@{k}_seed_std", 0.0) for k in ks] for m in r.fewshot}
+                  for n, r in results.items() if r.fewshot}
+        plots["fewshot"] = fewshot_curves(fs, ks, work / "fewshot.png", spread=spread,
+                                          title=f"Concept few-shot, {title} (mean over {options.fewshot.seeds} "
+                                                "seeds, bars: their spread)")
+    for c in runs:
+        curve = _training_curve(c, work, title)
+        if curve is not None:
+            plots[f"training {c.name}"] = curve
     examples = []
     primary = results[runs[0].name]
     if options.examples and primary.embeddings is not None:
-        examples = write_examples(first.test, *primary.embeddings, work, options.examples)
+        examples = write_examples(first.test, *primary.embeddings, work, options.examples, run_name=runs[0].name)
     concepts_csv = _write_concepts_csv(work / "zeroshot_concepts.csv", {n: r for n, r in results.items()})
     report = work / "report.md"
-    report.write_text(markdown_report(plan, results, options, plots, examples, concepts_csv, work))
+    report.write_text(markdown_report(plan, results, options, plots, examples, concepts_csv, work, pairs))
     return {"metrics": metrics_paths, "report": report, "comparison": work / COMPARISON,
             "plots": list(plots.values()), "examples": examples}
 
@@ -489,6 +546,8 @@ def run_eval(
     files = write_outputs(plan, results, options)
     first = plan.pools[Path(plan.runs[0].features_dir)].test
     return {
+        "paired": paired(plan, results),
+        "paired_vs": plan.names[0],
         "columns": {n: r.metrics for n, r in results.items()},
         "metrics": results[plan.names[0]].metrics,
         "out_dir": plan.out_dir,

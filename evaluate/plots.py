@@ -37,15 +37,19 @@ def _legend_below(fig, axes) -> None:
 
 
 def recall_curves(curves: dict[str, dict[str, list]], path: Path, title: str = "") -> Path:
-    """curves: {column name: {"ks": [K...], "t2i": [R@K...], "i2t": [R@K...]}}; one panel per direction.
-    Each column carries its own Ks (columns scored on pools of different sizes stop at their pool)."""
+    """curves: {column name: {"ks": [K...], "t2i": [R@K...], "i2t": [R@K...]}} (and "t2i_band" /
+    "i2t_band": [(low, high)...], drawn as shaded 95% intervals); one panel per direction. Each column
+    carries its own Ks (columns scored on pools of different sizes stop at their pool)."""
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2, sharey=True)
     all_ks = [k for c in curves.values() for k in c["ks"]]
     for ax, direction, label in zip(axes, ("t2i", "i2t"), ("text -> image", "image -> text")):
         for name, c in curves.items():
             style = CHANCE_STYLE if name.startswith("chance") else {"marker": "o", "markersize": 3}
-            ax.plot(c["ks"], c[direction], label=name, **style)
+            (line,) = ax.plot(c["ks"], c[direction], label=name, **style)
+            band = c.get(f"{direction}_band")
+            if band:  # the 95% bootstrap interval over queries
+                ax.fill_between(c["ks"], [b[0] for b in band], [b[1] for b in band], color=line.get_color(), alpha=0.15)
         _log_ticks(ax, all_ks)
         ax.set_xlabel("K")
         ax.set_title(label)
@@ -53,12 +57,14 @@ def recall_curves(curves: dict[str, dict[str, list]], path: Path, title: str = "
     axes[0].set_ylabel("Recall@K (%)")
     _legend_below(fig, axes)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.03)
     return _save(fig, path)
 
 
-def fewshot_curves(curves: dict[str, dict[str, list[float]]], ks: list[int], path: Path, title: str = "") -> Path:
-    """curves: {column name: {method: [mAP per k]}}; one panel per method."""
+def fewshot_curves(curves: dict[str, dict[str, list[float]]], ks: list[int], path: Path, title: str = "",
+                   spread: dict[str, dict[str, list[float]]] | None = None) -> Path:
+    """curves: {column name: {method: [mAP per k]}}; one panel per method; `spread` (the same shape:
+    the standard deviation over seeds) is drawn as error bars."""
     methods: list[str] = []
     for c in curves.values():
         methods += [m for m in c if m not in methods]
@@ -68,8 +74,9 @@ def fewshot_curves(curves: dict[str, dict[str, list[float]]], ks: list[int], pat
         for name, c in curves.items():
             if method not in c:
                 continue
-            style = CHANCE_STYLE if name.startswith("chance") else {"marker": "o", "markersize": 3}
-            ax.plot(ks, c[method], label=name, **style)
+            style = CHANCE_STYLE if name.startswith("chance") else {"marker": "o", "markersize": 3, "capsize": 3}
+            err = (spread or {}).get(name, {}).get(method)
+            ax.errorbar(ks, c[method], yerr=err if err and not name.startswith("chance") else None, label=name, **style)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
@@ -79,7 +86,7 @@ def fewshot_curves(curves: dict[str, dict[str, list[float]]], ks: list[int], pat
     axes[0][0].set_ylabel("concept mAP (%)")
     _legend_below(fig, axes[0])
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.03)
     return _save(fig, path)
 
 
@@ -107,7 +114,8 @@ def _frame(ax, correct: bool) -> None:
 
 
 def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3, note: str = "") -> Path:
-    """A caption and its top images, best first; the caption's own image framed in green."""
+    """A caption and its top images, best first; the caption's own image framed in green. `note`
+    (e.g. which run, the colour convention, where the own image ranks) is printed under the query."""
     rows = max(1, -(-len(tiles) // cols))
     fig = Figure(figsize=(3 * cols, 3 * rows + 0.8))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -122,9 +130,12 @@ def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3, no
     return _save(fig, path)
 
 
-def image_query_grid(image: Image.Image | None, label: str, captions: list[tuple[str, float, bool]], path: Path) -> Path:
+def image_query_grid(image: Image.Image | None, label: str, captions: list[tuple[str, float, bool]], path: Path,
+                     note: str = "") -> Path:
     """An image and its top captions, best first, with scores; its own captions in green."""
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(11, 4.4 if note else 4))
+    if note:
+        fig.suptitle(note, fontsize=9, y=1.02)
     ax = fig.add_axes((0.0, 0.05, 0.3, 0.85))
     _show(ax, image, "image not readable")
     ax.set_title(label, fontsize=9)
@@ -138,4 +149,30 @@ def image_query_grid(image: Image.Image | None, label: str, captions: list[tuple
             color="#1a9641" if correct else "black", fontweight="bold" if correct else "normal",
         )
         y -= 0.06 + 0.055 * len(lines)
+    return _save(fig, path)
+
+
+def training_curve(rows: list[dict], best_epoch: int, path: Path, title: str = "") -> Path:
+    """Train loss and valid recall per epoch of one run, the epoch that was kept marked."""
+    fig = Figure(figsize=(10, 3.6))
+    loss_ax, recall_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in rows if "train_loss" in r]
+    loss_ax.plot(epochs, [r["train_loss"] for r in rows if "train_loss" in r], marker="o", markersize=3)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("train loss")
+    loss_ax.set_title("training loss")
+    for key, label in (("t2i_R@10", "text -> image R@10"), ("i2t_R@10", "image -> text R@10"),
+                       ("mean_recall", "mean of R@1/5/10")):
+        pts = [(r["epoch"], r[key]) for r in rows if key in r]
+        if pts:
+            recall_ax.plot(*zip(*pts), marker="o", markersize=3, label=label)
+    recall_ax.set_xlabel("epoch")
+    recall_ax.set_ylabel("valid recall (%)")
+    recall_ax.set_title("validation")
+    for ax in (loss_ax, recall_ax):
+        ax.axvline(best_epoch, color="#1a9641", linestyle="--", linewidth=1.2, label=f"kept: epoch {best_epoch}")
+        ax.grid(True, alpha=0.3)
+    _legend_below(fig, [recall_ax])
+    if title:
+        fig.suptitle(title, y=1.03)
     return _save(fig, path)

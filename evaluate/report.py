@@ -46,12 +46,36 @@ def section_keys(results: dict, section: str, keep=lambda k: True) -> list[str]:
     return keys
 
 
+CI = ("_ci_low", "_ci_high")
+
+
+def with_interval(key: str, metrics: dict[str, float]) -> str:
+    """A value, with its 95% interval in brackets when the metrics carry one."""
+    text = format_value(key, metrics.get(key))
+    lo, hi = metrics.get(key + CI[0]), metrics.get(key + CI[1])
+    if lo is None or hi is None or text == "–":
+        return text
+    return f"{text} [{format_value(key, lo)}, {format_value(key, hi)}]"
+
+
 def markdown_table(columns: dict[str, dict[str, float]], keys: list[str]) -> str:
     names = list(columns)
+    keys = [k for k in keys if not k.endswith(CI)]
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key in keys:
-        lines.append(f"| {key} | " + " | ".join(format_value(key, columns[n].get(key)) for n in names) + " |")
+        lines.append(f"| {key} | " + " | ".join(with_interval(key, columns[n]) for n in names) + " |")
     return "\n".join(lines)
+
+
+def paired_lines(pairs: dict, first: str) -> list[str]:
+    """One sentence per run and metric: is it better than the first run, by how much, how sure."""
+    out = []
+    for name, rows in pairs.items():
+        for metric, p in rows.items():
+            verdict = "better than" if p["ci_low"] > 0 else "worse than" if p["ci_high"] < 0 else "not clearly different from"
+            out.append(f"- `{name}` is {verdict} `{first}` on {metric}: {p['diff']:+.1f}, 95% CI "
+                       f"[{p['ci_low']:+.1f}, {p['ci_high']:+.1f}]")
+    return out
 
 
 def fewshot_method_table(metrics: dict[str, float]) -> str:
@@ -107,13 +131,17 @@ def _concept_notes(plan, section: str) -> list[str]:
 
 
 def markdown_report(plan, results: dict, options, plots: dict[str, Path], examples: list[Path],
-                    concepts_csv: Path | None, out_dir: Path) -> str:
+                    concepts_csv: Path | None, out_dir: Path, pairs: dict | None = None) -> str:
     """The whole report as Markdown: header, one section per metric module, examples."""
     columns = {n: r.metrics for n, r in results.items()}
     out = _header(plan, results, options)
-    out += ["## Retrieval", "", "Recall@K in %. Image->text is a hit when any of the image's captions is in the top "
-            "K; text->image uses each caption's own image. Ties count against the query.", ""]
+    out += ["## Retrieval", "", "Recall@K in %, with its 95% bootstrap interval over queries in brackets. "
+            "Image->text is a hit when any of the image's captions is in the top K; text->image uses each "
+            "caption's own image. Ties count against the query.", ""]
     out += [markdown_table(columns, section_keys(results, "retrieval")), ""]
+    if pairs and any(pairs.values()):
+        out += [f"Paired comparison with `{plan.names[0]}` on the same queries (bootstrap over queries):", "",
+                *paired_lines(pairs, plan.names[0]), ""]
     if "recall" in plots:
         out += [f"![recall@K]({_rel(plots['recall'], out_dir)})", ""]
     out += ["## Concept zero-shot", ""]
@@ -140,6 +168,11 @@ def markdown_report(plan, results: dict, options, plots: dict[str, Path], exampl
                 "guesses each concept at its train frequency.", "", markdown_table(columns, det), ""]
     else:
         out += _concept_notes(plan, "detection")
+    training = {k: v for k, v in plots.items() if k.startswith("training ")}
+    if training:
+        out += ["", "## Training", "", "Train loss and valid recall per epoch of each run; the dashed line marks the "
+                "epoch whose heads were kept.", ""]
+        out += [f"![{k}]({_rel(v, out_dir)})" for k, v in training.items()]
     if examples:
         out += ["", f"## Retrieval examples (`{plan.names[0]}`)", ""]
         out += [f"![example]({_rel(p, out_dir)})" for p in examples]
@@ -191,16 +224,19 @@ def format_summary(result: dict) -> str:
     columns = result["columns"]
     names = list(columns)
     keys = headline_keys(columns)
-    widths = [max(len("metric"), *(len(k) for k in keys))] + [max(len(n), 6) for n in names]
+    widths = [max(len("metric"), *(len(k) for k in keys))] + [
+        max(len(n), *(len(with_interval(k, columns[n])) for k in keys)) for n in names]
 
     def line(cells):
         return "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cells))
 
     rows = [line(["metric", *names]), line(["-" * w for w in widths])]
-    rows += [line([k, *(format_value(k, columns[n].get(k)) for n in names)]) for k in keys]
+    rows += [line([k, *(with_interval(k, columns[n]) for n in names)]) for k in keys]
     rows.append("")
     rows.append(f"pool: {result['pool_images']} images, {result['pool_captions']} captions ({result['split']})")
     rows += [f"note: {n}" for n in result.get("notes", [])]
+    pairs = paired_lines(result.get("paired", {}), result.get("paired_vs", ""))
+    rows += [p.removeprefix("- ").replace("`", "") for p in pairs]
     files = result["files"]
     rows.append(f"report:  {files['report']}")
     rows += [f"metrics: {p}" for p in files["metrics"]]

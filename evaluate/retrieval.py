@@ -17,6 +17,7 @@ import torch
 from scipy.special import gammaln
 
 from medembed.common.ranking import recall_at, retrieval_ranks, summarize_ranks
+from medembed.evaluate.stats import rate_interval
 
 DEFAULT_MEMORY_MB = 256
 # bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32
@@ -56,13 +57,22 @@ def ranks(
 
 
 def summarize(r: RetrievalRanks, ks: list[int] | tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Flat numbers of given ranks: R@K in percent for each direction (K capped at the pool),
-    median/mean rank, pool sizes."""
+    """Flat numbers of given ranks: R@K in percent for each direction (K capped at the pool) with
+    its bootstrap 95% interval over queries (`_ci_low`, `_ci_high`), median/mean rank, pool sizes."""
     out = summarize_ranks(r.t2i, r.i2t, r.pool_images, r.pool_captions, ks)
     del out["mean_recall"]
+    for name, rk, pool in (("t2i", r.t2i, r.pool_images), ("i2t", r.i2t, r.pool_captions)):
+        for k in ks:
+            out[f"{name}_R@{k}_ci_low"], out[f"{name}_R@{k}_ci_high"] = rate_interval((rk <= min(k, pool)).numpy())
     out["pool_images"] = r.pool_images
     out["pool_captions"] = r.pool_captions
     return out
+
+
+def hits(r: RetrievalRanks, direction: str, k: int) -> np.ndarray:
+    """Per query of a direction ("t2i" or "i2t"): was it a hit at K (K capped at the pool)."""
+    rk, pool = (r.t2i, r.pool_images) if direction == "t2i" else (r.i2t, r.pool_captions)
+    return (rk <= min(k, pool)).numpy()
 
 
 def compute(

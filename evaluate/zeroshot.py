@@ -21,6 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from medembed.common.ranking import average_precision, roc_auc
+from medembed.evaluate.stats import rate_interval
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,8 @@ class ZeroShotResult:
         }
         if self.modality_images:
             out["zeroshot_modality_acc"] = 100 * self.modality_correct / self.modality_images
+            if self.modality_hits is not None:
+                out["zeroshot_modality_acc_ci_low"], out["zeroshot_modality_acc_ci_high"] = rate_interval(self.modality_hits)
         out["zeroshot_modality_images"] = self.modality_images
         out["zeroshot_modality_classes"] = len(self.modality_classes)
         return out

@@ -108,6 +108,8 @@ class ExtractSummary:
     out_dir: str
     splits: list[SplitSummary]
     warnings: list[str] = field(default_factory=list)  # what the dataset reader dropped, with file and line
+    layout: str = ""  # the dataset layout detected (imageclef2023, imageclef2022, generic)
+    found: str = ""  # what the reader found, in a line
 
 
 def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
@@ -366,4 +368,20 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
         out_dir=str(cache_dir(cfg.out, dataset.name, bb.name)),
         splits=results,
         warnings=list(getattr(dataset, "warnings", [])),
+        layout=dataset.layout,
+        found=describe_dataset(dataset),
     )
+
+
+LAYOUT_NAMES = {"imageclef2023": "ImageCLEFmedical 2023 / ROCOv2", "imageclef2022": "ImageCLEF 2022",
+                "generic": "generic CSV/JSONL"}
+
+
+def describe_dataset(dataset: Dataset) -> str:
+    """What a reader found, in one line: layout, folder, records per split, captions, concepts."""
+    per_split = ", ".join(f"{s} {len(dataset.split(s))}" for s in dataset.splits)
+    captions = sum(len(r.captions) for r in dataset.records)
+    vocab = dataset.concept_vocab()
+    named = sum(1 for c in vocab if dataset.concept_names.get(c))
+    return (f"{LAYOUT_NAMES.get(dataset.layout, dataset.layout)} layout in {dataset.root}: {len(dataset.records)} images "
+            f"({per_split}), {captions} captions, {len(vocab)} concepts ({named} named)")

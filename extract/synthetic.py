@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter
 from medembed.extract.datasets import SYNTHETIC_MARKER
 
 DEFAULT_NAME = "synthetic-phantoms"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 MODALITIES = ("CT", "MRI", "x-ray", "ultrasound")
 ORGANS = ("brain", "lungs", "kidney", "liver")
@@ -115,6 +115,11 @@ def _mid_sentence(phrase: str) -> str:
     return phrase[0].lower() + phrase[1:] if phrase[1:2].islower() else phrase
 
 
+def _plural(noun: str) -> str:
+    """mass -> masses, lesion -> lesions, cyst -> cysts, nodule -> nodules."""
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+
+
 def write_caption(p: Phantom, rng: np.random.Generator) -> str:
     """One of several phrasings, all naming modality, organ and (if any) lesion count, side and look."""
     modality = _pick(rng, _MODALITY_WORDS[p.modality])
@@ -127,7 +132,7 @@ def write_caption(p: Phantom, rng: np.random.Generator) -> str:
             f"{modality} of the {region}: unremarkable {organ}, no lesion.",
         )
         return _pick(rng, templates)
-    noun = _pick(rng, _LESION_NOUNS[p.organ]) + ("s" if p.n_lesions > 1 else "")
+    noun = _plural(_pick(rng, _LESION_NOUNS[p.organ])) if p.n_lesions > 1 else _pick(rng, _LESION_NOUNS[p.organ])
     count = _pick(rng, _COUNT_WORDS[p.n_lesions])
     look = _APPEARANCE[p.modality][0 if p.bright else 1]
     where = f"{p.position} {organ}"

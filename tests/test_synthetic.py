@@ -77,6 +77,8 @@ def test_captions_say_what_the_concepts_say(tmp_path: Path) -> None:
             assert re.search(COUNT_WORDS[count], caption.lower()), caption
             assert SIDE_WORDS[r.concepts[3]] in caption.lower(), caption
     assert len(phrasings) >= 4  # several sentence shapes, not one template
+    words = {w for r in ds.records for w in re.findall(r"[a-z]+", r.captions[0].lower())}
+    assert "masses" in words and not {"masss", "cystss", "masse"} & words  # plurals are spelled right
 
 
 @pytest.mark.slow
