@@ -145,6 +145,10 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @_adapt_option("--margin", "Margin loss: negatives are penalised above this cosine.", type=click.FloatRange(-1, 1))
 @_adapt_option("--augment", "Add named concepts as extra positive texts.", type=click.Choice(AUGMENT_KINDS))
 @_adapt_option("--ensemble", "Train K heads jointly and average their cosines.", type=click.IntRange(min=1))
+@_adapt_option("--concept-loss", "Weight of an auxiliary loss: image and caption embeddings predict the image's named "
+               "concepts through the concept prompts (0: off).", type=click.FloatRange(min=0))
+@_adapt_option("--graded", "Share of each InfoNCE target given to batch pairs whose images share concepts (0: plain "
+               "one-hot targets).", type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--ema", "Validate and keep an exponential moving average of the head weights with this decay per "
                "step (0: off).", type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--patience", "Epochs without improvement before stopping.", type=click.IntRange(min=1))

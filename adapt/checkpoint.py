@@ -80,11 +80,19 @@ def load_heads(path: Path, image_head: nn.Module, text_head: nn.Module) -> None:
     load_prefixed(text_head, tensors, "text_head", path)
 
 
+def _extras(state: TrainState) -> dict[str, nn.Module]:
+    """Modules besides heads and losses whose weights a resume needs: weight averages, concept supervision."""
+    out = dict(state.ema or {})
+    if state.supervision is not None:
+        out["supervision"] = state.supervision
+    return out
+
+
 def save_training_state(path: Path, state: TrainState) -> None:
     """Everything `load_training_state` needs to continue `state` exactly where it is."""
     tensors = {**prefixed("image_head", state.image_head), **prefixed("text_head", state.text_head),
                **prefixed("loss", state.losses)}
-    for prefix, module in (state.ema or {}).items():
+    for prefix, module in _extras(state).items():
         tensors.update(prefixed(prefix, module))
     opt = state.optimizer.state_dict()
     scalars: dict[str, dict] = {}
@@ -105,7 +113,7 @@ def load_training_state(path: Path, state: TrainState) -> None:
     load_prefixed(state.image_head, tensors, "image_head", path)
     load_prefixed(state.text_head, tensors, "text_head", path)
     load_prefixed(state.losses, tensors, "loss", path)
-    for prefix, module in (state.ema or {}).items():
+    for prefix, module in _extras(state).items():
         load_prefixed(module, tensors, prefix, path)
     moments: dict[int, dict] = {}
     for key, value in tensors.items():

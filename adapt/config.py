@@ -29,6 +29,9 @@ ONLY_FOR = {
     "temperature": (lambda c: c.head != "cca" and c.loss == "infonce", "is the InfoNCE temperature"),
     "margin": (lambda c: c.head != "cca" and c.loss == "margin", "is the cosine margin of --loss margin"),
     "concept_ratio": (lambda c: c.head != "cca" and c.augment == "concepts", "applies with --augment concepts"),
+    "concept_loss": (lambda c: c.head != "cca", _TRAINED),
+    "graded": (lambda c: c.head != "cca" and c.loss == "infonce", "grades the InfoNCE targets (--loss infonce)"),
+    "concept_min_train": (lambda c: c.concept_loss > 0, "applies with --concept-loss"),
 }
 
 
@@ -54,6 +57,9 @@ class AdaptConfig:
     concept_ratio: float = 0.5  # concept pairs drawn per caption pair when augment == "concepts"
     use_views: bool = True  # sample one augmented view per image per step when the cache has them
     ensemble: int = 1
+    concept_loss: float = 0.0  # > 0: weight of the auxiliary loss predicting each image's named concepts
+    graded: float = 0.0  # > 0: share of the InfoNCE target given to batch pairs whose images share concepts
+    concept_min_train: int = 5  # named concepts with fewer training images are not supervised
     ema: float = 0.98  # > 0: validate and save an exponential moving average of the head weights (decay per step)
     patience: int = 5  # epochs without a better valid mean_recall before stopping
     seed: int = 0
@@ -80,10 +86,10 @@ class AdaptConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "max_memory_gb"):
+        for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "max_memory_gb", "concept_loss"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("dropout", "input_dropout"):
+        for name in ("dropout", "input_dropout", "graded"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not -1.0 <= self.margin <= 1.0:

@@ -38,6 +38,7 @@ class Batch:
     images: torch.Tensor  # [B, Di] float32
     texts: torch.Tensor  # [B, Dt] float32
     positives: torch.Tensor  # [B, B] bool: text j describes image i
+    image_rows: torch.Tensor | None = None  # [B] row of each pair's image in the split (concept supervision)
 
 
 def caption_keys(captions: list[str]) -> torch.Tensor:
@@ -233,4 +234,4 @@ def iter_batches(
             # text j is concept c: every image in the batch labelled with c is its positive
             has = concepts.has[glob][:, concept_of.clamp_min(0)]  # [B, B]
             positives |= has & (~is_cap)[None, :]
-        yield Batch(images, texts, positives)
+        yield Batch(images, texts, positives, glob)

@@ -31,7 +31,11 @@ def _check(img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor | None)
 
 class InfoNCELoss(nn.Module):
     """Symmetric cross-entropy over the scaled cosine matrix (CLIP). The log scale is learned from
-    1/0.07 and clamped at 100 so the logits cannot blow up on small, separable batches."""
+    1/0.07 and clamped at 100 so the logits cannot blow up on small, separable batches.
+
+    `soft` [B, B] (rows summing to 1, optional) replaces the one-hot target: graded targets that give
+    a pair whose images share concepts part of the target mass instead of treating it as a plain
+    negative (`graded_targets`)."""
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0, learn_temperature: bool = True):
         super().__init__()
@@ -42,15 +46,64 @@ class InfoNCELoss(nn.Module):
     def temperature(self) -> float:
         return float(1.0 / self.logit_scale.detach().clamp(max=self.max_log_scale).exp())
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor | None = None,
+                soft: torch.Tensor | None = None) -> torch.Tensor:
         pos = _check(img, txt, positives)
         scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
         logits = scale * unit(img) @ unit(txt).T
         eye = torch.eye(pos.shape[0], dtype=torch.bool, device=pos.device)
         # sibling positives leave the softmax entirely: neither target nor negative
         logits = logits.masked_fill(pos & ~eye, float("-inf"))
-        target = torch.arange(pos.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        if soft is None:
+            target = torch.arange(pos.shape[0], device=logits.device)
+            return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        soft = soft.masked_fill(pos & ~eye, 0.0)
+        return 0.5 * (_soft_ce(logits, soft / soft.sum(1, keepdim=True)) +
+                      _soft_ce(logits.T, soft.T / soft.T.sum(1, keepdim=True)))
+
+
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a target distribution; cells at -inf (left out) carry no target mass."""
+    logp = torch.log_softmax(logits, dim=1)
+    return -(target * logp.masked_fill(torch.isinf(logits), 0.0)).sum(1).mean()
+
+
+def graded_targets(labels: torch.Tensor, strength: float) -> torch.Tensor:
+    """[B, B] target rows: (1 - strength) on the pair itself, `strength` shared among the batch's
+    other pairs in proportion to how many concepts their image shares with this one (Jaccard of
+    the multi-hot `labels` [B, C]); a row with no overlap keeps its whole mass on the pair."""
+    lab = labels.float()
+    inter = lab @ lab.T
+    union = lab.sum(1, keepdim=True) + lab.sum(1)[None, :] - inter
+    jac = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    jac.fill_diagonal_(0)
+    eye = torch.eye(lab.shape[0], device=lab.device)
+    share = jac.sum(1, keepdim=True)
+    spread = torch.where(share > 0, strength * jac / share.clamp_min(1e-12), torch.zeros_like(jac))
+    return eye * torch.where(share > 0, 1 - strength, torch.ones_like(share)) + spread
+
+
+class ConceptLoss(nn.Module):
+    """Concept supervision: every embedding should predict its image's named concepts.
+
+    A concept's logit is s x cos(embedding, the concept's prompt-ensemble embedding) + b_c, with the
+    prompts run through the same text head, so the head learns to put images (and captions) near the
+    words of the concepts they carry: what concept zero-shot reads. Multi-label binary cross-entropy,
+    on the image embeddings and on the caption embeddings alike. s starts at 10 and is learned, b_c
+    starts at each concept's log prior odds."""
+
+    def __init__(self, prompt_features: torch.Tensor, prior: torch.Tensor, init_scale: float = 10.0):
+        super().__init__()
+        self.register_buffer("prompt_features", prompt_features.float())  # [C, T, Dt] raw prompt features
+        p = prior.float().clamp(1e-4, 1 - 1e-4)
+        self.bias = nn.Parameter(torch.log(p / (1 - p)))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+
+    def forward(self, embeddings: list[torch.Tensor], targets: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        scale = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        losses = [F.binary_cross_entropy_with_logits(scale * unit(e) @ prompts.T + self.bias, targets.float())
+                  for e in embeddings]
+        return sum(losses) / len(losses)
 
 
 class MarginLoss(nn.Module):

@@ -102,6 +102,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one row per epoch: loss, lr, valid recall, seconds
     tracked: tuple[nn.Module, ...] = ()  # modules tuned with the heads (towers): their best weights are kept too
     best_tracked: tuple[dict, ...] = ()
+    supervision: nn.Module | None = None  # concept supervision (adapt.supervision): an extra loss, graded targets
 
     @property
     def chosen_heads(self) -> tuple[nn.Module, nn.Module]:
@@ -145,7 +146,12 @@ def train_step(state: TrainState, batch, encoders: Encoders, autocast=None, scal
         imgs = members(state.image_head, img.to(dev, non_blocking=True).float())
         txts = members(state.text_head, txt.to(dev, non_blocking=True).float())
         pos = batch.positives.to(dev, non_blocking=True)
-        loss = sum(fn(i, t, pos) for fn, i, t in zip(state.losses, imgs, txts)) / len(state.losses)
+        sup, rows = state.supervision, getattr(batch, "image_rows", None)
+        soft = sup.soft_targets(rows) if sup is not None else None
+        extra = {"soft": soft} if soft is not None else {}
+        loss = sum(fn(i, t, pos, **extra) for fn, i, t in zip(state.losses, imgs, txts)) / len(state.losses)
+        if sup is not None:
+            loss = loss + sup.aux_loss(imgs, txts, rows, state.text_head)
     state.optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -25,6 +25,7 @@ from medembed.adapt.data import ConceptTexts, MemorySource, StreamSource, estima
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
+from medembed.adapt.supervision import ConceptSupervision
 from medembed.cache.provenance import RUN_RECORD_KEYS
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
 from medembed.common.device import resolve_device
@@ -57,14 +58,16 @@ def evaluate_split(image_head: nn.Module, text_head: nn.Module, split: CachedSpl
     return recall_summary(img, txt, split.caption_image)
 
 
-def param_groups(heads: list[nn.Module], losses: nn.Module, weight_decay: float, lr: float) -> list[dict]:
-    """Weight matrices decay; biases, LayerNorm gains and the learned temperature stay free."""
+def param_groups(heads: list[nn.Module], losses: nn.Module, weight_decay: float, lr: float,
+                 free_modules: tuple[nn.Module, ...] = ()) -> list[dict]:
+    """Weight matrices decay; biases, LayerNorm gains, the learned temperature and the concept
+    supervision's scale and biases (`free_modules`) stay free."""
     decay, free = [], []
     for h in heads:
         for p in h.parameters():
             if p.requires_grad:
                 (decay if p.ndim >= 2 else free).append(p)
-    free += [p for p in losses.parameters() if p.requires_grad]
+    free += [p for m in (losses, *free_modules) for p in m.parameters() if p.requires_grad]
     return [{"params": decay, "weight_decay": weight_decay, "lr": lr}, {"params": free, "weight_decay": 0.0, "lr": lr}]
 
 
@@ -123,12 +126,26 @@ def new_state(config: AdaptConfig, run_config: dict, data: TrainingData, device:
     losses = nn.ModuleList(build_loss(config.loss, temperature=config.temperature, margin=config.margin,
                                       learn_temperature=config.learn_temperature) for _ in range(config.ensemble))
     image_head, text_head, losses = image_head.to(device), text_head.to(device), losses.to(device)
-    optimizer = torch.optim.AdamW(param_groups([image_head, text_head], losses, config.weight_decay, config.lr))
+    supervision = concept_supervision(config, data)
+    extra = (supervision.to(device),) if supervision is not None else ()
+    optimizer = torch.optim.AdamW(param_groups([image_head, text_head], losses, config.weight_decay, config.lr, extra))
     steps = max(1, math.ceil(pairs_per_epoch(config, data) / config.batch_size))
     schedule = Schedule([config.lr] * len(optimizer.param_groups), max(1, round(config.warmup_epochs * steps)),
                         config.epochs * steps)
     return TrainState(image_head, text_head, losses, optimizer, schedule, device,
-                      ema=weight_averages(image_head, text_head, config.ema), seed=config.seed)
+                      ema=weight_averages(image_head, text_head, config.ema), seed=config.seed, supervision=supervision)
+
+
+def concept_supervision(config: AdaptConfig, data: TrainingData) -> ConceptSupervision | None:
+    """The concept levers (`--concept-loss`, `--graded`) on the training split's labels, or None."""
+    if config.concept_loss <= 0 and config.graded <= 0:
+        return None
+    train = data.train
+    if train is None or train.concepts is None or train.concepts.shape[1] == 0:
+        raise ValueError(f"{config.features_dir}: --concept-loss and --graded need concept labels in the training "
+                         "split held in memory")
+    return ConceptSupervision(train.concepts, train.concept_names, train.concept_text_features, config.concept_loss,
+                              config.graded, config.concept_min_train)
 
 
 def cached_batches(config: AdaptConfig, data: TrainingData):

@@ -121,8 +121,10 @@ class Neighbours:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, train_emb: torch.Tensor, query: torch.Tensor, k: int, chunk: int = CHUNK) -> Neighbours:
+    def of(cls, train_emb: torch.Tensor, query: torch.Tensor, k: int, memory_mb: float = 128) -> Neighbours:
+        """Queries go in chunks whose query x train similarity block fits `memory_mb`."""
         k = min(k, train_emb.shape[0])
+        chunk = max(16, int(memory_mb * 2**20 // (4 * max(train_emb.shape[0], 1))))
         sims, rows = [], []
         for s in range(0, query.shape[0], chunk):
             top, idx = (query[s : s + chunk].float() @ train_emb.float().T).topk(k, dim=1)
@@ -146,15 +148,26 @@ def knn_vote(nb: Neighbours, train_y: sp.csr_matrix, k: int, sharpness: float) -
 
 # --------------------------------------------------------------------------------------- decisions
 def _f1_sums(scores: torch.Tensor, gold: torch.Tensor, thresholds: torch.Tensor, fallback: bool) -> torch.Tensor:
-    """Summed per-image F1 of a block of images for every threshold at once: [T]."""
-    pred = scores[None] >= thresholds[:, None, None]  # [T, n, C]
-    if fallback:
-        none = ~pred.any(2)
-        top = torch.nn.functional.one_hot(scores.argmax(1), scores.shape[1]).bool()
-        pred = pred | (none[..., None] & top[None])
-    tp = (pred & gold[None]).sum(2).double()
-    size = pred.sum(2).double() + gold.sum(1).double()[None]
-    return torch.where(size == 0, torch.ones_like(tp), 2 * tp / size.clamp_min(1)).sum(1)
+    """Summed per-image F1 of a block of images for every threshold at once: [T].
+
+    One pass over the scores: each cell falls in the bin of the highest threshold it reaches, so
+    per image the predicted and the correctly predicted counts at every threshold are reverse
+    cumulative sums of bin counts (T times less work than comparing with each threshold)."""
+    t = len(thresholds)
+    bins = torch.bucketize(scores.contiguous(), thresholds.contiguous(), right=True)  # 0: below all, t: above all
+    n = scores.shape[0]
+    counts = torch.zeros(n, t + 1, dtype=torch.float64).scatter_add_(1, bins, torch.ones_like(bins, dtype=torch.float64))
+    hits = torch.zeros(n, t + 1, dtype=torch.float64).scatter_add_(1, bins, gold.to(torch.float64))
+    predicted = counts.flip(1).cumsum(1).flip(1)[:, 1:]  # [n, T]: cells at or above threshold j
+    correct = hits.flip(1).cumsum(1).flip(1)[:, 1:]
+    n_gold = gold.sum(1, dtype=torch.float64)[:, None]
+    if fallback:  # nothing passes: the single best concept is predicted
+        top_right = gold.gather(1, scores.argmax(1, keepdim=True)).to(torch.float64)
+        empty = predicted == 0
+        correct = torch.where(empty, top_right.expand_as(correct), correct)
+        predicted = torch.where(empty, torch.ones_like(predicted), predicted)
+    size = predicted + n_gold
+    return torch.where(size == 0, torch.ones_like(size), 2 * correct / size.clamp_min(1)).sum(0)
 
 
 def choose_threshold(blocks) -> tuple[float, bool, float]:
@@ -162,9 +175,8 @@ def choose_threshold(blocks) -> tuple[float, bool, float]:
     sums = {False: torch.zeros(len(THRESHOLDS), dtype=torch.float64), True: torch.zeros(len(THRESHOLDS), dtype=torch.float64)}
     n = 0
     for scores, gold in blocks:
-        for step in range(0, scores.shape[0], 256):  # T x 256 x C booleans at a time
-            for fallback in sums:
-                sums[fallback] += _f1_sums(scores[step : step + 256], gold[step : step + 256], THRESHOLDS, fallback)
+        for fallback in sums:
+            sums[fallback] += _f1_sums(scores, gold, THRESHOLDS, fallback)
         n += scores.shape[0]
     best = (0.5, False, -1.0)
     for fallback, total in sums.items():

@@ -126,3 +126,37 @@ def test_each_loss_decreases_when_training_heads(kind):
         opt.step()
         values.append(value(loss))
     assert values[-1] < 0.7 * values[0], values
+
+
+def test_graded_targets_by_hand():
+    from medembed.adapt.losses import graded_targets
+
+    # image 0 has concepts {a, b}, image 1 {b}, image 2 {c}: Jaccard(0,1) = 1/2, nothing else overlaps
+    labels = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    t = graded_targets(labels, 0.2)
+    assert torch.allclose(t, torch.tensor([[0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]]))
+    # InfoNCE with these targets: by hand, cross-entropy against the soft rows, both directions
+    from medembed.adapt.losses import InfoNCELoss
+
+    img = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    txt = torch.tensor([[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]])
+    loss_fn = InfoNCELoss(init_temperature=1.0, learn_temperature=False)
+    logits = img @ txt.T  # unit rows, scale 1
+    ce = lambda lg, tg: -(tg * torch.log_softmax(lg, 1)).sum(1).mean()  # noqa: E731
+    want = 0.5 * (ce(logits, t) + ce(logits.T, t.T))
+    assert float(loss_fn(img, txt, soft=t)) == pytest.approx(float(want), abs=1e-6)
+    assert float(loss_fn(img, txt, soft=torch.eye(3))) == pytest.approx(float(loss_fn(img, txt)), abs=1e-6)
+
+
+def test_concept_loss_by_hand():
+    from medembed.adapt.losses import ConceptLoss
+
+    prompts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two concepts' prompt embeddings
+    loss_fn = ConceptLoss(torch.zeros(2, 1, 2), prior=torch.tensor([0.5, 0.5]), init_scale=2.0)  # bias 0
+    emb = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # unit: (1, 0) and (0, 1)
+    targets = torch.tensor([[1, 0], [1, 1]])
+    # logits = 2 * cos: [[2, 0], [0, 2]]; BCE per cell averaged over the 4 cells
+    sp = torch.nn.functional.softplus
+    want = (sp(torch.tensor(-2.0)) + sp(torch.tensor(0.0)) + sp(torch.tensor(0.0)) + sp(torch.tensor(-2.0))) / 4
+    assert float(loss_fn([emb], targets, prompts)) == pytest.approx(float(want), abs=1e-6)
+    assert float(loss_fn([emb, emb], targets, prompts)) == pytest.approx(float(want), abs=1e-6)  # mean over inputs

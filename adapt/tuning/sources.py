@@ -30,6 +30,7 @@ class TuneBatch:
     images: object  # pixels [B, 3, H, W], mid-layer activations, or final image features
     texts: object  # token dict, or (mid-layer activations, pooling aux)
     positives: torch.Tensor  # [B, B] bool: text j describes image i
+    image_rows: torch.Tensor | None = None  # [B] each pair's image row in the split (concept supervision)
 
 
 def positives(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -52,11 +53,22 @@ class Pairs:
         subset = torch.randperm(split.n_captions, generator=gen)[:n].sort().values
         return cls(split, subset, caption_keys(split.captions))
 
-    def order(self, gen: torch.Generator, batch_size: int) -> list[torch.Tensor]:
-        """One epoch of batches of positions into `subset` (full batches only: a step needs negatives)."""
+    def order(self, gen: torch.Generator, batch_size: int, lengths: torch.Tensor | None = None,
+              pool: int = 4) -> list[torch.Tensor]:
+        """One epoch of batches of positions into `subset` (full batches only: a step needs negatives).
+
+        With `lengths` (tokens per caption of the subset), each run of `pool` batches is sorted by
+        length before it is cut, and the batches are shuffled: a batch then holds captions of
+        similar length, so the text layers run on little padding (about 3x less on ROCO captions)."""
         perm = torch.randperm(self.subset.numel(), generator=gen)
-        n = max(1, self.subset.numel() // batch_size) * batch_size
-        return [perm[s : s + batch_size] for s in range(0, min(n, perm.numel()), batch_size)]
+        n = min(max(1, self.subset.numel() // batch_size) * batch_size, perm.numel())
+        if lengths is not None:
+            span = pool * batch_size
+            perm = torch.cat([c[torch.argsort(lengths[c], stable=True)] for c in perm[:n].split(span)])
+        batches = [perm[s : s + batch_size] for s in range(0, n, batch_size)]
+        if lengths is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return batches
 
 
 class RawImages(torch.utils.data.Dataset):
@@ -92,7 +104,7 @@ def raw_batches(pairs: Pairs, root: Path, backbone: Backbone, batch_size: int, w
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                              collate_fn=_collate, pin_memory=pin)
         for pixels, captions, rows, caps in loader:
-            yield TuneBatch(pixels, backbone.tokenize(captions), positives(rows, pairs.keys[caps]))
+            yield TuneBatch(pixels, backbone.tokenize(captions), positives(rows, pairs.keys[caps]), rows)
 
     return epoch
 
@@ -104,8 +116,10 @@ def cached_batches(pairs: Pairs, mid: MidActivations, batch_size: int, image_row
     the captions are tokenized per batch); images come from `mid.images[image_row_of[row]]`, or from
     `image_features[row]` when the image tower is locked."""
 
+    lengths = mid.text_aux.ne(0).sum(1) if mid.texts is not None else None  # tokens per cached caption
+
     def epoch(gen: torch.Generator) -> Iterator[TuneBatch]:
-        for local in pairs.order(gen, batch_size):
+        for local in pairs.order(gen, batch_size, lengths):
             caps = pairs.subset[local]
             rows = pairs.split.caption_image[caps]
             images = image_features[rows] if image_features is not None else mid.images[image_row_of[rows]]
@@ -113,7 +127,7 @@ def cached_batches(pairs: Pairs, mid: MidActivations, batch_size: int, image_row
                 texts = (mid.texts[local], mid.text_aux[local])
             else:
                 texts = tokenize([pairs.split.captions[i] for i in caps.tolist()])
-            yield TuneBatch(images, texts, positives(rows, pairs.keys[caps]))
+            yield TuneBatch(images, texts, positives(rows, pairs.keys[caps]), rows)
 
     return epoch
 

@@ -377,13 +377,16 @@ def build_mid_cache(top, image_batches, captions: list[str] | None, tokenize, de
         images = torch.cat([top.image_trunk(p.to(device)).to("cpu", dtype) for p in image_batches])
     if not captions:
         return MidActivations(images, None, None)
-    texts, aux = [], []
-    for s in range(0, len(captions), text_batch):
-        tokens = {k: v.to(device) for k, v in tokenize(captions[s : s + text_batch]).items()}
+    # the trunk runs on captions of similar length together (little padding), results go back in order
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))
+    texts, aux = [None] * len(captions), [None] * len(captions)
+    for s in range(0, len(order), text_batch):
+        idx = order[s : s + text_batch]
+        tokens = {k: v.to(device) for k, v in tokenize([captions[i] for i in idx]).items()}
         x, a = top.text_trunk(tokens)
-        texts.append(x.to("cpu", dtype))
-        aux.append(a.cpu())
-    width = max(t.shape[1] for t in texts)  # batches padded to their own longest caption: pad to one length
-    texts = [torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in texts]
-    aux = [torch.nn.functional.pad(a, (0, width - a.shape[1])) for a in aux]
-    return MidActivations(images, torch.cat(texts), torch.cat(aux))
+        for j, i in enumerate(idx):
+            texts[i], aux[i] = x[j].to("cpu", dtype), a[j].cpu()
+    width = max(t.shape[0] for t in texts)  # pad every caption to the longest one's length
+    texts = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[0])) for t in texts])
+    aux = torch.stack([torch.nn.functional.pad(a, (0, width - a.shape[0])) for a in aux])
+    return MidActivations(images, texts, aux)

@@ -411,7 +411,8 @@ def _cycle(run: Periodic) -> None:
         run.inputs = tuned_inputs(run.data.train, run.backbone, spec, tune, run.root, run.device, tune.cached_trunk,
                                   tune.max_pairs)
     inputs = run.inputs
-    heads = [p for m in (state.image_head, state.text_head, state.losses) for p in m.parameters() if p.requires_grad]
+    heads = [p for m in (state.image_head, state.text_head, state.losses, state.supervision) if m is not None
+             for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": trainable, "lr": tune.backbone_lr},
                                    {"params": heads, "lr": tune.head_lr}], weight_decay=tune.weight_decay)
     steps = max(1, inputs.pairs.subset.numel() // tune.batch_size)
@@ -467,8 +468,9 @@ def _library_grad_checkpointing(backbone: Backbone) -> None:
 def _restart_adapter_optimizer(run: Periodic) -> None:
     """Fresh AdamW moments and weight average: the heads moved during the cycle, on other features."""
     state, config = run.state, run.config
+    extra = (state.supervision,) if state.supervision is not None else ()
     fresh = torch.optim.AdamW(param_groups([state.image_head, state.text_head], state.losses, config.weight_decay,
-                                           config.lr))
+                                           config.lr, extra))
     fresh.param_groups[0]["lr"] = fresh.param_groups[1]["lr"] = state.schedule.lr(state.step, config.lr)
     state.optimizer = fresh
     state.ema = weight_averages(state.image_head, state.text_head, config.ema)
