@@ -43,14 +43,19 @@ class Explanation:
 def _view(backbone: Backbone, pixels: torch.Tensor) -> Image.Image:
     """Undo the eval transform's normalisation: the crop the model saw, as an image."""
     mean, std = (torch.tensor(v) for v in _norm(backbone))
-    x = (pixels[0].cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
+    first = pixels[0, 0] if pixels.dim() == 5 else pixels[0]  # several views: the first (the centre crop)
+    x = (first.cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
     return Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
 
 
 def _norm(backbone: Backbone) -> tuple[list[float], list[float]]:
-    for t in getattr(backbone.preprocess, "transforms", []):
+    """The mean and std the backbone's preprocessing normalises with (the first Normalize found)."""
+    todo = [backbone.preprocess]
+    while todo:
+        t = todo.pop(0)
         if hasattr(t, "mean") and hasattr(t, "std"):
             return list(t.mean), list(t.std)
+        todo += list(getattr(t, "transforms", []))
     return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
 
 
@@ -69,9 +74,9 @@ def _score(run: AdaptedRun, features: torch.Tensor, query: torch.Tensor) -> torc
 def gradcam(run: AdaptedRun, backbone: Backbone, pixels: torch.Tensor, query: torch.Tensor) -> tuple[np.ndarray, float]:
     tower = backbone.image_model.eval()
     with torch.enable_grad():
-        maps = tower.spatial(pixels.to(backbone.device)).float()
+        maps, feats = tower.features_with_map(pixels.to(backbone.device))
         maps.retain_grad()
-        score = _score(run, maps.mean(dim=(2, 3)), query)
+        score = _score(run, feats.float(), query)
         score.backward()
     weights = maps.grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * maps).sum(1))[0]
@@ -132,7 +137,7 @@ def explain(run: AdaptedRun, backbone: Backbone, image: Image.Image, query: torc
     """The heat map of `image` against a unit query embedding [1, D] (or [D]) in the run's space."""
     pixels = backbone.preprocess(image)[None]
     query = unit(query.reshape(1, -1))
-    if hasattr(backbone.image_model, "spatial"):
+    if hasattr(backbone.image_model, "features_with_map"):
         heat, score = gradcam(run, backbone, pixels, query)
     elif open_clip_model(backbone) is not None:
         heat, score = rollout(run, backbone, pixels, query)
@@ -147,7 +152,8 @@ def masked_score(run: AdaptedRun, backbone: Backbone, image: Image.Image, query:
     normalised mean, i.e. 0): how much those regions carried."""
     pixels = backbone.preprocess(image)[None].clone()
     h, w = pixels.shape[-2:]
+    view = pixels[:, 0] if pixels.dim() == 5 else pixels  # the view the map is drawn over
     for r, c in cells:
-        pixels[..., r * h // grid : (r + 1) * h // grid, c * w // grid : (c + 1) * w // grid] = 0
+        view[..., r * h // grid : (r + 1) * h // grid, c * w // grid : (c + 1) * w // grid] = 0
     with torch.no_grad():
         return float(_score(run, backbone.encode_images(pixels), unit(query.reshape(1, -1))))

@@ -43,7 +43,7 @@ def test_fewshot_matches_one_problem_at_a_time():
                 ref["logreg"] = clf.decision_function(xq)
                 unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
                 ref["prototype"] = xq @ unit(xs[ys].mean(0)) - xq @ unit(xs[~ys].mean(0))
-                def cache(x):
+                def cache(x, xs=xs, ys=ys):
                     aff = np.exp(-5.5 * (1 - x @ xs.T))
                     return aff[:, ys].mean(1) - aff[:, ~ys].mean(1)
                 std = lambda v, r: (v - r.mean()) / r.std()  # noqa: E731

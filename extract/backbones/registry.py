@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 from medembed.extract.backbones.core import Backbone
+from medembed.extract.backbones.effnet_minilm import MS_NAME as EFFNET_MS_MINILM
 from medembed.extract.backbones.effnet_minilm import NAME as EFFNET_MINILM
 from medembed.extract.backbones.effnet_minilm import create_effnet_minilm
 from medembed.extract.backbones.open_clip_family import TINY_CLIP, create_open_clip, parse_open_clip_name
 from medembed.extract.backbones.transforms import AugmentConfig
 
 DEFAULT_BACKBONE = EFFNET_MINILM
-BUILTIN_BACKBONES = (EFFNET_MINILM, TINY_CLIP)
+BUILTIN_BACKBONES = (EFFNET_MINILM, EFFNET_MS_MINILM, TINY_CLIP)
 NAME_PATTERNS = (
     "hf-hub:ORG/REPO (an open_clip model in the local Hugging Face cache)",
     "local-dir:/path (open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin)",
@@ -26,8 +27,8 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str, device: str | torch.device = "cpu",
                     augment: AugmentConfig = AugmentConfig()) -> Backbone:
     """Build a backbone on `device` in eval mode; ValueError naming the valid choices for unknown names."""
-    if name == EFFNET_MINILM:
-        backbone = create_effnet_minilm(augment)
+    if name in (EFFNET_MINILM, EFFNET_MS_MINILM):
+        backbone = create_effnet_minilm(augment, multiscale_views=name == EFFNET_MS_MINILM)
     else:
         spec = parse_open_clip_name(name)
         if spec is None:

@@ -72,3 +72,37 @@ def augment_transform(size: int, mean, std, interpolation: str = "bicubic",
         T.ToTensor(),
         T.Normalize(tuple(mean), tuple(std)),
     ])
+
+
+class Letterbox:
+    """Resize the longer side to `size` and pad to a square with a grey border: the whole image,
+    nothing cropped away (a centre crop loses the sides of the wide figures common in papers)."""
+
+    def __init__(self, size: int, fill: tuple[int, int, int] = (127, 127, 127), interpolation: str = "bicubic"):
+        self.size, self.fill, self.interpolation = size, fill, interpolation
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        image = to_rgb(image)
+        scale = self.size / max(image.size)
+        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+        resized = image.resize((w, h), Image.Resampling.BICUBIC if self.interpolation == "bicubic" else
+                               Image.Resampling.BILINEAR)
+        canvas = Image.new("RGB", (self.size, self.size), self.fill)
+        canvas.paste(resized, ((self.size - w) // 2, (self.size - h) // 2))
+        return canvas
+
+
+def letterbox_transform(cfg: EvalTransformConfig) -> T.Compose:
+    return T.Compose([Letterbox(cfg.size, interpolation=cfg.interpolation), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+
+
+class Views:
+    """Several transforms of one image, stacked: [V, 3, H, W] (a backbone tower averages their features)."""
+
+    def __init__(self, transforms: list):
+        self.transforms = transforms
+
+    def __call__(self, image: Image.Image):
+        import torch
+
+        return torch.stack([t(image) for t in self.transforms])

@@ -1,0 +1,104 @@
+"""Retrieval quality levers, measured: each row is one `cli.py adapt` command run with 3 seeds,
+trained on the cache's train split (selected on valid) and scored on the untouched test split.
+
+    python benchmarks/quality.py --rows base,ensemble4,... [--features F] [--seeds 0,1,2] [--out runs/quality]
+
+Per row: test R@1/5/10 both ways, modality zero-shot accuracy, concept F1, few-shot mAP@16, and the
+adapt command's wall time, as mean ± std over the seeds, printed as a Markdown table with the
+command beside it. Results accumulate in OUT/results.jsonl, so rows can be run a few at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+ROCO = REPO / "features" / "roco-rad" / "effnet-lite0+minilm"
+
+# name -> extra `cli.py adapt` arguments (the default recipe is the empty list)
+ROWS: dict[str, list[str]] = {
+    "base": [],
+    "ensemble4": ["--ensemble", "4"],
+    "concept-loss": ["--concept-loss", "0.5"],
+    "graded": ["--graded", "0.1"],
+    "concept-texts": ["--augment", "concepts"],
+    "ensemble4+concept-loss": ["--ensemble", "4", "--concept-loss", "0.5"],
+    "lit-text1": ["--unlock", "text:1", "--unfreeze-every", "30", "--unfreeze-epochs", "3", "--cached-trunk",
+                  "--backbone-lr", "3e-5", "--epochs", "33"],
+    "unfreeze-image1": ["--unlock", "image:1", "--unfreeze-every", "10", "--unfreeze-epochs", "1", "--cached-trunk",
+                        "--backbone-lr", "3e-5"],
+}
+KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "zeroshot_modality_acc", "concept_f1",
+        "fewshot_map@16")
+
+
+def run_row(name: str, extra: list[str], features: Path, seed: int, out: Path) -> dict:
+    from medembed.evaluate.pipeline import EvalOptions, run_eval
+
+    run_dir = out / name / f"seed-{seed}"
+    cmd = [sys.executable, str(REPO / "cli.py"), "adapt", "--features", str(features), "--seed", str(seed),
+           "--out", str(run_dir), *extra]
+    if not (run_dir / "summary.json").exists():
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if res.returncode:
+            sys.exit(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
+        seconds = time.perf_counter() - t0
+        (run_dir / "wall_seconds").write_text(f"{seconds:.1f}\n")
+    seconds = float((run_dir / "wall_seconds").read_text())
+    result = run_eval([run_dir], split="test", out_dir=run_dir / "eval-test", options=EvalOptions(
+        closed_form=False, examples=0, progress=False, overwrite=True))
+    return {"row": name, "seed": seed, "features": str(features), "command": " ".join(["python cli.py adapt", *extra]),
+            "seconds": seconds, **{k: result["metrics"].get(k) for k in KEYS}}
+
+
+def table(results: list[dict], rows: list[str]) -> str:
+    head = ["lever", "seeds", *KEYS, "adapt s", "command"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in rows:
+        got = [r for r in results if r["row"] == name]
+        if not got:
+            continue
+        cells = [name, str(len(got))]
+        for k in (*KEYS, "seconds"):
+            v = np.array([r[k] for r in got if r.get(k) is not None], dtype=float)
+            cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f}" if len(v) else "–")
+        cells.append(f"`{got[0]['command']}`")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="base", help=f"comma-separated, from {', '.join(ROWS)}")
+    p.add_argument("--features", default=str(ROCO))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=str(REPO / "runs" / "quality"))
+    p.add_argument("--extra", default="", help="arguments added to every row's command (e.g. a recipe under test)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in args.rows.split(",") if r]
+    extra = args.extra.split() if args.extra else []
+    results_file = out / "results.jsonl"
+    for name in rows:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            r = run_row(name, [*ROWS[name], *extra], Path(args.features), seed, out)
+            with open(results_file, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(json.dumps(r), flush=True)
+    results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
+    latest = {(r["row"], r["seed"], r["features"]): r for r in results if r["features"] == str(Path(args.features))}
+    print(f"\n`python benchmarks/quality.py --rows {args.rows} --features {args.features}`\n")
+    print(table(list(latest.values()), list(dict.fromkeys([*ROWS, *rows]))))
+
+
+if __name__ == "__main__":
+    main()
