@@ -149,6 +149,10 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
                "concepts through the concept prompts (0: off).", type=click.FloatRange(min=0))
 @_adapt_option("--graded", "Share of each InfoNCE target given to batch pairs whose images share concepts (0: plain "
                "one-hot targets).", type=click.FloatRange(0, 1, max_open=True))
+@_adapt_option("--hard-negatives", "Build batches from anchors and this many pairs whose captions are among each "
+               "anchor's nearest cached captions, so confusable pairs meet as negatives (0: plain shuffle).",
+               type=click.IntRange(min=0))
+@_adapt_option("--hard-pool", "Nearest captions each anchor's hard negatives are drawn from.", type=click.IntRange(min=1))
 @_adapt_option("--ema", "Validate and keep an exponential moving average of the head weights with this decay per "
                "step (0: off).", type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--patience", "Epochs without improvement before stopping.", type=click.IntRange(min=1))

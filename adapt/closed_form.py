@@ -147,7 +147,7 @@ def fit_cca_on_valid(train_split: CachedSplit, valid: CachedSplit, dim: int, max
         for power in CCA_GRID["power"]:
             heads = cca_heads(solution, dim, power=power)
             with torch.no_grad():
-                img, txt = (h(x).float() for h, x in zip(heads, (valid.image_features, valid.caption_features)))
+                img, txt = (h(x.float()) for h, x in zip(heads, (valid.image_features, valid.caption_features)))
             row = {"reg": reg, "power": power, **recall_summary(img, txt, valid.caption_image)}
             grid.append(row)
             if best is None or row["mean_recall"] > best[0]["mean_recall"]:

@@ -32,6 +32,9 @@ ONLY_FOR = {
     "concept_loss": (lambda c: c.head != "cca", _TRAINED),
     "graded": (lambda c: c.head != "cca" and c.loss == "infonce", "grades the InfoNCE targets (--loss infonce)"),
     "concept_min_train": (lambda c: c.concept_loss > 0, "applies with --concept-loss"),
+    "hard_negatives": (lambda c: c.head != "cca" and c.augment == "none",
+                       "builds batches of caption neighbours; not with --head cca or --augment concepts"),
+    "hard_pool": (lambda c: c.hard_negatives > 0, "applies with --hard-negatives"),
 }
 
 
@@ -60,6 +63,8 @@ class AdaptConfig:
     concept_loss: float = 0.0  # > 0: weight of the auxiliary loss predicting each image's named concepts
     graded: float = 0.0  # > 0: share of the InfoNCE target given to batch pairs whose images share concepts
     concept_min_train: int = 5  # named concepts with fewer training images are not supervised
+    hard_negatives: int = 0  # > 0: each batch anchor brings this many pairs whose captions are among its nearest
+    hard_pool: int = 20  # ... drawn from this many nearest captions (cached caption features)
     ema: float = 0.98  # > 0: validate and save an exponential moving average of the head weights (decay per step)
     patience: int = 5  # epochs without a better valid mean_recall before stopping
     seed: int = 0
@@ -78,7 +83,7 @@ class AdaptConfig:
             raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
         if self.augment not in AUGMENT_KINDS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENT_KINDS)}, got {self.augment!r}")
-        for name in ("dim", "epochs", "batch_size", "ensemble", "patience", "eval_every", "chunk_rows"):
+        for name in ("dim", "epochs", "batch_size", "ensemble", "patience", "eval_every", "chunk_rows", "hard_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:
@@ -86,7 +91,8 @@ class AdaptConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "max_memory_gb", "concept_loss"):
+        for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "max_memory_gb", "concept_loss",
+                     "hard_negatives"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "input_dropout", "graded"):
@@ -94,6 +100,11 @@ class AdaptConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not -1.0 <= self.margin <= 1.0:
             raise ValueError(f"margin is a cosine and must be in [-1, 1], got {self.margin}")
+        if self.hard_negatives > 0 and self.augment != "none":
+            raise ValueError("hard_negatives builds batches of caption neighbours and cannot be combined with "
+                             "augment concepts")
+        if self.hard_negatives >= self.batch_size and self.head != "cca":
+            raise ValueError(f"hard_negatives ({self.hard_negatives}) must be below batch_size ({self.batch_size})")
         if self.batch_size < 2 and self.head != "cca":
             raise ValueError("batch_size must be >= 2: a contrastive batch needs at least one negative")
 

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 
 from medembed.cache.reader import CachedSplit, feature_chunks, strings
+from medembed.common.tensors import unit
 
 
 @dataclass
@@ -182,6 +183,34 @@ def _concept_pairs(block: Block, concepts: ConceptTexts | None, ratio: float, m:
     return to_local[concepts.pair_image[pick]], concepts.pair_concept[pick]
 
 
+def caption_neighbours(block: Block, m: int = 20, rows: int = 2048) -> torch.Tensor:
+    """[n_captions, m]: for each caption of the block, the m captions nearest to it by cosine of the
+    cached features, leaving out captions of its own image and identical captions (they are
+    positives, not negatives). Their pairs are the hard negatives `iter_batches` puts beside it."""
+    x = unit(block.caption_features.float())
+    n = x.shape[0]
+    m = max(1, min(m, n - 1))
+    out = []
+    for s in range(0, n, rows):
+        sim = x[s : s + rows] @ x.T
+        same = block.caption_image[s : s + rows, None] == block.caption_image[None, :]
+        same |= block.caption_key[s : s + rows, None] == block.caption_key[None, :]
+        out.append(sim.masked_fill_(same, float("-inf")).topk(m, dim=1).indices)
+    return torch.cat(out)
+
+
+def hard_negative_order(neighbours: torch.Tensor, batch_size: int, k: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Batches of caption rows made of groups: a random anchor and k captions drawn from its nearest
+    neighbours, so every anchor meets its most confusable pairs as in-batch negatives (both ways,
+    since each neighbour brings its own image). About as many pairs per epoch as without."""
+    n = neighbours.shape[0]
+    group = k + 1
+    anchors = torch.randperm(n, generator=gen)[: -(-n // group)]
+    pick = torch.randint(0, neighbours.shape[1], (anchors.numel(), k), generator=gen)
+    rows = torch.cat([anchors[:, None], neighbours[anchors[:, None], pick]], dim=1).reshape(-1)
+    return list(rows.split(max(1, batch_size // group) * group))
+
+
 def iter_batches(
     block: Block,
     batch_size: int,
@@ -190,17 +219,28 @@ def iter_batches(
     concepts: ConceptTexts | None = None,
     concept_ratio: float = 0.0,
     use_views: bool = True,
+    neighbours: torch.Tensor | None = None,
+    hard_negatives: int = 0,
 ) -> Iterator[Batch]:
     """All captions of the block once, plus about concept_ratio x as many (image, concept) pairs,
-    shuffled together; with views, each image is seen as a random one of its original + V views."""
+    shuffled together; with views, each image is seen as a random one of its original + V views.
+    With `hard_negatives` k > 0 (and the block's `caption_neighbours`), batches are built from
+    anchors and k of their nearest captions instead of a plain shuffle (captions only)."""
     m = block.caption_features.shape[0]
-    cp_local, cp_concept = _concept_pairs(block, concepts, concept_ratio, m, gen)
+    if hard_negatives > 0:
+        if neighbours is None or concepts is not None:
+            raise ValueError("hard-negative batches need the caption neighbours and no concept pairs")
+        cp_local = cp_concept = None
+        batches = hard_negative_order(neighbours, batch_size, hard_negatives, gen)
+    else:
+        cp_local, cp_concept = _concept_pairs(block, concepts, concept_ratio, m, gen)
     n_cp = 0 if cp_local is None else cp_local.numel()
-    order = torch.randperm(m + n_cp, generator=gen)
+    if hard_negatives <= 0:
+        batches = torch.randperm(m + n_cp, generator=gen).split(batch_size)
     views = block.view_features if use_views else None
     n_templates = concepts.text_features.shape[1] if n_cp else 1
 
-    for idx in order.split(batch_size):
+    for idx in batches:
         if idx.numel() < 2:
             continue
         is_cap = idx < m

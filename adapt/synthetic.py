@@ -96,9 +96,11 @@ def write_cache(split: CachedSplit, path: str | Path, dtype: str = "float32") ->
     return write_split(path, replace(split, image_locations=locations), dtype=dtype)
 
 
-def write_synthetic_features(features_dir: str | Path, n_train: int = 200, n_eval: int = 100, **kw) -> Path:
-    """train/valid/test files of one synthetic dataset in `features_dir`."""
+def write_synthetic_features(features_dir: str | Path, n_train: int = 200, n_eval: int = 100,
+                             store_dtype: str = "float32", **kw) -> Path:
+    """train/valid/test files of one synthetic dataset in `features_dir` (features stored as
+    `store_dtype`; "float16" is what `extract` writes)."""
     d = Path(features_dir)
     for i, (name, n) in enumerate((("train", n_train), ("valid", n_eval), ("test", n_eval))):
-        write_cache(correlated_split(n, seed=i, split=name, **kw), d / f"{name}.h5")
+        write_cache(correlated_split(n, seed=i, split=name, **kw), d / f"{name}.h5", dtype=store_dtype)
     return d

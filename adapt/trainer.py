@@ -21,7 +21,15 @@ from torch import nn
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.closed_form import fit_cca_on_valid
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.data import ConceptTexts, MemorySource, StreamSource, estimated_bytes, iter_batches, read_concepts
+from medembed.adapt.data import (
+    ConceptTexts,
+    MemorySource,
+    StreamSource,
+    caption_neighbours,
+    estimated_bytes,
+    iter_batches,
+    read_concepts,
+)
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
@@ -151,11 +159,21 @@ def concept_supervision(config: AdaptConfig, data: TrainingData) -> ConceptSuper
 def cached_batches(config: AdaptConfig, data: TrainingData):
     """One epoch of shuffled batches of cached features (and concept texts with --augment concepts)."""
     use_views = config.use_views and data.source.has_views
+    neighbours: dict[tuple[int, int], torch.Tensor] = {}  # per block, found once (a block's rows never change)
+
+    def block_neighbours(block) -> torch.Tensor | None:
+        if config.hard_negatives <= 0:
+            return None
+        key = (int(block.image_rows[0]), int(block.caption_features.shape[0]))
+        if key not in neighbours:
+            neighbours[key] = caption_neighbours(block, config.hard_pool)
+        return neighbours[key]
 
     def epoch(gen: torch.Generator):
         for block in data.source.blocks(gen):
             yield from iter_batches(block, config.batch_size, gen, concepts=data.concepts,
-                                    concept_ratio=config.concept_ratio if data.concepts else 0.0, use_views=use_views)
+                                    concept_ratio=config.concept_ratio if data.concepts else 0.0, use_views=use_views,
+                                    neighbours=block_neighbours(block), hard_negatives=config.hard_negatives)
 
     return epoch
 

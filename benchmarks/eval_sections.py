@@ -121,7 +121,8 @@ def _scale_prepare(n: int, root: Path) -> None:
     from medembed.adapt.trainer import train
 
     features = write_synthetic_features(root / "features", n_train=n, n_eval=n, n_concepts=2000, image_dim=256,
-                                        text_dim=256, latent=64, noise=4.0, concept_rate=(0.0005, 0.05))
+                                        text_dim=256, latent=64, noise=4.0, concept_rate=(0.0005, 0.05),
+                                        store_dtype="float16")  # as `extract` stores features
     train(AdaptConfig(features_dir=str(features), out=str(root / "run"), head="cca", dim=256), progress=False)
 
 
@@ -151,7 +152,7 @@ def scale(args) -> None:
             rows.append([f"{n:,}", *(f"{t:.1f}" for t in times), f"{result['wall']:.0f}",
                          f"{result['peak_rss_mb']:.0f}", f"{result['t2i_R@10']:.1f}"])
             print(rows[-1], flush=True)
-    print("\nsynthetic splits of N images and N captions, 2,000 concepts (frequencies 0.05% to 5%, about 21 per image), 256-d features, "
+    print("\nsynthetic splits of N images and N captions, 2,000 concepts (frequencies 0.05% to 5%, about 21 per image), 256-d float16 features (as extracted), "
           "train and valid of N too; one closed-form run; `run_eval` of it in a fresh process, without the "
           "closed-form column and examples:\n")
     print(table(["N", "retrieval s", "zeroshot s", "fewshot s", "detection s", "eval wall s",

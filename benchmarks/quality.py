@@ -29,6 +29,8 @@ ROWS: dict[str, list[str]] = {
     "concept-loss": ["--concept-loss", "0.5"],
     "graded": ["--graded", "0.1"],
     "concept-texts": ["--augment", "concepts"],
+    "hard-negatives3": ["--hard-negatives", "3"],
+    "hard-negatives1": ["--hard-negatives", "1"],
     "ensemble4+concept-loss": ["--ensemble", "4", "--concept-loss", "0.5"],
     "lit-text1": ["--unlock", "text:1", "--unfreeze-every", "30", "--unfreeze-epochs", "3", "--cached-trunk",
                   "--backbone-lr", "3e-5", "--epochs", "33"],
@@ -40,9 +42,10 @@ KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "zer
 
 
 def run_row(name: str, extra: list[str], features: Path, seed: int, out: Path) -> dict:
+    from medembed.common.files import slug
     from medembed.evaluate.pipeline import EvalOptions, run_eval
 
-    run_dir = out / name / f"seed-{seed}"
+    run_dir = out / slug(features.name) / slug(" ".join([name, *extra[len(ROWS[name]):]])) / f"seed-{seed}"
     cmd = [sys.executable, str(REPO / "cli.py"), "adapt", "--features", str(features), "--seed", str(seed),
            "--out", str(run_dir), *extra]
     if not (run_dir / "summary.json").exists():
@@ -62,15 +65,14 @@ def run_row(name: str, extra: list[str], features: Path, seed: int, out: Path) -
 def table(results: list[dict], rows: list[str]) -> str:
     head = ["lever", "seeds", *KEYS, "adapt s", "command"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in rows:
-        got = [r for r in results if r["row"] == name]
-        if not got:
-            continue
+    groups = dict.fromkeys((r["row"], r["command"]) for name in rows for r in results if r["row"] == name)
+    for name, command in groups:
+        got = [r for r in results if r["row"] == name and r["command"] == command]
         cells = [name, str(len(got))]
         for k in (*KEYS, "seconds"):
             v = np.array([r[k] for r in got if r.get(k) is not None], dtype=float)
             cells.append(f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0:.1f}" if len(v) else "–")
-        cells.append(f"`{got[0]['command']}`")
+        cells.append(f"`{command}`")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -95,7 +97,7 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
     results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
-    latest = {(r["row"], r["seed"], r["features"]): r for r in results if r["features"] == str(Path(args.features))}
+    latest = {(r["row"], r["command"], r["seed"]): r for r in results if r["features"] == str(Path(args.features))}
     print(f"\n`python benchmarks/quality.py --rows {args.rows} --features {args.features}`\n")
     print(table(list(latest.values()), list(dict.fromkeys([*ROWS, *rows]))))
 

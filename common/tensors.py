@@ -25,11 +25,14 @@ def embed_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], raw: torch.Tenso
     if raw.shape[0] == 0:
         probe = torch.zeros(1, *raw.shape[1:], device=device)
         return unit(fn(probe)).cpu()[:0]
-    parts = []
+    out = None  # filled in place: no second copy of a 100k-row result
     for s in range(0, raw.shape[0], chunk):
         x = raw[s : s + chunk].float()
-        parts.append(unit(fn(x if device is None else x.to(device))).cpu())
-    return torch.cat(parts)
+        part = unit(fn(x if device is None else x.to(device))).float().cpu()
+        if out is None:
+            out = torch.empty(raw.shape[0], *part.shape[1:])
+        out[s : s + part.shape[0]] = part
+    return out
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

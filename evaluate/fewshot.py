@@ -155,7 +155,9 @@ def logreg_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, c: float
         return loss
 
     opt.step(closure)
-    return (xq.double() @ w.detach().T + b.detach()).float()
+    w, b = w.detach(), b.detach()
+    # scored a block of queries at a time: a 100k-query split in float64 at once would cost 200 MB
+    return torch.cat([(xq[s : s + 8192].double() @ w.T + b).float() for s in range(0, xq.shape[0], 8192)])
 
 
 def prototype_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:

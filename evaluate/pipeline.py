@@ -147,11 +147,13 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool, captions: bool = True) -> Pool:
     """The evaluated split, and train / valid when asked for (their captions only with `captions`:
-    the closed form learns from pairs, few-shot and detection from images and labels alone)."""
+    the closed form learns from pairs, few-shot and detection from images and labels alone).
+    Features stay in their stored dtype (float16 halves the pool's memory); every model widens
+    them a chunk at a time."""
     files = find_splits(features_dir)
     if split not in files:
         raise FileNotFoundError(f"{features_dir}: no {split}.h5 (found: {', '.join(files)})")
-    test = load_split(files[split], with_views=False)
+    test = load_split(files[split], with_views=False, dtype=None)
     notes: dict[str, list[str]] = {}
     train = valid = None
     if need_train and split == "train":
@@ -161,9 +163,9 @@ def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool
         notes["fewshot"] = notes["detection"] = [f"{features_dir} has no train.h5: few-shot, detection and the "
                                                  "closed form skipped"]
     elif need_train:
-        train = load_split(files["train"], with_views=False, with_captions=captions)
+        train = load_split(files["train"], with_views=False, with_captions=captions, dtype=None)
     if need_valid and "valid" in files and split != "valid":
-        valid = load_split(files["valid"], with_views=False, with_captions=captions)
+        valid = load_split(files["valid"], with_views=False, with_captions=captions, dtype=None)
     return Pool(Path(features_dir), test, train, valid, notes)
 
 
@@ -308,7 +310,10 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
     test, train = col.pool.test, col.pool.train
     sec = _Sections(col.name, log)
     img, txt = col.model.images(test.image_features), col.model.texts(test.caption_features)
-    res = ColumnResult(metrics=sec.metrics, sections=sec.keys, embeddings=(img, txt))
+    # only the first run's embeddings outlive its scoring (its example grids); on a 100k pool each
+    # kept pair is 200 MB
+    keep = options.examples > 0 and col.name == plan.names[0]
+    res = ColumnResult(metrics=sec.metrics, sections=sec.keys, embeddings=(img, txt) if keep else None)
     if "retrieval" in options.sections:
         t0 = time.perf_counter()
         r = res.ranks = retrieval.ranks(img, txt, test.caption_image, options.memory_mb)
@@ -318,6 +323,7 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
         for d in ("t2i", "i2t"):
             res.recall[d] = [100 * float(retrieval.hits(r, d, k).mean()) for k in cks]
             res.recall[f"{d}_band"] = [rate_interval(retrieval.hits(r, d, k)) for k in cks]
+    del txt  # the later sections score images only
     concept_emb = None
     if _has_concepts(test) and test.concept_text_features is not None:
         concept_emb = col.model.concept_prompts(test.concept_text_features)

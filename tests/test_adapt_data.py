@@ -9,6 +9,8 @@ from medembed.adapt.data import (
     MemorySource,
     StreamSource,
     caption_keys,
+    caption_neighbours,
+    hard_negative_order,
     iter_batches,
     read_concepts,
 )
@@ -112,3 +114,32 @@ def test_read_concepts_matches_full_load(tmp_path):
     assert names == split.concept_names
     assert (labels != split.concepts).nnz == 0 and labels.nnz == split.concepts.nnz > 0
     assert torch.allclose(ctf, split.concept_text_features)
+
+
+def test_hard_negatives_are_the_nearest_captions_of_other_images():
+    # captions on a circle: caption k at angle k * 10 degrees; 0 and 1 belong to image 0, 4 and 5 read alike
+    ang = torch.deg2rad(torch.arange(8) * 10.0)
+    feats = torch.stack([ang.cos(), ang.sin()], 1)
+    captions = ["a", "b", "c", "d", "same words", "Same  words", "g", "h"]
+    block = Block(torch.randn(7, 3), None, feats, torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]), caption_keys(captions),
+                  torch.arange(7))
+    nb = caption_neighbours(block, m=2)
+    # by hand: 0's nearest are 1 (own image: left out), then 2, 3; 4's are 5 (same words: left out), 3, then 6 (at 20 deg) vs 2 (20 deg): tie
+    assert nb[0].tolist() == [2, 3]
+    assert nb[1].tolist() == [2, 3]  # 0 is its own image
+    assert nb[4, 0].item() == 3 and nb[4, 1].item() in (2, 6)
+    assert 5 not in nb[4].tolist() and 4 not in nb[5].tolist()
+
+    gen = torch.Generator().manual_seed(0)
+    batches = hard_negative_order(nb, batch_size=6, k=2, gen=gen)
+    rows = torch.cat(batches).reshape(-1, 3)  # groups of anchor + 2 neighbours
+    assert rows.shape[0] == 3 and sorted(len(b) for b in batches) == [3, 6]
+    for anchor, *others in rows.tolist():
+        assert set(others) <= set(nb[anchor].tolist())
+    assert len(set(rows[:, 0].tolist())) == 3  # distinct anchors
+
+    # through iter_batches: the pairs keep their own images and the positives mask
+    out = list(iter_batches(block, 6, torch.Generator().manual_seed(0), neighbours=nb, hard_negatives=2))
+    assert sum(b.texts.shape[0] for b in out) == 9
+    for b in out:
+        assert b.positives.diagonal().all()

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from medembed.extract.backbones import Backbone
@@ -231,6 +230,8 @@ class OpenClipTop:
         for block in clip.transformer.resblocks[self.text.cut :]:
             x = run(lambda h, b=block: b(h, attn_mask=mask), x)
         x = clip.ln_final(x)
+        from open_clip.transformer import text_global_pool  # open_clip costs ~250 MB and 3 s to import: only here
+
         x = text_global_pool(x, input_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         proj = clip.text_projection
         if proj is None:
