@@ -43,7 +43,7 @@ install: $(STAMP)
 demo: install
 	$(PY) cli.py extract --out features
 	rm -rf $(RUN)
-	$(PY) cli.py adapt --features features/synthetic-phantoms/effnet-lite0+minilm --loss infonce --head mlp --out $(RUN)
+	$(PY) cli.py adapt --features features/synthetic-phantoms/effnet-lite0-ms+minilm --out $(RUN)
 	$(PY) cli.py eval --run $(RUN) --split test --k 1,5,10 --fewshot-seeds 1
 
 test: install

@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from medembed.adapt.config import AUGMENT_KINDS, HEAD_KINDS, LOSS_KINDS, AdaptConfig
+from medembed.common.memory import release_large_blocks
 from medembed.common.version import __version__
 
 
@@ -23,6 +24,7 @@ def main() -> None:
     # offline unless the user says otherwise: a missing model fails at once instead of waiting on a network
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    release_large_blocks()
 
 
 # --- extract ---------------------------------------------------------------------------------
@@ -52,8 +54,8 @@ def _print_extract_summary(summary) -> None:
 @main.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=True), default=None,
               help="Dataset folder or annotations file (layout auto-detected). Default: the embedded synthetic set.")
-@click.option("--backbone", default="effnet-lite0+minilm", show_default=True,
-              help="Backbone name: effnet-lite0+minilm, tiny-clip, an open_clip ARCH[@TAG], hf-hub:ORG/REPO or local-dir:PATH.")
+@click.option("--backbone", default="effnet-lite0-ms+minilm", show_default=True,
+              help="Backbone name: effnet-lite0-ms+minilm, effnet-lite0+minilm, tiny-clip, an open_clip ARCH[@TAG], hf-hub:ORG/REPO or local-dir:PATH.")
 @click.option("--splits", default=None, help="Comma-separated splits (default: all the dataset has).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per crash-safe batch (a re-run continues from the last finished one).")

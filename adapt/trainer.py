@@ -259,8 +259,10 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     `config.features_dir` (benchmarks on synthetic data)."""
     if splits is None:
         config = replace(config, features_dir=str(Path(config.features_dir).resolve()))
-    if config.head == "cca" and config.ensemble > 1:
-        raise ValueError("--head cca is a single closed-form solution; ensemble must be 1")
+    if config.head == "cca":
+        if config.ensemble not in (1, AdaptConfig.ensemble):
+            raise ValueError("--head cca is a single closed-form solution; ensemble must be 1")
+        config = replace(config, ensemble=1)
     run_dir = prepare_run_dir(config, resume)
     device = resolve_device(config.device)
     data = data_in_memory(config, *splits) if splits is not None else load_training_data(config)

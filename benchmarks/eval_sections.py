@@ -127,8 +127,12 @@ def _scale_prepare(n: int, root: Path) -> None:
 
 
 def _scale_eval(n: int, root: Path) -> None:
-    """In a fresh process, so peak RSS is the evaluation's own (torch and all imports included)."""
+    """In a fresh process, so peak RSS is the evaluation's own (torch and all imports included), with
+    the memory setting `cli.py` applies at start-up."""
+    from medembed.common.memory import release_large_blocks
     from medembed.evaluate.pipeline import EvalOptions, run_eval
+
+    release_large_blocks()
 
     t0 = time.perf_counter()
     res = run_eval([root / "run"], split="test", out_dir=root / "ev",

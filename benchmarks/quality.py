@@ -26,6 +26,7 @@ ROCO = REPO / "features" / "roco-rad" / "effnet-lite0+minilm"
 ROWS: dict[str, list[str]] = {
     "base": [],
     "ensemble4": ["--ensemble", "4"],
+    "ensemble4-dim256": ["--ensemble", "4", "--dim", "256"],
     "concept-loss": ["--concept-loss", "0.5"],
     "graded": ["--graded", "0.1"],
     "concept-texts": ["--augment", "concepts"],

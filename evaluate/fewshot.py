@@ -171,7 +171,7 @@ def _standardised(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 
 
 def tip_scores(xs, ys, xq, xref, prompts: torch.Tensor | None, alpha: float, beta: float,
-               chunk: int = 2048) -> torch.Tensor:
+               chunk: int = 512) -> torch.Tensor:
     """Zero-shot prompt score + alpha x cache score, each standardised over the train images
     (`xref`, labels unused) so alpha weighs two terms of the same scale whatever the embedding.
     `prompts` [P, D] (zero rows: no prompt for that concept). Queries go `chunk` at a time."""

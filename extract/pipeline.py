@@ -49,7 +49,7 @@ class ExtractError(RuntimeError):
 @dataclass
 class ExtractConfig:
     data: str | None = None  # None: the embedded synthetic dataset
-    backbone: str = "effnet-lite0+minilm"
+    backbone: str = "effnet-lite0-ms+minilm"  # extract.backbones.DEFAULT_BACKBONE
     splits: list[str] | None = None  # None: every split the dataset has
     batch_size: int = 64
     workers: int = 2

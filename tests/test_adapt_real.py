@@ -12,7 +12,7 @@ from medembed.cache.reader import load_split
 from medembed.common.ranking import recall_summary
 from tests.conftest import real_cache
 
-ROCO = Path(__file__).resolve().parents[1] / "features" / "roco-rad" / "effnet-lite0+minilm"
+ROCO = Path(__file__).resolve().parents[1] / "features" / "roco-rad" / "effnet-lite0-ms+minilm"
 
 
 @pytest.mark.slow

@@ -120,7 +120,11 @@ def test_every_head_saves_and_loads_the_same_way(features, tmp_path, head):
     assert all(k.startswith(("image_head.", "text_head.")) for k in keys)
     valid = load_split(features / "valid.h5")
     img, txt = run.embed_images(valid.image_features), run.embed_texts(valid.caption_features)
-    assert img.dtype == torch.float32 and img.shape == (valid.n_images, 16)
+    # the default ensemble: 4 heads' unit embeddings side by side, each scaled by 1/2, so a cosine
+    # of two joint embeddings is the mean of the members' cosines (a closed-form cca head is one)
+    members = 1 if head == "cca" else 4
+    assert run.config["ensemble"] == members
+    assert img.dtype == torch.float32 and img.shape == (valid.n_images, 16 * members)
     assert torch.allclose(img.norm(dim=1), torch.ones(valid.n_images), atol=1e-5)
     again = recall_summary(img, txt, valid.caption_image)
     # the loaded heads reproduce the validation numbers of the saved best epoch

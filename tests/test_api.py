@@ -32,7 +32,7 @@ def test_api_matches_the_command_line(run_dir, tmp_path):
     test = load_split(run.features_dir / "test.h5")
     # a caption of the cache embeds to the same vector the run gives its cached features
     emb = medembed.embed_texts(run, test.captions[:2])
-    assert emb.shape == (2, 16) and torch.allclose(emb.norm(dim=1), torch.ones(2))
+    assert emb.shape == (2, 16 * 4) and torch.allclose(emb.norm(dim=1), torch.ones(2))  # 4 heads of dim 16
     assert torch.allclose(emb, run.embed_texts(test.caption_features[:2]), atol=2e-2)
     image = run.features_dir.parents[1].parent / "data" / test.image_locations[0]
     assert torch.allclose(medembed.embed_images(run, [image]), run.embed_images(test.image_features[:1]), atol=2e-2)

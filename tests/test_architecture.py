@@ -130,3 +130,13 @@ def test_every_source_package_is_installed():
     found = {"medembed", *(_module(p.parent / "__init__.py") for d in SOURCE_DIRS
                            for p in (REPO / d).rglob("__init__.py"))}
     assert found == listed, f"missing from pyproject: {found - listed}; listed but absent: {listed - found}"
+
+
+def test_the_command_line_fixes_the_allocator_threshold_where_glibc_runs_it():
+    """cli.py's start-up setting (common.memory) is applied on glibc, where the fragmentation it
+    prevents happens, and is a harmless no-op elsewhere."""
+    import platform
+
+    from medembed.common.memory import release_large_blocks
+
+    assert release_large_blocks() is (platform.libc_ver()[0] == "glibc")

@@ -28,7 +28,8 @@ FLICKR = REPO.parent / "shared" / "data" / "flickr8k-1k"
 
 @pytest.fixture(scope="module")
 def default() -> Backbone:
-    return create_backbone(DEFAULT_BACKBONE)
+    """The single-view pair; the default backbone is its multi-scale, two-view variant."""
+    return create_backbone("effnet-lite0+minilm")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,24 @@ def _params(modules) -> list[torch.nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def test_default_is_the_offline_effnet_minilm_pair(default):
-    assert DEFAULT_BACKBONE == "effnet-lite0+minilm"
-    assert list_backbones()[0] == DEFAULT_BACKBONE and "tiny-clip" in list_backbones()
+def test_default_is_the_multiscale_two_view_variant_of_the_offline_pair(default):
+    assert DEFAULT_BACKBONE == "effnet-lite0-ms+minilm"
+    assert list_backbones()[0] == DEFAULT_BACKBONE and {"effnet-lite0+minilm", "tiny-clip"} <= set(list_backbones())
+    ms = create_backbone(DEFAULT_BACKBONE)
+    assert (ms.image_dim, ms.text_dim) == (1792, 384)
+    img = _noise_image(3)
+    views = ms.preprocess(img)
+    assert views.shape == (2, 3, 224, 224)
+    assert torch.equal(views[0], default.preprocess(img))  # the centre crop, as the single-view pair sees it
+    # the second view is the whole image letterboxed: a 300 x 200 image leaves grey bars above and below
+    assert torch.allclose(views[1][:, :10], torch.full((3, 10, 224), 0.0), atol=1 / 128)
+    feats = ms.encode_images(views[None])
+    assert feats.shape == (1, 1792)
+    per_view = torch.stack([ms.encode_images(v[None, None]) for v in views])
+    assert torch.allclose(feats, per_view.mean(0), atol=1e-5)  # views are averaged
+    # the first 1280 of a view are the single-view pair's pool of the head conv; then two stage pools
+    assert torch.allclose(per_view[0][:, :1280], default.encode_images(views[0][None]), atol=1e-4)
+    assert ms.provenance["backbone"] == DEFAULT_BACKBONE and "letterbox" in ms.provenance["preprocess"]
     assert (default.image_dim, default.text_dim) == (1280, 384)
     pixels = torch.stack([default.preprocess(_noise_image(0)), default.preprocess(_noise_image(1))])
     feats = default.encode_images(pixels)

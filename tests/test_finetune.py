@@ -16,7 +16,14 @@ from medembed.adapt.heads import build_heads
 from medembed.adapt.run import load_run
 from medembed.adapt.tuning.checkpoint import FinetunedModel, mark_finetuned, read_finetuned, save_finetuned
 from medembed.adapt.tuning.runs import open_run
-from medembed.adapt.tuning.towers import UnlockSpec, lock_backbone, top_for, tower_parameters, tower_state
+from medembed.adapt.tuning.towers import (
+    MidCacheUnsupported,
+    UnlockSpec,
+    lock_backbone,
+    top_for,
+    tower_parameters,
+    tower_state,
+)
 from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_unfreezing
 from medembed.cache.reader import find_splits, load_split, read_attrs
 from medembed.common.hashing import tensor_digest
@@ -138,7 +145,7 @@ def test_checkpoint_round_trips_exactly(tiny_cache, tmp_path):
     emb_i, emb_t = model.embed_images([img]), model.embed_texts(texts)
     with torch.no_grad():
         want = torch.nn.functional.normalize(image_head(bb.encode_images(bb.preprocess(img)[None])), dim=-1)
-    assert emb_t.shape == (2, 16) and torch.allclose(emb_t.norm(dim=-1), torch.ones(2))
+    assert emb_t.shape == (2, 16 * 4) and torch.allclose(emb_t.norm(dim=-1), torch.ones(2))  # 4 heads of dim 16
     assert torch.allclose(emb_i, want, atol=1e-6)
     from medembed.adapt.checkpoint import save_heads
 
@@ -278,3 +285,19 @@ def test_default_backbone_unlocks_top_stage_and_layers_and_its_cached_top_matche
         x, mask = top.text_trunk(tokens)
         padded = torch.nn.functional.pad(x, (0, 0, 0, 5)), torch.nn.functional.pad(mask, (0, 5))  # as the cache pads
         assert torch.allclose(top.text_top(*padded), bb.text_model(**tokens), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_multiscale_backbone_caches_its_text_top_and_refuses_a_cached_image_top():
+    """LiT on the multi-scale variant runs the text top from cached activations (the image features
+    stay as the cache holds them); a cached image top, which would pool one stage of one view, is
+    refused with a message that says what to do instead."""
+    bb = create_backbone("effnet-lite0-ms+minilm")
+    lock_backbone(bb, UnlockSpec(0, 2))
+    top = top_for(bb, image=False)
+    tokens = bb.tokenize(["axial ct", "a much longer caption about a chest radiograph with an effusion"])
+    with torch.no_grad():
+        assert torch.allclose(top.text_top(*top.text_trunk(tokens)), bb.text_model(**tokens), atol=1e-5)
+    lock_backbone(bb, UnlockSpec(1, 1))
+    with pytest.raises(MidCacheUnsupported, match="multi-scale image tower.*--unlock text:N"):
+        top_for(bb)

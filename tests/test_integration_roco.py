@@ -21,9 +21,9 @@ def test_extract_real_roco_split(tmp_path):
                                   "--batch-size", "64", "--workers", "2"])
     assert r.exit_code == 0, r.output
     assert "test" in r.output and "454" in r.output and "img/s" in r.output
-    s = load_split(tmp_path / "roco-rad" / "effnet-lite0+minilm" / "test.h5")
+    s = load_split(tmp_path / "roco-rad" / "effnet-lite0-ms+minilm" / "test.h5")
     assert s.n_images == 454 and s.n_captions == 454
-    assert s.image_features.shape == (454, 1280) and s.caption_features.shape == (454, 384)
+    assert s.image_features.shape == (454, 1792) and s.caption_features.shape == (454, 384)
     assert torch.isfinite(s.image_features).all() and torch.isfinite(s.caption_features).all()
     assert s.attrs["dataset"] == "roco-rad" and not s.attrs["synthetic"]
     assert s.concepts.shape == (454, len(s.concept_ids)) and s.concepts.nnz > 454

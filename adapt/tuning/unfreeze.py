@@ -214,7 +214,7 @@ def tuned_inputs(split: CachedSplit, backbone: Backbone, spec: UnlockSpec, tune:
     if not cached:
         return TunedInputs(pairs, None, None, None)
     text_cached = spec.text != "all"
-    top = top_for(backbone) if spec.image != 0 or text_cached else None
+    top = top_for(backbone, image=spec.image != 0) if spec.image != 0 or text_cached else None
     images, image_row_of = None, None
     if spec.image != 0:
         needed = torch.unique(split.caption_image[pairs.subset])

@@ -1,6 +1,9 @@
-"""The default backbone: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, both shipped inside pip packages.
+"""The offline backbones: EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2, both shipped inside pip packages.
 
-Chosen because it runs with no network at all and is small enough for CPU extraction; the towers
+Two names: `effnet-lite0+minilm` pools the head conv over the centre crop; `effnet-lite0-ms+minilm`
+(the default) also pools the last two MBConv stages and averages a letterboxed view of the whole
+image with the crop, which retrieves better on radiology figures at about the same extraction cost.
+Chosen because they run with no network at all and are small enough for CPU extraction; the towers
 are not aligned with each other, so retrieval needs a learned head on top (which is the point of
 caching features first).
 """

@@ -10,8 +10,9 @@ from medembed.extract.backbones.effnet_minilm import create_effnet_minilm
 from medembed.extract.backbones.open_clip_family import TINY_CLIP, create_open_clip, parse_open_clip_name
 from medembed.extract.backbones.transforms import AugmentConfig
 
-DEFAULT_BACKBONE = EFFNET_MINILM
-BUILTIN_BACKBONES = (EFFNET_MINILM, EFFNET_MS_MINILM, TINY_CLIP)
+# the multi-scale, two-view variant: +4.7 / +2.6 test R@10 on roco-rad over the single pool (BENCHMARKS.md)
+DEFAULT_BACKBONE = EFFNET_MS_MINILM
+BUILTIN_BACKBONES = (EFFNET_MS_MINILM, EFFNET_MINILM, TINY_CLIP)
 NAME_PATTERNS = (
     "hf-hub:ORG/REPO (an open_clip model in the local Hugging Face cache)",
     "local-dir:/path (open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin)",
