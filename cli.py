@@ -249,12 +249,17 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--fewshot-concepts", default=25, show_default=True, type=click.IntRange(min=1),
               help="Few-shot evaluates at most this many (the most frequent) concepts.")
 @click.option("--skip", default=None, help="Comma-separated sections to skip: zeroshot, fewshot, detection.")
+@click.option("--detectors", default="knn", show_default=True,
+              help="Concept detection predictors, comma-separated: knn (concepts propagated from the most similar "
+                   "train images) and logreg (one-vs-rest logistic regression, slower); with both, concept_f1 is "
+                   "the one that scores better on valid.")
 @click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
 @click.option("--examples", default=1, show_default=True, type=click.IntRange(min=0),
               help="Example grids per direction (0: none).")
 def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, modality_concepts, min_positives,
-             fewshot_seeds, fewshot_concepts, skip, no_closed_form, examples) -> None:
+             fewshot_seeds, fewshot_concepts, skip, detectors, no_closed_form, examples) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
+    from medembed.evaluate.detection import PREDICTORS, DetectionConfig
     from medembed.evaluate.fewshot import FewShotConfig
     from medembed.evaluate.pipeline import EvalOptions, run_eval
     from medembed.evaluate.report import format_summary
@@ -266,10 +271,14 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
         unknown = skipped - {"zeroshot", "fewshot", "detection"}
         if unknown:
             raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} (zeroshot, fewshot, detection)")
+        predictors = tuple(dict.fromkeys(p.strip() for p in detectors.split(",") if p.strip()))
+        if not predictors or set(predictors) - set(PREDICTORS):
+            raise ValueError(f"--detectors: expected some of {', '.join(PREDICTORS)}, got {detectors!r}")
         options = EvalOptions(
             zeroshot=ZeroShotConfig(min_positives=min_positives, modalities=parse_modality_concepts(modality_concepts)
                                     if modality_concepts else DEFAULT_MODALITIES),
             fewshot=FewShotConfig(seeds=fewshot_seeds, max_concepts=fewshot_concepts),
+            detection=DetectionConfig(predictors=predictors),
             closed_form=not no_closed_form,
             sections=tuple(s for s in ("retrieval", "zeroshot", "fewshot", "detection") if s not in skipped),
             examples=examples,

@@ -64,10 +64,11 @@ def pair_moments(split: CachedSplit, chunk: int = 65536) -> PairMoments:
     )
 
 
-def _inv_sqrt(c: torch.Tensor, reg: float) -> torch.Tensor:
-    c = (1 - reg) * c + reg * torch.eye(c.shape[0], dtype=c.dtype)
-    w, v = torch.linalg.eigh(c)
-    return (v * w.clamp_min(1e-10).rsqrt()) @ v.T
+def _inv_sqrt(eig: tuple[torch.Tensor, torch.Tensor], reg: float) -> torch.Tensor:
+    """((1 - reg) C + reg I)^(-1/2) from C's eigendecomposition: shrinking towards the identity keeps
+    C's eigenvectors and maps each eigenvalue w to (1 - reg) w + reg, so one `eigh` serves every ridge."""
+    w, v = eig
+    return (v * ((1 - reg) * w + reg).clamp_min(1e-10).rsqrt()) @ v.T
 
 
 @dataclass
@@ -81,10 +82,14 @@ class CCASolution:
     corr: torch.Tensor  # [r], descending
 
 
-def cca_solve(m: PairMoments, reg: float = 0.1) -> CCASolution:
+def cca_solve(m: PairMoments, reg: float = 0.1,
+              eigs: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+              ) -> CCASolution:
+    """`eigs`: the eigendecompositions of m.cxx and m.cyy, when several ridges are solved in turn."""
     if not 0 < reg <= 1:
         raise ValueError(f"reg must be in (0, 1], got {reg}")
-    ax, ay = _inv_sqrt(m.cxx, reg), _inv_sqrt(m.cyy, reg)
+    ex, ey = eigs or (torch.linalg.eigh(m.cxx), torch.linalg.eigh(m.cyy))
+    ax, ay = _inv_sqrt(ex, reg), _inv_sqrt(ey, reg)
     u, s, vh = torch.linalg.svd(ax @ m.cxy @ ay, full_matrices=False)
     return CCASolution(m, ax @ u, ay @ vh.T, s)
 
@@ -140,10 +145,11 @@ def fit_cca_on_valid(train_split: CachedSplit, valid: CachedSplit, dim: int, max
     scored on at most `max_valid` valid images (the first ones, with their captions): 54 settings
     ranked over a 100k pool would cost far more than the fit itself."""
     moments = pair_moments(train_split)
+    eigs = torch.linalg.eigh(moments.cxx), torch.linalg.eigh(moments.cyy)
     valid = _first_images(valid, max_valid)
     best, grid = None, []
     for reg in CCA_GRID["reg"]:
-        solution = cca_solve(moments, reg)
+        solution = cca_solve(moments, reg, eigs)
         for power in CCA_GRID["power"]:
             heads = cca_heads(solution, dim, power=power)
             with torch.no_grad():

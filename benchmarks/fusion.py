@@ -1,6 +1,6 @@
 """Concept-overlap fusion, measured on trained runs (a lever of the quality study, not a product feature).
 
-    python benchmarks/fusion.py RUN [RUN ...] [--features features/roco-rad/effnet-lite0+minilm]
+    python benchmarks/fusion.py RUN [RUN ...] [--features features/roco-rad/effnet-lite0-ms+minilm]
 
 For every run: the image's named concepts are predicted by k-nearest-neighbour propagation over the
 train images (softmax-weighted votes of their labels), the caption's by the same vote over the train
@@ -67,7 +67,7 @@ def study(run_dir: Path, features: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+")
-    p.add_argument("--features", default=str(REPO / "features" / "roco-rad" / "effnet-lite0+minilm"))
+    p.add_argument("--features", default=str(REPO / "features" / "roco-rad" / "effnet-lite0-ms+minilm"))
     args = p.parse_args()
     results = [study(Path(r), Path(args.features)) for r in args.runs]
     head = ["run", "chosen on valid (source, k, w)", "valid mean recall", *KEYS]

@@ -40,7 +40,9 @@ class DetectionConfig:
     max_iter: int = 20  # logreg: L-BFGS iterations
     max_fit_rows: int = 20000  # logreg: fitted on at most this many train images (a fixed random subset)
     knn_grid: tuple[tuple[int, float], ...] = ((20, 5.0), (40, 5.0), (80, 5.0), (40, 10.0))  # (k, sharpness) tried
-    predictors: tuple[str, ...] = PREDICTORS
+    # knn alone by default: on roco-rad it scores the higher F1 (26.7 vs 25.6 for the logistic fit on
+    # the default run) in 0.1 s instead of 7 (an L-BFGS fit over 1,248 concepts x 4,096 dimensions)
+    predictors: tuple[str, ...] = ("knn",)
     seed: int = 0
 
 

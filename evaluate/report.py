@@ -160,10 +160,11 @@ def markdown_report(plan, results: dict, options, plots: dict[str, Path], exampl
     out += ["", "## Concept detection (ImageCLEFmedical F1)", ""]
     det = section_keys(results, "detection")
     if det:
-        out += ["Two predictors from the image embedding: one-vs-rest logistic regression (`concept_f1_logreg`) and "
-                "concept propagation from the most similar train images (`concept_f1_knn`); each one's score "
-                "threshold (and whether to fall back to the top concept) chosen on the valid split (20% of train "
-                "without one), and `concept_f1` is the predictor that scored best there. F1 per image between "
+        out += ["Predictors from the image embedding (`--detectors`): concept propagation from the most similar "
+                "train images (`concept_f1_knn`, the default) and one-vs-rest logistic regression "
+                "(`concept_f1_logreg`); each one's score threshold (and whether to fall back to the top concept) "
+                "chosen on the valid split (20% of train without one), and `concept_f1` is the predictor that "
+                "scored best there. F1 per image between "
                 "predicted and gold concept sets, averaged over images (empty vs empty scores 1), in %. Chance "
                 "guesses each concept at its train frequency.", "", markdown_table(columns, det), ""]
     else:

@@ -195,7 +195,9 @@ class Searcher:
     def _image_hit(self, rank: int, score: float, pool_row: int) -> Hit:
         si, row = self.pool.image_of[pool_row]
         split = self.pool.splits[si]
-        caption = self._firsts.setdefault(si, first_captions(split)).get(row, "")
+        if si not in self._firsts:  # built once per split: a pass over every caption of the pool
+            self._firsts[si] = first_captions(split)
+        caption = self._firsts[si].get(row, "")
         return Hit(rank, float(score), split.image_ids[row], caption, split.split, row, image_path(split, row))
 
 

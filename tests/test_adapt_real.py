@@ -1,6 +1,6 @@
-"""On the real roco-rad cache (default backbone): the linear head, trained with its defaults, keeps
-the recall it reached (test R@10 35.2 / 34.1, BENCHMARKS.md) within a few points. The cache is
-extracted on first use; skipped only without the real data."""
+"""On the real roco-rad cache (default backbone): the linear head, trained with the other defaults
+(4 heads), keeps the recall it reached (valid R@10 44.7 / 45.8, test 38.8 / 39.2) within about four
+points. The cache is extracted on first use; skipped only without the real data."""
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,9 @@ ROCO = Path(__file__).resolve().parents[1] / "features" / "roco-rad" / "effnet-l
 def test_linear_infonce_head_keeps_its_recall(tmp_path):
     assert real_cache("roco-rad") == ROCO
     summary = train(AdaptConfig(features_dir=str(ROCO), out=str(tmp_path / "linear"), head="linear"), progress=False)
-    assert summary["valid"]["t2i_R@10"] >= 30 and summary["valid"]["i2t_R@10"] >= 30, summary["valid"]
+    assert summary["valid"]["t2i_R@10"] >= 40 and summary["valid"]["i2t_R@10"] >= 41, summary["valid"]
     # the saved run generalises to the untouched test split
     run = load_run(tmp_path / "linear")
     test = load_split(ROCO / "test.h5", with_views=False)
     r = recall_summary(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
-    assert r["t2i_R@10"] >= 30 and r["i2t_R@10"] >= 30, r
+    assert r["t2i_R@10"] >= 35 and r["i2t_R@10"] >= 35, r
