@@ -33,7 +33,7 @@ ROWS: dict[str, list[str]] = {
     "concept-texts": ["--ensemble", "1", "--augment", "concepts"],
     "hard-negatives3": ["--ensemble", "1", "--hard-negatives", "3"],
     "hard-negatives1": ["--ensemble", "1", "--hard-negatives", "1"],
-    "lit-text2": ["--ensemble", "1", "--unlock", "text:2", "--epochs", "10"],
+    "lit-text2": ["--ensemble", "1", "--unlock", "text:2"],
     "unfreeze-image1": ["--ensemble", "1", "--unlock", "image:1", "--unfreeze-every", "10", "--unfreeze-epochs", "1",
                         "--backbone-lr", "3e-5"],
 }
