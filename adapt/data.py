@@ -231,11 +231,11 @@ def iter_batches(
         if neighbours is None or concepts is not None:
             raise ValueError("hard-negative batches need the caption neighbours and no concept pairs")
         cp_local = cp_concept = None
+        n_cp = 0
         batches = hard_negative_order(neighbours, batch_size, hard_negatives, gen)
     else:
         cp_local, cp_concept = _concept_pairs(block, concepts, concept_ratio, m, gen)
-    n_cp = 0 if cp_local is None else cp_local.numel()
-    if hard_negatives <= 0:
+        n_cp = 0 if cp_local is None else cp_local.numel()
         batches = torch.randperm(m + n_cp, generator=gen).split(batch_size)
     views = block.view_features if use_views else None
     n_templates = concepts.text_features.shape[1] if n_cp else 1

@@ -53,7 +53,11 @@ def f1_per_image(gold: sp.csr_matrix, pred: sp.csr_matrix) -> np.ndarray:
     if gold.shape != pred.shape:
         raise ValueError(f"gold is {gold.shape}, prediction {pred.shape}")
     tp = np.asarray(gold.multiply(pred).sum(1)).ravel()
-    size = np.asarray(gold.sum(1)).ravel() + np.asarray(pred.sum(1)).ravel()
+    return _f1(tp, np.asarray(gold.sum(1)).ravel() + np.asarray(pred.sum(1)).ravel())
+
+
+def _f1(tp: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Per image: 2 tp / (|gold| + |pred|), with `size` = |gold| + |pred|; empty vs empty scores 1."""
     return np.where(size == 0, 1.0, 2 * tp / np.maximum(size, 1))
 
 
@@ -316,8 +320,7 @@ def _test_f1(tuned: _Tuned, test_emb: torch.Tensor, test_labels: sp.csr_matrix, 
         gold = torch.from_numpy(modelled[s : s + chunk].toarray() > 0)
         tp = (pred & gold).sum(1, dtype=torch.float64).numpy()
         n_pred = pred.sum(1, dtype=torch.float64).numpy()
-        size = n_pred + gold_sizes[s : s + chunk]
-        f1[s : s + chunk] = np.where(size == 0, 1.0, 2 * tp / np.maximum(size, 1))
+        f1[s : s + chunk] = _f1(tp, n_pred + gold_sizes[s : s + chunk])
         sizes[s : s + chunk] = n_pred
     if not len(f1):
         return float("nan"), 0.0

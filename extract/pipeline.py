@@ -27,7 +27,7 @@ from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
 from medembed.common.files import slug
 from medembed.common.version import __version__
-from medembed.extract.backbones import AugmentConfig, create_backbone
+from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone
 from medembed.extract.datasets import load_dataset
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 from medembed.extract.synthetic import ensure_default_dataset
@@ -49,7 +49,7 @@ class ExtractError(RuntimeError):
 @dataclass
 class ExtractConfig:
     data: str | None = None  # None: the embedded synthetic dataset
-    backbone: str = "effnet-lite0-ms+minilm"  # extract.backbones.DEFAULT_BACKBONE
+    backbone: str = DEFAULT_BACKBONE
     splits: list[str] | None = None  # None: every split the dataset has
     batch_size: int = 64
     workers: int = 2
