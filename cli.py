@@ -147,6 +147,9 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @_adapt_option("--margin", "Margin loss: negatives are penalised above this cosine.", type=click.FloatRange(-1, 1))
 @_adapt_option("--augment", "Add named concepts as extra positive texts.", type=click.Choice(AUGMENT_KINDS))
 @_adapt_option("--ensemble", "Train K heads jointly and average their cosines.", type=click.IntRange(min=1))
+@click.option("--querybank/--no-querybank", "querybank", default=_ADAPT["querybank"], show_default=True,
+              help="After training, choose on valid how much to discount gallery items that are near many train "
+                   "queries (hubs); eval, search and index then rank with it. --no-querybank: plain cosine.")
 @_adapt_option("--concept-loss", "Weight of an auxiliary loss: image and caption embeddings predict the image's named "
                "concepts through the concept prompts (0: off).", type=click.FloatRange(min=0))
 @_adapt_option("--graded", "Share of each InfoNCE target given to batch pairs whose images share concepts (0: plain "

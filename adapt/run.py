@@ -16,9 +16,12 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.heads import build_heads
+from medembed.common.querybank import QueryBank
 from medembed.common.tensors import embed_in_chunks, module_device
 
-__all__ = ["AdaptedRun", "load_run", "describe_run"]
+__all__ = ["AdaptedRun", "QUERYBANK", "load_run", "describe_run", "read_querybank"]
+
+QUERYBANK = "querybank.json"  # the query-bank setting chosen on valid (`adapt.querybank`)
 
 
 @dataclass
@@ -48,9 +51,26 @@ class AdaptedRun:
     def dim(self) -> int:
         return int(self.config["dim"]) * int(self.config.get("ensemble", 1))
 
+    @property
+    def querybank(self) -> QueryBank | None:
+        """The run's query-bank normalisation, or None where it has none (plain cosine): runs made
+        with `--no-querybank`, before query banks existed, or a checkpoint file away from its folder."""
+        return read_querybank(self.run_dir)
+
     def with_features(self, features_dir: str | Path) -> AdaptedRun:
         """The same heads pointed at another cache of the same backbone (e.g. a newly encoded dataset)."""
         return replace(self, config={**self.config, "features_dir": str(features_dir)})
+
+
+def read_querybank(run_dir: str | Path) -> QueryBank | None:
+    """The setting in a run folder's `querybank.json`, or None when there is none."""
+    path = Path(run_dir) / QUERYBANK
+    if not path.exists():
+        return None
+    try:
+        return QueryBank.from_dict(json.loads(path.read_text())["setting"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a query-bank setting ({e})") from e
 
 
 def load_run(run_dir: str | Path) -> AdaptedRun:

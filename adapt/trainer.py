@@ -32,6 +32,8 @@ from medembed.adapt.data import (
 )
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
+from medembed.adapt.querybank import calibrate
+from medembed.adapt.run import QUERYBANK
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
 from medembed.adapt.supervision import ConceptSupervision
 from medembed.cache.provenance import RUN_RECORD_KEYS
@@ -269,7 +271,7 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     run_config = run_config_for(config, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.head == "cca":
-        return _fit_cca(config, run_config, run_dir, data)
+        return _fit_cca(config, run_config, run_dir, data, splits)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(training_threads(config, data.source.image_dim, data.source.text_dim, device))
     try:
@@ -286,11 +288,23 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
         torch.set_num_threads(threads_before)
     state.history = read_metrics(run_dir)
     summary = summarize(run_dir, run_config, state, pairs_per_epoch(config, data))
+    return finish_run(run_dir, summary, config, splits)
+
+
+def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
+               splits: tuple[CachedSplit, CachedSplit] | None = None) -> dict:
+    """Choose the query bank on valid (unless turned off), then write summary.json: the file that
+    marks a run finished comes last."""
+    if config.querybank:
+        summary["querybank"] = calibrate(run_dir, splits=splits)
+    else:
+        (run_dir / QUERYBANK).unlink(missing_ok=True)
     ckpt.write_json(run_dir / ckpt.SUMMARY, summary)
     return summary
 
 
-def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: TrainingData) -> dict:
+def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: TrainingData,
+             splits: tuple[CachedSplit, CachedSplit] | None = None) -> dict:
     """Closed form: ridge and correlation weighting picked on valid, like early stopping picks an epoch.
     Runs on the CPU: a few eigendecompositions of feature-sized matrices, no loop to accelerate."""
     t0 = time.perf_counter()
@@ -304,8 +318,7 @@ def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trainin
     state = TrainState(fit_.image_head, fit_.text_head, nn.ModuleList(), None, None, torch.device("cpu"),
                        epoch=len(rows), best_epoch=best, elapsed=time.perf_counter() - t0, history=rows)
     summary = summarize(run_dir, run_config, state, data.train.n_captions, {"closed_form": run_config["closed_form"]})
-    ckpt.write_json(run_dir / ckpt.SUMMARY, summary)
-    return summary
+    return finish_run(run_dir, summary, config, splits)
 
 
 def format_summary(summary: dict) -> str:

@@ -34,6 +34,9 @@ ROWS: dict[str, list[str]] = {
     "hard-negatives3": ["--ensemble", "1", "--hard-negatives", "3"],
     "hard-negatives1": ["--ensemble", "1", "--hard-negatives", "1"],
     "lit-text2": ["--ensemble", "1", "--unlock", "text:2"],
+    "unlock-image1": ["--ensemble", "1", "--unlock", "image:1"],
+    "unlock-image1-lr3e-6": ["--ensemble", "1", "--unlock", "image:1", "--backbone-lr", "3e-6"],
+    "unlock-image1-lr3e-5": ["--ensemble", "1", "--unlock", "image:1", "--backbone-lr", "3e-5"],
     "unfreeze-image1": ["--ensemble", "1", "--unlock", "image:1", "--unfreeze-every", "10", "--unfreeze-epochs", "1",
                         "--backbone-lr", "3e-5"],
 }

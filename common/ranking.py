@@ -33,10 +33,15 @@ def retrieval_ranks(
     caption_image: torch.Tensor,
     chunk: int = 4096,
     normalize: bool = True,
+    image_offset: torch.Tensor | None = None,
+    caption_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based ranks of the correct item for every text query (t2i) and every image query (i2t).
 
     image_emb [N, D], text_emb [M, D], caption_image [M] (row of each caption's image).
+    `image_offset` [N] / `caption_offset` [M], when given, are added to every score of that gallery
+    item (a query-bank correction, `common.querybank`): t2i ranks images by cos + image_offset,
+    i2t ranks captions by cos + caption_offset.
     An image query is a hit at the best-ranked of its captions. Memory stays at one reused
     chunk x pool score buffer.
 
@@ -54,6 +59,8 @@ def retrieval_ranks(
     buf = torch.empty(min(chunk, n_txt), n_img, device=device)
     for s in range(0, n_txt, chunk):
         sims = torch.matmul(text_emb[s : s + chunk], image_emb.T, out=buf[: min(chunk, n_txt - s)])
+        if image_offset is not None:
+            sims += image_offset.to(device=device, dtype=sims.dtype)
         pos = sims.gather(1, caption_image[s : s + chunk, None])
         t2i[s : s + chunk] = _count_at_least_(sims, pos).cpu()  # counts itself: rank >= 1
 
@@ -65,6 +72,8 @@ def retrieval_ranks(
     for s in range(0, n_img, chunk):
         e = min(s + chunk, n_img)
         sims = torch.matmul(image_emb[s:e], text_emb.T, out=buf[: e - s])
+        if caption_offset is not None:
+            sims += caption_offset.to(device=device, dtype=sims.dtype)
         cols = order[bounds[s] : bounds[e]]
         rows = caption_image[cols] - s
         pos = sims[rows, cols]

@@ -63,13 +63,17 @@ def write_examples(
     n_captions: int = 5,
     seed: int = 0,
     run_name: str = "",
+    offsets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> list[Path]:
     """`n_examples` text queries with their top images and image queries with their top captions.
 
     Queries are drawn with a fixed seed, so reruns show the same examples and two runs evaluated
     on the same split can be compared picture by picture. Each grid names the run, says what the
-    green marks mean, and where the right answer ranks when it is not among those shown.
+    green marks mean, and where the right answer ranks when it is not among those shown. `offsets`
+    (per image, per caption) are the run's query bank, so the grids rank as the metrics do.
     """
+    image_off = torch.zeros(image_emb.shape[0]) if offsets[0] is None else offsets[0].float()
+    caption_off = torch.zeros(text_emb.shape[0]) if offsets[1] is None else offsets[1].float()
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     caption_image = split.caption_image.long()
@@ -77,13 +81,14 @@ def write_examples(
     if text_emb.shape[0] == 0 or image_emb.shape[0] == 0:
         return paths
     for i, c in enumerate(rng.choice(text_emb.shape[0], size=min(n_examples, text_emb.shape[0]), replace=False)):
-        scores, rows = top_k(text_emb[int(c)][None], image_emb, n_images)
+        scores, rows = top_k(text_emb[int(c)][None], image_emb, n_images, offset=image_off)
         tiles = [
             Tile(load_pool_image(split, r), f"{split.image_ids[r]}  {s:.3f}", r == int(caption_image[c]))
             for s, r in zip(scores[0].tolist(), rows[0].tolist())
         ]
         own = int(caption_image[c])
-        rank = int((image_emb @ text_emb[int(c)] >= image_emb[own] @ text_emb[int(c)]).sum())
+        sims = image_emb @ text_emb[int(c)] + image_off
+        rank = int((sims >= sims[own]).sum())
         note = (f"run {run_name} · green frame: the caption's own image"
                 + ("" if any(t.correct for t in tiles) else f" (ranked {rank} of {image_emb.shape[0]}, not shown)"))
         paths.append(text_query_grid(split.captions[int(c)], tiles, out_dir / f"example_text2image_{i + 1}.png",
@@ -91,10 +96,10 @@ def write_examples(
     with_caption = torch.unique(caption_image).numpy()
     for i, r in enumerate(rng.choice(with_caption, size=min(n_examples, len(with_caption)), replace=False)):
         r = int(r)
-        scores, rows = top_k(image_emb[r][None], text_emb, n_captions)
+        scores, rows = top_k(image_emb[r][None], text_emb, n_captions, offset=caption_off)
         caps = [(split.captions[j], s, int(caption_image[j]) == r) for s, j in zip(scores[0].tolist(), rows[0].tolist())]
         own = caption_image == r
-        sims = text_emb @ image_emb[r]
+        sims = text_emb @ image_emb[r] + caption_off
         rank = int((sims >= sims[own].max()).sum())
         note = (f"run {run_name} · green: the image's own caption"
                 + ("" if any(c[2] for c in caps) else f" (best ranked {rank} of {text_emb.shape[0]}, not shown)"))

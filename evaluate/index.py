@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from medembed.adapt import checkpoint as ckpt
+from medembed.adapt.querybank import bank_offsets
+from medembed.adapt.run import QUERYBANK, read_querybank
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
 from medembed.common.files import atomic_write
@@ -121,6 +123,9 @@ class IndexMeta:
     created: str = ""
     metric: str = "inner_product"
     format: str = FORMAT
+    # the run's query-bank setting when the index holds each image's offset as a last coordinate
+    # (queries then carry a 1 there); None: plain cosine
+    querybank: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -261,19 +266,31 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     if n == 0:
         raise ValueError(f"{run.features_dir}: the {options.split} cache holds no images to index")
     params = options.resolved(n)
-    index = new_index(options.kind, run.dim, params)
+    offsets = bank_offsets(run)
+    setting = run.querybank.to_dict() if offsets is not None and run.querybank.images.active else None
+
+    def vectors(raw: np.ndarray) -> np.ndarray:
+        emb = _embed(run, raw)
+        if setting is None:
+            return emb
+        return np.ascontiguousarray(np.concatenate([emb, offsets.images(torch.from_numpy(emb)).numpy()[:, None]], 1))
+
+    index = new_index(options.kind, run.dim + (setting is not None), params)
     paths = list(files.values())
     if options.kind == "ivf":
-        index.train(_training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed))
+        sample = _training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed)
+        if setting is not None:
+            sample = np.concatenate([sample, offsets.images(torch.from_numpy(sample)).numpy()[:, None]], 1)
+        index.train(np.ascontiguousarray(sample))
     for path in paths:
         for chunk in feature_chunks(path, rows=options.chunk_rows):
-            index.add(_embed(run, chunk))
+            index.add(vectors(chunk))
     ids = [i for path in paths for i in _read_ids(path)]
     meta = IndexMeta(
         kind=options.kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
         run_dir=str(run_dir), heads_sha256=heads_sha256(run_dir), sources=sources, image_ids=ids,
         build_seconds=round(time.perf_counter() - t0, 3),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"), querybank=setting,
     )
     faiss_path, json_path = index_paths(run_dir, options.split, options.kind)
     _write_atomic(index, meta, faiss_path, json_path)
@@ -303,6 +320,10 @@ def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | Non
         out.append(f"{faiss_path.name} is {faiss_path.stat().st_size} bytes, {meta.index_bytes} when it was built")
     if meta.heads_sha256 != heads_sha256(run_dir):
         out.append(f"the run's heads ({HEADS_FILE}) changed since the index was built")
+    now_bank = read_querybank(run_dir)
+    now_bank = now_bank.to_dict() if now_bank is not None and now_bank.images.active else None
+    if now_bank != meta.querybank:
+        out.append(f"the run's query bank ({QUERYBANK}) changed since the index was built")
     try:
         files = _split_files(_features_dir(run_dir), meta.split)
     except (FileNotFoundError, ValueError) as e:

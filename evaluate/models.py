@@ -25,6 +25,11 @@ class EmbeddingModel:
     name: str
     embed_image_features: Embed
     embed_text_features: Embed
+    # (gallery image embeddings, gallery caption embeddings) -> what the run's query bank adds to each
+    # one's cosines (None: plain cosine); see common.querybank
+    gallery_offsets: Callable[[torch.Tensor | None, torch.Tensor | None],
+                              tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
+    ranking: str = "plain cosine"
 
     @torch.no_grad()
     def images(self, raw: torch.Tensor) -> torch.Tensor:
@@ -49,7 +54,12 @@ class EmbeddingModel:
 def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     """Wrap a loaded run (anything with `embed_images` / `embed_texts` on raw features)."""
     label = name or Path(getattr(run, "run_dir", "") or "run").name
-    return EmbeddingModel(label, run.embed_images, run.embed_texts)
+    setting = getattr(run, "querybank", None)
+    if setting is None or not setting.active:
+        return EmbeddingModel(label, run.embed_images, run.embed_texts)
+    from medembed.adapt.querybank import BankOffsets
+
+    return EmbeddingModel(label, run.embed_images, run.embed_texts, BankOffsets(run, setting), setting.describe())
 
 
 def _on_device(head: nn.Module) -> Embed:

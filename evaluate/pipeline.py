@@ -100,6 +100,7 @@ class ColumnResult:
     concepts: zeroshot.ZeroShotResult | None = None
     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # the evaluated split's (images, texts)
     ranks: retrieval.RetrievalRanks | None = None  # per-query ranks: intervals and paired differences
+    offsets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # the run's query bank, per image / caption
     seconds: float = 0.0
 
 
@@ -316,8 +317,17 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
     res = ColumnResult(metrics=sec.metrics, sections=sec.keys, embeddings=(img, txt) if keep else None)
     if "retrieval" in options.sections:
         t0 = time.perf_counter()
-        r = res.ranks = retrieval.ranks(img, txt, test.caption_image, options.memory_mb)
-        sec.add("retrieval", retrieval.summarize(r, plan.ks), t0)
+        values = {}
+        if col.model.gallery_offsets is not None:
+            # the run ranks with its query bank; plain cosine is kept beside it for comparison
+            plain = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, options.memory_mb), plan.ks)
+            values = {f"cosine_{d}_R@{k}": plain[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in plan.ks}
+            image_offset, caption_offset = col.model.gallery_offsets(img, txt)
+        else:
+            image_offset = caption_offset = None
+        r = res.ranks = retrieval.ranks(img, txt, test.caption_image, options.memory_mb, image_offset, caption_offset)
+        res.offsets = (image_offset, caption_offset)
+        sec.add("retrieval", {**retrieval.summarize(r, plan.ks), **values}, t0)
         cks = curve_ks(plan.ks, r.pool_images)
         res.recall = {"ks": cks}
         for d in ("t2i", "i2t"):
@@ -515,7 +525,8 @@ def _write_files(work: Path, plan: EvalPlan, results: dict[str, ColumnResult], o
     examples = []
     primary = results[runs[0].name]
     if options.examples and primary.embeddings is not None:
-        examples = write_examples(first.test, *primary.embeddings, work, options.examples, run_name=runs[0].name)
+        examples = write_examples(first.test, *primary.embeddings, work, options.examples, run_name=runs[0].name,
+                                  offsets=primary.offsets)
     concepts_csv = _write_concepts_csv(work / "zeroshot_concepts.csv", {n: r for n, r in results.items()})
     report = work / "report.md"
     report.write_text(markdown_report(plan, results, options, plots, examples, concepts_csv, work, pairs))

@@ -104,7 +104,11 @@ def _rel(path: Path, out_dir: Path) -> str:
 def _header(plan, results, options) -> list[str]:
     first = plan.pools[Path(plan.runs[0].features_dir)].test
     out = [f"# Evaluation on `{first.attrs.get('dataset', '')}` / {plan.split}", ""]
-    out += [f"- run `{n}`: {describe_run(r)}" for n, r in zip(plan.names, plan.runs)]
+    for n, r in zip(plan.names, plan.runs):
+        bank = r.querybank
+        ranked = (f"; ranks with {bank.describe()} chosen on valid (plain-cosine recall: `cosine_*` in the metrics)"
+                  if bank is not None and bank.active else "")
+        out.append(f"- run `{n}`: {describe_run(r)}{ranked}")
     for pool in plan.pools.values():
         out.append(f"- pool `{pool.label}`: {pool.test.n_images} images, {pool.test.n_captions} captions "
                    f"(the whole {plan.split} split), features `{pool.features_dir}`")

@@ -44,7 +44,11 @@ def ranks(
     text_emb: torch.Tensor,
     caption_image: torch.Tensor,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    image_offset: torch.Tensor | None = None,
+    caption_offset: torch.Tensor | None = None,
 ) -> RetrievalRanks:
+    """Ranks of every query of both directions; the offsets (a run's query bank) are added to each
+    gallery image's / caption's cosines."""
     caption_image = torch.as_tensor(caption_image).long()
     n, m = image_emb.shape[0], text_emb.shape[0]
     if caption_image.shape[0] != m:
@@ -52,7 +56,8 @@ def ranks(
     if m and (caption_image.min() < 0 or caption_image.max() >= n):
         raise ValueError(f"caption_image points outside the {n} images (range {caption_image.min()}..{caption_image.max()})")
     chunk = chunk_rows(max(n, m), memory_mb)
-    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, chunk=chunk)
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, chunk=chunk, image_offset=image_offset,
+                               caption_offset=caption_offset)
     return RetrievalRanks(t2i, i2t, n, m)
 
 
@@ -152,9 +157,11 @@ def chance(caption_image: torch.Tensor, n_images: int, ks: list[int] | tuple[int
 
 @torch.no_grad()
 def top_k(
-    queries: torch.Tensor, pool: torch.Tensor, k: int, memory_mb: float = DEFAULT_MEMORY_MB
+    queries: torch.Tensor, pool: torch.Tensor, k: int, memory_mb: float = DEFAULT_MEMORY_MB,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best k pool rows for each query by dot product: (scores [Q, k], rows [Q, k]).
+    """Best k pool rows for each query by dot product (+ `offset` [P] per pool row, a run's query
+    bank): (scores [Q, k], rows [Q, k]).
 
     Streams over the pool in blocks and merges running top-k lists, so memory stays at
     Q x block whatever the pool size.
@@ -166,6 +173,8 @@ def top_k(
     best_i = torch.zeros((q, 0), dtype=torch.long)
     for s in range(0, pool.shape[0], block):
         sims = queries.float() @ pool[s : s + block].float().T
+        if offset is not None:
+            sims += offset[s : s + block].float()
         bs, bi = sims.topk(min(k, sims.shape[1]), dim=1)
         cat_s = torch.cat([best_s, bs], 1)
         cat_i = torch.cat([best_i, bi + s], 1)

@@ -107,6 +107,8 @@ class Searcher:
         self._backbone = backbone
         self._images: torch.Tensor | None = None
         self._captions: torch.Tensor | None = None
+        self._image_offsets: torch.Tensor | None = None
+        self._caption_offsets: torch.Tensor | None = None
         self._firsts: dict[int, dict[int, str]] = {}
         # an index covers the run's own cache and heads file: not a newly encoded pool, not a checkpoint
         self.index = None
@@ -134,6 +136,19 @@ class Searcher:
             self._captions = torch.cat([self.model.texts(s.caption_features) for s in self.pool.splits])
         return self._captions
 
+    @property
+    def image_offsets(self) -> torch.Tensor | None:
+        """What the run's query bank adds to each pool image's cosine (None: plain cosine), as eval ranks."""
+        if self._image_offsets is None and self.model.gallery_offsets is not None:
+            self._image_offsets = self.model.gallery_offsets(self.image_embeddings, None)[0]
+        return self._image_offsets
+
+    @property
+    def caption_offsets(self) -> torch.Tensor | None:
+        if self._caption_offsets is None and self.model.gallery_offsets is not None:
+            self._caption_offsets = self.model.gallery_offsets(None, self.caption_embeddings)[1]
+        return self._caption_offsets
+
     def embed_text(self, text: str) -> torch.Tensor:
         return self.model.texts(encode_query(self.backbone, text=text))
 
@@ -141,17 +156,24 @@ class Searcher:
         return self.model.images(encode_query(self.backbone, image=image))
 
     # -- queries ------------------------------------------------------------------------------
-    def images(self, query: torch.Tensor, k: int, exact: bool = False, allowed: np.ndarray | None = None) -> SearchResult:
-        """Top-k pool images for a unit query [1, D]; `allowed` (bool per pool image) filters."""
+    def images(self, query: torch.Tensor, k: int, exact: bool = False, allowed: np.ndarray | None = None,
+               by: str = "text") -> SearchResult:
+        """Top-k pool images for a unit query [1, D]; `allowed` (bool per pool image) filters. A text
+        query (`by="text"`) ranks with the run's query bank, as eval does; an image query
+        (`by="image"`: similar images) by plain cosine, since the bank measures nearness to captions."""
+        if by not in ("text", "image"):
+            raise ValueError(f"by: 'text' or 'image', not {by!r}")
+        bank = by == "text"
         n = len(self.pool.image_of) if allowed is None else int(allowed.sum())
         k_used, notes = _cap(k, n, "images")
         if self.index is not None and not exact:
-            scores, rows, via = self._index_search(query, k_used, allowed)
+            scores, rows, via = self._index_search(query, k_used, allowed, bank)
             if len(rows) < k_used:
                 notes.append(f"the {via} returned {len(rows)} of the {k_used} images asked for (approximate search "
                              "stops early); search again with --exact to scan the whole pool")
         else:
-            (scores, rows), via = self._scan(query, self.image_embeddings, k_used, allowed), EXACT
+            offset = self.image_offsets if bank else None
+            (scores, rows), via = self._scan(query, self.image_embeddings, k_used, allowed, offset), EXACT
         hits = [self._image_hit(i + 1, s, r) for i, (s, r) in enumerate(zip(scores, rows))]
         return SearchResult(hits, "images", via, n, notes)
 
@@ -159,7 +181,7 @@ class Searcher:
         """Top-k pool captions for a unit query [1, D] (exact scan: captions are not indexed)."""
         n = len(self.pool.caption_of)
         k_used, notes = _cap(k, n, "captions")
-        scores, rows = self._scan(query, self.caption_embeddings, k_used, None)
+        scores, rows = self._scan(query, self.caption_embeddings, k_used, None, self.caption_offsets)
         hits = []
         for i, (s, r) in enumerate(zip(scores, rows)):
             si, c = self.pool.caption_of[r]
@@ -168,19 +190,22 @@ class Searcher:
             hits.append(Hit(i + 1, s, split.image_ids[row], split.captions[c], split.split, row, image_path(split, row)))
         return SearchResult(hits, "captions", EXACT, n, notes)
 
-    def _scan(self, query, pool, k, allowed):
+    def _scan(self, query, pool, k, allowed, offset=None):
         if allowed is not None:
             rows = np.flatnonzero(allowed)
-            scores, local = top_k(query, pool[torch.from_numpy(rows)], k)
+            keep = torch.from_numpy(rows)
+            scores, local = top_k(query, pool[keep], k, offset=None if offset is None else offset[keep])
             return scores[0].tolist(), rows[local[0].numpy()].tolist()
-        scores, rows = top_k(query, pool, k)
+        scores, rows = top_k(query, pool, k, offset=offset)
         return scores[0].tolist(), rows[0].tolist()
 
-    def _index_search(self, query, k, allowed):
+    def _index_search(self, query, k, allowed, bank: bool = True):
         from medembed.evaluate.index import search_index
 
         index, meta = self.index
         order = {s.split: i for i, s in enumerate(self.pool.splits)}
+        if meta.querybank:  # each image's query-bank offset is the last coordinate: weight 1 applies it, 0 not
+            query = torch.cat([query, torch.full((query.shape[0], 1), float(bank))], 1)
         scores, rows = search_index(index, query, k, allowed=allowed)
         keep = rows[0] >= 0  # approximate kinds pad missing hits with -1
         pool_rows = []

@@ -166,7 +166,8 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
         started = time.perf_counter()
         k, page = page_args(k, page)
         query = searcher.image_embeddings[pool.row(key)][None]
-        result = searcher.images(query, k * (page + 1), exact=exact, allowed=pool.allowed(split, modality, concept))
+        result = searcher.images(query, k * (page + 1), exact=exact, allowed=pool.allowed(split, modality, concept),
+                                 by="image")
         return _answer(result, pool, page, k, started, query_key=key)
 
     @app.get("/api/captions/{key}")
@@ -189,7 +190,7 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
         image = await read_upload(file)
         started = time.perf_counter()
         query = searcher.embed_image(image)
-        images = searcher.images(query, k)
+        images = searcher.images(query, k, by="image")
         caps = searcher.captions(query, min(k, 10))
         return {**_answer(images, pool, 0, k, started), "captions": _hits(caps, pool, 0)}
 

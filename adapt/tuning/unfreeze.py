@@ -36,6 +36,7 @@ from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, snapshot
 from medembed.adapt.trainer import (
     TrainingData,
     cached_batches,
+    finish_run,
     load_training_data,
     new_state,
     param_groups,
@@ -268,8 +269,7 @@ def _write_run(run_dir: Path, run_config: dict, state: TrainState, backbone: Bac
     summary = summarize(run_dir, run_config, state, n_pairs, {
         **record, "checkpoint": str(run_dir / CHECKPOINT) if backbone is not None else None,
         "features_dir": run_config["features_dir"]})
-    ckpt.write_json(run_dir / ckpt.SUMMARY, summary)
-    return summary
+    return finish_run(run_dir, summary, AdaptConfig.from_dict(run_config))
 
 
 def _metrics_hook(run_dir: Path, extra: dict | None = None):
