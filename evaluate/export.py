@@ -7,6 +7,7 @@ streaming readers) take a medembed run without conversion.
     OUT/img_emb/img_emb_{i}.parquet      metadata columns + `embedding`     (--format parquet)
     OUT/text_emb/text_emb_{i}.parquet
     OUT/metadata/metadata_{i}.parquet    image_path, caption, id, split, image_row, caption_row, concepts
+                                         (+ image_offset, caption_offset: the run's query bank, if any)
     OUT/export.json                      provenance: run, heads, cache files, dims, row counts
 
 Row r of partition i is the same sample in every file, as those tools assume. A row is one image
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.common.files import replace_folder, staging_folder
@@ -174,6 +176,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     width = int(math.log10(max(n_parts, 1))) + 1
     files_out: list[Path] = []
     part = 0
+    offsets = bank_offsets(run) if hasattr(run, "querybank") else None
     for split in splits.values():
         img_rows, cap_rows = _sample_rows(split, options.rows)
         concepts = _concept_labels(split)
@@ -181,8 +184,13 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
             ir, cr = img_rows[s : s + options.rows_per_file], cap_rows[s : s + options.rows_per_file]
             img = _embed_rows(run.embed_images, split.image_features, ir, run.dim)
             txt = _embed_rows(run.embed_texts, split.caption_features, cr, run.dim)
-            files_out += _write_partition(work, str(part).zfill(width), options.format, options.dtype,
-                                          _metadata(split, ir, cr, concepts), img, txt)
+            meta = _metadata(split, ir, cr, concepts)
+            if offsets is not None:  # what the run's query bank adds to each row's cosines, for tools that rank
+                for column, emb, fn, have in (("image_offset", img, offsets.images, ir >= 0),
+                                              ("caption_offset", txt, offsets.captions, cr >= 0)):
+                    got = fn(torch.from_numpy(emb))
+                    meta[column] = np.where(have, 0.0 if got is None else got.numpy(), 0.0).astype(np.float32)
+            files_out += _write_partition(work, str(part).zfill(width), options.format, options.dtype, meta, img, txt)
             part += 1
 
     manifest = {
@@ -190,6 +198,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
         "dim": run.dim, "n_rows": sum(counts.values()), "partitions": part, "embedding_column": EMBEDDING_COLUMN,
         "run_dir": str(run_dir), "heads_sha256": heads_sha256(run_dir), "backbone": run.config.get("backbone", ""),
         "split": options.split, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "querybank": run.querybank.to_dict() if offsets is not None else None,
         "sources": [{"split": k, "path": str(chosen[k]), "rows": counts[k],
                      "dataset_fingerprint": str(splits[k].attrs.get("dataset_fingerprint", ""))} for k in splits],
     }

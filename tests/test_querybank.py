@@ -153,3 +153,19 @@ def test_no_querybank_ranks_by_plain_cosine(tmp_path):
     result = run_eval([tmp_path / "run"], split="test", out_dir=tmp_path / "eval", options=EvalOptions(
         closed_form=False, examples=0, progress=False, sections=("retrieval",)))
     assert not any(k.startswith("cosine_") for k in result["metrics"])
+
+
+def test_export_carries_the_offsets_search_ranks_with(bank_run, tmp_path):
+    pytest.importorskip("pyarrow", reason="parquet files need pyarrow")
+    import pandas as pd
+
+    from medembed.evaluate.export import ExportOptions, export_embeddings
+
+    summary = export_embeddings(bank_run, ExportOptions(split="test", out=str(tmp_path / "export")))
+    manifest = json.loads((Path(summary.out) / "export.json").read_text())
+    assert manifest["querybank"] == load_run(bank_run).querybank.to_dict()
+    meta = pd.read_parquet(Path(summary.out) / "metadata" / "metadata_0.parquet")
+    searcher = Searcher(bank_run, "test", use_index=False)
+    np.testing.assert_allclose(meta["image_offset"].to_numpy(), searcher.image_offsets.numpy(), atol=1e-6)
+    first = meta["caption_row"].to_numpy()
+    np.testing.assert_allclose(meta["caption_offset"].to_numpy(), searcher.caption_offsets[first].numpy(), atol=1e-6)
