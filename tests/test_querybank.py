@@ -168,4 +168,4 @@ def test_export_carries_the_offsets_search_ranks_with(bank_run, tmp_path):
     searcher = Searcher(bank_run, "test", use_index=False)
     np.testing.assert_allclose(meta["image_offset"].to_numpy(), searcher.image_offsets.numpy(), atol=1e-6)
     first = meta["caption_row"].to_numpy()
-    np.testing.assert_allclose(meta["caption_offset"].to_numpy(), searcher.caption_offsets[first].numpy(), atol=1e-6)
+    np.testing.assert_allclose(meta["caption_offset"].to_numpy(), searcher.caption_offsets[torch.from_numpy(first.copy())].numpy(), atol=1e-6)
