@@ -102,21 +102,33 @@ def load_training_data(config: AdaptConfig) -> TrainingData:
     valid = load_split(files["valid"], with_views=False)
     if config.head != "cca" and estimated_bytes(train_path) > config.max_memory_gb * 2**30:
         source = StreamSource(train_path, chunk_rows=config.chunk_rows, with_views=config.use_views)
-        concepts = ConceptTexts(*read_concepts(train_path)) if config.augment == "concepts" else None
+        concepts = concept_texts(config, *read_concepts(train_path))
         return TrainingData(source, None, valid, concepts, read_attrs(train_path))
     return data_in_memory(config, load_split(train_path, with_views=config.use_views), valid)
 
 
 def data_in_memory(config: AdaptConfig, train: CachedSplit, valid: CachedSplit) -> TrainingData:
-    concepts = None
-    if config.augment == "concepts":
-        concepts = ConceptTexts(train.concepts, train.concept_names, train.concept_text_features)
+    concepts = concept_texts(config, train.concepts, train.concept_names, train.concept_text_features)
     return TrainingData(MemorySource(train), train, valid, concepts, dict(train.attrs))
+
+
+def concept_texts(config: AdaptConfig, concepts, names: list[str], text_features) -> ConceptTexts | None:
+    """The (image, concept) pairs to train on: always with augment "concepts" (a cache without named
+    concepts is refused), with "auto" when the cache has them and batches are not hard-negative ones."""
+    if config.augment == "none" or config.head == "cca" or (config.augment == "auto" and config.hard_negatives):
+        return None
+    try:
+        return ConceptTexts(concepts, names, text_features)
+    except ValueError:
+        if config.augment == "concepts":
+            raise
+        return None
 
 
 def run_config_for(config: AdaptConfig, data: TrainingData) -> dict:
     """config.json: the settings, the feature widths and the provenance of the cache trained on."""
     return {**config.to_dict(), "image_dim": data.source.image_dim, "text_dim": data.source.text_dim,
+            "concept_text_pairs": data.concepts.n_pairs if data.concepts is not None else 0,
             "backbone": data.attrs.get("backbone", ""),
             "cache": {k: data.attrs[k] for k in RUN_RECORD_KEYS if k in data.attrs}}
 

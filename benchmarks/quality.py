@@ -37,6 +37,7 @@ ROWS: dict[str, list[str]] = {
     "lit-text2": ["--ensemble", "1", "--unlock", "text:2"],
     "lit-text2-ensemble4": ["--unlock", "text:2"],
     "concept-texts-ensemble4": ["--augment", "concepts"],
+    "concept-texts-ensemble4-ratio0.2": ["--augment", "concepts", "--concept-ratio", "0.2"],
     "unlock-image1": ["--ensemble", "1", "--unlock", "image:1"],
     "unlock-image1-lr3e-6": ["--ensemble", "1", "--unlock", "image:1", "--backbone-lr", "3e-6"],
     "unlock-image1-lr3e-5": ["--ensemble", "1", "--unlock", "image:1", "--backbone-lr", "3e-5"],
@@ -72,7 +73,11 @@ def run_row(name: str, extra: list[str], features: Path, seed: int, out: Path) -
             **{f"cosine_{k}": result["metrics"].get(f"cosine_{k}", result["metrics"].get(k)) for k in KEYS[:6]}}
 
 
-def table(results: list[dict], rows: list[str]) -> str:
+def table(results: list[dict], rows: list[str], plain: bool = False) -> str:
+    """Mean ± std per row; `plain`: the retrieval columns with plain cosine (cosine_*), as rows
+    measured before query banks were."""
+    if plain:
+        results = [{**r, **{k: r.get(f"cosine_{k}", r[k]) for k in KEYS[:6]}} for r in results]
     head = ["lever", "seeds", *KEYS, "adapt s", "command"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups = dict.fromkeys((r["row"], r["command"]) for name in rows for r in results if r["row"] == name)
@@ -94,6 +99,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
     p.add_argument("--extra", default="", help="arguments added to every row's command (e.g. a recipe under test)")
+    p.add_argument("--plain", action="store_true", help="print retrieval with plain cosine (rows without a query bank)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +115,7 @@ def main() -> None:
     results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
     latest = {(r["row"], r["command"], r["seed"]): r for r in results if r["features"] == str(Path(args.features))}
     print(f"\n`python benchmarks/quality.py --rows {args.rows} --features {args.features}`\n")
-    print(table(list(latest.values()), list(dict.fromkeys([*ROWS, *rows]))))
+    print(table(list(latest.values()), list(dict.fromkeys([*ROWS, *rows])), plain=args.plain))
 
 
 if __name__ == "__main__":

@@ -317,6 +317,10 @@ def train_tuned(config: AdaptConfig, tune: TuneConfig, progress: bool = True) ->
     """The unlocked blocks train with the heads in every epoch, from cached mid-layer activations."""
     s = _start(config)
     config, run_dir, device, data, backbone, spec = s.config, s.run_dir, s.device, s.data, s.backbone, tune.spec
+    if data.concepts is not None and config.augment == "concepts":
+        raise ValueError("--augment concepts adds pairs to adapter epochs; with --unlock and no --unfreeze-every "
+                         "every epoch trains the towers on captions only (use --augment auto or none)")
+    data = replace(data, concepts=None)  # "auto": the tower epochs train on captions
     trainable = lock_backbone(backbone, spec)
     root = _data_root(config.features_dir, tune) if spec.image != 0 else None
     t0 = time.perf_counter()
