@@ -1,7 +1,7 @@
 """Retrieval quality levers, measured: each row is one `cli.py adapt` command run with 3 seeds,
 trained on the cache's train split (selected on valid) and scored on the untouched test split.
 
-    python benchmarks/quality.py --rows default,single-head,... [--features F] [--seeds 0,1,2] [--out runs/quality]
+    python benchmarks/quality.py --rows default,base,... [--features F] [--seeds 0,1,2] [--out runs/quality]
 
 Per row: test R@1/5/10 both ways (ranked as the run ranks: with its query bank when it has one; plain
 cosine is recorded beside them as cosine_*), modality zero-shot accuracy, concept F1, few-shot mAP@16,
@@ -23,28 +23,32 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 ROCO = REPO / "features" / "roco-rad" / "effnet-lite0-ms+minilm"
 
-# name -> extra `cli.py adapt` arguments ("default" is the command with no option: a 4-head ensemble;
-# every lever is measured alone on a single head, as it was before the ensemble became the default)
+# name -> extra `cli.py adapt` arguments. "default" is the command with no option: 4 heads with named
+# concepts as extra positive texts (--augment auto), ranked with a query bank chosen on valid. Every
+# other lever was measured alone, on one head and without concept texts (--augment none), as it was
+# before those became the default; the continuous tower-tuning rows train on captions only.
+NO_CONCEPTS = ["--augment", "none"]
 ROWS: dict[str, list[str]] = {
     "default": [],
-    "single-head": ["--ensemble", "1"],
-    "ensemble4-dim256": ["--dim", "256"],
-    "concept-loss": ["--ensemble", "1", "--concept-loss", "0.5"],
-    "graded": ["--ensemble", "1", "--graded", "0.1"],
+    "ensemble4": NO_CONCEPTS,
+    "base": ["--ensemble", "1", *NO_CONCEPTS],
+    "ensemble4-dim256": ["--dim", "256", *NO_CONCEPTS],
+    "concept-loss": ["--ensemble", "1", "--concept-loss", "0.5", *NO_CONCEPTS],
+    "graded": ["--ensemble", "1", "--graded", "0.1", *NO_CONCEPTS],
     "concept-texts": ["--ensemble", "1", "--augment", "concepts"],
+    "concept-texts-ensemble4": ["--augment", "concepts"],
+    "concept-texts-ensemble4-ratio0.2": ["--augment", "concepts", "--concept-ratio", "0.2"],
     "hard-negatives3": ["--ensemble", "1", "--hard-negatives", "3"],
     "hard-negatives1": ["--ensemble", "1", "--hard-negatives", "1"],
     "lit-text2": ["--ensemble", "1", "--unlock", "text:2"],
     "lit-text2-ensemble4": ["--unlock", "text:2"],
-    "concept-texts-ensemble4": ["--augment", "concepts"],
-    "concept-texts-ensemble4-ratio0.2": ["--augment", "concepts", "--concept-ratio", "0.2"],
     "unlock-image1": ["--ensemble", "1", "--unlock", "image:1"],
     "unlock-image1-lr3e-6": ["--ensemble", "1", "--unlock", "image:1", "--backbone-lr", "3e-6"],
     "unlock-image1-lr3e-5": ["--ensemble", "1", "--unlock", "image:1", "--backbone-lr", "3e-5"],
     # control: the same path with the block effectively frozen (what the path itself costs)
     "unlock-image1-lr1e-9": ["--ensemble", "1", "--unlock", "image:1", "--backbone-lr", "1e-9"],
     "unfreeze-image1": ["--ensemble", "1", "--unlock", "image:1", "--unfreeze-every", "10", "--unfreeze-epochs", "1",
-                        "--backbone-lr", "3e-5"],
+                        "--backbone-lr", "3e-5", *NO_CONCEPTS],
 }
 KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "zeroshot_modality_acc", "concept_f1",
         "fewshot_map@16")
