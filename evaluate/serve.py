@@ -146,7 +146,7 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
                 "dataset": first.attrs.get("dataset", ""), "pool_images": len(pool.keys),
                 "pool_captions": len(searcher.pool.caption_of), "splits": sorted(set(pool.split_of)),
                 "index": index, "modalities": pool.modalities, "concepts": pool.concepts[:500],
-                "explain": True}
+                "explain": True, "ranking": searcher.model.ranking}
 
     @app.get("/api/search/text")
     def search_text(q: str = Query(..., max_length=limits.max_query_chars), k: int = Query(12, ge=1, le=100),

@@ -103,7 +103,8 @@ async function upload(file) {
 async function init() {
   const info = await getJSON("/api/info");
   $("about").textContent = `run ${info.run} · backbone ${info.backbone} · dataset ${info.dataset} · pool ` +
-    `${info.pool_images} images, ${info.pool_captions} captions · ${info.index ? info.index + " index" : "exact scan"}`;
+    `${info.pool_images} images, ${info.pool_captions} captions · ${info.index ? info.index + " index" : "exact scan"}` +
+    ` · ${info.ranking}`;
   for (const s of info.splits) $("split").add(new Option(s, s));
   for (const m of info.modalities) $("modality").add(new Option(`${m.label} (${m.images})`, m.id));
   for (const c of info.concepts) {
