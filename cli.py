@@ -145,7 +145,9 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
                type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--temperature", "Initial InfoNCE temperature (learned).", type=click.FloatRange(min=0, min_open=True))
 @_adapt_option("--margin", "Margin loss: negatives are penalised above this cosine.", type=click.FloatRange(-1, 1))
-@_adapt_option("--augment", "Add named concepts as extra positive texts.", type=click.Choice(AUGMENT_KINDS))
+@_adapt_option("--augment", "Named concepts as extra positive texts (their prompts): concepts; none; auto = "
+               "concepts when the cache has named concepts and no --hard-negatives, else none.",
+               type=click.Choice(AUGMENT_KINDS))
 @_adapt_option("--concept-ratio", "With --augment concepts: (image, concept) pairs drawn per caption pair in an epoch.",
                type=click.FloatRange(min=0))
 @_adapt_option("--ensemble", "Train K heads jointly and average their cosines.", type=click.IntRange(min=1))

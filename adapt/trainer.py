@@ -43,7 +43,7 @@ from medembed.common.ranking import recall_summary
 from medembed.common.tensors import embed_in_chunks
 
 # options that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_every", "max_memory_gb", "chunk_rows"}
+RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_every", "max_memory_gb", "chunk_rows", "querybank"}
 
 
 def training_threads(config: AdaptConfig, image_dim: int, text_dim: int, device: torch.device) -> int:
@@ -300,7 +300,7 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
         torch.set_num_threads(threads_before)
     state.history = read_metrics(run_dir)
     summary = summarize(run_dir, run_config, state, pairs_per_epoch(config, data))
-    return finish_run(run_dir, summary, config, splits)
+    return finish_run(run_dir, summary, config, (data.train, data.valid) if data.train is not None else None)
 
 
 def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
@@ -330,7 +330,7 @@ def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trainin
     state = TrainState(fit_.image_head, fit_.text_head, nn.ModuleList(), None, None, torch.device("cpu"),
                        epoch=len(rows), best_epoch=best, elapsed=time.perf_counter() - t0, history=rows)
     summary = summarize(run_dir, run_config, state, data.train.n_captions, {"closed_form": run_config["closed_form"]})
-    return finish_run(run_dir, summary, config, splits)
+    return finish_run(run_dir, summary, config, (data.train, data.valid))
 
 
 def format_summary(summary: dict) -> str:

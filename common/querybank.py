@@ -73,12 +73,15 @@ class QueryBank:
 
 
 @torch.no_grad()
-def hubness(gallery: torch.Tensor, bank: torch.Tensor, ks: tuple[int, ...] | int, chunk: int = 2048) -> dict[int, torch.Tensor]:
+def hubness(gallery: torch.Tensor, bank: torch.Tensor, ks: tuple[int, ...] | int,
+            memory_mb: float = 256) -> dict[int, torch.Tensor]:
     """Per gallery row, the mean cosine to its k nearest bank rows, for every k in `ks` (one pass).
 
-    gallery [N, D], bank [B, D]; normalised here. k above the bank size is capped at it."""
+    gallery [N, D], bank [B, D]; normalised here. k above the bank size is capped at it. Gallery rows
+    go in chunks whose gallery x bank score block (and its top-k) stays within `memory_mb`."""
     ks = (ks,) if isinstance(ks, int) else tuple(ks)
     gallery, bank = unit(gallery.float()), unit(bank.float())
+    chunk = max(1, min(8192, int(memory_mb * 2**20 // (8 * max(bank.shape[0], 1)))))
     top = min(max(ks), bank.shape[0])
     out = {k: torch.empty(gallery.shape[0]) for k in ks}
     for s in range(0, gallery.shape[0], chunk):

@@ -266,8 +266,8 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     if n == 0:
         raise ValueError(f"{run.features_dir}: the {options.split} cache holds no images to index")
     params = options.resolved(n)
-    offsets = bank_offsets(run)
-    setting = run.querybank.to_dict() if offsets is not None and run.querybank.images.active else None
+    offsets = bank_offsets(run) if getattr(run, "querybank", None) is not None else None
+    setting = _image_side(run.querybank) if offsets is not None else None
 
     def vectors(raw: np.ndarray) -> np.ndarray:
         emb = _embed(run, raw)
@@ -299,6 +299,14 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
 
 # ------------------------------------------------------------------ loading and checking
 
+def _image_side(setting) -> dict | None:
+    """What of a query-bank setting an image index depends on (text queries against images): the
+    image side and where its bank is; None when that side is off."""
+    if setting is None or not setting.images.active:
+        return None
+    return {"images": asdict(setting.images), "bank_split": setting.bank_split, "bank_features": setting.bank_features}
+
+
 def _features_dir(run_dir: Path) -> Path:
     cfg = run_dir / RUN_CONFIG
     if not cfg.exists():
@@ -320,9 +328,7 @@ def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | Non
         out.append(f"{faiss_path.name} is {faiss_path.stat().st_size} bytes, {meta.index_bytes} when it was built")
     if meta.heads_sha256 != heads_sha256(run_dir):
         out.append(f"the run's heads ({HEADS_FILE}) changed since the index was built")
-    now_bank = read_querybank(run_dir)
-    now_bank = now_bank.to_dict() if now_bank is not None and now_bank.images.active else None
-    if now_bank != meta.querybank:
+    if _image_side(read_querybank(run_dir)) != meta.querybank:
         out.append(f"the run's query bank ({QUERYBANK}) changed since the index was built")
     try:
         files = _split_files(_features_dir(run_dir), meta.split)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from medembed.adapt.config import AdaptConfig
+from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.run import QUERYBANK, load_run
 from medembed.adapt.synthetic import write_synthetic_features
 from medembed.adapt.trainer import train
@@ -99,10 +100,26 @@ def bank_run(tmp_path_factory) -> Path:
                                 ensemble=1), progress=False)
     chosen = json.loads((root / "run" / QUERYBANK).read_text())
     assert summary["querybank"]["setting"] == chosen["setting"]
-    assert chosen["valid"]["mean_recall"] >= chosen["valid_plain"]["mean_recall"]
+    # eval of the valid split ranks exactly as the choice measured it, with and without the bank
+    valid = run_eval([root / "run"], split="valid", out_dir=root / "eval-valid", options=EvalOptions(
+        closed_form=False, examples=0, progress=False, sections=("retrieval",)))["metrics"]
+    for k, v in chosen["valid"].items():
+        if k != "mean_recall":
+            assert valid[k] == pytest.approx(v, abs=1e-4), k
+            assert valid.get(f"cosine_{k}", valid[k]) == pytest.approx(chosen["valid_plain"][k], abs=1e-4), k
     # whatever valid chose, set a strong correction of both sides so the checks below see it act
     forced = QueryBank(BankSide(5, 1.0), BankSide(5, 1.0), "train", str(features.resolve()))
     (root / "run" / QUERYBANK).write_text(json.dumps({**chosen, "setting": forced.to_dict()}))
+    # what search and eval add to the cosines is the formula: -beta x mean of the k best bank cosines
+    run = load_run(root / "run")
+    bank, test = load_split(features / "train.h5"), load_split(features / "test.h5")
+    img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
+    bank_img, bank_txt = run.embed_images(bank.image_features), run.embed_texts(bank.caption_features)
+    want_img = -(img @ bank_txt.T).topk(5, dim=1).values.mean(1)
+    want_cap = -(txt @ bank_img.T).topk(5, dim=1).values.mean(1)
+    got_img, got_cap = bank_offsets(run)(img, txt)
+    torch.testing.assert_close(got_img, want_img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_cap, want_cap, atol=1e-5, rtol=0)
     return root / "run"
 
 
