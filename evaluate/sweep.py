@@ -24,6 +24,7 @@ from medembed.adapt.trainer import train
 from medembed.cache.reader import find_splits, load_split
 from medembed.common.files import slug, write_json
 from medembed.evaluate import retrieval
+from medembed.evaluate.models import model_from_run
 
 LEADERBOARD = "leaderboard.json"
 SWEEP_FIELDS = {f.name: f for f in fields(AdaptConfig)}
@@ -95,14 +96,18 @@ class CellResult:
 
 
 def _test_recall(run_dir: Path) -> dict[str, float]:
-    """Test Recall@1/5/10 of a run on its cache's test split (retrieval only: seconds)."""
+    """Test Recall@1/5/10 of a run on its cache's test split (retrieval only: seconds), ranked as
+    `eval` ranks it (with the run's query bank when it has one)."""
     run = load_run(run_dir)
     files = find_splits(run.features_dir)
     if "test" not in files:
         return {}
     test = load_split(files["test"], with_views=False)
-    return retrieval.compute(run.embed_images(test.image_features), run.embed_texts(test.caption_features),
-                             test.caption_image, ks=(1, 5, 10))
+    model = model_from_run(run)
+    img, txt = model.images(test.image_features), model.texts(test.caption_features)
+    offsets = model.gallery_offsets(img, txt) if model.gallery_offsets is not None else (None, None)
+    return retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=offsets[0],
+                                               caption_offset=offsets[1]), (1, 5, 10))
 
 
 def _one(config: AdaptConfig) -> tuple[dict, float]:
