@@ -347,4 +347,9 @@ def format_summary(summary: dict) -> str:
     line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     note = "stopped early" if summary.get("stopped_early") else "ran all epochs"
-    return "\n".join([line(cols), rule, line(vals), f"valid recall in %; {note}; run saved in {summary['run_dir']}"])
+    lines = [line(cols), rule, line(vals), f"valid recall in %; {note}; run saved in {summary['run_dir']}"]
+    bank = summary.get("querybank")
+    if bank:
+        lines.append(f"ranking: {bank['description']}, chosen on valid (mean recall "
+                     f"{bank['valid_plain']['mean_recall']:.1f} with plain cosine -> {bank['valid']['mean_recall']:.1f})")
+    return "\n".join(lines)
