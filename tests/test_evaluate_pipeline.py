@@ -18,6 +18,7 @@ from medembed.evaluate import retrieval
 from medembed.evaluate import search as search_mod
 from medembed.evaluate.detection import DetectionConfig
 from medembed.evaluate.fewshot import FewShotConfig
+from medembed.evaluate.models import model_from_run
 from medembed.evaluate.pipeline import EvalOptions, run_eval
 
 REQUIRED_KEYS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_medr", "i2t_medr",
@@ -64,12 +65,19 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
         assert key in metrics, key
     assert json.loads((out / "metrics-cca.json").read_text())["metrics"]["t2i_R@1"] == pytest.approx(
         result["columns"]["cca"]["t2i_R@1"])
-    # the first run's retrieval numbers are exactly what the metric function gives on its embeddings
+    # the first run's retrieval numbers are exactly what the metric function gives on its embeddings,
+    # ranked with the run's query bank (and cosine_* with plain cosine)
     run, test = load_run(linear_run), load_split(runs["features"] / "test.h5")
-    direct = retrieval.compute(run.embed_images(test.image_features), run.embed_texts(test.caption_features),
-                                test.caption_image, ks=(1, 5, 10))
+    img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
+    offsets = model_from_run(run).gallery_offsets
+    image_offset, caption_offset = offsets(img, txt) if offsets is not None else (None, None)
+    direct = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
+                                                 caption_offset=caption_offset), (1, 5, 10))
+    plain = retrieval.compute(img, txt, test.caption_image, ks=(1, 5, 10))
     for key in ("t2i_R@1", "i2t_R@5", "t2i_medr", "i2t_meanr"):
         assert metrics[key] == pytest.approx(direct[key], abs=1e-4)
+    for key in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@10"):
+        assert metrics.get(f"cosine_{key}", metrics[key]) == pytest.approx(plain[key], abs=1e-4)
     assert (metrics["pool_images"], metrics["pool_captions"]) == (120, 240)
     # chance is the closed form; trained and closed-form heads are far above it on this learnable set
     chance = result["columns"]["chance"]
@@ -84,7 +92,9 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
     assert "| metric | chance | closed-form | linear | cca |" in report
     assert "120 images, 240 captions" in report
     # the closed-form column is the one `adapt --head cca` fits (setting chosen on valid): same numbers
-    assert result["columns"]["closed-form"]["t2i_R@10"] == pytest.approx(result["columns"]["cca"]["t2i_R@10"])
+    # by plain cosine (the cca run also ranks with its query bank; its plain recall is cosine_*)
+    cca = result["columns"]["cca"]
+    assert result["columns"]["closed-form"]["t2i_R@10"] == pytest.approx(cca.get("cosine_t2i_R@10", cca["t2i_R@10"]))
     assert "chosen on valid" in report
     for name in ("recall_at_k.png", "fewshot.png", "example_text2image_1.png", "example_image2text_1.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
+from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.run import load_run
 from medembed.adapt.tuning.checkpoint import FinetunedModel
 from medembed.adapt.tuning.runs import open_run, run_backbone
@@ -33,6 +34,11 @@ def finetuned(tmp_path_factory) -> dict:
     return {"root": root, "run": root / "run", "checkpoint": Path(result["checkpoint"]), "new": new}
 
 
+def _offsets(ckpt: Path, img: torch.Tensor | None, txt: torch.Tensor | None):
+    offsets = bank_offsets(open_run(ckpt))
+    return offsets(img, txt) if offsets is not None else (None, None)
+
+
 @pytest.mark.slow
 def test_eval_on_new_raw_data_scores_what_the_checkpoint_computes(finetuned, tmp_path):
     ckpt, new = finetuned["checkpoint"], finetuned["new"]
@@ -47,7 +53,10 @@ def test_eval_on_new_raw_data_scores_what_the_checkpoint_computes(finetuned, tmp
     split = load_split(cache / "test.h5")
     img = model.embed_images([new / loc for loc in split.image_locations])
     txt = model.embed_texts(split.captions)
-    want = retrieval.summarize(retrieval.ranks(img, txt, split.caption_image), [1, 3, 5])
+    # ranked with the run's query bank (its bank: the training cache its fine-tuned towers refreshed)
+    image_offset, caption_offset = _offsets(ckpt, img, txt)
+    want = retrieval.summarize(retrieval.ranks(img, txt, split.caption_image, image_offset=image_offset,
+                                               caption_offset=caption_offset), [1, 3, 5])
     got = result["metrics"]
     # the cache stores float16 features; ranks may only differ where two scores tie within that precision
     for key in ("t2i_R@1", "t2i_R@3", "t2i_R@5", "i2t_R@1", "i2t_R@5"):
@@ -76,7 +85,11 @@ def test_search_cli_takes_the_checkpoint_and_a_new_pool(finetuned, tmp_path):
     assert len(rows) == 3
     model = FinetunedModel.load(ckpt)
     split = load_split(tmp_path / "f" / "new-data" / model.backbone.name / "test.h5")
-    scores = model.embed_images([new / loc for loc in split.image_locations]) @ model.embed_texts([query]).T
+    img = model.embed_images([new / loc for loc in split.image_locations])
+    image_offset, _ = _offsets(ckpt, img, None)
+    scores = img @ model.embed_texts([query]).T
+    if image_offset is not None:
+        scores += image_offset[:, None]
     best = torch.topk(scores[:, 0], 3)
     assert [float(x[1]) for x in rows] == pytest.approx(best.values.tolist(), abs=5e-3)
     assert rows[0][2] == split.image_ids[int(best.indices[0])]
