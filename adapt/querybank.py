@@ -15,7 +15,7 @@ import torch
 from medembed.adapt.run import QUERYBANK, AdaptedRun, load_run
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.common.files import write_json
-from medembed.common.querybank import QueryBank, choose, hubness
+from medembed.common.querybank import QueryBank, choose, side_offset
 
 __all__ = ["BankOffsets", "bank_offsets", "calibrate"]
 
@@ -40,13 +40,13 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
     with torch.no_grad():
         setting, plain, after = choose(img, txt, valid.caption_image, bank_img, bank_txt, bank_split=train.split,
                                        bank_features=str(Path(run.features_dir).resolve()))
-    record = {"setting": setting.to_dict(), "description": setting.describe(),
-              "valid_plain": {k: v for k, v in plain.items() if "R@" in k or k == "mean_recall"},
-              "valid": {k: v for k, v in after.items() if "R@" in k or k == "mean_recall"}}
+    def recall(summary: dict) -> dict:
+        return {k: v for k, v in summary.items() if "R@" in k or k == "mean_recall"}
+
+    record = {"setting": setting.to_dict(), "description": setting.describe(), "valid_plain": recall(plain),
+              "valid": recall(after)}
     write_json(run_dir / QUERYBANK, record)
     return record
-
-
 
 
 class BankOffsets:
@@ -73,28 +73,27 @@ class BankOffsets:
     @torch.no_grad()
     def images(self, emb: torch.Tensor) -> torch.Tensor | None:
         """Offsets of gallery images [N] (unit embeddings of this run) for text queries."""
-        side = self.setting.images
-        if not side.active:
+        if not self.setting.images.active:
             return None
         if self._bank_captions is None:
             self._bank_captions = self.run.embed_texts(self._split().caption_features.float())
-        return -side.beta * hubness(emb, self._bank_captions, side.k)[side.k]
+        return side_offset(self.setting.images, emb, self._bank_captions)
 
     @torch.no_grad()
     def captions(self, emb: torch.Tensor) -> torch.Tensor | None:
         """Offsets of gallery captions [M] for image queries."""
-        side = self.setting.captions
-        if not side.active:
+        if not self.setting.captions.active:
             return None
         if self._bank_images is None:
             self._bank_images = self.run.embed_images(self._split().image_features.float())
-        return -side.beta * hubness(emb, self._bank_images, side.k)[side.k]
+        return side_offset(self.setting.captions, emb, self._bank_images)
 
     def __call__(self, images: torch.Tensor | None, captions: torch.Tensor | None):
         return (None if images is None else self.images(images), None if captions is None else self.captions(captions))
 
 
-def bank_offsets(run: AdaptedRun) -> BankOffsets | None:
-    """The run's offsets, or None when it ranks by plain cosine."""
-    setting = run.querybank
+def bank_offsets(run) -> BankOffsets | None:
+    """The run's offsets, or None when it ranks by plain cosine (or is no run folder with a bank:
+    anything without a `querybank`, such as a closed-form baseline)."""
+    setting = getattr(run, "querybank", None)
     return BankOffsets(run, setting) if setting is not None and setting.active else None

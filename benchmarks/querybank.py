@@ -33,9 +33,9 @@ def measure(run_dir: Path) -> dict:
     test = load_split(find_splits(run.features_dir)["test"], with_views=False)
     img, txt = model.images(test.image_features), model.texts(test.caption_features)
     plain = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image))
-    offsets = model.gallery_offsets(img, txt) if model.gallery_offsets is not None else (None, None)
-    bank = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=offsets[0],
-                                               caption_offset=offsets[1]))
+    image_offset, caption_offset = model.offsets(img, txt)
+    bank = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
+                                               caption_offset=caption_offset))
     return {"plain": [plain[k] for k in KEYS], "bank": [bank[k] for k in KEYS], "setting": model.ranking}
 
 

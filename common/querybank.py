@@ -92,15 +92,15 @@ def hubness(gallery: torch.Tensor, bank: torch.Tensor, ks: tuple[int, ...] | int
     return out
 
 
+def side_offset(side: BankSide, gallery: torch.Tensor, bank: torch.Tensor) -> torch.Tensor | None:
+    """What one side adds to each gallery row's cosines, -beta * hubness; None where the side is off."""
+    return -side.beta * hubness(gallery, bank, side.k)[side.k] if side.active else None
+
+
 def offsets(setting: QueryBank, images: torch.Tensor, captions: torch.Tensor, bank_images: torch.Tensor,
             bank_captions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(offset per gallery image, offset per gallery caption), each None where its side is off.
-    An offset is -beta * hubness, added to the cosine."""
-    img = -setting.images.beta * hubness(images, bank_captions, setting.images.k)[setting.images.k] \
-        if setting.images.active else None
-    cap = -setting.captions.beta * hubness(captions, bank_images, setting.captions.k)[setting.captions.k] \
-        if setting.captions.active else None
-    return img, cap
+    """(offset per gallery image, offset per gallery caption), each None where its side is off."""
+    return side_offset(setting.images, images, bank_captions), side_offset(setting.captions, captions, bank_images)
 
 
 def choose(images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Tensor, bank_images: torch.Tensor,

@@ -176,7 +176,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     width = int(math.log10(max(n_parts, 1))) + 1
     files_out: list[Path] = []
     part = 0
-    offsets = bank_offsets(run) if hasattr(run, "querybank") else None
+    offsets = bank_offsets(run)
     for split in splits.values():
         img_rows, cap_rows = _sample_rows(split, options.rows)
         concepts = _concept_labels(split)
@@ -198,7 +198,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
         "dim": run.dim, "n_rows": sum(counts.values()), "partitions": part, "embedding_column": EMBEDDING_COLUMN,
         "run_dir": str(run_dir), "heads_sha256": heads_sha256(run_dir), "backbone": run.config.get("backbone", ""),
         "split": options.split, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "querybank": run.querybank.to_dict() if offsets is not None else None,
+        "querybank": offsets.setting.to_dict() if offsets is not None else None,
         "sources": [{"split": k, "path": str(chosen[k]), "rows": counts[k],
                      "dataset_fingerprint": str(splits[k].attrs.get("dataset_fingerprint", ""))} for k in splits],
     }

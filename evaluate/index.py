@@ -266,11 +266,11 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     if n == 0:
         raise ValueError(f"{run.features_dir}: the {options.split} cache holds no images to index")
     params = options.resolved(n)
-    offsets = bank_offsets(run) if getattr(run, "querybank", None) is not None else None
-    setting = _image_side(run.querybank) if offsets is not None else None
+    offsets = bank_offsets(run)
+    setting = _image_side(offsets.setting) if offsets is not None else None
 
-    def vectors(raw: np.ndarray) -> np.ndarray:
-        emb = _embed(run, raw)
+    def vectors(emb: np.ndarray) -> np.ndarray:
+        """Unit embeddings as index rows: with the image side of a query bank, its offset appended."""
         if setting is None:
             return emb
         return np.ascontiguousarray(np.concatenate([emb, offsets.images(torch.from_numpy(emb)).numpy()[:, None]], 1))
@@ -278,13 +278,10 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     index = new_index(options.kind, run.dim + (setting is not None), params)
     paths = list(files.values())
     if options.kind == "ivf":
-        sample = _training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed)
-        if setting is not None:
-            sample = np.concatenate([sample, offsets.images(torch.from_numpy(sample)).numpy()[:, None]], 1)
-        index.train(np.ascontiguousarray(sample))
+        index.train(vectors(_training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed)))
     for path in paths:
         for chunk in feature_chunks(path, rows=options.chunk_rows):
-            index.add(vectors(chunk))
+            index.add(vectors(_embed(run, chunk)))
     ids = [i for path in paths for i in _read_ids(path)]
     meta = IndexMeta(
         kind=options.kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),

@@ -31,6 +31,12 @@ class EmbeddingModel:
                               tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
     ranking: str = "plain cosine"
 
+    def offsets(self, images: torch.Tensor | None, captions: torch.Tensor | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What ranking adds to the cosines of these gallery images and captions: (None, None) for
+        plain cosine."""
+        return (None, None) if self.gallery_offsets is None else self.gallery_offsets(images, captions)
+
     @torch.no_grad()
     def images(self, raw: torch.Tensor) -> torch.Tensor:
         return embed_in_chunks(self.embed_image_features, raw)
@@ -54,12 +60,12 @@ class EmbeddingModel:
 def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     """Wrap a loaded run (anything with `embed_images` / `embed_texts` on raw features)."""
     label = name or Path(getattr(run, "run_dir", "") or "run").name
-    setting = getattr(run, "querybank", None)
-    if setting is None or not setting.active:
-        return EmbeddingModel(label, run.embed_images, run.embed_texts)
-    from medembed.adapt.querybank import BankOffsets
+    from medembed.adapt.querybank import bank_offsets
 
-    return EmbeddingModel(label, run.embed_images, run.embed_texts, BankOffsets(run, setting), setting.describe())
+    offsets = bank_offsets(run)
+    if offsets is None:
+        return EmbeddingModel(label, run.embed_images, run.embed_texts)
+    return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, offsets.setting.describe())
 
 
 def _on_device(head: nn.Module) -> Embed:

@@ -322,9 +322,7 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
             # the run ranks with its query bank; plain cosine is kept beside it for comparison
             plain = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, options.memory_mb), plan.ks)
             values = {f"cosine_{d}_R@{k}": plain[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in plan.ks}
-            image_offset, caption_offset = col.model.gallery_offsets(img, txt)
-        else:
-            image_offset = caption_offset = None
+        image_offset, caption_offset = col.model.offsets(img, txt)
         r = res.ranks = retrieval.ranks(img, txt, test.caption_image, options.memory_mb, image_offset, caption_offset)
         res.offsets = (image_offset, caption_offset)
         sec.add("retrieval", {**retrieval.summarize(r, plan.ks), **values}, t0)

@@ -105,9 +105,9 @@ def _test_recall(run_dir: Path) -> dict[str, float]:
     test = load_split(files["test"], with_views=False)
     model = model_from_run(run)
     img, txt = model.images(test.image_features), model.texts(test.caption_features)
-    offsets = model.gallery_offsets(img, txt) if model.gallery_offsets is not None else (None, None)
-    return retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=offsets[0],
-                                               caption_offset=offsets[1]), (1, 5, 10))
+    image_offset, caption_offset = model.offsets(img, txt)
+    return retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
+                                               caption_offset=caption_offset), (1, 5, 10))
 
 
 def _one(config: AdaptConfig) -> tuple[dict, float]:

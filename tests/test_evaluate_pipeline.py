@@ -69,8 +69,7 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
     # ranked with the run's query bank (and cosine_* with plain cosine)
     run, test = load_run(linear_run), load_split(runs["features"] / "test.h5")
     img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
-    offsets = model_from_run(run).gallery_offsets
-    image_offset, caption_offset = offsets(img, txt) if offsets is not None else (None, None)
+    image_offset, caption_offset = model_from_run(run).offsets(img, txt)
     direct = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
                                                  caption_offset=caption_offset), (1, 5, 10))
     plain = retrieval.compute(img, txt, test.caption_image, ks=(1, 5, 10))

@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.run import load_run
 from medembed.adapt.tuning.checkpoint import FinetunedModel
 from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.adapt.tuning.unfreeze import TuneConfig, train_with_unfreezing
 from medembed.cache.reader import load_split, read_attrs
 from medembed.evaluate import retrieval
+from medembed.evaluate.models import model_from_run
 from medembed.evaluate.pipeline import EvalOptions, run_eval
 from tests.conftest import make_imageclef2023, tiny_clip_cache
 
@@ -35,8 +35,7 @@ def finetuned(tmp_path_factory) -> dict:
 
 
 def _offsets(ckpt: Path, img: torch.Tensor | None, txt: torch.Tensor | None):
-    offsets = bank_offsets(open_run(ckpt))
-    return offsets(img, txt) if offsets is not None else (None, None)
+    return model_from_run(open_run(ckpt)).offsets(img, txt)
 
 
 @pytest.mark.slow
