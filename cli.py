@@ -167,6 +167,9 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @_adapt_option("--patience", "Epochs without improvement before stopping.", type=click.IntRange(min=1))
 @_adapt_option("--seed", "Random seed.", type=int)
 @_adapt_option("--device", "Where to train.", type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--keep-last", "keep_last", is_flag=True, default=_ADAPT["keep_last"],
+              help="Keep last.safetensors (optimiser state, only needed to --resume) when the run finishes; "
+                   "by default a finished run keeps best.safetensors only.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--unlock", default=None, metavar="SPEC",
@@ -189,30 +192,42 @@ def adapt(ctx: click.Context, resume: bool, unlock, unfreeze_every, unfreeze_epo
           cached_trunk, **options) -> None:
     """Train projection heads on cached features (seconds on a CPU), optionally with tower blocks."""
     from medembed.adapt.config import config_from_options
-    from medembed.adapt.trainer import format_summary, train
-    from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_unfreezing, tuned_summary_lines
+    from medembed.adapt.trainer import format_summary
+    from medembed.common.locks import exclusive
 
     explicit = _given_on_command_line(ctx, options)
     tuning = _given_on_command_line(ctx, ["unfreeze_every", "unfreeze_epochs", "backbone_lr", "grad_checkpointing",
                                           "cached_trunk"])
     try:
         config = config_from_options(options, explicit, resume)
-        if unlock is None and unfreeze_every:
-            unlock = "2"  # periodic unfreezing without --unlock: the top 2 blocks of both towers
-        if unlock is None:
-            if tuning:
-                raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} has no effect without --unlock")
-            summary, extra = train(config, resume=resume), []
-        else:
-            if resume:
-                raise ValueError("--resume continues adapter runs only; a run with --unlock starts afresh")
-            tune = TuneConfig(unlock=unlock, every=unfreeze_every, epochs=unfreeze_epochs, backbone_lr=backbone_lr,
-                              grad_checkpointing=grad_checkpointing, cached_trunk=cached_trunk, seed=config.seed)
-            summary = (train_with_unfreezing if unfreeze_every else train_tuned)(config, tune, progress=True)
-            extra = tuned_summary_lines(summary)
+        with exclusive(config.out, "adapt", "wait for it to finish or choose another --out"):
+            summary, extra = _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone_lr,
+                                        grad_checkpointing, cached_trunk, tuning)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from e
     click.echo("\n".join([format_summary(summary), *extra]))
+
+
+def _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone_lr, grad_checkpointing, cached_trunk,
+               tuning) -> tuple[dict, list[str]]:
+    """One adapter, LiT or unfreezing run, as the options ask."""
+    from medembed.adapt.trainer import train
+    from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_unfreezing, tuned_summary_lines
+
+    if unlock is None and unfreeze_every:
+        unlock = "2"  # periodic unfreezing without --unlock: the top 2 blocks of both towers
+    if unlock is None:
+        if tuning:
+            raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} has no effect without --unlock")
+        summary, extra = train(config, resume=resume), []
+    else:
+        if resume:
+            raise ValueError("--resume continues adapter runs only; a run with --unlock starts afresh")
+        tune = TuneConfig(unlock=unlock, every=unfreeze_every, epochs=unfreeze_epochs, backbone_lr=backbone_lr,
+                          grad_checkpointing=grad_checkpointing, cached_trunk=cached_trunk, seed=config.seed)
+        summary = (train_with_unfreezing if unfreeze_every else train_tuned)(config, tune, progress=True)
+        extra = tuned_summary_lines(summary)
+    return summary, extra
 
 
 # --- eval / search ---------------------------------------------------------------------------
@@ -438,12 +453,15 @@ def index(run_dir, split, kind, nlist, nprobe, m) -> None:
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Dtype of the npy embeddings.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/export/SPLIT-FORMAT].")
-def export(run_dir, split, fmt, rows, dtype, out) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in the output folder (swapped in whole once "
+                                                 "the new one is complete).")
+def export(run_dir, split, fmt, rows, dtype, out, overwrite) -> None:
     """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""
     from medembed.evaluate.export import ExportOptions, export_embeddings, format_export_summary
 
     try:
-        summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows))
+        summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows,
+                                                                   overwrite=overwrite))
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(format_export_summary(summary))

@@ -82,6 +82,9 @@ class AdaptConfig:
     max_memory_gb: float = 8.0  # above this the training split is streamed in chunks from disk
     chunk_rows: int = 65536
     eval_every: int = 1
+    # last.safetensors (optimiser moments, weight averages: 277 MB for the default recipe) exists to
+    # resume an interrupted run; a finished run removes it unless asked to keep it
+    keep_last: bool = False
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from medembed.cache.reader import CachedSplit, feature_chunks, strings
+from medembed.cache.reader import CachedSplit, feature_chunks, open_cache, read_dataset, strings
 from medembed.common.tensors import unit
 
 
@@ -109,8 +108,8 @@ class StreamSource:
     def __init__(self, path: str | Path, chunk_rows: int = 65536, with_views: bool = True):
         self.path = Path(path)
         self.chunk_rows = chunk_rows
-        with h5py.File(self.path, "r") as f:
-            self.caption_image = torch.from_numpy(f["captions/image_row"][()].astype(np.int64))
+        with open_cache(self.path) as f:
+            self.caption_image = torch.from_numpy(read_dataset(f, "captions/image_row").astype(np.int64))
             self.image_dim = int(f["images/features"].shape[1])
             self.text_dim = int(f["captions/features"].shape[1])
             self.n_images = int(f["images/features"].shape[0])
@@ -119,23 +118,23 @@ class StreamSource:
         self.caption_key = caption_keys(texts)
         self.n_captions = int(self.caption_image.numel())
 
-    def _rows(self, ds, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, f, name: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         if hi - lo <= 2 * rows.size + 1024:  # nearly contiguous: one slice read
-            return torch.from_numpy(ds[lo:hi]), torch.arange(lo, hi)
+            return torch.from_numpy(read_dataset(f, name, np.s_[lo:hi])), torch.arange(lo, hi)
         uniq = np.unique(rows)
-        return torch.from_numpy(ds[uniq]), torch.from_numpy(uniq)
+        return torch.from_numpy(read_dataset(f, name, uniq)), torch.from_numpy(uniq)
 
     def blocks(self, gen: torch.Generator) -> Iterator[Block]:
         starts = torch.arange(0, self.n_captions, self.chunk_rows)
-        with h5py.File(self.path, "r") as f:
+        with open_cache(self.path) as f:
             for s in starts[torch.randperm(len(starts), generator=gen)].tolist():
                 e = min(s + self.chunk_rows, self.n_captions)
                 img_of = self.caption_image[s:e]
-                images, rows = self._rows(f["images/features"], img_of.numpy())
-                views = self._rows(f["images/view_features"], img_of.numpy())[0] if self.has_views else None
+                images, rows = self._rows(f, "images/features", img_of.numpy())
+                views = self._rows(f, "images/view_features", img_of.numpy())[0] if self.has_views else None
                 local = torch.searchsorted(rows, img_of)
-                yield Block(images, views, torch.from_numpy(f["captions/features"][s:e]), local,
+                yield Block(images, views, torch.from_numpy(read_dataset(f, "captions/features", np.s_[s:e])), local,
                             self.caption_key[s:e], rows)
 
     def _chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
@@ -151,19 +150,20 @@ class StreamSource:
 def read_concepts(path: str | Path) -> tuple[sp.csr_matrix | None, list[str], torch.Tensor | None]:
     """Concept labels, names and text features of a cache file without touching its image or
     caption features (which, when streaming, do not fit in memory)."""
-    with h5py.File(path, "r") as f:
+    with open_cache(path) as f:
         if "concepts/ids" not in f or "concepts/text_features" not in f:
             return None, [], None
         names = strings(f["concepts/names"])
         n = int(f["images/features"].shape[0])
-        indptr, indices = f["concepts/indptr"][()].astype(np.int64), f["concepts/indices"][()].astype(np.int64)
+        indptr = read_dataset(f, "concepts/indptr").astype(np.int64)
+        indices = read_dataset(f, "concepts/indices").astype(np.int64)
         labels = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n, len(names)))
-        return labels, names, torch.from_numpy(f["concepts/text_features"][()].astype(np.float32))
+        return labels, names, torch.from_numpy(read_dataset(f, "concepts/text_features").astype(np.float32))
 
 
 def estimated_bytes(path: str | Path) -> int:
     """float32 bytes `load_split` would hold for this file's features."""
-    with h5py.File(path, "r") as f:
+    with open_cache(path) as f:
         names = [n for n in ("images/features", "images/view_features", "captions/features", "concepts/text_features") if n in f]
         return sum(4 * int(np.prod(f[n].shape)) for n in names)
 

@@ -233,8 +233,11 @@ def fit(
         if on_epoch is not None:
             on_epoch(state, row)
         if opts.progress:
+            # the epoch kept is chosen on mean recall, so that is what the log leads with
             tqdm.write(f"{opts.label} {epoch}: loss {row['train_loss']:.4f}"
-                       + (f"  valid R@10 t2i {row['t2i_R@10']:.1f} i2t {row['i2t_R@10']:.1f}" if "t2i_R@10" in row else "")
+                       + (f"  valid mean recall {row['mean_recall']:.1f} (R@10 t2i {row['t2i_R@10']:.1f} "
+                          f"i2t {row['i2t_R@10']:.1f})" + ("  *best" if state.best_epoch == epoch else "")
+                          if "mean_recall" in row else "")
                        + f"  ({row['train_seconds']:.1f}s)")
         if opts.stop_after_epoch is not None and epoch >= opts.stop_after_epoch:
             break

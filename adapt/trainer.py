@@ -13,6 +13,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -43,7 +44,8 @@ from medembed.common.ranking import recall_summary
 from medembed.common.tensors import embed_in_chunks
 
 # options that may change between an interrupted run and its resumption
-RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_every", "max_memory_gb", "chunk_rows", "querybank"}
+RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_every", "max_memory_gb", "chunk_rows", "querybank",
+                     "keep_last"}
 
 
 def training_threads(config: AdaptConfig, image_dim: int, text_dim: int, device: torch.device) -> int:
@@ -311,7 +313,10 @@ def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
         summary["querybank"] = calibrate(run_dir, splits=splits)
     else:
         (run_dir / QUERYBANK).unlink(missing_ok=True)
+    summary["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     ckpt.write_json(run_dir / ckpt.SUMMARY, summary)
+    if not config.keep_last:  # only --resume reads it, and a finished run has nothing left to resume
+        (run_dir / ckpt.LAST).unlink(missing_ok=True)
     return summary
 
 
@@ -340,13 +345,17 @@ def format_summary(summary: dict) -> str:
     best = summary["best_epoch"]
     if "closed_form" in summary:
         best = "closed form ({})".format(", ".join(f"{k} {x}" for k, x in summary["closed_form"].items()))
-    vals = [summary["head"], summary["loss"] if summary["head"] != "cca" else "-", f"{best} / {summary['epochs_run']}"]
+    vals = [summary["head"], summary["loss"] if summary["head"] != "cca" else "-",
+            best if "closed_form" in summary else f"{best} / {summary['epochs_run']}"]
     vals += [f"{v[f'{d}_R@{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
     vals.append(f"{summary['seconds']:.1f}")
     widths = [max(len(c), len(str(x))) for c, x in zip(cols, vals)]
     line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    note = "stopped early" if summary.get("stopped_early") else "ran all epochs"
+    if "closed_form" in summary:
+        note = f"closed form chosen on valid from {summary['epochs_run']} settings"
+    else:
+        note = "stopped early" if summary.get("stopped_early") else "ran all epochs"
     lines = [line(cols), rule, line(vals), f"valid recall in %; {note}; run saved in {summary['run_dir']}"]
     bank = summary.get("querybank")
     if bank:

@@ -1,9 +1,9 @@
 """One writer per output file: a second extract into the same place stops with a clear message."""
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
+
+from medembed.common.locks import TargetBusy, exclusive
 
 
 class CacheBusy(RuntimeError):
@@ -11,32 +11,23 @@ class CacheBusy(RuntimeError):
 
 
 class WriterLock:
+    """The extraction's hold on one cache file (`common.locks.exclusive`, with extract's wording)."""
+
     def __init__(self, target: str | Path):
-        self.path = Path(str(target) + ".lock")
-        self._fd: int | None = None
+        self.target = Path(target)
+        self._held = None
 
     def __enter__(self) -> WriterLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        held = exclusive(self.target, "extract", "wait for it to finish or choose another --out")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheBusy(
-                f"{self.path}: another extract is already writing this cache; wait for it to finish "
-                "or choose another --out"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+            held.__enter__()
+        except TargetBusy:
+            raise CacheBusy(f"{self.target}: another extract is already writing this cache; wait for it to finish "
+                            "or choose another --out") from None
+        self._held = held
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+        if self._held is not None:
+            self._held.__exit__(None, None, None)
+            self._held = None

@@ -23,6 +23,7 @@ Schema (one HDF5 file per dataset x split x backbone, written by `cache.writer`)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,60 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from medembed.cache.schema import FEATURE_DATASETS, READABLE_FORMATS, REBUILD
 from medembed.common.splits import sort_splits
+
+
+class CacheError(ValueError):
+    """A cache file that cannot be trusted: unreadable, truncated, of an unknown format, failing its
+    checksum, or holding non-finite features. Every command stops with this one line."""
+
+
+@contextmanager
+def open_cache(path: str | Path) -> Iterator[h5py.File]:
+    """The one way every layer opens a cache file: a missing file is FileNotFoundError, anything
+    unreadable (not HDF5, truncated, an unknown format, a chunk failing its checksum while the block
+    reads) a `CacheError` naming the file and saying how to rebuild it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such cache file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"{path}: not a readable HDF5 cache ({_reason(e)}); {REBUILD}") from None
+    with f:
+        fmt = f.attrs.get("format")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        if fmt is not None and fmt not in READABLE_FORMATS:
+            raise CacheError(f"{path}: cache format {fmt!r} is not one this version of medembed reads "
+                             f"({', '.join(READABLE_FORMATS)}); upgrade medembed or {REBUILD}")
+        try:
+            yield f
+        except (OSError, KeyError) as e:
+            raise CacheError(f"{path}: damaged cache ({_reason(e)}); {REBUILD}") from None
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def read_dataset(f: h5py.File, name: str, sel=()) -> np.ndarray:
+    """`f[name][sel]`, verified: a chunk failing its Fletcher-32 checksum, or NaN/Inf in a feature
+    dataset, is a `CacheError` naming the file and the dataset."""
+    try:
+        arr = f[name][sel]
+    except (OSError, KeyError) as e:
+        raise CacheError(f"{f.filename}: dataset {name} is damaged ({_reason(e)}); {REBUILD}") from None
+    if name in FEATURE_DATASETS:
+        check_finite(arr, f.filename, name)
+    return arr
+
+
+def check_finite(arr: np.ndarray, path: str | Path, name: str) -> None:
+    """Refuse NaN/Inf features by name: they would rank as silently wrong numbers, not fail."""
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = arr.size - int(np.isfinite(arr).sum())
+        raise CacheError(f"{path}: dataset {name} holds {bad} non-finite values (NaN or Inf); {REBUILD}")
 
 
 def strings(ds: h5py.Dataset) -> list[str]:
@@ -77,17 +131,15 @@ class CachedSplit:
         return self.concepts.toarray().astype(bool)
 
 
-def _read_float(ds, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """One contiguous read of the whole dataset (chunks are row blocks), widened to `dtype`
+def _read_float(f: h5py.File, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """One verified read of the whole dataset (chunks are row blocks), widened to `dtype`
     (None: the stored dtype)."""
-    arr = np.empty(ds.shape, dtype=ds.dtype)
-    ds.read_direct(arr)
-    out = torch.from_numpy(arr)
+    out = torch.from_numpy(np.ascontiguousarray(read_dataset(f, name)))
     return out if dtype is None else out.to(dtype)
 
 
 def read_attrs(path: str | Path) -> dict:
-    with h5py.File(path, "r") as f:
+    with open_cache(path) as f:
         return _attrs(f)
 
 
@@ -99,22 +151,21 @@ def _skipped(f: h5py.File) -> list[tuple[str, str, str]]:
 
 def read_skipped(path: str | Path) -> list[tuple[str, str, str]]:
     """(id, location, reason) of every image the extraction could not read."""
-    with h5py.File(path, "r") as f:
+    with open_cache(path) as f:
         return _skipped(f)
 
 
 def read_strings(path: str | Path, name: str) -> list[str]:
     """One string dataset of a cache file (e.g. "images/ids", "captions/text") without its features."""
-    with h5py.File(path, "r") as f:
+    with open_cache(path) as f:
         return strings(f[name])
 
 
 def feature_chunks(path: str | Path, name: str = "images/features", rows: int = 65536) -> Iterator[np.ndarray]:
     """A feature dataset of a cache file, `rows` at a time as stored (never the whole file in memory)."""
-    with h5py.File(path, "r") as f:
-        ds = f[name]
-        for s in range(0, ds.shape[0], rows):
-            yield ds[s : s + rows]
+    with open_cache(path) as f:
+        for s in range(0, f[name].shape[0], rows):
+            yield read_dataset(f, name, np.s_[s : s + rows])
 
 
 def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | None = torch.float32,
@@ -122,13 +173,7 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
     """A whole cache file in memory; features as `dtype` (None: as stored, float16 by default).
     `with_captions=False` leaves the captions out (no rows), for uses that need only images and labels."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such cache file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable HDF5 cache ({e})") from e
-    with f:
+    with open_cache(path) as f:
         if "images/features" not in f:
             raise ValueError(f"{path}: not a feature cache (no images/features dataset)")
         attrs = _attrs(f)
@@ -141,22 +186,22 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
         if "concepts/ids" in f:
             concept_ids = strings(f["concepts/ids"])
             concept_names = strings(f["concepts/names"])
-            indptr = f["concepts/indptr"][()].astype(np.int64)
-            indices = f["concepts/indices"][()].astype(np.int64)
+            indptr = read_dataset(f, "concepts/indptr").astype(np.int64)
+            indices = read_dataset(f, "concepts/indices").astype(np.int64)
             concepts = sp.csr_matrix(
                 (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n, len(concept_ids))
             )
             if "concepts/text_features" in f:
-                ctf = _read_float(f["concepts/text_features"], dtype)
+                ctf = _read_float(f, "concepts/text_features", dtype)
                 templates = strings(f["concepts/templates"])
-        views = _read_float(f["images/view_features"], dtype) if with_views and "images/view_features" in f else None
+        views = _read_float(f, "images/view_features", dtype) if with_views and "images/view_features" in f else None
         return CachedSplit(
             split=attrs.get("split", path.stem),
             image_ids=strings(f["images/ids"]),
-            image_features=_read_float(f["images/features"], dtype),
-            caption_features=_read_float(f["captions/features"], dtype) if with_captions else
+            image_features=_read_float(f, "images/features", dtype),
+            caption_features=_read_float(f, "captions/features", dtype) if with_captions else
             torch.zeros(0, f["captions/features"].shape[1]),
-            caption_image=torch.from_numpy(f["captions/image_row"][()].astype(np.int64)) if with_captions else
+            caption_image=torch.from_numpy(read_dataset(f, "captions/image_row").astype(np.int64)) if with_captions else
             torch.zeros(0, dtype=torch.long),
             captions=strings(f["captions/text"]) if with_captions else [],
             concept_ids=concept_ids,

@@ -12,13 +12,12 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from medembed.cache.provenance import ProvenanceMismatch, differences
-from medembed.cache.reader import CachedSplit, load_split, read_attrs
+from medembed.cache.reader import CachedSplit, load_split, open_cache, read_attrs
 from medembed.cache.writer import write_split
 from medembed.common.files import atomic_write
 
@@ -119,7 +118,7 @@ def _merge_split(folder: Path, split: str, files: list[Path]) -> Path:
     merged = concat_splits(parts)
     merged.attrs = {**first, "shard": "", "merged_from_shards": len(files),
                     "n_records": sum(int(p.attrs["n_records"]) for p in parts)}
-    with h5py.File(files[0], "r") as f:
+    with open_cache(files[0]) as f:
         feature_attrs = {"images": dict(f["images/features"].attrs), "captions": dict(f["captions/features"].attrs)}
     write_split(final, merged, dtype=str(first.get("dtype", "float16")), feature_attrs=feature_attrs)
     return final

@@ -15,8 +15,8 @@ import torch
 
 from medembed.cache.faults import reached
 from medembed.cache.reader import CachedSplit
+from medembed.cache.schema import FORMAT
 
-FORMAT = "medembed-cache/1"
 STR = h5py.string_dtype("utf-8")
 
 
@@ -30,8 +30,13 @@ def _rows_chunk(shape: tuple[int, ...], target_bytes: int = 1 << 20, itemsize: i
 
 
 def _put_float(g: h5py.Group, name: str, arr, dtype: str, attrs: dict | None = None) -> None:
-    arr = np.asarray(arr.numpy() if isinstance(arr, torch.Tensor) else arr, dtype=dtype)
-    ds = g.create_dataset(name, data=arr, chunks=_rows_chunk(arr.shape, itemsize=arr.itemsize))
+    with np.errstate(over="ignore"):  # an overflow to float16 becomes Inf, refused just below
+        arr = np.asarray(arr.numpy() if isinstance(arr, torch.Tensor) else arr, dtype=dtype)
+    bad = arr.size - int(np.isfinite(arr).sum())
+    if bad:  # also catches values that overflow float16 when stored
+        raise ValueError(f"{g.file.filename.removesuffix('.tmp')}: {bad} non-finite values (NaN or Inf) in "
+                         f"{g.name.strip('/')}/{name} as {dtype}; the backbone produced them, nothing was written")
+    ds = g.create_dataset(name, data=arr, chunks=_rows_chunk(arr.shape, itemsize=arr.itemsize), fletcher32=True)
     for k, v in (attrs or {}).items():
         ds.attrs[k] = v
 
@@ -89,7 +94,7 @@ def _write_images(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: d
 def _write_captions(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
     g = f.create_group("captions")
     _put_str(g, "text", split.captions)
-    g.create_dataset("image_row", data=np.asarray(split.caption_image, dtype=np.int64))
+    g.create_dataset("image_row", data=np.asarray(split.caption_image, dtype=np.int64), fletcher32=True)
     _put_float(g, "features", split.caption_features, dtype, feature_attrs.get("captions"))
 
 
@@ -98,8 +103,8 @@ def _write_concepts(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs:
     _put_str(g, "ids", split.concept_ids)
     _put_str(g, "names", split.concept_names)
     labels = split.concepts if split.concepts is not None else sp.csr_matrix((len(split.image_ids), 0))
-    g.create_dataset("indptr", data=np.asarray(labels.indptr, np.int64))
-    g.create_dataset("indices", data=np.asarray(labels.indices, np.int32))
+    g.create_dataset("indptr", data=np.asarray(labels.indptr, np.int64), fletcher32=True)
+    g.create_dataset("indices", data=np.asarray(labels.indices, np.int32), fletcher32=True)
     if split.concept_text_features is not None:
         _put_str(g, "templates", split.templates)
         _put_float(g, "text_features", split.concept_text_features, dtype, feature_attrs.get("captions"))

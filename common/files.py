@@ -17,10 +17,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        # as any new file of this process: some writers (safetensors) create theirs owner-only
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it; restored at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | Path, obj) -> Path:
@@ -48,10 +57,34 @@ def staging_folder(final: str | Path) -> Path:
     return work
 
 
-def replace_folder(work: str | Path, final: str | Path) -> Path:
+class TargetChanged(FileExistsError):
+    """The output changed between a command's check and its swap: nothing was replaced."""
+
+
+_UNCHECKED = object()
+
+
+def folder_state(path: str | Path) -> tuple[int, int] | None:
+    """What `path` is now (inode and modification time), None when it does not exist: taken when a
+    command checks its output folder, compared again right before it swaps its result in."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def replace_folder(work: str | Path, final: str | Path, expected=_UNCHECKED) -> Path:
     """Swap the finished `work` folder in as `final`: a reader sees the previous folder or the new
-    one, never a mix of both; the previous one is removed only after the new one is in place."""
+    one, never a mix of both; the previous one is removed only after the new one is in place.
+
+    With `expected` (a `folder_state` taken when the command checked `final`), the swap happens only
+    if `final` is still what was checked; otherwise nothing is replaced and `work` is kept, named
+    in the error, so neither result is lost."""
     work, final = Path(work), Path(final)
+    if expected is not _UNCHECKED and folder_state(final) != expected:
+        raise TargetChanged(f"{final}: changed while this command ran, so it was left as it is; this command's "
+                            f"output is kept in {work}")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)

@@ -31,7 +31,8 @@ import torch
 from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, find_splits, load_split
-from medembed.common.files import replace_folder, staging_folder
+from medembed.common.files import folder_state, replace_folder, staging_folder
+from medembed.common.locks import exclusive
 from medembed.evaluate.examples import image_path
 from medembed.evaluate.index import ALL_SPLITS, heads_sha256
 
@@ -51,6 +52,7 @@ class ExportOptions:
     dtype: str = "float16"  # npy files; parquet `embedding` lists are float32 (embedding-reader reads 4-byte floats)
     rows: str = "images"  # one row per image, or one per caption
     rows_per_file: int = 1_000_000
+    overwrite: bool = False  # replace an earlier export in `out`
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
@@ -145,9 +147,14 @@ def _write_partition(work: Path, name: str, fmt: str, dtype: str, meta: pd.DataF
     return written + [path]
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir() or not (out / MANIFEST).exists():
         raise FileExistsError(f"{out}: exists and is not an earlier export (no {MANIFEST}); choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out}: already holds an export; pass --overwrite to replace it or --out to write "
+                              "elsewhere")
 
 
 def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None, run=None) -> ExportSummary:
@@ -165,7 +172,14 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
         raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
     out = Path(options.out) if options.out else run_dir / "export" / f"{options.split}-{options.format}"
-    _check_out(out)
+    _check_out(out, options.overwrite)
+    with exclusive(out, "export"):
+        _check_out(out, options.overwrite)  # again: another export may have finished in between
+        return _export(run, run_dir, options, chosen, out, folder_state(out))
+
+
+def _export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, Path], out: Path,
+            expected: tuple[int, int] | None) -> ExportSummary:
     work = staging_folder(out)
     for folder in ("img_emb", "text_emb", "metadata"):
         (work / folder).mkdir(parents=True)
@@ -203,7 +217,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
                      "dataset_fingerprint": str(splits[k].attrs.get("dataset_fingerprint", ""))} for k in splits],
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    replace_folder(work, out)  # only an earlier export (checked above) is ever replaced
+    replace_folder(work, out, expected)  # only the earlier export checked under the lock is ever replaced
     return ExportSummary(out=str(out), format=options.format, rows=manifest["n_rows"], dim=run.dim, partitions=part,
                          files=[str(out / p.relative_to(work)) for p in files_out])
 

@@ -31,6 +31,7 @@ from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
 from medembed.common.files import atomic_write
 from medembed.common.hashing import sha256_file
+from medembed.common.locks import exclusive
 
 __all__ = [
     "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
@@ -254,6 +255,12 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     """
     options = options or IndexOptions()
     run_dir = Path(run_dir)
+    with exclusive(index_paths(run_dir, options.split, options.kind)[0], "index build",
+                   "wait for it to finish; it writes the same index"):
+        return _build_index(run_dir, options, run)
+
+
+def _build_index(run_dir: Path, options: IndexOptions, run) -> tuple[Path, IndexMeta]:
     if run is None:
         run = open_run(run_dir)
     if getattr(run, "checkpoint", None) is not None:

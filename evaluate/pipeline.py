@@ -34,7 +34,8 @@ from medembed.adapt.run import AdaptedRun, describe_run
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
-from medembed.common.files import replace_folder, slug, staging_folder, write_json
+from medembed.common.files import folder_state, replace_folder, slug, staging_folder, write_json
+from medembed.common.locks import exclusive
 from medembed.common.version import __version__
 from medembed.evaluate import detection, fewshot, retrieval, zeroshot
 from medembed.evaluate.examples import write_examples
@@ -463,15 +464,17 @@ def _write_concepts_csv(path: Path, columns: dict[str, ColumnResult]) -> Path | 
     return path
 
 
-def write_outputs(plan: EvalPlan, results: dict[str, ColumnResult], options: EvalOptions) -> dict:
-    """Build the evaluation folder beside its final place, then swap it in (all or nothing)."""
+def write_outputs(plan: EvalPlan, results: dict[str, ColumnResult], options: EvalOptions,
+                  expected: tuple[int, int] | None) -> dict:
+    """Build the evaluation folder beside its final place, then swap it in (all or nothing), only if
+    the folder is still in the `expected` state (`common.files.folder_state`) it was checked in."""
     work = staging_folder(plan.out_dir)
     try:
         files = _write_files(work, plan, results, options)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    replace_folder(work, plan.out_dir)
+    replace_folder(work, plan.out_dir, expected)
     return {k: (plan.out_dir / Path(v).relative_to(work) if isinstance(v, Path) else
                 [plan.out_dir / Path(x).relative_to(work) for x in v]) for k, v in files.items()}
 
@@ -555,10 +558,15 @@ def run_eval(
     log = _logger(options)
     for note in plan.notes:
         log(f"note: {note}")
-    results: dict[str, ColumnResult] = {}
-    for col in plan.columns:
-        results[col.name] = score_column(col, plan, options, log)
-    files = write_outputs(plan, results, options)
+    # one eval writes a folder at a time; checked again under the lock, since another may have
+    # finished between the plan's check and now, and once more right before the swap
+    with exclusive(plan.out_dir, "eval", "wait for it to finish or choose another --out"):
+        _check_out_dir(plan.out_dir, options.overwrite)
+        state = folder_state(plan.out_dir)
+        results: dict[str, ColumnResult] = {}
+        for col in plan.columns:
+            results[col.name] = score_column(col, plan, options, log)
+        files = write_outputs(plan, results, options, state)
     first = plan.pools[Path(plan.runs[0].features_dir)].test
     return {
         "paired": paired(plan, results),

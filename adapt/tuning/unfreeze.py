@@ -21,6 +21,7 @@ one `finetuned.safetensors` in the run folder, beside the usual config.json / be
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -448,6 +449,8 @@ def _cycle(run: Periodic) -> None:
     new_dir = refresh_cache(run.backbone, run.features_dir, tune, run.device, text_only=spec.image == 0,
                             progress=run.progress)
     run.data, run.features_dir = load_training_data(replace(run.config, features_dir=str(new_dir))), new_dir
+    # written by this cycle (not an identical cache found in place): a rollback may delete it
+    created = all(p.stat().st_mtime >= t1 - 1 for p in Path(new_dir).glob("*.h5"))
     run.tuned = True
     _restart_adapter_optimizer(run)
     pairs_seen = cycle.step * tune.batch_size
@@ -457,7 +460,7 @@ def _cycle(run: Periodic) -> None:
                        "pairs_per_s": round(pairs_seen / seconds, 2) if seconds > 0 else 0.0,
                        "train_loss": cycle.history[-1]["train_loss"] if cycle.history else float("nan"),
                        "refresh_seconds": round(time.perf_counter() - t1, 2), "backbone": run.backbone.name,
-                       "features_dir": str(new_dir), "peak_gpu_memory_gb": round(
+                       "features_dir": str(new_dir), "cache_created": created, "peak_gpu_memory_gb": round(
                            torch.cuda.max_memory_allocated(run.device) / 2**30, 3) if run.device.type == "cuda" else 0.0})
 
 
@@ -487,7 +490,12 @@ def _keep(run: Periodic) -> Kept:
 
 def _roll_back(run: Periodic, kept: Kept) -> None:
     """Towers, heads and cache exactly as before the cycle (the tower modules are shared by every
-    name the backbone had, so loading the kept weights restores them bit for bit)."""
+    name the backbone had, so loading the kept weights restores them bit for bit). The rolled-back
+    cycle's re-extracted cache is deleted when the cycle wrote it: nothing will ever read it again."""
+    dropped = Path(run.features_dir)
+    if dropped.resolve() != Path(kept.features_dir).resolve() and run.cycles and run.cycles[-1].get("cache_created"):
+        shutil.rmtree(dropped, ignore_errors=True)
+        run.cycles[-1]["cache_deleted"] = True
     for module, weights in zip((run.backbone.image_model, run.backbone.text_model), kept.towers):
         module.load_state_dict(weights)
     run.backbone, run.data, run.features_dir, run.tuned = kept.backbone, kept.data, kept.features_dir, kept.tuned

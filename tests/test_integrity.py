@@ -1,0 +1,210 @@
+"""Nothing lost, nothing silently wrong: one writer per output folder (a race ends in one result and
+one clear refusal, never a silent loss), checksummed caches (a flipped byte, NaN/Inf or a truncated
+file stops every command with one line naming the file and dataset), and finished runs that keep
+only what they need."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.synthetic import write_synthetic_features
+from medembed.adapt.trainer import train
+from medembed.cache.reader import CacheError, load_split
+from medembed.cache.schema import FORMAT
+from medembed.cache.writer import write_split
+from medembed.cli import main
+from medembed.common.files import TargetChanged, folder_state, replace_folder, staging_folder
+from medembed.common.locks import TargetBusy, exclusive, lock_path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _invoke(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line_error(res) -> str:
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    lines = [x for x in res.output.strip().splitlines() if x.startswith("Error")]
+    assert len(lines) == 1, res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cca_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("integrity")
+    features = write_synthetic_features(root / "features", n_train=120, n_eval=40, captions_per_image=2)
+    train(AdaptConfig(features_dir=str(features), out=str(root / "run"), head="cca", dim=8), progress=False)
+    return root / "run"
+
+
+# ------------------------------------------------------------------------------ one writer per folder
+def test_a_second_writer_is_refused_while_the_first_holds_the_folder(tmp_path):
+    target = tmp_path / "out"
+    with exclusive(target, "eval"):
+        assert lock_path(target).exists()
+        with pytest.raises(TargetBusy, match="another eval is already writing"):
+            with exclusive(target, "eval"):
+                pass
+    assert not lock_path(target).exists()
+    with exclusive(target, "eval"):  # released after the first finished
+        pass
+
+
+def test_a_swap_into_a_folder_that_changed_since_the_check_is_refused_and_keeps_both(tmp_path):
+    final = tmp_path / "eval-test"
+    state = folder_state(final)  # checked: not there yet
+    work = staging_folder(final)
+    (work / "mine.json").write_text("{}")
+    final.mkdir()  # someone else wrote it meanwhile
+    (final / "theirs.json").write_text("{}")
+    with pytest.raises(TargetChanged, match="changed while this command ran"):
+        replace_folder(work, final, state)
+    assert (final / "theirs.json").exists() and (work / "mine.json").exists()
+
+
+_EVAL = ["--split", "test", "--no-closed-form", "--skip", "zeroshot,fewshot,detection", "--examples", "0"]
+
+
+def test_eval_into_a_folder_another_eval_is_writing_is_refused_in_one_line(cca_run, tmp_path):
+    out = tmp_path / "ev"
+    with exclusive(out, "eval"):
+        line = _one_line_error(_invoke("eval", "--run", cca_run, "--out", out, *_EVAL))
+    assert "another eval is already writing" in line and str(out) in line
+    assert not out.exists()
+
+
+def test_export_into_a_folder_another_export_is_writing_is_refused(cca_run, tmp_path):
+    out = tmp_path / "ex"
+    with exclusive(out, "export"):
+        line = _one_line_error(_invoke("export", "--run", cca_run, "--out", out))
+    assert "another export is already writing" in line
+    assert _invoke("export", "--run", cca_run, "--out", out).exit_code == 0
+    again = _one_line_error(_invoke("export", "--run", cca_run, "--out", out))  # an earlier export is kept
+    assert "already holds an export" in again and "--overwrite" in again
+    assert _invoke("export", "--run", cca_run, "--out", out, "--overwrite").exit_code == 0
+
+
+def _race(cmds: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    env = dict(os.environ, PYTHONPATH=str(REPO.parent), HF_HUB_OFFLINE="1")
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_two_writers_started_together_leave_one_result_and_one_clear_refusal(cca_run, tmp_path, command):
+    out = tmp_path / command
+    extra = _EVAL if command == "eval" else []
+    cmd = [sys.executable, str(REPO / "cli.py"), command, "--run", str(cca_run), "--out", str(out), *extra]
+    done = _race([cmd, cmd])
+    ok = [p for p in done if p.returncode == 0]
+    refused = [p for p in done if p.returncode != 0]
+    assert len(ok) == 1 and len(refused) == 1, [(p.returncode, p.stderr[-300:]) for p in done]
+    err = refused[0].stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in refused[0].stderr
+    assert "already writing" in err[0] or "already holds" in err[0], err
+    marker = "comparison.json" if command == "eval" else "export.json"
+    assert (out / marker).exists()  # the winner's output is whole and in place
+    assert not list(tmp_path.glob(f".{command}.partial-*"))
+
+
+# ------------------------------------------------------------------------------ checksummed caches
+def _features_chunk(path: Path, name: str = "images/features") -> tuple[int, int]:
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info(0)
+        return info.byte_offset, info.size
+
+
+def _flip(path: Path, offset: int, n: int = 64) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        data = bytearray(fh.read(n))
+        fh.seek(offset)
+        fh.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.fixture
+def features(tmp_path) -> Path:
+    return write_synthetic_features(tmp_path / "features", n_train=120, n_eval=40)
+
+
+def test_caches_are_written_with_checksums_and_the_current_format(features):
+    with h5py.File(features / "train.h5", "r") as f:
+        assert f.attrs["format"] == FORMAT
+        for name in ("images/features", "captions/features", "captions/image_row", "concepts/indptr"):
+            assert f[name].fletcher32, name
+
+
+def test_flipped_bytes_in_the_features_stop_training_with_the_file_and_dataset_named(features, tmp_path):
+    offset, size = _features_chunk(features / "train.h5")
+    _flip(features / "train.h5", offset + size // 2)
+    with pytest.raises(CacheError, match="images/features is damaged"):
+        load_split(features / "train.h5")
+    line = _one_line_error(_invoke("adapt", "--features", features, "--out", tmp_path / "run", "--epochs", "1"))
+    assert "train.h5" in line and "images/features" in line and "cli.py extract" in line
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_non_finite_features_are_refused_when_written_and_when_read(features, tmp_path):
+    split = load_split(features / "test.h5")
+    split.image_features[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        write_split(tmp_path / "bad.h5", split, dtype="float32")
+    assert not (tmp_path / "bad.h5").exists() and not list(tmp_path.glob("bad.h5*"))
+    split.image_features[3, 1] = 1e6  # finite in float32, Inf once stored as float16
+    with pytest.raises(ValueError, match="non-finite"):
+        write_split(tmp_path / "bad.h5", split, dtype="float16")
+    with h5py.File(features / "test.h5", "r+") as f:  # written by something else: NaN with a valid checksum
+        ds = f["captions/features"]
+        row = ds[0]
+        row[0] = np.inf
+        ds[0] = row
+    with pytest.raises(CacheError, match="captions/features holds 1 non-finite"):
+        load_split(features / "test.h5")
+
+
+def test_a_truncated_cache_gives_one_line_for_adapt_as_for_every_command(features, tmp_path):
+    path = features / "train.h5"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    line = _one_line_error(_invoke("adapt", "--features", features, "--out", tmp_path / "run", "--epochs", "1"))
+    assert str(path) in line and "not a readable HDF5 cache" in line
+
+
+def test_a_cache_of_a_newer_format_is_refused_with_what_to_do(features):
+    with h5py.File(features / "valid.h5", "r+") as f:
+        f.attrs["format"] = "medembed-cache/99"
+    with pytest.raises(CacheError, match="medembed-cache/99.*upgrade medembed"):
+        load_split(features / "valid.h5")
+
+
+# ------------------------------------------------------------------------------ what a finished run keeps
+def test_a_finished_run_keeps_its_best_weights_only_unless_asked(features, tmp_path):
+    base = dict(features_dir=str(features), epochs=2, ensemble=1, dim=16, batch_size=32)
+    train(AdaptConfig(out=str(tmp_path / "lean"), **base), progress=False)
+    assert (tmp_path / "lean" / "best.safetensors").exists()
+    assert not (tmp_path / "lean" / "last.safetensors").exists()
+    summary = json.loads((tmp_path / "lean" / "summary.json").read_text())
+    assert summary["created"].startswith("20")
+    train(AdaptConfig(out=str(tmp_path / "kept"), keep_last=True, **base), progress=False)
+    assert (tmp_path / "kept" / "last.safetensors").exists()
+
+
+def test_weight_files_are_as_readable_as_the_rest_of_the_run(features, tmp_path):
+    train(AdaptConfig(features_dir=str(features), out=str(tmp_path / "run"), epochs=1, ensemble=1, dim=16,
+                      batch_size=32), progress=False)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()}
+    assert modes["best.safetensors"] == modes["config.json"] == modes["summary.json"], modes
