@@ -230,6 +230,23 @@ def _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone
     return summary, extra
 
 
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Run folder whose features folder moved.")
+@click.option("--features", "features_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Where the run's features are now (checked against the run's recorded provenance).")
+def relink(run_dir, features_dir) -> None:
+    """Point a run at its features folder after the folder moved (runs moved with their features need nothing)."""
+    from medembed.adapt.relink import relink as run_relink
+
+    try:
+        done = run_relink(run_dir, features_dir)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{done['run_dir']}: features {done['old']} -> {done['new']} (splits {', '.join(done['splits'])}, "
+               "provenance checked)")
+
+
 # --- eval / search ---------------------------------------------------------------------------
 
 def _int_list(ctx, param, value: str) -> list[int]:

@@ -29,7 +29,7 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
     run_dir = Path(run_dir)
     run = run or load_run(run_dir)
     if splits is None:
-        files = find_splits(run.features_dir)
+        files = run.split_files()
         missing = [s for s in ("train", "valid") if s not in files]
         if missing:
             raise FileNotFoundError(f"{run.features_dir}: no {' or '.join(missing)} split to choose the query bank on")
@@ -62,6 +62,8 @@ class BankOffsets:
     def _split(self) -> CachedSplit:
         if self._bank is None:
             folder = Path(self.setting.bank_features or self.run.features_dir)
+            if not folder.is_dir() and self.setting.bank_features == self.run.config.get("features_dir"):
+                folder = self.run.features_dir  # the training cache, moved with the run or relinked
             files = find_splits(folder) if folder.is_dir() else {}
             if self.setting.bank_split not in files:
                 raise FileNotFoundError(

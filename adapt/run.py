@@ -16,10 +16,13 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.heads import build_heads
+from medembed.cache.reader import find_splits
+from medembed.common.files import relative_to, resolve_recorded
 from medembed.common.querybank import QueryBank
 from medembed.common.tensors import embed_in_chunks, module_device
 
-__all__ = ["AdaptedRun", "QUERYBANK", "load_run", "describe_run", "read_querybank"]
+__all__ = ["AdaptedRun", "QUERYBANK", "load_run", "describe_run", "missing_features_message", "portable_features",
+           "read_querybank", "run_features_dir"]
 
 QUERYBANK = "querybank.json"  # the query-bank setting chosen on valid (`adapt.querybank`)
 
@@ -45,7 +48,16 @@ class AdaptedRun:
 
     @property
     def features_dir(self) -> Path:
-        return Path(self.config["features_dir"])
+        """The cache the run was trained on (or was pointed at), where it is now: see `run_features_dir`."""
+        return run_features_dir(self.config, self.run_dir)
+
+    def split_files(self) -> dict[str, Path]:
+        """The finished split files of the run's features folder; a folder that is gone is named with
+        how to re-point the run, not with advice to extract from scratch."""
+        folder = self.features_dir
+        if not folder.is_dir():
+            raise FileNotFoundError(missing_features_message(self.checkpoint or self.run_dir, folder))
+        return find_splits(folder)
 
     @property
     def dim(self) -> int:
@@ -59,7 +71,30 @@ class AdaptedRun:
 
     def with_features(self, features_dir: str | Path) -> AdaptedRun:
         """The same heads pointed at another cache of the same backbone (e.g. a newly encoded dataset)."""
-        return replace(self, config={**self.config, "features_dir": str(features_dir)})
+        config = {k: v for k, v in self.config.items() if k != FEATURES_RELATIVE}
+        return replace(self, config={**config, "features_dir": str(features_dir)})
+
+
+FEATURES_RELATIVE = "features_dir_relative"  # config.json: the features folder relative to the run folder
+
+
+def portable_features(run_config: dict, run_dir: str | Path) -> dict:
+    """config.json's features folder recorded both ways: absolute, and relative to the run folder, so
+    a run moved together with its features (or a features folder moved alone, then `cli.py relink`)
+    still finds them."""
+    return {**run_config, FEATURES_RELATIVE: relative_to(run_config["features_dir"], run_dir)}
+
+
+def run_features_dir(config: dict, run_dir: str | Path) -> Path:
+    """The run's features folder now: relative to the run folder when that resolves, else absolute."""
+    return resolve_recorded(config["features_dir"], config.get(FEATURES_RELATIVE), run_dir)
+
+
+def missing_features_message(run_dir: str | Path, features_dir: str | Path) -> str:
+    """What to do when a run's features folder is not where the run recorded it."""
+    return (f"{run_dir}: its features folder {features_dir} is not there (moved or deleted?); if it moved, "
+            f"`cli.py relink --run {run_dir} --features NEW_FOLDER` re-points the run (checked by provenance), "
+            "otherwise extract the same dataset with the same backbone again")
 
 
 def read_querybank(run_dir: str | Path) -> QueryBank | None:

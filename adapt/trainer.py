@@ -34,7 +34,7 @@ from medembed.adapt.data import (
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
 from medembed.adapt.querybank import calibrate
-from medembed.adapt.run import QUERYBANK
+from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
 from medembed.adapt.supervision import ConceptSupervision
 from medembed.cache.provenance import RUN_RECORD_KEYS
@@ -129,10 +129,11 @@ def concept_texts(config: AdaptConfig, concepts, names: list[str], text_features
 
 def run_config_for(config: AdaptConfig, data: TrainingData) -> dict:
     """config.json: the settings, the feature widths and the provenance of the cache trained on."""
-    return {**config.to_dict(), "image_dim": data.source.image_dim, "text_dim": data.source.text_dim,
-            "concept_text_pairs": data.concepts.n_pairs if data.concepts is not None else 0,
-            "backbone": data.attrs.get("backbone", ""),
-            "cache": {k: data.attrs[k] for k in RUN_RECORD_KEYS if k in data.attrs}}
+    return portable_features({
+        **config.to_dict(), "image_dim": data.source.image_dim, "text_dim": data.source.text_dim,
+        "concept_text_pairs": data.concepts.n_pairs if data.concepts is not None else 0,
+        "backbone": data.attrs.get("backbone", ""),
+        "cache": {k: data.attrs[k] for k in RUN_RECORD_KEYS if k in data.attrs}}, config.out)
 
 
 def pairs_per_epoch(config: AdaptConfig, data: TrainingData) -> int:

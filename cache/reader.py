@@ -33,6 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from medembed.cache.schema import FEATURE_DATASETS, READABLE_FORMATS, REBUILD
+from medembed.common.files import resolve_recorded
 from medembed.common.splits import sort_splits
 
 
@@ -124,11 +125,26 @@ class CachedSplit:
     def n_captions(self) -> int:
         return self.caption_features.shape[0]
 
+    @property
+    def data_root(self) -> str:
+        """The dataset folder the image locations are relative to: found through the path recorded
+        relative to this cache file when data and features moved together, else the absolute one."""
+        return recorded_data_root(self.attrs, self.path)
+
     def concept_dense(self) -> np.ndarray:
         """[N, C] bool; fine for the small splits tests and few-shot use."""
         if self.concepts is None:
             return np.zeros((self.n_images, 0), dtype=bool)
         return self.concepts.toarray().astype(bool)
+
+
+def recorded_data_root(attrs: dict, cache_path: str | Path) -> str:
+    """`data_root` of a cache file's attributes, resolved as `CachedSplit.data_root` explains."""
+    absolute = str(attrs.get("data_root", "") or "")
+    if not absolute:
+        return ""
+    base = Path(cache_path).parent if cache_path else Path(".")
+    return str(resolve_recorded(absolute, attrs.get("data_root_relative") or None, base))
 
 
 def _read_float(f: h5py.File, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -141,6 +157,12 @@ def _read_float(f: h5py.File, name: str, dtype: torch.dtype | None = torch.float
 def read_attrs(path: str | Path) -> dict:
     with open_cache(path) as f:
         return _attrs(f)
+
+
+def feature_widths(path: str | Path) -> tuple[int, int]:
+    """(image feature width, caption feature width) of a cache file, without reading features."""
+    with open_cache(path) as f:
+        return int(f["images/features"].shape[1]), int(f["captions/features"].shape[1])
 
 
 def _skipped(f: h5py.File) -> list[tuple[str, str, str]]:

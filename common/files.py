@@ -93,6 +93,22 @@ def replace_folder(work: str | Path, final: str | Path, expected=_UNCHECKED) -> 
     return final
 
 
+def relative_to(target: str | Path, base: str | Path) -> str:
+    """`target` as a path relative to the folder `base` (both made absolute first): recorded beside
+    an absolute path so that a tree moved as a whole (runs and features together) still resolves."""
+    return os.path.relpath(os.path.abspath(target), os.path.abspath(base))
+
+
+def resolve_recorded(absolute: str | Path, relative: str | None, base: str | Path) -> Path:
+    """Where a recorded folder is now: the relative record (against `base`) when that exists, else
+    the absolute one when that exists, else the absolute one as recorded (for the error message)."""
+    if relative:
+        moved = Path(base) / relative
+        if moved.exists():
+            return Path(os.path.normpath(moved))
+    return Path(absolute)
+
+
 def slug(name: str) -> str:
     """A folder name for a dataset or backbone name that keeps its letters, in any script.
 

@@ -24,7 +24,7 @@ THUMBNAIL = 384
 def image_path(split: CachedSplit, row: int) -> str:
     """Where image `row` of a cached split lives, joined onto the recorded data root."""
     loc = split.image_locations[row] if row < len(split.image_locations) else ""
-    root = str(split.attrs.get("data_root", "") or "")
+    root = split.data_root
     if not loc:
         return ""
     archive, sep, member = loc.partition(ZIP_SEP)

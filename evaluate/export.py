@@ -30,7 +30,7 @@ import torch
 
 from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
-from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.cache.reader import CachedSplit, load_split
 from medembed.common.files import folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
 from medembed.evaluate.examples import image_path
@@ -167,7 +167,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     _check_parquet_engine()  # metadata is parquet in both layouts
     if run is None:
         run = open_run(run_dir)
-    files = find_splits(run.features_dir)
+    files = run.split_files()
     if options.split != ALL_SPLITS and options.split not in files:
         raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}

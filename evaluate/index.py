@@ -26,7 +26,7 @@ import torch
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.querybank import bank_offsets
-from medembed.adapt.run import QUERYBANK, read_querybank
+from medembed.adapt.run import QUERYBANK, read_querybank, run_features_dir
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
 from medembed.common.files import atomic_write
@@ -267,6 +267,7 @@ def _build_index(run_dir: Path, options: IndexOptions, run) -> tuple[Path, Index
         raise ValueError(f"{run_dir}: a fine-tuned run (backbone and heads in {run.checkpoint.name}); indexes are kept "
                          "for adapter runs, and `search` on this run scans its pool exactly")
     t0 = time.perf_counter()
+    run.split_files()  # a features folder that moved is named with how to re-point the run
     files = _split_files(Path(run.features_dir), options.split)
     sources = [_describe(split, path) for split, path in files.items()]
     n = sum(s.n_images for s in sources)
@@ -315,10 +316,10 @@ def _features_dir(run_dir: Path) -> Path:
     cfg = run_dir / RUN_CONFIG
     if not cfg.exists():
         raise FileNotFoundError(f"{cfg}: no config.json, not an adapter run folder")
-    features = json.loads(cfg.read_text()).get("features_dir")
-    if not features:
+    config = json.loads(cfg.read_text())
+    if not config.get("features_dir"):
         raise ValueError(f"{cfg}: names no features_dir; cannot check the index against the cache")
-    return Path(features)
+    return run_features_dir(config, run_dir)
 
 
 def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | None = None,

@@ -233,6 +233,7 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     pools: dict[Path, Pool] = {}
     for run in runs:
         fd = Path(run.features_dir)
+        run.split_files()  # a features folder that moved is named with how to re-point the run
         if fd not in pools:
             pools[fd] = load_pool(fd, split, need_train, need_valid, captions=options.closed_form)
         _check_trained_on(run, pools[fd])

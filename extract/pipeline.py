@@ -25,7 +25,7 @@ from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
 from medembed.cache.shards import write_done_marker
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
-from medembed.common.files import slug
+from medembed.common.files import relative_to, slug
 from medembed.common.version import __version__
 from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone
 from medembed.extract.datasets import load_dataset
@@ -295,7 +295,8 @@ def _assemble(bb, dataset: Dataset, split: str, records: list[Record], store: Pa
     cap_feats = _text_phase(bb, captions, store, "cap", cfg.dtype, device, cfg.progress)
     vocab, names, labels, concept_feats = _concept_columns(bb, dataset, kept, store, cfg, device, memo)
     attrs = {**prov, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-             "data_root": str(Path(dataset.root).resolve()), "n_records": len(records), "extract_batch_size": batch_size}
+             "data_root": str(Path(dataset.root).resolve()), "data_root_relative": relative_to(dataset.root, store.dir.parent),
+             "n_records": len(records), "extract_batch_size": batch_size}
     return CachedSplit(
         split=split, image_ids=[r.image_id for r in kept], image_features=feats, caption_features=cap_feats,
         caption_image=caption_image, captions=captions, concept_ids=vocab, concept_names=names, concepts=labels,

@@ -208,3 +208,68 @@ def test_weight_files_are_as_readable_as_the_rest_of_the_run(features, tmp_path)
                       batch_size=32), progress=False)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()}
     assert modes["best.safetensors"] == modes["config.json"] == modes["summary.json"], modes
+
+
+# ------------------------------------------------------------------------------ runs that can move
+def _eval_ok(run: Path, out: Path) -> dict:
+    res = _invoke("eval", "--run", run, "--out", out, *_EVAL)
+    assert res.exit_code == 0, res.output
+    return json.loads(next(out.glob("metrics-*.json")).read_text())["metrics"]
+
+
+@pytest.mark.parametrize("querybank", [True, False])
+def test_a_run_moved_with_its_features_still_finds_them(tmp_path, querybank):
+    root = tmp_path / "project"
+    features = write_synthetic_features(root / "features" / "syn", n_train=120, n_eval=40)
+    train(AdaptConfig(features_dir=str(features), out=str(root / "runs" / "r"), epochs=2, ensemble=1, dim=16,
+                      batch_size=32, querybank=querybank), progress=False)
+    before = _eval_ok(root / "runs" / "r", tmp_path / "ev-before")
+    moved = tmp_path / "elsewhere" / "project"
+    moved.parent.mkdir()
+    shutil.move(root, moved)
+    after = _eval_ok(moved / "runs" / "r", tmp_path / "ev-after")
+    assert after["t2i_R@1"] == before["t2i_R@1"] and after["i2t_R@10"] == before["i2t_R@10"]
+
+
+def test_a_moved_features_folder_is_named_with_relink_and_relink_checks_provenance(tmp_path):
+    features = write_synthetic_features(tmp_path / "features" / "syn", n_train=120, n_eval=40)
+    run = tmp_path / "runs" / "r"
+    train(AdaptConfig(features_dir=str(features), out=str(run), epochs=2, ensemble=1, dim=16, batch_size=32),
+          progress=False)
+    before = _eval_ok(run, tmp_path / "ev-before")
+    new = tmp_path / "archive" / "syn"
+    new.parent.mkdir()
+    shutil.move(features, new)
+    line = _one_line_error(_invoke("eval", "--run", run, "--out", tmp_path / "ev-lost", *_EVAL))
+    assert "is not there" in line and "cli.py relink" in line and "cli.py extract first" not in line
+
+    other = write_synthetic_features(tmp_path / "other", n_train=120, n_eval=40, image_dim=24)  # other widths
+    refused = _one_line_error(_invoke("relink", "--run", run, "--features", other))
+    assert "not the features this run was trained on (feature widths" in refused
+    same_shape = tmp_path / "same-shape"
+    shutil.copytree(new, same_shape)
+    for path in same_shape.glob("*.h5"):
+        with h5py.File(path, "r+") as f:
+            f.attrs["dataset"] = "another-dataset"
+    refused = _one_line_error(_invoke("relink", "--run", run, "--features", same_shape))
+    assert "not the features this run was trained on (dataset:" in refused
+    assert _invoke("relink", "--run", run, "--features", new).exit_code == 0
+    assert json.loads((run / "config.json").read_text())["features_dir"] == str(new.resolve())
+    bank = json.loads((run / "querybank.json").read_text())["setting"]["bank_features"]
+    assert bank == str(new.resolve())
+    after = _eval_ok(run, tmp_path / "ev-after")
+    assert after["t2i_R@5"] == before["t2i_R@5"] and after["i2t_R@5"] == before["i2t_R@5"]
+
+
+def test_image_locations_resolve_after_data_and_features_move_together(tmp_path):
+    from medembed.evaluate.examples import image_path
+    from tests.conftest import tiny_clip_cache
+
+    root = tmp_path / "proj"
+    cache = tiny_clip_cache(root, {"train": 4})
+    moved = tmp_path / "moved"
+    shutil.move(root, moved)
+    split = load_split(moved / cache.relative_to(root) / "train.h5")
+    assert split.attrs["data_root"].startswith(str(root))  # the absolute record is stale ...
+    assert Path(image_path(split, 0)).is_file()  # ... the relative one finds the image
+    assert Path(image_path(split, 0)).is_relative_to(moved)

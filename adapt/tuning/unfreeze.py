@@ -33,6 +33,7 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.config import AdaptConfig
+from medembed.adapt.run import portable_features
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, snapshot, weight_averages
 from medembed.adapt.trainer import (
     TrainingData,
@@ -58,7 +59,7 @@ from medembed.adapt.tuning.towers import (
     release,
     top_for,
 )
-from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
+from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs, recorded_data_root
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
 from medembed.common.ranking import recall_summary
@@ -136,8 +137,8 @@ def _base_backbone(features_dir: str | Path, device: torch.device) -> Backbone:
 
 
 def _data_root(features_dir: str | Path, tune: TuneConfig) -> Path:
-    attrs = read_attrs(find_splits(features_dir)["train"])
-    root = Path(tune.data or attrs.get("data_root", ""))
+    train = find_splits(features_dir)["train"]
+    root = Path(tune.data or recorded_data_root(read_attrs(train), train))
     if not root.is_dir():
         raise FileNotFoundError(f"{features_dir}: dataset folder {str(root)!r} (data_root) not found; pass the "
                                 "dataset folder (TuneConfig.data)")
@@ -288,7 +289,8 @@ def _run_config(config: AdaptConfig, data: TrainingData, tune: TuneConfig) -> di
 def _tuned_config(run_config: dict, backbone: Backbone, features_dir: Path) -> dict:
     attrs = read_attrs(find_splits(features_dir)["train"])
     cache = {k: attrs[k] for k in run_config["cache"] if k in attrs}
-    return {**run_config, "features_dir": str(features_dir), "backbone": backbone.name, "cache": cache}
+    return portable_features({**run_config, "features_dir": str(features_dir), "backbone": backbone.name, "cache": cache},
+                             run_config["out"])
 
 
 @dataclass
