@@ -69,6 +69,9 @@ def _print_extract_summary(summary) -> None:
 @click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
               help="Also store features of N randomly augmented views of each image.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
+@click.option("--allow-split-overlap", is_flag=True,
+              help="Extract a dataset whose splits share images (by id or file) with a warning, instead of refusing "
+                   "it: such images leak test into training.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Do only the I-th (0-based) of N contiguous blocks of each split; join with `cache merge`.")
 @click.option("--engine", type=click.Choice(["loop", "ray"]), default="loop", show_default=True,
@@ -76,8 +79,8 @@ def _print_extract_summary(summary) -> None:
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
 @click.option("--shards", default=None, type=click.IntRange(min=1),
               help="Shards per split with --engine ray [default: one per GPU, else one per CPU].")
-def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, shard, engine, address,
-            shards) -> None:
+def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, allow_split_overlap, shard,
+            engine, address, shards) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
     from medembed.extract.pipeline import ExtractConfig
     from medembed.extract.pipeline import extract as run_extract
@@ -85,6 +88,7 @@ def extract(data, backbone, splits, batch_size, workers, device, out, dtype, vie
     cfg = ExtractConfig(
         data=data, backbone=backbone, splits=splits.split(",") if splits else None, batch_size=batch_size,
         workers=workers, device=device, out=out, dtype=dtype, views=views, strict=strict, shard=shard,
+        allow_split_overlap=allow_split_overlap,
     )
     try:
         if engine == "ray":
@@ -400,9 +404,11 @@ def serve(run_dir, use_index, host, port, split) -> None:
 @click.argument("folder", default="runs", type=click.Path(file_okay=False))
 @click.option("--sort", "sort_key", default="created", show_default=True,
               type=click.Choice(["created", "name", "valid", "test_t2i", "test_i2t"]),
-              help="Order of the rows (valid: best valid mean recall first; test_*: latest test R@10 first).")
+              help="Order of the rows (valid: best valid mean recall first, ranked as eval ranks each run: with "
+                   "its query bank when it has one; test_*: latest test R@10 first).")
 def runs(folder, sort_key) -> None:
-    """Every run under FOLDER: backbone, dataset, model, best valid recall, latest test evaluation, when made."""
+    """Every run under FOLDER: backbone, dataset, model, best valid recall (as ranked and with plain cosine),
+    latest test evaluation, when made, size on disk."""
     from medembed.evaluate.runs import find_runs, format_runs, sort_runs, sweep_boards
 
     try:
@@ -428,11 +434,11 @@ def runs(folder, sort_key) -> None:
               help="Sweep folder: OUT/CELL/seed-S runs, OUT/leaderboard.md and .json.")
 def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
     """A grid of adapter settings over one cache, several seeds per cell, and a leaderboard."""
-    from medembed.evaluate.sweep import format_leaderboard, parse_grid, run_sweep
+    from medembed.evaluate.sweep import format_leaderboard, parse_fixed, parse_grid, run_sweep
 
     try:
         grid = parse_grid(list(sets), grid_file)
-        fixed = {k: v[0] for k, v in parse_grid(list(fixed_sets)).items()} if fixed_sets else {}
+        fixed = parse_fixed(list(fixed_sets))
         board = run_sweep(features_dir, grid, seeds, out, fixed, log=click.echo)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         raise click.ClickException(str(e)) from e

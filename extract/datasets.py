@@ -283,20 +283,23 @@ def _split_files(folder: Path, pattern: re.Pattern[str]) -> dict[str, Path]:
     return {s: found[s] for s in sort_splits(found)}
 
 
-def _empty_caption_warning(path: Path, lines: list[int]) -> str:
-    shown = ", ".join(str(n) for n in lines[:_MAX_LINES_LISTED]) + (", ..." if len(lines) > _MAX_LINES_LISTED else "")
-    return f"{path}: dropped {len(lines)} empty caption(s) (line {shown})"
+def _empty_caption_warning(path: Path, rows: list[tuple[int, str]]) -> str:
+    """Which captions were empty, by line and by the image they belong to (the image is what a user
+    will miss in the cache)."""
+    shown = ", ".join(f"{image} (line {n})" for n, image in rows[:_MAX_LINES_LISTED])
+    more = ", ..." if len(rows) > _MAX_LINES_LISTED else ""
+    return f"{path}: dropped {len(rows)} empty caption(s) of {shown}{more}"
 
 
 def _imageclef_records(
     root: Path, split: str, captions: _IdRows, concepts: _IdRows | None, index: _ImageIndex, warnings: list[str]
 ) -> list[Record]:
     records = []
-    empty: list[int] = []
+    empty: list[tuple[int, str]] = []
     concept_values = concepts.values if concepts is not None else {}
     for image_id, (line, caption) in captions.values.items():
         if not caption:
-            empty.append(line)
+            empty.append((line, image_id))  # the image has no other caption here: it is dropped
             continue
         location = index.locate(image_id, split)
         if not _inside(root, location):
@@ -493,12 +496,12 @@ def _read_generic(path: Path, name: str) -> Dataset:
     folder = path.parent
     grouped: dict[str, _GenericRow] = {}
     locations: dict[str, str] = {}
-    empty: list[int] = []
+    empty: list[tuple[int, str]] = []
     for row in _generic_rows(path):
         key = row.image.replace("\\", "/")
         captions = [c for c in row.captions if c]
         if len(captions) < len(row.captions) or not row.captions:
-            empty.append(row.line)
+            empty.append((row.line, key))
         first = grouped.get(key)
         if first is None:
             locations[key] = _resolve_generic_image(folder, key, path, row.line)
@@ -519,8 +522,9 @@ def _read_generic(path: Path, name: str) -> Dataset:
     warnings = []
     if empty:
         message = _empty_caption_warning(path, empty)
-        dropped_images = len(grouped) - len(records)
-        if dropped_images:
-            message += f"; {dropped_images} image(s) left with no caption were dropped"
+        dropped = [key for key, row in grouped.items() if not row.captions]
+        if dropped:
+            message += (f"; {len(dropped)} image(s) left with no caption were dropped: "
+                        + ", ".join(dropped[:_MAX_LINES_LISTED]) + (", ..." if len(dropped) > _MAX_LINES_LISTED else ""))
         warnings.append(message)
     return Dataset(name, str(folder), "generic", records, {}, warnings=warnings)

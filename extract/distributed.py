@@ -18,6 +18,7 @@ from medembed.extract.pipeline import (
     ExtractSummary,
     SplitSummary,
     cache_dir,
+    check_split_overlap,
     extract_split,
 )
 from medembed.extract.synthetic import ensure_default_dataset
@@ -40,6 +41,7 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
     data = str(cfg.data or ensure_default_dataset())
     dataset = load_dataset(data)
     splits = cfg.splits or dataset.splits
+    check_split_overlap(dataset, cfg.allow_split_overlap)
     started_here = not ray.is_initialized()
     if started_here:
         runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")])),

@@ -61,6 +61,23 @@ class ExtractConfig:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     progress: bool = True
     shard: str | None = None  # "I/N": this process does the I-th of N contiguous blocks of each split
+    allow_split_overlap: bool = False  # keep images found in several splits (with a warning) instead of refusing
+
+
+def check_split_overlap(dataset: Dataset, allow: bool) -> list[str]:
+    """Refuse a dataset whose splits share images (train/test leakage), naming the first few; with
+    `allow`, the warning to print instead."""
+    overlaps = dataset.split_overlaps()
+    if not overlaps:
+        return []
+    shown = "; ".join(f"{key} in {'+'.join(splits)}" for key, splits in overlaps[:3])
+    more = f" and {len(overlaps) - 3} more" if len(overlaps) > 3 else ""
+    n = len(overlaps)
+    what = f"{dataset.root}: {n} image{' is' if n == 1 else 's are'} in more than one split ({shown}{more})"
+    if not allow:
+        raise ExtractError(f"{what}: that leaks test into training; fix the split files, or pass "
+                           "--allow-split-overlap to extract them anyway")
+    return [f"{what}: kept because of --allow-split-overlap; test numbers of runs trained on this data are inflated"]
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -356,6 +373,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     unknown = [s for s in splits if s not in dataset.splits]
     if unknown:
         raise ExtractError(f"{dataset.root}: no split {', '.join(unknown)} (splits here: {', '.join(dataset.splits)})")
+    overlap = check_split_overlap(dataset, cfg.allow_split_overlap)
     device = resolve_device(cfg.device).type
     # no flips for the stored views: radiology captions name the patient's left and right
     bb = backbone or create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
@@ -368,7 +386,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
         device=device,
         out_dir=str(cache_dir(cfg.out, dataset.name, bb.name)),
         splits=results,
-        warnings=list(getattr(dataset, "warnings", [])),
+        warnings=overlap + list(getattr(dataset, "warnings", [])),
         layout=dataset.layout,
         found=describe_dataset(dataset),
     )

@@ -51,6 +51,22 @@ class Dataset:
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
 
+    def split_overlaps(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Images found in more than one split, by id or by file: (id or file, the splits). Such an
+        image leaks the test split into training and inflates every test number."""
+        by_id: dict[str, set[str]] = {}
+        by_file: dict[str, tuple[set[str], set[str]]] = {}  # file -> (its splits, its ids)
+        for r in self.records:
+            by_id.setdefault(r.image_id, set()).add(r.split)
+            splits, ids = by_file.setdefault(r.image, (set(), set()))
+            splits.add(r.split)
+            ids.add(r.image_id)
+        out = [(f"id {i}", tuple(sort_splits(s))) for i, s in by_id.items() if len(s) > 1]
+        leaked = {i for i, s in by_id.items() if len(s) > 1}
+        out += [(f"file {f}", tuple(sort_splits(s))) for f, (s, ids) in by_file.items()
+                if len(s) > 1 and not ids <= leaked]  # one file under other ids in other splits
+        return out
+
     def concept_vocab(self) -> list[str]:
         """All concepts of the dataset (every split, plus named ones), so splits share columns."""
         seen = set(self.concept_names)

@@ -68,6 +68,7 @@ def test_imageclef2023_with_images_folder(tmp_path: Path) -> None:
     assert len(ds.warnings) == 1
     assert "train_captions.csv" in ds.warnings[0] and "dropped 1 empty caption" in ds.warnings[0]
     assert "line 4" in ds.warnings[0]
+    assert "A3 (line 4)" in ds.warnings[0]  # the image the user will miss, not only the line
     assert "ZZ" not in by_id(ds.records)  # concepts of an id without a caption are ignored
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
@@ -273,3 +272,37 @@ def test_image_locations_resolve_after_data_and_features_move_together(tmp_path)
     assert split.attrs["data_root"].startswith(str(root))  # the absolute record is stale ...
     assert Path(image_path(split, 0)).is_file()  # ... the relative one finds the image
     assert Path(image_path(split, 0)).is_relative_to(moved)
+
+
+# ------------------------------------------------------------------------------ train/test leakage
+def _leaky(tmp_path: Path) -> Path:
+    from tests.conftest import make_imageclef2023
+
+    root = make_imageclef2023(tmp_path / "leaky", {"train": 6, "test": 3})
+    test_csv = root / "test_captions.csv"
+    test_csv.write_text(test_csv.read_text() + 'IMG_00001,"A green square seen again."\n')  # a train image
+    return root
+
+
+def test_an_image_in_two_splits_is_refused_at_extract_naming_it(tmp_path):
+    line = _one_line_error(_invoke("extract", "--data", _leaky(tmp_path), "--backbone", "tiny-clip", "--out",
+                                   tmp_path / "f", "--workers", "0"))
+    assert "1 image is in more than one split" in line
+    assert "id IMG_00001 in train+test" in line and "--allow-split-overlap" in line
+    assert not (tmp_path / "f").exists() or not list((tmp_path / "f").rglob("*.h5"))
+
+
+def test_one_file_under_two_ids_in_two_splits_is_found():
+    from medembed.extract.records import Dataset, Record
+
+    ds = Dataset("d", "/d", "generic", [Record("a", "/d/x.png", ("c",), (), "train"),
+                                       Record("b", "/d/x.png", ("c",), (), "test"),
+                                       Record("c", "/d/y.png", ("c",), (), "test")])
+    assert ds.split_overlaps() == [("file /d/x.png", ("train", "test"))]
+
+
+def test_an_allowed_overlap_is_extracted_with_a_loud_warning(tmp_path):
+    res = _invoke("extract", "--data", _leaky(tmp_path), "--backbone", "tiny-clip", "--out", tmp_path / "f",
+                  "--workers", "0", "--allow-split-overlap")
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.output and "IMG_00001" in res.output and "inflated" in res.output
