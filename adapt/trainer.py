@@ -264,6 +264,9 @@ def prepare_run_dir(config: AdaptConfig, resume: bool) -> Path:
         raise FileExistsError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if resume and has_run:
         _check_resume(json.loads((run_dir / ckpt.CONFIG).read_text()), config, run_dir)
+        if (run_dir / ckpt.SUMMARY).exists() and not (run_dir / ckpt.LAST).exists():
+            raise ValueError(f"{run_dir}: finished, and its {ckpt.LAST} was removed then; --resume continues a run "
+                             "from that file only (train with --keep-last to extend a finished run later)")
     return run_dir
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from medembed.adapt.closed_form import fit_cca_on_valid, fit_closed_form
+from medembed.adapt.closed_form_store import closed_form
 from medembed.adapt.run import AdaptedRun, describe_run
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
@@ -268,13 +268,11 @@ def _logger(options: EvalOptions) -> Callable[[str], None]:
 
 def _fit_closed_form(col: Column, options: EvalOptions) -> EmbeddingModel:
     """The same closed form as `adapt --head cca`: ridge and weighting chosen on valid."""
-    pool, dim = col.pool, col.run.dim
-    if pool.valid is not None:
-        fit = fit_cca_on_valid(pool.train, pool.valid, dim)
-        col.note = f"regularised CCA fitted on train, ridge {fit.reg} and weighting {fit.power} chosen on valid"
-        return model_from_heads(col.name, fit.image_head, fit.text_head)
-    col.note = "regularised CCA fitted on train, ridge 0.3 and weighting 1.0 (no valid split to choose them on)"
-    return model_from_heads(col.name, *fit_closed_form(pool.train, dim, reg=0.3, power=1.0))
+    fit = closed_form(col.pool.train, col.pool.valid, col.run.dim)
+    chosen = "chosen on valid" if fit.chosen_on_valid else "(no valid split to choose them on)"
+    kept = (f"; reused from {fit.stored}" if fit.reused else f"; stored in {fit.stored}" if fit.stored else "")
+    col.note = f"regularised CCA fitted on train, ridge {fit.reg:g} and weighting {fit.power:g} {chosen}{kept}"
+    return model_from_heads(col.name, fit.image_head, fit.text_head)
 
 
 def _has_concepts(s: CachedSplit | None) -> bool:

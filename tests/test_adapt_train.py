@@ -86,7 +86,7 @@ def test_only_head_parameters_receive_gradients():
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(features, tmp_path, ema):
     # mlp with dropout, views and concept texts: every random draw the loop makes is exercised;
     # with ema the weight averages must come back too
-    kw = dict(epochs=4, augment="concepts", patience=10, ema=ema)
+    kw = dict(epochs=4, augment="concepts", patience=10, ema=ema, keep_last=True)
     straight = train(small(features, tmp_path / "straight", **kw), progress=False)
     first = train(small(features, tmp_path / "resumed", **kw), stop_after_epoch=2, progress=False)
     assert first["epochs_run"] == 2
@@ -184,6 +184,11 @@ def test_cli_adapt_prints_table_and_resumes(features, tmp_path):
     assert "best epoch" in res.output and "i2t R@10" in res.output
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     res = CliRunner().invoke(main, ["adapt", "--out", str(out), "--resume", "--epochs", "3"])
+    assert res.exit_code == 1 and "--keep-last to extend a finished run" in res.output  # last.safetensors is gone
+    res = CliRunner().invoke(main, [*args[:-2], "--keep-last", "--out", str(tmp_path / "kept")])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "kept"
+    res = CliRunner().invoke(main, ["adapt", "--out", str(out), "--resume", "--epochs", "3"])
     assert res.exit_code == 0, res.output
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
@@ -195,7 +200,7 @@ def test_cli_adapt_prints_table_and_resumes(features, tmp_path):
 
 
 def test_ema_validates_and_saves_the_averaged_heads(features, tmp_path):
-    summary = train(small(features, tmp_path / "ema", epochs=2, patience=10, ema=0.5), progress=False)
+    summary = train(small(features, tmp_path / "ema", epochs=2, patience=10, ema=0.5, keep_last=True), progress=False)
     last = load_file(str(tmp_path / "ema" / "last.safetensors"))
     best = load_file(str(tmp_path / "ema" / "best.safetensors"))
     averaged = {k[len("ema_image_head.module."):]: v for k, v in last.items() if k.startswith("ema_image_head.module.")}

@@ -252,8 +252,11 @@ def test_export_parquet_caption_rows_and_partitions(cca_run, tmp_path):
     np.testing.assert_allclose(emb_img, run.embed_images(test.image_features[test.caption_image[:100]]).numpy(), atol=1e-6)
     np.testing.assert_array_equal(emb_img[0], emb_img[1])  # two captions of one image share its row
 
-    # exporting again to the same folder replaces it: no partition of the earlier export survives
-    export_embeddings(cca_run, ExportOptions(format="parquet", split="test", out=str(out)))
+    # exporting again to the same folder is refused, or with overwrite replaces it: no partition of the earlier
+    # export survives
+    with pytest.raises(FileExistsError, match="already holds an export; pass --overwrite"):
+        export_embeddings(cca_run, ExportOptions(format="parquet", split="test", out=str(out)))
+    export_embeddings(cca_run, ExportOptions(format="parquet", split="test", out=str(out), overwrite=True))
     assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_0.parquet"]
     assert len(pd.read_parquet(out / "metadata" / "metadata_0.parquet")) == 60
 

@@ -306,3 +306,26 @@ def test_an_allowed_overlap_is_extracted_with_a_loud_warning(tmp_path):
                   "--workers", "0", "--allow-split-overlap")
     assert res.exit_code == 0, res.output
     assert "warning:" in res.output and "IMG_00001" in res.output and "inflated" in res.output
+
+
+# ------------------------------------------------------------------------------ closed form fitted once
+def test_the_closed_form_baseline_is_fitted_once_per_cache_and_reused(cca_run, tmp_path, monkeypatch):
+    from medembed.adapt import closed_form_store
+    from medembed.evaluate.pipeline import EvalOptions, run_eval
+
+    fits = []
+    real = closed_form_store.fit_cca_on_valid
+    monkeypatch.setattr(closed_form_store, "fit_cca_on_valid", lambda *a, **k: fits.append(1) or real(*a, **k))
+    options = dict(sections=("retrieval",), examples=0, progress=False)
+    first = run_eval([cca_run], out_dir=tmp_path / "a", options=EvalOptions(**options))
+    second = run_eval([cca_run], out_dir=tmp_path / "b", options=EvalOptions(**options))
+    assert len(fits) == 1
+    assert first["columns"]["closed-form"] == second["columns"]["closed-form"]
+    features = Path(json.loads((cca_run / "config.json").read_text())["features_dir"])
+    stored = list((features / "closed-form").glob("*.safetensors"))
+    assert len(stored) == 1
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert f"reused from {stored[0]}" in report
+    # a changed cache is a new key: fitted again, never the stale fit
+    other = closed_form_store.store_key(load_split(features / "train.h5"), load_split(features / "valid.h5"), 99)
+    assert other != stored[0].stem
