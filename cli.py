@@ -142,7 +142,8 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @_adapt_option("--epochs", "Maximum epochs; early stopping on valid mean recall.", type=click.IntRange(min=1))
 @_adapt_option("--batch-size", "Pairs per step.", type=click.IntRange(min=2))
 @_adapt_option("--lr", "Peak AdamW learning rate.", type=click.FloatRange(min=0, min_open=True))
-@_adapt_option("--dim", "Embedding dimension.", type=click.IntRange(min=1))
+@_adapt_option("--dim", "Width of each head's embedding; the run's embedding is dim x --ensemble wide.",
+               type=click.IntRange(min=1))
 @_adapt_option("--weight-decay", "AdamW weight decay on weight matrices.", type=click.FloatRange(min=0))
 @_adapt_option("--dropout", "Hidden dropout of the mlp and residual heads.", type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--input-dropout", "Dropout on the raw cached features (mlp and linear heads).",

@@ -1,20 +1,97 @@
 """`cli.py runs`: every run under a folder at a glance, without re-running anything.
 
 A run is any folder with a config.json written by `cli.py adapt`. Its row takes the backbone,
-dataset and head from config.json, the best valid recall from summary.json, and the latest test
-evaluation of it from any `metrics-RUN.json` under the folder (a run may have been evaluated alone
-or inside a comparison). Sweep folders add their leaderboards.
+dataset and head from config.json, the best valid recall from summary.json and querybank.json, when
+it was made from summary.json, its size from its files, and the latest test evaluation of it from
+any `metrics-RUN.json` under the folder (a run may have been evaluated alone or inside a
+comparison). Sweep folders add their leaderboards.
+
+Valid recall is shown, and `--sort valid` ranks, the way eval ranks the run: with the query bank it
+chose on valid (cosine − β·hubness, querybank.json) when it has one, by plain cosine when it has
+none (`--no-querybank`). summary.json's own "valid" is the plain-cosine recall of the best epoch
+(what early stopping saw), so ranking by it could order runs differently from every evaluation of
+them; it is shown beside the ranked one.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from medembed.adapt.run import QUERYBANK, read_querybank
 from medembed.evaluate.report import with_interval
 
 SORT_KEYS = ("created", "name", "valid", "test_t2i", "test_i2t")
+BANK_SCORE = "cos − β·hub"  # a run ranking with its query bank: cosine − beta * hubness (common.querybank)
+COSINE = "cosine"  # plain cosine
+RANKED_AS_EVAL = f"as eval ranks: {BANK_SCORE} with the run's query bank, else {COSINE}"
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """A table cell: newlines, tabs and runs of spaces collapsed to one space, cut at `limit` characters."""
+    flat = " ".join(str(text).split())
+    return flat if limit is None or len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+@dataclass
+class ValidRecall:
+    """A run's best valid recall ranked as eval ranks it, and with plain cosine (equal without a bank)."""
+
+    ranked: dict  # {"mean_recall", "t2i_R@10", ...}; empty when the run recorded none
+    plain: dict
+    ranking: str  # BANK_SCORE or COSINE: how `ranked` was ranked
+
+
+def valid_recall(run_dir: str | Path) -> ValidRecall:
+    """What the run recorded: summary.json's valid (plain cosine) and, when the run ranks with a query
+    bank, querybank.json's valid recall with it. A bank whose setting is off (beta 0 chosen on valid)
+    ranks by plain cosine, and so does a run whose querybank.json was removed, as in eval."""
+    run_dir = Path(run_dir)
+    plain = _read(run_dir / "summary.json").get("valid", {})
+    record = _read(run_dir / QUERYBANK)
+    if not record:
+        return ValidRecall(plain, plain, COSINE)
+    try:
+        setting = read_querybank(run_dir)
+    except ValueError:
+        setting = None
+    active = setting is not None and setting.active
+    return ValidRecall(record.get("valid") or plain, record.get("valid_plain") or plain, BANK_SCORE if active else COSINE)
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder` (links not followed: what deleting the folder frees)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                total += path.stat().st_size
+    return total
+
+
+def human_size(n: int) -> str:
+    """Bytes for people, in powers of 1000: "812 B", "2.5 MB", "277 MB"."""
+    if n < 1000:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("kB", "MB", "GB", "TB"):
+        size /= 1000
+        if size < 999.5 or unit == "TB":
+            break
+    return f"{size:.1f} {unit}" if size < 9.95 else f"{size:.0f} {unit}"
+
+
+def created_at(run_dir: Path, summary: dict, config: dict) -> str:
+    """When the run was made, as it records it (summary.json's "created", written as training finishes);
+    for a run without one (unfinished, or older), when its config.json was last written."""
+    recorded = summary.get("created") or config.get("created")
+    if recorded:
+        return str(recorded)
+    mtime = (run_dir / "config.json").stat().st_mtime
+    return datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -24,10 +101,13 @@ class RunRow:
     backbone: str
     dataset: str
     model: str
-    valid: float | None  # best valid mean recall
-    valid_r10: tuple[float | None, float | None]
+    valid: float | None  # best valid mean recall, ranked as eval ranks the run (`ranking`)
+    valid_r10: tuple[float | None, float | None]  # valid t2i / i2t R@10, ranked the same way
     test: dict | None  # the latest test evaluation's metrics
     created: str
+    valid_plain: float | None = None  # the same mean recall with plain cosine
+    ranking: str = COSINE  # BANK_SCORE or COSINE
+    size_bytes: int = 0  # the run folder's files on disk
 
 
 def _read(path: Path) -> dict:
@@ -62,15 +142,15 @@ def find_runs(folder: str | Path) -> list[RunRow]:
             continue  # not written by `cli.py adapt`
         run_dir = config_path.parent
         summary = _read(run_dir / "summary.json")
-        valid = summary.get("valid", {})
+        valid = valid_recall(run_dir)
         model = f"{config['head']}" + (f", {config['loss']}" if config.get("loss") else "") + \
             (f", tuned {config['tune']['unlock']}" if config.get("tune") else "")
-        created = datetime.fromtimestamp(config_path.stat().st_mtime, UTC).isoformat(timespec="seconds")
         evaluation = evaluations.get(str(run_dir.resolve())) or evaluations.get(str((run_dir / "finetuned.safetensors").resolve()))
         rows.append(RunRow(str(run_dir.relative_to(folder)) or run_dir.name, run_dir, config.get("backbone", ""),
-                           config.get("cache", {}).get("dataset", ""), model, valid.get("mean_recall"),
-                           (valid.get("t2i_R@10"), valid.get("i2t_R@10")),
-                           evaluation["metrics"] if evaluation else None, created))
+                           config.get("cache", {}).get("dataset", ""), model, valid.ranked.get("mean_recall"),
+                           (valid.ranked.get("t2i_R@10"), valid.ranked.get("i2t_R@10")),
+                           evaluation["metrics"] if evaluation else None, created_at(run_dir, summary, config),
+                           valid.plain.get("mean_recall"), valid.ranking, disk_bytes(run_dir)))
     return rows
 
 
@@ -91,19 +171,30 @@ def sort_runs(rows: list[RunRow], key: str) -> list[RunRow]:
     return sorted(rows, key=value, reverse=key == "created")
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
 def format_runs(rows: list[RunRow]) -> str:
-    head = ["run", "backbone", "dataset", "model", "valid mean recall", "valid R@10 t2i / i2t", "test t2i R@10",
-            "test i2t R@10", "made"]
+    """The table, then a line saying how the ranked columns were ranked. "ranked by" says per run what
+    its ranked columns (and its eval's test columns) use; "(cosine)" columns are always plain cosine."""
+    head = ["run", "backbone", "dataset", "model", "ranked by", "valid mean recall (ranked)",
+            "valid mean recall (cosine)", "valid R@10 t2i / i2t (ranked)", "test t2i R@10 (ranked)",
+            "test i2t R@10 (ranked)", "made", "size"]
     table = []
     for r in rows:
-        v10 = "/".join("–" if x is None else f"{x:.1f}" for x in r.valid_r10)
+        v10 = "/".join(_pct(x) for x in r.valid_r10)
         test = r.test or {}
-        table.append([r.name, r.backbone, r.dataset, r.model, "–" if r.valid is None else f"{r.valid:.1f}", v10,
-                      with_interval("t2i_R@10", test) if test else "not evaluated",
-                      with_interval("i2t_R@10", test) if test else "", r.created.replace("T", " ")[:16]])
+        cells = [r.name, r.backbone, r.dataset, r.model, r.ranking, _pct(r.valid), _pct(r.valid_plain), v10,
+                 with_interval("t2i_R@10", test) if test else "not evaluated",
+                 with_interval("i2t_R@10", test) if test else "", r.created.replace("T", " ")[:16],
+                 human_size(r.size_bytes)]
+        table.append([one_line(c) for c in cells])
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)] if table else [len(h) for h in head]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in table)])
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    note = f"(ranked): {RANKED_AS_EVAL} (querybank.json); (cosine): plain cosine; "
+    note += "made: when training finished (summary.json), else when it started"
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in table), note])
 
 
 def sweep_boards(folder: str | Path) -> list[tuple[Path, str]]:

@@ -27,6 +27,7 @@ from medembed.evaluate.explain import explain
 from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
+from medembed.evaluate.runs import BANK_SCORE, COSINE, one_line
 from medembed.evaluate.sources import open_runs
 from medembed.extract.records import open_image
 from medembed.extract.worker import describe_failure
@@ -36,8 +37,13 @@ EXACT = "exact scan"
 
 @dataclass
 class Hit:
+    """One result. `score` is what the ranking sorted by: cosine − β·hubness where the run ranks with
+    its query bank, else the cosine itself; `cosine` is always the plain cosine of the query and item
+    embeddings, so a reader never takes one for the other (see `SearchResult.ranking`)."""
+
     rank: int
     score: float
+    cosine: float
     image_id: str
     caption: str
     split: str
@@ -55,6 +61,12 @@ class SearchResult:
     via: str  # "exact scan" or "<kind> index"
     pool: int  # candidates searched
     notes: list[str] = field(default_factory=list)
+    ranking: str = COSINE  # what `Hit.score` is: COSINE, or BANK_SCORE (cos − β·hub) with the run's query bank
+    bank: str | None = None  # the query-bank setting ranked with (its description), None for plain cosine
+
+    @property
+    def with_bank(self) -> bool:
+        return self.ranking == BANK_SCORE
 
 
 @dataclass
@@ -168,27 +180,48 @@ class Searcher:
         k_used, notes = _cap(k, n, "images")
         if self.index is not None and not exact:
             scores, rows, via = self._index_search(query, k_used, allowed, bank)
+            with_bank = bank and self.index[1].querybank is not None
             if len(rows) < k_used:
                 notes.append(f"the {via} returned {len(rows)} of the {k_used} images asked for (approximate search "
                              "stops early); search again with --exact to scan the whole pool")
         else:
             offset = self.image_offsets if bank else None
             (scores, rows), via = self._scan(query, self.image_embeddings, k_used, allowed, offset), EXACT
-        hits = [self._image_hit(i + 1, s, r) for i, (s, r) in enumerate(zip(scores, rows))]
-        return SearchResult(hits, "images", via, n, notes)
+            with_bank = offset is not None
+        cosines = self._image_cosines(query, rows)
+        hits = [self._image_hit(i + 1, s, c, r) for i, (s, c, r) in enumerate(zip(scores, cosines, rows))]
+        return SearchResult(hits, "images", via, n, notes, *self._ranking(with_bank))
 
     def captions(self, query: torch.Tensor, k: int) -> SearchResult:
         """Top-k pool captions for a unit query [1, D] (exact scan: captions are not indexed)."""
         n = len(self.pool.caption_of)
         k_used, notes = _cap(k, n, "captions")
-        scores, rows = self._scan(query, self.caption_embeddings, k_used, None, self.caption_offsets)
+        offset = self.caption_offsets
+        scores, rows = self._scan(query, self.caption_embeddings, k_used, None, offset)
+        cosines = _cosines(query, self.caption_embeddings[rows]) if rows else []
         hits = []
-        for i, (s, r) in enumerate(zip(scores, rows)):
+        for i, (s, cos, r) in enumerate(zip(scores, cosines, rows)):
             si, c = self.pool.caption_of[r]
             split = self.pool.splits[si]
             row = int(split.caption_image[c])
-            hits.append(Hit(i + 1, s, split.image_ids[row], split.captions[c], split.split, row, image_path(split, row)))
-        return SearchResult(hits, "captions", EXACT, n, notes)
+            hits.append(Hit(i + 1, s, cos, split.image_ids[row], split.captions[c], split.split, row,
+                            image_path(split, row)))
+        return SearchResult(hits, "captions", EXACT, n, notes, *self._ranking(offset is not None))
+
+    def _ranking(self, with_bank: bool) -> tuple[str, str | None]:
+        """(what the scores are, the bank setting ranked with) for a result."""
+        return (BANK_SCORE, self.model.ranking) if with_bank else (COSINE, None)
+
+    def _image_cosines(self, query: torch.Tensor, pool_rows: list[int]) -> list[float]:
+        """Plain cosines of the query with these pool images: from the projected pool when an exact
+        scan already made it, else only these rows are projected (an index search never needs the rest)."""
+        if not pool_rows:
+            return []
+        if self._images is not None:
+            return _cosines(query, self._images[pool_rows])
+        located = [self.pool.image_of[r] for r in pool_rows]
+        raw = torch.stack([self.pool.splits[si].image_features[row] for si, row in located])
+        return _cosines(query, self.model.images(raw))
 
     def _scan(self, query, pool, k, allowed, offset=None):
         if allowed is not None:
@@ -217,13 +250,19 @@ class Searcher:
     def _pool_row(self, split_index: int, image_row: int) -> int:
         return sum(s.n_images for s in self.pool.splits[:split_index]) + image_row
 
-    def _image_hit(self, rank: int, score: float, pool_row: int) -> Hit:
+    def _image_hit(self, rank: int, score: float, cosine: float, pool_row: int) -> Hit:
         si, row = self.pool.image_of[pool_row]
         split = self.pool.splits[si]
         if si not in self._firsts:  # built once per split: a pass over every caption of the pool
             self._firsts[si] = first_captions(split)
         caption = self._firsts[si].get(row, "")
-        return Hit(rank, float(score), split.image_ids[row], caption, split.split, row, image_path(split, row))
+        return Hit(rank, float(score), float(cosine), split.image_ids[row], caption, split.split, row,
+                   image_path(split, row))
+
+
+def _cosines(query: torch.Tensor, items: torch.Tensor) -> list[float]:
+    """cos(query, item) per item row: both are unit embeddings of the run, so a dot product."""
+    return (items.float() @ query[0].float()).tolist()
 
 
 def _cap(k: int, pool: int, what: str) -> tuple[int, list[str]]:
@@ -290,7 +329,8 @@ def draw(result: SearchResult, searcher: Searcher, out: str | Path, text: str | 
             pic = load_pool_image(by_name[h.split], h.image_row)
             if query is not None and pic is not None:
                 pic = explain(searcher.run, searcher.backbone, open_image(h.location), query).overlay()
-            tiles.append(Tile(pic, f"{h.image_id}  {h.score:.3f}"))
+            cos = f" (cos {h.cosine:.3f})" if result.with_bank else ""
+            tiles.append(Tile(pic, f"{h.image_id}  {h.score:.3f}{cos}"))
         note = "heat map: the regions that drive each image's score (red: most)" if query is not None else ""
         return text_query_grid(text, tiles, Path(out), note=note)
     try:
@@ -303,11 +343,19 @@ def draw(result: SearchResult, searcher: Searcher, out: str | Path, text: str | 
 
 
 def format_results(result: SearchResult) -> str:
-    """One line per hit (rank, score, image id, caption) after a line saying how the pool was
-    searched, then any note about what could not be given."""
-    lines = [f"rank  score   image  caption   ({result.via} over {result.pool} {result.target}, cosine)"]
-    for h in result.hits:
-        caption = h.caption if len(h.caption) <= 100 else h.caption[:97] + "..."
-        lines.append(f"{h.rank:>3}  {h.score:.4f}  {h.image_id}  {caption}")
-    lines += [f"note: {n}" for n in result.notes]
+    """A table, one row per hit, whose header says how the pool was searched and what each score is:
+    with the run's query bank the ranked score is labelled "score (cos − β·hub)" and the plain
+    cosine gets its own column, so the two are never confused; then any note about what could not
+    be given. Every cell is one line (newlines and tabs in captions are collapsed)."""
+    head = ["rank", f"score ({result.ranking})", "image", *(["cosine"] if result.with_bank else []), "caption"]
+    rows = [[str(h.rank), f"{h.score:.4f}", one_line(h.image_id), *([f"{h.cosine:.4f}"] if result.with_bank else []),
+             one_line(h.caption, 100)] for h in result.hits]
+    how = f"ranked by {result.ranking}: {result.bank}" if result.with_bank else "ranked by plain cosine"
+    widths = [max(len(c[i]) for c in (head, *rows)) for i in range(len(head) - 1)]
+    lines = []
+    for cells in (head, *rows):
+        padded = [cells[0].rjust(widths[0]), *(c.ljust(w) for c, w in zip(cells[1:-1], widths[1:]))]
+        lines.append("  ".join([*padded, cells[-1]]))
+    lines[0] += f"   ({result.via} over {result.pool} {result.target}; {how})"
+    lines += [f"note: {one_line(n)}" for n in result.notes]
     return "\n".join(lines)

@@ -4,7 +4,9 @@ What the cached-feature design is for: many heads trained on the same features i
 CPU. Every (cell, seed) is an ordinary run folder (`OUT/CELL/seed-S`), so `eval`, `search` and
 `runs` take any of them; a cell already finished with the same settings is reused, not retrained,
 so an interrupted sweep continues where it stopped. Cells are ranked by their mean valid recall
-(what selection may look at); test Recall@10 is reported beside it, never used to rank.
+(what selection may look at) as eval ranks each run: with the query bank it chose on valid, or by
+plain cosine for runs without one (`querybank=false`); the plain-cosine valid recall is shown beside
+it. Test Recall@10 (ranked the same way) is reported, never used to rank.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,48 +27,108 @@ from medembed.cache.reader import find_splits, load_split
 from medembed.common.files import slug, write_json
 from medembed.evaluate import retrieval
 from medembed.evaluate.models import model_from_run
+from medembed.evaluate.runs import BANK_SCORE, COSINE, RANKED_AS_EVAL, valid_recall
 
 LEADERBOARD = "leaderboard.json"
 SWEEP_FIELDS = {f.name: f for f in fields(AdaptConfig)}
 NOT_SWEPT = {"features_dir", "out", "seed", "device", "threads"}
 
 
-def _cast(name: str, text: str):
-    field = SWEEP_FIELDS[name]
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "str")
-    if "int" in kind and "float" not in kind:
-        return int(text)
-    if "float" in kind:
-        return float(text)
-    if "bool" in kind:
-        return text.lower() in ("1", "true", "yes")
-    return text
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-def parse_grid(sets: list[str], grid_file: str | Path | None = None) -> dict[str, list]:
-    """`--set key=v1,v2` options and/or a JSON or YAML file {"key": [v1, v2], ...} -> the grid."""
-    grid: dict[str, list] = {}
-    if grid_file is not None:
-        import yaml
+def _kind(name: str) -> str:
+    """The type a setting takes: "int", "float", "bool" or "str" (AdaptConfig's annotation)."""
+    spec = SWEEP_FIELDS[name]
+    kind = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", "str")
+    for simple in ("bool", "float", "int"):
+        if simple in kind:
+            return simple
+    return "str"
 
-        text = Path(grid_file).read_text()
-        loaded = yaml.safe_load(text)
-        if not isinstance(loaded, dict) or not all(isinstance(v, list) for v in loaded.values()):
-            raise ValueError(f"{grid_file}: expected a mapping of setting -> list of values")
-        grid.update({k: list(v) for k, v in loaded.items()})
-    for item in sets:
+
+def _cast(where: str, name: str, value):
+    """One value of setting `name` (text from the command line, or as a YAML/JSON file holds it) as
+    AdaptConfig takes it; a one-line error naming `where` (e.g. "--set lr") and the value otherwise."""
+    kind = _kind(name)
+    if kind == "str":
+        return value if value is None or isinstance(value, str) else str(value)
+    if isinstance(value, str):
+        parsed = _parse(kind, value.strip().lower())
+        if parsed is not None:
+            return parsed
+    elif kind == "bool" and isinstance(value, bool):
+        return value
+    elif kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    wanted = {"int": "a whole number", "float": "a number", "bool": f"one of {', '.join(TRUE + FALSE)}"}[kind]
+    raise ValueError(f"{where}: {value!r} is not {wanted} ({name} takes {kind} values)")
+
+
+def _parse(kind: str, text: str) -> int | float | bool | None:
+    """Text as an int, float or bool setting; None when it is not one."""
+    if kind == "bool":
+        return (text in TRUE) if text in TRUE + FALSE else None
+    try:
+        return int(text) if kind == "int" else float(text)
+    except ValueError:
+        return None
+
+
+def _check_keys(grid: dict, option: str) -> None:
+    unknown = [k for k in grid if k not in SWEEP_FIELDS or k in NOT_SWEPT]
+    if unknown:
+        raise ValueError(f"{option}: {', '.join(unknown)} cannot be swept (settings: "
+                         f"{', '.join(sorted(set(SWEEP_FIELDS) - NOT_SWEPT))})")
+
+
+def _grid_file(grid_file: str | Path) -> dict[str, list]:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(grid_file).read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"--grid {grid_file}: not YAML or JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(v, list) for v in loaded.values()):
+        raise ValueError(f"--grid {grid_file}: expected a mapping of setting -> list of values")
+    grid = {str(k).replace("-", "_"): list(v) for k, v in loaded.items()}
+    _check_keys(grid, f"--grid {grid_file}")
+    return {k: [_cast(f"--grid {grid_file}: {k}", k, v) for v in values] for k, values in grid.items()}
+
+
+def _assignments(items: list[str], option: str) -> dict[str, list]:
+    """`KEY=V1,V2` options -> {key: [values]}, each value cast as the setting takes it."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not values.strip():
-            raise ValueError(f"--set {item!r}: expected KEY=V1,V2,...")
-        grid[key] = [_cast(key, v.strip()) if key in SWEEP_FIELDS else v for v in values.split(",") if v.strip()]
-    unknown = [k for k in grid if k not in SWEEP_FIELDS or k in NOT_SWEPT]
-    if unknown:
-        raise ValueError(f"--set: {', '.join(unknown)} cannot be swept (settings: "
-                         f"{', '.join(sorted(set(SWEEP_FIELDS) - NOT_SWEPT))})")
+            raise ValueError(f"{option} {item!r}: expected KEY=V1,V2,...")
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+    _check_keys(grid, option)
+    return {k: [_cast(f"{option} {k}", k, v) for v in values] for k, values in grid.items()}
+
+
+def parse_grid(sets: list[str], grid_file: str | Path | None = None) -> dict[str, list]:
+    """`--set key=v1,v2` options and/or a JSON or YAML file {"key": [v1, v2], ...} -> the grid.
+    A value of the wrong type is refused in one line naming the option, the setting and the value."""
+    grid = _grid_file(grid_file) if grid_file is not None else {}
+    grid.update(_assignments(sets, "--set"))
     if not grid:
         raise ValueError("sweep needs at least one --set KEY=V1,V2 (or --grid FILE)")
     return grid
+
+
+def parse_fixed(items: list[str]) -> dict:
+    """`--fixed key=v` options -> {key: value}; one value each (a list belongs in --set)."""
+    fixed = {}
+    for key, values in _assignments(items, "--fixed").items():
+        if len(values) != 1:
+            raise ValueError(f"--fixed {key}: one value, got {len(values)}; sweep several with --set {key}=...")
+        fixed[key] = values[0]
+    return fixed
 
 
 def cells(grid: dict[str, list]) -> list[dict]:
@@ -82,16 +144,40 @@ def cell_name(cell: dict) -> str:
 class CellResult:
     cell: dict
     runs: list[str]
-    valid: dict[str, list[float]]  # metric -> one value per seed
+    valid: dict[str, list[float]]  # metric -> one value per seed, ranked as eval ranks each run
     test: dict[str, list[float]]
     seconds: list[float]
+    valid_plain: dict[str, list[float]] = field(default_factory=dict)  # the same with plain cosine
+    rankings: list[str] = field(default_factory=list)  # per seed: how its "valid" was ranked
+
+    def add(self, run_dir: Path, seconds: float) -> None:
+        """One finished seed: its valid recall as ranked and with plain cosine, its test recall."""
+        self.runs.append(str(run_dir))
+        self.seconds.append(seconds)
+        recall = valid_recall(run_dir)
+        self.rankings.append(recall.ranking)
+        for into, values in ((self.valid, recall.ranked), (self.valid_plain, recall.plain)):
+            for k, v in values.items():
+                into.setdefault(k, []).append(v)
+        for k, v in _test_recall(run_dir).items():
+            if k.startswith(("t2i_R@", "i2t_R@")) and "_ci_" not in k:
+                self.test.setdefault(k, []).append(v)
+
+    def ranking(self) -> str:
+        """How the cell's seeds rank: a seed whose bank chose beta 0 on valid ranks by plain cosine."""
+        banked = self.rankings.count(BANK_SCORE)
+        if banked in (0, len(self.rankings)):
+            return BANK_SCORE if banked else COSINE
+        return f"{BANK_SCORE} ({banked}/{len(self.rankings)} seeds, else {COSINE})"
 
     def row(self) -> dict:
         def stat(values):
             return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
         return {"cell": self.cell, "runs": self.runs, "seeds": len(self.runs),
+                "ranking": self.ranking(),
                 "valid": {k: stat(v) for k, v in self.valid.items()},
+                "valid_plain": {k: stat(v) for k, v in self.valid_plain.items()},
                 "test": {k: stat(v) for k, v in self.test.items()}, "seconds": stat(self.seconds)}
 
 
@@ -126,29 +212,31 @@ def _one(config: AdaptConfig) -> tuple[dict, float]:
     return summary, time.perf_counter() - t0
 
 
+def _configs(features_dir: str | Path, out: Path, cell: dict, seeds: int, fixed: dict | None) -> list[AdaptConfig]:
+    """The cell's run settings, one per seed; a value AdaptConfig refuses is named with its cell."""
+    try:
+        return [AdaptConfig(features_dir=str(Path(features_dir).resolve()), out=str(out / cell_name(cell) / f"seed-{seed}"),
+                            seed=seed, **{**(fixed or {}), **cell}) for seed in range(seeds)]
+    except ValueError as e:
+        raise ValueError(f"cell {cell_name(cell)}: {e}") from None
+
+
 def run_sweep(features_dir: str | Path, grid: dict[str, list], seeds: int, out: str | Path, fixed: dict | None = None,
               log: Callable[[str], None] = print) -> list[dict]:
     """Train every cell x seed, write `OUT/leaderboard.json` and `.md`; returns the leaderboard rows."""
     out = Path(out)
     todo = cells(grid)
+    configs = [_configs(features_dir, out, cell, seeds, fixed) for cell in todo]  # every cell checked before any trains
     results = []
-    for i, cell in enumerate(todo, 1):
+    for i, (cell, cell_configs) in enumerate(zip(todo, configs), 1):
         res = CellResult(cell, [], {}, {}, [])
-        for seed in range(seeds):
-            config = AdaptConfig(features_dir=str(Path(features_dir).resolve()), out=str(out / cell_name(cell) / f"seed-{seed}"),
-                                 seed=seed, **{**(fixed or {}), **cell})
-            summary, seconds = _one(config)
-            res.runs.append(config.out)
-            res.seconds.append(seconds)
-            for k, v in summary["valid"].items():
-                res.valid.setdefault(k, []).append(v)
-            for k, v in _test_recall(Path(config.out)).items():
-                if k.startswith(("t2i_R@", "i2t_R@")) and "_ci_" not in k:
-                    res.test.setdefault(k, []).append(v)
+        for config in cell_configs:
+            _, seconds = _one(config)
+            res.add(Path(config.out), seconds)
         results.append(res.row())
         log(f"cell {i}/{len(todo)} {cell_name(cell)}: valid mean recall "
             f"{results[-1]['valid']['mean_recall']['mean']:.1f} +- {results[-1]['valid']['mean_recall']['std']:.1f} "
-            f"over {seeds} seed(s), {sum(res.seconds):.0f} s")
+            f"over {seeds} seed(s), ranked by {results[-1]['ranking']}, {sum(res.seconds):.0f} s")
     board = sorted(results, key=lambda r: -r["valid"]["mean_recall"]["mean"])
     write_json(out / LEADERBOARD, {"features_dir": str(features_dir), "grid": grid, "seeds": seeds, "fixed": fixed or {},
                                    "rows": board})
@@ -163,13 +251,18 @@ def _pm(stat: dict | None) -> str:
 
 
 def format_leaderboard(rows: list[dict], seeds: int) -> str:
-    """Markdown: one row per cell, best valid mean recall first; mean ± std over the seeds."""
+    """Markdown: one row per cell, best valid mean recall (as eval ranks the runs) first, the plain-cosine
+    valid recall beside it; mean ± std over the seeds. The header says what each column is ranked by."""
     keys = list(rows[0]["cell"]) if rows else []
-    head = ["#", *keys, "valid mean recall", "valid t2i R@10", "valid i2t R@10", "test t2i R@10", "test i2t R@10", "s/run"]
+    head = ["#", *keys, "ranked by", "valid mean recall (ranked)", "valid mean recall (cosine)", "valid t2i R@10 (ranked)",
+            "valid i2t R@10 (ranked)", "test t2i R@10 (ranked)", "test i2t R@10 (ranked)", "s/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows, 1):
-        v, t = r["valid"], r["test"]
-        cells_ = [str(i), *(str(r["cell"][k]) for k in keys), _pm(v.get("mean_recall")), _pm(v.get("t2i_R@10")),
-                  _pm(v.get("i2t_R@10")), _pm(t.get("t2i_R@10")), _pm(t.get("i2t_R@10")), f"{r['seconds']['mean']:.0f}"]
-        lines.append("| " + " | ".join(cells_) + " |")
-    return "\n".join(lines) + f"\n\nmean ± std over {seeds} seed(s); ranked by valid mean recall (test is never used to rank)"
+        v, plain, t = r["valid"], r.get("valid_plain", {}), r["test"]
+        cells_ = [str(i), *(str(r["cell"][k]) for k in keys), r.get("ranking", "?"), _pm(v.get("mean_recall")),
+                  _pm(plain.get("mean_recall")), _pm(v.get("t2i_R@10")), _pm(v.get("i2t_R@10")), _pm(t.get("t2i_R@10")),
+                  _pm(t.get("i2t_R@10")), f"{r['seconds']['mean']:.0f}"]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells_) + " |")
+    return "\n".join(lines) + (f"\n\nmean ± std over {seeds} seed(s); ranked by valid mean recall (ranked) "
+                               f"(test is never used to rank). (ranked): {RANKED_AS_EVAL} (querybank.json); "
+                               "(cosine): plain cosine")

@@ -70,3 +70,156 @@ def test_grid_parsing_names_bad_settings(tmp_path):
         parse_grid(["nope=1,2"])
     with pytest.raises(ValueError, match="expected KEY=V1,V2"):
         parse_grid(["head"])
+
+
+# ------------------------------------------------------------------ ranked as eval ranks
+
+
+def _bank_record(ranked: float, plain: float, beta: float = 0.5) -> dict:
+    """querybank.json as `adapt.querybank.calibrate` writes it."""
+    from medembed.common.querybank import BankSide, QueryBank
+
+    setting = QueryBank(BankSide(10, beta), BankSide(10, beta), "train", "")
+    return {"setting": setting.to_dict(), "description": setting.describe(),
+            "valid_plain": {"t2i_R@10": plain, "i2t_R@10": plain, "mean_recall": plain},
+            "valid": {"t2i_R@10": ranked, "i2t_R@10": ranked, "mean_recall": ranked}}
+
+
+def _hand_run(folder: Path, plain: float, ranked: float | None, created: str, extra_bytes: int = 0) -> Path:
+    """A finished run folder as the trainer leaves it (config.json, summary.json, querybank.json unless
+    `ranked` is None, i.e. --no-querybank), without weights."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"head": "linear", "loss": "infonce", "dim": 8, "backbone": "toy",
+                                                    "querybank": ranked is not None, "cache": {"dataset": "toy"}}))
+    summary = {"valid": {"t2i_R@10": plain, "i2t_R@10": plain, "mean_recall": plain}, "created": created}
+    if ranked is not None:
+        summary["querybank"] = _bank_record(ranked, plain)
+        (folder / "querybank.json").write_text(json.dumps(summary["querybank"]))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if extra_bytes:
+        (folder / "best.safetensors").write_bytes(b"\0" * extra_bytes)
+    return folder
+
+
+def _table(output: str) -> dict[str, dict[str, str]]:
+    """`runs` output -> {run: {column: cell}}, cut at the header's column starts (cells are left-aligned)."""
+    import re
+
+    lines = output.splitlines()
+    starts = [m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", lines[0])]
+    names = [lines[0][a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+    rows = {}
+    for line in lines[2:]:
+        if not line.strip() or line.startswith("("):
+            break
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None])]
+        rows[cells[0]] = dict(zip(names, cells))
+    return rows
+
+
+def test_runs_ranks_valid_as_eval_ranks_with_the_query_bank(tmp_path):
+    # plain cosine would order a (60) > c (57) > b (55); as ranked, b (58) > c (57, no bank) > a (50)
+    _hand_run(tmp_path / "a", plain=60.0, ranked=50.0, created="2021-03-04T05:06:07+00:00", extra_bytes=2_500_000)
+    _hand_run(tmp_path / "b", plain=55.0, ranked=58.0, created="2023-01-02T03:04:05+00:00")
+    _hand_run(tmp_path / "c", plain=57.0, ranked=None, created="2022-06-07T08:09:10+00:00")
+    res = CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "valid"])
+    assert res.exit_code == 0, res.output
+    assert "cos − β·hub with the run's query bank, else cosine" in res.output
+    table = _table(res.output)
+    assert list(table) == ["b", "c", "a"]
+    a, c = table["a"], table["c"]
+    assert a["ranked by"] == "cos − β·hub" and c["ranked by"] == "cosine"
+    assert (a["valid mean recall (ranked)"], a["valid mean recall (cosine)"]) == ("50.0", "60.0")
+    assert (c["valid mean recall (ranked)"], c["valid mean recall (cosine)"]) == ("57.0", "57.0")
+    # made: the time the run records, not the files' times; size: the run's files on disk
+    assert a["made"] == "2021-03-04 05:06" and a["size"] == "2.5 MB"
+    assert list(_table(CliRunner().invoke(main, ["runs", str(tmp_path)]).output)) == ["b", "c", "a"]  # newest first
+
+
+def _rewrite(run_dir: Path, plain: float, ranked: float) -> None:
+    """Set what a run recorded on valid, keeping the form the trainer writes."""
+    record = json.loads((run_dir / "querybank.json").read_text())
+    fresh = _bank_record(ranked, plain)
+    record.update(valid=fresh["valid"], valid_plain=fresh["valid_plain"])
+    record["setting"]["images"] = record["setting"]["captions"] = {"k": 10, "beta": 0.5}
+    (run_dir / "querybank.json").write_text(json.dumps(record))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["valid"], summary["querybank"] = fresh["valid_plain"], record
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_sweep_ranks_cells_as_eval_ranks_their_runs(features, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--features", str(features), "--set", "lr=1e-3,3e-3", "--seeds", "1", "--fixed", "epochs=2",
+            "--fixed", "dim=8", "--fixed", "head=linear", "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    # with plain cosine lr=1e-3 wins (60 > 55); with each run's query bank lr=3e-3 does (58 > 50)
+    _rewrite(out / "lr_0.001" / "seed-0", plain=60.0, ranked=50.0)
+    _rewrite(out / "lr_0.003" / "seed-0", plain=55.0, ranked=58.0)
+    res = CliRunner().invoke(main, args)  # the finished runs are read back, not retrained
+    assert res.exit_code == 0, res.output
+    board = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert [r["cell"]["lr"] for r in board] == [3e-3, 1e-3]
+    assert [r["valid"]["mean_recall"]["mean"] for r in board] == [58.0, 50.0]
+    assert [r["valid_plain"]["mean_recall"]["mean"] for r in board] == [55.0, 60.0]
+    assert {r["ranking"] for r in board} == {"cos − β·hub"}
+    md = (out / "leaderboard.md").read_text()
+    assert "valid mean recall (ranked)" in md and "valid mean recall (cosine)" in md and "ranked by" in md
+    assert "| 1 | 0.003 | cos − β·hub | 58.0 ± 0.0 | 55.0 ± 0.0 |" in md
+    listed = CliRunner().invoke(main, ["runs", str(out), "--sort", "valid"]).output
+    assert [line.split()[0] for line in listed.splitlines() if line.startswith("lr_")] == \
+        ["lr_0.003/seed-0", "lr_0.001/seed-0"]
+
+
+def test_sweep_without_query_banks_ranks_by_plain_cosine(features, tmp_path):
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(main, ["sweep", "--features", str(features), "--set", "querybank=false,true", "--seeds",
+                                    "1", "--fixed", "epochs=2", "--fixed", "dim=8", "--fixed", "head=linear",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["cell"]["querybank"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert rows[False]["ranking"] == "cosine" and rows[False]["valid"] == rows[False]["valid_plain"]
+    banked = json.loads((out / "querybank_True" / "seed-0" / "querybank.json").read_text())
+    assert rows[True]["valid"]["mean_recall"]["mean"] == banked["valid"]["mean_recall"]
+    assert rows[True]["valid_plain"]["mean_recall"]["mean"] == banked["valid_plain"]["mean_recall"]
+    assert not (out / "querybank_False" / "seed-0" / "querybank.json").exists()
+
+
+# ------------------------------------------------------------------ bad values name their option
+
+
+def _one_line_error(res) -> str:
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(("option", "flag", "wants"), [
+    (["--set", "lr=abc"], "--set lr", "'abc' is not a number"),
+    (["--set", "lr=1e-3,abc"], "--set lr", "'abc' is not a number"),
+    (["--set", "dim=8.5"], "--set dim", "'8.5' is not a whole number"),
+    (["--set", "head=mlp", "--fixed", "epochs=x"], "--fixed epochs", "'x' is not a whole number"),
+    (["--set", "head=mlp", "--fixed", "epochs=2,3"], "--fixed epochs", "one value, got 2"),
+    (["--set", "querybank=maybe"], "--set querybank", "'maybe' is not one of 1, true"),
+])
+def test_sweep_names_the_option_and_the_bad_value(features, tmp_path, option, flag, wants):
+    line = _one_line_error(CliRunner().invoke(main, ["sweep", "--features", str(features), *option,
+                                                     "--out", str(tmp_path / "s")]))
+    assert f"Error: {flag}: " in line and wants in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_names_bad_grid_file_values_and_refused_settings_before_training(features, tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("lr: [1e-3, abc]\n")
+    line = _one_line_error(CliRunner().invoke(main, ["sweep", "--features", str(features), "--grid", str(grid),
+                                                     "--out", str(tmp_path / "s")]))
+    assert f"--grid {grid}: lr: 'abc' is not a number" in line
+    grid.write_text("lr: [1e-3, 3e-3]\n")  # YAML reads 1e-3 as text: cast like --set
+    assert parse_grid([], grid) == {"lr": [1e-3, 3e-3]}
+    # a value of the right type that AdaptConfig refuses stops the sweep before any cell trains
+    line = _one_line_error(CliRunner().invoke(main, ["sweep", "--features", str(features), "--set", "lr=1e-3,-1",
+                                                     "--out", str(tmp_path / "s")]))
+    assert "cell lr_-1.0: lr must be > 0, got -1.0" in line
+    assert not list((tmp_path / "s").rglob("summary.json"))
