@@ -37,6 +37,7 @@ from medembed.adapt.querybank import calibrate
 from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
 from medembed.adapt.supervision import ConceptSupervision
+from medembed.cache.faults import reached
 from medembed.cache.provenance import RUN_RECORD_KEYS
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
 from medembed.common.device import resolve_device
@@ -215,6 +216,7 @@ class RunFiles:
         if state.best_epoch == state.epoch and state.best_heads is not None:
             ckpt.save_heads(self.run_dir / ckpt.BEST, *state.chosen_heads)
         ckpt.save_training_state(self.run_dir / ckpt.LAST, state)
+        reached(f"adapt-epoch:{state.epoch}")
 
 
 def read_metrics(run_dir: Path, upto: int | None = None) -> list[dict]:

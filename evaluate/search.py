@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from medembed.adapt.tuning.runs import run_backbone
-from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.cache.reader import CachedSplit, load_split
 from medembed.evaluate.examples import first_captions, image_path, load_pool_image
 from medembed.evaluate.explain import explain
 from medembed.evaluate.models import EmbeddingModel, model_from_run
@@ -110,7 +110,7 @@ class Searcher:
     def __init__(self, run_ref, split: str | None = None, data: str | Path | None = None,
                  features_root: str | Path = "features", backbone=None, use_index: bool = True):
         (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root)
-        files = find_splits(self.run.features_dir)
+        files = self.run.split_files()
         if split is not None and split not in files:
             raise FileNotFoundError(f"{self.run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
         self.pool = Pool.of([load_split(p, with_views=False) for name, p in files.items() if split in (None, name)])

@@ -23,8 +23,9 @@ import numpy as np
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_run
 from medembed.adapt.trainer import train
-from medembed.cache.reader import find_splits, load_split
+from medembed.cache.reader import load_split
 from medembed.common.files import slug, write_json
+from medembed.common.locks import exclusive
 from medembed.evaluate import retrieval
 from medembed.evaluate.models import model_from_run
 from medembed.evaluate.runs import BANK_SCORE, COSINE, RANKED_AS_EVAL, valid_recall
@@ -185,7 +186,7 @@ def _test_recall(run_dir: Path) -> dict[str, float]:
     """Test Recall@1/5/10 of a run on its cache's test split (retrieval only: seconds), ranked as
     `eval` ranks it (with the run's query bank when it has one)."""
     run = load_run(run_dir)
-    files = find_splits(run.features_dir)
+    files = run.split_files()
     if "test" not in files:
         return {}
     test = load_split(files["test"], with_views=False)
@@ -227,6 +228,12 @@ def run_sweep(features_dir: str | Path, grid: dict[str, list], seeds: int, out: 
     out = Path(out)
     todo = cells(grid)
     configs = [_configs(features_dir, out, cell, seeds, fixed) for cell in todo]  # every cell checked before any trains
+    with exclusive(out, "sweep", "wait for it to finish or choose another --out"):
+        return _sweep(todo, configs, features_dir, grid, seeds, out, fixed, log)
+
+
+def _sweep(todo: list[dict], configs: list, features_dir, grid: dict, seeds: int, out: Path, fixed: dict | None,
+           log: Callable[[str], None]) -> list[dict]:
     results = []
     for i, (cell, cell_configs) in enumerate(zip(todo, configs), 1):
         res = CellResult(cell, [], {}, {}, [])
