@@ -14,6 +14,7 @@ from click.core import ParameterSource
 
 from medembed.adapt.config import AUGMENT_KINDS, HEAD_KINDS, LOSS_KINDS, AdaptConfig
 from medembed.common.memory import release_large_blocks
+from medembed.common.ranking import DEFAULT_KS
 from medembed.common.version import __version__
 
 
@@ -274,7 +275,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Where --data's encoding is cached (reused when up to date).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on (its whole pool).")
-@click.option("-k", "--k", "ks", default="1,5,10", show_default=True, callback=_int_list,
+@click.option("-k", "--k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, callback=_int_list,
               help="Recall@K cut-offs (capped at the pool, with a note).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder, which must not exist yet [default: FIRST_RUN/eval-SPLIT, with -on-DATASET for "

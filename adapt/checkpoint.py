@@ -19,15 +19,11 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from medembed.adapt.run_files import BEST, CONFIG, LAST, METRICS, SUMMARY  # re-exported: run-folder names
 from medembed.adapt.state import TrainState
 from medembed.common.files import atomic_write, write_json
 from medembed.common.hashing import digests_of, tensor_digest
 
-BEST = "best.safetensors"
-LAST = "last.safetensors"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 HEADS_FORMAT = "medembed-heads/1"
 
 __all__ = ["BEST", "LAST", "CONFIG", "METRICS", "SUMMARY", "load_heads", "load_prefixed", "load_training_state",

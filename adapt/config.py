@@ -15,6 +15,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from medembed.adapt import run_files
+
 HEAD_KINDS = ("linear", "mlp", "residual", "cca")
 LOSS_KINDS = ("infonce", "margin", "siglip")
 AUGMENT_KINDS = ("auto", "concepts", "none")
@@ -140,7 +142,7 @@ class AdaptConfig:
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> AdaptConfig:
-        path = Path(run_dir) / "config.json"
+        path = Path(run_dir) / run_files.CONFIG
         if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json, not an adapter run folder")
         return cls.from_dict(json.loads(path.read_text()))
@@ -152,7 +154,7 @@ def config_from_options(options: dict, explicit: set[str], resume: bool) -> Adap
     Options the chosen head or loss would ignore are refused, naming each and why."""
     out = Path(options["out"])
     if resume:
-        if not (out / "config.json").exists():
+        if not (out / run_files.CONFIG).exists():
             raise FileNotFoundError(f"--resume: {out} holds no run to continue (no config.json); drop --resume "
                                     "to start a new run there")
         saved = AdaptConfig.from_run(out).to_dict()

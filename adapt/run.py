@@ -16,6 +16,7 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.heads import build_heads
+from medembed.adapt.run_files import QUERYBANK  # re-exported: the query-bank setting chosen on valid
 from medembed.cache.reader import find_splits
 from medembed.common.files import relative_to, resolve_recorded
 from medembed.common.querybank import QueryBank
@@ -23,8 +24,6 @@ from medembed.common.tensors import embed_in_chunks, module_device
 
 __all__ = ["AdaptedRun", "QUERYBANK", "load_run", "describe_run", "missing_features_message", "portable_features",
            "read_querybank", "run_features_dir"]
-
-QUERYBANK = "querybank.json"  # the query-bank setting chosen on valid (`adapt.querybank`)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from medembed.cache.faults import reached
 from medembed.cache.provenance import RUN_RECORD_KEYS
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
 from medembed.common.device import resolve_device
-from medembed.common.ranking import recall_summary
+from medembed.common.ranking import DEFAULT_KS, recall_summary
 from medembed.common.tensors import embed_in_chunks
 
 # options that may change between an interrupted run and its resumption
@@ -347,13 +347,13 @@ def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trainin
 def format_summary(summary: dict) -> str:
     """The closing table: best epoch, valid R@1/5/10 both ways, seconds."""
     v = summary["valid"]
-    cols = ["head", "loss", "best epoch", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "seconds"]
+    cols = ["head", "loss", "best epoch", *(f"{d} R@{k}" for d in ("t2i", "i2t") for k in DEFAULT_KS), "seconds"]
     best = summary["best_epoch"]
     if "closed_form" in summary:
         best = "closed form ({})".format(", ".join(f"{k} {x}" for k, x in summary["closed_form"].items()))
     vals = [summary["head"], summary["loss"] if summary["head"] != "cca" else "-",
             best if "closed_form" in summary else f"{best} / {summary['epochs_run']}"]
-    vals += [f"{v[f'{d}_R@{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10)]
+    vals += [f"{v[f'{d}_R@{k}']:.1f}" for d in ("t2i", "i2t") for k in DEFAULT_KS]
     vals.append(f"{summary['seconds']:.1f}")
     widths = [max(len(c), len(str(x))) for c, x in zip(cols, vals)]
     line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731

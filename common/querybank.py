@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from medembed.common.ranking import retrieval_ranks, summarize_ranks
+from medembed.common.ranking import DEFAULT_KS, retrieval_ranks, summarize_ranks
 from medembed.common.tensors import unit
 
 KS = (10, 30, 100)
@@ -114,7 +114,7 @@ def choose(images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Te
     n, m = images.shape[0], captions.shape[0]
 
     def direction_score(summary: dict, d: str) -> float:
-        return sum(summary[f"{d}_R@{k}"] for k in (1, 5, 10))
+        return sum(summary[f"{d}_R@{k}"] for k in DEFAULT_KS)
 
     plain = summarize_ranks(*retrieval_ranks(images, captions, caption_image), n, m)
     best_img, best_cap = (BankSide(), direction_score(plain, "t2i")), (BankSide(), direction_score(plain, "i2t"))

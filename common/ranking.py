@@ -13,6 +13,9 @@ import torch
 
 from medembed.common.tensors import unit
 
+# the Recall@K cut-offs reported unless asked otherwise, and the three whose mean is "mean recall"
+DEFAULT_KS = (1, 5, 10)
+
 
 def _count_at_least_(sims: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """Per row, how many entries are >= that row's threshold; overwrites `sims`.
@@ -90,7 +93,7 @@ def recall_at(ranks: torch.Tensor, k: int) -> float:
 
 
 def summarize_ranks(t2i: torch.Tensor, i2t: torch.Tensor, n_images: int, n_captions: int,
-                    ks=(1, 5, 10)) -> dict[str, float]:
+                    ks=DEFAULT_KS) -> dict[str, float]:
     """Flat numbers of a ranking: t2i_R@k and i2t_R@k in %, median and mean ranks, and
     `mean_recall` (the mean of all R@k, what early stopping maximises).
 
@@ -108,7 +111,7 @@ def summarize_ranks(t2i: torch.Tensor, i2t: torch.Tensor, n_images: int, n_capti
     return out
 
 
-def recall_summary(image_emb, text_emb, caption_image, ks=(1, 5, 10), chunk: int = 4096) -> dict[str, float]:
+def recall_summary(image_emb, text_emb, caption_image, ks=DEFAULT_KS, chunk: int = 4096) -> dict[str, float]:
     """`summarize_ranks` of the ranking of these embeddings (normalised here)."""
     t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, chunk=chunk)
     return summarize_ranks(t2i, i2t, image_emb.shape[0], text_emb.shape[0], ks)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from medembed.adapt import run_files
 from medembed.adapt.run import QUERYBANK, read_querybank
 from medembed.evaluate.report import with_interval
 
@@ -49,7 +50,7 @@ def valid_recall(run_dir: str | Path) -> ValidRecall:
     bank, querybank.json's valid recall with it. A bank whose setting is off (beta 0 chosen on valid)
     ranks by plain cosine, and so does a run whose querybank.json was removed, as in eval."""
     run_dir = Path(run_dir)
-    plain = _read(run_dir / "summary.json").get("valid", {})
+    plain = _read(run_dir / run_files.SUMMARY).get("valid", {})
     record = _read(run_dir / QUERYBANK)
     if not record:
         return ValidRecall(plain, plain, COSINE)
@@ -90,7 +91,7 @@ def created_at(run_dir: Path, summary: dict, config: dict) -> str:
     recorded = summary.get("created") or config.get("created")
     if recorded:
         return str(recorded)
-    mtime = (run_dir / "config.json").stat().st_mtime
+    mtime = (run_dir / run_files.CONFIG).stat().st_mtime
     return datetime.fromtimestamp(mtime, UTC).isoformat(timespec="seconds")
 
 
@@ -136,12 +137,12 @@ def find_runs(folder: str | Path) -> list[RunRow]:
         raise FileNotFoundError(f"{folder}: no such folder")
     evaluations = _evaluations(folder)
     rows = []
-    for config_path in sorted(folder.rglob("config.json")):
+    for config_path in sorted(folder.rglob(run_files.CONFIG)):
         config = _read(config_path)
         if "head" not in config or "dim" not in config:
             continue  # not written by `cli.py adapt`
         run_dir = config_path.parent
-        summary = _read(run_dir / "summary.json")
+        summary = _read(run_dir / run_files.SUMMARY)
         valid = valid_recall(run_dir)
         model = f"{config['head']}" + (f", {config['loss']}" if config.get("loss") else "") + \
             (f", tuned {config['tune']['unlock']}" if config.get("tune") else "")

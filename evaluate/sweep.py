@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from medembed.adapt import run_files
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.common.files import slug, write_json
 from medembed.common.locks import exclusive
+from medembed.common.ranking import DEFAULT_KS
 from medembed.evaluate import retrieval
 from medembed.evaluate.models import model_from_run
 from medembed.evaluate.runs import BANK_SCORE, COSINE, RANKED_AS_EVAL, valid_recall
@@ -194,19 +196,19 @@ def _test_recall(run_dir: Path) -> dict[str, float]:
     img, txt = model.images(test.image_features), model.texts(test.caption_features)
     image_offset, caption_offset = model.offsets(img, txt)
     return retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
-                                               caption_offset=caption_offset), (1, 5, 10))
+                                               caption_offset=caption_offset), DEFAULT_KS)
 
 
 def _one(config: AdaptConfig) -> tuple[dict, float]:
     """The run's summary: trained now, or read back when the folder holds a finished run of the same settings."""
     out = Path(config.out)
-    if (out / "summary.json").exists():
+    if (out / run_files.SUMMARY).exists():
         saved = AdaptConfig.from_run(out).to_dict()
         now = config.to_dict()
         changed = [k for k in now if k not in ("features_dir",) and saved.get(k) != now[k]]
         if changed:
             raise FileExistsError(f"{out}: holds a run with other settings ({', '.join(changed)}); choose another --out")
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / run_files.SUMMARY).read_text())
         return summary, float(summary.get("seconds", 0.0))
     t0 = time.perf_counter()
     summary = train(config, progress=False)

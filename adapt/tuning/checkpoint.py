@@ -16,6 +16,7 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.heads import build_heads
+from medembed.adapt.run_files import FINETUNED
 from medembed.adapt.tuning.towers import release, tower_state
 from medembed.common.hashing import tensor_digest
 from medembed.common.tensors import embed_in_chunks, module_device
@@ -24,7 +25,7 @@ from medembed.extract.records import open_image
 
 FORMAT = "medembed-finetuned/1"
 FT_MARK = "+ft-"
-CHECKPOINT = "finetuned.safetensors"
+CHECKPOINT = FINETUNED
 
 
 def base_name(backbone: Backbone) -> str:
