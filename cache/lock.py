@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medembed.common.errors import MedembedError
 from medembed.common.locks import TargetBusy, exclusive
 
 
-class CacheBusy(RuntimeError):
+class CacheBusy(MedembedError, RuntimeError):
     pass
 
 

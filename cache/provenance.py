@@ -1,6 +1,8 @@
 """What makes two caches comparable, and a readable account of how two differ."""
 from __future__ import annotations
 
+from medembed.common.errors import MedembedError
+
 # What fixes the feature space: heads trained on one cannot read features from another.
 BACKBONE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
                  "text_pooling")
@@ -33,7 +35,7 @@ def backbone_differences(existing: dict, wanted: dict) -> list[str]:
     return [d for d in differences(existing, wanted) if d.split(":", 1)[0] in BACKBONE_KEYS]
 
 
-class ProvenanceMismatch(ValueError):
+class ProvenanceMismatch(MedembedError, ValueError):
     """Raised instead of silently mixing features of different backbones, weights or data."""
 
     def __init__(self, path, diffs: list[str]):

@@ -33,11 +33,12 @@ import scipy.sparse as sp
 import torch
 
 from medembed.cache.schema import FEATURE_DATASETS, READABLE_FORMATS, REBUILD
+from medembed.common.errors import MedembedError
 from medembed.common.files import resolve_recorded
 from medembed.common.splits import sort_splits
 
 
-class CacheError(ValueError):
+class CacheError(MedembedError, ValueError):
     """A cache file that cannot be trusted: unreadable, truncated, of an unknown format, failing its
     checksum, or holding non-finite features. Every command stops with this one line."""
 

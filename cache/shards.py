@@ -19,12 +19,13 @@ import torch
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, load_split, open_cache, read_attrs
 from medembed.cache.writer import write_split
+from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write
 
 SHARD_RE = re.compile(r"^(?P<split>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>h5|parts|done)$")
 
 
-class MergeError(RuntimeError):
+class MergeError(MedembedError, RuntimeError):
     pass
 
 

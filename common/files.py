@@ -10,6 +10,8 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
+from medembed.common.errors import MedembedError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` then one rename onto `path`: a kill leaves the old file or the new one, never a mix."""
@@ -57,7 +59,7 @@ def staging_folder(final: str | Path) -> Path:
     return work
 
 
-class TargetChanged(FileExistsError):
+class TargetChanged(MedembedError, FileExistsError):
     """The output changed between a command's check and its swap: nothing was replaced."""
 
 

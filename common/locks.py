@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from medembed.common.errors import MedembedError
 
-class TargetBusy(FileExistsError):
+
+class TargetBusy(MedembedError, FileExistsError):
     """Another process is writing the same output."""
 
 

@@ -29,6 +29,7 @@ from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.run import QUERYBANK, read_querybank, run_features_dir
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
+from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
@@ -47,7 +48,7 @@ HEADS_FILE = ckpt.BEST
 RUN_CONFIG = ckpt.CONFIG
 
 
-class StaleIndexError(ValueError):
+class StaleIndexError(MedembedError, ValueError):
     """The index no longer describes the run's cache or heads: it must be rebuilt."""
 
 

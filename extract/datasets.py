@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medembed.common.errors import MedembedError
 from medembed.common.splits import sort_splits
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 
@@ -44,7 +45,7 @@ _CLEF2022_CAPTIONS = re.compile(rf"^caption_prediction_(?P<split>{_SPLIT_NAME})\
 _MAX_LINES_LISTED = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(MedembedError, ValueError):
     """Annotations that cannot be read unambiguously; the message names the file and line."""
 
 

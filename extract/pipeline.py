@@ -25,6 +25,7 @@ from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
 from medembed.cache.shards import write_done_marker
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
+from medembed.common.errors import MedembedError
 from medembed.common.files import relative_to, slug
 from medembed.common.version import __version__
 from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone
@@ -42,7 +43,7 @@ DEFAULT_TEMPLATES = (
 TEXT_BATCH = 256
 
 
-class ExtractError(RuntimeError):
+class ExtractError(MedembedError, RuntimeError):
     pass
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from medembed.common.errors import MedembedError
 from medembed.common.splits import sort_splits
 
 ZIP_SEP = "::"
@@ -163,7 +164,7 @@ def read_image_bytes(location: str) -> bytes:
 MAX_PIXELS = 64_000_000  # ~8000 x 8000; far beyond any radiograph, far below what exhausts memory
 
 
-class DecompressionBomb(ValueError):
+class DecompressionBomb(MedembedError, ValueError):
     pass
 
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medembed.common.errors import MedembedError
 from medembed.extract.backbones import Backbone
 
 
-class MidCacheUnsupported(ValueError):
+class MidCacheUnsupported(MedembedError, ValueError):
     pass
 
 
