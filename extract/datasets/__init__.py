@@ -1,0 +1,61 @@
+"""Read a data folder in any supported layout into one `Dataset`.
+
+People point the toolkit at whatever they downloaded, so the layout is recognised from file names
+rather than configured: a wrong guess would silently mis-pair images and captions, hence every problem
+with the annotations stops with the file and line to fix, and only harmless gaps are tolerated (empty
+captions dropped and counted in `Dataset.warnings`; images missing on disk kept, so the extractor can
+report them next to unreadable ones).
+
+One module per layout (`imageclef2023`, `imageclef2022`, `generic`), each with `NAME`, `LOOKS_FOR`
+(what its detection looks for, for the error when nothing matches), `detect(folder, file_names)` and
+`read_folder(folder, dataset_name)`. `LAYOUTS` lists them in the order they are tried: adding a layout
+is one module and one line there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+
+from medembed.extract.datasets import generic, imageclef2022, imageclef2023
+from medembed.extract.datasets.base import ANNOTATION_EXTENSIONS, SYNTHETIC_MARKER, DatasetError
+from medembed.extract.records import Dataset
+
+LAYOUTS: tuple[ModuleType, ...] = (imageclef2023, imageclef2022, generic)
+
+__all__ = ["LAYOUTS", "SYNTHETIC_MARKER", "DatasetError", "detect_layout", "load_dataset"]
+
+
+def load_dataset(path: str | Path, name: str | None = None) -> Dataset:
+    """Read a data folder (or one annotations file) of any supported layout, all splits at once."""
+    path = Path(os.path.normpath(Path(path).expanduser().absolute()))
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    layout = _layout(detect_layout(path))
+    folder = path if path.is_dir() else path.parent
+    dataset_name = name or folder.name
+    dataset = generic.read(path, dataset_name) if path.is_file() else layout.read_folder(folder, dataset_name)
+    dataset.synthetic = (folder / SYNTHETIC_MARKER).is_file()
+    return dataset
+
+
+def _layout(name: str) -> ModuleType:
+    return next(m for m in LAYOUTS if m.NAME == name)
+
+
+def detect_layout(path: str | Path) -> str:
+    """The name of the first layout in `LAYOUTS` that recognises the folder (an annotations file is
+    the generic layout); DatasetError listing what was looked for when none does."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() in ANNOTATION_EXTENSIONS:
+            return generic.NAME
+        raise DatasetError(f"{path}: not an annotations file (expected one of {', '.join(ANNOTATION_EXTENSIONS)})")
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    for layout in LAYOUTS:
+        if layout.detect(path, names):
+            return layout.NAME
+    candidates, _ = generic.annotation_files(path)
+    looked = "; ".join(f"{m.LOOKS_FOR} ({m.NAME})" for m in LAYOUTS)
+    found = f"; found {', '.join(p.name for p in candidates)} without those columns" if candidates else ""
+    raise DatasetError(f"{path}: no dataset layout recognised. Looked for: {looked}{found}")
