@@ -119,8 +119,9 @@ def roco(args) -> None:
 def _scale_prepare(n: int, root: Path) -> None:
     """A synthetic split of n images (train, valid and test alike) and a closed-form run on it."""
     from medembed.adapt.config import AdaptConfig
-    from medembed.adapt.synthetic import write_synthetic_features
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ holds the generator
     from medembed.adapt.trainer import train
+    from tests.synthetic_features import write_synthetic_features
 
     features = write_synthetic_features(root / "features", n_train=n, n_eval=n, n_concepts=2000, image_dim=256,
                                         text_dim=256, latent=64, noise=4.0, concept_rate=(0.0005, 0.05),

@@ -120,12 +120,13 @@ def _hammer(base: str, captions: list[str], clients: int, queries: int, exact: b
 
 def load(args) -> None:
     from medembed.adapt.config import AdaptConfig
-    from medembed.adapt.synthetic import write_synthetic_features
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ holds the generator
     from medembed.adapt.trainer import train
     from medembed.cache.reader import load_split
     from medembed.evaluate.index import IndexOptions, build_index
     from medembed.evaluate.search import Searcher
     from medembed.evaluate.serve import create_app
+    from tests.synthetic_features import write_synthetic_features
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
     try:

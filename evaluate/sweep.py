@@ -87,13 +87,27 @@ def _check_keys(grid: dict, option: str) -> None:
                          f"{', '.join(sorted(set(SWEEP_FIELDS) - NOT_SWEPT))})")
 
 
-def _grid_file(grid_file: str | Path) -> dict[str, list]:
-    import yaml
-
+def _load_grid(grid_file: Path) -> object:
+    """A .json grid needs nothing more; YAML needs PyYAML (the `yaml` extra), named when missing."""
+    text = grid_file.read_text()
+    if grid_file.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--grid {grid_file}: not JSON ({e})") from None
     try:
-        loaded = yaml.safe_load(Path(grid_file).read_text())
+        import yaml
+    except ImportError:
+        raise ValueError(f"--grid {grid_file}: YAML grids need PyYAML (pip install 'medembed[yaml]'), or write "
+                         "the grid as a .json file") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"--grid {grid_file}: not YAML or JSON ({' '.join(str(e).split())})") from None
+
+
+def _grid_file(grid_file: str | Path) -> dict[str, list]:
+    loaded = _load_grid(Path(grid_file))
     if not isinstance(loaded, dict) or not all(isinstance(v, list) for v in loaded.values()):
         raise ValueError(f"--grid {grid_file}: expected a mapping of setting -> list of values")
     grid = {str(k).replace("-", "_"): list(v) for k, v in loaded.items()}

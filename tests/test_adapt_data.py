@@ -14,7 +14,7 @@ from medembed.adapt.data import (
     iter_batches,
     read_concepts,
 )
-from medembed.adapt.synthetic import correlated_split, write_cache
+from tests.synthetic_features import correlated_split, write_cache
 
 
 def _block(captions, caption_image, n_images=3, views=None):

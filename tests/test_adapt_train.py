@@ -16,10 +16,10 @@ from medembed.adapt.heads import EnsembleHead, Standardize, build_head, fit_inpu
 from medembed.adapt.losses import build_loss
 from medembed.adapt.run import load_run
 from medembed.adapt.state import Schedule
-from medembed.adapt.synthetic import correlated_split, write_synthetic_features
 from medembed.adapt.trainer import param_groups, train
 from medembed.cache.reader import load_split
 from medembed.common.ranking import recall_summary
+from tests.synthetic_features import correlated_split, write_synthetic_features
 
 
 @pytest.fixture(scope="module")

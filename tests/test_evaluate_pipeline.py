@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_run
-from medembed.adapt.synthetic import write_synthetic_features
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.evaluate import retrieval
@@ -20,6 +19,7 @@ from medembed.evaluate.detection import DetectionConfig
 from medembed.evaluate.fewshot import FewShotConfig
 from medembed.evaluate.models import model_from_run
 from medembed.evaluate.pipeline import EvalOptions, run_eval
+from tests.synthetic_features import write_synthetic_features
 
 REQUIRED_KEYS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_medr", "i2t_medr",
                  "pool_images", "pool_captions", "zeroshot_concept_map", "fewshot_map@1", "fewshot_map@16", "concept_f1"]

@@ -21,7 +21,6 @@ from torch import nn
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import AdaptedRun, load_run
-from medembed.adapt.synthetic import write_synthetic_features
 from medembed.adapt.trainer import train
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.cache.writer import write_split
@@ -34,6 +33,7 @@ from medembed.evaluate.index import (
     load_index,
     search_index,
 )
+from tests.synthetic_features import write_synthetic_features
 
 pytest.importorskip("pyarrow", reason="parquet files need pyarrow")
 

@@ -17,7 +17,6 @@ import pytest
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.synthetic import write_synthetic_features
 from medembed.adapt.trainer import train
 from medembed.cache.reader import CacheError, load_split
 from medembed.cache.schema import FORMAT
@@ -25,6 +24,7 @@ from medembed.cache.writer import write_split
 from medembed.cli import main
 from medembed.common.files import TargetChanged, folder_state, replace_folder, staging_folder
 from medembed.common.locks import TargetBusy, exclusive, lock_path
+from tests.synthetic_features import write_synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.synthetic import correlated_split, write_cache, write_synthetic_features
 from medembed.adapt.trainer import train
 from medembed.cli import main
 from tests.conftest import make_imageclef2023
+from tests.synthetic_features import correlated_split, write_cache, write_synthetic_features
 
 
 def _invoke(*args: str):

@@ -13,7 +13,6 @@ import torch
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.run import QUERYBANK, load_run
-from medembed.adapt.synthetic import write_synthetic_features
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.common.querybank import BankSide, QueryBank, choose, hubness
@@ -22,6 +21,7 @@ from medembed.common.tensors import unit
 from medembed.evaluate.index import IndexOptions, StaleIndexError, build_index, load_index
 from medembed.evaluate.pipeline import EvalOptions, run_eval
 from medembed.evaluate.search import Searcher
+from tests.synthetic_features import write_synthetic_features
 
 
 def test_hubness_and_corrected_ranks_by_hand():

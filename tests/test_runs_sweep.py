@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from medembed.adapt.synthetic import write_synthetic_features
 from medembed.cli import main
 from medembed.evaluate.sweep import parse_grid
+from tests.synthetic_features import write_synthetic_features
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +224,16 @@ def test_sweep_names_bad_grid_file_values_and_refused_settings_before_training(f
                                                      "--out", str(tmp_path / "s")]))
     assert "cell lr_-1.0: lr must be > 0, got -1.0" in line
     assert not list((tmp_path / "s").rglob("summary.json"))
+
+
+def test_a_json_grid_needs_no_yaml_and_a_yaml_grid_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
+    from medembed.evaluate.sweep import parse_grid
+
+    monkeypatch.setitem(sys.modules, "yaml", None)  # PyYAML absent: importing it raises ImportError
+    grid = tmp_path / "g.json"
+    grid.write_text('{"lr": [0.001, 0.003], "dim": [8]}')
+    assert parse_grid([], grid) == {"lr": [0.001, 0.003], "dim": [8]}
+    yaml_grid = tmp_path / "g.yaml"
+    yaml_grid.write_text("lr: [0.001]\n")
+    with pytest.raises(ValueError, match=r"pip install 'medembed\[yaml\]'"):
+        parse_grid([], yaml_grid)
