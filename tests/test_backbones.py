@@ -231,3 +231,23 @@ def test_unknown_name_lists_the_known_ones():
         create_backbone("no-such-backbone")
     with pytest.raises(ValueError, match="unknown backbone"):
         create_backbone("NotAnArch@some_tag")
+
+
+def test_backbone_families_are_data_and_own_their_model_code():
+    """The registry maps names to families; a built backbone (and a fine-tuned copy) finds its family,
+    which builds the cached top and draws the saliency map for it."""
+    from medembed.extract.backbones import FAMILIES, create_backbone, family_for, family_of
+
+    assert [f.name for f in FAMILIES] == ["effnet-minilm", "open_clip"]
+    assert family_for("effnet-lite0-ms+minilm").name == "effnet-minilm"
+    assert family_for("tiny-clip").name == "open_clip"
+    with pytest.raises(ValueError, match="unknown backbone 'nope'"):
+        family_for("nope")
+    backbone = create_backbone("tiny-clip")
+    family = family_of(backbone)
+    assert family is not None and family.name == "open_clip"
+    pixels = backbone.preprocess(Image.new("RGB", (64, 48), (120, 30, 200)))[None]
+    heat, score = family.saliency(backbone, pixels, lambda feats: feats.float().sum())
+    side = int(round((heat.numel()) ** 0.5))
+    assert heat.shape == (side, side) and side > 1 and bool((heat >= 0).all())
+    assert float(score) == pytest.approx(float(backbone.encode_images(pixels).sum()), rel=1e-4, abs=1e-4)

@@ -8,8 +8,11 @@ from medembed.extract.backbones.core import PROVENANCE_KEYS, Backbone, BlockGrou
 from medembed.extract.backbones.registry import (
     BUILTIN_BACKBONES,
     DEFAULT_BACKBONE,
+    FAMILIES,
     NAME_PATTERNS,
     create_backbone,
+    family_for,
+    family_of,
     list_backbones,
 )
 from medembed.extract.backbones.transforms import AugmentConfig
@@ -20,9 +23,12 @@ __all__ = [
     "BlockGroup",
     "BUILTIN_BACKBONES",
     "DEFAULT_BACKBONE",
+    "FAMILIES",
     "NAME_PATTERNS",
     "PROVENANCE_KEYS",
     "Tower",
     "create_backbone",
+    "family_for",
+    "family_of",
     "list_backbones",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -22,6 +22,8 @@ from torch import nn
 
 from medembed.common.hashing import sha256_files
 from medembed.extract.backbones.core import Backbone, Tower
+from medembed.extract.backbones.family import BackboneFamily
+from medembed.extract.backbones.tops import MidCacheUnsupported, TowerCut, first_unlocked, plain
 from medembed.extract.backbones.transforms import (
     AugmentConfig,
     EvalTransformConfig,
@@ -221,3 +223,114 @@ def create_effnet_minilm(augment: AugmentConfig = AugmentConfig(), multiscale_vi
         provenance=provenance,
         cpu_micro_batch=16,
     )
+
+
+# ------------------------------------------------------------------ tuning from cached activations
+class EffnetMiniLMTop:
+    """The unlocked top of the default backbone: the last MBConv blocks + head conv of EfficientNet-Lite0
+    (then the global average pool), the last BERT layers of MiniLM (then the attention-mask mean)."""
+
+    def __init__(self, backbone: Backbone, image: bool = True):
+        if image and getattr(backbone.image_model, "multiscale", False):
+            raise MidCacheUnsupported(
+                f"{backbone.name}: the multi-scale image tower pools three stages over two views, which the cached "
+                "image top does not reproduce; unlock the text side only (--unlock text:N), or unfreeze images "
+                "periodically on the raw path (without --cached-trunk)")
+        self.net = backbone.image_model.net
+        self.encoder = backbone.text_model.encoder
+        image_blocks, text_blocks = backbone.image_blocks(), backbone.text_blocks()
+        stage = first_unlocked(image_blocks)
+        if stage == 0 or first_unlocked(text_blocks) == 0:
+            raise MidCacheUnsupported("a stem or the text embeddings are unlocked: nothing below them to cache")
+        blocks = list(self.net._blocks)  # the library names its MBConv blocks `_blocks`; they are plain modules
+        # image_blocks() = [stem, stage 1..7, head]: blocks before the first unlocked stage form the trunk
+        n_trunk = sum(len(s) for s in image_blocks[1:stage]) if stage < len(image_blocks) else len(blocks)
+        self.blocks = blocks
+        self.stem, self.head = image_blocks[0], image_blocks[-1]  # [conv_stem, bn0], [conv_head, bn1]
+        self.image = TowerCut(min(n_trunk, len(blocks)), len(blocks))
+        self.text = TowerCut(first_unlocked(text_blocks) - 1, len(self.encoder.encoder.layer))
+
+    @staticmethod
+    def _act(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.relu6(x)  # EfficientNet-Lite's activation (ReLU6, not swish)
+
+    @torch.no_grad()
+    def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        conv, bn = self.stem
+        x = self._act(bn(conv(pixels.contiguous(memory_format=torch.channels_last))))
+        for block in self.blocks[: self.image.cut]:
+            x = block(x)
+        return x
+
+    def image_top(self, x: torch.Tensor, run: Callable = plain) -> torch.Tensor:
+        for block in self.blocks[self.image.cut :]:
+            x = run(block, x)
+        conv, bn = self.head
+        return self._act(bn(conv(x))).mean(dim=(2, 3))
+
+    @staticmethod
+    def _mask(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """BERT's additive attention mask, [B, 1, 1, L]: 0 where a token is attended, the dtype's
+        minimum at padding. Built here rather than by the library's own (private, version-dependent)
+        builder; both the eager and the SDPA attention of BERT layers take this form."""
+        keep = attention_mask[:, None, None, :].to(x.dtype)
+        return (1.0 - keep) * torch.finfo(x.dtype).min
+
+    @staticmethod
+    def _layer(layer: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = layer(x, mask)
+        return out[0] if isinstance(out, tuple) else out  # a tuple before transformers 5, a tensor since
+
+    @torch.no_grad()
+    def text_trunk(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states entering the first unlocked layer, the attention mask the pooling needs)."""
+        mask = tokens["attention_mask"]
+        x = self.encoder.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens.get("token_type_ids"))
+        ext = self._mask(x, mask)
+        for layer in self.encoder.encoder.layer[: self.text.cut]:
+            x = self._layer(layer, x, ext)
+        return x, mask
+
+    def text_top(self, x: torch.Tensor, attention_mask: torch.Tensor, run: Callable = plain) -> torch.Tensor:
+        used = int(attention_mask.sum(dim=1).max())  # padding beyond the longest caption is dead weight
+        x, attention_mask = x[:, :used], attention_mask[:, :used]
+        ext = self._mask(x, attention_mask)
+        for layer in self.encoder.encoder.layer[self.text.cut :]:
+            x = run(lambda h, b=layer: self._layer(b, h, ext), x)
+        m = attention_mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+
+    def probe(self, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return (torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)),
+                backbone.tokenize(["a", "a longer caption"]))
+
+
+# ------------------------------------------------------------------ why an image matched
+def gradcam_map(backbone: Backbone, pixels: torch.Tensor,
+                score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grad-CAM over the last conv stage: its channels weighted by the score's mean gradient."""
+    tower = backbone.image_model.eval()
+    if not hasattr(tower, "features_with_map"):
+        raise ValueError(f"{backbone.name}: no explanation map for this image tower")
+    with torch.enable_grad():
+        maps, feats = tower.features_with_map(pixels.to(backbone.device))
+        maps.retain_grad()
+        value = score(feats.float())
+        value.backward()
+    weights = maps.grad.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * maps).sum(1))[0], value.detach()
+
+
+def _cached_top(backbone: Backbone, image: bool) -> EffnetMiniLMTop:
+    return EffnetMiniLMTop(backbone, image)
+
+
+FAMILY = BackboneFamily(
+    name="effnet-minilm",
+    patterns=(NAME, MS_NAME),
+    accepts=lambda name: name in (NAME, MS_NAME),
+    create=lambda name, augment: create_effnet_minilm(augment, multiscale_views=name == MS_NAME),
+    owns=lambda backbone: hasattr(backbone.image_model, "net") and hasattr(backbone.text_model, "encoder"),
+    cached_top=_cached_top,
+    saliency=gradcam_map,
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from torch import nn
 
 from medembed.common.hashing import sha256_files, tensor_digest
 from medembed.extract.backbones.core import Backbone, BlockGroup, Tower, seeded_init
+from medembed.extract.backbones.family import BackboneFamily
+from medembed.extract.backbones.tops import MidCacheUnsupported, TowerCut, all_frozen, first_unlocked, plain
 from medembed.extract.backbones.transforms import AugmentConfig, augment_transform
 
 TINY_CLIP = "tiny-clip"
@@ -285,3 +288,176 @@ def create_open_clip(spec: OpenClipName, augment: AugmentConfig = AugmentConfig(
         provenance=provenance,
         extra_modules=(clip,),
     )
+
+
+# ------------------------------------------------------------------ tuning from cached activations
+def open_clip_model(backbone: Backbone) -> nn.Module | None:
+    """The open_clip model behind a Backbone (the owner of both towers), or None for other families."""
+    for module in backbone.extra_modules:
+        if hasattr(module, "lock_image_tower") and hasattr(module, "encode_text"):
+            return module
+    return None
+
+
+def vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """A ViT's input tokens: patch embedding, class token, positions, pre-norm ([B, 1 + patches, width])."""
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    return visual.ln_pre(torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype))
+
+
+def vit_pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ViT's final norm, class-token or mean pooling and projection of its last tokens."""
+    after_pool = getattr(visual, "final_ln_after_pool", False)
+    if not after_pool:
+        x = visual.ln_post(x)
+    pooled = x[:, 0] if getattr(visual, "pool_type", "tok") == "tok" else x[:, 1:].mean(dim=1)
+    if after_pool:
+        pooled = visual.ln_post(pooled)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+class OpenClipTop:
+    """The unlocked top of an open_clip CLIP's two towers, run from cached mid-layer activations:
+    the ViT's patch embedding and class token before the cut, its final norm, pooling and
+    projection after it; the text transformer's token embedding before, `text_global_pool` after."""
+
+    def __init__(self, clip: nn.Module):
+        visual = getattr(clip, "visual", None)
+        needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+        if visual is None or not all(hasattr(visual, a) for a in needed) or getattr(visual, "attn_pool", None):
+            raise MidCacheUnsupported("cached partial unfreeze needs a plain open_clip VisionTransformer image tower")
+        if getattr(visual, "pool_type", "tok") not in ("tok", "avg"):
+            raise MidCacheUnsupported(f"cached partial unfreeze: ViT pool_type {visual.pool_type!r} is not supported")
+        if not all(hasattr(clip, a) for a in ("token_embedding", "transformer", "ln_final", "text_projection")):
+            raise MidCacheUnsupported("cached partial unfreeze needs open_clip's classic text transformer")
+        self.clip, self.visual = clip, visual
+        self.image = TowerCut(first_unlocked(list(visual.transformer.resblocks)), len(visual.transformer.resblocks))
+        self.text = TowerCut(first_unlocked(list(clip.transformer.resblocks)), len(clip.transformer.resblocks))
+        if not all_frozen(visual.conv1, visual.ln_pre, visual.class_embedding, visual.positional_embedding):
+            raise MidCacheUnsupported("the image stem is unlocked: nothing below the first unlocked block to cache")
+        if not all_frozen(clip.token_embedding, clip.positional_embedding):
+            raise MidCacheUnsupported("the text embeddings are unlocked: nothing below the first unlocked block to cache")
+
+    @torch.no_grad()
+    def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = vit_tokens(self.visual, pixels)
+        for block in self.visual.transformer.resblocks[: self.image.cut]:
+            x = block(x)
+        return x
+
+    def image_top(self, x: torch.Tensor, run: Callable = plain) -> torch.Tensor:
+        for block in self.visual.transformer.resblocks[self.image.cut :]:
+            x = run(block, x)
+        return vit_pool(self.visual, x)
+
+    @torch.no_grad()
+    def text_trunk(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activations entering the first unlocked block, what the pooling needs later: the token ids)."""
+        input_ids = tokens["input_ids"]
+        clip = self.clip
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(input_ids).to(cast) + clip.positional_embedding.to(cast)
+        for block in clip.transformer.resblocks[: self.text.cut]:
+            x = block(x, attn_mask=clip.attn_mask)
+        return x, input_ids
+
+    def text_top(self, x: torch.Tensor, input_ids: torch.Tensor, run: Callable = plain) -> torch.Tensor:
+        clip = self.clip
+        mask = clip.attn_mask
+        for block in clip.transformer.resblocks[self.text.cut :]:
+            x = run(lambda h, b=block: b(h, attn_mask=mask), x)
+        x = clip.ln_final(x)
+        from open_clip.transformer import text_global_pool  # open_clip costs ~250 MB and 3 s to import: only here
+
+        x = text_global_pool(x, input_ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        proj = clip.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def probe(self, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        size = self.visual.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)), backbone.tokenize(["a", "a b c"])
+
+
+# ------------------------------------------------------------------ why an image matched
+class ViTRollout:
+    """The blocks of an open_clip ViT run by hand so each block's attention stays in the graph."""
+
+    def __init__(self, visual: nn.Module):
+        if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "transformer"):
+            raise ValueError("explanation maps support plain open_clip VisionTransformers")
+        self.visual = visual
+
+    @staticmethod
+    def _attention(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = block.attn
+        b, n, d = x.shape
+        h = attn.num_heads
+        q, k, v = torch.nn.functional.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, h, d // h).transpose(1, 2) for t in (q, k, v))
+        probs = torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5, dim=-1)  # [B, H, N, N]
+        out = (probs @ v).transpose(1, 2).reshape(b, n, d)
+        return attn.out_proj(out), probs
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, probs = vit_tokens(self.visual, pixels), []
+        for block in self.visual.transformer.resblocks:
+            a, p = self._attention(block, block.ln_1(x))
+            probs.append(p)
+            x = x + block.ls_1(a)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return vit_pool(self.visual, x), probs
+
+
+def rollout_map(backbone: Backbone, pixels: torch.Tensor,
+                score: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient-weighted attention rollout: each block's attention, its heads weighted by the score's
+    gradient, multiplied through the blocks; the class token's row over the patches is the map."""
+    visual = open_clip_model(backbone).visual.eval()
+    vit = ViTRollout(visual)
+    with torch.enable_grad():
+        feats, probs = vit.forward(pixels.to(backbone.device))
+        if not torch.allclose(feats, backbone.image_model(pixels.to(backbone.device)), atol=1e-4, rtol=1e-4):
+            raise ValueError(f"{backbone.name}: the ViT's blocks run by hand do not reproduce its output")
+        for p in probs:
+            p.retain_grad()
+        value = score(feats)
+        value.backward()
+    n = probs[0].shape[-1]
+    rolled = torch.eye(n)
+    for p in probs:
+        weighted = (p.grad * p).clamp_min(0).mean(1)[0].detach().cpu()  # heads weighted by the score's gradient
+        layer = torch.eye(n) + weighted
+        rolled = (layer / layer.sum(-1, keepdim=True)) @ rolled
+    side = int(round((n - 1) ** 0.5))
+    return rolled[0, 1:].reshape(side, side), value.detach()
+
+
+def _accepts(name: str) -> bool:
+    return parse_open_clip_name(name) is not None
+
+
+def _create(name: str, augment: AugmentConfig) -> Backbone:
+    return create_open_clip(parse_open_clip_name(name), augment)
+
+
+def _cached_top(backbone: Backbone, image: bool) -> OpenClipTop:
+    return OpenClipTop(open_clip_model(backbone))
+
+
+FAMILY = BackboneFamily(
+    name="open_clip",
+    patterns=(
+        "hf-hub:ORG/REPO (an open_clip model in the local Hugging Face cache)",
+        "local-dir:/path (open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin)",
+        "ARCH or ARCH@PRETRAINED_TAG or ARCH@/path/to/checkpoint, ARCH one of open_clip.list_models()",
+    ),
+    accepts=_accepts,
+    create=_create,
+    owns=lambda backbone: open_clip_model(backbone) is not None,
+    cached_top=_cached_top,
+    saliency=rollout_map,
+)

@@ -1,23 +1,26 @@
-"""Name -> Backbone. The name is the whole identity of a feature space: caches are filed under it."""
+"""Name -> Backbone. The name is the whole identity of a feature space: caches are filed under it.
+
+`FAMILIES` is data: each family (a module's `FAMILY`) says which names it builds and owns its
+model-specific code (loader, cached top for tuning, saliency map); the first family accepting a
+name builds it."""
 from __future__ import annotations
 
 import torch
 
 from medembed.extract.backbones.core import Backbone
-from medembed.extract.backbones.effnet_minilm import MS_NAME as EFFNET_MS_MINILM
-from medembed.extract.backbones.effnet_minilm import NAME as EFFNET_MINILM
-from medembed.extract.backbones.effnet_minilm import create_effnet_minilm
-from medembed.extract.backbones.open_clip_family import TINY_CLIP, create_open_clip, parse_open_clip_name
+from medembed.extract.backbones.effnet_minilm import FAMILY as EFFNET_MINILM
+from medembed.extract.backbones.effnet_minilm import MS_NAME, NAME
+from medembed.extract.backbones.family import BackboneFamily
+from medembed.extract.backbones.open_clip_family import FAMILY as OPEN_CLIP
+from medembed.extract.backbones.open_clip_family import TINY_CLIP
 from medembed.extract.backbones.transforms import AugmentConfig
 
+FAMILIES: tuple[BackboneFamily, ...] = (EFFNET_MINILM, OPEN_CLIP)
+
 # the multi-scale, two-view variant: +4.7 / +2.6 test R@10 on roco-rad over the single pool (BENCHMARKS.md)
-DEFAULT_BACKBONE = EFFNET_MS_MINILM
-BUILTIN_BACKBONES = (EFFNET_MS_MINILM, EFFNET_MINILM, TINY_CLIP)
-NAME_PATTERNS = (
-    "hf-hub:ORG/REPO (an open_clip model in the local Hugging Face cache)",
-    "local-dir:/path (open_clip_config.json + open_clip_model.safetensors or open_clip_pytorch_model.bin)",
-    "ARCH or ARCH@PRETRAINED_TAG or ARCH@/path/to/checkpoint, ARCH one of open_clip.list_models()",
-)
+DEFAULT_BACKBONE = MS_NAME
+BUILTIN_BACKBONES = (MS_NAME, NAME, TINY_CLIP)
+NAME_PATTERNS = OPEN_CLIP.patterns
 
 
 def list_backbones() -> list[str]:
@@ -25,16 +28,20 @@ def list_backbones() -> list[str]:
     return list(BUILTIN_BACKBONES)
 
 
+def family_for(name: str) -> BackboneFamily:
+    """The family that builds `name`; ValueError naming the valid choices for unknown names."""
+    for family in FAMILIES:
+        if family.accepts(name):
+            return family
+    raise ValueError(f"unknown backbone '{name}'. Known: {', '.join(BUILTIN_BACKBONES)}; or {'; '.join(NAME_PATTERNS)}.")
+
+
+def family_of(backbone: Backbone) -> BackboneFamily | None:
+    """The family a built backbone (or a fine-tuned copy of one) belongs to; None for a stand-in."""
+    return next((f for f in FAMILIES if f.owns(backbone)), None)
+
+
 def create_backbone(name: str, device: str | torch.device = "cpu",
                     augment: AugmentConfig = AugmentConfig()) -> Backbone:
     """Build a backbone on `device` in eval mode; ValueError naming the valid choices for unknown names."""
-    if name in (EFFNET_MINILM, EFFNET_MS_MINILM):
-        backbone = create_effnet_minilm(augment, multiscale_views=name == EFFNET_MS_MINILM)
-    else:
-        spec = parse_open_clip_name(name)
-        if spec is None:
-            raise ValueError(
-                f"unknown backbone '{name}'. Known: {', '.join(BUILTIN_BACKBONES)}; "
-                f"or {'; '.join(NAME_PATTERNS)}.")
-        backbone = create_open_clip(spec, augment)
-    return backbone.to(device)
+    return family_for(name).create(name, augment).to(device)
