@@ -77,7 +77,10 @@ def read_dataset(f: h5py.File, name: str, sel=()) -> np.ndarray:
     try:
         arr = f[name][sel]
     except (OSError, KeyError) as e:
-        raise CacheError(f"{f.filename}: dataset {name} is damaged ({_reason(e)}); {REBUILD}") from None
+        reason = _reason(e)
+        if "filter" in reason and name in f and f[name].fletcher32:
+            reason = "its Fletcher-32 checksum does not match: the bytes changed after it was written"
+        raise CacheError(f"{f.filename}: dataset {name} is damaged ({reason}); {REBUILD}") from None
     if name in FEATURE_DATASETS:
         check_finite(arr, f.filename, name)
     return arr

@@ -154,6 +154,7 @@ def test_flipped_bytes_in_the_features_stop_training_with_the_file_and_dataset_n
         load_split(features / "train.h5")
     line = _one_line_error(_invoke("adapt", "--features", features, "--out", tmp_path / "run", "--epochs", "1"))
     assert "train.h5" in line and "images/features" in line and "cli.py extract" in line
+    assert "Fletcher-32 checksum does not match" in line
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
