@@ -1,6 +1,7 @@
 """Concept detection as ImageCLEFmedical scores it: predict each image's concept set, F1 per image.
 
-`compute(...) -> dict` and `chance(...) -> dict`, like every metric module.
+`compute(...) -> dict` and `chance(...) -> dict` of flat named numbers, and `METRIC`, the section
+`eval` scores with them (registered in `evaluate.metrics`).
 
 The ImageCLEFmedical caption task's scorer computes, for each image, the F1 between its gold and
 predicted concept sets (sklearn's binary F1 over the union of both sets), scores an image with
@@ -26,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView, has_concepts
+from medembed.evaluate.tables import markdown_table
 
 THRESHOLDS = torch.linspace(0.05, 0.95, 19)
 PREDICTORS = ("logreg", "knn")
@@ -327,9 +331,17 @@ def _test_f1(tuned: _Tuned, test_emb: torch.Tensor, test_labels: sp.csr_matrix, 
     return float(f1.mean()), float(sizes.mean())
 
 
-def compute(*args, **kwargs) -> dict[str, float]:
-    """Flat numbers: ImageCLEF F1 (%) of the chosen predictor, of each predictor, and how the sets were chosen. Takes `score`'s arguments."""
-    return score(*args, **kwargs).metrics()
+def compute(
+    train_emb: torch.Tensor,
+    train_labels: sp.csr_matrix,
+    test_emb: torch.Tensor,
+    test_labels: sp.csr_matrix,
+    config: DetectionConfig | None = None,
+    valid: tuple[torch.Tensor, sp.csr_matrix] | None = None,
+) -> dict[str, float]:
+    """Flat numbers: ImageCLEF F1 (%) of the chosen predictor, of each predictor, and how the sets
+    were chosen (see `score`)."""
+    return score(train_emb, train_labels, test_emb, test_labels, config, valid).metrics()
 
 
 def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, draws: int = 5, seed: int = 0) -> dict[str, float]:
@@ -346,3 +358,37 @@ def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, draws: int =
         pred = sp.vstack(rows, format="csr") if rows else sp.csr_matrix(test_labels.shape)
         scores.append(float(f1_per_image(test_labels, pred).mean()))
     return {"concept_f1": 100 * float(np.mean(scores))}
+
+
+# --- the eval section ---------------------------------------------------------------------------
+
+
+def _score(inputs: ColumnInputs, cfg: DetectionConfig) -> Scores:
+    test, train, valid = inputs.test, inputs.train, inputs.valid
+    tune_on = (inputs.valid_images(), valid.concepts) if has_concepts(valid) else None
+    return Scores(compute(inputs.train_images(), train.concepts, inputs.images(), test.concepts, cfg, tune_on))
+
+
+def _chance(inputs: ColumnInputs, _cfg: DetectionConfig) -> Scores:
+    return Scores(chance(inputs.train.concepts, inputs.test.concepts))
+
+
+def _report(view: SectionView[DetectionConfig]) -> list[str]:
+    out = ["", f"## {view.title}", ""]
+    if not view.keys:
+        return out + view.notes
+    return out + [
+        "Predictors from the image embedding (`--detectors`): concept propagation from the most similar "
+        "train images (`concept_f1_knn`, the default) and one-vs-rest logistic regression "
+        "(`concept_f1_logreg`); each one's score threshold (and whether to fall back to the top concept) "
+        "chosen on the valid split (20% of train without one), and `concept_f1` is the predictor that "
+        "scored best there. F1 per image between "
+        "predicted and gold concept sets, averaged over images (empty vs empty scores 1), in %. Chance "
+        "guesses each concept at its train frequency.", "", markdown_table(view.columns, view.keys), ""]
+
+
+METRIC = Metric(
+    section="detection", title="Concept detection (ImageCLEFmedical F1)", name="detection",
+    keys=r"concept_f1(_\w+)?", headline=r"concept_f1", score=_score, chance=_chance,
+    needs=Needs(train=True, valid=True, concepts=True), report=_report,
+)

@@ -1,7 +1,8 @@
 """Concept few-shot: how fast does an embedding learn a concept from k labelled train images?
 
-`compute(...) -> dict` and `chance(...) -> dict`, like every metric module; `score(...)` keeps the
-AP of every (method, k, seed, concept).
+`compute(...) -> dict` and `chance(...) -> dict` of flat named numbers, and `METRIC`, the section
+`eval` scores with them (registered in `evaluate.metrics`); `score(...)` keeps the AP of every
+(method, k, seed, concept).
 
 For each concept, k positive and k negative train images (a balanced support set, drawn per seed;
 the smaller support sets are prefixes of the larger ones, so curves over k are not reshuffled
@@ -30,6 +31,7 @@ are evaluated, which keeps a run to seconds; the count is part of the output.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -38,6 +40,8 @@ import scipy.sparse as sp
 import torch
 
 from medembed.common.ranking import average_precision
+from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
+from medembed.evaluate.tables import format_value, markdown_table
 from medembed.evaluate.zeroshot import expected_random_ap
 
 FEWSHOT_KS: tuple[int, ...] = (1, 2, 4, 8, 16)
@@ -265,10 +269,18 @@ def _prompts(concept_emb, concept_names, cols: list[int], seeds: int) -> torch.T
     return per_concept.repeat(seeds, 1)
 
 
-def compute(*args, **kwargs) -> dict[str, float]:
+def compute(
+    train_emb: torch.Tensor,
+    train_labels: sp.csr_matrix,
+    test_emb: torch.Tensor,
+    test_labels: sp.csr_matrix,
+    concept_emb: torch.Tensor | None = None,
+    concept_names: list[str] | None = None,
+    config: FewShotConfig | None = None,
+) -> dict[str, float]:
     """Flat numbers: mAP (%) per method and k (mean over concepts, then seeds), its spread over
-    seeds, and how many concepts and seeds were used. Takes `score`'s arguments."""
-    return score(*args, **kwargs).metrics()
+    seeds, and how many concepts and seeds were used (see `score`)."""
+    return score(train_emb, train_labels, test_emb, test_labels, concept_emb, concept_names, config).metrics()
 
 
 def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, config: FewShotConfig | None = None) -> dict[str, float]:
@@ -287,3 +299,68 @@ def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, config: FewS
     for method in cfg.methods:
         out.update({f"fewshot_{method}_map@{k}": value for k in ks})
     return out
+
+
+# --- the eval section ---------------------------------------------------------------------------
+_METHOD_KEY = re.compile(r"^fewshot_(?P<method>.+)_map@(?P<k>\d+)$")
+
+
+def curves(metrics: dict[str, float], cfg: FewShotConfig) -> dict[str, list[float]]:
+    """method -> mAP per k, for the few-shot figure (empty without concepts)."""
+    if not metrics.get("fewshot_concepts"):
+        return {}
+    ks = sorted(set(cfg.ks))
+    return {m: [metrics[f"fewshot_{m}_map@{k}"] for k in ks] for m in cfg.methods}
+
+
+def _score(inputs: ColumnInputs, cfg: FewShotConfig) -> Scores:
+    test, train = inputs.test, inputs.train
+    metrics = compute(inputs.train_images(), train.concepts, inputs.images(), test.concepts, inputs.concept_prompts(),
+                      test.concept_names, cfg)
+    return Scores(metrics, curves=curves(metrics, cfg))
+
+
+def _chance(inputs: ColumnInputs, cfg: FewShotConfig) -> Scores:
+    metrics = chance(inputs.train.concepts, inputs.test.concepts, cfg)
+    return Scores(metrics, curves=curves(metrics, cfg))
+
+
+def method_table(metrics: dict[str, float]) -> str:
+    """One column's few-shot mAP as methods x k (the long flat keys, made readable)."""
+    grid: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        m = _METHOD_KEY.match(key)
+        if m:
+            grid.setdefault(m["method"], {})[int(m["k"])] = value
+    if not grid:
+        return ""
+    ks = sorted({k for row in grid.values() for k in row})
+    lines = ["| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for method, row in grid.items():
+        lines.append(f"| {method} | " + " | ".join(format_value("", row.get(k)) for k in ks) + " |")
+    return "\n".join(lines)
+
+
+def _report(view: SectionView[FewShotConfig]) -> list[str]:
+    out = ["", f"## {view.title}", ""]
+    keys = [k for k in view.keys if not _METHOD_KEY.match(k) and not k.endswith("_seed_std")]
+    if not keys:
+        return out + view.notes
+    cfg = view.settings
+    n = int(view.columns[view.first].get("fewshot_concepts", 0))
+    out += [f"k positive and k negative train images per concept, {cfg.seeds} seed(s); the {n} most frequent "
+            f"train concepts with at least {max(cfg.ks)} train and {cfg.min_test_positives} evaluation positives "
+            f"(capped at {cfg.max_concepts} to keep evaluation fast). mAP in % over the evaluation split; "
+            "`fewshot_map@k` is the logistic-regression probe.", "", markdown_table(view.columns, keys), ""]
+    for name, metrics in view.columns.items():
+        if not name.startswith("chance") and method_table(metrics):
+            out += [f"All scorers, `{name}`:", "", method_table(metrics), ""]
+    if "figure" in view.files:
+        out += [f"![few-shot]({view.files['figure']})", ""]
+    return out
+
+
+METRIC = Metric(
+    section="fewshot", title="Concept few-shot", name="few-shot", keys=r"fewshot_[\w@]+", headline=r"fewshot_map@\d+",
+    score=_score, chance=_chance, needs=Needs(train=True, concepts=True), report=_report,
+)

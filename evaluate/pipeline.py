@@ -5,8 +5,10 @@ Three steps, so that nothing is lost or contradicted:
    checked before a number is computed: the runs are comparable (same dataset, pool and backbone,
    unless a cross table is asked for), the output folder is new (or replacing it was asked for),
    K fits the pool.
-2. `score_column` computes each column (chance, the closed-form baseline, each run), printing one
-   progress line per section.
+2. `score_columns` computes each column (chance, the closed-form baseline, each run), one section
+   of the metric registry (`evaluate.metrics.METRICS`) at a time, printing one progress line per
+   section; then each run's paired differences with the first. Every statistic is computed there
+   once and kept in the column's result, which the files only read.
 3. `write_outputs` builds the whole evaluation folder beside its final place and swaps it in with
    one rename: a reader sees the previous evaluation or the new one, never a mix.
 
@@ -23,10 +25,11 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medembed.adapt.closed_form_store import closed_form
@@ -38,16 +41,16 @@ from medembed.common.files import folder_state, replace_folder, slug, staging_fo
 from medembed.common.locks import exclusive
 from medembed.common.version import __version__
 from medembed.evaluate import detection, fewshot, retrieval, zeroshot
+from medembed.evaluate import metrics as registry
 from medembed.evaluate.examples import write_examples
+from medembed.evaluate.metric import ColumnInputs, Metric, Scores
 from medembed.evaluate.models import EmbeddingModel, model_from_heads, model_from_run
 from medembed.evaluate.plots import fewshot_curves, recall_curves, training_curve
 from medembed.evaluate.report import markdown_report
 from medembed.evaluate.sources import eval_splits, open_runs
-from medembed.evaluate.stats import paired_difference, rate_interval
+from medembed.evaluate.stats import PairedDifference, paired_difference
 
 SCHEMA_VERSION = 2
-SECTIONS = ("retrieval", "zeroshot", "fewshot", "detection")
-CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 COMPARISON = "comparison.json"
 
 
@@ -57,7 +60,7 @@ class EvalOptions:
     fewshot: fewshot.FewShotConfig = field(default_factory=fewshot.FewShotConfig)
     detection: detection.DetectionConfig = field(default_factory=detection.DetectionConfig)
     closed_form: bool = True  # fit the closed-form baseline on train (ridge and weighting chosen on valid)
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = field(default_factory=registry.sections)  # default: every registered metric
     examples: int = 1  # text->image and image->text example grids of the first run
     memory_mb: float = retrieval.DEFAULT_MEMORY_MB
     data: str | None = None  # score this dataset's raw images and captions, encoded by each run's own backbone
@@ -65,6 +68,12 @@ class EvalOptions:
     progress: bool = True
     cross: bool = False  # allow runs scored on different pools (datasets, splits or backbones)
     overwrite: bool = False  # replace an earlier evaluation in the output folder
+
+    def settings(self, section: str) -> object:
+        """A metric's settings: the field named after its section (`zeroshot`, `fewshot`,
+        `detection`); None for a metric without one."""
+        value = getattr(self, section, None)
+        return value if is_dataclass(value) else None
 
 
 @dataclass
@@ -94,15 +103,34 @@ class Column:
 
 @dataclass
 class ColumnResult:
-    metrics: dict[str, float]
-    sections: dict[str, list[str]]  # section -> the metric keys it produced, in order
-    recall: dict[str, list] = field(default_factory=dict)  # {"ks": [...], "t2i": [...], "i2t": [...]}
-    fewshot: dict[str, list[float]] = field(default_factory=dict)  # method -> mAP per k
-    concepts: zeroshot.ZeroShotResult | None = None
+    """Everything scored for one column; the files written afterwards only read it."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    sections: dict[str, list[str]] = field(default_factory=dict)  # section -> the metric keys it produced, in order
+    curves: dict[str, dict[str, list]] = field(default_factory=dict)  # section -> what its figure draws
+    details: dict[str, object] = field(default_factory=dict)  # section -> the module's full result
+    hits: dict[str, np.ndarray] = field(default_factory=dict)  # rate metric -> per-query 0/1 outcomes
+    # metric -> difference with the first run on the same queries; None: not paired (the first run,
+    # a baseline, or a run scored on another pool)
+    paired: dict[str, PairedDifference] | None = None
     embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # the evaluated split's (images, texts)
-    ranks: retrieval.RetrievalRanks | None = None  # per-query ranks: intervals and paired differences
     offsets: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # the run's query bank, per image / caption
     seconds: float = 0.0
+
+    def add(self, metric: Metric, scores: Scores) -> None:
+        """One section's scores; a key outside the metric's declared `keys`, or one another section
+        already produced, is refused rather than silently overwriting a number."""
+        stray = [k for k in scores.metrics if not metric.owns(k) or k in self.metrics]
+        if stray:
+            raise ValueError(f"metric {metric.section!r} produced {', '.join(stray)}: keys outside its declared "
+                             f"`keys` ({metric.keys}) or already produced by another section")
+        self.metrics.update(scores.metrics)
+        self.sections[metric.section] = list(scores.metrics)
+        self.hits.update(scores.hits)
+        if scores.curves:
+            self.curves[metric.section] = scores.curves
+        if scores.detail is not None:
+            self.details[metric.section] = scores.detail
 
 
 @dataclass
@@ -147,23 +175,31 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
                               "or --out to write elsewhere")
 
 
+def _listed(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
 def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool, captions: bool = True) -> Pool:
     """The evaluated split, and train / valid when asked for (their captions only with `captions`:
     the closed form learns from pairs, few-shot and detection from images and labels alone).
     Features stay in their stored dtype (float16 halves the pool's memory); every model widens
-    them a chunk at a time."""
+    them a chunk at a time. Without a usable train split, the sections that learn from train
+    carry a note saying why they are empty."""
     files = find_splits(features_dir)
     if split not in files:
         raise FileNotFoundError(f"{features_dir}: no {split}.h5 (found: {', '.join(files)})")
     test = load_split(files[split], with_views=False, dtype=None)
     notes: dict[str, list[str]] = {}
     train = valid = None
+    learners = [m for m in registry.METRICS if m.needs.train]
+    names = [m.name for m in learners]
     if need_train and split == "train":
-        notes["fewshot"] = notes["detection"] = ["evaluating on train: few-shot and detection need a separate "
-                                                 "train split; skipped"]
+        notes = {m.section: [f"evaluating on train: {_listed(names)} need a separate train split; skipped"]
+                 for m in learners}
     elif need_train and "train" not in files:
-        notes["fewshot"] = notes["detection"] = [f"{features_dir} has no train.h5: few-shot, detection and the "
-                                                 "closed form skipped"]
+        notes = {m.section: [f"{features_dir} has no train.h5: {_listed([*names, 'the closed form'])} skipped"]
+                 for m in learners}
     elif need_train:
         train = load_split(files["train"], with_views=False, with_captions=captions, dtype=None)
     if need_valid and "valid" in files and split != "valid":
@@ -218,11 +254,13 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
         raise ValueError("eval needs at least one --run")
     if not ks or ks[0] < 1:
         raise ValueError(f"--k values must be positive integers, got {ks}")
-    unknown = set(options.sections) - set(SECTIONS)
+    known = registry.sections()
+    unknown = set(options.sections) - set(known)
     if unknown:
-        raise ValueError(f"unknown sections {', '.join(sorted(unknown))} (choose from {', '.join(SECTIONS)})")
-    need_train = options.closed_form or bool({"fewshot", "detection"} & set(options.sections))
-    need_valid = options.closed_form or "detection" in options.sections
+        raise ValueError(f"unknown sections {', '.join(sorted(unknown))} (choose from {', '.join(known)})")
+    asked = registry.asked(options.sections)
+    need_train = options.closed_form or any(m.needs.train for m in asked)
+    need_valid = options.closed_form or any(m.needs.valid for m in asked)
     runs = [open_run(r) for r in run_refs]
     names = _unique_names([r.checkpoint or r.run_dir for r in runs])
     out_dir = Path(out_dir) if out_dir else default_out_dir(runs, names, split, options.data)
@@ -275,139 +313,66 @@ def _fit_closed_form(col: Column, options: EvalOptions) -> EmbeddingModel:
     return model_from_heads(col.name, fit.image_head, fit.text_head)
 
 
-def _has_concepts(s: CachedSplit | None) -> bool:
-    return s is not None and s.concepts is not None and s.concepts.shape[1] > 0 and s.concepts.nnz > 0
-
-
-def curve_ks(ks: list[int], pool: int) -> list[int]:
-    return sorted({k for k in (*CURVE_KS, *ks) if k <= max(pool, 1)} | {1})
-
-
-class _Sections:
-    """Collects each section's keys in order and logs one line per finished section."""
-
-    def __init__(self, name: str, log: Callable[[str], None]):
-        self.name, self.log = name, log
-        self.metrics: dict[str, float] = {}
-        self.keys: dict[str, list[str]] = {}
-
-    def add(self, section: str, values: dict[str, float], started: float) -> None:
-        self.metrics.update(values)
-        self.keys[section] = list(values)
-        self.log(f"eval {self.name}: {section} {time.perf_counter() - started:.2f} s")
-
-
 def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callable[[str], None]) -> ColumnResult:
-    """Every asked-for section for one column."""
+    """Every asked-for section that the column's pool has the data for, in registry order: chance
+    from each metric's closed form, the baseline and runs from their embeddings."""
     start = time.perf_counter()
-    if col.kind == "chance":
-        res = _score_chance(col, plan, options, log)
-        res.seconds = time.perf_counter() - start
-        return res
     if col.kind == "baseline":
         t0 = time.perf_counter()
         col.model = _fit_closed_form(col, options)
         log(f"eval {col.name}: fitted ({col.note}) {time.perf_counter() - t0:.2f} s")
-    test, train = col.pool.test, col.pool.train
-    sec = _Sections(col.name, log)
-    img, txt = col.model.images(test.image_features), col.model.texts(test.caption_features)
+    pool = col.pool
+    inputs = ColumnInputs(pool.test, pool.train, pool.valid, plan.ks, options.memory_mb,
+                          None if col.kind == "chance" else col.model)
     # only the first run's embeddings outlive its scoring (its example grids); on a 100k pool each
     # kept pair is 200 MB
-    keep = options.examples > 0 and col.name == plan.names[0]
-    res = ColumnResult(metrics=sec.metrics, sections=sec.keys, embeddings=(img, txt) if keep else None)
-    if "retrieval" in options.sections:
-        t0 = time.perf_counter()
-        values = {}
-        if col.model.gallery_offsets is not None:
-            # the run ranks with its query bank; plain cosine is kept beside it for comparison
-            plain = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, options.memory_mb), plan.ks)
-            values = {f"cosine_{d}_R@{k}": plain[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in plan.ks}
-        image_offset, caption_offset = col.model.offsets(img, txt)
-        r = res.ranks = retrieval.ranks(img, txt, test.caption_image, options.memory_mb, image_offset, caption_offset)
-        res.offsets = (image_offset, caption_offset)
-        sec.add("retrieval", {**retrieval.summarize(r, plan.ks), **values}, t0)
-        cks = curve_ks(plan.ks, r.pool_images)
-        res.recall = {"ks": cks}
-        for d in ("t2i", "i2t"):
-            res.recall[d] = [100 * float(retrieval.hits(r, d, k).mean()) for k in cks]
-            res.recall[f"{d}_band"] = [rate_interval(retrieval.hits(r, d, k)) for k in cks]
-    del txt  # the later sections score images only
-    concept_emb = None
-    if _has_concepts(test) and test.concept_text_features is not None:
-        concept_emb = col.model.concept_prompts(test.concept_text_features)
-    if "zeroshot" in options.sections and concept_emb is not None:
-        t0 = time.perf_counter()
-        res.concepts = zeroshot.score(img, concept_emb, test.concepts, test.concept_ids, test.concept_names,
-                                      options.zeroshot)
-        sec.add("zeroshot", res.concepts.metrics(), t0)
-    if _has_concepts(test) and _has_concepts(train) and {"fewshot", "detection"} & set(options.sections):
-        train_img = col.model.images(train.image_features)
-        if "fewshot" in options.sections:
+    keep = col.kind != "chance" and options.examples > 0 and col.name == plan.names[0]
+    res = ColumnResult()
+    asked = registry.asked(options.sections)
+    last_text_reader = max((i for i, m in enumerate(asked) if m.needs.texts), default=-1)
+    for i, metric in enumerate(asked):
+        if metric.needs.met_by(pool.test, pool.train):
             t0 = time.perf_counter()
-            fs = fewshot.compute(train_img, train.concepts, img, test.concepts, concept_emb, test.concept_names,
-                                 options.fewshot)
-            sec.add("fewshot", fs, t0)
-            res.fewshot = _fewshot_curves(fs, options.fewshot)
-        if "detection" in options.sections:
-            t0 = time.perf_counter()
-            valid = col.pool.valid
-            tune_on = (col.model.images(valid.image_features), valid.concepts) if _has_concepts(valid) else None
-            sec.add("detection", detection.compute(train_img, train.concepts, img, test.concepts, options.detection,
-                                                   tune_on), t0)
+            scorer = metric.chance if col.kind == "chance" else metric.score
+            res.add(metric, scorer(inputs, options.settings(metric.section)))
+            log(f"eval {col.name}: {metric.section} {time.perf_counter() - t0:.2f} s")
+        if i == last_text_reader and not keep:
+            inputs.release_texts()  # the later sections score images only
+    if keep:
+        res.embeddings = (inputs.images(), inputs.texts())
+        res.offsets = inputs.ranked_offsets()
     res.seconds = time.perf_counter() - start
     return res
 
 
-def _fewshot_curves(metrics: dict[str, float], cfg: fewshot.FewShotConfig) -> dict[str, list[float]]:
-    if not metrics.get("fewshot_concepts"):
-        return {}
-    ks = sorted(set(cfg.ks))
-    return {m: [metrics[f"fewshot_{m}_map@{k}"] for k in ks] for m in cfg.methods}
+def pair_with_first(plan: EvalPlan, results: dict[str, ColumnResult]) -> None:
+    """Each run after the first against the first, on the queries both were scored on: the paired
+    bootstrap interval of the difference of every rate metric both kept per-query hits for
+    (Recall@K, the modality accuracy), stored in the run's result."""
+    runs = [c for c in plan.columns if c.kind == "run"]
+    first = results[runs[0].name]
+    for other in runs[1:]:
+        if other.pool is not runs[0].pool:
+            continue  # a cross table: different queries, no pairing
+        res = results[other.name]
+        res.paired = {key: paired_difference(hits, res.hits[key]) for key, hits in first.hits.items()
+                      if key in res.hits}
 
 
-def _score_chance(col: Column, plan: EvalPlan, options: EvalOptions, log) -> ColumnResult:
-    test, train = col.pool.test, col.pool.train
-    sec = _Sections(col.name, log)
-    res = ColumnResult(metrics=sec.metrics, sections=sec.keys)
-    t0 = time.perf_counter()
-    if "retrieval" in options.sections:
-        sec.add("retrieval", retrieval.chance(test.caption_image, test.n_images, plan.ks), t0)
-        cks = curve_ks(plan.ks, max(test.n_images, 1))
-        full = retrieval.chance(test.caption_image, test.n_images, cks)
-        res.recall = {"ks": cks, **{d: [full[f"{d}_R@{k}"] for k in cks] for d in ("t2i", "i2t")}}
-    if "zeroshot" in options.sections and _has_concepts(test) and test.concept_text_features is not None:
-        sec.add("zeroshot", zeroshot.chance(test.concepts, test.concept_ids, test.concept_names, options.zeroshot), t0)
-    if _has_concepts(test) and _has_concepts(train):
-        if "fewshot" in options.sections:
-            fs = fewshot.chance(train.concepts, test.concepts, options.fewshot)
-            sec.add("fewshot", fs, t0)
-            res.fewshot = _fewshot_curves(fs, options.fewshot)
-        if "detection" in options.sections:
-            sec.add("detection", detection.chance(train.concepts, test.concepts), t0)
-    return res
+def score_columns(plan: EvalPlan, options: EvalOptions, log: Callable[[str], None]) -> dict[str, ColumnResult]:
+    """Every column, then the runs' paired differences: each statistic once, for every file to read."""
+    results = {col.name: score_column(col, plan, options, log) for col in plan.columns}
+    pair_with_first(plan, results)
+    return results
 
 
 # ----------------------------------------------------------------------------------- comparisons
 def paired(plan: EvalPlan, results: dict[str, ColumnResult]) -> dict[str, dict[str, dict[str, float]]]:
-    """Each run after the first against the first, on the queries both were scored on: the paired
-    bootstrap interval of the difference of every Recall@K and of the modality accuracy."""
-    runs = [c for c in plan.columns if c.kind == "run"]
-    first = runs[0]
-    out = {}
-    for other in runs[1:]:
-        if other.pool is not first.pool:
-            continue  # a cross table: different queries, no pairing
-        a, b = results[first.name], results[other.name]
-        rows = {}
-        if a.ranks is not None and b.ranks is not None:
-            for d in ("t2i", "i2t"):
-                for k in plan.ks:
-                    rows[f"{d}_R@{k}"] = paired_difference(retrieval.hits(a.ranks, d, k), retrieval.hits(b.ranks, d, k))
-        za, zb = a.concepts, b.concepts
-        if za is not None and zb is not None and za.modality_hits is not None and zb.modality_hits is not None:
-            rows["zeroshot_modality_acc"] = paired_difference(za.modality_hits, zb.modality_hits)
-        out[other.name] = {m: {"diff": p.diff, "ci_low": p.low, "ci_high": p.high} for m, p in rows.items()}
-    return out
+    """The paired differences scoring stored ({run: {metric: {"diff", "ci_low", "ci_high"}}}), as
+    comparison.json, the report and the console show them."""
+    stored = {c.name: results[c.name].paired for c in plan.columns if c.kind == "run"}
+    return {name: {m: {"diff": p.diff, "ci_low": p.low, "ci_high": p.high} for m, p in rows.items()}
+            for name, rows in stored.items() if rows is not None}
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -448,7 +413,9 @@ def metrics_file(name: str) -> str:
 
 
 def _write_concepts_csv(path: Path, columns: dict[str, ColumnResult]) -> Path | None:
-    with_concepts = {n: c.concepts for n, c in columns.items() if c.concepts is not None and c.concepts.concept_rows}
+    """Zero-shot AUROC and AP of every concept, one column pair per scored column."""
+    zs = {n: c.details.get("zeroshot") for n, c in columns.items()}
+    with_concepts = {n: z for n, z in zs.items() if isinstance(z, zeroshot.ZeroShotResult) and z.concept_rows}
     if not with_concepts:
         return None
     first = next(iter(with_concepts.values()))
@@ -505,33 +472,37 @@ def _write_files(work: Path, plan: EvalPlan, results: dict[str, ColumnResult], o
     write_json(work / COMPARISON, _comparison(plan, results, created, pairs))
     first = plan.pools[Path(plan.runs[0].features_dir)]
     title = f"{first.test.attrs.get('dataset', '')} {plan.split}, {first.test.n_images} images"
-    plots: dict[str, Path] = {}
-    curves = {n: r.recall for n, r in results.items() if r.recall}
+    figures: dict[str, Path] = {}  # section -> its figure, drawn from the curves scoring kept
+    curves = {n: r.curves["retrieval"] for n, r in results.items() if r.curves.get("retrieval")}
     if curves:
-        plots["recall"] = recall_curves(curves, work / "recall_at_k.png",
-                                        title=f"Recall@K of {', '.join(plan.names)} on {title} (bands: 95% intervals)")
-    fs = {n: r.fewshot for n, r in results.items() if r.fewshot}
-    if any(c.kind != "chance" and results[c.name].fewshot for c in plan.columns):
+        figures["retrieval"] = recall_curves(curves, work / "recall_at_k.png",
+                                             title=f"Recall@K of {', '.join(plan.names)} on {title} (bands: 95% intervals)")
+    fs = {n: r.curves["fewshot"] for n, r in results.items() if r.curves.get("fewshot")}
+    if any(c.kind != "chance" and c.name in fs for c in plan.columns):
         ks = sorted(set(options.fewshot.ks))
-        spread = {n: {m: [r.metrics.get(f"fewshot_{m}_map@{k}_seed_std", 0.0) for k in ks] for m in r.fewshot}
-                  for n, r in results.items() if r.fewshot}
-        plots["fewshot"] = fewshot_curves(fs, ks, work / "fewshot.png", spread=spread,
-                                          title=f"Concept few-shot, {title} (mean over {options.fewshot.seeds} "
-                                                "seeds, bars: their spread)")
+        spread = {n: {m: [results[n].metrics.get(f"fewshot_{m}_map@{k}_seed_std", 0.0) for k in ks] for m in c}
+                  for n, c in fs.items()}
+        figures["fewshot"] = fewshot_curves(fs, ks, work / "fewshot.png", spread=spread,
+                                            title=f"Concept few-shot, {title} (mean over {options.fewshot.seeds} "
+                                                  "seeds, bars: their spread)")
+    training: dict[str, Path] = {}
     for c in runs:
         curve = _training_curve(c, work, title)
         if curve is not None:
-            plots[f"training {c.name}"] = curve
+            training[f"training {c.name}"] = curve
     examples = []
     primary = results[runs[0].name]
     if options.examples and primary.embeddings is not None:
         examples = write_examples(first.test, *primary.embeddings, work, options.examples, run_name=runs[0].name,
                                   offsets=primary.offsets)
-    concepts_csv = _write_concepts_csv(work / "zeroshot_concepts.csv", {n: r for n, r in results.items()})
+    section_files = {section: {"figure": path} for section, path in figures.items()}
+    concepts_csv = _write_concepts_csv(work / "zeroshot_concepts.csv", results)
+    if concepts_csv is not None:
+        section_files.setdefault("zeroshot", {})["table"] = concepts_csv
     report = work / "report.md"
-    report.write_text(markdown_report(plan, results, options, plots, examples, concepts_csv, work, pairs))
+    report.write_text(markdown_report(plan, results, options, section_files, training, examples, work, pairs))
     return {"metrics": metrics_paths, "report": report, "comparison": work / COMPARISON,
-            "plots": list(plots.values()), "examples": examples}
+            "plots": [*figures.values(), *training.values()], "examples": examples}
 
 
 # -------------------------------------------------------------------------------------------- entry
@@ -562,9 +533,7 @@ def run_eval(
     with exclusive(plan.out_dir, "eval", "wait for it to finish or choose another --out"):
         _check_out_dir(plan.out_dir, options.overwrite)
         state = folder_state(plan.out_dir)
-        results: dict[str, ColumnResult] = {}
-        for col in plan.columns:
-            results[col.name] = score_column(col, plan, options, log)
+        results = score_columns(plan, options, log)
         files = write_outputs(plan, results, options, state)
     first = plan.pools[Path(plan.runs[0].features_dir)].test
     return {

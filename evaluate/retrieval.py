@@ -1,6 +1,7 @@
 """Text->image and image->text retrieval over a whole split, as CLIP-style papers report it.
 
-`compute(...) -> dict` and `chance(...) -> dict`, like every metric module. The ranking and its
+`compute(...) -> dict` and `chance(...) -> dict` of flat named numbers, and `METRIC`, the section
+`eval` scores with them (registered in `evaluate.metrics`). The ranking and its
 summary are `common.ranking`'s (ties count against the query; an image query is a hit at the
 best-ranked of its captions; K above the pool is capped), so early stopping and the report can
 never disagree. This module adds what a report needs on top: the pool sizes, a chunk size derived
@@ -10,6 +11,7 @@ exact chance levels.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +19,13 @@ import torch
 from scipy.special import gammaln
 
 from medembed.common.ranking import recall_at, retrieval_ranks, summarize_ranks
+from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
 from medembed.evaluate.stats import rate_interval
+from medembed.evaluate.tables import markdown_table
 
 DEFAULT_MEMORY_MB = 256
+DIRECTIONS = ("t2i", "i2t")
+CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # the recall@K figure's Ks (with the asked-for ones)
 # bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32
 # score buffer and counts in place, plus the float sum's temporaries
 _BYTES_PER_SCORE = 8
@@ -61,14 +67,18 @@ def ranks(
     return RetrievalRanks(t2i, i2t, n, m)
 
 
-def summarize(r: RetrievalRanks, ks: list[int] | tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def summarize(r: RetrievalRanks, ks: list[int] | tuple[int, ...] = (1, 5, 10),
+              intervals: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
     """Flat numbers of given ranks: R@K in percent for each direction (K capped at the pool) with
-    its bootstrap 95% interval over queries (`_ci_low`, `_ci_high`), median/mean rank, pool sizes."""
+    its bootstrap 95% interval over queries (`_ci_low`, `_ci_high`), median/mean rank, pool sizes.
+    `intervals` ("t2i_R@K" -> (low, high)) are ones already computed; the others are computed here."""
     out = summarize_ranks(r.t2i, r.i2t, r.pool_images, r.pool_captions, ks)
     del out["mean_recall"]
-    for name, rk, pool in (("t2i", r.t2i, r.pool_images), ("i2t", r.i2t, r.pool_captions)):
+    for name in DIRECTIONS:
         for k in ks:
-            out[f"{name}_R@{k}_ci_low"], out[f"{name}_R@{k}_ci_high"] = rate_interval((rk <= min(k, pool)).numpy())
+            key = f"{name}_R@{k}"
+            known = (intervals or {}).get(key)
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = known if known is not None else rate_interval(hits(r, name, k))
     out["pool_images"] = r.pool_images
     out["pool_captions"] = r.pool_captions
     return out
@@ -94,6 +104,11 @@ def compute(
 def recall_curve(rank: torch.Tensor, ks: list[int], pool: int) -> list[float]:
     """R@K in percent for each K (for the recall@K plot); K is capped at the pool as in `summarize`."""
     return [100 * recall_at(rank, min(k, pool)) for k in ks]
+
+
+def curve_ks(ks: list[int], pool: int) -> list[int]:
+    """The recall@K figure's Ks: the usual ones up to the pool, the asked-for ones, and 1."""
+    return sorted({k for k in (*CURVE_KS, *ks) if k <= max(pool, 1)} | {1})
 
 
 # --- chance -------------------------------------------------------------------------------------
@@ -181,3 +196,57 @@ def top_k(
         keep = cat_s.topk(min(k, cat_s.shape[1]), dim=1).indices
         best_s, best_i = cat_s.gather(1, keep), cat_i.gather(1, keep)
     return best_s, best_i
+
+
+# --- the eval section ---------------------------------------------------------------------------
+
+
+def _score(inputs: ColumnInputs, _settings: None) -> Scores:
+    """R@K by the column's own ranking (a run's query bank; plain-cosine R@K kept beside it as
+    `cosine_*`), each R@K's bootstrap interval computed once for the figure's bands and the tables,
+    and every query's hit at each asked-for K (paired differences between runs)."""
+    img, txt, test, ks = inputs.images(), inputs.texts(), inputs.test, inputs.ks
+    plain = {}
+    if inputs.model.gallery_offsets is not None:
+        p = ranks(img, txt, test.caption_image, inputs.memory_mb)
+        cosine = summarize_ranks(p.t2i, p.i2t, p.pool_images, p.pool_captions, ks)
+        plain = {f"cosine_{d}_R@{k}": cosine[f"{d}_R@{k}"] for d in DIRECTIONS for k in ks}
+    image_offset, caption_offset = inputs.offsets()
+    r = ranks(img, txt, test.caption_image, inputs.memory_mb, image_offset, caption_offset)
+    cks = curve_ks(ks, r.pool_images)
+    curves: dict[str, list] = {"ks": cks}
+    intervals = {}
+    for d in DIRECTIONS:
+        curves[d] = [100 * float(hits(r, d, k).mean()) for k in cks]
+        curves[f"{d}_band"] = [rate_interval(hits(r, d, k)) for k in cks]
+        intervals.update({f"{d}_R@{k}": band for k, band in zip(cks, curves[f"{d}_band"])})
+    per_query = {f"{d}_R@{k}": hits(r, d, k) for d in DIRECTIONS for k in ks}
+    return Scores({**summarize(r, ks, intervals), **plain}, hits=per_query, curves=curves, detail=r)
+
+
+def _chance(inputs: ColumnInputs, _settings: None) -> Scores:
+    test = inputs.test
+    cks = curve_ks(inputs.ks, max(test.n_images, 1))
+    full = chance(test.caption_image, test.n_images, cks)
+    curves = {"ks": cks, **{d: [full[f"{d}_R@{k}"] for k in cks] for d in DIRECTIONS}}
+    return Scores(chance(test.caption_image, test.n_images, inputs.ks), curves=curves)
+
+
+def _report(view: SectionView[None]) -> list[str]:
+    out = [f"## {view.title}", "", "Recall@K in %, with its 95% bootstrap interval over queries in brackets. "
+           "Image->text is a hit when any of the image's captions is in the top K; text->image uses each "
+           "caption's own image. Ties count against the query.", ""]
+    out += [markdown_table(view.columns, view.keys), ""]
+    if view.paired:
+        out += [f"Paired comparison with `{view.first}` on the same queries (bootstrap over queries):", "",
+                *view.paired, ""]
+    if "figure" in view.files:
+        out += [f"![recall@K]({view.files['figure']})", ""]
+    return out
+
+
+METRIC = Metric(
+    section="retrieval", title="Retrieval", keys=r"(cosine_)?(t2i|i2t)_(R@\d+(_ci_low|_ci_high)?|medr|meanr)|pool_images|pool_captions",
+    headline=r"(t2i|i2t)_(R@\d+|medr)", score=_score, chance=_chance, needs=Needs(texts=True), report=_report,
+    optional=False,  # every evaluation reports retrieval
+)

@@ -1,7 +1,8 @@
 """Concept zero-shot: does an image embedding sit closer to the prompts of the concepts it carries?
 
-`compute(...) -> dict` and `chance(...) -> dict`, like every metric module; `score(...)` keeps the
-per-concept numbers (the report's CSV) and per-image outcomes (its intervals).
+`compute(...) -> dict` and `chance(...) -> dict` of flat named numbers, and `METRIC`, the section
+`eval` scores with them (registered in `evaluate.metrics`); `score(...)` keeps the per-concept
+numbers (the report's CSV) and per-image outcomes (its intervals and paired differences).
 
 Each named concept is scored by the cosine between the image embedding and the concept's
 prompt-ensemble embedding. Two views of the same scores:
@@ -21,7 +22,9 @@ import scipy.sparse as sp
 import torch
 
 from medembed.common.ranking import average_precision, roc_auc
+from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
 from medembed.evaluate.stats import rate_interval
+from medembed.evaluate.tables import markdown_table
 
 
 @dataclass(frozen=True)
@@ -193,9 +196,16 @@ def score(
     return result
 
 
-def compute(*args, **kwargs) -> dict[str, float]:
-    """Flat numbers: mean concept AUROC / mAP over eligible concepts, modality accuracy. Takes `score`'s arguments."""
-    return score(*args, **kwargs).metrics()
+def compute(
+    image_emb: torch.Tensor,
+    concept_emb: torch.Tensor,
+    labels: sp.csr_matrix,
+    concept_ids: list[str],
+    concept_names: list[str],
+    config: ZeroShotConfig | None = None,
+) -> dict[str, float]:
+    """Flat numbers: mean concept AUROC / mAP over eligible concepts, modality accuracy (see `score`)."""
+    return score(image_emb, concept_emb, labels, concept_ids, concept_names, config).metrics()
 
 
 # --- chance -------------------------------------------------------------------------------------
@@ -242,3 +252,44 @@ def chance(
         out["zeroshot_modality_images"] = 0
     out["zeroshot_modality_classes"] = len(classes)
     return out
+
+
+# --- the eval section ---------------------------------------------------------------------------
+
+
+def _score(inputs: ColumnInputs, cfg: ZeroShotConfig) -> Scores:
+    test = inputs.test
+    result = score(inputs.images(), inputs.concept_prompts(), test.concepts, test.concept_ids, test.concept_names, cfg)
+    hits = {"zeroshot_modality_acc": result.modality_hits} if result.modality_hits is not None else {}
+    return Scores(result.metrics(), hits=hits, detail=result)
+
+
+def _chance(inputs: ColumnInputs, cfg: ZeroShotConfig) -> Scores:
+    test = inputs.test
+    return Scores(chance(test.concepts, test.concept_ids, test.concept_names, cfg))
+
+
+def _report(view: SectionView[ZeroShotConfig]) -> list[str]:
+    out = [f"## {view.title}", ""]
+    if not view.keys:
+        return out + view.notes
+    out += [f"Cosine between image embedding and each named concept's prompt-ensemble embedding "
+            f"({len(view.test.templates)} templates). mAP and AUROC (in %) over concepts with at least "
+            f"{view.settings.min_positives} positive images in the split.", ""]
+    z = view.details.get(view.first)
+    if isinstance(z, ZeroShotResult) and z.modality_classes:
+        out += ["Modality accuracy: single-label choice among " + ", ".join(
+            f"{m.label} ({m.concept_id}: {n} images)" for m, n in z.modality_classes) +
+            "; images carrying exactly one of them.", ""]
+    if isinstance(z, ZeroShotResult) and z.modality_note:
+        out += [f"Modality classes left out: {z.modality_note}.", ""]
+    if "table" in view.files:
+        out += [f"Per-concept AUROC and AP: `{view.files['table']}`.", ""]
+    return out + [markdown_table(view.columns, view.keys), ""]
+
+
+METRIC = Metric(
+    section="zeroshot", title="Concept zero-shot", name="zero-shot", keys=r"zeroshot_\w+",
+    headline=r"zeroshot_(modality_acc|concept_map)", score=_score, chance=_chance,
+    needs=Needs(concepts=True, prompts=True), report=_report,
+)
