@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from medembed.cache import schema
 from medembed.cache.reader import CachedSplit, feature_chunks, open_cache, read_dataset, strings
 from medembed.common.tensors import unit
 
@@ -109,12 +110,12 @@ class StreamSource:
         self.path = Path(path)
         self.chunk_rows = chunk_rows
         with open_cache(self.path) as f:
-            self.caption_image = torch.from_numpy(read_dataset(f, "captions/image_row").astype(np.int64))
-            self.image_dim = int(f["images/features"].shape[1])
-            self.text_dim = int(f["captions/features"].shape[1])
-            self.n_images = int(f["images/features"].shape[0])
-            self.has_views = with_views and "images/view_features" in f
-            texts = strings(f["captions/text"])
+            self.caption_image = torch.from_numpy(read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64))
+            self.image_dim = int(f[schema.IMAGE_FEATURES].shape[1])
+            self.text_dim = int(f[schema.CAPTION_FEATURES].shape[1])
+            self.n_images = int(f[schema.IMAGE_FEATURES].shape[0])
+            self.has_views = with_views and schema.VIEW_FEATURES in f
+            texts = strings(f[schema.CAPTION_TEXT])
         self.caption_key = caption_keys(texts)
         self.n_captions = int(self.caption_image.numel())
 
@@ -131,40 +132,40 @@ class StreamSource:
             for s in starts[torch.randperm(len(starts), generator=gen)].tolist():
                 e = min(s + self.chunk_rows, self.n_captions)
                 img_of = self.caption_image[s:e]
-                images, rows = self._rows(f, "images/features", img_of.numpy())
-                views = self._rows(f, "images/view_features", img_of.numpy())[0] if self.has_views else None
+                images, rows = self._rows(f, schema.IMAGE_FEATURES, img_of.numpy())
+                views = self._rows(f, schema.VIEW_FEATURES, img_of.numpy())[0] if self.has_views else None
                 local = torch.searchsorted(rows, img_of)
-                yield Block(images, views, torch.from_numpy(read_dataset(f, "captions/features", np.s_[s:e])), local,
+                yield Block(images, views, torch.from_numpy(read_dataset(f, schema.CAPTION_FEATURES, np.s_[s:e])), local,
                             self.caption_key[s:e], rows)
 
     def _chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
         return (torch.from_numpy(x) for x in feature_chunks(self.path, name, rows))
 
     def image_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor]:
-        return self._chunks("images/features", rows)
+        return self._chunks(schema.IMAGE_FEATURES, rows)
 
     def caption_chunks(self, rows: int = 65536) -> Iterator[torch.Tensor]:
-        return self._chunks("captions/features", rows)
+        return self._chunks(schema.CAPTION_FEATURES, rows)
 
 
 def read_concepts(path: str | Path) -> tuple[sp.csr_matrix | None, list[str], torch.Tensor | None]:
     """Concept labels, names and text features of a cache file without touching its image or
     caption features (which, when streaming, do not fit in memory)."""
     with open_cache(path) as f:
-        if "concepts/ids" not in f or "concepts/text_features" not in f:
+        if schema.CONCEPT_IDS not in f or schema.CONCEPT_TEXT_FEATURES not in f:
             return None, [], None
-        names = strings(f["concepts/names"])
-        n = int(f["images/features"].shape[0])
-        indptr = read_dataset(f, "concepts/indptr").astype(np.int64)
-        indices = read_dataset(f, "concepts/indices").astype(np.int64)
+        names = strings(f[schema.CONCEPT_NAMES])
+        n = int(f[schema.IMAGE_FEATURES].shape[0])
+        indptr = read_dataset(f, schema.CONCEPT_INDPTR).astype(np.int64)
+        indices = read_dataset(f, schema.CONCEPT_INDICES).astype(np.int64)
         labels = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(n, len(names)))
-        return labels, names, torch.from_numpy(read_dataset(f, "concepts/text_features").astype(np.float32))
+        return labels, names, torch.from_numpy(read_dataset(f, schema.CONCEPT_TEXT_FEATURES).astype(np.float32))
 
 
 def estimated_bytes(path: str | Path) -> int:
     """float32 bytes `load_split` would hold for this file's features."""
     with open_cache(path) as f:
-        names = [n for n in ("images/features", "images/view_features", "captions/features", "concepts/text_features") if n in f]
+        names = [n for n in (schema.IMAGE_FEATURES, schema.VIEW_FEATURES, schema.CAPTION_FEATURES, schema.CONCEPT_TEXT_FEATURES) if n in f]
         return sum(4 * int(np.prod(f[n].shape)) for n in names)
 
 

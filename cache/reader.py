@@ -1,24 +1,7 @@
-"""Load one cached split into memory as torch tensors.
-
-Schema (one HDF5 file per dataset x split x backbone, written by `cache.writer`):
-
-    attrs                       provenance: backbone, weights_sha256, preprocess, image_layer, image_pooling,
-                                text_layer, text_pooling, dataset, dataset_fingerprint, split, toolkit_version,
-                                created, dtype, synthetic, ...
-    images/ids        [N] str   image ids, dataset order, skipped images left out
-    images/locations  [N] str   where each image was read from (relative to the data root)
-    images/features   [N, Di]   raw pooled image features (not L2-normalised), float16 by default
-    images/view_features [N, V, Di]  optional: features of V augmented views of each image
-    captions/text     [M] str
-    captions/image_row [M] int  row in images/ of each caption's image
-    captions/features [M, Dt]   raw caption features
-    concepts/ids      [C] str   concept vocabulary (shared by all splits of a dataset)
-    concepts/names    [C] str   canonical name, "" when the dataset gives none
-    concepts/indptr   [N+1], concepts/indices [nnz]   multi-hot labels as CSR rows
-    concepts/templates [T] str  prompt templates, e.g. "a radiology image showing {name}"
-    concepts/text_features [C, T, Dt]  raw text features of every (named concept, template); rows of
-                                unnamed concepts (empty name) are zeros
-    skipped/ids, skipped/locations, skipped/reasons [S] str   images that could not be read, and why
+"""Read cache files: every other layer opens them through this module (`open_cache`,
+`read_dataset`, `load_split`, `feature_chunks`, ...), so a damaged, truncated or foreign file is
+refused the same way everywhere. The file's layout (dataset names, format version) is
+`cache.schema`.
 """
 from __future__ import annotations
 
@@ -32,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from medembed.cache import schema
 from medembed.cache.schema import FEATURE_DATASETS, READABLE_FORMATS, REBUILD
 from medembed.common.errors import MedembedError
 from medembed.common.files import resolve_recorded
@@ -166,13 +150,13 @@ def read_attrs(path: str | Path) -> dict:
 def feature_widths(path: str | Path) -> tuple[int, int]:
     """(image feature width, caption feature width) of a cache file, without reading features."""
     with open_cache(path) as f:
-        return int(f["images/features"].shape[1]), int(f["captions/features"].shape[1])
+        return int(f[schema.IMAGE_FEATURES].shape[1]), int(f[schema.CAPTION_FEATURES].shape[1])
 
 
 def _skipped(f: h5py.File) -> list[tuple[str, str, str]]:
-    if "skipped/ids" not in f:
+    if schema.SKIPPED_IDS not in f:
         return []
-    return list(zip(strings(f["skipped/ids"]), strings(f["skipped/locations"]), strings(f["skipped/reasons"])))
+    return list(zip(strings(f[schema.SKIPPED_IDS]), strings(f[schema.SKIPPED_LOCATIONS]), strings(f[schema.SKIPPED_REASONS])))
 
 
 def read_skipped(path: str | Path) -> list[tuple[str, str, str]]:
@@ -182,12 +166,12 @@ def read_skipped(path: str | Path) -> list[tuple[str, str, str]]:
 
 
 def read_strings(path: str | Path, name: str) -> list[str]:
-    """One string dataset of a cache file (e.g. "images/ids", "captions/text") without its features."""
+    """One string dataset of a cache file (e.g. `schema.IMAGE_IDS`, `schema.CAPTION_TEXT`) without its features."""
     with open_cache(path) as f:
         return strings(f[name])
 
 
-def feature_chunks(path: str | Path, name: str = "images/features", rows: int = 65536) -> Iterator[np.ndarray]:
+def feature_chunks(path: str | Path, name: str = schema.IMAGE_FEATURES, rows: int = 65536) -> Iterator[np.ndarray]:
     """A feature dataset of a cache file, `rows` at a time as stored (never the whole file in memory)."""
     with open_cache(path) as f:
         for s in range(0, f[name].shape[0], rows):
@@ -200,43 +184,43 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
     `with_captions=False` leaves the captions out (no rows), for uses that need only images and labels."""
     path = Path(path)
     with open_cache(path) as f:
-        if "images/features" not in f:
+        if schema.IMAGE_FEATURES not in f:
             raise ValueError(f"{path}: not a feature cache (no images/features dataset)")
         attrs = _attrs(f)
-        n = f["images/features"].shape[0]
+        n = f[schema.IMAGE_FEATURES].shape[0]
         concepts = None
         concept_ids: list[str] = []
         concept_names: list[str] = []
         ctf = None
         templates: list[str] = []
-        if "concepts/ids" in f:
-            concept_ids = strings(f["concepts/ids"])
-            concept_names = strings(f["concepts/names"])
-            indptr = read_dataset(f, "concepts/indptr").astype(np.int64)
-            indices = read_dataset(f, "concepts/indices").astype(np.int64)
+        if schema.CONCEPT_IDS in f:
+            concept_ids = strings(f[schema.CONCEPT_IDS])
+            concept_names = strings(f[schema.CONCEPT_NAMES])
+            indptr = read_dataset(f, schema.CONCEPT_INDPTR).astype(np.int64)
+            indices = read_dataset(f, schema.CONCEPT_INDICES).astype(np.int64)
             concepts = sp.csr_matrix(
                 (np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(n, len(concept_ids))
             )
-            if "concepts/text_features" in f:
-                ctf = _read_float(f, "concepts/text_features", dtype)
-                templates = strings(f["concepts/templates"])
-        views = _read_float(f, "images/view_features", dtype) if with_views and "images/view_features" in f else None
+            if schema.CONCEPT_TEXT_FEATURES in f:
+                ctf = _read_float(f, schema.CONCEPT_TEXT_FEATURES, dtype)
+                templates = strings(f[schema.CONCEPT_TEMPLATES])
+        views = _read_float(f, schema.VIEW_FEATURES, dtype) if with_views and schema.VIEW_FEATURES in f else None
         return CachedSplit(
             split=attrs.get("split", path.stem),
-            image_ids=strings(f["images/ids"]),
-            image_features=_read_float(f, "images/features", dtype),
-            caption_features=_read_float(f, "captions/features", dtype) if with_captions else
-            torch.zeros(0, f["captions/features"].shape[1]),
-            caption_image=torch.from_numpy(read_dataset(f, "captions/image_row").astype(np.int64)) if with_captions else
+            image_ids=strings(f[schema.IMAGE_IDS]),
+            image_features=_read_float(f, schema.IMAGE_FEATURES, dtype),
+            caption_features=_read_float(f, schema.CAPTION_FEATURES, dtype) if with_captions else
+            torch.zeros(0, f[schema.CAPTION_FEATURES].shape[1]),
+            caption_image=torch.from_numpy(read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64)) if with_captions else
             torch.zeros(0, dtype=torch.long),
-            captions=strings(f["captions/text"]) if with_captions else [],
+            captions=strings(f[schema.CAPTION_TEXT]) if with_captions else [],
             concept_ids=concept_ids,
             concept_names=concept_names,
             concepts=concepts,
             concept_text_features=ctf,
             templates=templates,
             view_features=views,
-            image_locations=strings(f["images/locations"]) if "images/locations" in f else [],
+            image_locations=strings(f[schema.IMAGE_LOCATIONS]) if schema.IMAGE_LOCATIONS in f else [],
             attrs=attrs,
             path=str(path),
             skipped=_skipped(f),

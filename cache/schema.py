@@ -10,6 +10,24 @@ from __future__ import annotations
 FORMAT = "medembed-cache/2"
 READABLE_FORMATS = ("medembed-cache/1", FORMAT)
 
+# The datasets of a cache file (one file per dataset x split x backbone):
+IMAGE_IDS = "images/ids"  # [N] str: image ids, dataset order, skipped images left out
+IMAGE_LOCATIONS = "images/locations"  # [N] str: where each image was read from (relative to the data root)
+IMAGE_FEATURES = "images/features"  # [N, Di]: raw pooled image features (not L2-normalised)
+VIEW_FEATURES = "images/view_features"  # [N, V, Di], optional: features of V augmented views of each image
+CAPTION_TEXT = "captions/text"  # [M] str
+CAPTION_IMAGE_ROW = "captions/image_row"  # [M] int: row in images/ of each caption's image
+CAPTION_FEATURES = "captions/features"  # [M, Dt]: raw caption features
+CONCEPT_IDS = "concepts/ids"  # [C] str: concept vocabulary (shared by all splits of a dataset)
+CONCEPT_NAMES = "concepts/names"  # [C] str: canonical name, "" when the dataset gives none
+CONCEPT_INDPTR = "concepts/indptr"  # [N+1] } multi-hot labels as CSR rows
+CONCEPT_INDICES = "concepts/indices"  # [nnz] }
+CONCEPT_TEMPLATES = "concepts/templates"  # [T] str: prompt templates, e.g. "a radiology image showing {name}"
+CONCEPT_TEXT_FEATURES = "concepts/text_features"  # [C, T, Dt]: every (named concept, template); unnamed: zeros
+SKIPPED_IDS = "skipped/ids"  # [S] str } images that could not be read, and why
+SKIPPED_LOCATIONS = "skipped/locations"  # [S] str }
+SKIPPED_REASONS = "skipped/reasons"  # [S] str }
+
 # float datasets: checked for NaN/Inf when written and when read
-FEATURE_DATASETS = ("images/features", "images/view_features", "captions/features", "concepts/text_features")
+FEATURE_DATASETS = (IMAGE_FEATURES, VIEW_FEATURES, CAPTION_FEATURES, CONCEPT_TEXT_FEATURES)
 REBUILD = "delete it and run `cli.py extract` again to rebuild it"

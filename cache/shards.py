@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from medembed.cache import schema
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, load_split, open_cache, read_attrs
 from medembed.cache.writer import write_split
@@ -120,6 +121,6 @@ def _merge_split(folder: Path, split: str, files: list[Path]) -> Path:
     merged.attrs = {**first, "shard": "", "merged_from_shards": len(files),
                     "n_records": sum(int(p.attrs["n_records"]) for p in parts)}
     with open_cache(files[0]) as f:
-        feature_attrs = {"images": dict(f["images/features"].attrs), "captions": dict(f["captions/features"].attrs)}
+        feature_attrs = {"images": dict(f[schema.IMAGE_FEATURES].attrs), "captions": dict(f[schema.CAPTION_FEATURES].attrs)}
     write_split(final, merged, dtype=str(first.get("dtype", "float16")), feature_attrs=feature_attrs)
     return final

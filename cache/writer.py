@@ -13,9 +13,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from medembed.cache import schema
 from medembed.cache.faults import reached
 from medembed.cache.reader import CachedSplit
-from medembed.cache.schema import FORMAT
 
 STR = h5py.string_dtype("utf-8")
 
@@ -29,20 +29,20 @@ def _rows_chunk(shape: tuple[int, ...], target_bytes: int = 1 << 20, itemsize: i
     return (rows, *shape[1:])
 
 
-def _put_float(g: h5py.Group, name: str, arr, dtype: str, attrs: dict | None = None) -> None:
+def _put_float(f: h5py.File, name: str, arr, dtype: str, attrs: dict | None = None) -> None:
     with np.errstate(over="ignore"):  # an overflow to float16 becomes Inf, refused just below
         arr = np.asarray(arr.numpy() if isinstance(arr, torch.Tensor) else arr, dtype=dtype)
     bad = arr.size - int(np.isfinite(arr).sum())
     if bad:  # also catches values that overflow float16 when stored
-        raise ValueError(f"{g.file.filename.removesuffix('.tmp')}: {bad} non-finite values (NaN or Inf) in "
-                         f"{g.name.strip('/')}/{name} as {dtype}; the backbone produced them, nothing was written")
-    ds = g.create_dataset(name, data=arr, chunks=_rows_chunk(arr.shape, itemsize=arr.itemsize), fletcher32=True)
+        raise ValueError(f"{f.filename.removesuffix('.tmp')}: {bad} non-finite values (NaN or Inf) in "
+                         f"{name} as {dtype}; the backbone produced them, nothing was written")
+    ds = f.create_dataset(name, data=arr, chunks=_rows_chunk(arr.shape, itemsize=arr.itemsize), fletcher32=True)
     for k, v in (attrs or {}).items():
         ds.attrs[k] = v
 
 
-def _put_str(g: h5py.Group, name: str, items) -> None:
-    g.create_dataset(name, data=np.array(list(items), dtype=object), dtype=STR)
+def _put_str(f: h5py.File, name: str, items) -> None:
+    f.create_dataset(name, data=np.array(list(items), dtype=object), dtype=STR)
 
 
 def write_split(path: str | Path, split: CachedSplit, *, dtype: str = "float16",
@@ -75,7 +75,7 @@ def _write_attrs(f: h5py.File, split: CachedSplit, dtype: str) -> None:
     for k, v in split.attrs.items():
         if k not in ("format", "dtype", "n_images", "n_captions", "n_skipped", "complete"):
             f.attrs[k] = v if isinstance(v, (int, float, bool, np.integer, np.floating)) else str(v)
-    f.attrs["format"] = FORMAT
+    f.attrs["format"] = schema.FORMAT
     f.attrs["dtype"] = dtype
     f.attrs["n_images"] = len(split.image_ids)
     f.attrs["n_captions"] = len(split.captions)
@@ -83,36 +83,32 @@ def _write_attrs(f: h5py.File, split: CachedSplit, dtype: str) -> None:
 
 
 def _write_images(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
-    g = f.create_group("images")
-    _put_str(g, "ids", split.image_ids)
-    _put_str(g, "locations", split.image_locations or [""] * len(split.image_ids))
-    _put_float(g, "features", split.image_features, dtype, feature_attrs.get("images"))
+    _put_str(f, schema.IMAGE_IDS, split.image_ids)
+    _put_str(f, schema.IMAGE_LOCATIONS, split.image_locations or [""] * len(split.image_ids))
+    _put_float(f, schema.IMAGE_FEATURES, split.image_features, dtype, feature_attrs.get("images"))
     if split.view_features is not None:
-        _put_float(g, "view_features", split.view_features, dtype, feature_attrs.get("images"))
+        _put_float(f, schema.VIEW_FEATURES, split.view_features, dtype, feature_attrs.get("images"))
 
 
 def _write_captions(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
-    g = f.create_group("captions")
-    _put_str(g, "text", split.captions)
-    g.create_dataset("image_row", data=np.asarray(split.caption_image, dtype=np.int64), fletcher32=True)
-    _put_float(g, "features", split.caption_features, dtype, feature_attrs.get("captions"))
+    _put_str(f, schema.CAPTION_TEXT, split.captions)
+    f.create_dataset(schema.CAPTION_IMAGE_ROW, data=np.asarray(split.caption_image, dtype=np.int64), fletcher32=True)
+    _put_float(f, schema.CAPTION_FEATURES, split.caption_features, dtype, feature_attrs.get("captions"))
 
 
 def _write_concepts(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
-    g = f.create_group("concepts")
-    _put_str(g, "ids", split.concept_ids)
-    _put_str(g, "names", split.concept_names)
+    _put_str(f, schema.CONCEPT_IDS, split.concept_ids)
+    _put_str(f, schema.CONCEPT_NAMES, split.concept_names)
     labels = split.concepts if split.concepts is not None else sp.csr_matrix((len(split.image_ids), 0))
-    g.create_dataset("indptr", data=np.asarray(labels.indptr, np.int64), fletcher32=True)
-    g.create_dataset("indices", data=np.asarray(labels.indices, np.int32), fletcher32=True)
+    f.create_dataset(schema.CONCEPT_INDPTR, data=np.asarray(labels.indptr, np.int64), fletcher32=True)
+    f.create_dataset(schema.CONCEPT_INDICES, data=np.asarray(labels.indices, np.int32), fletcher32=True)
     if split.concept_text_features is not None:
-        _put_str(g, "templates", split.templates)
-        _put_float(g, "text_features", split.concept_text_features, dtype, feature_attrs.get("captions"))
+        _put_str(f, schema.CONCEPT_TEMPLATES, split.templates)
+        _put_float(f, schema.CONCEPT_TEXT_FEATURES, split.concept_text_features, dtype, feature_attrs.get("captions"))
 
 
 def _write_skipped(f: h5py.File, skipped) -> None:
-    g = f.create_group("skipped")
     sk = list(skipped)
-    _put_str(g, "ids", [s[0] for s in sk])
-    _put_str(g, "locations", [s[1] for s in sk])
-    _put_str(g, "reasons", [s[2] for s in sk])
+    _put_str(f, schema.SKIPPED_IDS, [s[0] for s in sk])
+    _put_str(f, schema.SKIPPED_LOCATIONS, [s[1] for s in sk])
+    _put_str(f, schema.SKIPPED_REASONS, [s[2] for s in sk])

@@ -28,6 +28,7 @@ from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.run import QUERYBANK, read_querybank, run_features_dir
 from medembed.adapt.tuning.runs import open_run
+from medembed.cache import schema
 from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
 from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write
@@ -172,7 +173,7 @@ def heads_sha256(run_dir: str | Path) -> str:
 
 
 def _read_ids(path: Path) -> list[str]:
-    return read_strings(path, "images/ids")
+    return read_strings(path, schema.IMAGE_IDS)
 
 
 def _split_files(features_dir: Path, split: str) -> dict[str, Path]:
