@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from medembed.common.recall_ks import DEFAULT_KS as DEFAULT_KS  # re-exported
 from medembed.common.tensors import unit
-
-# the Recall@K cut-offs reported unless asked otherwise, and the three whose mean is "mean recall"
-DEFAULT_KS = (1, 5, 10)
 
 
 def _count_at_least_(sims: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
