@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medembed.adapt.tuning.config import UnlockSpec as UnlockSpec  # re-exported
 from medembed.extract.backbones import Backbone, family_of
 
 # re-exported: tuning code and tests reach these through this module
@@ -31,48 +32,6 @@ from medembed.extract.backbones.tops import plain as plain
 
 
 # ----------------------------------------------------------------------------------------- unlocking
-@dataclass(frozen=True)
-class UnlockSpec:
-    """How much of each tower trains: 0 (locked), the top N blocks, or "all"."""
-
-    image: int | str = 0
-    text: int | str = 0
-
-    @classmethod
-    def parse(cls, spec: str) -> UnlockSpec:
-        """`text:2`, `image:1,text:all`, or a bare `N` / `all` for both towers (what --unlock takes)."""
-        spec = str(spec).strip().lower()
-        if ":" not in spec:
-            n = _count(spec, "--unlock")
-            return cls(n, n)
-        out = {"image": 0, "text": 0}
-        for part in (p.strip() for p in spec.split(",") if p.strip()):
-            tower, _, n = part.partition(":")
-            if tower not in out:
-                raise ValueError(f"--unlock {spec!r}: tower must be image or text, got {tower!r}")
-            out[tower] = _count(n, f"--unlock {tower}")
-        return cls(**out)
-
-    @property
-    def any(self) -> bool:
-        return self.image != 0 or self.text != 0
-
-    def __str__(self) -> str:
-        return ",".join(f"{t}:{n}" for t, n in (("image", self.image), ("text", self.text)) if n != 0) or "none"
-
-
-def _count(value: str, flag: str) -> int | str:
-    if value == "all":
-        return "all"
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{flag} must be a whole number of top blocks or 'all', got {value!r}") from None
-    if n < 0:
-        raise ValueError(f"{flag} must be >= 0, got {n}")
-    return n
-
-
 def tower_parameters(backbone: Backbone) -> dict[str, nn.Parameter]:
     """Every parameter of both towers under `image_model.` / `text_model.` names, each once."""
     out, seen = {}, set()

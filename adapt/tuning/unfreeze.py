@@ -49,6 +49,7 @@ from medembed.adapt.trainer import (
 )
 from medembed.adapt.tuning import sources
 from medembed.adapt.tuning.checkpoint import CHECKPOINT, FT_MARK, mark_finetuned, save_finetuned
+from medembed.adapt.tuning.config import TuneConfig as TuneConfig  # re-exported
 from medembed.adapt.tuning.towers import (
     MidActivations,
     MidCacheUnsupported,
@@ -67,49 +68,6 @@ from medembed.common.tensors import embed_in_chunks
 from medembed.extract.backbones import Backbone, create_backbone
 from medembed.extract.datasets import load_dataset
 from medembed.extract.pipeline import ExtractConfig, cache_dir, extract
-
-
-@dataclass
-class TuneConfig:
-    """Which tower blocks train with the heads, when, and how fast."""
-
-    unlock: str = "text:2"  # UnlockSpec: "text:N", "image:N,text:all", or N / all for both towers
-    every: int = 0  # 0: the unlocked blocks train with the heads every epoch; K: a cycle after every K adapter epochs
-    epochs: int = 1  # periodic: epochs of each cycle
-    backbone_lr: float = 1e-5  # the towers move slowly: their features are what the cache holds
-    head_lr: float = 1e-4  # periodic: the heads arrive trained; a small step keeps them near what they learned
-    weight_decay: float = 0.01  # on the towers' weights
-    batch_size: int = 32  # periodic cycles; continuous mode uses the adapter's batch size
-    cached_trunk: bool = False  # periodic: train from cached mid-layer activations instead of raw images
-    grad_checkpointing: bool = False
-    augment: bool = True  # random crops on the raw-image path
-    workers: int = 0
-    max_pairs: int = 0  # 0: every training caption per cycle epoch; else a fixed random subset (CPU budgets)
-    rollback: bool = True  # undo a cycle that lowers the best validation recall
-    data: str | None = None  # dataset folder; None: the cache's own data_root
-    features_root: str | None = None  # where refreshed caches go; None: beside the current one
-    extract_batch_size: int = 64
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.spec  # noqa: B018 - parse now: a bad --unlock is refused before anything is loaded
-        if self.every < 0 or self.epochs < 1:
-            raise ValueError(f"--unfreeze-every must be >= 0 and --unfreeze-epochs >= 1, got {self.every}, {self.epochs}")
-        if self.batch_size < 2:
-            raise ValueError("the tuning batch size must be >= 2: a contrastive batch needs a negative")
-        spec = self.spec
-        if not spec.any:
-            raise ValueError("--unlock names no tower block to train")
-        if self.every == 0 and (spec.image == "all" or spec.text == "all" and spec.image != 0):
-            raise ValueError(f"--unlock {self.unlock}: training with the heads every epoch runs from cached "
-                             "activations, so the image tower can only have its top blocks unlocked (and only with a "
-                             "partly unlocked text tower); use --unfreeze-every for whole towers on raw images")
-        if self.cached_trunk and "all" in (spec.image, spec.text):
-            raise ValueError(f"--unlock {self.unlock}: a whole tower unlocked leaves no frozen trunk to cache")
-
-    @property
-    def spec(self) -> UnlockSpec:
-        return UnlockSpec.parse(self.unlock)
 
 
 def _autocast(device: torch.device):
