@@ -4,17 +4,19 @@ A thin layer: each command parses its options, calls one function, prints the re
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from medembed.adapt.config import AUGMENT_KINDS, HEAD_KINDS, LOSS_KINDS, AdaptConfig
+from medembed.adapt.tuning.config import TuneConfig
 from medembed.common.memory import release_large_blocks
-from medembed.common.ranking import DEFAULT_KS
+from medembed.common.recall_ks import DEFAULT_KS
 from medembed.common.version import __version__
 
 
@@ -26,6 +28,27 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     release_large_blocks()
+
+
+class _ConfigOption(click.Option):
+    """An option whose default is its config dataclass's field (`config="module:Class.field"`), read
+    when first needed: the commands' configs live beside code that imports torch, which a start-up
+    only to parse options should not pay for. `convert` turns the field into the option's form."""
+
+    def __init__(self, *args, config: str, convert=None, **kwargs):
+        self.config, self.convert = config, convert
+        super().__init__(*args, show_default=True, **kwargs)
+
+    def get_default(self, ctx: click.Context, call: bool = True):
+        module, _, path = self.config.partition(":")
+        cls_name, _, field = path.partition(".")
+        value = getattr(getattr(importlib.import_module(module), cls_name)(), field)
+        return self.convert(value) if self.convert else value
+
+
+def _cfg(module_class_field: str, convert=None) -> dict:
+    """Keyword arguments of an option whose default comes from a config dataclass."""
+    return {"cls": _ConfigOption, "config": module_class_field, "convert": convert}
 
 
 # --- extract ---------------------------------------------------------------------------------
@@ -55,19 +78,19 @@ def _print_extract_summary(summary) -> None:
 @main.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=True), default=None,
               help="Dataset folder or annotations file (layout auto-detected). Default: the embedded synthetic set.")
-@click.option("--backbone", default="effnet-lite0-ms+minilm", show_default=True,
+@click.option("--backbone", **_cfg("medembed.extract.pipeline:ExtractConfig.backbone"),
               help="Backbone name: effnet-lite0-ms+minilm, effnet-lite0+minilm, tiny-clip, an open_clip ARCH[@TAG], hf-hub:ORG/REPO or local-dir:PATH.")
 @click.option("--splits", default=None, help="Comma-separated splits (default: all the dataset has).")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", **_cfg("medembed.extract.pipeline:ExtractConfig.batch_size"), type=click.IntRange(min=1),
               help="Images per crash-safe batch (a re-run continues from the last finished one).")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--workers", **_cfg("medembed.extract.pipeline:ExtractConfig.workers"), type=click.IntRange(min=0), help="Image-decoding worker processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), **_cfg("medembed.extract.pipeline:ExtractConfig.device"),
               help="Where the backbone runs: auto takes CUDA when torch sees a GPU (fp16 autocast there).")
-@click.option("--out", default="features", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", **_cfg("medembed.extract.pipeline:ExtractConfig.out"), type=click.Path(file_okay=False),
               help="Output folder; files go to OUT/DATASET/BACKBONE/SPLIT.h5.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.extract.pipeline:ExtractConfig.dtype"),
               help="How features are stored (float16 halves the cache; heads train in float32 either way).")
-@click.option("--views", default=0, show_default=True, type=click.IntRange(min=0),
+@click.option("--views", **_cfg("medembed.extract.pipeline:ExtractConfig.views"), type=click.IntRange(min=0),
               help="Also store features of N randomly augmented views of each image.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--allow-split-overlap", is_flag=True,
@@ -131,6 +154,15 @@ def _adapt_option(flag: str, help_text: str, **kw):
     return click.option(flag, name, default=_ADAPT[name], show_default=True, help=help_text, **kw)
 
 
+def defaults_of(cls) -> dict:
+    """A config dataclass's defaults by field name: every command takes its defaults from its config,
+    so the help and a call from Python never disagree."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(cls)}
+
+
+_TUNE = defaults_of(TuneConfig)
+
+
 def _given_on_command_line(ctx: click.Context, names) -> set[str]:
     return {n for n in names if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
 
@@ -180,14 +212,16 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--unlock", default=None, metavar="SPEC",
               help="Train tower blocks together with the heads: text:N (LiT: image features stay cached), "
-                   "image:N, text:all, or N / all for both towers [default: none, heads only].")
-@click.option("--unfreeze-every", type=click.IntRange(min=0), default=0, show_default=True,
+                   "image:N, text:all, or N / all for both towers [default: none, heads only; with "
+                   "--unfreeze-every, the top 2 blocks of both towers].")
+@click.option("--unfreeze-every", type=click.IntRange(min=0), default=_TUNE["every"], show_default=True,
               help="0: the unlocked blocks train with the heads every epoch (from cached activations). K: after "
                    "every K adapter epochs, one short cycle of the unlocked blocks on raw images and captions, then "
                    "a re-extracted cache; a cycle that lowers valid recall is rolled back.")
-@click.option("--unfreeze-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--unfreeze-epochs", type=click.IntRange(min=1), default=_TUNE["epochs"], show_default=True,
               help="Epochs per unfreeze cycle (with --unfreeze-every K).")
-@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+@click.option("--backbone-lr", type=click.FloatRange(min=0, min_open=True), default=_TUNE["backbone_lr"],
+              show_default=True,
               help="Peak learning rate of the unlocked tower blocks.")
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute unlocked blocks' activations to save memory.")
 @click.option("--cached-trunk", is_flag=True,
@@ -218,11 +252,9 @@ def _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone
                tuning) -> tuple[dict, list[str]]:
     """One adapter, LiT or unfreezing run, as the options ask."""
     from medembed.adapt.trainer import train
-    from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_unfreezing, tuned_summary_lines
+    from medembed.adapt.tuning.unfreeze import train_tuned, train_with_unfreezing, tuned_summary_lines
 
-    if unlock is None and unfreeze_every:
-        unlock = "2"  # periodic unfreezing without --unlock: the top 2 blocks of both towers
-    if unlock is None:
+    if unlock is None and not unfreeze_every:  # heads only; with --unfreeze-every, TuneConfig's default unlock
         if tuning:
             raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} has no effect without --unlock")
         summary, extra = train(config, resume=resume), []
@@ -265,6 +297,17 @@ def _int_list(ctx, param, value: str) -> list[int]:
     return ks
 
 
+class _SkipOption(click.Option):
+    """`eval --skip`, whose help lists the sections the metric registry lets a user skip. Read when
+    the help is shown: the registry imports every metric module, too much for each start-up."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from medembed.evaluate.metrics import optional_sections
+
+        self.help = f"Comma-separated sections to skip: {', '.join(optional_sections())}."
+        return super().get_help_record(ctx)
+
+
 @main.command("eval")
 @click.option("--run", "run_dirs", multiple=True, required=True, type=click.Path(exists=True),
               help="Run folder, unfreezing run folder or its finetuned.safetensors (repeat to compare runs on the "
@@ -272,8 +315,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Score this dataset's raw images and captions, encoded by each run's own backbone (the fine-tuned "
                    "one for a checkpoint), instead of the run's cache.")
-@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
-              help="Where --data's encoding is cached (reused when up to date).")
+@click.option("--features-root", **_cfg("medembed.evaluate.pipeline:EvalOptions.features_root"),
+              type=click.Path(file_okay=False), help="Where --data's encoding is cached (reused when up to date).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on (its whole pool).")
 @click.option("-k", "--k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, callback=_int_list,
               help="Recall@K cut-offs (capped at the pool, with a note).")
@@ -287,23 +330,24 @@ def _int_list(ctx, param, value: str) -> list[int]:
 @click.option("--modality-concepts", default=None,
               help="Modality classes as LABEL=CUI,... [CT=C0040405,MRI=C0024485,ultrasound=C0041618,"
                    "plain x-ray=C1306645,angiogram=C0002978,PET=C0032743].")
-@click.option("--min-positives", default=5, show_default=True, type=click.IntRange(min=1),
+@click.option("--min-positives", **_cfg("medembed.evaluate.zeroshot:ZeroShotConfig.min_positives"), type=click.IntRange(min=1),
               help="Zero-shot mAP/AUROC only over concepts with at least this many positive images.")
-@click.option("--fewshot-seeds", default=3, show_default=True, type=click.IntRange(min=1),
+@click.option("--fewshot-seeds", **_cfg("medembed.evaluate.fewshot:FewShotConfig.seeds"), type=click.IntRange(min=1),
               help="Support sets drawn per concept and k; the figure shows their spread.")
-@click.option("--fewshot-concepts", default=25, show_default=True, type=click.IntRange(min=1),
+@click.option("--fewshot-concepts", **_cfg("medembed.evaluate.fewshot:FewShotConfig.max_concepts"), type=click.IntRange(min=1),
               help="Few-shot evaluates at most this many (the most frequent) concepts.")
-@click.option("--skip", default=None, help="Comma-separated sections to skip: zeroshot, fewshot, detection.")
-@click.option("--detectors", default="knn", show_default=True,
+@click.option("--skip", default=None, cls=_SkipOption, help="Comma-separated sections to skip.")
+@click.option("--detectors", **_cfg("medembed.evaluate.detection:DetectionConfig.predictors", ",".join),
               help="Concept detection predictors, comma-separated: knn (concepts propagated from the most similar "
                    "train images) and logreg (one-vs-rest logistic regression, slower); with both, concept_f1 is "
                    "the one that scores better on valid.")
 @click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
-@click.option("--examples", default=1, show_default=True, type=click.IntRange(min=0),
+@click.option("--examples", **_cfg("medembed.evaluate.pipeline:EvalOptions.examples"), type=click.IntRange(min=0),
               help="Example grids per direction (0: none).")
 def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, modality_concepts, min_positives,
              fewshot_seeds, fewshot_concepts, skip, detectors, no_closed_form, examples) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
+    from medembed.evaluate import metrics as registry
     from medembed.evaluate.detection import PREDICTORS, DetectionConfig
     from medembed.evaluate.fewshot import FewShotConfig
     from medembed.evaluate.pipeline import EvalOptions, run_eval
@@ -313,9 +357,10 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
 
     try:
         skipped = {s.strip() for s in (skip or "").split(",") if s.strip()}
-        unknown = skipped - {"zeroshot", "fewshot", "detection"}
+        optional = registry.optional_sections()
+        unknown = skipped - set(optional)
         if unknown:
-            raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} (zeroshot, fewshot, detection)")
+            raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} ({', '.join(optional)})")
         predictors = tuple(dict.fromkeys(p.strip() for p in detectors.split(",") if p.strip()))
         if not predictors or set(predictors) - set(PREDICTORS):
             raise ValueError(f"--detectors: expected some of {', '.join(PREDICTORS)}, got {detectors!r}")
@@ -325,7 +370,7 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
             fewshot=FewShotConfig(seeds=fewshot_seeds, max_concepts=fewshot_concepts),
             detection=DetectionConfig(predictors=predictors),
             closed_form=not no_closed_form,
-            sections=tuple(s for s in ("retrieval", "zeroshot", "fewshot", "detection") if s not in skipped),
+            sections=tuple(s for s in registry.sections() if s not in skipped),
             examples=examples,
             data=data,
             features_root=features_root,
@@ -390,16 +435,22 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
 def serve(run_dir, use_index, host, port, split) -> None:
     """A local search page and JSON API over a run's pool (text -> images, image -> captions and images)."""
     from medembed.evaluate.search import Searcher
+    from medembed.evaluate.serve import listen
     from medembed.evaluate.serve import serve as run_server
 
     try:
-        searcher = Searcher(run_dir, split, use_index=use_index)
-        _ = searcher.backbone, searcher.image_embeddings  # load the model and project the pool before listening
-    except (FileNotFoundError, ValueError) as e:
+        sock = listen(host, port)  # first: a busy port is refused at once, not after the model has loaded
+    except ValueError as e:
         raise click.ClickException(str(e)) from e
-    index = f"{searcher.index[1].kind} index" if searcher.index is not None else "exact scan"
-    click.echo(f"serving {len(searcher.pool.image_of)} images of {run_dir} ({index}) on http://{host}:{port}/")
-    run_server(searcher, host=host, port=port)
+    with sock:
+        try:
+            searcher = Searcher(run_dir, split, use_index=use_index)
+            _ = searcher.backbone, searcher.image_embeddings  # load the model and project the pool before answering
+        except (FileNotFoundError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+        index = f"{searcher.index[1].kind} index" if searcher.index is not None else "exact scan"
+        click.echo(f"serving {len(searcher.pool.image_of)} images of {run_dir} ({index}) on http://{host}:{port}/")
+        run_server(searcher, host=host, port=port, sock=sock)
 
 
 @main.command()
@@ -451,12 +502,12 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
-@click.option("--split", default="all", show_default=True, help="Split to index (test, train, ...), or all of them.")
-@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), default="flat", show_default=True,
+@click.option("--split", **_cfg("medembed.evaluate.index:IndexOptions.split"), help="Split to index (test, train, ...), or all of them.")
+@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), **_cfg("medembed.evaluate.index:IndexOptions.kind"),
               help="flat: exact inner product; ivf / hnsw: approximate, for millions of images.")
-@click.option("--nlist", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells; 0: sqrt(N).")
-@click.option("--nprobe", default=0, show_default=True, type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/16, at least 16.")
-@click.option("--m", default=32, show_default=True, type=click.IntRange(min=2), help="hnsw links per vector.")
+@click.option("--nlist", **_cfg("medembed.evaluate.index:IndexOptions.nlist"), type=click.IntRange(min=0), help="ivf cells; 0: sqrt(N).")
+@click.option("--nprobe", **_cfg("medembed.evaluate.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/16, at least 16.")
+@click.option("--m", **_cfg("medembed.evaluate.index:IndexOptions.m"), type=click.IntRange(min=2), help="hnsw links per vector.")
 def index(run_dir, split, kind, nlist, nprobe, m) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search)."""
     from medembed.evaluate.index import IndexOptions, build_index, format_index_summary
@@ -470,12 +521,12 @@ def index(run_dir, split, kind, nlist, nprobe, m) -> None:
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
-@click.option("--split", default="test", show_default=True, help="Split to export, or all.")
-@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), default="npy", show_default=True,
+@click.option("--split", **_cfg("medembed.evaluate.export:ExportOptions.split"), help="Split to export, or all.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), **_cfg("medembed.evaluate.export:ExportOptions.format"),
               help="npy: img_emb/*.npy + metadata/*.parquet; parquet: an `embedding` column in img_emb/*.parquet.")
-@click.option("--rows", type=click.Choice(["images", "captions"]), default="images", show_default=True,
+@click.option("--rows", type=click.Choice(["images", "captions"]), **_cfg("medembed.evaluate.export:ExportOptions.rows"),
               help="One row per image (with its first caption) or one per caption.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.evaluate.export:ExportOptions.dtype"),
               help="Dtype of the npy embeddings.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/export/SPLIT-FORMAT].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in the output folder (swapped in whole once "

@@ -107,6 +107,47 @@ def test_browser_types_a_query_sees_thumbnails_and_opens_neighbours(server, tmp_
 
 
 @pytest.mark.slow
+def test_browser_pages_and_filters_an_uploaded_image_query(server, roco_run, tmp_path):
+    """After an upload, next and the split filter re-run the image query (the page re-posts the file)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    test = load_split(load_run(roco_run).features_dir / "test.h5")
+    query = tmp_path / "query.png"
+    open_image(image_path(test, 0)).save(query)
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(server)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "about"), "roco-rad"))
+
+        def shown() -> tuple[list[str], list[str]]:
+            hits = driver.find_elements(By.CSS_SELECTOR, ".hit")
+            return ([h.get_attribute("data-key") for h in hits],
+                    [h.find_element(By.CSS_SELECTOR, ".split").text for h in hits])
+
+        file_input = driver.find_element(By.ID, "file")
+        driver.execute_script("arguments[0].hidden = false", file_input)
+        file_input.send_keys(str(query))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "images like query.png"))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "captions"), "Captions for query.png"))
+        first, _ = shown()
+        assert len(first) == 12
+        driver.find_element(By.ID, "next").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "page-label"), "page 2"))
+        second, _ = shown()
+        assert len(second) == 12 and not set(first) & set(second)
+        assert "images like query.png" in driver.find_element(By.ID, "status").text
+        Select(driver.find_element(By.ID, "split")).select_by_value("test")
+        wait.until(ec.text_to_be_present_in_element((By.ID, "page-label"), "page 1"))
+        wait.until(lambda d: set(shown()[1]) == {"[test]"})
+        assert len(shown()[0]) == 12 and "images like query.png" in driver.find_element(By.ID, "status").text
+    finally:
+        driver.quit()
+
+
+@pytest.mark.slow
 def test_explanation_maps_point_at_what_the_score_rests_on(roco_run):
     """Deterministic, the image's shape, and blanking the hottest cells lowers the score more than
     blanking random cells of the same number, over real roco-rad test images."""

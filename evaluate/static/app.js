@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { mode: null, query: "", key: null, page: 0, perPage: 12 };
+// mode "upload" keeps the dropped File: paging and filters re-post it, the server keeps no upload
+const state = { mode: null, query: "", key: null, file: null, page: 0, perPage: 12, maxUpload: Infinity };
 
 function esc(text) {
   const d = document.createElement("div");
@@ -42,7 +43,7 @@ function render(answer, what) {
     const src = explainQ ? `/api/explain/${encodeURIComponent(h.key)}?q=${encodeURIComponent(explainQ)}` : h.image;
     return `<div class="hit" data-key="${esc(h.key)}" title="click: images like this one and its captions">
       <img src="${src}" alt="${esc(h.id)}" loading="lazy">
-      <div class="meta"><b>${h.rank}.</b> ${esc(h.id)} <span class="score">${h.score.toFixed(3)}</span>
+      <div class="meta"><b>${h.rank}.</b> ${esc(h.id)} ${scoreLabel(answer, h)}
         <span class="split">[${esc(h.split)}]</span><div class="caption">${esc(h.caption)}</div></div></div>`;
   }).join("");
   for (const el of document.querySelectorAll(".hit")) el.addEventListener("click", () => similar(el.dataset.key));
@@ -51,6 +52,33 @@ function render(answer, what) {
   $("page-label").textContent = `page ${answer.page + 1}`;
 }
 
+// Every score says how it was ranked: with the run's query bank the ranked score is cos − β·hub, and
+// the plain cosine is shown beside it so the two are never confused.
+function scoreLabel(answer, h) {
+  if (answer.ranked_by && answer.ranked_by !== "cosine") {
+    return `<span class="score" title="ranked by ${esc(answer.ranked_by)}">score ${h.score.toFixed(3)}</span>` +
+      ` <span class="score" title="plain cosine">cos ${h.cosine.toFixed(3)}</span>`;
+  }
+  return `<span class="score" title="ranked by plain cosine">cos ${h.score.toFixed(3)}</span>`;
+}
+
+function showUploadCaptions(answer, name) {
+  const how = {ranked_by: answer.captions_ranked_by};
+  $("captions").innerHTML = `<h2>Captions for ${esc(name)}</h2><ol>${answer.captions.map((h) =>
+    `<li>${esc(h.caption)} <small>(${esc(h.id)}, ${scoreLabel(how, h)})</small></li>`).join("")}</ol>`;
+}
+
+// The image's own bytes are the request body (not a form): the server counts them as they arrive.
+async function searchUpload(p) {
+  const file = state.file;
+  const a = await getJSON(`/api/search/image?${p}`, {
+    method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" },
+  });
+  showUploadCaptions(a, file.name);
+  render(a, `images like ${file.name}`);
+}
+
+// Runs the current query (text, similar or upload) with the filters and page; true when it answered.
 async function run() {
   const p = filters();
   p.set("k", state.perPage);
@@ -61,10 +89,14 @@ async function run() {
       render(await getJSON(`/api/search/text?${p}`), `images for "${state.query}"`);
     } else if (state.mode === "similar") {
       render(await getJSON(`/api/similar/${encodeURIComponent(state.key)}?${p}`), `images like ${state.key}`);
+    } else if (state.mode === "upload") {
+      await searchUpload(p);
     }
+    return true;
   } catch (err) {
     status(esc(err.message), "error");
     $("results").innerHTML = "";
+    return false;
   }
 }
 
@@ -73,7 +105,7 @@ async function showCaptions(key) {
     const a = await getJSON(`/api/captions/${encodeURIComponent(key)}?k=5`);
     $("captions").innerHTML = `<img src="/api/image/${encodeURIComponent(key)}" alt="${esc(key)}">` +
       `<h2>Captions for ${esc(key)}</h2><ol>${a.hits.map((h) =>
-        `<li>${esc(h.caption)} <small>(${esc(h.id)}, ${h.score.toFixed(3)})</small></li>`).join("")}</ol>`;
+        `<li>${esc(h.caption)} <small>(${esc(h.id)}, ${scoreLabel(a, h)})</small></li>`).join("")}</ol>`;
   } catch (err) {
     $("captions").innerHTML = `<span class="error">${esc(err.message)}</span>`;
   }
@@ -85,19 +117,16 @@ function similar(key) {
   run();
 }
 
+// A refused upload (not an image, too large) leaves the previous query in charge of paging and filters.
 async function upload(file) {
-  const form = new FormData();
-  form.append("file", file);
-  status(`encoding ${esc(file.name)}…`);
-  try {
-    const a = await getJSON(`/api/search/image?k=${state.perPage}`, { method: "POST", body: form });
-    Object.assign(state, { mode: "upload", page: 0 });
-    $("captions").innerHTML = `<h2>Captions for ${esc(file.name)}</h2><ol>${a.captions.map((h) =>
-      `<li>${esc(h.caption)} <small>(${esc(h.id)}, ${h.score.toFixed(3)})</small></li>`).join("")}</ol>`;
-    render(a, `images like ${file.name}`);
-  } catch (err) {
-    status(esc(err.message), "error");
+  if (file.size > state.maxUpload) {  // the server would refuse it too, but only after the browser starts sending
+    return status(`${esc(file.name)}: ${file.size} bytes is more than the ${state.maxUpload} bytes an upload may be`,
+                  "error");
   }
+  const previous = { ...state };
+  Object.assign(state, { mode: "upload", file, page: 0 });
+  status(`encoding ${esc(file.name)}…`);
+  if (!(await run())) Object.assign(state, previous);
 }
 
 async function init() {
@@ -105,6 +134,7 @@ async function init() {
   $("about").textContent = `run ${info.run} · backbone ${info.backbone} · dataset ${info.dataset} · pool ` +
     `${info.pool_images} images, ${info.pool_captions} captions · ${info.index ? info.index + " index" : "exact scan"}` +
     ` · ${info.ranking}`;
+  state.maxUpload = info.max_upload_bytes;
   for (const s of info.splits) $("split").add(new Option(s, s));
   for (const m of info.modalities) $("modality").add(new Option(`${m.label} (${m.images})`, m.id));
   for (const c of info.concepts) {
@@ -124,9 +154,13 @@ async function init() {
   $("next").addEventListener("click", () => { state.page += 1; run(); });
   for (const id of ["split", "modality", "concept", "exact", "explain"]) $(id).addEventListener("change", () => {
     state.page = 0;
-    if (state.mode === "text" || state.mode === "similar") run();
+    if (state.mode) run();
   });
-  $("file").addEventListener("change", () => $("file").files[0] && upload($("file").files[0]));
+  $("file").addEventListener("change", () => {
+    const file = $("file").files[0];
+    $("file").value = "";  // choosing the same file again is a new upload
+    if (file) upload(file);
+  });
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
