@@ -25,7 +25,7 @@ from PIL import Image
 from medembed.adapt.run import AdaptedRun
 from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.evaluate.pipeline import EvalOptions, run_eval
-from medembed.evaluate.search import EXACT, Hit, Searcher, read_query_image
+from medembed.serve.search import EXACT, Hit, Searcher, read_query_image
 
 __all__ = ["load_run", "embed_texts", "embed_images", "search", "evaluate_run"]
 

@@ -404,9 +404,9 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
               help="Where --data's encoding is cached.")
 def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, data, features_root) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
-    from medembed.evaluate.search import format_results
-    from medembed.evaluate.search import search as run_search
     from medembed.extract.pipeline import ExtractError
+    from medembed.serve.search import format_results
+    from medembed.serve.search import search as run_search
 
     if (text is None) == (image is None):
         raise click.UsageError("give exactly one of --text or --image")
@@ -434,9 +434,9 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
 @click.option("--split", default=None, help="Serve one split's pool only [default: every split of the run's features].")
 def serve(run_dir, use_index, host, port, split) -> None:
     """A local search page and JSON API over a run's pool (text -> images, image -> captions and images)."""
-    from medembed.evaluate.search import Searcher
-    from medembed.evaluate.serve import listen
-    from medembed.evaluate.serve import serve as run_server
+    from medembed.serve.page import listen
+    from medembed.serve.page import serve as run_server
+    from medembed.serve.search import Searcher
 
     try:
         sock = listen(host, port)  # first: a busy port is refused at once, not after the model has loaded
@@ -502,15 +502,15 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
-@click.option("--split", **_cfg("medembed.evaluate.index:IndexOptions.split"), help="Split to index (test, train, ...), or all of them.")
-@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), **_cfg("medembed.evaluate.index:IndexOptions.kind"),
+@click.option("--split", **_cfg("medembed.serve.index:IndexOptions.split"), help="Split to index (test, train, ...), or all of them.")
+@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), **_cfg("medembed.serve.index:IndexOptions.kind"),
               help="flat: exact inner product; ivf / hnsw: approximate, for millions of images.")
-@click.option("--nlist", **_cfg("medembed.evaluate.index:IndexOptions.nlist"), type=click.IntRange(min=0), help="ivf cells; 0: sqrt(N).")
-@click.option("--nprobe", **_cfg("medembed.evaluate.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/16, at least 16.")
-@click.option("--m", **_cfg("medembed.evaluate.index:IndexOptions.m"), type=click.IntRange(min=2), help="hnsw links per vector.")
+@click.option("--nlist", **_cfg("medembed.serve.index:IndexOptions.nlist"), type=click.IntRange(min=0), help="ivf cells; 0: sqrt(N).")
+@click.option("--nprobe", **_cfg("medembed.serve.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/16, at least 16.")
+@click.option("--m", **_cfg("medembed.serve.index:IndexOptions.m"), type=click.IntRange(min=2), help="hnsw links per vector.")
 def index(run_dir, split, kind, nlist, nprobe, m) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search)."""
-    from medembed.evaluate.index import IndexOptions, build_index, format_index_summary
+    from medembed.serve.index import IndexOptions, build_index, format_index_summary
 
     try:
         path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m))
@@ -521,19 +521,19 @@ def index(run_dir, split, kind, nlist, nprobe, m) -> None:
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
-@click.option("--split", **_cfg("medembed.evaluate.export:ExportOptions.split"), help="Split to export, or all.")
-@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), **_cfg("medembed.evaluate.export:ExportOptions.format"),
+@click.option("--split", **_cfg("medembed.serve.export:ExportOptions.split"), help="Split to export, or all.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), **_cfg("medembed.serve.export:ExportOptions.format"),
               help="npy: img_emb/*.npy + metadata/*.parquet; parquet: an `embedding` column in img_emb/*.parquet.")
-@click.option("--rows", type=click.Choice(["images", "captions"]), **_cfg("medembed.evaluate.export:ExportOptions.rows"),
+@click.option("--rows", type=click.Choice(["images", "captions"]), **_cfg("medembed.serve.export:ExportOptions.rows"),
               help="One row per image (with its first caption) or one per caption.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.evaluate.export:ExportOptions.dtype"),
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.serve.export:ExportOptions.dtype"),
               help="Dtype of the npy embeddings.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/export/SPLIT-FORMAT].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in the output folder (swapped in whole once "
                                                  "the new one is complete).")
 def export(run_dir, split, fmt, rows, dtype, out, overwrite) -> None:
     """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""
-    from medembed.evaluate.export import ExportOptions, export_embeddings, format_export_summary
+    from medembed.serve.export import ExportOptions, export_embeddings, format_export_summary
 
     try:
         summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows,

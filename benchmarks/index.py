@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medembed.evaluate.index import IndexOptions, new_index, search_index, tune  # noqa: E402
+from medembed.serve.index import IndexOptions, new_index, search_index, tune  # noqa: E402
 
 
 def structured_unit_vectors(n: int, dim: int, clusters: int, latent: int, spread: float, seed: int,

@@ -55,8 +55,8 @@ def screenshot(args) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from medembed.evaluate.search import Searcher
-    from medembed.evaluate.serve import create_app
+    from medembed.serve.page import create_app
+    from medembed.serve.search import Searcher
 
     server, url = _start(create_app(Searcher(args.run)))
     options = webdriver.ChromeOptions()
@@ -123,9 +123,9 @@ def load(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ holds the generator
     from medembed.adapt.trainer import train
     from medembed.cache.reader import load_split
-    from medembed.evaluate.index import IndexOptions, build_index
-    from medembed.evaluate.search import Searcher
-    from medembed.evaluate.serve import create_app
+    from medembed.serve.index import IndexOptions, build_index
+    from medembed.serve.page import create_app
+    from medembed.serve.search import Searcher
     from tests.synthetic_features import write_synthetic_features
 
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))

@@ -5,6 +5,7 @@ refused the same way everywhere. The file's layout (dataset names, format versio
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,6 +119,25 @@ class CachedSplit:
         """The dataset folder the image locations are relative to: found through the path recorded
         relative to this cache file when data and features moved together, else the absolute one."""
         return recorded_data_root(self.attrs, self.path)
+
+    def image_path(self, row: int) -> str:
+        """Where image `row` lives: its recorded location joined onto the data root ("" when unknown);
+        an archive member keeps its `ARCHIVE.zip::member` form."""
+        loc = self.image_locations[row] if row < len(self.image_locations) else ""
+        if not loc:
+            return ""
+        archive, sep, member = loc.partition(schema.ZIP_SEP)
+        root = self.data_root
+        if root and not os.path.isabs(archive):
+            archive = os.path.join(root, archive)
+        return archive + sep + member
+
+    def first_captions(self) -> dict[int, str]:
+        """The first caption of every image that has one (labels for image tiles and exports)."""
+        out: dict[int, str] = {}
+        for text, row in zip(self.captions, self.caption_image.tolist()):
+            out.setdefault(int(row), text)
+        return out
 
     def concept_dense(self) -> np.ndarray:
         """[N, C] bool; fine for the small splits tests and few-shot use."""

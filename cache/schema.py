@@ -28,6 +28,9 @@ SKIPPED_IDS = "skipped/ids"  # [S] str } images that could not be read, and why
 SKIPPED_LOCATIONS = "skipped/locations"  # [S] str }
 SKIPPED_REASONS = "skipped/reasons"  # [S] str }
 
+# an image location inside an archive: "ARCHIVE.zip::member/inside.jpg" (relative to the data root)
+ZIP_SEP = "::"
+
 # float datasets: checked for NaN/Inf when written and when read
 FEATURE_DATASETS = (IMAGE_FEATURES, VIEW_FEATURES, CAPTION_FEATURES, CONCEPT_TEXT_FEATURES)
 REBUILD = "delete it and run `cli.py extract` again to rebuild it"

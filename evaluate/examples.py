@@ -6,7 +6,6 @@ rather than failing the evaluation.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +15,13 @@ from PIL import Image
 from medembed.cache.reader import CachedSplit
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
-from medembed.extract.records import ZIP_SEP, open_image
+from medembed.extract.records import open_image
 
 THUMBNAIL = 384
 
 
-def image_path(split: CachedSplit, row: int) -> str:
-    """Where image `row` of a cached split lives, joined onto the recorded data root."""
-    loc = split.image_locations[row] if row < len(split.image_locations) else ""
-    root = split.data_root
-    if not loc:
-        return ""
-    archive, sep, member = loc.partition(ZIP_SEP)
-    if root and not os.path.isabs(archive):
-        archive = os.path.join(root, archive)
-    return archive + sep + member
-
-
 def load_pool_image(split: CachedSplit, row: int) -> Image.Image | None:
-    path = image_path(split, row)
+    path = split.image_path(row)
     if not path:
         return None
     try:
@@ -43,14 +30,6 @@ def load_pool_image(split: CachedSplit, row: int) -> Image.Image | None:
         return None
     img.thumbnail((THUMBNAIL, THUMBNAIL))
     return img
-
-
-def first_captions(split: CachedSplit) -> dict[int, str]:
-    """The first caption of every image that has one (labels for image tiles)."""
-    out: dict[int, str] = {}
-    for text, row in zip(split.captions, split.caption_image.tolist()):
-        out.setdefault(int(row), text)
-    return out
 
 
 def write_examples(

@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from medembed.cache.schema import ZIP_SEP as ZIP_SEP  # re-exported: the location form readers write
 from medembed.common.errors import MedembedError
 from medembed.common.splits import sort_splits
-
-ZIP_SEP = "::"
 
 
 @dataclass(frozen=True)

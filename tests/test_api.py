@@ -11,7 +11,7 @@ import medembed
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
-from medembed.evaluate.search import search as cli_search
+from medembed.serve.search import search as cli_search
 from tests.conftest import tiny_clip_cache
 
 
@@ -92,8 +92,8 @@ def test_search_keeps_one_searcher_per_run_and_split(run_dir, monkeypatch):
 def test_search_falls_back_to_an_exact_scan_when_the_index_returns_too_few(run_dir, tmp_path):
     import shutil
 
-    from medembed.evaluate.index import IndexOptions, build_index
-    from medembed.evaluate.search import Searcher
+    from medembed.serve.index import IndexOptions, build_index
+    from medembed.serve.search import Searcher
 
     copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
     build_index(copy, IndexOptions(split="test", kind="ivf", nlist=3, nprobe=1))  # one of 3 cells scanned
@@ -203,7 +203,7 @@ def test_search_without_a_bank_labels_its_scores_cosine(run_dir, tmp_path):
 
 
 def test_printed_cells_stay_on_one_line():
-    from medembed.evaluate.search import Hit, SearchResult, format_results
+    from medembed.serve.search import Hit, SearchResult, format_results
 
     hits = [Hit(1, 0.155, 0.468, "IMG\n1", "first line\nsecond\tline\r\n  end", "test", 0, "a.jpg"),
             Hit(2, 0.1, 0.4, "IMG2", "plain", "test", 1, "b.jpg")]

@@ -18,12 +18,13 @@ LAYERS = {
     "adapt": 2,
     "adapt.tuning": 3,
     "evaluate": 4,
-    "api": 5,
-    "cli": 5,
-    "": 6,  # the package root (medembed/__init__)
+    "serve": 5,
+    "api": 6,
+    "cli": 6,
+    "": 7,  # the package root (medembed/__init__)
 }
-SOURCE_DIRS = ("common", "cache", "extract", "adapt", "evaluate")
-PHASES = ("common", "cache", "extract", "adapt", "evaluate")
+SOURCE_DIRS = ("common", "cache", "extract", "adapt", "evaluate", "serve")
+PHASES = ("common", "cache", "extract", "adapt", "evaluate", "serve")
 
 
 def _source_files() -> list[Path]:
@@ -140,3 +141,14 @@ def test_the_command_line_fixes_the_allocator_threshold_where_glibc_runs_it():
     from medembed.common.memory import release_large_blocks
 
     assert release_large_blocks() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_serving_never_imports_the_eval_pipeline():
+    """Serving a run (search, the page, index, export, explanation maps) shares with scoring only what
+    lies below both; it never reaches into the eval pipeline or its report."""
+    wrong = []
+    for path in (REPO / "serve").rglob("*.py"):
+        for line, target in _imports(path):
+            if target.startswith(("medembed.evaluate.pipeline", "medembed.evaluate.report")):
+                wrong.append(f"{path.relative_to(REPO)}:{line}: imports {target}")
+    assert not wrong, "\n".join(wrong)

@@ -14,11 +14,11 @@ from medembed.adapt.run import load_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.evaluate import retrieval
-from medembed.evaluate import search as search_mod
 from medembed.evaluate.detection import DetectionConfig
 from medembed.evaluate.fewshot import FewShotConfig
 from medembed.evaluate.models import model_from_run
 from medembed.evaluate.pipeline import EvalOptions, run_eval
+from medembed.serve import search as search_mod
 from tests.synthetic_features import write_synthetic_features
 
 REQUIRED_KEYS = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_medr", "i2t_medr",
@@ -195,7 +195,7 @@ def test_search_image_ranks_captions(runs, tmp_path):
 def test_search_uses_a_built_index_and_agrees_with_the_scan(runs, tmp_path):
     import shutil
 
-    from medembed.evaluate.index import IndexOptions, build_index
+    from medembed.serve.index import IndexOptions, build_index
 
     run_dir = Path(shutil.copytree(runs["cca"], tmp_path / "cca"))  # the index stays out of the shared run
     test = load_split(runs["features"] / "test.h5")

@@ -101,7 +101,7 @@ def test_heads_trained_on_finetuned_features_point_to_the_checkpoint(finetuned):
 
 
 def test_index_refuses_a_finetuned_run_with_the_reason(finetuned):
-    from medembed.evaluate.index import build_index
+    from medembed.serve.index import build_index
 
     with pytest.raises(ValueError, match="scans its pool exactly"):
         build_index(finetuned["run"])

@@ -24,8 +24,8 @@ from medembed.adapt.run import AdaptedRun, load_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.cache.writer import write_split
-from medembed.evaluate.export import ExportOptions, export_embeddings
-from medembed.evaluate.index import (
+from medembed.serve.export import ExportOptions, export_embeddings
+from medembed.serve.index import (
     IndexOptions,
     StaleIndexError,
     build_index,

@@ -262,7 +262,6 @@ def test_a_moved_features_folder_is_named_with_relink_and_relink_checks_provenan
 
 
 def test_image_locations_resolve_after_data_and_features_move_together(tmp_path):
-    from medembed.evaluate.examples import image_path
     from tests.conftest import tiny_clip_cache
 
     root = tmp_path / "proj"
@@ -271,8 +270,8 @@ def test_image_locations_resolve_after_data_and_features_move_together(tmp_path)
     shutil.move(root, moved)
     split = load_split(moved / cache.relative_to(root) / "train.h5")
     assert split.attrs["data_root"].startswith(str(root))  # the absolute record is stale ...
-    assert Path(image_path(split, 0)).is_file()  # ... the relative one finds the image
-    assert Path(image_path(split, 0)).is_relative_to(moved)
+    assert Path(split.image_path(0)).is_file()  # ... the relative one finds the image
+    assert Path(split.image_path(0)).is_relative_to(moved)
 
 
 # ------------------------------------------------------------------------------ train/test leakage

@@ -115,8 +115,8 @@ def test_search_caps_k_and_says_when_an_approximate_index_falls_short(two_pools,
     import shutil
 
     from medembed.cache.reader import load_split
-    from medembed.evaluate.index import IndexOptions, build_index
-    from medembed.evaluate.search import format_results, search
+    from medembed.serve.index import IndexOptions, build_index
+    from medembed.serve.search import format_results, search
 
     run_dir = Path(shutil.copytree(two_pools["a"], tmp_path / "run", ignore=shutil.ignore_patterns("eval-*")))
     test = load_split(json.loads((run_dir / "config.json").read_text())["features_dir"] + "/test.h5")

@@ -18,9 +18,9 @@ from medembed.cache.reader import load_split
 from medembed.common.querybank import BankSide, QueryBank, choose, hubness
 from medembed.common.ranking import retrieval_ranks
 from medembed.common.tensors import unit
-from medembed.evaluate.index import IndexOptions, StaleIndexError, build_index, load_index
 from medembed.evaluate.pipeline import EvalOptions, run_eval
-from medembed.evaluate.search import Searcher
+from medembed.serve.index import IndexOptions, StaleIndexError, build_index, load_index
+from medembed.serve.search import Searcher
 from tests.synthetic_features import write_synthetic_features
 
 
@@ -176,7 +176,7 @@ def test_export_carries_the_offsets_search_ranks_with(bank_run, tmp_path):
     pytest.importorskip("pyarrow", reason="parquet files need pyarrow")
     import pandas as pd
 
-    from medembed.evaluate.export import ExportOptions, export_embeddings
+    from medembed.serve.export import ExportOptions, export_embeddings
 
     summary = export_embeddings(bank_run, ExportOptions(split="test", out=str(tmp_path / "export")))
     manifest = json.loads((Path(summary.out) / "export.json").read_text())

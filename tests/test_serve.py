@@ -19,11 +19,11 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.cli import main
-from medembed.evaluate import search as search_module
-from medembed.evaluate import serve as serve_module
-from medembed.evaluate.index import IndexOptions, build_index
-from medembed.evaluate.search import Searcher, search
-from medembed.evaluate.serve import FORM_FRAMING, ServeLimits, create_app
+from medembed.serve import page as serve_module
+from medembed.serve import search as search_module
+from medembed.serve.index import IndexOptions, build_index
+from medembed.serve.page import FORM_FRAMING, ServeLimits, create_app
+from medembed.serve.search import Searcher, search
 from tests.conftest import tiny_clip_cache
 
 CAP = 50_000  # the served app's upload cap in bytes

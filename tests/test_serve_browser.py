@@ -18,11 +18,10 @@ from medembed.adapt.run import load_run
 from medembed.adapt.trainer import train
 from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import load_split
-from medembed.evaluate.examples import image_path
-from medembed.evaluate.explain import explain, masked_score
-from medembed.evaluate.search import Searcher
-from medembed.evaluate.serve import create_app
 from medembed.extract.records import open_image
+from medembed.serve.explain import explain, masked_score
+from medembed.serve.page import create_app
+from medembed.serve.search import Searcher
 from tests.conftest import real_cache
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -115,7 +114,7 @@ def test_browser_pages_and_filters_an_uploaded_image_query(server, roco_run, tmp
 
     test = load_split(load_run(roco_run).features_dir / "test.h5")
     query = tmp_path / "query.png"
-    open_image(image_path(test, 0)).save(query)
+    open_image(test.image_path(0)).save(query)
     driver = browser()
     try:
         wait = WebDriverWait(driver, 60)
@@ -157,7 +156,7 @@ def test_explanation_maps_point_at_what_the_score_rests_on(roco_run):
     rng = np.random.default_rng(0)
     hot, rand = [], []
     for i in range(8):
-        image = open_image(image_path(test, i))
+        image = open_image(test.image_path(i))
         query = run.embed_texts(test.caption_features[i : i + 1])
         e = explain(run, backbone, image, query)
         assert e.heat.shape == (224, 224) == e.view.size[::-1] and 0 <= e.heat.min() and e.heat.max() == 1

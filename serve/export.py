@@ -33,8 +33,7 @@ from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.common.files import folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
-from medembed.evaluate.examples import image_path
-from medembed.evaluate.index import ALL_SPLITS, heads_sha256
+from medembed.serve.index import ALL_SPLITS, heads_sha256
 
 __all__ = ["EXPORT_FORMATS", "ExportOptions", "ExportSummary", "export_embeddings", "format_export_summary"]
 
@@ -102,7 +101,7 @@ def _sample_rows(split: CachedSplit, rows: str) -> tuple[np.ndarray, np.ndarray]
 
 def _metadata(split: CachedSplit, img_rows: np.ndarray, cap_rows: np.ndarray, concepts: list[str]) -> pd.DataFrame:
     return pd.DataFrame({
-        "image_path": [image_path(split, int(r)) for r in img_rows],
+        "image_path": [split.image_path(int(r)) for r in img_rows],
         "caption": [split.captions[int(c)] if c >= 0 else "" for c in cap_rows],
         "id": [split.image_ids[int(r)] for r in img_rows],
         "split": split.split,

@@ -32,12 +32,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
-from medembed.evaluate.examples import image_path
-from medembed.evaluate.explain import explain
-from medembed.evaluate.search import Searcher, SearchResult
 from medembed.evaluate.zeroshot import DEFAULT_MODALITIES
 from medembed.extract.records import decode_image, open_image
 from medembed.extract.worker import describe_error
+from medembed.serve.explain import explain
+from medembed.serve.search import Searcher, SearchResult
 
 STATIC = Path(__file__).with_name("static")
 THUMBNAIL = 256
@@ -85,7 +84,7 @@ class Pool:
 
     def location(self, key: str) -> str:
         si, row = self.searcher.pool.image_of[self.row(key)]
-        return image_path(self.searcher.pool.splits[si], row)
+        return self.searcher.pool.splits[si].image_path(row)
 
     def allowed(self, split: str | None, modality: str | None, concept: str | None) -> np.ndarray | None:
         """Which pool images pass the filters (None: all)."""

@@ -22,8 +22,7 @@ import torch
 
 from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import CachedSplit, load_split
-from medembed.evaluate.examples import first_captions, image_path, load_pool_image
-from medembed.evaluate.explain import explain
+from medembed.evaluate.examples import load_pool_image
 from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
@@ -31,6 +30,7 @@ from medembed.evaluate.runs import BANK_SCORE, COSINE, one_line
 from medembed.evaluate.sources import open_runs
 from medembed.extract.records import open_image
 from medembed.extract.worker import describe_failure
+from medembed.serve.explain import explain
 
 EXACT = "exact scan"
 
@@ -125,7 +125,7 @@ class Searcher:
         # an index covers the run's own cache and heads file: not a newly encoded pool, not a checkpoint
         self.index = None
         if use_index and data is None and self.run.checkpoint is None:
-            from medembed.evaluate.index import load_index
+            from medembed.serve.index import load_index
 
             self.index = load_index(self.run.run_dir, split)
 
@@ -205,7 +205,7 @@ class Searcher:
             split = self.pool.splits[si]
             row = int(split.caption_image[c])
             hits.append(Hit(i + 1, s, cos, split.image_ids[row], split.captions[c], split.split, row,
-                            image_path(split, row)))
+                            split.image_path(row)))
         return SearchResult(hits, "captions", EXACT, n, notes, *self._ranking(offset is not None))
 
     def _ranking(self, with_bank: bool) -> tuple[str, str | None]:
@@ -233,7 +233,7 @@ class Searcher:
         return scores[0].tolist(), rows[0].tolist()
 
     def _index_search(self, query, k, allowed, bank: bool = True):
-        from medembed.evaluate.index import search_index
+        from medembed.serve.index import search_index
 
         index, meta = self.index
         order = {s.split: i for i, s in enumerate(self.pool.splits)}
@@ -254,10 +254,10 @@ class Searcher:
         si, row = self.pool.image_of[pool_row]
         split = self.pool.splits[si]
         if si not in self._firsts:  # built once per split: a pass over every caption of the pool
-            self._firsts[si] = first_captions(split)
+            self._firsts[si] = split.first_captions()
         caption = self._firsts[si].get(row, "")
         return Hit(rank, float(score), float(cosine), split.image_ids[row], caption, split.split, row,
-                   image_path(split, row))
+                   split.image_path(row))
 
 
 def _cosines(query: torch.Tensor, items: torch.Tensor) -> list[float]:
