@@ -15,12 +15,27 @@ from click.core import ParameterSource
 
 from medembed.adapt.config import AUGMENT_KINDS, HEAD_KINDS, LOSS_KINDS, AdaptConfig
 from medembed.adapt.tuning.config import TuneConfig
+from medembed.common.errors import MedembedError
 from medembed.common.memory import release_large_blocks
 from medembed.common.recall_ks import DEFAULT_KS
 from medembed.common.version import __version__
 
+# What a user can fix, said in one line with no traceback: medembed's own errors, and the standard
+# ones its checks raise for bad values, missing files and outputs that exist.
+USER_ERRORS = (MedembedError, ValueError, FileNotFoundError, FileExistsError)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _Commands(click.Group):
+    """The command group; the one place where a user error of any command becomes one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from e
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="medembed")
 def main() -> None:
     """Embedding-first CLIP toolkit for medical image-text retrieval."""
@@ -114,15 +129,12 @@ def extract(data, backbone, splits, batch_size, workers, device, out, dtype, vie
         workers=workers, device=device, out=out, dtype=dtype, views=views, strict=strict, shard=shard,
         allow_split_overlap=allow_split_overlap,
     )
-    try:
-        if engine == "ray":
-            from medembed.extract.distributed import extract_with_ray
+    if engine == "ray":
+        from medembed.extract.distributed import extract_with_ray
 
-            summary = extract_with_ray(cfg, address=address, shards=shards)
-        else:
-            summary = run_extract(cfg)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from e
+        summary = extract_with_ray(cfg, address=address, shards=shards)
+    else:
+        summary = run_extract(cfg)
     _print_extract_summary(summary)
 
 @main.group()
@@ -136,11 +148,8 @@ def cache_merge(out_dir) -> None:
     """Join the shard files in OUT_DIR (OUT/DATASET/BACKBONE) into one file per split."""
     from medembed.cache.shards import merge_shards
 
-    try:
-        for path in merge_shards(out_dir):
-            click.echo(f"merged {path}")
-    except (ValueError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from e
+    for path in merge_shards(out_dir):
+        click.echo(f"merged {path}")
 
 
 # --- adapt -----------------------------------------------------------------------------------
@@ -238,13 +247,10 @@ def adapt(ctx: click.Context, resume: bool, unlock, unfreeze_every, unfreeze_epo
     explicit = _given_on_command_line(ctx, options)
     tuning = _given_on_command_line(ctx, ["unfreeze_every", "unfreeze_epochs", "backbone_lr", "grad_checkpointing",
                                           "cached_trunk"])
-    try:
-        config = config_from_options(options, explicit, resume)
-        with exclusive(config.out, "adapt", "wait for it to finish or choose another --out"):
-            summary, extra = _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone_lr,
-                                        grad_checkpointing, cached_trunk, tuning)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    config = config_from_options(options, explicit, resume)
+    with exclusive(config.out, "adapt", "wait for it to finish or choose another --out"):
+        summary, extra = _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone_lr,
+                                    grad_checkpointing, cached_trunk, tuning)
     click.echo("\n".join([format_summary(summary), *extra]))
 
 
@@ -277,10 +283,7 @@ def relink(run_dir, features_dir) -> None:
     """Point a run at its features folder after the folder moved (runs moved with their features need nothing)."""
     from medembed.adapt.relink import relink as run_relink
 
-    try:
-        done = run_relink(run_dir, features_dir)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    done = run_relink(run_dir, features_dir)
     click.echo(f"{done['run_dir']}: features {done['old']} -> {done['new']} (splits {', '.join(done['splits'])}, "
                "provenance checked)")
 
@@ -353,33 +356,29 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
     from medembed.evaluate.pipeline import EvalOptions, run_eval
     from medembed.evaluate.report import format_summary
     from medembed.evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
-    from medembed.extract.pipeline import ExtractError
 
-    try:
-        skipped = {s.strip() for s in (skip or "").split(",") if s.strip()}
-        optional = registry.optional_sections()
-        unknown = skipped - set(optional)
-        if unknown:
-            raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} ({', '.join(optional)})")
-        predictors = tuple(dict.fromkeys(p.strip() for p in detectors.split(",") if p.strip()))
-        if not predictors or set(predictors) - set(PREDICTORS):
-            raise ValueError(f"--detectors: expected some of {', '.join(PREDICTORS)}, got {detectors!r}")
-        options = EvalOptions(
-            zeroshot=ZeroShotConfig(min_positives=min_positives, modalities=parse_modality_concepts(modality_concepts)
-                                    if modality_concepts else DEFAULT_MODALITIES),
-            fewshot=FewShotConfig(seeds=fewshot_seeds, max_concepts=fewshot_concepts),
-            detection=DetectionConfig(predictors=predictors),
-            closed_form=not no_closed_form,
-            sections=tuple(s for s in registry.sections() if s not in skipped),
-            examples=examples,
-            data=data,
-            features_root=features_root,
-            cross=cross,
-            overwrite=overwrite,
-        )
-        result = run_eval(list(run_dirs), split=split, ks=ks, out_dir=out, options=options)
-    except (FileNotFoundError, FileExistsError, ValueError, ExtractError) as e:
-        raise click.ClickException(str(e)) from e
+    skipped = {s.strip() for s in (skip or "").split(",") if s.strip()}
+    optional = registry.optional_sections()
+    unknown = skipped - set(optional)
+    if unknown:
+        raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} ({', '.join(optional)})")
+    predictors = tuple(dict.fromkeys(p.strip() for p in detectors.split(",") if p.strip()))
+    if not predictors or set(predictors) - set(PREDICTORS):
+        raise ValueError(f"--detectors: expected some of {', '.join(PREDICTORS)}, got {detectors!r}")
+    options = EvalOptions(
+        zeroshot=ZeroShotConfig(min_positives=min_positives, modalities=parse_modality_concepts(modality_concepts)
+                                if modality_concepts else DEFAULT_MODALITIES),
+        fewshot=FewShotConfig(seeds=fewshot_seeds, max_concepts=fewshot_concepts),
+        detection=DetectionConfig(predictors=predictors),
+        closed_form=not no_closed_form,
+        sections=tuple(s for s in registry.sections() if s not in skipped),
+        examples=examples,
+        data=data,
+        features_root=features_root,
+        cross=cross,
+        overwrite=overwrite,
+    )
+    result = run_eval(list(run_dirs), split=split, ks=ks, out_dir=out, options=options)
     click.echo(format_summary(result))
 
 
@@ -404,7 +403,6 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
               help="Where --data's encoding is cached.")
 def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, data, features_root) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
-    from medembed.extract.pipeline import ExtractError
     from medembed.serve.search import format_results
     from medembed.serve.search import search as run_search
 
@@ -412,11 +410,8 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
         raise click.UsageError("give exactly one of --text or --image")
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out}: exists; choose another --out or pass --overwrite to replace it")
-    try:
-        results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split, data=data,
-                             features_root=features_root, use_index=not exact, explain_maps=explain_maps)
-    except (FileNotFoundError, ValueError, ExtractError) as e:
-        raise click.ClickException(str(e)) from e
+    results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split, data=data,
+                         features_root=features_root, use_index=not exact, explain_maps=explain_maps)
     click.echo(format_results(results))
     if out:
         click.echo(f"grid: {out}")
@@ -438,16 +433,10 @@ def serve(run_dir, use_index, host, port, split) -> None:
     from medembed.serve.page import serve as run_server
     from medembed.serve.search import Searcher
 
-    try:
-        sock = listen(host, port)  # first: a busy port is refused at once, not after the model has loaded
-    except ValueError as e:
-        raise click.ClickException(str(e)) from e
+    sock = listen(host, port)  # first: a busy port is refused at once, not after the model has loaded
     with sock:
-        try:
-            searcher = Searcher(run_dir, split, use_index=use_index)
-            _ = searcher.backbone, searcher.image_embeddings  # load the model and project the pool before answering
-        except (FileNotFoundError, ValueError) as e:
-            raise click.ClickException(str(e)) from e
+        searcher = Searcher(run_dir, split, use_index=use_index)
+        _ = searcher.backbone, searcher.image_embeddings  # load the model and project the pool before answering
         index = f"{searcher.index[1].kind} index" if searcher.index is not None else "exact scan"
         click.echo(f"serving {len(searcher.pool.image_of)} images of {run_dir} ({index}) on http://{host}:{port}/")
         run_server(searcher, host=host, port=port, sock=sock)
@@ -464,10 +453,7 @@ def runs(folder, sort_key) -> None:
     latest test evaluation, when made, size on disk."""
     from medembed.evaluate.runs import find_runs, format_runs, sort_runs, sweep_boards
 
-    try:
-        rows = sort_runs(find_runs(folder), sort_key)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    rows = sort_runs(find_runs(folder), sort_key)
     click.echo(format_runs(rows) if rows else f"no runs under {folder}")
     for where, board in sweep_boards(folder):
         click.echo(f"\nsweep {where}:\n{board}")
@@ -489,12 +475,9 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
     """A grid of adapter settings over one cache, several seeds per cell, and a leaderboard."""
     from medembed.evaluate.sweep import format_leaderboard, parse_fixed, parse_grid, run_sweep
 
-    try:
-        grid = parse_grid(list(sets), grid_file)
-        fixed = parse_fixed(list(fixed_sets))
-        board = run_sweep(features_dir, grid, seeds, out, fixed, log=click.echo)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    grid = parse_grid(list(sets), grid_file)
+    fixed = parse_fixed(list(fixed_sets))
+    board = run_sweep(features_dir, grid, seeds, out, fixed, log=click.echo)
     click.echo("\n" + format_leaderboard(board, seeds) + f"\nwritten: {Path(out) / 'leaderboard.md'}")
 
 
@@ -512,10 +495,7 @@ def index(run_dir, split, kind, nlist, nprobe, m) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search)."""
     from medembed.serve.index import IndexOptions, build_index, format_index_summary
 
-    try:
-        path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m))
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m))
     click.echo(format_index_summary(path, meta))
 
 
@@ -535,11 +515,8 @@ def export(run_dir, split, fmt, rows, dtype, out, overwrite) -> None:
     """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""
     from medembed.serve.export import ExportOptions, export_embeddings, format_export_summary
 
-    try:
-        summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows,
-                                                                   overwrite=overwrite))
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        raise click.ClickException(str(e)) from e
+    summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows,
+                                                               overwrite=overwrite))
     click.echo(format_export_summary(summary))
 
 

@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class MedembedError(Exception):
     """Bad input or state, explained in the message."""
+
+
+class ToolError(MedembedError, RuntimeError):
+    """A step that cannot go on with what it was given: an unreadable input met mid-way, a model
+    that cannot be built, a missing optional library."""

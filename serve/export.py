@@ -31,6 +31,7 @@ import torch
 from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, load_split
+from medembed.common.errors import ToolError
 from medembed.common.files import folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
 from medembed.serve.index import ALL_SPLITS, heads_sha256
@@ -78,7 +79,7 @@ def _check_parquet_engine() -> None:
     try:
         import pyarrow  # noqa: F401
     except ImportError as e:
-        raise RuntimeError("writing parquet needs pyarrow, which is not installed: pip install pyarrow") from e
+        raise ToolError("writing parquet needs pyarrow, which is not installed: pip install pyarrow") from e
 
 
 def _concept_labels(split: CachedSplit) -> list[str]:

@@ -21,6 +21,7 @@ from medembed.adapt.data import caption_keys
 from medembed.adapt.state import Encoders
 from medembed.adapt.tuning.towers import MidActivations, plain
 from medembed.cache.reader import CachedSplit
+from medembed.common.errors import ToolError
 from medembed.extract.backbones import Backbone
 from medembed.extract.records import open_image
 
@@ -86,7 +87,7 @@ class RawImages(torch.utils.data.Dataset):
         try:
             image = open_image(str(self.root / location))
         except Exception as e:
-            raise RuntimeError(f"{self.root / location}: cannot read training image ({type(e).__name__}: {e})") from e
+            raise ToolError(f"{self.root / location}: cannot read training image ({type(e).__name__}: {e})") from e
         return self.transform(image), self.split.captions[i], row, i
 
 

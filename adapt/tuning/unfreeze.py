@@ -63,6 +63,7 @@ from medembed.adapt.tuning.towers import (
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs, recorded_data_root
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
+from medembed.common.errors import ToolError
 from medembed.common.ranking import recall_summary
 from medembed.common.tensors import embed_in_chunks
 from medembed.extract.backbones import Backbone, create_backbone
@@ -115,7 +116,7 @@ def refresh_cache(backbone: Backbone, features_dir: str | Path, tune: TuneConfig
     root = Path(tune.features_root) if tune.features_root else Path(features_dir).resolve().parents[1]
     out = cache_dir(root, str(attrs.get("dataset", "")), backbone.name)
     if out.resolve() == Path(features_dir).resolve():
-        raise RuntimeError(f"{out}: the refreshed cache would overwrite the cache it replaces (backbone name unchanged)")
+        raise ToolError(f"{out}: the refreshed cache would overwrite the cache it replaces (backbone name unchanged)")
     if text_only:
         for name, path in files.items():
             _refresh_texts(backbone, load_split(path, dtype=None), out / f"{name}.h5")

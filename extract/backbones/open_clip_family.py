@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medembed.common.errors import ToolError
 from medembed.common.hashing import sha256_files, tensor_digest
 from medembed.extract.backbones.core import Backbone, BlockGroup, Tower, seeded_init
 from medembed.extract.backbones.family import BackboneFamily
@@ -257,7 +258,7 @@ def create_open_clip(spec: OpenClipName, augment: AugmentConfig = AugmentConfig(
                 spec.model_name, pretrained=spec.pretrained, device="cpu")
         tokenizer = open_clip.get_tokenizer(spec.model_name)
     except Exception as e:
-        raise RuntimeError(
+        raise ToolError(
             f"open_clip could not build backbone '{spec.backbone}': {type(e).__name__}: {e}. "
             "There is no hub access here: weights must already be in the Hugging Face cache, "
             "or be given as local-dir:/folder or ARCH@/path/to/checkpoint.") from e
