@@ -93,19 +93,19 @@ def _print_extract_summary(summary) -> None:
 @main.command()
 @click.option("--data", type=click.Path(exists=True, file_okay=True), default=None,
               help="Dataset folder or annotations file (layout auto-detected). Default: the embedded synthetic set.")
-@click.option("--backbone", **_cfg("medembed.extract.pipeline:ExtractConfig.backbone"),
+@click.option("--backbone", **_cfg("medembed.extract.extraction:ExtractConfig.backbone"),
               help="Backbone name: effnet-lite0-ms+minilm, effnet-lite0+minilm, tiny-clip, an open_clip ARCH[@TAG], hf-hub:ORG/REPO or local-dir:PATH.")
 @click.option("--splits", default=None, help="Comma-separated splits (default: all the dataset has).")
-@click.option("--batch-size", **_cfg("medembed.extract.pipeline:ExtractConfig.batch_size"), type=click.IntRange(min=1),
+@click.option("--batch-size", **_cfg("medembed.extract.extraction:ExtractConfig.batch_size"), type=click.IntRange(min=1),
               help="Images per crash-safe batch (a re-run continues from the last finished one).")
-@click.option("--workers", **_cfg("medembed.extract.pipeline:ExtractConfig.workers"), type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), **_cfg("medembed.extract.pipeline:ExtractConfig.device"),
+@click.option("--workers", **_cfg("medembed.extract.extraction:ExtractConfig.workers"), type=click.IntRange(min=0), help="Image-decoding worker processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), **_cfg("medembed.extract.extraction:ExtractConfig.device"),
               help="Where the backbone runs: auto takes CUDA when torch sees a GPU (fp16 autocast there).")
-@click.option("--out", **_cfg("medembed.extract.pipeline:ExtractConfig.out"), type=click.Path(file_okay=False),
+@click.option("--out", **_cfg("medembed.extract.extraction:ExtractConfig.out"), type=click.Path(file_okay=False),
               help="Output folder; files go to OUT/DATASET/BACKBONE/SPLIT.h5.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.extract.pipeline:ExtractConfig.dtype"),
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.extract.extraction:ExtractConfig.dtype"),
               help="How features are stored (float16 halves the cache; heads train in float32 either way).")
-@click.option("--views", **_cfg("medembed.extract.pipeline:ExtractConfig.views"), type=click.IntRange(min=0),
+@click.option("--views", **_cfg("medembed.extract.extraction:ExtractConfig.views"), type=click.IntRange(min=0),
               help="Also store features of N randomly augmented views of each image.")
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--allow-split-overlap", is_flag=True,
@@ -121,8 +121,8 @@ def _print_extract_summary(summary) -> None:
 def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, allow_split_overlap, shard,
             engine, address, shards) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
-    from medembed.extract.pipeline import ExtractConfig
-    from medembed.extract.pipeline import extract as run_extract
+    from medembed.extract.extraction import ExtractConfig
+    from medembed.extract.extraction import extract as run_extract
 
     cfg = ExtractConfig(
         data=data, backbone=backbone, splits=splits.split(",") if splits else None, batch_size=batch_size,
@@ -451,7 +451,7 @@ def serve(run_dir, use_index, host, port, split) -> None:
 def runs(folder, sort_key) -> None:
     """Every run under FOLDER: backbone, dataset, model, best valid recall (as ranked and with plain cosine),
     latest test evaluation, when made, size on disk."""
-    from medembed.evaluate.runs import find_runs, format_runs, sort_runs, sweep_boards
+    from medembed.evaluate.listing import find_runs, format_runs, sort_runs, sweep_boards
 
     rows = sort_runs(find_runs(folder), sort_key)
     click.echo(format_runs(rows) if rows else f"no runs under {folder}")

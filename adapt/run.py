@@ -22,7 +22,7 @@ from medembed.common.files import relative_to, resolve_recorded
 from medembed.common.querybank import QueryBank
 from medembed.common.tensors import embed_in_chunks, module_device
 
-__all__ = ["AdaptedRun", "QUERYBANK", "load_run", "describe_run", "missing_features_message", "portable_features",
+__all__ = ["AdaptedRun", "QUERYBANK", "load_adapter_run", "describe_run", "missing_features_message", "portable_features",
            "read_querybank", "run_features_dir"]
 
 
@@ -107,7 +107,7 @@ def read_querybank(run_dir: str | Path) -> QueryBank | None:
         raise ValueError(f"{path}: not a query-bank setting ({e})") from e
 
 
-def load_run(run_dir: str | Path) -> AdaptedRun:
+def load_adapter_run(run_dir: str | Path) -> AdaptedRun:
     """A run folder: `config.json` + `best.safetensors`."""
     run_dir = Path(run_dir)
     if run_dir.is_file():

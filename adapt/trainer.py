@@ -33,8 +33,8 @@ from medembed.adapt.data import (
 )
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
-from medembed.adapt.querybank import calibrate
 from medembed.adapt.run import QUERYBANK, portable_features
+from medembed.adapt.run_querybank import calibrate
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
 from medembed.adapt.supervision import ConceptSupervision
 from medembed.cache.faults import reached

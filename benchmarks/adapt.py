@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medembed.adapt.config import AdaptConfig  # noqa: E402
-from medembed.adapt.run import load_run  # noqa: E402
+from medembed.adapt.run import load_adapter_run  # noqa: E402
 from medembed.adapt.trainer import train  # noqa: E402
 from medembed.cache.reader import CachedSplit, load_split  # noqa: E402
 from medembed.common.ranking import recall_summary  # noqa: E402
@@ -103,7 +103,7 @@ def part_throughput(pairs: int, heads: list[str], threads: int) -> str:
 # ---------------------------------------------------------------- roco-rad
 
 def test_recall(run_dir: Path, test: CachedSplit) -> dict:
-    run = load_run(run_dir)
+    run = load_adapter_run(run_dir)
     return recall_summary(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
 
 

@@ -57,7 +57,7 @@ def _colour_dataset(root: Path, n_train: int, n_valid: int, size: int) -> Path:
 def speed(args) -> None:
     from medembed.adapt.config import AdaptConfig
     from medembed.adapt.tuning.unfreeze import TuneConfig, train_with_unfreezing
-    from medembed.extract.pipeline import ExtractConfig, extract
+    from medembed.extract.extraction import ExtractConfig, extract
 
     if args.threads:
         torch.set_num_threads(args.threads)

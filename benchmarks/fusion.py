@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medembed.adapt.run import load_run
+from medembed.adapt.run import load_adapter_run
 from medembed.cache.reader import load_split
 from medembed.common.tensors import unit
 from medembed.evaluate import retrieval
@@ -37,7 +37,7 @@ def _mean_recall(m: dict) -> float:
 
 
 def study(run_dir: Path, features: Path) -> dict:
-    model = model_from_run(load_run(run_dir))
+    model = model_from_run(load_adapter_run(run_dir))
     splits = {s: load_split(features / f"{s}.h5", with_views=False) for s in ("train", "valid", "test")}
     emb = {s: (unit(model.images(d.image_features)), unit(model.texts(d.caption_features))) for s, d in splits.items()}
     labels = splits["train"].concepts.tocsr().astype(np.float32)

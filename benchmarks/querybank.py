@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medembed.adapt.querybank import calibrate
 from medembed.adapt.run import QUERYBANK
+from medembed.adapt.run_querybank import calibrate
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import find_splits, load_split
 from medembed.evaluate import retrieval

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from medembed.extract.distributed import extract_with_ray  # noqa: E402
-from medembed.extract.pipeline import ExtractConfig  # noqa: E402
+from medembed.extract.extraction import ExtractConfig  # noqa: E402
 
 
 def subset(src: Path, dst: Path, n: int) -> Path:

@@ -60,7 +60,7 @@ class EmbeddingModel:
 def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     """Wrap a loaded run (anything with `embed_images` / `embed_texts` on raw features)."""
     label = name or Path(getattr(run, "run_dir", "") or "run").name
-    from medembed.adapt.querybank import bank_offsets
+    from medembed.adapt.run_querybank import bank_offsets
 
     offsets = bank_offsets(run)
     if offsets is None:

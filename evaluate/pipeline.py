@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medembed.adapt import run_files
 from medembed.adapt.closed_form_store import closed_form
 from medembed.adapt.run import AdaptedRun, describe_run
 from medembed.adapt.tuning.runs import open_run
@@ -45,9 +46,9 @@ from medembed.evaluate import metrics as registry
 from medembed.evaluate.examples import write_examples
 from medembed.evaluate.metric import ColumnInputs, Metric, Scores
 from medembed.evaluate.models import EmbeddingModel, model_from_heads, model_from_run
+from medembed.evaluate.new_data import eval_splits, open_runs
 from medembed.evaluate.plots import fewshot_curves, recall_curves, training_curve
 from medembed.evaluate.report import markdown_report
-from medembed.evaluate.sources import eval_splits, open_runs
 from medembed.evaluate.stats import PairedDifference, paired_difference
 
 SCHEMA_VERSION = 2
@@ -77,7 +78,7 @@ class EvalOptions:
 
 
 @dataclass
-class Pool:
+class EvalPool:
     """One evaluated split and the splits its baselines and concept sections learn from."""
 
     features_dir: Path
@@ -95,7 +96,7 @@ class Pool:
 class Column:
     name: str
     kind: str  # "chance" | "baseline" | "run"
-    pool: Pool
+    pool: EvalPool
     model: EmbeddingModel | None = None
     run: AdaptedRun | None = None
     note: str = ""  # how a baseline was fitted
@@ -140,7 +141,7 @@ class EvalPlan:
     out_dir: Path
     runs: list[AdaptedRun]
     names: list[str]
-    pools: dict[Path, Pool]
+    pools: dict[Path, EvalPool]
     columns: list[Column]
     notes: list[str] = field(default_factory=list)
 
@@ -180,7 +181,7 @@ def _listed(items: list[str]) -> str:
     return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
-def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool, captions: bool = True) -> Pool:
+def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool, captions: bool = True) -> EvalPool:
     """The evaluated split, and train / valid when asked for (their captions only with `captions`:
     the closed form learns from pairs, few-shot and detection from images and labels alone).
     Features stay in their stored dtype (float16 halves the pool's memory); every model widens
@@ -204,10 +205,10 @@ def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool
         train = load_split(files["train"], with_views=False, with_captions=captions, dtype=None)
     if need_valid and "valid" in files and split != "valid":
         valid = load_split(files["valid"], with_views=False, with_captions=captions, dtype=None)
-    return Pool(Path(features_dir), test, train, valid, notes)
+    return EvalPool(Path(features_dir), test, train, valid, notes)
 
 
-def _pool_differences(a: Pool, b: Pool) -> list[str]:
+def _pool_differences(a: EvalPool, b: EvalPool) -> list[str]:
     """What makes scores on pool b incomparable with scores on pool a."""
     ta, tb = a.test, b.test
     out = []
@@ -220,7 +221,7 @@ def _pool_differences(a: Pool, b: Pool) -> list[str]:
     return out
 
 
-def _check_comparable(runs: list[AdaptedRun], names: list[str], pools: dict[Path, Pool], cross: bool) -> None:
+def _check_comparable(runs: list[AdaptedRun], names: list[str], pools: dict[Path, EvalPool], cross: bool) -> None:
     first = pools[Path(runs[0].features_dir)]
     for name, run in zip(names[1:], runs[1:]):
         diffs = _pool_differences(first, pools[Path(run.features_dir)])
@@ -230,7 +231,7 @@ def _check_comparable(runs: list[AdaptedRun], names: list[str], pools: dict[Path
                              "that scores each run on its own pool beside that pool's own baselines")
 
 
-def _check_trained_on(run: AdaptedRun, pool: Pool) -> None:
+def _check_trained_on(run: AdaptedRun, pool: EvalPool) -> None:
     """A run's heads only read the features of the backbone they were trained on."""
     trained = run.config.get("cache", {})
     diffs = backbone_differences(pool.test.attrs, trained)
@@ -238,7 +239,7 @@ def _check_trained_on(run: AdaptedRun, pool: Pool) -> None:
         raise ProvenanceMismatch(pool.test.path, diffs)
 
 
-def _cap_ks(ks: list[int], pools: dict[Path, Pool]) -> tuple[list[int], list[str]]:
+def _cap_ks(ks: list[int], pools: dict[Path, EvalPool]) -> tuple[list[int], list[str]]:
     smallest = min(p.test.n_images for p in pools.values())
     capped = sorted({min(k, smallest) for k in ks})
     over = [k for k in ks if k > smallest]
@@ -268,7 +269,7 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     if options.data is not None:
         dataset, wanted = eval_splits(options.data, split, need_train, need_valid, _logger(options))
         runs = open_runs(runs, dataset, wanted, options.features_root, progress=options.progress)
-    pools: dict[Path, Pool] = {}
+    pools: dict[Path, EvalPool] = {}
     for run in runs:
         fd = Path(run.features_dir)
         run.split_files()  # a features folder that moved is named with how to re-point the run
@@ -281,7 +282,7 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     return EvalPlan(split, ks, out_dir, runs, names, pools, columns, notes)
 
 
-def _columns(runs: list[AdaptedRun], names: list[str], pools: dict[Path, Pool], options: EvalOptions) -> list[Column]:
+def _columns(runs: list[AdaptedRun], names: list[str], pools: dict[Path, EvalPool], options: EvalOptions) -> list[Column]:
     """chance (and the closed form) of every pool, then each run; a pool's baselines carry its label
     when there are several pools."""
     several = len(pools) > 1
@@ -376,7 +377,7 @@ def paired(plan: EvalPlan, results: dict[str, ColumnResult]) -> dict[str, dict[s
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _scored(pool: Pool) -> dict:
+def _scored(pool: EvalPool) -> dict:
     """The provenance of what a column was scored on."""
     attrs = pool.test.attrs
     keys = ("dataset", "dataset_fingerprint", "split", "backbone", "weights_sha256", "data_root", "created")
@@ -450,14 +451,14 @@ def _training_curve(col: Column, work: Path, title: str) -> Path | None:
     rows = [r for r in _metrics_rows(col.run) if "train_loss" in r]
     if not rows:
         return None
-    summary = col.run.run_dir / "summary.json"
+    summary = col.run.run_dir / run_files.SUMMARY
     best = json.loads(summary.read_text()).get("best_epoch", 0) if summary.exists() else 0
     return training_curve(rows, best, work / f"training-{slug(col.name.replace('/', '_'))}.png",
                           title=f"Training of {col.name} (valid split of its cache); evaluated on {title}")
 
 
 def _metrics_rows(run: AdaptedRun) -> list[dict]:
-    path = run.run_dir / "metrics.jsonl"
+    path = run.run_dir / run_files.METRICS
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -22,15 +22,15 @@ import numpy as np
 
 from medembed.adapt import run_files
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run
+from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.common.files import slug, write_json
 from medembed.common.locks import exclusive
 from medembed.common.ranking import DEFAULT_KS
 from medembed.evaluate import retrieval
+from medembed.evaluate.listing import BANK_SCORE, COSINE, RANKED_AS_EVAL, valid_recall
 from medembed.evaluate.models import model_from_run
-from medembed.evaluate.runs import BANK_SCORE, COSINE, RANKED_AS_EVAL, valid_recall
 
 LEADERBOARD = "leaderboard.json"
 SWEEP_FIELDS = {f.name: f for f in fields(AdaptConfig)}
@@ -201,7 +201,7 @@ class CellResult:
 def _test_recall(run_dir: Path) -> dict[str, float]:
     """Test Recall@1/5/10 of a run on its cache's test split (retrieval only: seconds), ranked as
     `eval` ranks it (with the run's query bank when it has one)."""
-    run = load_run(run_dir)
+    run = load_adapter_run(run_dir)
     files = run.split_files()
     if "test" not in files:
         return {}

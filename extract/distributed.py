@@ -12,7 +12,7 @@ from medembed.cache.shards import merge_shards
 from medembed.common.device import resolve_device
 from medembed.extract.backbones import AugmentConfig, create_backbone
 from medembed.extract.datasets import load_dataset
-from medembed.extract.pipeline import (
+from medembed.extract.extraction import (
     ExtractConfig,
     ExtractError,
     ExtractSummary,

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medembed.adapt.querybank import bank_offsets
+from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.common.errors import ToolError

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from medembed.adapt import checkpoint as ckpt
-from medembed.adapt.querybank import bank_offsets
 from medembed.adapt.run import QUERYBANK, read_querybank, run_features_dir
+from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache import schema
 from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings

@@ -53,7 +53,7 @@ class ServeLimits:
     max_query_chars: int = 2000
 
 
-class Pool:
+class PagePool:
     """The searcher's pool images as request keys (`split:row`), their filters and concept names."""
 
     def __init__(self, searcher: Searcher):
@@ -105,7 +105,7 @@ class Pool:
         return mask
 
 
-def _hits(result: SearchResult, pool: Pool, offset: int) -> list[dict]:
+def _hits(result: SearchResult, pool: PagePool, offset: int) -> list[dict]:
     out = []
     for h in result.hits[offset:]:
         key = f"{h.split}:{h.image_row}"
@@ -114,7 +114,7 @@ def _hits(result: SearchResult, pool: Pool, offset: int) -> list[dict]:
     return out
 
 
-def _answer(result: SearchResult, pool: Pool, page: int, per_page: int, started: float, **extra) -> dict:
+def _answer(result: SearchResult, pool: PagePool, page: int, per_page: int, started: float, **extra) -> dict:
     # `score` is what the hits are ranked by: `ranked_by` says which (plain cosine, or cos − β·hub with the
     # run's query bank); `cosine` is always the plain cosine of query and hit
     return {"hits": _hits(result, pool, page * per_page), "ranked_by": result.ranking, "via": result.via, "pool": result.pool,
@@ -213,7 +213,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
 def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI:
     """The app: the page at /, the JSON API under /api. Built once per served run."""
     limits = limits or ServeLimits()
-    pool = Pool(searcher)
+    pool = PagePool(searcher)
     app = FastAPI(title="medembed search", docs_url=None, redoc_url=None)
 
     @app.exception_handler(RequestValidationError)

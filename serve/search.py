@@ -23,11 +23,11 @@ import torch
 from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.evaluate.examples import load_pool_image
+from medembed.evaluate.listing import BANK_SCORE, COSINE, one_line
 from medembed.evaluate.models import EmbeddingModel, model_from_run
+from medembed.evaluate.new_data import open_runs
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
-from medembed.evaluate.runs import BANK_SCORE, COSINE, one_line
-from medembed.evaluate.sources import open_runs
 from medembed.extract.records import open_image
 from medembed.extract.worker import describe_failure
 from medembed.serve.explain import explain
@@ -70,7 +70,7 @@ class SearchResult:
 
 
 @dataclass
-class Pool:
+class SearchPool:
     """The splits searched, concatenated: pool row r of images is (split, row) via `image_of`."""
 
     splits: list[CachedSplit]
@@ -78,7 +78,7 @@ class Pool:
     caption_of: list[tuple[int, int]]  # pool caption row -> (split index, caption row)
 
     @classmethod
-    def of(cls, splits: list[CachedSplit]) -> Pool:
+    def of(cls, splits: list[CachedSplit]) -> SearchPool:
         images = [(i, r) for i, s in enumerate(splits) for r in range(s.n_images)]
         captions = [(i, c) for i, s in enumerate(splits) for c in range(s.n_captions)]
         return cls(splits, images, captions)
@@ -113,7 +113,7 @@ class Searcher:
         files = self.run.split_files()
         if split is not None and split not in files:
             raise FileNotFoundError(f"{self.run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
-        self.pool = Pool.of([load_split(p, with_views=False) for name, p in files.items() if split in (None, name)])
+        self.pool = SearchPool.of([load_split(p, with_views=False) for name, p in files.items() if split in (None, name)])
         self.split = split
         self.model: EmbeddingModel = model_from_run(self.run)
         self._backbone = backbone

@@ -50,7 +50,7 @@ def make_imageclef2023(root: Path, n_per_split: dict[str, int], size: int = 48, 
 def tiny_clip_cache(root: Path, n_per_split: dict[str, int], data_name: str = "data") -> Path:
     """`make_imageclef2023` under root/data_name, extracted with the tiny random tiny-clip backbone
     into root/features; returns the cache folder."""
-    from medembed.extract.pipeline import ExtractConfig, extract
+    from medembed.extract.extraction import ExtractConfig, extract
 
     data = make_imageclef2023(root / data_name, n_per_split)
     summary = extract(ExtractConfig(data=str(data), backbone="tiny-clip", out=str(root / "features"), workers=0,
@@ -70,7 +70,7 @@ def real_cache(dataset: str) -> Path:
     is resumable and a finished split is reported up to date, so this costs nothing the second time.
     """
     from medembed.extract.backbones import DEFAULT_BACKBONE
-    from medembed.extract.pipeline import ExtractConfig, cache_dir, extract
+    from medembed.extract.extraction import ExtractConfig, cache_dir, extract
 
     data = shared_dataset(dataset)
     folder = cache_dir(REPO / "features", dataset, DEFAULT_BACKBONE)

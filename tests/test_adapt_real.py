@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run
+from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.common.ranking import recall_summary
@@ -21,7 +21,7 @@ def test_linear_infonce_head_keeps_its_recall(tmp_path):
     summary = train(AdaptConfig(features_dir=str(ROCO), out=str(tmp_path / "linear"), head="linear"), progress=False)
     assert summary["valid"]["t2i_R@10"] >= 40 and summary["valid"]["i2t_R@10"] >= 41, summary["valid"]
     # the saved run generalises to the untouched test split
-    run = load_run(tmp_path / "linear")
+    run = load_adapter_run(tmp_path / "linear")
     test = load_split(ROCO / "test.h5", with_views=False)
     r = recall_summary(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
     assert r["t2i_R@10"] >= 35 and r["i2t_R@10"] >= 35, r

@@ -14,7 +14,7 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.data import MemorySource, iter_batches
 from medembed.adapt.heads import EnsembleHead, Standardize, build_head, fit_input_stats
 from medembed.adapt.losses import build_loss
-from medembed.adapt.run import load_run
+from medembed.adapt.run import load_adapter_run
 from medembed.adapt.state import Schedule
 from medembed.adapt.trainer import param_groups, train
 from medembed.cache.reader import load_split
@@ -114,7 +114,7 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_existing(features
 @pytest.mark.parametrize("head", ["linear", "mlp", "residual", "cca"])
 def test_every_head_saves_and_loads_the_same_way(features, tmp_path, head):
     summary = train(small(features, tmp_path / head, head=head, epochs=3), progress=False)
-    run = load_run(tmp_path / head)
+    run = load_adapter_run(tmp_path / head)
     assert run.config["head"] == head and run.features_dir == features.resolve()
     keys = load_file(str(tmp_path / head / "best.safetensors")).keys()
     assert all(k.startswith(("image_head.", "text_head.")) for k in keys)
@@ -209,7 +209,7 @@ def test_ema_validates_and_saves_the_averaged_heads(features, tmp_path):
     assert any(not torch.equal(averaged[k], raw[k]) for k in raw)  # an average, not a copy of the last step
     if summary["best_epoch"] == 2:
         assert all(torch.equal(best[f"image_head.{k}"], v) for k, v in averaged.items())
-    run = load_run(tmp_path / "ema")
+    run = load_adapter_run(tmp_path / "ema")
     valid = load_split(features / "valid.h5")
     again = recall_summary(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
                            valid.caption_image)

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run
+from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.evaluate import retrieval
@@ -67,7 +67,7 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
         result["columns"]["cca"]["t2i_R@1"])
     # the first run's retrieval numbers are exactly what the metric function gives on its embeddings,
     # ranked with the run's query bank (and cosine_* with plain cosine)
-    run, test = load_run(linear_run), load_split(runs["features"] / "test.h5")
+    run, test = load_adapter_run(linear_run), load_split(runs["features"] / "test.h5")
     img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
     image_offset, caption_offset = model_from_run(run).offsets(img, txt)
     direct = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
@@ -158,7 +158,7 @@ class _LookupBackbone:
 
 def test_search_text_finds_the_captions_image(runs, tmp_path):
     test = load_split(runs["features"] / "test.h5")
-    run = load_run(runs["cca"])
+    run = load_adapter_run(runs["cca"])
     r = retrieval.ranks(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
     j = int(torch.nonzero(r.t2i == 1)[0])  # a caption whose own image the run ranks first
     results = search_mod.search(runs["cca"], text=test.captions[j], k=5, split="test", backbone=_LookupBackbone(test),
@@ -175,7 +175,7 @@ def test_search_image_ranks_captions(runs, tmp_path):
     from PIL import Image
 
     test = load_split(runs["features"] / "test.h5")
-    run = load_run(runs["cca"])
+    run = load_adapter_run(runs["cca"])
     r = retrieval.ranks(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
     row = int(torch.nonzero(r.i2t == 1)[0])  # an image whose own caption the run ranks first
     image = tmp_path / "q.png"
@@ -257,7 +257,7 @@ def test_tampered_or_foreign_checkpoints_are_refused(runs, tmp_path):
     data[-3] ^= 0xFF  # one flipped byte inside the last weight
     best.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"best\.safetensors: checkpoint content does not match its recorded sha256"):
-        load_run(run_dir)
+        load_adapter_run(run_dir)
     best.write_bytes(b"\x80\x04\x95 a pickle is never loaded")
     with pytest.raises(ValueError, match=r"best\.safetensors: not a readable safetensors checkpoint"):
-        load_run(run_dir)
+        load_adapter_run(run_dir)

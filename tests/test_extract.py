@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from medembed.cache.lock import CacheBusy, WriterLock
 from medembed.cache.provenance import ProvenanceMismatch
 from medembed.cache.reader import load_split
-from medembed.extract.pipeline import ExtractConfig, ExtractError, extract
+from medembed.extract.extraction import ExtractConfig, ExtractError, extract
 from tests.conftest import REPO, make_imageclef2023
 
 FEATURE_DATASETS = (

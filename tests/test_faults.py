@@ -14,7 +14,7 @@ from PIL import Image
 from medembed.cache.lock import WriterLock
 from medembed.cache.parts import PartStore
 from medembed.cache.reader import load_split
-from medembed.extract.pipeline import ExtractConfig, ExtractError, extract
+from medembed.extract.extraction import ExtractConfig, ExtractError, extract
 from tests.conftest import REPO, make_imageclef2023
 
 

@@ -13,8 +13,8 @@ import torch
 
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.heads import build_heads
-from medembed.adapt.run import load_run
-from medembed.adapt.tuning.checkpoint import FinetunedModel, mark_finetuned, read_finetuned, save_finetuned
+from medembed.adapt.run import load_adapter_run
+from medembed.adapt.tuning.finetuned import FinetunedModel, mark_finetuned, read_finetuned, save_finetuned
 from medembed.adapt.tuning.runs import open_run
 from medembed.adapt.tuning.towers import (
     MidCacheUnsupported,
@@ -189,7 +189,7 @@ def test_unfreezing_run_refreshes_cache_under_new_provenance(tiny_cache, tmp_pat
     # the run folder opens as the checkpoint's model, its heads are the run's best heads
     run = open_run(tmp_path / "run")
     assert run.checkpoint == Path(summary["checkpoint"]) and run.features_dir == new_dir
-    heads_only = load_run(tmp_path / "run")
+    heads_only = load_adapter_run(tmp_path / "run")
     x = new.image_features[:4]
     with torch.no_grad():
         assert torch.equal(image_head(x), heads_only.image_head(x))

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from medembed.cache.reader import read_attrs
-from medembed.extract.pipeline import ExtractConfig, extract
+from medembed.extract.extraction import ExtractConfig, extract
 from tests.conftest import make_imageclef2023
 
 

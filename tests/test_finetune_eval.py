@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run
-from medembed.adapt.tuning.checkpoint import FinetunedModel
+from medembed.adapt.run import load_adapter_run
+from medembed.adapt.tuning.finetuned import FinetunedModel
 from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.adapt.tuning.unfreeze import TuneConfig, train_with_unfreezing
 from medembed.cache.reader import load_split, read_attrs
@@ -95,7 +95,7 @@ def test_search_cli_takes_the_checkpoint_and_a_new_pool(finetuned, tmp_path):
 
 
 def test_heads_trained_on_finetuned_features_point_to_the_checkpoint(finetuned):
-    heads_only = load_run(finetuned["run"])  # config.json + best.safetensors, without the towers
+    heads_only = load_adapter_run(finetuned["run"])  # config.json + best.safetensors, without the towers
     with pytest.raises(ValueError, match="finetuned.safetensors"):
         run_backbone(heads_only)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import AdaptedRun, load_run
+from medembed.adapt.run import AdaptedRun, load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.cache.writer import write_split
@@ -94,7 +94,7 @@ def test_search_index_hand_computed_scores(tmp_path):
 def test_flat_index_is_exact_top_k(cca_run):
     path, meta = build_index(cca_run, IndexOptions(split="test", kind="flat"))
     assert path == cca_run / "index" / "test-flat.faiss" and meta.ntotal == 60 and meta.dim == 12
-    run = load_run(cca_run)
+    run = load_adapter_run(cca_run)
     split = load_split(Path(run.features_dir) / "test.h5")
     assert meta.image_ids == split.image_ids
     index, _ = load_index(cca_run, "test", "flat")
@@ -188,7 +188,7 @@ def test_retrained_heads_and_damaged_file_make_an_index_stale(cca_run, tmp_path)
     shutil.copytree(cca_run, run_dir)
     build_index(run_dir, IndexOptions(split="valid", kind="hnsw", m=8))
     assert load_index(run_dir, "valid")[1].kind == "hnsw"
-    run = load_run(run_dir)
+    run = load_adapter_run(run_dir)
     with torch.no_grad():
         run.image_head.weight.add_(0.01)
     ckpt.save_heads(run_dir / ckpt.BEST, run.image_head, run.text_head)
@@ -216,7 +216,7 @@ def test_export_npy_rows_align_with_cache(cca_run, tmp_path):
     img = np.load(out / "img_emb" / "img_emb_0.npy")
     txt = np.load(out / "text_emb" / "text_emb_0.npy")
     meta = pd.read_parquet(out / "metadata" / "metadata_0.parquet")
-    run = load_run(cca_run)
+    run = load_adapter_run(cca_run)
     split = load_split(Path(run.features_dir) / "test.h5")
     assert img.shape == txt.shape == (60, 12) and img.dtype == np.float32
     assert meta["id"].tolist() == split.image_ids
@@ -238,7 +238,7 @@ def test_export_parquet_caption_rows_and_partitions(cca_run, tmp_path):
     assert summary.rows == 560 and summary.partitions == 8
     names = sorted(p.name for p in (out / "img_emb").iterdir())
     assert names == [f"img_emb_{i}.parquet" for i in range(8)]
-    run = load_run(cca_run)
+    run = load_adapter_run(cca_run)
     test = load_split(Path(run.features_dir) / "test.h5")
     img = pd.read_parquet(out / "img_emb" / "img_emb_6.parquet")  # first 100 test captions
     txt = pd.read_parquet(out / "text_emb" / "text_emb_6.parquet")

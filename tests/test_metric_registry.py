@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run
+from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.evaluate import metrics as registry
@@ -68,7 +68,7 @@ def test_a_registered_metric_is_scored_and_reported_everywhere(registered, cca_r
                                                                   progress=False))
     record = json.loads((out / "metrics-run.json").read_text())
     assert record["sections"]["mean_cosine"] == ["mean_cosine"]
-    run = load_run(cca_run)
+    run = load_adapter_run(cca_run)
     test = load_split(Path(run.features_dir) / "test.h5")
     img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
     expected = 100 * float((img[torch.as_tensor(test.caption_image).long()] * txt).sum(1).mean())

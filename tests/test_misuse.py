@@ -163,7 +163,7 @@ def test_adapt_bad_values_and_resume_of_nothing(two_pools, tmp_path):
 
 
 def test_dataset_folder_names_keep_their_letters_and_never_collide(tmp_path):
-    from medembed.extract.pipeline import ExtractConfig, extract
+    from medembed.extract.extraction import ExtractConfig, extract
 
     outs = {}
     for name in ("胸部", "Flickr ü 画像", "Flickr ñ"):

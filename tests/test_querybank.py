@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.querybank import bank_offsets
-from medembed.adapt.run import QUERYBANK, load_run
+from medembed.adapt.run import QUERYBANK, load_adapter_run
+from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.common.querybank import BankSide, QueryBank, choose, hubness
@@ -111,7 +111,7 @@ def bank_run(tmp_path_factory) -> Path:
     forced = QueryBank(BankSide(5, 1.0), BankSide(5, 1.0), "train", str(features.resolve()))
     (root / "run" / QUERYBANK).write_text(json.dumps({**chosen, "setting": forced.to_dict()}))
     # what search and eval add to the cosines is the formula: -beta x mean of the k best bank cosines
-    run = load_run(root / "run")
+    run = load_adapter_run(root / "run")
     bank, test = load_split(features / "train.h5"), load_split(features / "test.h5")
     img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
     bank_img, bank_txt = run.embed_images(bank.image_features), run.embed_texts(bank.caption_features)
@@ -124,7 +124,7 @@ def bank_run(tmp_path_factory) -> Path:
 
 
 def test_search_and_index_rank_as_eval_does(bank_run, tmp_path):
-    run = load_run(bank_run)
+    run = load_adapter_run(bank_run)
     test = load_split(run.features_dir / "test.h5")
     result = run_eval([bank_run], split="test", out_dir=tmp_path / "eval", options=EvalOptions(
         closed_form=False, examples=0, progress=False, sections=("retrieval",)))
@@ -166,7 +166,7 @@ def test_no_querybank_ranks_by_plain_cosine(tmp_path):
     summary = train(AdaptConfig(features_dir=str(features), out=str(tmp_path / "run"), head="linear", dim=8, epochs=1,
                                 ensemble=1, querybank=False), progress=False)
     assert "querybank" not in summary and not (tmp_path / "run" / QUERYBANK).exists()
-    assert load_run(tmp_path / "run").querybank is None
+    assert load_adapter_run(tmp_path / "run").querybank is None
     result = run_eval([tmp_path / "run"], split="test", out_dir=tmp_path / "eval", options=EvalOptions(
         closed_form=False, examples=0, progress=False, sections=("retrieval",)))
     assert not any(k.startswith("cosine_") for k in result["metrics"])
@@ -180,7 +180,7 @@ def test_export_carries_the_offsets_search_ranks_with(bank_run, tmp_path):
 
     summary = export_embeddings(bank_run, ExportOptions(split="test", out=str(tmp_path / "export")))
     manifest = json.loads((Path(summary.out) / "export.json").read_text())
-    assert manifest["querybank"] == load_run(bank_run).querybank.to_dict()
+    assert manifest["querybank"] == load_adapter_run(bank_run).querybank.to_dict()
     meta = pd.read_parquet(Path(summary.out) / "metadata" / "metadata_0.parquet")
     searcher = Searcher(bank_run, "test", use_index=False)
     np.testing.assert_allclose(meta["image_offset"].to_numpy(), searcher.image_offsets.numpy(), atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.run import load_run
+from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import load_split
@@ -112,7 +112,7 @@ def test_browser_pages_and_filters_an_uploaded_image_query(server, roco_run, tmp
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    test = load_split(load_run(roco_run).features_dir / "test.h5")
+    test = load_split(load_adapter_run(roco_run).features_dir / "test.h5")
     query = tmp_path / "query.png"
     open_image(test.image_path(0)).save(query)
     driver = browser()
@@ -150,7 +150,7 @@ def test_browser_pages_and_filters_an_uploaded_image_query(server, roco_run, tmp
 def test_explanation_maps_point_at_what_the_score_rests_on(roco_run):
     """Deterministic, the image's shape, and blanking the hottest cells lowers the score more than
     blanking random cells of the same number, over real roco-rad test images."""
-    run = load_run(roco_run)
+    run = load_adapter_run(roco_run)
     backbone = run_backbone(run)
     test = load_split(run.features_dir / "test.h5")
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from medembed.cache.reader import find_splits, load_split
 from medembed.cache.shards import MergeError, merge_shards
-from medembed.extract.pipeline import ExtractConfig, ExtractError, extract, parse_shard, shard_records
+from medembed.extract.extraction import ExtractConfig, ExtractError, extract, parse_shard, shard_records
 from tests.conftest import make_imageclef2023
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from medembed.adapt.run import AdaptedRun, load_run
-from medembed.adapt.tuning.checkpoint import CHECKPOINT, FT_MARK, read_finetuned
+from medembed.adapt.run import AdaptedRun, load_adapter_run
+from medembed.adapt.tuning.finetuned import CHECKPOINT, FT_MARK, read_finetuned
 from medembed.extract.backbones import Backbone, create_backbone
 
 
@@ -27,7 +27,7 @@ def open_run(ref: str | Path | AdaptedRun) -> AdaptedRun:
         return open_checkpoint(path)
     if (path / CHECKPOINT).exists():
         return replace(open_checkpoint(path / CHECKPOINT), run_dir=path)
-    return load_run(path)
+    return load_adapter_run(path)
 
 
 def open_checkpoint(path: str | Path, device: str = "cpu") -> AdaptedRun:

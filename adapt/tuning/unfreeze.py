@@ -48,8 +48,8 @@ from medembed.adapt.trainer import (
     validator,
 )
 from medembed.adapt.tuning import sources
-from medembed.adapt.tuning.checkpoint import CHECKPOINT, FT_MARK, mark_finetuned, save_finetuned
 from medembed.adapt.tuning.config import TuneConfig as TuneConfig  # re-exported
+from medembed.adapt.tuning.finetuned import CHECKPOINT, FT_MARK, mark_finetuned, save_finetuned
 from medembed.adapt.tuning.towers import (
     MidActivations,
     MidCacheUnsupported,
@@ -68,7 +68,7 @@ from medembed.common.ranking import recall_summary
 from medembed.common.tensors import embed_in_chunks
 from medembed.extract.backbones import Backbone, create_backbone
 from medembed.extract.datasets import load_dataset
-from medembed.extract.pipeline import ExtractConfig, cache_dir, extract
+from medembed.extract.extraction import ExtractConfig, cache_dir, extract
 
 
 def _autocast(device: torch.device):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from medembed.adapt.run import QUERYBANK, AdaptedRun, load_run
+from medembed.adapt.run import QUERYBANK, AdaptedRun, load_adapter_run
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.common.files import write_json
 from medembed.common.querybank import QueryBank, choose, side_offset
@@ -27,7 +27,7 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
 
     `splits` = (train, valid) already in memory; else both are read from the run's features folder."""
     run_dir = Path(run_dir)
-    run = run or load_run(run_dir)
+    run = run or load_adapter_run(run_dir)
     if splits is None:
         files = run.split_files()
         missing = [s for s in ("train", "valid") if s not in files]

@@ -15,7 +15,7 @@ from medembed.adapt.run import AdaptedRun
 from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.common.device import resolve_device
 from medembed.extract.datasets import load_dataset
-from medembed.extract.pipeline import ExtractConfig, extract
+from medembed.extract.extraction import ExtractConfig, extract
 from medembed.extract.records import Dataset
 
 
