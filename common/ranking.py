@@ -133,6 +133,9 @@ def _sorted_groups(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return torch.where(ends, tp - prev, torch.zeros_like(tp)), ends
 
 
+# Why not scikit-learn's average_precision_score / roc_auc_score: they score one column at a time in
+# numpy; evaluation scores thousands of concept columns over up to 100k images, so these take a block
+# of columns per sorting pass in torch with bounded memory. The tests check them against scikit-learn.
 def average_precision(scores: torch.Tensor, labels: torch.Tensor, block: int = 8) -> torch.Tensor:
     """Average precision of every column of `scores` [N, C] against 0/1 `labels` [N, C], with
     tied scores treated as one threshold (as scikit-learn's average_precision_score does):

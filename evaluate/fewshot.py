@@ -196,7 +196,11 @@ def tip_scores(xs, ys, xq, xref, prompts: torch.Tensor | None, alpha: float, bet
 
 
 def lgbm_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, trees: int, seeds: torch.Tensor) -> torch.Tensor:
-    import lightgbm as lgb
+    try:
+        import lightgbm as lgb
+    except ImportError:
+        raise ValueError("the few-shot method lightgbm needs LightGBM: pip install 'medembed[lightgbm]' (or leave "
+                         "lightgbm out of the methods)") from None
 
     out = []
     for i in range(xs.shape[0]):

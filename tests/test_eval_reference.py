@@ -79,3 +79,31 @@ def test_detection_matches_brute_force_thresholds_and_neighbours():
                 for t in detection.THRESHOLDS), key=lambda x: x[0])
     assert res.threshold == pytest.approx(best[1]) and res.fallback == best[2]
     assert res.f1 == pytest.approx(f1(st, yte.toarray() > 0, best[1], best[2]), abs=1e-6)
+
+
+def test_batched_ap_and_auroc_equal_scikit_learn_column_by_column():
+    """The torch AP / ROC AUC (blocks of columns, ties as one threshold) against scikit-learn's own."""
+    from sklearn.metrics import roc_auc_score
+
+    from medembed.common.ranking import average_precision, roc_auc
+
+    rng = np.random.default_rng(3)
+    labels = rng.random((300, 21)) < 0.15
+    scores = np.round(rng.normal(size=(300, 21)) + labels * 0.8, 1)  # rounding makes ties
+    labels[:, 5] = False  # a column without positives is NaN in both
+    ap = average_precision(torch.from_numpy(scores), torch.from_numpy(labels), block=4).numpy()
+    auc = roc_auc(torch.from_numpy(scores), torch.from_numpy(labels), block=4).numpy()
+    for c in range(21):
+        if c == 5:
+            assert np.isnan(ap[c]) and np.isnan(auc[c])
+            continue
+        assert ap[c] == pytest.approx(average_precision_score(labels[:, c], scores[:, c]), abs=1e-9)
+        assert auc[c] == pytest.approx(roc_auc_score(labels[:, c], scores[:, c]), abs=1e-9)
+
+
+def test_the_lightgbm_method_without_lightgbm_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lightgbm", None)
+    with pytest.raises(ValueError, match=r"pip install 'medembed\[lightgbm\]'"):
+        fewshot.lgbm_scores(torch.zeros(1, 4, 3), torch.zeros(1, 4), torch.zeros(2, 3), trees=2, seeds=torch.zeros(1))
