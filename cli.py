@@ -318,7 +318,7 @@ class _SkipOption(click.Option):
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Score this dataset's raw images and captions, encoded by each run's own backbone (the fine-tuned "
                    "one for a checkpoint), instead of the run's cache.")
-@click.option("--features-root", **_cfg("medembed.evaluate.pipeline:EvalOptions.features_root"),
+@click.option("--features-root", **_cfg("medembed.evaluate.plan:EvalOptions.features_root"),
               type=click.Path(file_okay=False), help="Where --data's encoding is cached (reused when up to date).")
 @click.option("--split", default="test", show_default=True, help="Split to evaluate on (its whole pool).")
 @click.option("-k", "--k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, callback=_int_list,
@@ -345,7 +345,7 @@ class _SkipOption(click.Option):
                    "train images) and logreg (one-vs-rest logistic regression, slower); with both, concept_f1 is "
                    "the one that scores better on valid.")
 @click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
-@click.option("--examples", **_cfg("medembed.evaluate.pipeline:EvalOptions.examples"), type=click.IntRange(min=0),
+@click.option("--examples", **_cfg("medembed.evaluate.plan:EvalOptions.examples"), type=click.IntRange(min=0),
               help="Example grids per direction (0: none).")
 def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, modality_concepts, min_positives,
              fewshot_seeds, fewshot_concepts, skip, detectors, no_closed_form, examples) -> None:
