@@ -71,7 +71,10 @@ def closed_form(train: CachedSplit, valid: CachedSplit | None, dim: int) -> Clos
             return ClosedForm(image_head.eval(), text_head.eval(), float(meta["reg"]), float(meta["power"]),
                               meta.get("chosen_on_valid") == "true", path, True)
         except (ValueError, KeyError):
-            path.unlink(missing_ok=True)  # damaged: fit again below
+            try:
+                path.unlink(missing_ok=True)  # damaged: fit again below (and store it again if the folder allows)
+            except OSError:
+                pass
     if valid is not None:
         fit = fit_cca_on_valid(train, valid, dim)
         heads, reg, power = (fit.image_head, fit.text_head), fit.reg, fit.power

@@ -69,12 +69,22 @@ class AdaptedRun:
         return read_querybank(self.run_dir)
 
     def with_features(self, features_dir: str | Path) -> AdaptedRun:
-        """The same heads pointed at another cache of the same backbone (e.g. a newly encoded dataset)."""
+        """The same heads pointed at another cache of the same backbone (e.g. a newly encoded dataset);
+        where the run's own training cache is (recorded and found now) is kept for its query bank."""
         config = {k: v for k, v in self.config.items() if k != FEATURES_RELATIVE}
+        config.setdefault(TRAINED_ON, {"recorded": self.config.get("features_dir", ""), "now": str(self.features_dir)})
         return replace(self, config={**config, "features_dir": str(features_dir)})
+
+    def training_cache(self) -> tuple[str, Path]:
+        """(the features folder config.json recorded, where it is found now) of the cache the run was
+        trained on, also after `with_features` pointed the run elsewhere."""
+        if TRAINED_ON in self.config:
+            return self.config[TRAINED_ON]["recorded"], Path(self.config[TRAINED_ON]["now"])
+        return self.config.get("features_dir", ""), self.features_dir
 
 
 FEATURES_RELATIVE = "features_dir_relative"  # config.json: the features folder relative to the run folder
+TRAINED_ON = "trained_on"  # in memory only, after with_features: the training cache, recorded and found now
 
 
 def portable_features(run_config: dict, run_dir: str | Path) -> dict:

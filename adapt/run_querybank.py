@@ -61,9 +61,10 @@ class BankOffsets:
 
     def _split(self) -> CachedSplit:
         if self._bank is None:
-            folder = Path(self.setting.bank_features or self.run.features_dir)
-            if not folder.is_dir() and self.setting.bank_features == self.run.config.get("features_dir"):
-                folder = self.run.features_dir  # the training cache, moved with the run or relinked
+            recorded, found = self.run.training_cache()
+            # the bank is the run's training cache (as calibrate records it): take it where the run finds
+            # that cache now (moved with the run, relinked, or the run pointed at other data)
+            folder = found if self.setting.bank_features in ("", recorded) else Path(self.setting.bank_features)
             files = find_splits(folder) if folder.is_dir() else {}
             if self.setting.bank_split not in files:
                 raise FileNotFoundError(

@@ -41,7 +41,10 @@ def open_cache(path: str | Path) -> Iterator[h5py.File]:
     except OSError as e:
         raise CacheError(f"{path}: not a readable HDF5 cache ({_reason(e)}); {REBUILD}") from None
     with f:
-        fmt = f.attrs.get("format")
+        try:
+            fmt = f.attrs.get("format")
+        except (OSError, KeyError) as e:
+            raise CacheError(f"{path}: damaged cache attributes ({_reason(e)}); {REBUILD}") from None
         fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
         if fmt is not None and fmt not in READABLE_FORMATS:
             raise CacheError(f"{path}: cache format {fmt!r} is not one this version of medembed reads "

@@ -68,8 +68,11 @@ def disk_bytes(folder: Path) -> int:
     for root, _, files in os.walk(folder):
         for name in files:
             path = Path(root) / name
-            if not path.is_symlink():
-                total += path.stat().st_size
+            try:
+                if not path.is_symlink():
+                    total += path.stat().st_size
+            except FileNotFoundError:
+                pass  # a temporary file a running command just renamed or removed
     return total
 
 
@@ -122,6 +125,8 @@ def _evaluations(folder: Path) -> dict[str, dict]:
     """The newest test evaluation of every run evaluated anywhere under `folder`, by run path."""
     latest: dict[str, dict] = {}
     for path in folder.rglob("metrics-*.json"):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue  # staging folders and outputs a command kept aside: never swapped in
         record = _read(path)
         if record.get("split") != "test" or "run_ref" not in record:
             continue

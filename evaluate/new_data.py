@@ -9,6 +9,7 @@ backbone's), and later calls find it up to date.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from medembed.adapt.run import AdaptedRun
@@ -32,9 +33,15 @@ def encode_dataset(run, data: str | Path | Dataset, splits: list[str] | None = N
     device = resolve_device("auto").type
     backbone = run_backbone(run, device=device)
     backbone.to(device)
+    # scoring a dataset the run was not trained on: images shared by its splits only matter to the
+    # sections that learn from its train split, so they are encoded, with the extractor's warning shown
     cfg = ExtractConfig(data=str(dataset.root), backbone=backbone.name, splits=splits, batch_size=batch_size,
-                        workers=workers, device=device, out=str(features_root), progress=progress)
-    return Path(extract(cfg, backbone=backbone, dataset=dataset).out_dir)
+                        workers=workers, device=device, out=str(features_root), progress=progress,
+                        allow_split_overlap=True)
+    summary = extract(cfg, backbone=backbone, dataset=dataset)
+    for warning in summary.warnings if progress else []:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return Path(summary.out_dir)
 
 
 def open_runs(refs: list, data: str | Path | Dataset | None = None, splits: list[str] | None = None,

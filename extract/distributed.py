@@ -41,7 +41,7 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
     data = str(cfg.data or ensure_default_dataset())
     dataset = load_dataset(data)
     splits = cfg.splits or dataset.splits
-    check_split_overlap(dataset, cfg.allow_split_overlap)
+    overlap = check_split_overlap(dataset, cfg.allow_split_overlap)
     started_here = not ray.is_initialized()
     if started_here:
         runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")])),
@@ -71,7 +71,8 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
             images_per_s=sum(p.images_per_s for p in mine), status=f"merged from {n} Ray shards",
         ))
     return ExtractSummary(dataset=dataset.name, synthetic=bool(dataset.synthetic), backbone=cfg.backbone,
-                          device="ray", out_dir=str(folder), splits=results)
+                          device="ray", out_dir=str(folder), splits=results,
+                          warnings=overlap + list(getattr(dataset, "warnings", [])))
 
 
 def _repo_root() -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,6 +182,18 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
 def _export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, Path], out: Path,
             expected: tuple[int, int] | None) -> ExportSummary:
     work = staging_folder(out)
+    try:
+        files_out, part, manifest = _write_export(run, run_dir, options, chosen, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # a failed export leaves nothing half-written behind
+        raise
+    replace_folder(work, out, expected)  # only the earlier export checked under the lock is ever replaced
+    return ExportSummary(out=str(out), format=options.format, rows=manifest["n_rows"], dim=run.dim, partitions=part,
+                         files=[str(out / p.relative_to(work)) for p in files_out])
+
+
+def _write_export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, Path],
+                  work: Path) -> tuple[list[Path], int, dict]:
     for folder in ("img_emb", "text_emb", "metadata"):
         (work / folder).mkdir(parents=True)
 
@@ -217,9 +230,7 @@ def _export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, Path],
                      "dataset_fingerprint": str(splits[k].attrs.get("dataset_fingerprint", ""))} for k in splits],
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    replace_folder(work, out, expected)  # only the earlier export checked under the lock is ever replaced
-    return ExportSummary(out=str(out), format=options.format, rows=manifest["n_rows"], dim=run.dim, partitions=part,
-                         files=[str(out / p.relative_to(work)) for p in files_out])
+    return files_out, part, manifest
 
 
 def format_export_summary(summary: ExportSummary) -> str:

@@ -24,7 +24,7 @@ from medembed.cache.writer import write_split
 from medembed.cli import main
 from medembed.common.files import TargetChanged, folder_state, replace_folder, staging_folder
 from medembed.common.locks import TargetBusy, exclusive, lock_path
-from tests.synthetic_features import write_synthetic_features
+from tests.synthetic_features import correlated_split, write_cache, write_synthetic_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,6 +227,9 @@ def test_a_run_moved_with_its_features_still_finds_them(tmp_path, querybank):
     moved = tmp_path / "elsewhere" / "project"
     moved.parent.mkdir()
     shutil.move(root, moved)
+    # a different cache now lies where the absolute paths point: the moved run must not rank with it
+    for i, (name, n) in enumerate((("train", 120), ("valid", 40), ("test", 40))):
+        write_cache(correlated_split(n, seed=20 + i, split=name, world_seed=99), root / "features" / "syn" / f"{name}.h5")
     after = _eval_ok(moved / "runs" / "r", tmp_path / "ev-after")
     assert after["t2i_R@1"] == before["t2i_R@1"] and after["i2t_R@10"] == before["i2t_R@10"]
 
@@ -329,3 +332,47 @@ def test_the_closed_form_baseline_is_fitted_once_per_cache_and_reused(cca_run, t
     # a changed cache is a new key: fitted again, never the stale fit
     other = closed_form_store.store_key(load_split(features / "train.h5"), load_split(features / "valid.h5"), 99)
     assert other != stored[0].stem
+
+
+def test_a_rollback_deletes_only_a_cache_its_cycle_wrote(tmp_path):
+    import os
+    import time
+
+    from medembed.adapt.tuning.unfreeze import written_since
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    assert not written_since(folder, time.time())  # nothing written: nothing to delete
+    old = folder / "train.h5"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # found in place, written an hour ago
+    assert not written_since(folder, time.time())
+    before = time.time()
+    (folder / "valid.h5").write_bytes(b"x")
+    os.utime(old, None)
+    assert written_since(folder, before)
+
+
+def test_a_failed_export_leaves_no_staging_folder(cca_run, tmp_path, monkeypatch):
+    from medembed.serve import export as export_module
+
+    def broken(*args, **kwargs):
+        raise CacheError("test.h5: dataset images/features is damaged")
+
+    monkeypatch.setattr(export_module, "load_split", broken)
+    with pytest.raises(CacheError):
+        export_module.export_embeddings(cca_run, export_module.ExportOptions(out=str(tmp_path / "ex")))
+    assert not list(tmp_path.glob(".ex.partial-*")) and not (tmp_path / "ex").exists()
+
+
+def test_runs_ignores_outputs_that_were_never_swapped_in(cca_run, tmp_path):
+    from medembed.evaluate.listing import find_runs
+
+    project = tmp_path / "runs"
+    shutil.copytree(cca_run, project / "r")
+    aside = project / "r" / ".eval-test.partial-123"
+    aside.mkdir()
+    (aside / "metrics-r.json").write_text(json.dumps({"split": "test", "run_ref": str(project / "r"),
+                                                      "created": "2999", "metrics": {"t2i_R@10": 99.0}}))
+    (rows,) = find_runs(project)
+    assert rows.test is None

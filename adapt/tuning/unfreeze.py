@@ -126,7 +126,8 @@ def refresh_cache(backbone: Backbone, features_dir: str | Path, tune: TuneConfig
     templates = tuple(str(attrs["templates"]).split("\n")) if attrs.get("templates") else ExtractConfig.templates
     cfg = ExtractConfig(data=str(data), backbone=backbone.name, splits=list(files), batch_size=tune.extract_batch_size,
                         workers=tune.workers, device=device.type, out=str(root), dtype=str(attrs.get("dtype", "float16")),
-                        views=int(attrs.get("views", 0)), templates=templates, progress=progress)
+                        views=int(attrs.get("views", 0)), templates=templates, progress=progress,
+                        allow_split_overlap=True)  # the same records as the cache it refreshes, overlap already allowed
     return Path(extract(cfg, backbone=backbone, dataset=dataset).out_dir)
 
 
@@ -406,12 +407,11 @@ def _cycle(run: Periodic) -> None:
     seconds = time.perf_counter() - t0
     release(run.backbone)
     run.backbone = mark_finetuned(run.backbone, {"finetune_cycle": str(len(run.cycles) + 1), "unlocked": str(spec)})
-    t1 = time.perf_counter()
+    t1, wall = time.perf_counter(), time.time()
     new_dir = refresh_cache(run.backbone, run.features_dir, tune, run.device, text_only=spec.image == 0,
                             progress=run.progress)
     run.data, run.features_dir = load_training_data(replace(run.config, features_dir=str(new_dir))), new_dir
-    # written by this cycle (not an identical cache found in place): a rollback may delete it
-    created = all(p.stat().st_mtime >= t1 - 1 for p in Path(new_dir).glob("*.h5"))
+    created = written_since(new_dir, wall)
     run.tuned = True
     _restart_adapter_optimizer(run)
     pairs_seen = cycle.step * tune.batch_size
@@ -442,6 +442,13 @@ def _restart_adapter_optimizer(run: Periodic) -> None:
     fresh.param_groups[0]["lr"] = fresh.param_groups[1]["lr"] = state.schedule.lr(state.step, config.lr)
     state.optimizer = fresh
     state.ema = weight_averages(state.image_head, state.text_head, config.ema)
+
+
+def written_since(folder: str | Path, wall_clock: float) -> bool:
+    """Whether every cache file of `folder` was written at or after `wall_clock` (time.time()), i.e. by
+    this cycle rather than found in place: only then may a rollback delete the folder."""
+    written = list(Path(folder).glob("*.h5"))
+    return bool(written) and all(p.stat().st_mtime >= wall_clock - 1 for p in written)
 
 
 def _keep(run: Periodic) -> Kept:
