@@ -7,7 +7,7 @@ import io
 import os
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,6 +240,21 @@ def empty_caption_warning(path: Path, rows: list[tuple[int, str]]) -> str:
     shown = ", ".join(f"{image} (line {n})" for n, image in rows[:MAX_LINES_LISTED])
     more = ", ..." if len(rows) > MAX_LINES_LISTED else ""
     return f"{path}: dropped {len(rows)} empty caption(s) of {shown}{more}"
+
+
+def imageclef_splits(root: Path, captions_file: re.Pattern[str], read_captions: Callable[[Path], IdRows],
+                      concepts_path: Callable[[str], Path], read_concepts: Callable[[Path], IdRows],
+                      ) -> tuple[list[Record], list[str]]:
+    """Records and warnings of every split of an ImageCLEF-style folder: the split's captions file
+    (found by `captions_file`), its concepts file when there is one, images found by ID."""
+    index = ImageIndex(root)
+    records: list[Record] = []
+    warnings: list[str] = []
+    for split, caption_path in split_files(root, captions_file).items():
+        concept_path = concepts_path(split)
+        concepts = read_concepts(concept_path) if concept_path.is_file() else None
+        records += imageclef_records(root, split, read_captions(caption_path), concepts, index, warnings)
+    return records, warnings
 
 
 def imageclef_records(

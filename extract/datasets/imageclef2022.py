@@ -7,14 +7,12 @@ from pathlib import Path
 
 from medembed.extract.datasets.base import (
     SPLIT_NAME,
-    ImageIndex,
     delimiter_of,
-    imageclef_records,
+    imageclef_splits,
     read_concept_names,
     read_positional_table,
-    split_files,
 )
-from medembed.extract.records import Dataset, Record
+from medembed.extract.records import Dataset
 
 NAME = "imageclef2022"
 CAPTIONS = re.compile(rf"^caption_prediction_(?P<split>{SPLIT_NAME})\.csv$")
@@ -25,22 +23,11 @@ def detect(folder: Path, names: list[str]) -> bool:
     return any(CAPTIONS.match(n) for n in names)
 
 
-def read(root: Path, name: str) -> Dataset:
+def read_folder(root: Path, name: str) -> Dataset:
     """Every split of the folder, captions paired with their images by ID."""
-    index = ImageIndex(root)
-    records: list[Record] = []
-    warnings: list[str] = []
-    for split, caption_path in split_files(root, CAPTIONS).items():
-        captions = read_positional_table(caption_path, delimiter_of(caption_path))
-        concept_path = root / f"concept_detection_{split}.csv"
-        concepts = read_positional_table(concept_path, delimiter_of(concept_path)) if concept_path.is_file() else None
-        records += imageclef_records(root, split, captions, concepts, index, warnings)
+    positional = lambda path: read_positional_table(path, delimiter_of(path))  # noqa: E731
+    records, warnings = imageclef_splits(root, CAPTIONS, positional, lambda split: root / f"concept_detection_{split}.csv",
+                                         positional)
     names_path = root / "concepts.txt"
     concept_names = read_concept_names(names_path, delimiter_of(names_path)) if names_path.is_file() else {}
     return Dataset(name, str(root), "imageclef2022", records, concept_names, warnings=warnings)
-
-
-
-
-def read_folder(folder: Path, name: str) -> Dataset:
-    return read(folder, name)

@@ -7,13 +7,11 @@ from pathlib import Path
 
 from medembed.extract.datasets.base import (
     SPLIT_NAME,
-    ImageIndex,
-    imageclef_records,
+    imageclef_splits,
     read_concept_names,
     read_header_table,
-    split_files,
 )
-from medembed.extract.records import Dataset, Record
+from medembed.extract.records import Dataset
 
 NAME = "imageclef2023"
 CAPTIONS = re.compile(rf"^(?P<split>{SPLIT_NAME})_captions\.csv$")
@@ -24,25 +22,15 @@ def detect(folder: Path, names: list[str]) -> bool:
     return any(CAPTIONS.match(n) for n in names)
 
 
-def read(root: Path, name: str) -> Dataset:
+def read_folder(root: Path, name: str) -> Dataset:
     """Every split of the folder, captions paired with their images by ID."""
-    index = ImageIndex(root)
-    records: list[Record] = []
-    warnings: list[str] = []
-    for split, caption_path in split_files(root, CAPTIONS).items():
-        captions = read_header_table(caption_path, ("caption", "captions"), "Caption")
-        concept_path = root / f"{split}_concepts.csv"
-        concepts = read_header_table(concept_path, ("cuis", "cui", "concepts"), "CUIs") if concept_path.is_file() else None
-        records += imageclef_records(root, split, captions, concepts, index, warnings)
+    records, warnings = imageclef_splits(
+        root, CAPTIONS, lambda path: read_header_table(path, ("caption", "captions"), "Caption"),
+        lambda split: root / f"{split}_concepts.csv",
+        lambda path: read_header_table(path, ("cuis", "cui", "concepts"), "CUIs"))
     concept_names: dict[str, str] = {}
     for candidate in ("cui_names.csv", "cui_mapping.csv"):
         if (root / candidate).is_file():
             concept_names = read_concept_names(root / candidate, ",")
             break
     return Dataset(name, str(root), "imageclef2023", records, concept_names, warnings=warnings)
-
-
-
-
-def read_folder(folder: Path, name: str) -> Dataset:
-    return read(folder, name)
