@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,16 +49,18 @@ def _acquire(path: Path) -> int | None:
 
 
 @contextmanager
-def exclusive(target: str | Path, what: str, hint: str = "wait for it to finish or choose another --out") -> Iterator[Path]:
+def exclusive(target: str | Path, what: str, hint: str = "wait for it to finish or choose another --out",
+              busy: Callable[[str], Exception] = TargetBusy) -> Iterator[Path]:
     """Hold the only write access to `target` (a file or folder, existing or not) for the block.
 
-    `what` names the writer in the refusal: "{lock}: another {what} is already writing {target}; {hint}"."""
+    `what` names the writer in the refusal, `busy(message)` is raised with it (a caller's own error
+    class): "{target}: another {what} is already writing it; {hint}"."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     path = lock_path(target)
     fd = _acquire(path)
     if fd is None:
-        raise TargetBusy(f"{target}: another {what} is already writing it; {hint}")
+        raise busy(f"{target}: another {what} is already writing it; {hint}")
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medembed.cache.lock import WriterLock
+from medembed.cache.lock import writer_lock
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
@@ -342,7 +342,7 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
     summary = SplitSummary(split=split, path=str(final), records=len(records))
     prov = split_provenance(bb, dataset, split, cfg)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with WriterLock(final):
+    with writer_lock(final):
         if final.exists():
             return _up_to_date(final, prov, summary, cfg, shard)
         store = PartStore(final)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from medembed.cache.lock import CacheBusy, WriterLock
+from medembed.cache.lock import CacheBusy, writer_lock
 from medembed.cache.provenance import ProvenanceMismatch
 from medembed.cache.reader import load_split
 from medembed.extract.extraction import ExtractConfig, ExtractError, extract
@@ -110,11 +110,11 @@ def test_refuses_other_provenance(tiny_dataset, tmp_path):
 
 def test_second_writer_refused(tmp_path):
     target = tmp_path / "train.h5"
-    with WriterLock(target):
+    with writer_lock(target):
         with pytest.raises(CacheBusy, match="another extract is already writing"):
-            with WriterLock(target):
+            with writer_lock(target):
                 pass
-    with WriterLock(target):  # released after the first finished
+    with writer_lock(target):  # released after the first finished
         pass
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medembed.cache.lock import WriterLock
+from medembed.cache.lock import writer_lock
 from medembed.cache.parts import PartStore
 from medembed.cache.reader import load_split
 from medembed.extract.extraction import ExtractConfig, ExtractError, extract
@@ -59,7 +59,7 @@ def test_second_concurrent_extract_refuses(tmp_path):
     cmd = [sys.executable, str(REPO / "cli.py"), "extract", "--data", str(data), "--backbone", "tiny-clip",
            "--out", str(out), "--workers", "0"]
     final = out / "d" / "tiny-clip" / "train.h5"
-    with WriterLock(final):
+    with writer_lock(final):
         second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 1
     assert "another extract is already writing this cache" in second.stderr
