@@ -154,7 +154,6 @@ def cache_merge(out_dir) -> None:
 
 # --- adapt -----------------------------------------------------------------------------------
 
-_ADAPT = {f.name: f.default for f in fields(AdaptConfig)}
 
 
 def _adapt_option(flag: str, help_text: str, **kw):
@@ -169,6 +168,7 @@ def defaults_of(cls) -> dict:
     return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(cls)}
 
 
+_ADAPT = defaults_of(AdaptConfig)
 _TUNE = defaults_of(TuneConfig)
 
 
