@@ -13,15 +13,10 @@ from pathlib import Path
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.run import QUERYBANK, portable_features
+from medembed.cache.provenance import feature_differences
 from medembed.cache.reader import feature_widths, find_splits, read_attrs
 from medembed.common.files import write_json
 from medembed.common.locks import exclusive
-
-
-def provenance_differences(recorded: dict, attrs: dict) -> list[str]:
-    """Lines naming each recorded provenance key the cache does not match (empty: the same features)."""
-    return [f"{k}: the run was trained on {str(v)[:60]!r}, this cache has {str(attrs.get(k))[:60]!r}"
-            for k, v in recorded.items() if k != "toolkit_version" and str(attrs.get(k)) != str(v)]
 
 
 def relink(run_dir: str | Path, features_dir: str | Path) -> dict:
@@ -43,7 +38,7 @@ def relink(run_dir: str | Path, features_dir: str | Path) -> dict:
             if widths != (config.get("image_dim"), config.get("text_dim")):
                 raise ValueError(f"{path}: not the features this run was trained on (feature widths {widths[0]} / "
                                  f"{widths[1]}, the run takes {config.get('image_dim')} / {config.get('text_dim')})")
-            diffs = provenance_differences(recorded, read_attrs(path))
+            diffs = feature_differences(read_attrs(path), recorded)
             if diffs:
                 raise ValueError(f"{path}: not the features this run was trained on ({diffs[0]})")
         old = config["features_dir"]

@@ -35,6 +35,12 @@ def backbone_differences(existing: dict, wanted: dict) -> list[str]:
     return [d for d in differences(existing, wanted) if d.split(":", 1)[0] in BACKBONE_KEYS]
 
 
+def feature_differences(existing: dict, wanted: dict) -> list[str]:
+    """Differences in what the features are: their backbone and the data they describe (not the
+    split, dtype or toolkit version), e.g. a cache against the record a trained run keeps of its own."""
+    return [d for d in differences(existing, wanted) if d.split(":", 1)[0] in (*BACKBONE_KEYS, *DATA_KEYS)]
+
+
 class ProvenanceMismatch(MedembedError, ValueError):
     """Raised instead of silently mixing features of different backbones, weights or data."""
 
