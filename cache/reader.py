@@ -74,10 +74,15 @@ def read_dataset(f: h5py.File, name: str, sel=()) -> np.ndarray:
     return arr
 
 
+def count_non_finite(arr: np.ndarray) -> int:
+    """How many NaN/Inf values a float array holds (one pass; 0 for other dtypes)."""
+    return arr.size - int(np.isfinite(arr).sum()) if arr.dtype.kind == "f" and arr.size else 0
+
+
 def check_finite(arr: np.ndarray, path: str | Path, name: str) -> None:
     """Refuse NaN/Inf features by name: they would rank as silently wrong numbers, not fail."""
-    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
-        bad = arr.size - int(np.isfinite(arr).sum())
+    bad = count_non_finite(arr)
+    if bad:
         raise CacheError(f"{path}: dataset {name} holds {bad} non-finite values (NaN or Inf); {REBUILD}")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from medembed.cache import schema
 from medembed.cache.faults import reached
-from medembed.cache.reader import CachedSplit
+from medembed.cache.reader import CachedSplit, count_non_finite
 
 STR = h5py.string_dtype("utf-8")
 
@@ -32,7 +32,7 @@ def _rows_chunk(shape: tuple[int, ...], target_bytes: int = 1 << 20, itemsize: i
 def _put_float(f: h5py.File, name: str, arr, dtype: str, attrs: dict | None = None) -> None:
     with np.errstate(over="ignore"):  # an overflow to float16 becomes Inf, refused just below
         arr = np.asarray(arr.numpy() if isinstance(arr, torch.Tensor) else arr, dtype=dtype)
-    bad = arr.size - int(np.isfinite(arr).sum())
+    bad = count_non_finite(arr)
     if bad:  # also catches values that overflow float16 when stored
         raise ValueError(f"{f.filename.removesuffix('.tmp')}: {bad} non-finite values (NaN or Inf) in "
                          f"{name} as {dtype}; the backbone produced them, nothing was written")
