@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections import Counter
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def _print_extract_summary(summary) -> None:
         rate = f"{s.images_per_s:.1f}" if s.images_per_s else "-"
         click.echo(f"{s.split:<8}{s.records:>9}{s.images:>9}{s.captions:>10}{len(s.skipped):>9}{rate:>9}  {s.status}")
     for s in summary.splits:
+        if s.skipped:
+            kinds = Counter(reason.split(" (", 1)[0] for _, _, reason in s.skipped)
+            click.echo(f"  {s.split}: skipped {len(s.skipped)}: " + ", ".join(f"{n} {k}" for k, n in kinds.most_common()))
         for image_id, location, reason in s.skipped[:20]:
             click.echo(f"  skipped [{s.split}] {image_id}: {reason} ({location})")
         if len(s.skipped) > 20:
@@ -111,6 +115,16 @@ def _print_extract_summary(summary) -> None:
 @click.option("--allow-split-overlap", is_flag=True,
               help="Extract a dataset whose splits share images (by id or file) with a warning, instead of refusing "
                    "it: such images leak test into training.")
+@click.option("--window", **_cfg("medembed.extract.extraction:ExtractConfig.window"), metavar="auto|PRESET|C,W",
+              help="Intensity window for DICOM, NIfTI and 16-bit images: auto (the file's own VOI LUT or window, else "
+                   "its 0.5-99.5th percentiles), a CT preset in Hounsfield units (lung, soft-tissue, bone, brain; CT "
+                   "files only), or CENTRE,WIDTH for every file. Part of the cache's provenance.")
+@click.option("--frames", **_cfg("medembed.extract.extraction:ExtractConfig.frames"), metavar="middle|all|N",
+              help="Multi-frame DICOM and NIfTI volumes: the middle frame (axial slice), every one, or N evenly "
+                   "spaced ones, each a record sharing the file's captions.")
+@click.option("--report-sections", default=None, type=click.Choice(["findings", "impression", "findings+impression", "all"]),
+              help="MIMIC-CXR and OpenI: the report sections that become each study's caption "
+                   "[default: findings+impression, falling back to the impression, then the whole report].")
 @click.option("--shard", default=None, metavar="I/N",
               help="Do only the I-th (0-based) of N contiguous blocks of each split; join with `cache merge`.")
 @click.option("--engine", type=click.Choice(["loop", "ray"]), default="loop", show_default=True,
@@ -118,8 +132,8 @@ def _print_extract_summary(summary) -> None:
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
 @click.option("--shards", default=None, type=click.IntRange(min=1),
               help="Shards per split with --engine ray [default: one per GPU, else one per CPU].")
-def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, allow_split_overlap, shard,
-            engine, address, shards) -> None:
+def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, allow_split_overlap, window,
+            frames, report_sections, shard, engine, address, shards) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
     from medembed.extract.extraction import ExtractConfig
     from medembed.extract.extraction import extract as run_extract
@@ -127,7 +141,7 @@ def extract(data, backbone, splits, batch_size, workers, device, out, dtype, vie
     cfg = ExtractConfig(
         data=data, backbone=backbone, splits=splits.split(",") if splits else None, batch_size=batch_size,
         workers=workers, device=device, out=out, dtype=dtype, views=views, strict=strict, shard=shard,
-        allow_split_overlap=allow_split_overlap,
+        allow_split_overlap=allow_split_overlap, window=window, frames=frames, report_sections=report_sections,
     )
     if engine == "ray":
         from medembed.extract.distributed import extract_with_ray
@@ -427,7 +441,12 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
               help="Address to listen on; only this machine can reach the page unless you change it.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
 @click.option("--split", default=None, help="Serve one split's pool only [default: every split of the run's features].")
-def serve(run_dir, use_index, host, port, split) -> None:
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Serve this dataset's images (an image-only folder too), encoded once by the run's backbone, "
+                   "instead of the run's cache.")
+@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
+              help="Where --data's encoding is cached.")
+def serve(run_dir, use_index, host, port, split, data, features_root) -> None:
     """A local search page and JSON API over a run's pool (text -> images, image -> captions and images)."""
     from medembed.serve.page import listen
     from medembed.serve.page import serve as run_server
@@ -435,7 +454,7 @@ def serve(run_dir, use_index, host, port, split) -> None:
 
     sock = listen(host, port)  # first: a busy port is refused at once, not after the model has loaded
     with sock:
-        searcher = Searcher(run_dir, split, use_index=use_index)
+        searcher = Searcher(run_dir, split, data, features_root, use_index=use_index)
         _ = searcher.backbone, searcher.image_embeddings  # load the model and project the pool before answering
         index = f"{searcher.index[1].kind} index" if searcher.index is not None else "exact scan"
         click.echo(f"serving {len(searcher.pool.image_of)} images of {run_dir} ({index}) on http://{host}:{port}/")
@@ -511,12 +530,17 @@ def index(run_dir, split, kind, nlist, nprobe, m) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/export/SPLIT-FORMAT].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in the output folder (swapped in whole once "
                                                  "the new one is complete).")
-def export(run_dir, split, fmt, rows, dtype, out, overwrite) -> None:
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Export this dataset's embeddings (an image-only folder too), encoded once by the run's backbone, "
+                   "instead of the run's cache [--out default: RUN/export/DATASET-SPLIT-FORMAT].")
+@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
+              help="Where --data's encoding is cached.")
+def export(run_dir, split, fmt, rows, dtype, out, overwrite, data, features_root) -> None:
     """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""
     from medembed.serve.export import ExportOptions, export_embeddings, format_export_summary
 
     summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows,
-                                                               overwrite=overwrite))
+                                                       overwrite=overwrite, data=data, features_root=features_root))
     click.echo(format_export_summary(summary))
 
 

@@ -97,6 +97,9 @@ class TrainingData:
 
 def load_training_data(config: AdaptConfig) -> TrainingData:
     files = find_splits(config.features_dir)
+    if files and all(int(read_attrs(p).get("n_captions", 1)) == 0 for p in files.values()):
+        raise ValueError(f"{config.features_dir}: no captions (an image-only collection): training needs images "
+                         "paired with captions; search this collection with a run trained elsewhere instead")
     for need in ("train", "valid"):
         if need not in files:
             raise FileNotFoundError(f"{config.features_dir}: no {need}.h5 (training needs train and a valid split "

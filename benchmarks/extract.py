@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from medembed.extract.backbones import create_backbone  # noqa: E402
 from medembed.extract.datasets import load_dataset  # noqa: E402
 from medembed.extract.extraction import ExtractConfig, extract_split  # noqa: E402
-from medembed.extract.records import open_image  # noqa: E402
+from medembed.extract.imaging import open_image  # noqa: E402
 
 
 def main() -> None:

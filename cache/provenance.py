@@ -7,7 +7,7 @@ from medembed.common.errors import MedembedError
 BACKBONE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
                  "text_pooling")
 # What identifies the data the features describe.
-DATA_KEYS = ("dataset", "dataset_fingerprint")
+DATA_KEYS = ("dataset", "dataset_fingerprint", "image_decoding")  # decoding: window / frames when not the defaults
 # Keys that must match for features to be mixed or appended. Time, host and data location may differ.
 COMPARED = (*BACKBONE_KEYS, *DATA_KEYS, "split", "dtype", "views", "templates", "toolkit_version", "shard")
 # What a trained run records of the cache it was trained on (config.json "cache").

@@ -15,7 +15,7 @@ from PIL import Image
 from medembed.cache.reader import CachedSplit
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
-from medembed.extract.records import open_image
+from medembed.extract.imaging import open_image
 
 THUMBNAIL = 384
 

@@ -253,6 +253,9 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
         run.split_files()  # a features folder that moved is named with how to re-point the run
         if fd not in pools:
             pools[fd] = load_pool(fd, split, need_train, need_valid, captions=options.closed_form)
+            if pools[fd].test.n_captions == 0:
+                raise ValueError(f"{fd / (split + '.h5')}: no captions (an image-only collection): evaluation needs "
+                                 "captions; search it by text or image with `cli.py search` or `cli.py serve` instead")
         _check_trained_on(run, pools[fd])
     _check_comparable(runs, names, pools, options.cross)
     ks, notes = _cap_ks(ks, pools)

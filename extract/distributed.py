@@ -11,7 +11,6 @@ import os
 from medembed.cache.shards import merge_shards
 from medembed.common.device import resolve_device
 from medembed.extract.backbones import AugmentConfig, create_backbone
-from medembed.extract.datasets import load_dataset
 from medembed.extract.extraction import (
     ExtractConfig,
     ExtractError,
@@ -20,13 +19,14 @@ from medembed.extract.extraction import (
     cache_dir,
     check_split_overlap,
     extract_split,
+    read_dataset,
 )
 from medembed.extract.synthetic import ensure_default_dataset
 
 
 def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
     device = resolve_device(cfg.device).type
-    dataset = load_dataset(cfg.data)
+    dataset = read_dataset(cfg)
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     return extract_split(bb, dataset, split, cfg, device)
 
@@ -39,7 +39,7 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
     except ImportError:
         raise ExtractError("--engine ray needs Ray: pip install 'medembed[distributed]'") from None
     data = str(cfg.data or ensure_default_dataset())
-    dataset = load_dataset(data)
+    dataset = read_dataset(dataclasses.replace(cfg, data=data))
     splits = cfg.splits or dataset.splits
     overlap = check_split_overlap(dataset, cfg.allow_split_overlap)
     started_here = not ray.is_initialized()

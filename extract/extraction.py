@@ -30,6 +30,8 @@ from medembed.common.files import relative_to, slug
 from medembed.common.version import __version__
 from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone
 from medembed.extract.datasets import load_dataset
+from medembed.extract.datasets.frames import DEFAULT_FRAMES, expand_frames, parse_frames
+from medembed.extract.imaging import DecodeOptions
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 from medembed.extract.synthetic import ensure_default_dataset
 from medembed.extract.worker import ImageItems, collate_items
@@ -63,6 +65,23 @@ class ExtractConfig:
     progress: bool = True
     shard: str | None = None  # "I/N": this process does the I-th of N contiguous blocks of each split
     allow_split_overlap: bool = False  # keep images found in several splits (with a warning) instead of refusing
+    window: str = "auto"  # intensity window of DICOM / NIfTI / 16-bit images: auto, a preset, or CENTRE,WIDTH
+    frames: str = "middle"  # multi-frame DICOM and NIfTI volumes: middle, all, or N evenly spaced frames
+    report_sections: str | None = None  # MIMIC-CXR / OpenI captions: findings, impression, findings+impression, all
+
+    def decode_options(self) -> DecodeOptions:
+        try:
+            return DecodeOptions.from_text(self.window)
+        except ValueError as e:
+            raise ExtractError(f"--window {e}") from None
+
+    def decoding(self) -> str:
+        """How images are rendered, for provenance; empty for the defaults (caches made before these
+        options existed keep matching)."""
+        parts = [self.decode_options().describe()]
+        if str(self.frames).strip().lower() != DEFAULT_FRAMES:
+            parts.append(f"frames={parse_frames(self.frames)}")
+        return "; ".join(p for p in parts if p)
 
 
 def check_split_overlap(dataset: Dataset, allow: bool) -> list[str]:
@@ -159,6 +178,7 @@ def split_provenance(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> di
         "shard": cfg.shard or "",
         "image_dim": int(bb.image_dim),
         "text_dim": int(bb.text_dim),
+        **({"image_decoding": cfg.decoding()} if cfg.decoding() else {}),
     }
 
 
@@ -173,7 +193,7 @@ def _image_phase(bb, records: list[Record], store: PartStore, batch_size: int, c
     bar.update(sum(min(batch_size, len(records) - b * batch_size) for b in range(n_batches) if store.done("img", b)))
     if not todo:
         return 0, 0.0
-    items = ImageItems(records, bb.preprocess, bb.augment, cfg.views)
+    items = ImageItems(records, bb.preprocess, bb.augment, cfg.views, decode=cfg.decode_options())
     batches = [list(range(b * batch_size, min((b + 1) * batch_size, len(records)))) for b in todo]
     loader = DataLoader(
         items,
@@ -364,12 +384,22 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
         return summary
 
 
+def read_dataset(cfg: ExtractConfig, dataset: Dataset | None = None) -> Dataset:
+    """The records `cfg` extracts: its data folder (or `dataset`) read with its report sections, and
+    multi-frame files expanded per its --frames; a bad --window or --frames is refused before anything
+    is read. Every distributor (the loop, each Ray task) reads through here, so all see the same records."""
+    cfg.decode_options()
+    frames = parse_frames(cfg.frames)
+    if dataset is None:
+        dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset(), report_sections=cfg.report_sections)
+    return expand_frames(dataset, frames)
+
+
 def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -> ExtractSummary:
     """Every split in `cfg.splits` (default: all) of the dataset. `backbone` / `dataset` may be
     passed in already built (a fine-tuned backbone exists only as an object, not as a registry
     name); else they come from `cfg.backbone` / `cfg.data`."""
-    if dataset is None:
-        dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset())
+    dataset = read_dataset(cfg, dataset)
     splits = cfg.splits or dataset.splits
     unknown = [s for s in splits if s not in dataset.splits]
     if unknown:
@@ -394,6 +424,8 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
 
 
 LAYOUT_NAMES = {"imageclef2023": "ImageCLEFmedical 2023 / ROCOv2", "imageclef2022": "ImageCLEF 2022",
+                "rocov2-parquet": "ROCOv2 (Hugging Face parquet)", "mimic-cxr": "MIMIC-CXR",
+                "openi": "IU X-ray / OpenI", "webdataset": "WebDataset shards",
                 "generic": "generic CSV/JSONL"}
 
 

@@ -6,13 +6,14 @@ the batch instead of raising, so the caller can count, report, or (with --strict
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from medembed.extract.records import DecompressionBomb, Record, image_size, open_image
+from medembed.extract.imaging import DecodeOptions, DecompressionBomb, NotAnImage, image_size, open_image
+from medembed.extract.records import Record
 
 
 def describe_failure(location: str, exc: BaseException) -> str:
@@ -27,12 +28,22 @@ def describe_error(exc: BaseException) -> str:
     """Why image bytes could not be decoded, in a few words."""
     if isinstance(exc, (DecompressionBomb, Image.DecompressionBombError)):
         return f"decompression bomb ({exc})"
+    if isinstance(exc, NotAnImage):
+        return str(exc)
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "truncated" in msg.lower():
-        return f"truncated image ({msg})"
+    if "truncated" in msg.lower() or "less than expected" in msg:
+        return f"truncated image ({msg.split(' - ')[0]})"
+    if "Unable to decode" in msg or "plugin" in msg.lower():
+        return f"undecodable pixel data ({_decoder_reasons(exc)})"
     if "cannot identify image file" in msg:
         return "not an image (unrecognised format)"
     return f"unreadable image ({type(exc).__name__}: {msg})"
+
+
+def _decoder_reasons(exc: BaseException) -> str:
+    """pydicom lists one line per decoder plug-in that refused the data; the last is the most specific."""
+    lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+    return "; ".join(lines[:3]) if lines else str(exc).splitlines()[0]
 
 
 @dataclass
@@ -42,6 +53,7 @@ class ImageItems(TorchDataset):
     augment: Callable | None = None
     views: int = 0
     seed: int = 0
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -49,7 +61,7 @@ class ImageItems(TorchDataset):
     def __getitem__(self, i: int):
         rec = self.records[i]
         try:
-            img = open_image(rec.image)
+            img = open_image(rec.image, self.decode)
             pixels = self.preprocess(img)
             view_px = None
             if self.views:

@@ -33,8 +33,9 @@ from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.common.errors import ToolError
-from medembed.common.files import folder_state, replace_folder, staging_folder
+from medembed.common.files import folder_state, replace_folder, slug, staging_folder
 from medembed.common.locks import exclusive
+from medembed.evaluate.new_data import open_runs
 from medembed.serve.index import ALL_SPLITS, heads_sha256
 
 __all__ = ["EXPORT_FORMATS", "ExportOptions", "ExportSummary", "export_embeddings", "format_export_summary"]
@@ -54,6 +55,8 @@ class ExportOptions:
     rows: str = "images"  # one row per image, or one per caption
     rows_per_file: int = 1_000_000
     overwrite: bool = False  # replace an earlier export in `out`
+    data: str | None = None  # export this dataset, encoded by the run's backbone, instead of the run's cache
+    features_root: str = "features"  # where `data`'s encoding is cached
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
@@ -166,13 +169,17 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     options = options or ExportOptions()
     run_dir = Path(run_dir)
     _check_parquet_engine()  # metadata is parquet in both layouts
+    if run is None and options.data is not None:
+        (run,) = open_runs([run_dir], options.data, None if options.split == ALL_SPLITS else [options.split],
+                           options.features_root)
     if run is None:
         run = open_run(run_dir)
     files = run.split_files()
     if options.split != ALL_SPLITS and options.split not in files:
         raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
-    out = Path(options.out) if options.out else run_dir / "export" / f"{options.split}-{options.format}"
+    pool = f"{slug(Path(options.data).name)}-" if options.data is not None else ""
+    out = Path(options.out) if options.out else run_dir / "export" / f"{pool}{options.split}-{options.format}"
     _check_out(out, options.overwrite)
     with exclusive(out, "export"):
         _check_out(out, options.overwrite)  # again: another export may have finished in between

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
 from medembed.evaluate.zeroshot import DEFAULT_MODALITIES
-from medembed.extract.records import decode_image, open_image
+from medembed.extract.imaging import decode_image, open_image
 from medembed.extract.worker import describe_error
 from medembed.serve.explain import explain
 from medembed.serve.search import Searcher, SearchResult
@@ -205,7 +205,7 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
 def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """An uploaded image, or a 400 with the one-line reason it is not one (never a traceback)."""
     try:
-        return decode_image(data, max_pixels)
+        return decode_image(data, name, max_pixels=max_pixels)
     except Exception as e:  # noqa: BLE001 - any decode failure is one reason
         raise HTTPException(400, f"{name}: {describe_error(e)}") from None
 

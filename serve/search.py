@@ -28,7 +28,7 @@ from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.new_data import open_runs
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
-from medembed.extract.records import open_image
+from medembed.extract.imaging import open_image
 from medembed.extract.worker import describe_failure
 from medembed.serve.explain import explain
 
@@ -288,7 +288,8 @@ def search(
     features_root: str | Path = "features",
     explain_maps: bool = False,
 ) -> SearchResult:
-    """Top-k for a caption (-> images) or an image file (-> captions) over the run's cached pool.
+    """Top-k for a caption (-> images) or an image file (-> captions; -> similar images in a pool
+    without captions) over the run's cached pool.
 
     The pool is every split of the run's features folder, or only `split`. A caption query goes
     through the run's FAISS index over that pool when `cli.py index` built one (a stale index is
@@ -313,7 +314,11 @@ def search(
         result = searcher.images(query, k)
     else:
         query = searcher.embed_image(image)
-        result = searcher.captions(query, k)
+        if searcher.pool.caption_of:
+            result = searcher.captions(query, k)
+        else:  # an image-only collection: the nearest images instead of captions
+            result = searcher.images(query, k, by="image")
+            result.notes.append("the pool has no captions (an image-only collection): these are the most similar images")
     if out is not None:
         draw(result, searcher, out, text=text, image=image, query=query if explain_maps else None)
     return result

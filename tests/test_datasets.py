@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from medembed.extract.datasets import DatasetError, detect_layout, load_dataset
-from medembed.extract.records import Record, image_size, open_image, read_image_bytes
+from medembed.extract.imaging import image_size, open_image, read_image_bytes
+from medembed.extract.records import Record
 from tests.conftest import shared_dataset
 
 

@@ -28,7 +28,7 @@ from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_u
 from medembed.cache.reader import find_splits, load_split, read_attrs
 from medembed.common.hashing import tensor_digest
 from medembed.extract.backbones import create_backbone
-from medembed.extract.records import open_image
+from medembed.extract.imaging import open_image
 from tests.conftest import tiny_clip_cache
 
 # tiny-clip has 2 resblocks per tower; open_clip's top-2 groups are [last block + final norm] and the projection

@@ -18,7 +18,7 @@ from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import load_split
-from medembed.extract.records import open_image
+from medembed.extract.imaging import open_image
 from medembed.serve.explain import explain, masked_score
 from medembed.serve.page import create_app
 from medembed.serve.search import Searcher

@@ -21,7 +21,7 @@ from medembed.adapt.tuning.towers import release, tower_state
 from medembed.common.hashing import tensor_digest
 from medembed.common.tensors import embed_in_chunks, module_device
 from medembed.extract.backbones import Backbone, create_backbone
-from medembed.extract.records import open_image
+from medembed.extract.imaging import open_image
 
 FORMAT = "medembed-finetuned/1"
 FT_MARK = "+ft-"

@@ -23,7 +23,7 @@ from medembed.adapt.tuning.towers import MidActivations, plain
 from medembed.cache.reader import CachedSplit
 from medembed.common.errors import ToolError
 from medembed.extract.backbones import Backbone
-from medembed.extract.records import open_image
+from medembed.extract.imaging import open_image
 
 
 @dataclass

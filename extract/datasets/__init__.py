@@ -6,10 +6,10 @@ with the annotations stops with the file and line to fix, and only harmless gaps
 captions dropped and counted in `Dataset.warnings`; images missing on disk kept, so the extractor can
 report them next to unreadable ones).
 
-One module per layout (`imageclef2023`, `imageclef2022`, `generic`), each with `NAME`, `LOOKS_FOR`
-(what its detection looks for, for the error when nothing matches), `detect(folder, file_names)` and
-`read_folder(folder, dataset_name)`. `LAYOUTS` lists them in the order they are tried: adding a layout
-is one module and one line there.
+One module per layout (`imageclef2023`, `imageclef2022`, `rocov2_parquet`, `mimic_cxr`, `openi`,
+`webdataset_shards`, `generic`), each with `NAME`, `LOOKS_FOR` (what its detection looks for, for the
+error when nothing matches), `detect(folder, file_names)` and `read_folder(folder, dataset_name)`.
+`LAYOUTS` lists them in the order they are tried: adding a layout is one module and one line there.
 """
 from __future__ import annotations
 
@@ -17,24 +17,45 @@ import os
 from pathlib import Path
 from types import ModuleType
 
-from medembed.extract.datasets import generic, imageclef2022, imageclef2023
+from medembed.extract.datasets import (
+    generic,
+    image_folder,
+    imageclef2022,
+    imageclef2023,
+    mimic_cxr,
+    openi,
+    rocov2_parquet,
+    webdataset_shards,
+)
 from medembed.extract.datasets.base import ANNOTATION_EXTENSIONS, SYNTHETIC_MARKER, DatasetError
 from medembed.extract.records import Dataset
 
-LAYOUTS: tuple[ModuleType, ...] = (imageclef2023, imageclef2022, generic)
+LAYOUTS: tuple[ModuleType, ...] = (imageclef2023, imageclef2022, rocov2_parquet, mimic_cxr, openi, webdataset_shards,
+                                   generic, image_folder)
 
 __all__ = ["LAYOUTS", "SYNTHETIC_MARKER", "DatasetError", "detect_layout", "load_dataset"]
 
 
-def load_dataset(path: str | Path, name: str | None = None) -> Dataset:
-    """Read a data folder (or one annotations file) of any supported layout, all splits at once."""
+REPORT_LAYOUTS = (mimic_cxr, openi)  # layouts whose captions are sections of free-text reports
+
+
+def load_dataset(path: str | Path, name: str | None = None, report_sections: str | None = None) -> Dataset:
+    """Read a data folder (or one annotations file) of any supported layout, all splits at once.
+    `report_sections` chooses the report sections that become captions (MIMIC-CXR and OpenI only:
+    findings, impression, findings+impression (their default) or all)."""
     path = Path(os.path.normpath(Path(path).expanduser().absolute()))
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
     layout = _layout(detect_layout(path))
     folder = path if path.is_dir() else path.parent
     dataset_name = name or folder.name
-    dataset = generic.read(path, dataset_name) if path.is_file() else layout.read_folder(folder, dataset_name)
+    extra = {}
+    if report_sections is not None:
+        if layout not in REPORT_LAYOUTS or path.is_file():
+            raise DatasetError(f"{path}: --report-sections applies to report layouts "
+                               f"({', '.join(m.NAME for m in REPORT_LAYOUTS)}), not to the {layout.NAME} layout")
+        extra["report_sections"] = mimic_cxr.check_sections(report_sections)
+    dataset = generic.read(path, dataset_name) if path.is_file() else layout.read_folder(folder, dataset_name, **extra)
     dataset.synthetic = (folder / SYNTHETIC_MARKER).is_file()
     return dataset
 

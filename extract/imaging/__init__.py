@@ -1,0 +1,79 @@
+"""Every image the toolkit reads, whatever its format and wherever it lives, as an RGB picture.
+
+One entry point, `open_image(location, options)`: the location says where the bytes are (a file, a
+member of a zip/tar/parquet container, optionally one frame of a multi-frame file or one slice of a
+volume: see `locations`), the content says how to decode them (DICOM, NIfTI, or any format Pillow
+reads), and `DecodeOptions` say how a wide intensity range becomes 8 bits (see `windows`).
+Extraction, the search page, explanations and fine-tuning all open images here, so a DICOM file is
+shown to the backbone and to the user the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from medembed.common.errors import MedembedError
+from medembed.extract.imaging.dicom import NotAnImage, TooLarge, decode_dicom, is_dicom
+from medembed.extract.imaging.locations import (
+    frame_of,
+    image_size,
+    read_image_bytes,
+    split_location,
+    with_frame,
+)
+from medembed.extract.imaging.nifti import decode_nifti, is_nifti
+from medembed.extract.imaging.raster import PixelLimit, decode_raster
+from medembed.extract.imaging.windows import WINDOW_CHOICES, Window, parse_window
+
+MAX_PIXELS = 64_000_000  # ~8000 x 8000; far beyond any radiograph, far below what exhausts memory
+
+__all__ = ["MAX_PIXELS", "WINDOW_CHOICES", "DecodeOptions", "DecompressionBomb", "NotAnImage", "decode_image",
+           "frame_of", "image_size", "open_image", "parse_window", "read_image_bytes", "split_location", "with_frame"]
+
+
+class DecompressionBomb(MedembedError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How images are rendered to 8 bits. The default is recorded as nothing, so caches made before
+    these options existed keep their provenance; any other choice is part of the cache's provenance."""
+
+    window: Window = field(default_factory=Window)
+
+    @classmethod
+    def from_text(cls, window: str = "auto") -> DecodeOptions:
+        return cls(parse_window(window))
+
+    def describe(self) -> str:
+        return "" if self.window.is_auto else f"window={self.window.describe()}"
+
+
+DEFAULT_DECODE = DecodeOptions()
+
+
+def open_image(location: str, options: DecodeOptions = DEFAULT_DECODE, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode fully (not lazily) so truncated files fail here, inside the caller's skip-and-report guard."""
+    container, member, frame = split_location(location)
+    return decode_image(read_image_bytes(location), member or container, options, frame, max_pixels)
+
+
+def decode_image(data: bytes, name: str = "", options: DecodeOptions = DEFAULT_DECODE, frame: int | None = None,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file's bytes as an RGB image. `name` (the file or member name) tells NIfTI and
+    pre-Part-10 DICOM apart, which have no reliable signature; the pixel count is checked from the
+    header before decoding, so a small file claiming a huge canvas is refused without allocating it."""
+    if not data:
+        raise ValueError("zero-byte file")
+    try:
+        if is_nifti(name):
+            return decode_nifti(data, options.window, frame, max_pixels)
+        if is_dicom(data, name):
+            return decode_dicom(data, options.window, frame, max_pixels)
+        if frame is not None:
+            raise ValueError(f"frame {frame} asked of a single-image file")
+        return decode_raster(data, options.window, max_pixels)
+    except (TooLarge, PixelLimit) as e:
+        raise DecompressionBomb(str(e)) from None

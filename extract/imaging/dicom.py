@@ -1,0 +1,165 @@
+"""DICOM files shown the way a radiologist's viewer shows them, as an 8-bit RGB image.
+
+The order is the standard's grayscale pipeline (PS3.4 N.2): stored values -> Modality LUT (rescale
+slope/intercept, or the LUT) -> VOI (the chosen window, else the file's VOI LUT or its window
+centre/width, else a percentile window) -> MONOCHROME1 inverted so that white is dense. Colour
+files (RGB, YBR -- converted by pydicom -- and palette colour) become RGB without windowing.
+Decoding of compressed transfer syntaxes is pydicom's, through the plug-ins installed with
+medembed (GDCM, pylibjpeg with OpenJPEG, RLE and, for 12-bit JPEG Extended, libjpeg).
+
+Only pixel-module attributes are read here; nothing that identifies a patient leaves this module
+(a skipped file's reason names its SOP class, never an attribute value).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset as DicomDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from medembed.common.errors import MedembedError
+from medembed.extract.imaging.windows import Window, linear, percentile_window, to_uint8
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+class NotAnImage(MedembedError, ValueError):
+    """A valid DICOM file that holds no picture (a report, a plan, a waveform, a DICOMDIR)."""
+
+
+class TooLarge(MedembedError, ValueError):
+    """Frame size beyond the decoder's pixel limit (checked from the header, before decoding)."""
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """Part 10 files carry "DICM" after a 128-byte preamble; older files without it are recognised
+    by their suffix only (guessing on content would misread arbitrary binary files)."""
+    return data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES)
+
+
+def read_header(source, pixels: bool = True) -> DicomDataset:
+    """The dataset of a file path or bytes; InvalidDicomError for what is not DICOM at all."""
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    ds = dcmread(stream, force=True, stop_before_pixels=not pixels)
+    if not ds:  # force=True returns an empty dataset for random bytes
+        raise InvalidDicomError("not a DICOM file")
+    return ds
+
+
+def frame_count(source) -> int:
+    """Number of frames (1 for single-frame files); 0 for a file that holds no image."""
+    ds = read_header(source, pixels=False)
+    if _no_image_reason(ds, header_only=True):
+        return 0
+    return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+
+
+def _sop_class(ds: DicomDataset) -> str:
+    uid = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
+    if uid is None:
+        return "no SOP class"
+    name = getattr(uid, "name", str(uid))
+    return name if name != str(uid) else "an unregistered SOP class"
+
+
+def _no_image_reason(ds: DicomDataset, header_only: bool = False) -> str:
+    meta = ds.get("file_meta")
+    if "DirectoryRecordSequence" in ds or getattr(meta, "MediaStorageSOPClassUID", "") == MEDIA_STORAGE_DIRECTORY:
+        return "DICOMDIR (an index of the media, no image)"
+    has_pixels = any(k in ds for k in PIXEL_KEYWORDS) or (header_only and "Rows" in ds and "Columns" in ds)
+    if not has_pixels:
+        return f"DICOM without an image ({_sop_class(ds)})"
+    return ""
+
+
+def _ensure_transfer_syntax(ds: DicomDataset) -> None:
+    """Files without a file meta header (pre-Part 10) do not name their encoding; pydicom read them
+    with its guess, and the decoder needs that guess written down."""
+    meta = ds.get("file_meta")
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if not little:
+        raise ValueError("big endian DICOM without a file meta header")
+    ds.ensure_file_meta()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+
+
+def decode_dicom(data: bytes, window: Window, frame: int | None = None, max_pixels: int = 64_000_000) -> Image.Image:
+    """One frame (default: the middle one) as an RGB image, windowed as described above. pydicom's
+    warnings about non-conforming values (common in archives) are silenced: a file either decodes
+    or is skipped with its reason, and a million warnings would bury that report."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _decode(data, window, frame, max_pixels)
+
+
+def _decode(data: bytes, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
+    try:
+        ds = read_header(data)
+    except InvalidDicomError as e:
+        raise ValueError(f"not a readable DICOM file ({e})") from None
+    reason = _no_image_reason(ds)
+    if reason:
+        raise NotAnImage(reason)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * cols > max_pixels:
+        raise TooLarge(f"{cols} x {rows} pixels exceeds the limit of {max_pixels}")
+    n_frames = max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    index = n_frames // 2 if frame is None else frame
+    if not 0 <= index < n_frames:
+        raise ValueError(f"no frame {index} (the file has {n_frames})")
+    _ensure_transfer_syntax(ds)
+    arr = pixel_array(ds, index=index if n_frames > 1 else None)
+    return Image.fromarray(_display(arr, ds, window))
+
+
+def _display(arr: np.ndarray, ds: DicomDataset, window: Window) -> np.ndarray:
+    """Decoded pixels -> H x W x 3 uint8."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        top = 255 if bits <= 8 or rgb.max() <= 255 else 2**bits - 1  # some writers declare 16 bits, store 8
+        return to_uint8(rgb.astype(np.float64) / top)
+    if arr.ndim == 3:  # RGB (YBR already converted by pydicom)
+        stored = int(ds.get("BitsStored", 8) or 8)
+        return to_uint8(arr.astype(np.float64) / (2**stored - 1)) if stored > 8 else arr.astype(np.uint8)
+    unit = grayscale_unit(arr, ds, window)
+    if photometric == "MONOCHROME1":
+        unit = 1.0 - unit
+    return np.repeat(to_uint8(unit)[..., None], 3, axis=2)
+
+
+def grayscale_unit(arr: np.ndarray, ds: DicomDataset, window: Window) -> np.ndarray:
+    """Stored grayscale values -> [0, 1] after the Modality LUT and the VOI step (before any
+    MONOCHROME1 inversion). A preset window applies to CT (Hounsfield units) only; numbers given
+    by hand apply to every file; otherwise the file's own VOI is used."""
+    values = apply_modality_lut(arr, ds).astype(np.float64, copy=False)
+    in_hu = str(ds.get("Modality", "")).upper() == "CT" or str(ds.get("RescaleType", "")).upper() == "HU"
+    if not window.is_auto and (window.preset == "custom" or in_hu):
+        return linear(values, window.center, window.width)
+    voi_luts = ds.get("VOILUTSequence")
+    if voi_luts:
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        bits = int(voi_luts[0].LUTDescriptor[2])
+        return np.clip(out / (2**bits - 1), 0.0, 1.0)
+    centers, widths = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centers is not None and widths is not None:
+        center = float(centers[0] if _multi(centers) else centers)
+        width = float(widths[0] if _multi(widths) else widths)
+        if width > 0:
+            return linear(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
+    return linear(values, *percentile_window(values))
+
+
+def _multi(value) -> bool:
+    return not isinstance(value, (str, bytes)) and hasattr(value, "__len__")

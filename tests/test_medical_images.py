@@ -1,0 +1,228 @@
+"""DICOM, NIfTI and 16-bit images decoded as a viewer shows them, checked against files no one on
+this project wrote: the sample DICOM files pydicom ships inside its own package (read from the
+installed package, never copied into the repository) and volumes built here with nibabel."""
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut, apply_windowing, pixel_array
+
+from medembed.extract.datasets import detect_layout, load_dataset
+from medembed.extract.datasets.frames import chosen_frames, expand_frames, parse_frames
+from medembed.extract.extraction import ExtractConfig, ExtractError, extract
+from medembed.extract.imaging import DecodeOptions, decode_image, open_image, parse_window
+from medembed.extract.imaging.windows import PRESETS
+
+
+def sample(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} is not among the sample files of the installed pydicom"
+    return Path(path)
+
+
+def decoded(name: str, window: str = "auto") -> np.ndarray:
+    return np.asarray(open_image(str(sample(name)), DecodeOptions.from_text(window)))
+
+
+def rounded(unit: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------ pixel values
+
+
+def test_mr_uses_the_files_window_like_pydicom():
+    """MR_small: no rescale, window 600/1600 in the header. pydicom's own windowing (its output spans
+    the stored 16-bit range) scaled to 8 bits must equal ours; so must the formula worked by hand."""
+    ds = pydicom.dcmread(sample("MR_small.dcm"))
+    assert (float(ds.WindowCenter), float(ds.WindowWidth)) == (600.0, 1600.0)
+    raw = pixel_array(ds).astype(np.float64)
+    ours = decoded("MR_small.dcm")
+    assert ours.shape == (64, 64, 3) and (ours[..., 0] == ours[..., 1]).all()
+    by_hand = rounded(np.clip((raw - 599.5) / 1599 + 0.5, 0, 1))
+    assert np.array_equal(ours[..., 0], by_hand)
+    theirs = apply_windowing(raw, ds)  # y in [-(2^15), 2^15 - 1] for signed 16-bit data
+    lo, hi = -(2 ** (ds.BitsStored - 1)), 2 ** (ds.BitsStored - 1) - 1
+    assert np.abs(ours[..., 0].astype(int) - rounded((theirs - lo) / (hi - lo)).astype(int)).max() <= 1
+
+
+def test_ct_goes_through_the_modality_lut_then_the_chosen_window():
+    """CT_small: rescale slope 1, intercept -1024 (stored 1024 is water, 0 HU); no window in the file."""
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    hu = apply_modality_lut(pixel_array(ds), ds)
+    assert float(ds.RescaleIntercept) == -1024 and "WindowCenter" not in ds
+    for preset in ("lung", "soft-tissue", "bone"):
+        c, w = PRESETS[preset]
+        want = rounded(np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1))
+        assert np.array_equal(decoded("CT_small.dcm", preset)[..., 0], want), preset
+    # no window in the file: the 0.5..99.5th percentile of the Hounsfield values
+    lo, hi = np.percentile(hu, (0.5, 99.5))
+    c, w = (lo + hi) / 2, hi - lo
+    want = rounded(np.clip((hu - (c - 0.5)) / (w - 1) + 0.5, 0, 1))
+    assert np.array_equal(decoded("CT_small.dcm")[..., 0], want)
+    assert not np.array_equal(decoded("CT_small.dcm", "lung"), decoded("CT_small.dcm", "bone"))
+    # a preset is a Hounsfield window: an MR keeps its own; numbers given by hand apply to every file
+    assert np.array_equal(decoded("MR_small.dcm", "lung"), decoded("MR_small.dcm"))
+    raw = pixel_array(pydicom.dcmread(sample("MR_small.dcm"))).astype(float)
+    assert np.array_equal(decoded("MR_small.dcm", "1000,500")[..., 0],
+                          rounded(np.clip((raw - 999.5) / 499 + 0.5, 0, 1)))
+
+
+def test_monochrome1_is_inverted(tmp_path):
+    ds = pydicom.dcmread(sample("MR_small.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    path = tmp_path / "mono1.dcm"
+    ds.save_as(path)
+    inverted = np.asarray(open_image(str(path))).astype(int)
+    assert np.abs(inverted - (255 - decoded("MR_small.dcm").astype(int))).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm",
+                                  "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
+                                  "MR_small_padded.dcm"])
+def test_every_lossless_transfer_syntax_gives_the_same_picture(name):
+    """One MR slice stored as explicit/implicit little endian, big endian, RLE, JPEG-LS and JPEG 2000."""
+    assert np.array_equal(decoded(name), decoded("MR_small.dcm"))
+
+
+def test_colour_files_and_compressed_syntaxes():
+    rle = decoded("SC_rgb_rle.dcm")
+    assert np.array_equal(decoded("SC_rgb_jpeg_gdcm.dcm"), rle)  # JPEG lossless, process 14
+    assert np.abs(decoded("SC_rgb_jpeg_dcmtk.dcm").astype(int) - rle).mean() < 3  # JPEG baseline (lossy)
+    assert np.array_equal(decoded("SC_rgb_rle_16bit.dcm"), rle)  # 16-bit RGB scaled, not clipped
+    ybr = pydicom.dcmread(sample("examples_ybr_color.dcm"))
+    assert ybr.PhotometricInterpretation == "YBR_FULL_422"
+    assert np.array_equal(decoded("examples_ybr_color.dcm"), pixel_array(ybr, index=ybr.NumberOfFrames // 2))
+    palette = pydicom.dcmread(sample("examples_palette.dcm"))
+    from pydicom.pixels import apply_color_lut
+    want = apply_color_lut(pixel_array(palette), palette)
+    assert np.abs(decoded("examples_palette.dcm").astype(int) - rounded(want / 65535.0).astype(int)).max() <= 1
+    j2k = decoded("JPEG2000.dcm")  # JPEG 2000, signed 16-bit
+    assert j2k.shape == (1024, 256, 3) and j2k.std() > 10
+    ext = decoded("JPGExtended.dcm")  # 12-bit JPEG Extended
+    assert ext.shape == (1024, 256, 3) and ext.std() > 10
+    assert decoded("image_dfl.dcm").shape == (512, 512, 3)  # deflated explicit little endian
+    assert decoded("JPEGLSNearLossless_16.dcm").shape == (50, 10, 3)
+
+
+def test_multi_frame_files_give_the_middle_frame_or_records_per_frame(tmp_path):
+    ds = pydicom.dcmread(sample("rtdose.dcm"))
+    assert int(ds.NumberOfFrames) == 15
+    middle = decoded("rtdose.dcm")
+    assert np.array_equal(middle, np.asarray(open_image(f"{sample('rtdose.dcm')}::frame=7")))
+    assert not np.array_equal(middle, np.asarray(open_image(f"{sample('rtdose.dcm')}::frame=0")))
+    with pytest.raises(ValueError, match="no frame 15"):
+        open_image(f"{sample('rtdose.dcm')}::frame=15")
+    folder = tmp_path / "mf"
+    folder.mkdir()
+    shutil.copy(sample("rtdose.dcm"), folder / "dose.dcm")
+    shutil.copy(sample("CT_small.dcm"), folder / "ct.dcm")
+    ds_all = expand_frames(load_dataset(folder), parse_frames("all"))
+    assert sorted(r.image_id for r in ds_all.records) == ["ct.dcm"] + sorted(f"dose.dcm::frame={k}" for k in range(15))
+    three = expand_frames(load_dataset(folder), parse_frames("3"))
+    assert [r.image for r in three.records if "dose" in r.image_id] == [
+        f"{folder / 'dose.dcm'}::frame={k}" for k in (2, 7, 12)]
+    assert chosen_frames(4, "middle") == [2] and chosen_frames(2, 5) == [0, 1]
+    with pytest.raises(ValueError, match="--frames 'some'"):
+        parse_frames("some")
+
+
+# ---------------------------------------------------------------------------------- NIfTI, 16-bit
+
+
+def _volume(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A 20 x 24 x 9 volume stored in LPS order (x grows to the patient's left, y posterior), with a
+    bright marker in the anterior right corner of every axial slice and the slice number as level."""
+    data = np.zeros((20, 24, 9), np.int16)
+    for k in range(9):
+        data[:, :, k] = 100 * k
+    data[0, 0, :] = 3000  # voxel (0, 0): patient's right (x smallest in LPS) and anterior (y smallest)
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])  # LPS+ voxel axes in RAS+ world
+    path = tmp_path / "vol.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path, data
+
+
+def test_nifti_middle_axial_slice_in_radiological_orientation(tmp_path):
+    path, data = _volume(tmp_path)
+    img = np.asarray(open_image(str(path), DecodeOptions.from_text("0,6000")))
+    assert img.shape == (24, 20, 3)  # rows: anterior-posterior, columns: right-left
+    assert img[0, 0, 0] == img.max() and img[-1, -1, 0] < img[0, 0, 0]  # anterior right is the top left
+    level = np.asarray(open_image(f"{path}::frame=2", DecodeOptions.from_text("0,6000")))[5, 5, 0]
+    assert level < img[5, 5, 0]  # slice 2 is darker than the middle one (4)
+    folder = path.parent
+    records = expand_frames(load_dataset(folder), parse_frames("3")).records
+    assert [r.image_id for r in records] == [f"vol.nii.gz::frame={k}" for k in (1, 4, 7)]
+
+
+def test_16_bit_png_and_tiff_are_windowed_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (16, 1))
+    for suffix in ("png", "tif"):
+        path = tmp_path / f"ramp.{suffix}"
+        Image.fromarray(ramp).save(path)
+        out = np.asarray(open_image(str(path)))[..., 0]
+        assert len(np.unique(out)) > 50, suffix  # Pillow's own conversion would make nearly all of it 255
+        assert out[0, 0] == 0 and out[0, -1] == 255 and (np.diff(out[0].astype(int)) >= 0).all()
+
+
+def test_bad_window_and_frames_are_refused_by_flag(tmp_path):
+    with pytest.raises(ValueError, match="expected one of auto, lung"):
+        parse_window("lungs")
+    with pytest.raises(ExtractError, match="--window 'x,y'"):
+        extract(ExtractConfig(data=str(tmp_path), window="x,y", backbone="tiny-clip"))
+
+
+# --------------------------------------------------------------------- a DICOM folder end to end
+
+
+NON_IMAGES = {"test-SR.dcm": "DICOM without an image (Comprehensive SR Storage)",
+              "rtplan.dcm": "DICOM without an image (RT Plan Storage)",
+              "waveform_ecg.dcm": "DICOM without an image (12-lead ECG Waveform Storage)",
+              "MR_truncated.dcm": "truncated image",
+              "JPEG-lossy.dcm": "undecodable pixel data"}
+
+
+def dicom_folder(root: Path) -> Path:
+    """The shapes a hospital export has: files with and without suffix, a DICOMDIR, reports and
+    plans beside the images, one damaged file, one multi-frame file."""
+    folder = root / "archive"
+    (folder / "study1").mkdir(parents=True)
+    for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "rtdose.dcm", *NON_IMAGES):
+        shutil.copy(sample(name), folder / "study1" / name)
+    shutil.copy(sample("SC_rgb_jpeg_gdcm.dcm"), folder / "study1" / "IM0001")  # no suffix
+    shutil.copy(get_testdata_file("DICOMDIR", download=False), folder / "DICOMDIR")
+    return folder
+
+
+def test_an_image_only_dicom_folder_extracts_with_every_non_image_skipped_and_counted(tmp_path):
+    folder = dicom_folder(tmp_path)
+    assert detect_layout(folder) == "images"
+    summary = extract(ExtractConfig(data=str(folder), backbone="tiny-clip", out=str(tmp_path / "f"), workers=0,
+                                    progress=False, batch_size=4))
+    (split,) = summary.splits
+    assert split.split == "all" and split.records == 12 and split.images == 6 and split.captions == 0
+    reasons = {image_id.split("/")[-1]: reason for image_id, _, reason in split.skipped}
+    assert set(reasons) == {*NON_IMAGES, "DICOMDIR"}
+    for name, why in NON_IMAGES.items():
+        assert reasons[name].startswith(why), (name, reasons[name])
+    assert reasons["DICOMDIR"].startswith("DICOMDIR (an index of the media")
+    # a chosen window is part of the cache's provenance: the same folder is not silently re-used
+    with pytest.raises(Exception, match="image_decoding: cache has None, this run has window=lung"):
+        extract(ExtractConfig(data=str(folder), backbone="tiny-clip", out=str(tmp_path / "f"), workers=0,
+                              progress=False, batch_size=4, window="lung"))
+
+
+def test_uploaded_dicom_bytes_decode_like_the_file():
+    data = sample("CT_small.dcm").read_bytes()
+    assert np.array_equal(np.asarray(decode_image(data, "upload")), decoded("CT_small.dcm"))
+    buf = io.BytesIO()
+    Image.fromarray(decoded("CT_small.dcm")).save(buf, format="PNG")
+    assert np.array_equal(np.asarray(decode_image(buf.getvalue(), "x.png")), decoded("CT_small.dcm"))
