@@ -426,7 +426,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
 LAYOUT_NAMES = {"imageclef2023": "ImageCLEFmedical 2023 / ROCOv2", "imageclef2022": "ImageCLEF 2022",
                 "rocov2-parquet": "ROCOv2 (Hugging Face parquet)", "mimic-cxr": "MIMIC-CXR",
                 "openi": "IU X-ray / OpenI", "webdataset": "WebDataset shards",
-                "generic": "generic CSV/JSONL"}
+                "generic": "generic CSV/JSONL", "images": "image-only (no captions)"}
 
 
 def describe_dataset(dataset: Dataset) -> str:

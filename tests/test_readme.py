@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 
 from tests.conftest import REPO, shared_dataset
 
@@ -99,6 +100,10 @@ def sandbox(tmp_path_factory) -> Path:
     shutil.copytree(root / "shared" / "data" / "roco-rad", work / "path" / "to" / "new-dataset")
     first = sorted((roco / "images").iterdir())[0]
     shutil.copy(first, work / "path" / "to" / "scan.jpg")
+    archive = work / "path" / "to" / "dicom-archive"  # pydicom's own sample files, as an archive export
+    for i, name in enumerate(("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "test-SR.dcm")):
+        (archive / f"series{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(get_testdata_file(name, download=False), archive / f"series{i % 2}" / f"IM{i:04d}")
     return work
 
 
