@@ -510,11 +510,17 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 @click.option("--nlist", **_cfg("medembed.serve.index:IndexOptions.nlist"), type=click.IntRange(min=0), help="ivf cells; 0: sqrt(N).")
 @click.option("--nprobe", **_cfg("medembed.serve.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/16, at least 16.")
 @click.option("--m", **_cfg("medembed.serve.index:IndexOptions.m"), type=click.IntRange(min=2), help="hnsw links per vector.")
-def index(run_dir, split, kind, nlist, nprobe, m) -> None:
+@click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Index this dataset's images (an image-only folder too), encoded once by the run's backbone, "
+                   "instead of the run's cache; `search`/`serve --data` on the same folder use it.")
+@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
+              help="Where --data's encoding is cached.")
+def index(run_dir, split, kind, nlist, nprobe, m, data, features_root) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search)."""
     from medembed.serve.index import IndexOptions, build_index, format_index_summary
 
-    path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m))
+    path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m, data=data,
+                                                   features_root=features_root))
     click.echo(format_index_summary(path, meta))
 
 

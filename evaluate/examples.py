@@ -15,7 +15,7 @@ from PIL import Image
 from medembed.cache.reader import CachedSplit
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
-from medembed.extract.imaging import open_image
+from medembed.extract.imaging import DecodeOptions, open_image
 
 THUMBNAIL = 384
 
@@ -25,7 +25,7 @@ def load_pool_image(split: CachedSplit, row: int) -> Image.Image | None:
     if not path:
         return None
     try:
-        img = open_image(path)
+        img = open_image(path, DecodeOptions.from_provenance(split.attrs.get("image_decoding")))
     except (OSError, ValueError, KeyError):
         return None
     img.thumbnail((THUMBNAIL, THUMBNAIL))

@@ -34,7 +34,9 @@ def describe_error(exc: BaseException) -> str:
     if "truncated" in msg.lower() or "less than expected" in msg:
         return f"truncated image ({msg.split(' - ')[0]})"
     if "Unable to decode" in msg or "plugin" in msg.lower():
-        return f"undecodable pixel data ({_decoder_reasons(exc)})"
+        hint = "; 12-bit JPEG Extended needs pip install 'medembed[jpeg12]'" if "12-bit" in str(exc) and \
+            "pylibjpeg" not in str(exc) else ""
+        return f"undecodable pixel data ({_decoder_reasons(exc)}{hint})"
     if "cannot identify image file" in msg:
         return "not an image (unrecognised format)"
     return f"unreadable image ({type(exc).__name__}: {msg})"

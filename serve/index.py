@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -31,9 +32,10 @@ from medembed.adapt.tuning.runs import open_run
 from medembed.cache import schema
 from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
 from medembed.common.errors import MedembedError
-from medembed.common.files import atomic_write
+from medembed.common.files import atomic_write, slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
+from medembed.evaluate.new_data import open_runs
 
 __all__ = [
     "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
@@ -43,6 +45,7 @@ __all__ = [
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_DIR = "index"
+POOLS_DIR = "pools"
 FORMAT = "medembed-index/1"
 ALL_SPLITS = "all"
 HEADS_FILE = ckpt.BEST
@@ -67,6 +70,8 @@ class IndexOptions:
     train_size: int = 0  # ivf: vectors k-means trains on; 0 = min(N, 64 * nlist)
     chunk_rows: int = 65536  # rows read, embedded and added at a time: bounds memory
     seed: int = 0
+    data: str | None = None  # index this dataset (e.g. an image-only archive), encoded by the run's backbone
+    features_root: str = "features"  # where `data`'s encoding is cached
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
@@ -129,6 +134,9 @@ class IndexMeta:
     # the run's query-bank setting when the index holds each image's offset as a last coordinate
     # (queries then carry a 1 there); None: plain cosine
     querybank: dict | None = None
+    # the indexed pool when it is not the run's own cache (`index --data`): its name and features folder
+    pool: str = ""
+    features_dir: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,10 +162,17 @@ class IndexMeta:
 
 # ------------------------------------------------------------------ paths and hashes
 
-def index_paths(run_dir: str | Path, split: str, kind: str) -> tuple[Path, Path]:
-    """(`runs/NAME/index/{split}-{kind}.faiss`, the JSON beside it)."""
-    base = Path(run_dir) / INDEX_DIR / f"{split}-{kind}"
+def index_paths(run_dir: str | Path, split: str, kind: str, pool: str | None = None) -> tuple[Path, Path]:
+    """(`runs/NAME/index/{split}-{kind}.faiss`, the JSON beside it); an index of another dataset's
+    pool (`index --data`) lives in `runs/NAME/index/pools/{pool}/`."""
+    folder = Path(run_dir) / INDEX_DIR
+    base = (folder / POOLS_DIR / pool if pool else folder) / f"{split}-{kind}"
     return base.with_suffix(".faiss"), base.with_suffix(".json")
+
+
+def pool_name(data: str | Path) -> str:
+    """What an index over `--data FOLDER` is filed under: the folder's name, as its cache is."""
+    return slug(Path(os.path.normpath(Path(data).expanduser().absolute())).name)
 
 
 def ids_sha256(ids: list[str]) -> str:
@@ -257,12 +272,16 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     """
     options = options or IndexOptions()
     run_dir = Path(run_dir)
-    with exclusive(index_paths(run_dir, options.split, options.kind)[0], "index build",
+    pool = pool_name(options.data) if options.data is not None else None
+    with exclusive(index_paths(run_dir, options.split, options.kind, pool)[0], "index build",
                    "wait for it to finish; it writes the same index"):
-        return _build_index(run_dir, options, run)
+        return _build_index(run_dir, options, run, pool)
 
 
-def _build_index(run_dir: Path, options: IndexOptions, run) -> tuple[Path, IndexMeta]:
+def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) -> tuple[Path, IndexMeta]:
+    if run is None and options.data is not None:
+        (run,) = open_runs([run_dir], options.data, None if options.split == ALL_SPLITS else [options.split],
+                           options.features_root)
     if run is None:
         run = open_run(run_dir)
     if getattr(run, "checkpoint", None) is not None:
@@ -298,8 +317,9 @@ def _build_index(run_dir: Path, options: IndexOptions, run) -> tuple[Path, Index
         run_dir=str(run_dir), heads_sha256=heads_sha256(run_dir), sources=sources, image_ids=ids,
         build_seconds=round(time.perf_counter() - t0, 3),
         created=datetime.now(UTC).isoformat(timespec="seconds"), querybank=setting,
+        pool=pool or "", features_dir=str(Path(run.features_dir).resolve()) if pool else "",
     )
-    faiss_path, json_path = index_paths(run_dir, options.split, options.kind)
+    faiss_path, json_path = index_paths(run_dir, options.split, options.kind, pool)
     _write_atomic(index, meta, faiss_path, json_path)
     return faiss_path, meta
 
@@ -338,7 +358,8 @@ def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | Non
     if _image_side(read_querybank(run_dir)) != meta.querybank:
         out.append(f"the run's query bank ({QUERYBANK}) changed since the index was built")
     try:
-        files = _split_files(_features_dir(run_dir), meta.split)
+        features = Path(meta.features_dir) if meta.pool else _features_dir(run_dir)
+        files = _split_files(features, meta.split)
     except (FileNotFoundError, ValueError) as e:
         return out + [str(e)]
     built = [s.split for s in meta.sources]
@@ -362,9 +383,9 @@ def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | Non
     return out
 
 
-def available_indexes(run_dir: str | Path, split: str | None = None) -> list[tuple[str, str]]:
-    """(split, kind) of every index written for the run, most recently built first."""
-    folder = Path(run_dir) / INDEX_DIR
+def available_indexes(run_dir: str | Path, split: str | None = None, pool: str | None = None) -> list[tuple[str, str]]:
+    """(split, kind) of every index written for the run (or for its `pool`), most recently built first."""
+    folder = Path(run_dir) / INDEX_DIR / (f"{POOLS_DIR}/{pool}" if pool else "")
     found = []
     for js in folder.glob("*.json") if folder.is_dir() else []:
         name, _, kind = js.stem.rpartition("-")
@@ -383,8 +404,9 @@ def tune(index: faiss.Index, params: dict) -> faiss.Index:
 
 
 def load_index(run_dir: str | Path, split: str | None = None, kind: str | None = None,
-               check: bool = True) -> tuple[faiss.Index, IndexMeta] | None:
-    """The run's index over `split` (None = "all"), or None when none was built.
+               check: bool = True, pool: str | None = None) -> tuple[faiss.Index, IndexMeta] | None:
+    """The run's index over `split` (None = "all") of its own cache or of `pool` (see `pool_name`), or
+    None when none was built.
 
     `kind` None takes the most recently built kind. Raises StaleIndexError when the index no
     longer matches the run's cache or heads (`check=False` skips that, e.g. to inspect an old one).
@@ -392,32 +414,33 @@ def load_index(run_dir: str | Path, split: str | None = None, kind: str | None =
     run_dir = Path(run_dir)
     split = split or ALL_SPLITS
     if kind is None:
-        found = available_indexes(run_dir, split)
+        found = available_indexes(run_dir, split, pool)
         if not found:
             return None
         kind = found[0][1]
-    faiss_path, json_path = index_paths(run_dir, split, kind)
+    faiss_path, json_path = index_paths(run_dir, split, kind, pool)
     if not (faiss_path.exists() and json_path.exists()):
         return None
     try:
         meta = IndexMeta.from_dict(json.loads(json_path.read_text()), str(json_path))
     except (json.JSONDecodeError, TypeError) as e:
-        raise StaleIndexError(f"{json_path}: unreadable index description ({e}); {_rebuild_hint(run_dir, split, kind)}") from e
+        raise StaleIndexError(f"{json_path}: unreadable index description ({e}); {_rebuild_hint(run_dir, split, kind, pool)}") from e
     try:
         index = faiss.read_index(str(faiss_path))
     except RuntimeError as e:
-        raise StaleIndexError(f"{faiss_path}: unreadable FAISS file; {_rebuild_hint(run_dir, split, kind)}") from e
+        raise StaleIndexError(f"{faiss_path}: unreadable FAISS file; {_rebuild_hint(run_dir, split, kind, pool)}") from e
     if check:
         reasons = stale_reasons(meta, run_dir, index, faiss_path)
         if reasons:
             lines = "\n  - ".join(reasons)
             raise StaleIndexError(f"{faiss_path}: stale index, it no longer matches the run:\n  - {lines}\n"
-                                  f"{_rebuild_hint(run_dir, split, kind)}")
+                                  f"{_rebuild_hint(run_dir, split, kind, pool)}")
     return tune(index, meta.params), meta
 
 
-def _rebuild_hint(run_dir: Path, split: str, kind: str) -> str:
-    return f"rebuild it with: python cli.py index --run {run_dir} --split {split} --kind {kind}"
+def _rebuild_hint(run_dir: Path, split: str, kind: str, pool: str | None = None) -> str:
+    data = f" --data DATA/{pool}" if pool else ""
+    return f"rebuild it with: python cli.py index --run {run_dir} --split {split} --kind {kind}{data}"
 
 
 def search_index(index: faiss.Index, queries, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

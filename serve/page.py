@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
 from medembed.evaluate.zeroshot import DEFAULT_MODALITIES
-from medembed.extract.imaging import decode_image, open_image
+from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, decode_image, open_image
 from medembed.extract.worker import describe_error
 from medembed.serve.explain import explain
 from medembed.serve.search import Searcher, SearchResult
@@ -202,10 +202,11 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     return data, part.filename or "upload"
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """An uploaded image, or a 400 with the one-line reason it is not one (never a traceback)."""
+def decode_upload(data: bytes, name: str, max_pixels: int, options: DecodeOptions = DEFAULT_DECODE) -> Image.Image:
+    """An uploaded image (a DICOM file too, windowed as the pool was), or a 400 with the one-line
+    reason it is not one (never a traceback)."""
     try:
-        return decode_image(data, name, max_pixels=max_pixels)
+        return decode_image(data, name, options, max_pixels=max_pixels)
     except Exception as e:  # noqa: BLE001 - any decode failure is one reason
         raise HTTPException(400, f"{name}: {describe_error(e)}") from None
 
@@ -282,7 +283,7 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
         return _answer(result, pool, 0, k, started, query_key=key)
 
     def image_answer(data: bytes, name: str, k: int, page: int, allowed: np.ndarray | None, exact: bool) -> dict:
-        image = decode_upload(data, name, limits.max_upload_pixels)
+        image = decode_upload(data, name, limits.max_upload_pixels, searcher.pool.decode)
         started = time.perf_counter()
         query = searcher.embed_image(image)
         images = ranked(query, k, page, allowed, exact, "image")
@@ -306,7 +307,7 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
     def image(key: str, size: str = Query("thumb", pattern="^(thumb|full)$")) -> Response:
         location = pool.location(key)  # only pool rows map to a location; the request names none
         try:
-            img = open_image(location)
+            img = open_image(location, searcher.pool.decode)
         except Exception as e:  # noqa: BLE001
             raise HTTPException(404, f"{key}: image not readable ({describe_error(e)})") from None
         if size == "thumb":
@@ -318,7 +319,7 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
         if not q.strip():
             raise HTTPException(400, "q: the query is empty")
         try:
-            img = open_image(pool.location(key))
+            img = open_image(pool.location(key), searcher.pool.decode)
         except HTTPException:
             raise
         except Exception as e:  # noqa: BLE001

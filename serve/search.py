@@ -28,7 +28,7 @@ from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.new_data import open_runs
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
-from medembed.extract.imaging import open_image
+from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, open_image
 from medembed.extract.worker import describe_failure
 from medembed.serve.explain import explain
 
@@ -83,24 +83,31 @@ class SearchPool:
         captions = [(i, c) for i, s in enumerate(splits) for c in range(s.n_captions)]
         return cls(splits, images, captions)
 
+    @property
+    def decode(self) -> DecodeOptions:
+        """How the pool's images were rendered at extraction (window), for showing them and for
+        decoding query images the same way."""
+        return DecodeOptions.from_provenance(self.splits[0].attrs.get("image_decoding") if self.splits else None)
 
-def read_query_image(image):
+
+def read_query_image(image, options: DecodeOptions = DEFAULT_DECODE):
     """A PIL image from a path or an already opened image; a one-line reason when it is not one."""
     if not isinstance(image, (str, Path)):
         return image
     try:
-        return open_image(str(image))
+        return open_image(str(image), options)
     except Exception as e:  # noqa: BLE001 - every decode failure becomes the same one-line message
         raise ValueError(f"{image}: cannot use as a query image: {describe_failure(str(image), e)}") from None
 
 
-def encode_query(backbone, text: str | None = None, image=None) -> torch.Tensor:
+def encode_query(backbone, text: str | None = None, image=None,
+                 options: DecodeOptions = DEFAULT_DECODE) -> torch.Tensor:
     """Raw backbone features [1, D] of one caption, or of one image (a path or a PIL image)."""
     if text is not None:
         if not text.strip():
             raise ValueError("--text: the query is empty")
         return backbone.encode_texts([text]).float().cpu()
-    pil = read_query_image(image)
+    pil = read_query_image(image, options)
     return backbone.encode_images(backbone.preprocess(pil)[None]).float().cpu()
 
 
@@ -122,12 +129,13 @@ class Searcher:
         self._image_offsets: torch.Tensor | None = None
         self._caption_offsets: torch.Tensor | None = None
         self._firsts: dict[int, dict[int, str]] = {}
-        # an index covers the run's own cache and heads file: not a newly encoded pool, not a checkpoint
+        # an index covers the run's heads over its own cache or over a `--data` pool indexed with
+        # `index --data`; never a fine-tuned checkpoint
         self.index = None
-        if use_index and data is None and self.run.checkpoint is None:
-            from medembed.serve.index import load_index
+        if use_index and self.run.checkpoint is None:
+            from medembed.serve.index import load_index, pool_name
 
-            self.index = load_index(self.run.run_dir, split)
+            self.index = load_index(self.run.run_dir, split, pool=pool_name(data) if data is not None else None)
 
     # -- embeddings ---------------------------------------------------------------------------
     @property
@@ -165,7 +173,7 @@ class Searcher:
         return self.model.texts(encode_query(self.backbone, text=text))
 
     def embed_image(self, image) -> torch.Tensor:
-        return self.model.images(encode_query(self.backbone, image=image))
+        return self.model.images(encode_query(self.backbone, image=image, options=self.pool.decode))
 
     # -- queries ------------------------------------------------------------------------------
     def images(self, query: torch.Tensor, k: int, exact: bool = False, allowed: np.ndarray | None = None,
@@ -333,13 +341,13 @@ def draw(result: SearchResult, searcher: Searcher, out: str | Path, text: str | 
         for h in result.hits:
             pic = load_pool_image(by_name[h.split], h.image_row)
             if query is not None and pic is not None:
-                pic = explain(searcher.run, searcher.backbone, open_image(h.location), query).overlay()
+                pic = explain(searcher.run, searcher.backbone, open_image(h.location, searcher.pool.decode), query).overlay()
             cos = f" (cos {h.cosine:.3f})" if result.with_bank else ""
             tiles.append(Tile(pic, f"{h.image_id}  {h.score:.3f}{cos}"))
         note = "heat map: the regions that drive each image's score (red: most)" if query is not None else ""
         return text_query_grid(text, tiles, Path(out), note=note)
     try:
-        query_img = read_query_image(image)
+        query_img = read_query_image(image, searcher.pool.decode)
         query_img.thumbnail((384, 384))
     except ValueError:
         query_img = None

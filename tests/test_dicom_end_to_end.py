@@ -19,6 +19,7 @@ from medembed.adapt.trainer import train
 from medembed.evaluate.pipeline import EvalOptions, run_eval
 from medembed.extract.extraction import ExtractConfig, extract
 from medembed.serve.export import ExportOptions, export_embeddings
+from medembed.serve.index import IndexOptions, build_index, load_index
 from medembed.serve.page import ServeLimits, create_app
 from medembed.serve.search import Searcher, search
 
@@ -133,6 +134,11 @@ def test_an_image_only_collection_is_searched_served_and_exported_but_not_evalua
     assert info["pool_images"] == 10 and info["splits"] == ["all"]
     got = client.get("/api/search/text", params={"q": FINDINGS[0][0], "k": 3}).json()
     assert len(got["hits"]) == 3
+    index_path, meta = build_index(run, IndexOptions(kind="hnsw", data=str(collection), features_root=str(features)))
+    assert meta.ntotal == 10 and index_path.parent == run / "index" / "pools" / "archive-images"
+    indexed = search(run, text=FINDINGS[1][0], k=4, data=str(collection), features_root=str(features))
+    assert indexed.via.startswith("hnsw") and [h.image_id for h in indexed.hits] == [h.image_id for h in by_text.hits]
+    assert load_index(run) is None  # the run's own pool has no index: the two are kept apart
     summary = export_embeddings(run, ExportOptions(split="all", data=str(collection), features_root=str(features)))
     assert summary.rows == 10 and Path(summary.out).name == "archive-images-all-npy"
     with pytest.raises(ValueError, match="an image-only collection .no captions.: evaluation needs captions"):

@@ -173,6 +173,14 @@ def test_16_bit_png_and_tiff_are_windowed_not_clipped(tmp_path):
         assert out[0, 0] == 0 and out[0, -1] == 255 and (np.diff(out[0].astype(int)) >= 0).all()
 
 
+@pytest.mark.parametrize("window", ["auto", "lung", "bone", "-600,1500", "40/80"])
+def test_a_caches_recorded_window_reads_back_as_the_same_options(window):
+    """The search page decodes pool and query images with the window the cache records."""
+    options = DecodeOptions.from_text(window)
+    assert DecodeOptions.from_provenance(options.describe()) == options
+    assert DecodeOptions.from_provenance(f"{options.describe()}; frames=all") == options
+
+
 def test_bad_window_and_frames_are_refused_by_flag(tmp_path):
     with pytest.raises(ValueError, match="expected one of auto, lung"):
         parse_window("lungs")

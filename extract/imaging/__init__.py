@@ -28,7 +28,7 @@ from medembed.extract.imaging.windows import WINDOW_CHOICES, Window, parse_windo
 
 MAX_PIXELS = 64_000_000  # ~8000 x 8000; far beyond any radiograph, far below what exhausts memory
 
-__all__ = ["MAX_PIXELS", "WINDOW_CHOICES", "DecodeOptions", "DecompressionBomb", "NotAnImage", "decode_image",
+__all__ = ["DEFAULT_DECODE", "MAX_PIXELS", "WINDOW_CHOICES", "DecodeOptions", "DecompressionBomb", "NotAnImage", "decode_image",
            "frame_of", "image_size", "open_image", "parse_window", "read_image_bytes", "split_location", "with_frame"]
 
 
@@ -49,6 +49,17 @@ class DecodeOptions:
 
     def describe(self) -> str:
         return "" if self.window.is_auto else f"window={self.window.describe()}"
+
+    @classmethod
+    def from_provenance(cls, decoding: str | None) -> DecodeOptions:
+        """The options a cache's `image_decoding` attribute records (see `describe`), so the search
+        page shows pool images, and decodes query images, the way the features were made."""
+        for part in (decoding or "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == "window" and value:
+                preset, _, numbers = value.partition(":")
+                return cls(parse_window(preset if numbers else value))
+        return cls()
 
 
 DEFAULT_DECODE = DecodeOptions()
