@@ -134,6 +134,8 @@ class CachedSplit:
         loc = self.image_locations[row] if row < len(self.image_locations) else ""
         if not loc:
             return ""
+        if loc.startswith(schema.PRIVATE_LOCATION):  # resolved by reading the data folder again
+            return f"{self.data_root}{schema.ZIP_SEP}{loc}"
         archive, sep, member = loc.partition(schema.ZIP_SEP)
         root = self.data_root
         if root and not os.path.isabs(archive):

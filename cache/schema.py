@@ -30,6 +30,9 @@ SKIPPED_REASONS = "skipped/reasons"  # [S] str }
 
 # an image location inside an archive: "ARCHIVE.zip::member/inside.jpg" (relative to the data root)
 ZIP_SEP = "::"
+# the location of an image whose path identifies a patient: only its (hashed) id, "private:ID"; the path
+# is found again by reading the data folder, so it never enters a cache, export or page
+PRIVATE_LOCATION = "private:"
 
 # float datasets: checked for NaN/Inf when written and when read
 FEATURE_DATASETS = (IMAGE_FEATURES, VIEW_FEATURES, CAPTION_FEATURES, CONCEPT_TEXT_FEATURES)

@@ -22,6 +22,7 @@ from medembed.cache.lock import writer_lock
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
+from medembed.cache.schema import PRIVATE_LOCATION
 from medembed.cache.shards import write_done_marker
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
@@ -151,6 +152,12 @@ class ExtractSummary:
 
 def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
     return Path(out) / slug(dataset) / slug(backbone)
+
+
+def _stored_location(record: Record, dataset: Dataset) -> str:
+    """What the cache keeps of where an image is: its path relative to the data folder, or, when paths
+    identify patients, only its hashed id."""
+    return f"{PRIVATE_LOCATION}{record.image_id}" if dataset.private_paths else _relative(record.image, dataset.root)
 
 
 def _relative(location: str, root: str) -> str:
@@ -339,8 +346,8 @@ def _assemble(bb, dataset: Dataset, split: str, records: list[Record], store: Pa
         split=split, image_ids=[r.image_id for r in kept], image_features=feats, caption_features=cap_feats,
         caption_image=caption_image, captions=captions, concept_ids=vocab, concept_names=names, concepts=labels,
         concept_text_features=concept_feats, templates=list(cfg.templates), view_features=views if cfg.views else None,
-        image_locations=[_relative(r.image, dataset.root) for r in kept], attrs=attrs,
-        skipped=[(records[i].image_id, _relative(records[i].image, dataset.root), why) for i, why in fails])
+        image_locations=[_stored_location(r, dataset) for r in kept], attrs=attrs,
+        skipped=[(records[i].image_id, _stored_location(records[i], dataset), why) for i, why in fails])
 
 
 def _feature_attrs(bb) -> dict:

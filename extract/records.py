@@ -36,6 +36,10 @@ class Dataset:
     concept_names: dict[str, str] = field(default_factory=dict)
     synthetic: bool = False
     warnings: list[str] = field(default_factory=list)  # data problems that were tolerated (e.g. empty captions dropped)
+    # the image paths themselves identify patients (MIMIC-CXR's subject and study numbers, DICOM UIDs as
+    # file names): caches keep only the (hashed) image id as the location, found again by reading the
+    # data folder (see imaging.locations)
+    private_paths: bool = False
 
     @property
     def splits(self) -> list[str]:

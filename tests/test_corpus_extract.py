@@ -17,6 +17,7 @@ from medembed.cache.parts import PartStore
 from medembed.cache.reader import load_split
 from medembed.extract.datasets import load_dataset
 from medembed.extract.extraction import ExtractConfig, ExtractError, extract
+from medembed.extract.imaging import open_image
 from tests.test_corpus_layouts import make_mimic, make_openi, make_rocov2, write_tar
 
 
@@ -40,8 +41,12 @@ def test_each_corpus_extracts_every_image_in_place(tmp_path, make):
     for s in summary.splits:
         cached = load_split(s.path)
         assert cached.n_images == s.images and np.isfinite(cached.image_features).all()
-        if dataset.layout == "mimic-cxr":  # hashed ids: no subject or study number in them
-            assert not any(n in i for i in cached.image_ids for n in ("10000032", "50414267", "11000011"))
+        # every cached image can be opened again from what the cache recorded (the page and tuning do)
+        assert all(open_image(cached.image_path(r)).size[0] > 0 for r in range(cached.n_images))
+    if dataset.layout == "mimic-cxr":  # paths hold subject and study numbers: no written byte may
+        numbers = [b"10000032", b"50414267", b"53189527", b"11000011", b"51111111", b"p10/"]
+        written = [p for p in (tmp_path / "f").rglob("*") if p.is_file()]
+        assert written and not [(p.name, n) for p in written for n in numbers if n in p.read_bytes()]
 
 
 def _shards(root: Path, n_shards: int = 2, per_shard: int = 5) -> Path:
@@ -81,3 +86,29 @@ def test_webdataset_killed_mid_shard_resumes_to_the_same_features(tmp_path, monk
     assert again.image_ids == whole.image_ids
     assert np.array_equal(again.image_features, whole.image_features)
     assert np.array_equal(again.caption_features, whole.caption_features)
+
+
+def test_webdataset_without_any_split_is_split_by_key(tmp_path):
+    """img2dataset's own output names no split: 80/10/10 by key, so adapt finds train and valid."""
+    data = tmp_path / "web"
+    data.mkdir()
+    members = []
+    for i in range(40):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(buf, format="JPEG")
+        members += [(f"{i:09d}.jpg", buf.getvalue()), (f"{i:09d}.txt", f"caption {i}".encode())]
+    write_tar(data / "00000.tar", members)
+    dataset = load_dataset(data)
+    assert dataset.layout == "webdataset" and set(dataset.splits) == {"train", "valid", "test"}
+    assert any("by a hash of each sample's key" in w for w in dataset.warnings)
+    assert load_dataset(data).records == dataset.records  # the same split on every run
+
+
+def test_an_annotations_file_wins_over_a_stray_shard_or_report(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    Image.new("RGB", (8, 8)).save(data / "a.png")
+    (data / "captions.csv").write_text("image,caption\na.png,a chest x-ray\n")
+    write_tar(data / "backup.tar", [("x.txt", b"x")])
+    (data / "report.xml").write_text('<eCitation><parentImage id="a"/></eCitation>')
+    assert load_dataset(data).layout == "generic"

@@ -351,16 +351,22 @@ def test_mimic_cxr_section_choice_changes_the_caption(tmp_path: Path) -> None:
         mimic_cxr.read_folder(root, "m", report_sections="history")
 
 
-def test_mimic_cxr_without_split_file_splits_by_study(tmp_path: Path) -> None:
+def test_mimic_cxr_without_split_file_splits_by_subject(tmp_path: Path) -> None:
+    """Every study of one patient lands in one split (as the official split has it), so no patient is
+    both trained on and tested on."""
     root = tmp_path / "mimic"
     make_mimic(root, split_file=False)
     assert detect_layout(root) == "mimic-cxr"
     ds = load_dataset(root)
     assert len(ds.records) == 6
-    study_of = {r.image_id: r.image.split(os.sep)[-2] for r in ds.records}
+    subject_of = {r.image_id: r.image.split(os.sep)[-3] for r in ds.records}
+    assert set(subject_of.values()) == {"p10000032", "p11000011"}
     for r in ds.records:
-        assert r.split == mimic_cxr.hash_split(study_of[r.image_id])
-    assert any("no mimic-cxr-2.0.0-split.csv[.gz]: 6 image(s) split 80/10/10" in w and "hash of the study" in w for w in ds.warnings)
+        assert r.split == mimic_cxr.hash_split(subject_of[r.image_id])
+    assert len({r.split for r in ds.records if subject_of[r.image_id] == "p10000032"}) == 1
+    assert any("no mimic-cxr-2.0.0-split.csv[.gz]: 6 image(s) split 80/10/10" in w and "hash of the subject" in w
+               for w in ds.warnings)
+    assert ds.private_paths  # subject and study numbers: the cache keeps only hashed ids
     assert load_dataset(root).records == ds.records  # deterministic
 
 

@@ -3,6 +3,7 @@ this project wrote: the sample DICOM files pydicom ships inside its own package 
 installed package, never copied into the repository) and volumes built here with nibabel."""
 from __future__ import annotations
 
+import gzip
 import io
 import shutil
 from pathlib import Path
@@ -85,6 +86,40 @@ def test_monochrome1_is_inverted(tmp_path):
     assert np.abs(inverted - (255 - decoded("MR_small.dcm").astype(int))).max() <= 1
 
 
+def test_rescale_and_window_in_functional_groups_are_applied_per_frame(tmp_path):
+    """Enhanced multi-frame objects keep rescale and window in shared or per-frame functional groups."""
+    from pydicom.dataset import Dataset as DicomDataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    transform = DicomDataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = ds.RescaleSlope, ds.RescaleIntercept, "HU"
+    shared = DicomDataset()
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    voi = DicomDataset()
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    frame = DicomDataset()
+    frame.FrameVOILUTSequence = Sequence([voi])
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.Modality = "MR"  # so only the functional groups' RescaleType says Hounsfield units
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    hu = pixel_array(ds).astype(float) - 1024
+    assert np.array_equal(np.asarray(open_image(str(path)))[..., 0],
+                          rounded(np.clip((hu - 39.5) / 399 + 0.5, 0, 1)))  # the frame's own window
+    assert np.array_equal(np.asarray(open_image(str(path), DecodeOptions.from_text("lung"))), decoded("CT_small.dcm", "lung"))
+
+
+def test_presentation_lut_shape_inverse_inverts_monochrome2(tmp_path):
+    ds = pydicom.dcmread(sample("MR_small.dcm"))
+    ds.PresentationLUTShape = "INVERSE"
+    ds.save_as(tmp_path / "inv.dcm")
+    inverted = np.asarray(open_image(str(tmp_path / "inv.dcm"))).astype(int)
+    assert np.abs(inverted - (255 - decoded("MR_small.dcm").astype(int))).max() <= 1
+
+
 @pytest.mark.parametrize("name", ["MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_expb.dcm",
                                   "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
                                   "MR_small_padded.dcm"])
@@ -98,9 +133,12 @@ def test_colour_files_and_compressed_syntaxes():
     assert np.array_equal(decoded("SC_rgb_jpeg_gdcm.dcm"), rle)  # JPEG lossless, process 14
     assert np.abs(decoded("SC_rgb_jpeg_dcmtk.dcm").astype(int) - rle).mean() < 3  # JPEG baseline (lossy)
     assert np.array_equal(decoded("SC_rgb_rle_16bit.dcm"), rle)  # 16-bit RGB scaled, not clipped
-    ybr = pydicom.dcmread(sample("examples_ybr_color.dcm"))
+    # the same colour bars stored as YBR_FULL_422 (chroma subsampled): RGB again, within subsampling error
+    ybr = pydicom.dcmread(sample("SC_ybr_full_422_uncompressed.dcm"))
     assert ybr.PhotometricInterpretation == "YBR_FULL_422"
-    assert np.array_equal(decoded("examples_ybr_color.dcm"), pixel_array(ybr, index=ybr.NumberOfFrames // 2))
+    diff = np.abs(decoded("SC_ybr_full_422_uncompressed.dcm").astype(int) - rle)
+    assert diff.mean() < 1 and diff.max() <= 8
+    assert decoded("examples_ybr_color.dcm").shape == (240, 320, 3)  # YBR JPEG, 30 frames: the middle one
     palette = pydicom.dcmread(sample("examples_palette.dcm"))
     from pydicom.pixels import apply_color_lut
     want = apply_color_lut(pixel_array(palette), palette)
@@ -163,6 +201,21 @@ def test_nifti_middle_axial_slice_in_radiological_orientation(tmp_path):
     assert [r.image_id for r in records] == [f"vol.nii.gz::frame={k}" for k in (1, 4, 7)]
 
 
+@pytest.mark.parametrize("flips", [(1, 1), (-1, 1), (1, -1)])
+def test_nifti_orientation_does_not_depend_on_the_stored_axis_order(tmp_path, flips):
+    """The same anatomy stored RAS, LAS and RPS: the marker in the patient's anterior right is always
+    the top-left pixel of the axial slice."""
+    fx, fy = flips
+    data = np.zeros((20, 24, 5), np.int16)
+    x = 19 if fx > 0 else 0  # right is the largest world x; a voxel axis that grows toward it ends there
+    y = 23 if fy > 0 else 0  # anterior likewise
+    data[x, y, :] = 3000
+    path = tmp_path / "vol.nii"
+    nib.save(nib.Nifti1Image(data, np.diag([float(fx), float(fy), 1.0, 1.0])), path)
+    img = np.asarray(open_image(str(path), DecodeOptions.from_text("0,6000")))[..., 0]
+    assert img.shape == (24, 20) and img[0, 0] == img.max() > img[-1, -1]
+
+
 def test_16_bit_png_and_tiff_are_windowed_not_clipped(tmp_path):
     ramp = np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (16, 1))
     for suffix in ("png", "tif"):
@@ -179,6 +232,12 @@ def test_a_caches_recorded_window_reads_back_as_the_same_options(window):
     options = DecodeOptions.from_text(window)
     assert DecodeOptions.from_provenance(options.describe()) == options
     assert DecodeOptions.from_provenance(f"{options.describe()}; frames=all") == options
+
+
+def test_a_gzip_bomb_named_nii_gz_is_refused_before_it_is_inflated():
+    bomb = gzip.compress(b"\0" * 50_000_000)  # 49 KB that would inflate to 50 MB
+    with pytest.raises(ValueError, match="decompresses to more than 13107200 bytes"):
+        decode_image(bomb, "upload.nii.gz", max_pixels=640 * 640)
 
 
 def test_bad_window_and_frames_are_refused_by_flag(tmp_path):
@@ -226,6 +285,27 @@ def test_an_image_only_dicom_folder_extracts_with_every_non_image_skipped_and_co
     with pytest.raises(Exception, match="image_decoding: cache has None, this run has window=lung"):
         extract(ExtractConfig(data=str(folder), backbone="tiny-clip", out=str(tmp_path / "f"), workers=0,
                               progress=False, batch_size=4, window="lung"))
+
+
+def test_a_folder_named_by_uids_keeps_no_path(tmp_path):
+    """Archive exports name folders and files by study and instance UIDs: the records are named by a
+    hash, the cache holds no UID, and every image is still found again through the data folder."""
+    folder = tmp_path / "export"
+    uids = ["1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.101.7", "1.2.826.0.1.3680043.8.498.101.8"]
+    (folder / uids[0]).mkdir(parents=True)
+    shutil.copy(sample("CT_small.dcm"), folder / uids[0] / uids[1])  # bare UID names: no suffix of ours
+    shutil.copy(sample("MR_small.dcm"), folder / uids[0] / f"{uids[2]}.dcm")
+    dataset = load_dataset(folder)
+    assert dataset.layout == "images" and dataset.private_paths and len(dataset.records) == 2
+    assert not any("1.2.826" in r.image_id for r in dataset.records)
+    summary = extract(ExtractConfig(data=str(folder), backbone="tiny-clip", out=str(tmp_path / "f"), workers=0,
+                                    progress=False))
+    from medembed.cache.reader import load_split
+    cached = load_split(summary.splits[0].path)
+    assert cached.n_images == 2 and all(loc.startswith("private:") for loc in cached.image_locations)
+    assert not [p for p in (tmp_path / "f").rglob("*") if p.is_file() and b"3680043" in p.read_bytes()]
+    assert np.array_equal(np.asarray(open_image(cached.image_path(cached.image_ids.index(dataset.records[0].image_id)))),
+                          decoded("CT_small.dcm"))
 
 
 def test_uploaded_dicom_bytes_decode_like_the_file():

@@ -21,9 +21,10 @@ from medembed.adapt.data import caption_keys
 from medembed.adapt.state import Encoders
 from medembed.adapt.tuning.towers import MidActivations, plain
 from medembed.cache.reader import CachedSplit
+from medembed.cache.schema import PRIVATE_LOCATION, ZIP_SEP
 from medembed.common.errors import ToolError
 from medembed.extract.backbones import Backbone
-from medembed.extract.imaging import open_image
+from medembed.extract.imaging import DecodeOptions, open_image
 
 
 @dataclass
@@ -77,6 +78,7 @@ class RawImages(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, split: CachedSplit, transform: Callable):
         self.root, self.split, self.transform = root, split, transform
+        self.decode = DecodeOptions.from_provenance(split.attrs.get("image_decoding"))  # the window extraction used
 
     def __len__(self) -> int:
         return self.split.n_captions
@@ -84,10 +86,12 @@ class RawImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row = int(self.split.caption_image[i])
         location = self.split.image_locations[row]
+        # a private location (a path that identifies a patient) is resolved by reading the data folder
+        path = f"{self.root}{ZIP_SEP}{location}" if location.startswith(PRIVATE_LOCATION) else str(self.root / location)
         try:
-            image = open_image(str(self.root / location))
+            image = open_image(path, self.decode)
         except Exception as e:
-            raise ToolError(f"{self.root / location}: cannot read training image ({type(e).__name__}: {e})") from e
+            raise ToolError(f"{path}: cannot read training image ({type(e).__name__}: {e})") from e
         return self.transform(image), self.split.captions[i], row, i
 
 

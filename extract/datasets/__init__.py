@@ -30,8 +30,9 @@ from medembed.extract.datasets import (
 from medembed.extract.datasets.base import ANNOTATION_EXTENSIONS, SYNTHETIC_MARKER, DatasetError
 from medembed.extract.records import Dataset
 
-LAYOUTS: tuple[ModuleType, ...] = (imageclef2023, imageclef2022, rocov2_parquet, mimic_cxr, openi, webdataset_shards,
-                                   generic, image_folder)
+# an annotations file the user wrote (generic) wins over a stray .tar, .xml or parquet file beside it
+LAYOUTS: tuple[ModuleType, ...] = (imageclef2023, imageclef2022, generic, rocov2_parquet, mimic_cxr, openi,
+                                   webdataset_shards, image_folder)
 
 __all__ = ["LAYOUTS", "SYNTHETIC_MARKER", "DatasetError", "detect_layout", "load_dataset"]
 
@@ -46,6 +47,14 @@ def load_dataset(path: str | Path, name: str | None = None, report_sections: str
     path = Path(os.path.normpath(Path(path).expanduser().absolute()))
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
+    try:
+        return _load(path, name, report_sections)
+    except OSError as e:  # an unreadable folder or a damaged file: one line naming it, not a traceback
+        where = e.filename or path
+        raise DatasetError(f"{where}: cannot read ({e.strerror or str(e).splitlines()[0]})") from None
+
+
+def _load(path: Path, name: str | None, report_sections: str | None) -> Dataset:
     layout = _layout(detect_layout(path))
     folder = path if path.is_dir() else path.parent
     dataset_name = name or folder.name

@@ -3,6 +3,7 @@ file and line of every problem, the image lookup, and the ImageCLEF-style record
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -26,6 +27,14 @@ SPLIT_ALIASES = ("split", "subset")
 
 SPLIT_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*?"
 MAX_LINES_LISTED = 5
+
+
+def hash_split(key: str) -> str:
+    """A deterministic 80/10/10 train/valid/test split by a key (a patient, a report, a sample) for
+    corpora that ship none: everything under one key lands in one split, so nothing leaks from test
+    into train, and the same folder splits the same way on every machine."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10
+    return "train" if bucket < 8 else "valid" if bucket == 8 else "test"
 
 
 class DatasetError(MedembedError, ValueError):

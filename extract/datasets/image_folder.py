@@ -4,13 +4,18 @@ path relative to the folder, so the collection can be extracted and then searche
 image with any trained run; evaluation, which needs captions, says so instead of failing later.
 
 Recognised by suffix (JPEG, PNG, TIFF, WebP, BMP, DICOM .dcm/.dicom, NIfTI .nii/.nii.gz) or, for
-DICOM files without a suffix (as archives often write them), by the "DICM" marker of Part 10 files.
+DICOM files without a known suffix (archives write them bare, or named by their SOP Instance UID), by
+the "DICM" marker of Part 10 files. When a path holds a DICOM UID (a file or folder named by one),
+the paths identify studies: every record is then identified by a hash of its path instead, and the
+cache keeps no path (see `records.Dataset.private_paths`).
 Tried last: a folder that also holds a CSV/TSV/JSONL file is never taken for an image-only one, so
 an annotations file with misnamed columns is reported rather than silently ignored.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from medembed.extract.datasets.base import ANNOTATION_EXTENSIONS, SYNTHETIC_MARKER
@@ -39,9 +44,15 @@ def _dicom_marker(path: str) -> bool:
 
 
 def _is_image(path: str, name: str) -> bool:
-    if _has_image_suffix(name):
-        return True
-    return "." not in name.lstrip(".") and _dicom_marker(path)  # suffix-less files only: cheap and safe
+    return _has_image_suffix(name) or _dicom_marker(path)  # 132 bytes read of a file with another suffix
+
+
+UID = re.compile(r"^\d+(\.\d+){3,}$")  # a DICOM UID: dotted digits, e.g. 1.2.840.113619.2.55.3.604688
+
+
+def _holds_uid(rel: str) -> bool:
+    parts = rel.split("/")
+    return any(UID.match(p) or UID.match(p.rsplit(".", 1)[0]) for p in parts)
 
 
 def _walk(folder: Path):
@@ -66,9 +77,14 @@ def detect(folder: Path, names: list[str]) -> bool:
 
 
 def read_folder(folder: Path, name: str) -> Dataset:
-    records = [
-        Record(rel, full, (), (), SPLIT)
-        for full, rel in _walk(folder)
-        if os.path.basename(rel) != SYNTHETIC_MARKER and _is_image(full, os.path.basename(rel))
-    ]
-    return Dataset(name, str(folder), NAME, records, {})
+    found = [(full, rel) for full, rel in _walk(folder)
+             if os.path.basename(rel) != SYNTHETIC_MARKER and _is_image(full, os.path.basename(rel))]
+    private = any(_holds_uid(rel) for _, rel in found)
+    records = [Record(_hashed(rel) if private else rel, full, (), (), SPLIT) for full, rel in found]
+    warnings = [f"{folder}: paths hold DICOM UIDs, which identify studies: records are named by a hash of their "
+                "path and the cache keeps no path"] if private else []
+    return Dataset(name, str(folder), NAME, records, {}, warnings=warnings, private_paths=private)
+
+
+def _hashed(rel: str) -> str:
+    return hashlib.sha256(rel.encode()).hexdigest()[:16]

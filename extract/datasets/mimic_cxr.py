@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, find_column, read_text
+from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, find_column, hash_split, read_text
 from medembed.extract.records import Dataset, Record
 
 NAME = "mimic-cxr"
@@ -39,7 +39,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".dcm")  # one file per stem, the f
 OFFICIAL_SPLITS = {"train": "train", "validate": "valid", "valid": "valid", "validation": "valid", "test": "test"}
 
 REPORT_SECTIONS = ("findings", "impression", "findings+impression", "all")
-HEADERS = ("FINDINGS", "IMPRESSION", "INDICATION", "INDICATIONS", "COMPARISON", "HISTORY", "CLINICAL HISTORY",
+HEADERS = ("FINDINGS AND IMPRESSION", "FINDINGS", "IMPRESSION", "INDICATION", "INDICATIONS", "COMPARISON", "HISTORY", "CLINICAL HISTORY",
            "TECHNIQUE", "EXAMINATION", "EXAM", "REASON FOR EXAMINATION", "REASON FOR EXAM", "PROCEDURE",
            "NOTIFICATION", "RECOMMENDATION(S)", "RECOMMENDATIONS", "RECOMMENDATION", "WET READ", "CONCLUSION")
 HEADER = re.compile(r"^[ \t]*(" + "|".join(re.escape(h) for h in sorted(HEADERS, key=len, reverse=True))
@@ -48,13 +48,6 @@ FINAL_REPORT = re.compile(r"^\s*FINAL REPORT[ \t]*(\r?\n|$)", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------------- shared with other layouts
-
-
-def hash_split(key: str) -> str:
-    """A deterministic 80/10/10 train/valid/test split by a key (a study, a report): every image
-    under one key lands in one split, so no study leaks from test into train."""
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10
-    return "train" if bucket < 8 else "valid" if bucket == 8 else "test"
 
 
 def check_sections(report_sections: str) -> str:
@@ -72,11 +65,13 @@ def choose_caption(sections: dict[str, str], whole: str, report_sections: str) -
     text; `sections` maps upper-case header -> its collapsed text, `whole` is the collapsed report."""
     if report_sections == "all":
         return whole, False
-    wanted = ("FINDINGS", "IMPRESSION") if report_sections == "findings+impression" else (report_sections.upper(),)
+    wanted = {"findings+impression": ("FINDINGS", "IMPRESSION", "FINDINGS AND IMPRESSION"),
+              "findings": ("FINDINGS", "FINDINGS AND IMPRESSION"),
+              "impression": ("IMPRESSION", "FINDINGS AND IMPRESSION", "CONCLUSION")}[report_sections]
     chosen = " ".join(sections[s] for s in wanted if sections.get(s))
     if chosen:
         return chosen, False
-    return sections.get("IMPRESSION") or whole, True
+    return sections.get("IMPRESSION") or sections.get("CONCLUSION") or whole, True
 
 
 def fallback_warning(where: str, what: str, report_sections: str, examples: list[str]) -> str:
@@ -127,6 +122,7 @@ def read_folder(root: Path, name: str, report_sections: str = "findings+impressi
     check_sections(report_sections)
     split_file = next((root / n for n in SPLIT_FILES if (root / n).is_file()), None)
     by_dicom, by_study = read_split_file(split_file) if split_file else ({}, {})
+    by_subject: dict[str, str] = {}  # a subject keeps one split: its studies never straddle train and test
     records: list[Record] = []
     no_report: list[str] = []
     no_report_images = 0
@@ -148,11 +144,13 @@ def read_folder(root: Path, name: str, report_sections: str = "findings+impressi
         if fallback:
             fell_back.append(rel_study)
         study_number = study_dir.name[1:]
+        subject = study_dir.parent.name
         for image in images:
             split = by_dicom.get(image.stem) or by_study.get(study_number)
-            if split is None:
-                split = hash_split(study_dir.name)
+            if split is None:  # not listed: the split of the subject's other studies, else a hash of the subject
+                split = by_subject.get(subject) or hash_split(subject)
                 hashed += 1
+            by_subject.setdefault(subject, split)
             rel = image.relative_to(root).as_posix()
             image_id = hashlib.sha256(rel.encode()).hexdigest()[:16]
             records.append(Record(image_id, str(image), (caption,), (), split))
@@ -160,14 +158,16 @@ def read_folder(root: Path, name: str, report_sections: str = "findings+impressi
     if hashed:
         why = (f"{hashed} image(s) of studies not listed in {split_file.name}" if split_file
                else f"no {SPLIT_FILES[1]}[.gz]: {hashed} image(s)")
-        warnings.append(f"{root}: {why} split 80/10/10 train/valid/test by a hash of the study id")
+        warnings.append(f"{root}: {why} split 80/10/10 train/valid/test by a hash of the subject id (all studies "
+                        "of a patient in one split, the split of its listed studies when it has some)")
     if no_report:
         shown = ", ".join(no_report[:MAX_LINES_LISTED]) + (", ..." if len(no_report) > MAX_LINES_LISTED else "")
         warnings.append(f"{root}: skipped {no_report_images} image(s) of {len(no_report)} studies without a report "
                         f"(looked in {', '.join(REPORT_TREES)}): {shown}")
     if fell_back:
         warnings.append(fallback_warning(str(root), "studies", report_sections, fell_back))
-    return Dataset(name, str(root), NAME, records, {}, warnings=warnings)
+    # the paths hold subject and study numbers: the cache keeps only the hashed id (see records.Dataset)
+    return Dataset(name, str(root), NAME, records, {}, warnings=warnings, private_paths=True)
 
 
 def _subdirs(folder: Path, pattern: str) -> list[Path]:

@@ -10,7 +10,7 @@ a record's image is "SHARD.tar::MEMBER" (e.g. "shards/00000.tar::000000017.jpg")
 `medembed.extract.containers`. image_id is the shard's path below the folder without ".tar", then
 "/KEY" ("00000/000000017", "train/00000/000000017"), unique across shards. A sample's split is its
 subfolder's, else its shard name's prefix (train/valid/validation/val/test), else its json "split",
-else "train". Records come out shard by shard in tar order, so a resumed extraction sees the same order.
+else "train"; when no sample says (img2dataset's plain output), 80/10/10 by a hash of its key. Records come out shard by shard in tar order, so a resumed extraction sees the same order.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import json
 import os
 import re
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medembed.common.splits import split_key
-from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, split_concepts
+from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, hash_split, split_concepts
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 
 NAME = "webdataset"
@@ -85,8 +85,14 @@ def read_folder(root: Path, name: str) -> Dataset:
                 continue
             sample_split = split or _split_of(sample.meta.get("split"), shard, key)
             concepts = _concepts(sample.meta.get("labels", sample.meta.get("concepts")), shard, key)
-            records.append(Record(image_id, f"{shard}{ZIP_SEP}{image}", (caption,), tuple(concepts), sample_split))
+            records.append(Record(image_id, f"{shard}{ZIP_SEP}{image}", (caption,), tuple(concepts), sample_split or ""))
     warnings = []
+    if records and not any(r.split for r in records):
+        # img2dataset writes no splits at all: a deterministic 80/10/10 by sample, so adapt has a valid split
+        records = [replace(r, split=hash_split(r.image_id)) for r in records]
+        warnings.append(f"{root}: no split in folders, shard names or sample json: split 80/10/10 train/valid/test "
+                        "by a hash of each sample's key")
+    records = [r if r.split else replace(r, split="train") for r in records]
     if dropped:
         shown = ", ".join(dropped[:MAX_LINES_LISTED]) + (", ..." if len(dropped) > MAX_LINES_LISTED else "")
         warnings.append(f"{root}: dropped {len(dropped)} sample(s) with an image but no caption: {shown}")
@@ -130,9 +136,9 @@ def _samples(shard: Path) -> dict[str, _Sample]:
     return samples
 
 
-def _split_of(value: object, shard: Path, key: str) -> str:
+def _split_of(value: object, shard: Path, key: str) -> str | None:
     if value is None or value == "":
-        return "train"
+        return None
     if not isinstance(value, str):
         raise DatasetError(f"{shard}::{key}.json: split must be a string, found {type(value).__name__}")
     return SPLITS.get(value.strip().lower(), value.strip())

@@ -119,7 +119,40 @@ def _decode(data: bytes, window: Window, frame: int | None, max_pixels: int) -> 
         raise ValueError(f"no frame {index} (the file has {n_frames})")
     _ensure_transfer_syntax(ds)
     arr = pixel_array(ds, index=index if n_frames > 1 else None)
-    return Image.fromarray(_display(arr, ds, window))
+    return Image.fromarray(_display(arr, frame_view(ds, index), window))
+
+
+DISPLAY_KEYWORDS = ("Modality", "RescaleType", "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence",
+                    "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "PhotometricInterpretation",
+                    "PresentationLUTShape", "PixelRepresentation", "BitsStored", "BitsAllocated", "SamplesPerPixel",
+                    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
+                    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
+                    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
+                    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
+                    "SegmentedBluePaletteColorLookupTableData")
+FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+def frame_view(ds: DicomDataset, index: int) -> DicomDataset:
+    """The display attributes of one frame. Enhanced multi-frame objects (Enhanced CT/MR, many DX)
+    keep rescale and window in functional groups, shared by all frames or per frame, not at the top
+    level: they are laid over the top-level values (shared first, then the frame's own), so a lung
+    window meets Hounsfield units there too. Only display attributes are copied (no pixel data)."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not shared and not per_frame:
+        return ds
+    view = DicomDataset()
+    for keyword in DISPLAY_KEYWORDS:
+        if keyword in ds:
+            view[keyword] = ds[keyword]
+    groups = [shared[0] if shared else None, per_frame[index] if per_frame and index < len(per_frame) else None]
+    for group in groups:
+        for name in FRAME_GROUPS:
+            if group is not None and group.get(name):
+                for element in group[name][0]:
+                    view[element.tag] = element
+    return view
 
 
 def _display(arr: np.ndarray, ds: DicomDataset, window: Window) -> np.ndarray:
@@ -127,16 +160,27 @@ def _display(arr: np.ndarray, ds: DicomDataset, window: Window) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
-        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        top = 255 if bits <= 8 or rgb.max() <= 255 else 2**bits - 1  # some writers declare 16 bits, store 8
-        return to_uint8(rgb.astype(np.float64) / top)
+        return to_uint8(rgb.astype(np.float64) / _palette_top(ds))
     if arr.ndim == 3:  # RGB (YBR already converted by pydicom)
         stored = int(ds.get("BitsStored", 8) or 8)
         return to_uint8(arr.astype(np.float64) / (2**stored - 1)) if stored > 8 else arr.astype(np.uint8)
     unit = grayscale_unit(arr, ds, window)
-    if photometric == "MONOCHROME1":
+    # MONOCHROME1 (white is low) and the INVERSE presentation shape both mean: show inverted; an
+    # IOD that pairs them (DX for presentation) states the same inversion twice, not two inversions
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         unit = 1.0 - unit
     return np.repeat(to_uint8(unit)[..., None], 3, axis=2)
+
+
+def _palette_top(ds: DicomDataset) -> float:
+    """The largest value the palette's entries are scaled to: 2^bits - 1 of its descriptor, except that
+    some writers declare 16-bit entries and store 8-bit values; judged on the whole palette, not on the
+    entries one image happens to use (a dark image would otherwise be brightened)."""
+    entries, first, bits = (int(v) for v in ds.RedPaletteColorLookupTableDescriptor)
+    if bits <= 8:
+        return 255.0
+    every = np.arange(first, first + (entries or 65536), dtype=np.uint16 if first + (entries or 65536) <= 65536 else np.uint32)
+    return 255.0 if apply_color_lut(every, ds).max() <= 255 else float(2**bits - 1)
 
 
 def grayscale_unit(arr: np.ndarray, ds: DicomDataset, window: Window) -> np.ndarray:

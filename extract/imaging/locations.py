@@ -4,19 +4,47 @@
     /data/train.zip::train/image.png         a member of a container (zip, tar shard, parquet row)
     /data/study/ct.dcm::frame=12             one frame of a multi-frame DICOM, one slice of a volume
     /data/shard-0001.tar::k0001.dcm::frame=3 both
+    /data/mimic::private:3f2a9c...           an image whose path identifies a patient, by its hashed id
 
 A plain file never needs the separator; a frame is only ever written by the dataset reader that
-expanded a multi-frame file into one record per frame.
+expanded a multi-frame file into one record per frame. A private location names the data folder and
+the record's id only: the path is found again by reading that folder with its layout (once per
+process), so caches, exports and the page never hold it.
 """
 from __future__ import annotations
 
 import os
 import re
+import threading
 
-from medembed.cache.schema import ZIP_SEP
+from medembed.cache.schema import PRIVATE_LOCATION, ZIP_SEP
 from medembed.extract.containers import is_container, member_size, read_member
 
 _FRAME = re.compile(re.escape(ZIP_SEP) + r"frame=(\d+)$")
+_PRIVATE = ZIP_SEP + PRIVATE_LOCATION
+
+
+class _PrivatePaths:
+    """id -> location of the records of data folders with private paths, read once per process."""
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, str], dict[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, root: str, image_id: str) -> str:
+        key = (os.getpid(), os.path.abspath(root))
+        with self._lock:
+            if key not in self._maps:
+                from medembed.extract.datasets import load_dataset  # the readers import this module
+
+                self._maps[key] = {r.image_id: r.image for r in load_dataset(root).records}
+            found = self._maps[key].get(image_id)
+        if found is None:
+            raise FileNotFoundError(f"{root}: no image of id {image_id} (the data folder changed since extraction)")
+        return found
+
+
+_PRIVATE_PATHS = _PrivatePaths()
 
 
 def frame_of(location: str) -> int | None:
@@ -33,10 +61,14 @@ def split_location(location: str) -> tuple[str, str | None, int | None]:
     m = _FRAME.search(location)
     frame = int(m.group(1)) if m else None
     rest = location[: m.start()] if m else location
-    if ZIP_SEP in rest:
-        container, member = rest.split(ZIP_SEP, 1)
-        if is_container(container):
-            return container, member, frame
+    if _PRIVATE in rest:
+        root, image_id = rest.split(_PRIVATE, 1)
+        rest = _PRIVATE_PATHS.resolve(root, image_id)
+    start = 0
+    while (at := rest.find(ZIP_SEP, start)) >= 0:  # the first "::" after a container (a folder may hold "::")
+        if is_container(rest[:at]):
+            return rest[:at], rest[at + len(ZIP_SEP):], frame
+        start = at + len(ZIP_SEP)
     return rest, None, frame
 
 

@@ -8,7 +8,7 @@ like DICOM: a chosen window, else a percentile window.
 """
 from __future__ import annotations
 
-import gzip
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -24,9 +24,18 @@ def is_nifti(name: str) -> bool:
     return name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def load_nifti(data: bytes) -> nib.Nifti1Image:
+# decompressed bytes allowed per pixel of the decoder's limit: a volume may hold many slices of that
+# size, but a few kilobytes of gzip must not be able to claim all of memory
+BYTES_PER_PIXEL_LIMIT = 32
+
+
+def load_nifti(data: bytes, max_pixels: int = 64_000_000) -> nib.Nifti1Image:
     if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+        limit = max_pixels * BYTES_PER_PIXEL_LIMIT
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+        data = inflate.decompress(data, limit)
+        if inflate.unconsumed_tail:
+            raise ValueError(f"the volume decompresses to more than {limit} bytes (the decoder's limit)")
     for kind in (nib.Nifti1Image, nib.Nifti2Image):
         try:
             return kind.from_bytes(data)
@@ -60,7 +69,7 @@ def nifti_slice_count(path: str) -> int:
 
 def decode_nifti(data: bytes, window: Window, index: int | None = None, max_pixels: int = 64_000_000) -> Image.Image:
     """One axial slice (default: the middle one) as an RGB image."""
-    img = load_nifti(data)
+    img = load_nifti(data, max_pixels)
     axial, lr, ap, ornt = _axes(img)
     n = 1 if axial < 0 else img.shape[axial]
     k = n // 2 if index is None else index
