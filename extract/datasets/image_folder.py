@@ -13,13 +13,13 @@ an annotations file with misnamed columns is reported rather than silently ignor
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
 
 from medembed.extract.datasets.base import ANNOTATION_EXTENSIONS, SYNTHETIC_MARKER
 from medembed.extract.imaging.dicom import DICOM_SUFFIXES
+from medembed.extract.imaging.locations import path_hash
 from medembed.extract.imaging.nifti import NIFTI_SUFFIXES
 from medembed.extract.imaging.raster import RASTER_SUFFIXES
 from medembed.extract.records import Dataset, Record
@@ -80,11 +80,10 @@ def read_folder(folder: Path, name: str) -> Dataset:
     found = [(full, rel) for full, rel in _walk(folder)
              if os.path.basename(rel) != SYNTHETIC_MARKER and _is_image(full, os.path.basename(rel))]
     private = any(_holds_uid(rel) for _, rel in found)
-    records = [Record(_hashed(rel) if private else rel, full, (), (), SPLIT) for full, rel in found]
+    records = [Record(path_hash(rel) if private else rel, full, (), (), SPLIT) for full, rel in found]
     warnings = [f"{folder}: paths hold DICOM UIDs, which identify studies: records are named by a hash of their "
                 "path and the cache keeps no path"] if private else []
     return Dataset(name, str(folder), NAME, records, {}, warnings=warnings, private_paths=private)
 
 
-def _hashed(rel: str) -> str:
-    return hashlib.sha256(rel.encode()).hexdigest()[:16]
+

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import itertools
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, find_column, hash_split, read_text
+from medembed.extract.imaging.locations import path_hash
 from medembed.extract.records import Dataset, Record
 
 NAME = "mimic-cxr"
@@ -152,7 +152,7 @@ def read_folder(root: Path, name: str, report_sections: str = "findings+impressi
                 hashed += 1
             by_subject.setdefault(subject, split)
             rel = image.relative_to(root).as_posix()
-            image_id = hashlib.sha256(rel.encode()).hexdigest()[:16]
+            image_id = path_hash(rel)
             records.append(Record(image_id, str(image), (caption,), (), split))
     warnings = []
     if hashed:

@@ -8,11 +8,13 @@
 
 A plain file never needs the separator; a frame is only ever written by the dataset reader that
 expanded a multi-frame file into one record per frame. A private location names the data folder and
-the record's id only: the path is found again by reading that folder with its layout (once per
-process), so caches, exports and the page never hold it.
+the record's id only, a hash of the image's path relative to that folder (`path_hash`): the path is
+found again by hashing the folder's file paths (once per process), so caches, exports and the page
+never hold it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -24,8 +26,14 @@ _FRAME = re.compile(re.escape(ZIP_SEP) + r"frame=(\d+)$")
 _PRIVATE = ZIP_SEP + PRIVATE_LOCATION
 
 
+def path_hash(relative: str) -> str:
+    """The id of an image whose path identifies a patient: 16 hex digits of the sha256 of its path
+    relative to the data folder (with "/" separators)."""
+    return hashlib.sha256(relative.encode()).hexdigest()[:16]
+
+
 class _PrivatePaths:
-    """id -> location of the records of data folders with private paths, read once per process."""
+    """path_hash -> file of the data folders holding private paths, built once per process."""
 
     def __init__(self) -> None:
         self._maps: dict[tuple[int, str], dict[str, str]] = {}
@@ -35,9 +43,13 @@ class _PrivatePaths:
         key = (os.getpid(), os.path.abspath(root))
         with self._lock:
             if key not in self._maps:
-                from medembed.extract.datasets import load_dataset  # the readers import this module
-
-                self._maps[key] = {r.image_id: r.image for r in load_dataset(root).records}
+                found: dict[str, str] = {}
+                for folder, dirs, files in os.walk(root):
+                    dirs.sort()
+                    for name in files:
+                        full = os.path.join(folder, name)
+                        found[path_hash(os.path.relpath(full, root).replace(os.sep, "/"))] = full
+                self._maps[key] = found
             found = self._maps[key].get(image_id)
         if found is None:
             raise FileNotFoundError(f"{root}: no image of id {image_id} (the data folder changed since extraction)")
