@@ -47,7 +47,7 @@ demo: install
 	$(PY) cli.py eval --run $(RUN) --split test --k 1,5,10 --fewshot-seeds 1
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow"

@@ -77,6 +77,24 @@ def test_ct_goes_through_the_modality_lut_then_the_chosen_window():
                           rounded(np.clip((raw - 999.5) / 499 + 0.5, 0, 1)))
 
 
+def test_a_voi_lut_sequence_wins_over_the_window(tmp_path):
+    """A VOI LUT in the file maps values through its table (PS3.3 C.11.2), before any window there."""
+    from pydicom.dataset import Dataset as DicomDataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(sample("MR_small.dcm"))
+    table = np.clip(np.arange(4096) // 10, 0, 255).astype(np.uint16)  # an 8-bit ramp over 0..2550
+    lut = DicomDataset()
+    lut.LUTDescriptor = [4096, 0, 8]
+    lut.add_new(0x00283006, "US", table.tolist())  # LUT Data as unsigned shorts (8-bit entries)
+    ds.VOILUTSequence = Sequence([lut])
+    ds.save_as(tmp_path / "voilut.dcm")
+    raw = pixel_array(ds).astype(int)
+    want = rounded(table[np.clip(raw, 0, 4095)] / 255.0)
+    assert np.array_equal(np.asarray(open_image(str(tmp_path / "voilut.dcm")))[..., 0], want)
+    assert not np.array_equal(want, decoded("MR_small.dcm")[..., 0])  # not what the window gives
+
+
 def test_monochrome1_is_inverted(tmp_path):
     ds = pydicom.dcmread(sample("MR_small.dcm"))
     ds.PhotometricInterpretation = "MONOCHROME1"

@@ -20,7 +20,7 @@ from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medembed.common.errors import MedembedError
@@ -193,9 +193,7 @@ def grayscale_unit(arr: np.ndarray, ds: DicomDataset, window: Window) -> np.ndar
         return linear(values, window.center, window.width)
     voi_luts = ds.get("VOILUTSequence")
     if voi_luts:
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
-        bits = int(voi_luts[0].LUTDescriptor[2])
-        return np.clip(out / (2**bits - 1), 0.0, 1.0)
+        return voi_lut_unit(values, voi_luts[0])
     centers, widths = ds.get("WindowCenter"), ds.get("WindowWidth")
     if centers is not None and widths is not None:
         center = float(centers[0] if _multi(centers) else centers)
@@ -203,6 +201,22 @@ def grayscale_unit(arr: np.ndarray, ds: DicomDataset, window: Window) -> np.ndar
         if width > 0:
             return linear(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
     return linear(values, *percentile_window(values))
+
+
+def voi_lut_unit(values: np.ndarray, item) -> np.ndarray:
+    """A VOI LUT table lookup (PS3.3 C.11.2.1.1): descriptor (entries, 0 meaning 65536; first value
+    mapped; bits per entry); values below the first map to the first entry, above the last to the
+    last; whole values index the table (the modality output rounded, as a viewer does)."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):  # OW: 16-bit words, or 8-bit entries packed two to a word
+        table = np.frombuffer(data, np.uint8 if bits <= 8 and len(data) == entries else np.dtype("<u2"))
+    else:
+        table = np.asarray(data if _multi(data) else [data], dtype=np.float64)
+    table = table[:entries].astype(np.float64)
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, len(table) - 1)
+    return np.clip(table[index] / (2**bits - 1), 0.0, 1.0)
 
 
 def _multi(value) -> bool:
