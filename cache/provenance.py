@@ -9,7 +9,8 @@ BACKBONE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "ima
 # What identifies the data the features describe.
 DATA_KEYS = ("dataset", "dataset_fingerprint", "image_decoding")  # decoding: window / frames when not the defaults
 # Keys that must match for features to be mixed or appended. Time, host and data location may differ.
-COMPARED = (*BACKBONE_KEYS, *DATA_KEYS, "split", "dtype", "views", "templates", "toolkit_version", "shard")
+COMPARED = (*BACKBONE_KEYS, *DATA_KEYS, "split", "dtype", "views", "templates", "toolkit_version", "shard",
+            "image_runtime")  # recorded when not PyTorch: features of two runtimes are never mixed
 # What a trained run records of the cache it was trained on (config.json "cache").
 RUN_RECORD_KEYS = (*BACKBONE_KEYS, *DATA_KEYS, "toolkit_version", "synthetic")
 

@@ -11,11 +11,13 @@ import os
 from medembed.cache.shards import merge_shards
 from medembed.common.device import resolve_device
 from medembed.extract.backbones import AugmentConfig, create_backbone
+from medembed.extract.backbones.onnx_runtime import choose_runtime
 from medembed.extract.extraction import (
     ExtractConfig,
     ExtractError,
     ExtractSummary,
     SplitSummary,
+    attach_runtime,
     cache_dir,
     check_split_overlap,
     extract_split,
@@ -28,6 +30,8 @@ def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
     device = resolve_device(cfg.device).type
     dataset = read_dataset(cfg)
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
+    if choose_runtime(cfg.runtime, device) == "onnx":
+        attach_runtime(bb, cfg, dataset.name, [])
     return extract_split(bb, dataset, split, cfg, device)
 
 

@@ -30,6 +30,7 @@ from medembed.common.errors import MedembedError
 from medembed.common.files import relative_to, slug
 from medembed.common.version import __version__
 from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone
+from medembed.extract.backbones.onnx_runtime import choose_runtime, use_onnx_images
 from medembed.extract.datasets import load_dataset
 from medembed.extract.datasets.frames import DEFAULT_FRAMES, expand_frames, parse_frames
 from medembed.extract.imaging import DecodeOptions
@@ -44,6 +45,7 @@ DEFAULT_TEMPLATES = (
     "an image showing {name}",
 )
 TEXT_BATCH = 256
+GRAPHS_DIR = "graphs"  # exported runtime graphs, in the cache folder beside the split files
 
 
 class ExtractError(MedembedError, RuntimeError):
@@ -69,6 +71,7 @@ class ExtractConfig:
     window: str = "auto"  # intensity window of DICOM / NIfTI / 16-bit images: auto, a preset, or CENTRE,WIDTH
     frames: str = "middle"  # multi-frame DICOM and NIfTI volumes: middle, all, or N evenly spaced frames
     report_sections: str | None = None  # MIMIC-CXR / OpenI captions: findings, impression, findings+impression, all
+    runtime: str = "auto"  # image tower on the CPU: torch, onnx (ONNX Runtime), auto (onnx when installed)
 
     def decode_options(self) -> DecodeOptions:
         try:
@@ -148,6 +151,7 @@ class ExtractSummary:
     warnings: list[str] = field(default_factory=list)  # what the dataset reader dropped, with file and line
     layout: str = ""  # the dataset layout detected (imageclef2023, imageclef2022, generic)
     found: str = ""  # what the reader found, in a line
+    runtime: str = ""  # what ran the image tower
 
 
 def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
@@ -291,15 +295,19 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
 
 
 def _up_to_date(final: Path, prov: dict, summary: SplitSummary, cfg: ExtractConfig, shard) -> SplitSummary:
-    """A finished file of the same provenance is kept; one of another provenance is never mixed."""
+    """A finished file of the same provenance is kept; one of another provenance is never mixed. A
+    file another runtime made (PyTorch vs ONNX Runtime: the same graph, features equal to float
+    rounding) is kept as it is, said in its status: nothing is mixed into it."""
     attrs = read_attrs(final)
     diffs = differences(attrs, prov)
-    if diffs:
+    runtime_only = [d for d in diffs if d.startswith("image_runtime:")]
+    if len(runtime_only) < len(diffs):
         raise ProvenanceMismatch(final, diffs)
     PartStore(final).remove()  # left over when a run died between rename and clean-up
     if shard is not None:  # the run may have died between the rename and the marker
         write_done_marker(final, n_images=attrs["n_images"], n_captions=attrs["n_captions"], shard=cfg.shard)
-    summary.status, summary.images, summary.captions = "up to date", attrs["n_images"], attrs["n_captions"]
+    made_by = f" (made by {attrs.get('image_runtime') or 'PyTorch'}, kept)" if runtime_only else ""
+    summary.status, summary.images, summary.captions = f"up to date{made_by}", attrs["n_images"], attrs["n_captions"]
     summary.skipped = read_skipped(final)
     return summary
 
@@ -402,6 +410,19 @@ def read_dataset(cfg: ExtractConfig, dataset: Dataset | None = None) -> Dataset:
     return expand_frames(dataset, frames)
 
 
+def attach_runtime(bb, cfg: ExtractConfig, dataset_name: str, notes: list[str]) -> None:
+    """The image tower on ONNX Runtime; a tower the exporter cannot express stays on PyTorch under
+    `auto` (with a note), and is a one-line error when ONNX was asked for by name."""
+    try:
+        use_onnx_images(bb, cache_dir(cfg.out, dataset_name, bb.name) / GRAPHS_DIR)
+    except Exception as e:  # noqa: BLE001 - any exporter failure means: this tower has no ONNX form here
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if cfg.runtime == "onnx":
+            raise ExtractError(f"--runtime onnx: {bb.name}'s image tower could not be exported to ONNX ({why}); "
+                               "use --runtime torch") from None
+        notes.append(f"{bb.name}: image tower not exportable to ONNX ({why}); encoded with PyTorch")
+
+
 def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -> ExtractSummary:
     """Every split in `cfg.splits` (default: all) of the dataset. `backbone` / `dataset` may be
     passed in already built (a fine-tuned backbone exists only as an object, not as a registry
@@ -415,6 +436,9 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     device = resolve_device(cfg.device).type
     # no flips for the stored views: radiology captions name the patient's left and right
     bb = backbone or create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
+    notes: list[str] = []
+    if choose_runtime(cfg.runtime, device, notes.append) == "onnx" and bb.image_runtime is None:
+        attach_runtime(bb, cfg, dataset.name, notes)
     memo: dict = {}
     results = [extract_split(bb, dataset, s, cfg, device, memo) for s in splits]
     return ExtractSummary(
@@ -424,8 +448,9 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
         device=device,
         out_dir=str(cache_dir(cfg.out, dataset.name, bb.name)),
         splits=results,
-        warnings=overlap + list(getattr(dataset, "warnings", [])),
+        warnings=overlap + notes + list(getattr(dataset, "warnings", [])),
         layout=dataset.layout,
+        runtime=bb.provenance.get("image_runtime", f"torch {torch.__version__}"),
         found=describe_dataset(dataset),
     )
 

@@ -68,6 +68,8 @@ class Backbone:
     provenance: dict[str, str]
     extra_modules: tuple[nn.Module, ...] = field(default=(), repr=False)
     cpu_micro_batch: int = 0  # > 0: run inference on the CPU this many images at a time (see encode_images)
+    # the image tower as another runtime runs it on the CPU (see onnx_runtime.use_onnx_images); None: PyTorch
+    image_runtime: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     def to(self, device: str | torch.device) -> Backbone:
         for module in (*self.extra_modules, self.image_model, self.text_model):
@@ -89,7 +91,8 @@ class Backbone:
         self.image_model.eval()
         pixels = pixels.to(self.device, non_blocking=True)
         step = self.cpu_micro_batch if self.device.type == "cpu" and self.cpu_micro_batch > 0 else len(pixels)
-        return torch.cat([self.image_model(pixels[s : s + step]).float() for s in range(0, len(pixels), max(step, 1))])
+        tower = self.image_runtime if self.image_runtime is not None and self.device.type == "cpu" else self.image_model
+        return torch.cat([tower(pixels[s : s + step]).float() for s in range(0, len(pixels), max(step, 1))])
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
