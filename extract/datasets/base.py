@@ -155,6 +155,26 @@ def read_positional_table(path: Path, delimiter: str) -> IdRows:
     return out
 
 
+def concept_list(value: object, where: str) -> list[str]:
+    """Concept ids given as a list of strings or one ";"-joined string (None: none); `where` names the
+    file, row and field for the error ("{where} must be a list of strings or a ';'-joined string")."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return split_concepts(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return split_concepts(";".join(value))
+    raise DatasetError(f"{where} must be a list of strings or a ';'-joined string")
+
+
+def first_concept_names(root: Path, candidates: tuple[str, ...]) -> dict[str, str]:
+    """CUI -> name from the first of `candidates` (CUI,Canonical name files) present in `root`."""
+    for candidate in candidates:
+        if (root / candidate).is_file():
+            return read_concept_names(root / candidate, ",")
+    return {}
+
+
 def read_concept_names(path: Path, delimiter: str) -> dict[str, str]:
     names: dict[str, str] = {}
     for cui, (_, name) in read_positional_table(path, delimiter).values.items():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from medembed.extract.datasets.base import (
     SPLIT_NAME,
+    first_concept_names,
     imageclef_splits,
-    read_concept_names,
     read_header_table,
 )
 from medembed.extract.records import Dataset
@@ -28,9 +28,5 @@ def read_folder(root: Path, name: str) -> Dataset:
         root, CAPTIONS, lambda path: read_header_table(path, ("caption", "captions"), "Caption"),
         lambda split: root / f"{split}_concepts.csv",
         lambda path: read_header_table(path, ("cuis", "cui", "concepts"), "CUIs"))
-    concept_names: dict[str, str] = {}
-    for candidate in ("cui_names.csv", "cui_mapping.csv"):
-        if (root / candidate).is_file():
-            concept_names = read_concept_names(root / candidate, ",")
-            break
+    concept_names = first_concept_names(root, ("cui_names.csv", "cui_mapping.csv"))
     return Dataset(name, str(root), "imageclef2023", records, concept_names, warnings=warnings)

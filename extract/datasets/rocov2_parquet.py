@@ -17,7 +17,7 @@ from typing import Any
 
 from medembed.common.splits import split_key
 from medembed.extract.containers import parquet_image_column
-from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, read_concept_names, split_concepts
+from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, concept_list, first_concept_names
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 
 NAME = "rocov2-parquet"
@@ -91,23 +91,10 @@ def read_folder(root: Path, name: str) -> Dataset:
             if not caption:
                 empty.append(f"{image_id} (row {row})")
                 continue
-            records.append(Record(image_id, f"{path}{ZIP_SEP}{row}", (caption,), tuple(_concepts(cui, path, row)), split))
+            records.append(Record(image_id, f"{path}{ZIP_SEP}{row}", (caption,), tuple(concept_list(cui, f"{path}: row {row}: cui")), split))
         if empty:
             more = ", ..." if len(empty) > MAX_LINES_LISTED else ""
             warnings.append(f"{path}: dropped {len(empty)} empty caption(s) of {', '.join(empty[:MAX_LINES_LISTED])}{more}")
-    concept_names: dict[str, str] = {}
-    for candidate in ("cui_mapping.csv", "cui_names.csv"):
-        if (root / candidate).is_file():
-            concept_names = read_concept_names(root / candidate, ",")
-            break
+    concept_names = first_concept_names(root, ("cui_mapping.csv", "cui_names.csv"))
     return Dataset(name, str(root), NAME, records, concept_names, warnings=warnings)
 
-
-def _concepts(value: object, path: Path, row: int) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return split_concepts(value)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return split_concepts(";".join(value))
-    raise DatasetError(f"{path}: row {row}: cui must be a list of strings or a ';'-joined string")

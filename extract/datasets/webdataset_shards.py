@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medembed.common.splits import split_key
-from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, hash_split, split_concepts
+from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, concept_list, hash_split
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 
 NAME = "webdataset"
@@ -84,7 +84,7 @@ def read_folder(root: Path, name: str) -> Dataset:
                 dropped.append(image_id)
                 continue
             sample_split = split or _split_of(sample.meta.get("split"), shard, key)
-            concepts = _concepts(sample.meta.get("labels", sample.meta.get("concepts")), shard, key)
+            concepts = concept_list(sample.meta.get("labels", sample.meta.get("concepts")), f"{shard}::{key}.json: labels")
             records.append(Record(image_id, f"{shard}{ZIP_SEP}{image}", (caption,), tuple(concepts), sample_split or ""))
     warnings = []
     if records and not any(r.split for r in records):
@@ -143,12 +143,3 @@ def _split_of(value: object, shard: Path, key: str) -> str | None:
         raise DatasetError(f"{shard}::{key}.json: split must be a string, found {type(value).__name__}")
     return SPLITS.get(value.strip().lower(), value.strip())
 
-
-def _concepts(value: object, shard: Path, key: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return split_concepts(value)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return split_concepts(";".join(value))
-    raise DatasetError(f"{shard}::{key}.json: labels must be a list of strings or a ';'-joined string")
