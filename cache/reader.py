@@ -128,16 +128,17 @@ class CachedSplit:
         relative to this cache file when data and features moved together, else the absolute one."""
         return recorded_data_root(self.attrs, self.path)
 
-    def image_path(self, row: int) -> str:
-        """Where image `row` lives: its recorded location joined onto the data root ("" when unknown);
-        an archive member keeps its `ARCHIVE.zip::member` form."""
+    def image_path(self, row: int, root: str | Path | None = None) -> str:
+        """Where image `row` lives: its recorded location joined onto the data root (or `root`, a
+        dataset folder given by hand; "" when unknown); an archive member keeps its
+        `ARCHIVE.zip::member` form, a private location its `ROOT::private:ID` form."""
         loc = self.image_locations[row] if row < len(self.image_locations) else ""
         if not loc:
             return ""
+        root = str(root) if root is not None else self.data_root
         if loc.startswith(schema.PRIVATE_LOCATION):  # resolved by reading the data folder again
-            return f"{self.data_root}{schema.ZIP_SEP}{loc}"
+            return f"{root}{schema.ZIP_SEP}{loc}"
         archive, sep, member = loc.partition(schema.ZIP_SEP)
-        root = self.data_root
         if root and not os.path.isabs(archive):
             archive = os.path.join(root, archive)
         return archive + sep + member

@@ -21,7 +21,6 @@ from medembed.adapt.data import caption_keys
 from medembed.adapt.state import Encoders
 from medembed.adapt.tuning.towers import MidActivations, plain
 from medembed.cache.reader import CachedSplit
-from medembed.cache.schema import PRIVATE_LOCATION, ZIP_SEP
 from medembed.common.errors import ToolError
 from medembed.extract.backbones import Backbone
 from medembed.extract.imaging import DecodeOptions, open_image
@@ -85,9 +84,7 @@ class RawImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         row = int(self.split.caption_image[i])
-        location = self.split.image_locations[row]
-        # a private location (a path that identifies a patient) is resolved by reading the data folder
-        path = f"{self.root}{ZIP_SEP}{location}" if location.startswith(PRIVATE_LOCATION) else str(self.root / location)
+        path = self.split.image_path(row, self.root)
         try:
             image = open_image(path, self.decode)
         except Exception as e:

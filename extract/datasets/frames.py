@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from medembed.common.errors import MedembedError
 from medembed.extract.imaging.dicom import frame_count, is_dicom
-from medembed.extract.imaging.locations import read_image_bytes, split_location, with_frame
+from medembed.extract.imaging.locations import read_at, split_location, with_frame
 from medembed.extract.imaging.nifti import is_nifti, nifti_slice_count
 from medembed.extract.records import Dataset, Record
 
@@ -51,21 +51,19 @@ def _frames_of(location: str) -> int:
     (the decoder reports the problem with the record, where it is counted)."""
     path, member, frame = split_location(location)
     name = member or path
-    if frame is not None:
+    if frame is not None or (member is not None and is_nifti(name)):
         return 1
     try:
         if is_nifti(name):
-            return nifti_slice_count(path) if member is None else 1
+            return nifti_slice_count(path)  # from the header alone
+        if member is not None:  # a container member is read whole anyway
+            data = read_at(path, member)
+            return max(frame_count(data), 1) if is_dicom(data, name) else 1
         with open(path, "rb") as f:
-            head = f.read(132) if member is None else b""
-        if member is not None or is_dicom(head, name):
-            data = read_image_bytes(location) if member is not None else path
-            if member is not None and not is_dicom(data, name):
-                return 1
-            return max(frame_count(data), 1)
+            head = f.read(132)
+        return max(frame_count(path), 1) if is_dicom(head, name) else 1  # the header, not the pixels
     except Exception:  # noqa: BLE001 - unreadable: one record, reported when it is decoded
         return 1
-    return 1
 
 
 def expand_frames(dataset: Dataset, spec: str | int) -> Dataset:

@@ -18,6 +18,7 @@ from medembed.extract.imaging.dicom import NotAnImage, TooLarge, decode_dicom, i
 from medembed.extract.imaging.locations import (
     frame_of,
     image_size,
+    read_at,
     read_image_bytes,
     split_location,
     with_frame,
@@ -67,8 +68,8 @@ DEFAULT_DECODE = DecodeOptions()
 
 def open_image(location: str, options: DecodeOptions = DEFAULT_DECODE, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode fully (not lazily) so truncated files fail here, inside the caller's skip-and-report guard."""
-    container, member, frame = split_location(location)
-    return decode_image(read_image_bytes(location), member or container, options, frame, max_pixels)
+    container, member, frame = split_location(location)  # parsed (and a private path found) once
+    return decode_image(read_at(container, member), member or container, options, frame, max_pixels)
 
 
 def decode_image(data: bytes, name: str = "", options: DecodeOptions = DEFAULT_DECODE, frame: int | None = None,

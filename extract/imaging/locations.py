@@ -110,6 +110,11 @@ def fingerprint_size(location: str) -> int:
 
 def read_image_bytes(location: str) -> bytes:
     path, member, _ = split_location(location)
+    return read_at(path, member)
+
+
+def read_at(path: str, member: str | None) -> bytes:
+    """The bytes of a file, or of a member of the container at `path` (see `split_location`)."""
     if member is not None:
         return read_member(path, member)
     with open(path, "rb") as f:
