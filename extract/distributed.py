@@ -11,7 +11,6 @@ import os
 from medembed.cache.shards import merge_shards
 from medembed.common.device import resolve_device
 from medembed.extract.backbones import AugmentConfig, create_backbone
-from medembed.extract.backbones.onnx_runtime import choose_runtime
 from medembed.extract.extraction import (
     ExtractConfig,
     ExtractError,
@@ -30,8 +29,7 @@ def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
     device = resolve_device(cfg.device).type
     dataset = read_dataset(cfg)
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
-    if choose_runtime(cfg.runtime, device) == "onnx":
-        attach_runtime(bb, cfg, dataset.name, [])
+    attach_runtime(bb, cfg, dataset.name, device, [])
     return extract_split(bb, dataset, split, cfg, device)
 
 

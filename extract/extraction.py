@@ -189,7 +189,7 @@ def split_provenance(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> di
         "shard": cfg.shard or "",
         "image_dim": int(bb.image_dim),
         "text_dim": int(bb.text_dim),
-        **({"image_decoding": cfg.decoding()} if cfg.decoding() else {}),
+        **({"image_decoding": decoding} if (decoding := cfg.decoding()) else {}),
     }
 
 
@@ -410,9 +410,12 @@ def read_dataset(cfg: ExtractConfig, dataset: Dataset | None = None) -> Dataset:
     return expand_frames(dataset, frames)
 
 
-def attach_runtime(bb, cfg: ExtractConfig, dataset_name: str, notes: list[str]) -> None:
-    """The image tower on ONNX Runtime; a tower the exporter cannot express stays on PyTorch under
-    `auto` (with a note), and is a one-line error when ONNX was asked for by name."""
+def attach_runtime(bb, cfg: ExtractConfig, dataset_name: str, device: str, notes: list[str]) -> None:
+    """The image tower on the runtime `cfg.runtime` chooses for `device` (see `choose_runtime`): on
+    ONNX Runtime, a tower the exporter cannot express stays on PyTorch under `auto` (with a note), and
+    is a one-line error when ONNX was asked for by name. Every distributor calls this."""
+    if bb.image_runtime is not None or choose_runtime(cfg.runtime, device, notes.append) != "onnx":
+        return
     try:
         use_onnx_images(bb, cache_dir(cfg.out, dataset_name, bb.name) / GRAPHS_DIR)
     except Exception as e:  # noqa: BLE001 - any exporter failure means: this tower has no ONNX form here
@@ -437,8 +440,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     # no flips for the stored views: radiology captions name the patient's left and right
     bb = backbone or create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     notes: list[str] = []
-    if choose_runtime(cfg.runtime, device, notes.append) == "onnx" and bb.image_runtime is None:
-        attach_runtime(bb, cfg, dataset.name, notes)
+    attach_runtime(bb, cfg, dataset.name, device, notes)
     memo: dict = {}
     results = [extract_split(bb, dataset, s, cfg, device, memo) for s in splits]
     return ExtractSummary(

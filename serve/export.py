@@ -33,10 +33,9 @@ from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.common.errors import ToolError
-from medembed.common.files import folder_state, replace_folder, slug, staging_folder
+from medembed.common.files import folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
-from medembed.evaluate.new_data import open_runs
-from medembed.serve.index import ALL_SPLITS, heads_sha256
+from medembed.serve.index import ALL_SPLITS, heads_sha256, pool_name, pool_run
 
 __all__ = ["EXPORT_FORMATS", "ExportOptions", "ExportSummary", "export_embeddings", "format_export_summary"]
 
@@ -170,15 +169,14 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     run_dir = Path(run_dir)
     _check_parquet_engine()  # metadata is parquet in both layouts
     if run is None and options.data is not None:
-        (run,) = open_runs([run_dir], options.data, None if options.split == ALL_SPLITS else [options.split],
-                           options.features_root)
+        run = pool_run(run_dir, options.data, options.split, options.features_root)
     if run is None:
         run = open_run(run_dir)
     files = run.split_files()
     if options.split != ALL_SPLITS and options.split not in files:
         raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
-    pool = f"{slug(Path(options.data).name)}-" if options.data is not None else ""
+    pool = f"{pool_name(options.data)}-" if options.data is not None else ""  # named as its index is
     out = Path(options.out) if options.out else run_dir / "export" / f"{pool}{options.split}-{options.format}"
     _check_out(out, options.overwrite)
     with exclusive(out, "export"):

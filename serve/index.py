@@ -175,6 +175,12 @@ def pool_name(data: str | Path) -> str:
     return slug(Path(os.path.normpath(Path(data).expanduser().absolute())).name)
 
 
+def pool_run(run_dir: str | Path, data: str | Path, split: str, features_root: str | Path):
+    """The run pointed at `data` (a dataset folder) encoded by its own backbone, `split` of it or all."""
+    (run,) = open_runs([run_dir], data, None if split == ALL_SPLITS else [split], features_root)
+    return run
+
+
 def ids_sha256(ids: list[str]) -> str:
     h = hashlib.sha256()
     for i in ids:
@@ -280,8 +286,7 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
 
 def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) -> tuple[Path, IndexMeta]:
     if run is None and options.data is not None:
-        (run,) = open_runs([run_dir], options.data, None if options.split == ALL_SPLITS else [options.split],
-                           options.features_root)
+        run = pool_run(run_dir, options.data, options.split, options.features_root)
     if run is None:
         run = open_run(run_dir)
     if getattr(run, "checkpoint", None) is not None:
