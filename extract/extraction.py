@@ -30,7 +30,7 @@ from medembed.common.errors import MedembedError
 from medembed.common.files import relative_to, slug
 from medembed.common.version import __version__
 from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone
-from medembed.extract.backbones.onnx_runtime import choose_runtime, use_onnx_images
+from medembed.extract.backbones import onnx_runtime
 from medembed.extract.datasets import load_dataset
 from medembed.extract.datasets.frames import DEFAULT_FRAMES, expand_frames, parse_frames
 from medembed.extract.imaging import DecodeOptions
@@ -411,19 +411,12 @@ def read_dataset(cfg: ExtractConfig, dataset: Dataset | None = None) -> Dataset:
 
 
 def attach_runtime(bb, cfg: ExtractConfig, dataset_name: str, device: str, notes: list[str]) -> None:
-    """The image tower on the runtime `cfg.runtime` chooses for `device` (see `choose_runtime`): on
-    ONNX Runtime, a tower the exporter cannot express stays on PyTorch under `auto` (with a note), and
-    is a one-line error when ONNX was asked for by name. Every distributor calls this."""
-    if bb.image_runtime is not None or choose_runtime(cfg.runtime, device, notes.append) != "onnx":
-        return
+    """The image tower on the runtime `cfg.runtime` chooses for `device` (see `onnx_runtime.attach`);
+    cached captions stay on PyTorch, which encodes batches of them as fast. Every distributor calls this."""
     try:
-        use_onnx_images(bb, cache_dir(cfg.out, dataset_name, bb.name) / GRAPHS_DIR)
-    except Exception as e:  # noqa: BLE001 - any exporter failure means: this tower has no ONNX form here
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if cfg.runtime == "onnx":
-            raise ExtractError(f"--runtime onnx: {bb.name}'s image tower could not be exported to ONNX ({why}); "
-                               "use --runtime torch") from None
-        notes.append(f"{bb.name}: image tower not exportable to ONNX ({why}); encoded with PyTorch")
+        onnx_runtime.attach(bb, cfg.runtime, device, cache_dir(cfg.out, dataset_name, bb.name) / GRAPHS_DIR, notes)
+    except ValueError as e:
+        raise ExtractError(str(e)) from None
 
 
 def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -> ExtractSummary:

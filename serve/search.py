@@ -28,6 +28,9 @@ from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.new_data import open_runs
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
+from medembed.extract.backbones import onnx_runtime
+from medembed.extract.backbones.core import Backbone
+from medembed.extract.extraction import GRAPHS_DIR
 from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, open_image
 from medembed.extract.worker import describe_failure
 from medembed.serve.explain import explain
@@ -115,7 +118,8 @@ class Searcher:
     """One run's pool, ready for queries: embeddings projected once, the backbone loaded once."""
 
     def __init__(self, run_ref, split: str | None = None, data: str | Path | None = None,
-                 features_root: str | Path = "features", backbone=None, use_index: bool = True):
+                 features_root: str | Path = "features", backbone=None, use_index: bool = True,
+                 runtime: str = "auto"):
         (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root)
         files = self.run.split_files()
         if split is not None and split not in files:
@@ -124,6 +128,9 @@ class Searcher:
         self.split = split
         self.model: EmbeddingModel = model_from_run(self.run)
         self._backbone = backbone
+        self.runtime = runtime  # queries' encoders: torch, onnx or auto (ONNX Runtime on the CPU)
+        self.notes: list[str] = []  # one line each where a query encoder could not take the runtime asked for
+        self._on_runtime = False
         self._images: torch.Tensor | None = None
         self._captions: torch.Tensor | None = None
         self._image_offsets: torch.Tensor | None = None
@@ -140,8 +147,14 @@ class Searcher:
     # -- embeddings ---------------------------------------------------------------------------
     @property
     def backbone(self):
-        if self._backbone is None:
-            self._backbone = run_backbone(self.run)
+        """The run's backbone with its towers on the query runtime: graphs are cached in the pool's
+        features folder (graphs/), made on first use."""
+        if not self._on_runtime:
+            backbone = self._backbone if self._backbone is not None else run_backbone(self.run)
+            if isinstance(backbone, Backbone):
+                onnx_runtime.attach(backbone, self.runtime, backbone.device.type, self.run.features_dir / GRAPHS_DIR,
+                                    self.notes, texts=True)
+            self._backbone, self._on_runtime = backbone, True
         return self._backbone
 
     @property
@@ -295,6 +308,7 @@ def search(
     data: str | Path | None = None,
     features_root: str | Path = "features",
     explain_maps: bool = False,
+    runtime: str = "auto",
 ) -> SearchResult:
     """Top-k for a caption (-> images) or an image file (-> captions; -> similar images in a pool
     without captions) over the run's cached pool.
@@ -306,7 +320,8 @@ def search(
     drives its score against the query). `backbone` may be passed in to reuse a loaded one.
     `run_dir` may also be an unfreezing run folder or its `finetuned.safetensors`; `data` searches
     that dataset's raw images and captions (encoded by the run's backbone, cached under
-    `features_root`) instead of the run's own cache.
+    `features_root`) instead of the run's own cache. `runtime` runs the query's encoder (torch, onnx,
+    or auto: ONNX Runtime on the CPU); where it could not be used, the result's notes say so.
     """
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
@@ -314,7 +329,7 @@ def search(
         raise ValueError("--text: the query is empty")
     if image is not None:
         read_query_image(image)  # a bad file is refused before anything is loaded
-    searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index)
+    searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index, runtime=runtime)
     if explain_maps and (text is None or out is None):
         raise ValueError("--explain draws heat maps over the images a --text query retrieves: it needs --text and --out")
     if text is not None:
@@ -327,6 +342,7 @@ def search(
         else:  # an image-only collection: the nearest images instead of captions
             result = searcher.images(query, k, by="image")
             result.notes.append("the pool has no captions (an image-only collection): these are the most similar images")
+    result.notes.extend(searcher.notes)
     if out is not None:
         draw(result, searcher, out, text=text, image=image, query=query if explain_maps else None)
     return result

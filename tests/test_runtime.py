@@ -1,6 +1,7 @@
-"""The image tower on ONNX Runtime: the same features as PyTorch within float rounding, a graph that
-follows the weights it was exported from, the runtime in the cache's provenance, and a clear answer
-when the runtime is missing."""
+"""The towers on ONNX Runtime: the same features as PyTorch within float rounding (images and texts,
+padding included), a graph that follows the weights it was exported from and is refused when it
+disagrees, the runtime in the cache's provenance, queries of search on it, and a clear answer when
+the runtime is missing."""
 from __future__ import annotations
 
 import errno
@@ -14,7 +15,14 @@ from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch
 from medembed.cache.reader import load_split, read_attrs
 from medembed.extract.backbones import create_backbone, onnx_runtime
-from medembed.extract.backbones.onnx_runtime import choose_runtime, export_image_tower, use_onnx_images
+from medembed.extract.backbones.onnx_runtime import (
+    GraphMismatch,
+    choose_runtime,
+    export_image_tower,
+    export_text_tower,
+    use_onnx_images,
+    use_onnx_texts,
+)
 from medembed.extract.datasets import load_dataset
 from medembed.extract.extraction import ExtractConfig, ExtractError, extract
 from medembed.extract.imaging import open_image
@@ -40,6 +48,53 @@ def test_onnx_features_equal_pytorch_on_real_images(name, roco_pixels, tmp_path)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.99999
     assert bb.provenance["image_runtime"].startswith("onnxruntime==")
+
+
+@pytest.fixture(scope="module")
+def roco_captions():
+    records = load_dataset(shared_dataset("roco-rad")).split("test")
+    captions = [r.captions[0] for r in records[:40]]
+    return sorted(captions, key=len)[::3] + ["CT", "MRI brain"]  # short and long ones batched together: padding
+
+
+@pytest.mark.parametrize("name", ["effnet-lite0-ms+minilm", "tiny-clip"])
+def test_onnx_text_features_equal_pytorch_on_real_captions(name, roco_captions, tmp_path):
+    bb = create_backbone(name)
+    want = bb.encode_texts(roco_captions, batch_size=8).numpy()
+    use_onnx_texts(bb, tmp_path)
+    got = bb.encode_texts(roco_captions, batch_size=8).numpy()
+    single = bb.encode_texts(roco_captions[-1:]).numpy()  # one live query: no padding at all
+    assert got.shape == want.shape == (len(roco_captions), bb.text_dim)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(single - want[-1:]).max() <= 1e-4 * np.abs(want).max()
+    assert bb.text_runtime.path.parent == tmp_path and export_text_tower(bb, tmp_path) == bb.text_runtime.path
+
+
+def test_a_graph_that_disagrees_with_pytorch_is_refused_and_deleted(tmp_path, monkeypatch):
+    bb = create_backbone("tiny-clip")
+    real_export = onnx_runtime.export_module
+
+    def skewed(module, inputs, path, dynamic, output="features"):
+        with torch.no_grad():  # the graph gets weights the module does not have
+            saved = [p.clone() for p in module.parameters()]
+            for p in module.parameters():
+                p.mul_(1.5)
+            try:
+                real_export(module, inputs, path, dynamic, output)
+            finally:
+                for p, value in zip(module.parameters(), saved):
+                    p.copy_(value)
+
+    monkeypatch.setattr(onnx_runtime, "export_module", skewed)
+    with pytest.raises(GraphMismatch, match=r"tiny-clip-image-.*\.onnx: the exported graph differs from PyTorch"):
+        export_image_tower(bb, tmp_path)
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*.json"))
+    notes: list[str] = []
+    onnx_runtime.attach(bb, "auto", "cpu", tmp_path, notes, texts=True)
+    assert bb.image_runtime is None and bb.text_runtime is None
+    assert len(notes) == 2 and "image tower not run by ONNX Runtime" in notes[0]
+    with pytest.raises(ValueError, match="--runtime onnx: tiny-clip's image tower could not be run by ONNX Runtime"):
+        onnx_runtime.attach(bb, "onnx", "cpu", tmp_path, [])
 
 
 def test_a_graph_follows_the_weights_it_was_exported_from(tmp_path):

@@ -264,7 +264,8 @@ def test_serve_listens_before_loading_and_serves_on_that_socket(served, monkeypa
     def searcher(*args, **kwargs):
         with socket.create_connection(("127.0.0.1", port), timeout=2):  # the port already takes connections
             seen["listening"] = True
-        return SimpleNamespace(backbone=None, image_embeddings=None, index=None, pool=SimpleNamespace(image_of=[0] * 3))
+        return SimpleNamespace(backbone=None, image_embeddings=None, index=None, pool=SimpleNamespace(image_of=[0] * 3),
+                               notes=[])
 
     def run_server(searcher, host, port, sock):
         seen["served on"] = sock.getsockname()
@@ -292,3 +293,24 @@ def test_every_answer_says_how_its_scores_were_ranked(served):
         assert got["cosine"] == pytest.approx(hit.cosine, abs=1e-4)
     upload = served["client"].post("/api/search/image", content=_png(), headers={"content-type": "image/png"}).json()
     assert upload["ranked_by"] and upload["captions_ranked_by"] and "cosine" in upload["captions"][0]
+
+
+def test_queries_run_on_onnx_runtime_and_rank_as_pytorch_does(served, monkeypatch):
+    on_onnx, on_torch = Searcher(served["run"]), Searcher(served["run"], runtime="torch")
+    assert on_onnx.backbone.text_runtime is not None and on_onnx.backbone.image_runtime is not None
+    assert on_torch.backbone.text_runtime is None and on_torch.backbone.image_runtime is None
+    graphs = sorted(p.name for p in (on_onnx.run.features_dir / "graphs").glob("*.onnx"))
+    assert [g.split("-")[1] for g in graphs] == ["clip", "clip"] and len(graphs) == 2  # tiny-clip-image, -text
+    query = served["test"].captions[5]
+    a, b = on_onnx.embed_text(query), on_torch.embed_text(query)
+    assert (a - b).abs().max() < 1e-4
+    image = served["root"] / "query.png"
+    image.write_bytes(_png())
+    assert (on_onnx.embed_image(image) - on_torch.embed_image(image)).abs().max() < 1e-4
+    assert [h.image_id for h in on_onnx.images(a, 5).hits] == [h.image_id for h in on_torch.images(b, 5).hits]
+    monkeypatch.setattr("medembed.extract.backbones.onnx_runtime.onnxruntime_version", lambda: None)
+    result = CliRunner().invoke(main, ["search", "--run", str(served["run"]), "--text", query, "--runtime", "onnx"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        "Error: --runtime onnx needs onnxruntime: pip install onnx onnxruntime (or --runtime torch)"]
+    fallback = search(served["run"], text=query, k=3)
+    assert any("onnxruntime is not installed" in n for n in fallback.notes)

@@ -25,6 +25,11 @@ class Tower(nn.Module):
     def blocks(self) -> list[nn.Module]:
         raise NotImplementedError
 
+    def exportable(self) -> nn.Module:
+        """The same function in a form `torch.onnx.export` traces faithfully (no branches on the
+        inputs' values): the tower itself unless a subclass knows better."""
+        return self
+
 
 class BlockGroup(nn.Module):
     """Shares (does not copy) a set of parameters and modules under one nn.Module.
@@ -70,6 +75,8 @@ class Backbone:
     cpu_micro_batch: int = 0  # > 0: run inference on the CPU this many images at a time (see encode_images)
     # the image tower as another runtime runs it on the CPU (see onnx_runtime.use_onnx_images); None: PyTorch
     image_runtime: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    # the text tower on another runtime (tokens by name -> features); None: PyTorch
+    text_runtime: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     def to(self, device: str | torch.device) -> Backbone:
         for module in (*self.extra_modules, self.image_model, self.text_model):
@@ -106,11 +113,12 @@ class Backbone:
         out = torch.empty(len(texts), self.text_dim, dtype=torch.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         device = self.device
+        tower = self.text_runtime if self.text_runtime is not None and device.type == "cpu" else self.text_model
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             tokens = self.tokenize([texts[i] for i in idx])
             tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
-            out[idx] = self.text_model(**tokens).float().cpu()
+            out[idx] = tower(**tokens).float().cpu()
         return out
 
     def image_blocks(self) -> list[nn.Module]:

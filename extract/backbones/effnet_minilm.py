@@ -122,6 +122,31 @@ class MeanPooledEncoder(Tower):
     def blocks(self) -> list[nn.Module]:
         return [self.encoder.embeddings, *self.encoder.encoder.layer]
 
+    def exportable(self) -> nn.Module:
+        return ExplicitMaskEncoder(self.encoder)
+
+
+class ExplicitMaskEncoder(nn.Module):
+    """The same encoder and pooling with BERT's additive attention mask built here and handed to each
+    layer. The library's own mask builder branches on the mask's values (no padding: no mask at all),
+    which tracing freezes at the example's case, so its exported graph ignores padding; this form
+    has no such branch and equals the tower to float rounding (tests/test_runtime.py)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        keep = attention_mask[:, None, None, :].to(x.dtype)
+        additive = (1.0 - keep) * torch.finfo(x.dtype).min
+        for layer in self.encoder.encoder.layer:
+            out = layer(x, additive)
+            x = out[0] if isinstance(out, tuple) else out  # a tuple before transformers 5, a tensor since
+        mask = attention_mask.unsqueeze(-1).to(x.dtype)
+        return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
+
 
 @dataclass
 class HFTokenize:

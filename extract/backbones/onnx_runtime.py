@@ -1,29 +1,45 @@
-"""Image towers run by ONNX Runtime on the CPU: the same graph, several times faster than PyTorch eager.
+"""Towers run by ONNX Runtime on the CPU: the same graph as PyTorch's, several times faster for images.
 
-The tower is exported once with `torch.onnx.export` and cached as a file named by a digest of what
+A tower is exported once with `torch.onnx.export` and cached as a file named by a digest of what
 fixes its output: the tower's class and weights (so a fine-tuned tower never reuses its base's graph),
-the input shape, the opset and the torch version. A graph whose digest no longer matches is simply
-not found, and a new one is exported: a stale graph is never run. The features differ from PyTorch's
-by float rounding only (a test bounds it); the runtime that made them is part of the cache's
-provenance, so features of two runtimes are never mixed silently.
+the input signature, the opset and the torch version. A graph whose digest no longer matches is
+simply not found, and a new one is exported: a stale graph is never run. Every new graph is run once
+beside PyTorch on probe inputs and refused when the two disagree beyond float rounding
+(`GraphMismatch`), so a graph the exporter got wrong is never used. The runtime that made cached
+features is part of the cache's provenance, so features of two runtimes are never mixed silently.
+
+Images: about 5x PyTorch eager on 2 cores for the default tower, so extraction and image queries run
+on ONNX Runtime. Texts: the MiniLM graph answers a single live query about twice as fast as
+PyTorch, but batches of captions run at the same speed (both are bound by the same matrix products),
+so text queries of search and the page take it and cached captions stay on PyTorch (BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from medembed.common.files import atomic_write, slug
 from medembed.extract.backbones.core import Backbone
 
 OPSET = 17
 RUNTIMES = ("torch", "onnx", "auto")
+PROBE_TEXTS = ("CT", "Axial contrast-enhanced CT of the abdomen showing a hypodense lesion in the right lobe of the "
+               "liver", "chest x-ray")
+TOLERANCE = 1e-3  # largest |onnx - torch| a new graph may show, relative to the features' largest magnitude
+
+
+class GraphMismatch(RuntimeError):
+    """An exported graph disagrees with the PyTorch module it came from: it is deleted, never used."""
 
 
 def onnxruntime_version() -> str | None:
@@ -51,47 +67,32 @@ def choose_runtime(runtime: str, device: str, log=None) -> str:
         if installed:
             return "onnx"
         if log is not None:
-            log("onnxruntime is not installed: images encoded with PyTorch (pip install onnx onnxruntime is faster)")
+            log("onnxruntime is not installed: encoded with PyTorch (pip install onnx onnxruntime is faster)")
     return "torch"
 
 
-def _example_pixels(backbone: Backbone) -> torch.Tensor:
-    """One preprocessed image, batched: the shape the tower is exported for (any batch size runs)."""
-    return backbone.preprocess(Image.new("RGB", (256, 256), (128, 128, 128)))[None]
-
-
-def graph_digest(backbone: Backbone, example: torch.Tensor) -> str:
+# ------------------------------------------------------------------ exporting, once per digest
+def module_digest(module: nn.Module, signature: str) -> str:
+    """What fixes a graph's output: the module's class and weights, its input signature, opset, torch."""
     h = hashlib.sha256()
-    tower = backbone.image_model
-    h.update(f"{type(tower).__module__}.{type(tower).__qualname__}|{tuple(example.shape[1:])}|opset {OPSET}|"
+    h.update(f"{type(module).__module__}.{type(module).__qualname__}|{signature}|opset {OPSET}|"
              f"torch {torch.__version__}".encode())
-    for name, tensor in sorted(tower.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-@dataclass
-class OnnxImageTower:
-    """A callable like the PyTorch tower: pixels [B, ...] -> raw features [B, D] (float32, CPU)."""
-
-    session: object
-    path: Path
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"pixels": np.ascontiguousarray(pixels.detach().cpu().numpy(), np.float32)})[0]
-        return torch.from_numpy(out)
-
-
-def export_image_tower(backbone: Backbone, folder: Path) -> Path:
-    """The tower's ONNX graph in `folder`, exported now unless one of the same digest is there."""
-    example = _example_pixels(backbone)
-    digest = graph_digest(backbone, example)
-    path = folder / f"{slug(backbone.name)}-image-{digest[:16]}.onnx"
-    if path.is_file() and path.with_suffix(".json").is_file():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    tower = backbone.image_model.eval()
+def export_module(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path, dynamic: dict[str, dict[int, str]],
+                  output: str = "features") -> None:
+    """`module(**inputs)` as an ONNX graph at `path` (written whole or not at all), with the named
+    input axes left dynamic; the output's first axis follows the batch. The inputs are handed over
+    in the order of the module's forward signature, so each graph input carries its own name."""
+    module = module.eval()
+    order = [name for name in inspect.signature(module.forward).parameters if name in inputs]
+    missing = set(inputs) - set(order)
+    if missing:
+        raise TypeError(f"{type(module).__name__}.forward takes no {', '.join(sorted(missing))}")
 
     def export(tmp: Path) -> None:
         fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -99,17 +100,129 @@ def export_image_tower(backbone: Backbone, folder: Path) -> Path:
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the exporter's notes on shape inference, not the user's concern
-                torch.onnx.export(tower, (example,), str(tmp), input_names=["pixels"], output_names=["features"],
-                                  dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+                torch.onnx.export(module, tuple(inputs[k] for k in order), str(tmp), input_names=order,
+                                  output_names=[output], dynamic_axes={**dynamic, output: {0: "batch"}},
                                   opset_version=OPSET, dynamo=False)
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
 
     atomic_write(path, export)  # concurrent extractions (Ray shards) each write whole files, one wins
-    meta = {"backbone": backbone.name, "digest": digest, "opset": OPSET, "torch": torch.__version__,
-            "input_shape": ["batch", *example.shape[1:]], "output_dim": backbone.image_dim}
-    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+
+
+def session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session over `path`, with all graph optimisations and `threads` threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def check_agreement(graph: Callable, module: Callable, probes: list[dict[str, torch.Tensor]], path: Path) -> float:
+    """The largest relative difference between the graph and the module on the probe inputs; a graph
+    that disagrees is deleted and `GraphMismatch` names it."""
+    worst = 0.0
+    with torch.no_grad():
+        for probe in probes:
+            want = module(**probe).float()
+            got = graph(**probe)
+            worst = max(worst, float((got - want).abs().max() / want.abs().max().clamp_min(1e-12)))
+    if not worst <= TOLERANCE:
+        for p in (path, path.with_suffix(".json")):
+            p.unlink(missing_ok=True)
+        raise GraphMismatch(f"{path.name}: the exported graph differs from PyTorch by {worst:.2g} (relative)")
+    return worst
+
+
+@dataclass
+class OnnxTower:
+    """A callable like the PyTorch tower: named inputs -> raw features [B, D] (float32, CPU)."""
+
+    session: object
+    path: Path
+
+    def __call__(self, *args: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+        if args:  # an image tower is called with the pixels alone
+            inputs = {"pixels": args[0], **inputs}
+        feed = {}
+        for arg in self.session.get_inputs():
+            value = inputs[arg.name].detach().cpu().numpy()
+            feed[arg.name] = np.ascontiguousarray(value, np.int64 if "int64" in arg.type else np.float32)
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+OnnxImageTower = OnnxTower  # the image tower's runtime, as extraction names it
+
+
+def _example_pixels(backbone: Backbone) -> torch.Tensor:
+    """One preprocessed image, batched: the shape the tower is exported for (any batch size runs)."""
+    return backbone.preprocess(Image.new("RGB", (256, 256), (128, 128, 128)))[None]
+
+
+def _probe_pixels(example: torch.Tensor) -> torch.Tensor:
+    return torch.randn((3, *example.shape[1:]), generator=torch.Generator().manual_seed(0))
+
+
+def graph_digest(backbone: Backbone, example: torch.Tensor) -> str:
+    """The image tower's digest for inputs shaped like `example`."""
+    return module_digest(backbone.image_model, str(tuple(example.shape[1:])))
+
+
+def _cached_export(folder: Path, name: str, digest: str, write: Callable[[Path], None], meta: dict) -> Path:
+    path = folder / f"{name}-{digest[:16]}.onnx"
+    if path.is_file() and path.with_suffix(".json").is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    write(path)
+    atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(
+        {**meta, "digest": digest, "opset": OPSET, "torch": torch.__version__}, indent=2)))
     return path
+
+
+def export_image_tower(backbone: Backbone, folder: Path) -> Path:
+    """The image tower's ONNX graph in `folder`, exported (and checked against PyTorch) now unless
+    one of the same digest is there."""
+    example = _example_pixels(backbone)
+    tower = backbone.image_model.eval()
+
+    def write(path: Path) -> None:
+        dims = {0: "batch"}
+        export_module(tower, {"pixels": example}, path, {"pixels": dims})
+        check_agreement(OnnxTower(session(path), path), lambda pixels: tower(pixels),
+                        [{"pixels": example}, {"pixels": _probe_pixels(example)}], path)
+
+    return _cached_export(Path(folder), f"{slug(backbone.name)}-image", graph_digest(backbone, example), write,
+                          {"backbone": backbone.name, "input_shape": ["batch", *example.shape[1:]],
+                           "output_dim": backbone.image_dim})
+
+
+def exportable_text(backbone: Backbone) -> nn.Module:
+    """The text tower in a form the exporter traces faithfully (see `Tower.exportable`)."""
+    tower = backbone.text_model.eval()
+    return tower.exportable() if hasattr(tower, "exportable") else tower
+
+
+def probe_tokens(backbone: Backbone) -> list[dict[str, torch.Tensor]]:
+    """Token batches with padding (texts of different lengths together) and without."""
+    return [backbone.tokenize(list(PROBE_TEXTS)), backbone.tokenize([PROBE_TEXTS[0]])]
+
+
+def export_text_tower(backbone: Backbone, folder: Path) -> Path:
+    """The text tower's ONNX graph in `folder` (batch and sequence length dynamic), exported and
+    checked now unless one of the same digest is there."""
+    module = exportable_text(backbone)
+    probes = probe_tokens(backbone)
+    example = probes[0]
+    signature = ",".join(f"{k}:{str(v.dtype)}" for k, v in example.items())
+
+    def write(path: Path) -> None:
+        export_module(module, example, path, {k: {0: "batch", 1: "tokens"} for k in example})
+        check_agreement(OnnxTower(session(path), path), module, probes, path)
+
+    return _cached_export(Path(folder), f"{slug(backbone.name)}-text", module_digest(module, signature), write,
+                          {"backbone": backbone.name, "inputs": list(example), "output_dim": backbone.text_dim})
 
 
 def use_onnx_images(backbone: Backbone, folder: str | Path, threads: int | None = None) -> Backbone:
@@ -118,11 +231,39 @@ def use_onnx_images(backbone: Backbone, folder: str | Path, threads: int | None 
     import onnxruntime as ort
 
     path = export_image_tower(backbone, Path(folder))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    backbone.image_runtime = OnnxImageTower(session, path)
+    backbone.image_runtime = OnnxTower(session(path, threads), path)
     backbone.provenance["image_runtime"] = f"onnxruntime=={ort.__version__} opset {OPSET}"
     return backbone
+
+
+def use_onnx_texts(backbone: Backbone, folder: str | Path, threads: int | None = None) -> Backbone:
+    """Run the backbone's text tower through ONNX Runtime from now on (CPU): for live queries, where
+    it halves the latency of one caption."""
+    path = export_text_tower(backbone, Path(folder))
+    backbone.text_runtime = OnnxTower(session(path, threads), path)
+    return backbone
+
+
+def attach(backbone: Backbone, runtime: str, device: str, folder: str | Path, notes: list[str],
+           texts: bool = False) -> None:
+    """The backbone's image tower (and with `texts`, its text tower) on the runtime `runtime` chooses
+    for a forward on `device` (see `choose_runtime`), graphs cached in `folder`. Under `auto` a tower
+    the exporter cannot express, or a folder that cannot be written, leaves that tower on PyTorch with
+    a note; asked for by name (`onnx`) it is a one-line `ValueError`. Towers already on a runtime are
+    left as they are."""
+    if choose_runtime(runtime, device, notes.append) != "onnx":
+        return
+    steps = [("image", use_onnx_images, backbone.image_runtime)]
+    if texts:
+        steps.append(("text", use_onnx_texts, backbone.text_runtime))
+    for side, use, current in steps:
+        if current is not None:
+            continue
+        try:
+            use(backbone, folder)
+        except Exception as e:  # noqa: BLE001 - any exporter failure means: this tower has no ONNX form here
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if runtime == "onnx":
+                raise ValueError(f"--runtime onnx: {backbone.name}'s {side} tower could not be run by ONNX Runtime "
+                                 f"({why}); use --runtime torch") from None
+            notes.append(f"{backbone.name}: {side} tower not run by ONNX Runtime ({why}); encoded with PyTorch")
