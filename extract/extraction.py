@@ -29,8 +29,7 @@ from medembed.common.device import resolve_device
 from medembed.common.errors import MedembedError
 from medembed.common.files import relative_to, slug
 from medembed.common.version import __version__
-from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone
-from medembed.extract.backbones import onnx_runtime
+from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone, onnx_runtime
 from medembed.extract.datasets import load_dataset
 from medembed.extract.datasets.frames import DEFAULT_FRAMES, expand_frames, parse_frames
 from medembed.extract.imaging import DecodeOptions
