@@ -543,6 +543,27 @@ def index(run_dir, split, kind, nlist, nprobe, m, data, features_root) -> None:
     click.echo(format_index_summary(path, meta))
 
 
+@main.command("export-model")
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
+              help="Run folder, unfreezing run folder or its finetuned.safetensors.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write (new, or an earlier export "
+              "with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier model export in --out (swapped in whole once written).")
+def export_model_cmd(run_dir, out, overwrite) -> None:
+    """The run as a self-contained model folder: image and text encoders as ONNX graphs (backbone, heads,
+    ensemble and normalisation inside), tokenizer, preprocessing, query bank, metrics and a model card.
+    Runs with onnxruntime, numpy, Pillow and tokenizers; medembed is not needed (README)."""
+    from medembed.serve.model_export import export_model
+
+    summary = export_model(run_dir, out, overwrite=overwrite)
+    test = summary.test
+    scored = (f"; test R@10 {test['t2i_R@10']:.1f} text->image, {test['i2t_R@10']:.1f} image->text "
+              f"(pool {int(test['pool_images'])})" if test else "")
+    click.echo(f"exported a {summary.dim}-d model to {summary.out}{scored}")
+    for name in summary.files:
+        click.echo(f"  {name}")
+
+
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--split", **_cfg("medembed.serve.export:ExportOptions.split"), help="Split to export, or all.")

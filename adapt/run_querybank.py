@@ -74,22 +74,32 @@ class BankOffsets:
         return self._bank
 
     @torch.no_grad()
+    def bank_captions(self) -> torch.Tensor:
+        """The bank of the image side: the run's unit embeddings of the bank split's captions."""
+        if self._bank_captions is None:
+            self._bank_captions = self.run.embed_texts(self._split().caption_features.float())
+        return self._bank_captions
+
+    @torch.no_grad()
+    def bank_images(self) -> torch.Tensor:
+        """The bank of the caption side: the run's unit embeddings of the bank split's images."""
+        if self._bank_images is None:
+            self._bank_images = self.run.embed_images(self._split().image_features.float())
+        return self._bank_images
+
+    @torch.no_grad()
     def images(self, emb: torch.Tensor) -> torch.Tensor | None:
         """Offsets of gallery images [N] (unit embeddings of this run) for text queries."""
         if not self.setting.images.active:
             return None
-        if self._bank_captions is None:
-            self._bank_captions = self.run.embed_texts(self._split().caption_features.float())
-        return side_offset(self.setting.images, emb, self._bank_captions)
+        return side_offset(self.setting.images, emb, self.bank_captions())
 
     @torch.no_grad()
     def captions(self, emb: torch.Tensor) -> torch.Tensor | None:
         """Offsets of gallery captions [M] for image queries."""
         if not self.setting.captions.active:
             return None
-        if self._bank_images is None:
-            self._bank_images = self.run.embed_images(self._split().image_features.float())
-        return side_offset(self.setting.captions, emb, self._bank_images)
+        return side_offset(self.setting.captions, emb, self.bank_images())
 
     def __call__(self, images: torch.Tensor | None, captions: torch.Tensor | None):
         return (None if images is None else self.images(images), None if captions is None else self.captions(captions))
