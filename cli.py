@@ -126,7 +126,7 @@ def _print_extract_summary(summary) -> None:
 @click.option("--runtime", type=click.Choice(["torch", "onnx", "auto"]),
               **_cfg("medembed.extract.extraction:ExtractConfig.runtime"),
               help="What runs the image tower on the CPU: PyTorch, ONNX Runtime (the same graph exported once and "
-                   "cached in the cache folder's graphs/; 5.5x the images/s of PyTorch on 2 cores), or auto (onnx when onnxruntime is "
+                   "cached in the cache folder's graphs/; 5x the images/s of PyTorch on 2 cores), or auto (onnx when onnxruntime is "
                    "installed). Part of the cache's provenance.")
 @click.option("--report-sections", default=None, type=click.Choice(["findings", "impression", "findings+impression", "all"]),
               help="MIMIC-CXR and OpenI: the report sections that become each study's caption "

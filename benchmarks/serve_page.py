@@ -10,6 +10,11 @@
         once through an HNSW index; p50 / p95 latency, queries/s and errors. The synthetic pool has no
         backbone, so a query's text is looked up to its cached caption features (what encoding a real
         query would give): the numbers are the server's and the search's, not the text encoder's.
+
+    python benchmarks/serve_page.py text --run runs/roco-default [--clients 1 8 --queries 400]
+        the real thing end to end: `cli.py serve`'s app over the run's own pool, each query a roco-rad
+        test caption encoded by the run's text tower, once on PyTorch and once on ONNX Runtime; p50 /
+        p95 latency and queries/s at each number of concurrent clients.
 """
 from __future__ import annotations
 
@@ -155,6 +160,28 @@ def load(args) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def text(args) -> None:
+    from medembed.serve.page import create_app
+    from medembed.serve.search import Searcher
+
+    rows = []
+    for runtime in ("torch", "onnx"):
+        searcher = Searcher(args.run, runtime=runtime, use_index=False)
+        _ = searcher.backbone, searcher.image_embeddings, searcher.image_offsets  # loaded before the clock starts
+        captions = [c for s in searcher.pool.splits if s.split == "test" for c in s.captions] or \
+            [c for s in searcher.pool.splits for c in s.captions]
+        server, base = _start(create_app(searcher))
+        _hammer(base, captions, 1, 20, True)  # warm-up
+        for clients in args.clients:
+            r = _hammer(base, captions[clients:], clients, args.queries, True)
+            rows.append([runtime, clients, f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['qps']:.1f}", r["errors"]])
+        server.should_exit = True
+    pool = len(searcher.pool.image_of)
+    print(f"run {args.run}, pool {pool:,} images, exact scan, k 10, {args.queries} distinct caption queries per row\n")
+    print("| text encoder | clients | p50 ms | p95 ms | queries/s | errors |\n|---|--:|--:|--:|--:|--:|")
+    print("\n".join("| " + " | ".join(str(x) for x in r) + " |" for r in rows))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True)
@@ -166,9 +193,13 @@ def main() -> None:
     ld.add_argument("--n", type=int, default=100_000)
     ld.add_argument("--clients", type=int, default=8)
     ld.add_argument("--queries", type=int, default=2000)
+    tx = sub.add_parser("text")
+    tx.add_argument("--run", default=str(REPO / "runs" / "roco-default"))
+    tx.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    tx.add_argument("--queries", type=int, default=400)
     args = p.parse_args()
     print("command: python benchmarks/serve_page.py " + " ".join(sys.argv[1:]))
-    screenshot(args) if args.mode == "screenshot" else load(args)
+    {"screenshot": screenshot, "load": load, "text": text}[args.mode](args)
 
 
 if __name__ == "__main__":

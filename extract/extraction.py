@@ -43,7 +43,7 @@ DEFAULT_TEMPLATES = (
     "a medical image of {name}",
     "an image showing {name}",
 )
-TEXT_BATCH = 256
+TEXT_BATCH = 256  # texts per crash-safe part (each forward's batch: see Backbone.encode_texts)
 GRAPHS_DIR = "graphs"  # exported runtime graphs, in the cache folder beside the split files
 
 
@@ -269,7 +269,7 @@ def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, d
         for b in todo:
             chunk = texts[b * TEXT_BATCH : (b + 1) * TEXT_BATCH]
             with torch.inference_mode(), _autocast(device):
-                f = bb.encode_texts(chunk, batch_size=TEXT_BATCH)
+                f = bb.encode_texts(chunk)
             store.put(kind, b, features=f.float().cpu().numpy().astype(dtype))
             bar.update(len(chunk))
     if n_batches == 0:

@@ -19,6 +19,9 @@ from medembed.cache.provenance import BACKBONE_KEYS
 PROVENANCE_KEYS = (*BACKBONE_KEYS, "image_model", "text_model")
 
 
+CPU_TEXT_BATCH = 16
+
+
 class Tower(nn.Module):
     """A feature tower that also knows how to cut itself into unfreezable blocks."""
 
@@ -102,14 +105,18 @@ class Backbone:
         return torch.cat([tower(pixels[s : s + step]).float() for s in range(0, len(pixels), max(step, 1))])
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
         """Raw float32 text features on CPU, in the order given.
 
-        Texts are batched by length so padding (and wasted compute) stays small; pooling is
-        mask-aware, so grouping does not change any row beyond float rounding.
+        Texts are sorted by length and batched, so padding (and wasted compute) stays small; pooling
+        is mask-aware, so grouping does not change any row beyond float rounding. `batch_size` None:
+        16 on the CPU, where a batch's cost is its padded length (16 similar captions pad little:
+        3.5x the captions/s of batches of 256 on roco-rad), 256 on a GPU.
         """
         self.text_model.eval()
         texts = list(texts)
+        if batch_size is None:
+            batch_size = CPU_TEXT_BATCH if self.device.type == "cpu" else 256
         out = torch.empty(len(texts), self.text_dim, dtype=torch.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         device = self.device
