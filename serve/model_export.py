@@ -88,10 +88,13 @@ def describe_views(backbone: Backbone) -> tuple[list[dict], list[tuple[list[floa
                 h, w = step.size if len(step.size) == 2 else (step.size[0], step.size[0])
                 if h != w or spec.get("kind") != "center_crop":
                     raise NotPortable(f"{backbone.name}: a centre crop of {step.size} not after a resize")
+                if h > spec["resize"]:  # a crop larger than the image pads it, which is not described
+                    raise NotPortable(f"{backbone.name}: a centre crop of {h} from a {spec['resize']} resize")
                 spec["size"] = int(h)
             elif isinstance(step, Letterbox):
+                # Letterbox resizes with bicubic, or bilinear for any other name
                 spec.update(kind="letterbox", size=int(step.size), fill=list(step.fill),
-                            interpolation=_interpolation(step.interpolation))
+                            interpolation="bicubic" if step.interpolation == "bicubic" else "bilinear")
             elif isinstance(step, T.Normalize):
                 norm = ([float(v) for v in step.mean], [float(v) for v in step.std])
             elif isinstance(step, T.ToTensor) or "rgb" in getattr(step, "__name__", "").lower():
@@ -193,7 +196,9 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
     names = list(probes[0])
     export_module(text, probes[0], work / TEXT_GRAPH, {k: {0: "batch", 1: "tokens"} for k in names},
                   output="embedding")
-    check_agreement(_feed(work / TEXT_GRAPH), text, probes, work / TEXT_GRAPH)
+    # checked against the tower itself (not only the form exported) with the run's heads on top
+    check_agreement(_feed(work / TEXT_GRAPH), TextEncoder(backbone.text_model.eval(), run.text_head).eval(), probes,
+                    work / TEXT_GRAPH)
     tok.tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
 
     decoding = _decoding(run)
@@ -238,8 +243,10 @@ def _decoding(run) -> str:
     """How the run's training images were decoded before resizing (DICOM/NIfTI windows), as recorded."""
     files = run.split_files()
     attrs = read_attrs(next(iter(files.values()))) if files else {}
-    return str(attrs.get("image_decoding") or "8-bit images as they are; DICOM: the file's own VOI LUT or window, "
-               "else its 0.5-99.5th percentiles, MONOCHROME1 inverted (medembed's default)")
+    return str(attrs.get("image_decoding") or "8-bit images converted to RGB as they are; 16-bit PNG/TIFF, DICOM "
+               "and NIfTI windowed to 8 bits first (DICOM: the file's own VOI LUT or window, else the 0.5-99.5th "
+               "percentiles of its values, MONOCHROME1 inverted; 16-bit PNG/TIFF: those percentiles), as medembed "
+               "decodes them")
 
 
 def _write_querybank(run, work: Path) -> dict | None:

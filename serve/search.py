@@ -29,7 +29,6 @@ from medembed.evaluate.new_data import open_runs
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
 from medembed.extract.backbones import onnx_runtime
-from medembed.extract.backbones.core import Backbone
 from medembed.extract.extraction import GRAPHS_DIR
 from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, open_image
 from medembed.extract.worker import describe_failure
@@ -121,6 +120,7 @@ class Searcher:
                  features_root: str | Path = "features", backbone=None, use_index: bool = True,
                  runtime: str = "auto"):
         (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root)
+        self._own_run = isinstance(run_ref, (str, Path))  # opened here, not handed in
         files = self.run.split_files()
         if split is not None and split not in files:
             raise FileNotFoundError(f"{self.run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
@@ -130,7 +130,6 @@ class Searcher:
         self._backbone = backbone
         self.runtime = runtime  # queries' encoders: torch, onnx or auto (ONNX Runtime on the CPU)
         self.notes: list[str] = []  # one line each where a query encoder could not take the runtime asked for
-        self._on_runtime = False
         self._images: torch.Tensor | None = None
         self._captions: torch.Tensor | None = None
         self._image_offsets: torch.Tensor | None = None
@@ -147,14 +146,15 @@ class Searcher:
     # -- embeddings ---------------------------------------------------------------------------
     @property
     def backbone(self):
-        """The run's backbone with its towers on the query runtime: graphs are cached in the pool's
-        features folder (graphs/), made on first use."""
-        if not self._on_runtime:
-            backbone = self._backbone if self._backbone is not None else run_backbone(self.run)
-            if isinstance(backbone, Backbone):
+        """The run's backbone with its towers on the query runtime (graphs cached in the pool's features
+        folder, graphs/, made on first use). A backbone passed in, or the fine-tuned towers of a run
+        handed in already loaded, is the caller's object and stays on its runtime."""
+        if self._backbone is None:  # one passed in is the caller's and is left on its runtime
+            backbone = run_backbone(self.run)
+            if self.run.backbone is None or self._own_run:  # a loaded run's fine-tuned towers are its owner's
                 onnx_runtime.attach(backbone, self.runtime, backbone.device.type, self.run.features_dir / GRAPHS_DIR,
                                     self.notes, texts=True)
-            self._backbone, self._on_runtime = backbone, True
+            self._backbone = backbone
         return self._backbone
 
     @property

@@ -89,7 +89,9 @@ np.save("scores.npy", scores)
     want_offset = offsets.images(torch.from_numpy(want_images[:1]))
     hubness = np.load(tmp_path / "work" / "scan_hubness.npy")
     assert abs(-offsets.setting.images.beta * hubness[0] - float(want_offset[0])) < 1e-4
-    assert np.load(tmp_path / "work" / "scores.npy").shape == (1, 1)
+    query = searcher.embed_text("axial CT of the abdomen with a liver lesion")  # the README's own caption
+    want_score = float(query[0] @ torch.from_numpy(want_images[0])) + float(want_offset[0])
+    assert np.load(tmp_path / "work" / "scores.npy") == pytest.approx(np.array([[want_score]]), abs=2e-4)
 
     # the folder's metrics are the test recall `cli.py eval` reports for the run
     metrics = json.loads((out / "metrics.json").read_text())["test"]

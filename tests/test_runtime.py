@@ -102,6 +102,9 @@ def test_a_graph_follows_the_weights_it_was_exported_from(tmp_path):
     first = export_image_tower(bb, tmp_path)
     stamp = first.stat().st_mtime_ns
     assert export_image_tower(bb, tmp_path) == first and first.stat().st_mtime_ns == stamp  # reused, not redone
+    size = first.stat().st_size
+    first.write_bytes(b"not a graph")  # a damaged file found under the right name is checked, then exported anew
+    assert export_image_tower(bb, tmp_path) == first and first.stat().st_size == size
     with torch.no_grad():  # a fine-tuned tower: the old graph is stale and never run
         next(bb.image_model.parameters()).add_(0.05)
     second = export_image_tower(bb, tmp_path)

@@ -2,10 +2,11 @@
 
 A tower is exported once with `torch.onnx.export` and cached as a file named by a digest of what
 fixes its output: the tower's class and weights (so a fine-tuned tower never reuses its base's graph),
-the input signature, the opset and the torch version. A graph whose digest no longer matches is
-simply not found, and a new one is exported: a stale graph is never run. Every new graph is run once
-beside PyTorch on probe inputs and refused when the two disagree beyond float rounding
-(`GraphMismatch`), so a graph the exporter got wrong is never used. The runtime that made cached
+the input signature, the opset, the torch version and the tower libraries' versions. A graph whose
+digest no longer matches is simply not found, and a new one is exported: a stale graph is never run.
+Every graph, new or found in the folder, is run beside PyTorch on probe inputs before use and refused
+when the two disagree beyond float rounding (`GraphMismatch`), so a graph the exporter got wrong (or
+a damaged file) is never used. The runtime that made cached
 features is part of the cache's provenance, so features of two runtimes are never mixed silently.
 
 Images: about 5x PyTorch eager on 2 cores for the default tower, so extraction and image queries run
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write, slug
 from medembed.extract.backbones.core import Backbone
 
@@ -38,7 +40,7 @@ PROBE_TEXTS = ("CT", "Axial contrast-enhanced CT of the abdomen showing a hypode
 TOLERANCE = 1e-3  # largest |onnx - torch| a new graph may show, relative to the features' largest magnitude
 
 
-class GraphMismatch(RuntimeError):
+class GraphMismatch(MedembedError, RuntimeError):
     """An exported graph disagrees with the PyTorch module it came from: it is deleted, never used."""
 
 
@@ -72,11 +74,29 @@ def choose_runtime(runtime: str, device: str, log=None) -> str:
 
 
 # ------------------------------------------------------------------ exporting, once per digest
+TOWER_LIBRARIES = ("transformers", "open_clip_torch", "efficientnet_lite_pytorch", "timm")
+
+
+def library_versions() -> str:
+    """The installed versions of the libraries towers are built from: a new release may trace to a
+    different graph from the same weights, so it makes a new digest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in TOWER_LIBRARIES:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
 def module_digest(module: nn.Module, signature: str) -> str:
-    """What fixes a graph's output: the module's class and weights, its input signature, opset, torch."""
+    """What fixes a graph's output: the module's class and weights, its input signature, the opset,
+    torch and the tower libraries' versions."""
     h = hashlib.sha256()
     h.update(f"{type(module).__module__}.{type(module).__qualname__}|{signature}|opset {OPSET}|"
-             f"torch {torch.__version__}".encode())
+             f"torch {torch.__version__}|{library_versions()}".encode())
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -92,7 +112,8 @@ def export_module(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path
     order = [name for name in inspect.signature(module.forward).parameters if name in inputs]
     missing = set(inputs) - set(order)
     if missing:
-        raise TypeError(f"{type(module).__name__}.forward takes no {', '.join(sorted(missing))}")
+        raise ValueError(f"{type(module).__name__}.forward names no {', '.join(sorted(missing))}: its inputs cannot "
+                         "be given to a graph by name")
 
     def export(tmp: Path) -> None:
         fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -170,14 +191,24 @@ def graph_digest(backbone: Backbone, example: torch.Tensor) -> str:
     return module_digest(backbone.image_model, str(tuple(example.shape[1:])))
 
 
-def _cached_export(folder: Path, name: str, digest: str, write: Callable[[Path], None], meta: dict) -> Path:
+def _cached_export(folder: Path, name: str, digest: str, write: Callable[[Path], None],
+                   check: Callable[[Path], float], meta: dict) -> Path:
+    """The graph of this digest in `folder`: one found there is checked against PyTorch again (a
+    damaged or hand-edited file is exported anew); else `write` exports it and `check` checks it."""
     path = folder / f"{name}-{digest[:16]}.onnx"
     if path.is_file() and path.with_suffix(".json").is_file():
-        return path
+        try:
+            check(path)
+            return path
+        except Exception:  # noqa: BLE001 - unreadable or disagreeing: export it again below
+            for p in (path, path.with_suffix(".json")):
+                p.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     write(path)
+    check(path)
     atomic_write(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(
-        {**meta, "digest": digest, "opset": OPSET, "torch": torch.__version__}, indent=2)))
+        {**meta, "digest": digest, "opset": OPSET, "torch": torch.__version__, "libraries": library_versions()},
+        indent=2)))
     return path
 
 
@@ -188,14 +219,15 @@ def export_image_tower(backbone: Backbone, folder: Path) -> Path:
     tower = backbone.image_model.eval()
 
     def write(path: Path) -> None:
-        dims = {0: "batch"}
-        export_module(tower, {"pixels": example}, path, {"pixels": dims})
-        check_agreement(OnnxTower(session(path), path), lambda pixels: tower(pixels),
-                        [{"pixels": example}, {"pixels": _probe_pixels(example)}], path)
+        export_module(tower, {"pixels": example}, path, {"pixels": {0: "batch"}})
+
+    def check(path: Path) -> float:
+        return check_agreement(OnnxTower(session(path), path), lambda pixels: tower(pixels),
+                               [{"pixels": example}, {"pixels": _probe_pixels(example)}], path)
 
     return _cached_export(Path(folder), f"{slug(backbone.name)}-image", graph_digest(backbone, example), write,
-                          {"backbone": backbone.name, "input_shape": ["batch", *example.shape[1:]],
-                           "output_dim": backbone.image_dim})
+                          check, {"backbone": backbone.name, "input_shape": ["batch", *example.shape[1:]],
+                                  "output_dim": backbone.image_dim})
 
 
 def exportable_text(backbone: Backbone) -> nn.Module:
@@ -219,10 +251,12 @@ def export_text_tower(backbone: Backbone, folder: Path) -> Path:
 
     def write(path: Path) -> None:
         export_module(module, example, path, {k: {0: "batch", 1: "tokens"} for k in example})
-        check_agreement(OnnxTower(session(path), path), module, probes, path)
+
+    def check(path: Path) -> float:  # against the tower itself, not only the form that was exported
+        return check_agreement(OnnxTower(session(path), path), backbone.text_model.eval(), probes, path)
 
     return _cached_export(Path(folder), f"{slug(backbone.name)}-text", module_digest(module, signature), write,
-                          {"backbone": backbone.name, "inputs": list(example), "output_dim": backbone.text_dim})
+                          check, {"backbone": backbone.name, "inputs": list(example), "output_dim": backbone.text_dim})
 
 
 def use_onnx_images(backbone: Backbone, folder: str | Path, threads: int | None = None) -> Backbone:
