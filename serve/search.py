@@ -29,6 +29,7 @@ from medembed.evaluate.new_data import open_runs
 from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
 from medembed.extract.backbones import onnx_runtime
+from medembed.extract.backbones.core import Backbone
 from medembed.extract.extraction import GRAPHS_DIR
 from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, open_image
 from medembed.extract.worker import describe_failure
@@ -151,7 +152,8 @@ class Searcher:
         handed in already loaded, is the caller's object and stays on its runtime."""
         if self._backbone is None:  # one passed in is the caller's and is left on its runtime
             backbone = run_backbone(self.run)
-            if self.run.backbone is None or self._own_run:  # a loaded run's fine-tuned towers are its owner's
+            # a loaded run's fine-tuned towers are its owner's; a stand-in object has no towers to export
+            if isinstance(backbone, Backbone) and (self.run.backbone is None or self._own_run):
                 onnx_runtime.attach(backbone, self.runtime, backbone.device.type, self.run.features_dir / GRAPHS_DIR,
                                     self.notes, texts=True)
             self._backbone = backbone
