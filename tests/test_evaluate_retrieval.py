@@ -130,3 +130,69 @@ def test_recall_curve_is_monotone_and_reaches_100():
     curve = retrieval.recall_curve(r.t2i, [1, 2, 3, 4], r.pool_images)
     assert curve == pytest.approx([50.0, 50.0, 100.0, 100.0])
     assert math.isclose(curve[-1], 100.0)
+
+
+def _noisy_pair(n: int, captions_per_image: int = 1, noise: float = 1.5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(n, 32, generator=g)
+    caption_image = torch.arange(n).repeat_interleave(captions_per_image)
+    txt = img[caption_image] + noise * torch.randn(len(caption_image), 32, generator=g)
+    return torch.nn.functional.normalize(img, dim=1), torch.nn.functional.normalize(txt, dim=1), caption_image
+
+
+def _brute_ranks(img: torch.Tensor, txt: torch.Tensor, caption_image: torch.Tensor):
+    """1-based ranks by sorting every score row (ties against the query), independently of the library."""
+    s = (txt @ img.T).numpy()
+    t2i = np.array([1 + (s[q] >= s[q, caption_image[q]]).sum() - 1 for q in range(len(txt))])
+    own = {i: np.nonzero(caption_image.numpy() == i)[0] for i in range(img.shape[0])}
+    i2t = np.array([min(1 + (s[:, i] >= s[c, i]).sum() - 1 for c in own[i]) for i in range(img.shape[0])])
+    return t2i, i2t
+
+
+def test_recall_at_a_share_of_a_2000_pool_is_recall_at_10_and_20():
+    img, txt, caption_image = _noisy_pair(2000)
+    r = retrieval.ranks(img, txt, caption_image)
+    at_k = retrieval.summarize(r, ks=(10, 20))
+    shares = retrieval.fraction_recalls(r)
+    t2i, i2t = _brute_ranks(img, txt, caption_image)
+    assert 5 < shares["t2i_R@0.5%"] < 95  # a real ranking, neither trivial nor hopeless
+    assert shares["t2i_R@0.5%"] == at_k["t2i_R@10"] == pytest.approx(100 * (t2i <= 10).mean())
+    assert shares["t2i_R@1%"] == at_k["t2i_R@20"] == pytest.approx(100 * (t2i <= 20).mean())
+    assert shares["i2t_R@0.5%"] == at_k["i2t_R@10"] == pytest.approx(100 * (i2t <= 10).mean())
+    assert shares["i2t_R@1%"] == at_k["i2t_R@20"]
+    chance = retrieval.chance_at_fractions(caption_image, 2000)
+    assert chance["t2i_R@0.5%"] == pytest.approx(0.5) and chance["t2i_R@1%"] == pytest.approx(1.0)
+
+
+def test_recall_at_a_share_between_whole_ks_is_linear():
+    img, txt, caption_image = _noisy_pair(454, captions_per_image=2, noise=1.2)
+    r = retrieval.ranks(img, txt, caption_image)
+    t2i, i2t = _brute_ranks(img, txt, caption_image)
+    shares = retrieval.fraction_recalls(r)
+    k = 0.005 * 454  # 2.27 of the images
+    want = 100 * ((t2i <= 2).mean() + (k - 2) * ((t2i <= 3).mean() - (t2i <= 2).mean()))
+    assert shares["t2i_R@0.5%"] == pytest.approx(want)
+    k = 0.01 * 908  # i2t ranks among the 908 captions: 9.08
+    want = 100 * ((i2t <= 9).mean() + (k - 9) * ((i2t <= 10).mean() - (i2t <= 9).mean()))
+    assert shares["i2t_R@1%"] == pytest.approx(want)
+
+
+def test_a_pool_above_2000_is_also_scored_on_2000_item_subsets():
+    img, txt, caption_image = _noisy_pair(2600, captions_per_image=2)
+    assert retrieval.subset_recalls(img[:2000], txt[:4000], caption_image[:4000], (10,)) == {}  # not above 2,000
+    got = retrieval.subset_recalls(img, txt, caption_image, (1, 10), draws=4)
+    # by hand: the same four subsets, each ranked on its own by brute force
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(4):
+        keep = torch.randperm(2600, generator=gen)[:2000].sort().values
+        new = torch.full((2600,), -1)
+        new[keep] = torch.arange(2000)
+        rows = (new[caption_image] >= 0).nonzero().squeeze(1)
+        t2i, _ = _brute_ranks(img[keep], txt[rows], new[caption_image[rows]])
+        values.append(100 * (t2i <= 10).mean())
+    assert got["t2i_R@10_of2000"] == pytest.approx(np.mean(values))
+    assert got["t2i_R@10_of2000_std"] == pytest.approx(np.std(values, ddof=1), rel=1e-4) and got["t2i_R@10_of2000_std"] > 0
+    assert got["t2i_R@0.5%_of2000"] == pytest.approx(got["t2i_R@10_of2000"])  # on 2,000 items: the same K
+    whole = retrieval.summarize(retrieval.ranks(img, txt, caption_image), ks=(10,))["t2i_R@10"]
+    assert got["t2i_R@10_of2000"] > whole  # a smaller pool is easier at the same K
