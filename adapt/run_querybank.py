@@ -4,7 +4,8 @@ The correction (`common.querybank`) needs only the run's own embeddings of the t
 bank) and of the valid split (where k and beta are picked); both caches are at hand when training
 ends, so every run leaves `querybank.json` beside its heads and evaluation, search and the index
 all rank with the same setting. Beta 0 is in the grid: a run whose valid recall the correction does
-not raise keeps plain cosine.
+not raise keeps plain cosine. A run ranking another dataset's pool takes that dataset's own bank,
+chosen on its own valid split, or plain cosine (`bank_for`).
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from medembed.adapt.run import QUERYBANK, AdaptedRun, load_adapter_run
+from medembed.adapt.run import QUERYBANK, TRAINED_ON, AdaptedRun, load_adapter_run
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.common.files import write_json
 from medembed.common.querybank import QueryBank, choose, side_offset
 
-__all__ = ["BankOffsets", "bank_offsets", "calibrate"]
+__all__ = ["BankOffsets", "bank_for", "bank_offsets", "calibrate", "pool_bank", "ranks_foreign_pool"]
 
 
 def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
@@ -105,8 +106,53 @@ class BankOffsets:
         return (None if images is None else self.images(images), None if captions is None else self.captions(captions))
 
 
-def bank_offsets(run) -> BankOffsets | None:
-    """The run's offsets, or None when it ranks by plain cosine (or is no run folder with a bank:
-    anything without a `querybank`, such as a closed-form baseline)."""
+def ranks_foreign_pool(run) -> bool:
+    """Does the run rank a pool other than the cache it was trained on (`eval --data`, `search` or
+    `serve --data` over another dataset)? Its training bank then describes the wrong data."""
+    if TRAINED_ON not in getattr(run, "config", {}):
+        return False
+    _, trained = run.training_cache()
+    return Path(run.features_dir).resolve() != Path(trained).resolve()
+
+
+def pool_bank(run) -> BankOffsets | None:
+    """A foreign pool's own query bank: its dataset's train split as the bank, k and beta chosen on its
+    valid split (the run's own setting was chosen for other data); None (plain cosine) when that
+    dataset has no train or no valid split encoded, or when no setting beats plain cosine on its valid."""
+    files = find_splits(run.features_dir)
+    if not {"train", "valid"} <= set(files):
+        return None
+    train, valid = load_split(files["train"], with_views=False), load_split(files["valid"], with_views=False)
+    bank_img, bank_txt = run.embed_images(train.image_features.float()), run.embed_texts(train.caption_features.float())
+    img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
+    with torch.no_grad():
+        setting, _, _ = choose(img, txt, valid.caption_image, bank_img, bank_txt, bank_split="train",
+                               bank_features=str(Path(run.features_dir).resolve()))
+    if not setting.active:
+        return None
+    offsets = BankOffsets(run, setting, bank=train)
+    offsets._bank_images, offsets._bank_captions = bank_img, bank_txt  # already computed above
+    return offsets
+
+
+def bank_for(run) -> tuple[BankOffsets | None, str]:
+    """(the offsets the run ranks with, None for plain cosine; how it ranks, in words). Its own pool:
+    the bank chosen after training (`querybank.json`). Another dataset's pool: that dataset's own bank
+    (`pool_bank`), or plain cosine when it has none: a bank from the training data describes other
+    images and captions, and ranked one institution's data below plain cosine."""
     setting = getattr(run, "querybank", None)
-    return BankOffsets(run, setting) if setting is not None and setting.active else None
+    if setting is None or not setting.active:
+        return None, "plain cosine"
+    if not ranks_foreign_pool(run):
+        return BankOffsets(run, setting), setting.describe() + " chosen on valid"
+    offsets = pool_bank(run)
+    if offsets is None:
+        return None, ("plain cosine (the pool's dataset has no train and valid split to build and choose a query bank "
+                      "of its own, or none beat plain cosine on its valid split)")
+    return offsets, offsets.setting.describe() + ", from the pool's own dataset (bank its train split, chosen on its valid)"
+
+
+def bank_offsets(run) -> BankOffsets | None:
+    """The run's offsets (see `bank_for`), or None when it ranks by plain cosine (or is no run folder
+    with a bank: anything without a `querybank`, such as a closed-form baseline)."""
+    return bank_for(run)[0]

@@ -60,12 +60,10 @@ class EmbeddingModel:
 def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     """Wrap a loaded run (anything with `embed_images` / `embed_texts` on raw features)."""
     label = name or Path(getattr(run, "run_dir", "") or "run").name
-    from medembed.adapt.run_querybank import bank_offsets
+    from medembed.adapt.run_querybank import bank_for
 
-    offsets = bank_offsets(run)
-    if offsets is None:
-        return EmbeddingModel(label, run.embed_images, run.embed_texts)
-    return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, offsets.setting.describe())
+    offsets, ranking = bank_for(run)
+    return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, ranking)
 
 
 def _on_device(head: nn.Module) -> Embed:

@@ -56,7 +56,7 @@ def open_runs(refs: list, data: str | Path | Dataset | None = None, splits: list
 
 
 def eval_splits(data: str | Path | Dataset, split: str, needs_train: bool, needs_valid: bool,
-                log=print) -> tuple[Dataset, list[str]]:
+                log=print, for_bank: bool = False) -> tuple[Dataset, list[str]]:
     """The dataset, and the splits to encode: the one scored, plus train when few-shot, detection
     or the closed form learn from it and valid when the closed form chooses its setting on it.
     Says which and why before anything is encoded, and how to avoid the extra ones."""
@@ -78,4 +78,9 @@ def eval_splits(data: str | Path | Dataset, split: str, needs_train: bool, needs
         log(f"eval --data: the valid split ({len(dataset.split('valid'))} images) is encoded too: the "
             "closed-form baseline and concept detection choose their settings on it (--no-closed-form "
             "--skip detection leaves it out)")
+    bank = [s for s in ("train", "valid") if s in names and s not in wanted]
+    if for_bank and split not in ("train", "valid") and {"train", "valid"} <= set(names) and bank:
+        wanted += bank
+        log(f"eval --data: the {' and '.join(bank)} split{'s are' if len(bank) > 1 else ' is'} encoded too: a run "
+            "ranks another dataset with that dataset's own query bank (its train split, chosen on its valid split)")
     return dataset, wanted

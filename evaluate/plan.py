@@ -245,7 +245,8 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     out_dir = Path(out_dir) if out_dir else default_out_dir(runs, names, split, options.data)
     check_out_dir(out_dir, options.overwrite)
     if options.data is not None:
-        dataset, wanted = eval_splits(options.data, split, need_train, need_valid, logger(options))
+        banked = any(getattr(r, "querybank", None) is not None and r.querybank.active for r in runs)
+        dataset, wanted = eval_splits(options.data, split, need_train, need_valid, logger(options), for_bank=banked)
         runs = open_runs(runs, dataset, wanted, options.features_root, progress=options.progress)
     pools: dict[Path, EvalPool] = {}
     for run in runs:

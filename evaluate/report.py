@@ -48,10 +48,12 @@ def _rel(path: Path, out_dir: Path) -> str:
 def _header(plan, results, options) -> list[str]:
     first = plan.pools[Path(plan.runs[0].features_dir)].test
     out = [f"# Evaluation on `{first.attrs.get('dataset', '')}` / {plan.split}", ""]
+    models = {c.name: c.model for c in plan.columns if c.kind == "run"}
     for n, r in zip(plan.names, plan.runs):
-        bank = r.querybank
-        ranked = (f"; ranks with {bank.describe()} chosen on valid (plain-cosine recall: `cosine_*` in the metrics)"
-                  if bank is not None and bank.active else "")
+        model = models.get(n)
+        ranked = (f"; ranks with {model.ranking} (plain-cosine recall: `cosine_*` in the metrics)"
+                  if model is not None and model.gallery_offsets is not None else
+                  f"; ranks by {model.ranking}" if model is not None and model.ranking != "plain cosine" else "")
         out.append(f"- run `{n}`: {describe_run(r)}{ranked}")
     for pool in plan.pools.values():
         out.append(f"- pool `{pool.label}`: {pool.test.n_images} images, {pool.test.n_captions} captions "

@@ -186,3 +186,41 @@ def test_export_carries_the_offsets_search_ranks_with(bank_run, tmp_path):
     np.testing.assert_allclose(meta["image_offset"].to_numpy(), searcher.image_offsets.numpy(), atol=1e-6)
     first = meta["caption_row"].to_numpy()
     np.testing.assert_allclose(meta["caption_offset"].to_numpy(), searcher.caption_offsets[torch.from_numpy(first.copy())].numpy(), atol=1e-6)
+
+
+def test_a_foreign_pool_ranks_with_its_own_bank_or_plain_cosine(bank_run, tmp_path):
+    from medembed.adapt.run_querybank import bank_for
+    from medembed.evaluate.models import model_from_run
+    from medembed.evaluate.retrieval import ranks
+
+    run = load_adapter_run(bank_run)
+    own, own_ranking = bank_for(run.with_features(run.features_dir))  # its own cache, found again: its own bank
+    assert own.setting == run.querybank and own_ranking.endswith("chosen on valid")
+
+    # another dataset with train, valid and test: its train split is the bank, k/beta chosen on its valid
+    other = write_synthetic_features(tmp_path / "other", n_train=150, n_eval=50, captions_per_image=2, noise=0.8,
+                                     latent=8)
+    pointed = run.with_features(other)
+    offsets, ranking = bank_for(pointed)
+    train, valid, test = (load_split(other / f"{s}.h5") for s in ("train", "valid", "test"))
+    bank_img, bank_txt = run.embed_images(train.image_features), run.embed_texts(train.caption_features)
+    want, _, _ = choose(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
+                        valid.caption_image, bank_img, bank_txt, bank_features=str(other.resolve()))
+    assert want.active, "the synthetic pool should profit from a bank; the check below needs one"
+    assert offsets.setting == want and "from the pool's own dataset" in ranking
+    assert model_from_run(pointed).ranking == ranking
+    # its ranks, checked against a brute-force sort of cosine - beta x hubness against that train bank
+    img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
+    img_off, cap_off = offsets(img, txt)
+    got = ranks(img, txt, test.caption_image, image_offset=img_off, caption_offset=cap_off)
+    hub = (img @ bank_txt.T).topk(want.images.k, dim=1).values.mean(1) if want.images.active else torch.zeros(len(img))
+    scores = (txt @ img.T - want.images.beta * hub).numpy()
+    brute = [int((scores[q] >= scores[q, test.caption_image[q]]).sum()) for q in range(len(txt))]  # ties: against
+    assert got.t2i.tolist() == brute
+
+    # a dataset with no train or valid split of its own: plain cosine, said so
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (other / "test.h5").rename(lone / "test.h5")
+    offsets, ranking = bank_for(run.with_features(lone))
+    assert offsets is None and ranking.startswith("plain cosine (the pool's dataset has no train and valid split")
