@@ -150,14 +150,17 @@ def _write_partition(work: Path, name: str, fmt: str, dtype: str, meta: pd.DataF
     return written + [path]
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out_folder(out: Path, overwrite: bool, manifest: str = MANIFEST, kind: str = "export",
+                     elsewhere: str = " or --out to write elsewhere") -> None:
+    """An output folder may be new, empty, or an earlier `kind` (it holds `manifest`) when `overwrite`
+    is given; anything else a user made is refused in one line, never replaced."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    if not out.is_dir() or not (out / MANIFEST).exists():
-        raise FileExistsError(f"{out}: exists and is not an earlier export (no {MANIFEST}); choose another --out")
+    if not out.is_dir() or not (out / manifest).exists():
+        raise FileExistsError(f"{out}: exists and is not an earlier {kind} (no {manifest}); choose another --out")
     if not overwrite:
-        raise FileExistsError(f"{out}: already holds an export; pass --overwrite to replace it or --out to write "
-                              "elsewhere")
+        raise FileExistsError(f"{out}: already holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}; pass --overwrite "
+                              f"to replace it{elsewhere}")
 
 
 def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None, run=None) -> ExportSummary:
@@ -178,9 +181,9 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
     pool = f"{pool_name(options.data)}-" if options.data is not None else ""  # named as its index is
     out = Path(options.out) if options.out else run_dir / "export" / f"{pool}{options.split}-{options.format}"
-    _check_out(out, options.overwrite)
+    check_out_folder(out, options.overwrite)
     with exclusive(out, "export"):
-        _check_out(out, options.overwrite)  # again: another export may have finished in between
+        check_out_folder(out, options.overwrite)  # again: another export may have finished in between
         return _export(run, run_dir, options, chosen, out, folder_state(out))
 
 

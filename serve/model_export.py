@@ -13,7 +13,6 @@ The folder is written whole or not at all, and an earlier export is replaced onl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -25,19 +24,28 @@ import torch
 from torch import nn
 
 from medembed.adapt.run import describe_run
-from medembed.adapt.run_querybank import bank_offsets
+from medembed.adapt.run_querybank import BankOffsets
 from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.cache.reader import load_split, read_attrs
 from medembed.common.files import folder_state, replace_folder, staging_folder
+from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.common.tensors import unit
 from medembed.common.version import __version__
-from medembed.evaluate.models import model_from_run
+from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.retrieval import ranks, summarize
 from medembed.extract.backbones.core import Backbone
 from medembed.extract.backbones.effnet_minilm import HFTokenize
-from medembed.extract.backbones.onnx_runtime import OPSET, check_agreement, export_module, exportable_text, session
+from medembed.extract.backbones.onnx_runtime import (
+    OPSET,
+    OnnxTower,
+    check_agreement,
+    export_module,
+    exportable_text,
+    session,
+)
 from medembed.extract.backbones.transforms import Letterbox, Views
+from medembed.serve.export import check_out_folder
 
 MANIFEST = "medembed-model.json"
 IMAGE_GRAPH, TEXT_GRAPH = "image_encoder.onnx", "text_encoder.onnx"
@@ -151,12 +159,12 @@ def export_model(run_ref: str | Path, out: str | Path, overwrite: bool = False) 
     model card into `out` (a new folder, or an earlier export with `overwrite`)."""
     run = open_run(run_ref)
     out = Path(out)
-    _check_out(out, overwrite)
+    check_out_folder(out, overwrite, MANIFEST, "model export", elsewhere="")
     backbone = run_backbone(run)
     tok = _tokenizer(backbone)  # refusals first, before anything is computed
     views, norms = describe_views(backbone)
     with exclusive(out, "export-model"):
-        _check_out(out, overwrite)
+        check_out_folder(out, overwrite, MANIFEST, "model export", elsewhere="")
         expected = folder_state(out)
         work = staging_folder(out)
         try:
@@ -167,15 +175,6 @@ def export_model(run_ref: str | Path, out: str | Path, overwrite: bool = False) 
         replace_folder(work, out, expected)
     summary.out = str(out)
     return summary
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir() or not (out / MANIFEST).exists():
-        raise FileExistsError(f"{out}: exists and is not an earlier model export (no {MANIFEST}); choose another --out")
-    if not overwrite:
-        raise FileExistsError(f"{out}: already holds a model export; pass --overwrite to replace it")
 
 
 def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, work: Path) -> ModelExportSummary:
@@ -189,7 +188,7 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
     probe = torch.randint(0, 256, (2, len(views), size, size, 3), generator=torch.Generator().manual_seed(0),
                           dtype=torch.uint8)
     export_module(image, {"views": example}, work / IMAGE_GRAPH, {"views": {0: "batch"}}, output="embedding")
-    check_agreement(_feed(work / IMAGE_GRAPH), image, [{"views": example}, {"views": probe}], work / IMAGE_GRAPH)
+    check_agreement(_graph(work / IMAGE_GRAPH), image, [{"views": example}, {"views": probe}], work / IMAGE_GRAPH)
 
     text = TextEncoder(exportable_text(backbone), run.text_head).eval()
     probes = [tok(["CT", "Axial contrast-enhanced CT of the abdomen showing a lesion in the liver"]), tok(["x-ray"])]
@@ -197,7 +196,7 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
     export_module(text, probes[0], work / TEXT_GRAPH, {k: {0: "batch", 1: "tokens"} for k in names},
                   output="embedding")
     # checked against the tower itself (not only the form exported) with the run's heads on top
-    check_agreement(_feed(work / TEXT_GRAPH), TextEncoder(backbone.text_model.eval(), run.text_head).eval(), probes,
+    check_agreement(_graph(work / TEXT_GRAPH), TextEncoder(backbone.text_model.eval(), run.text_head).eval(), probes,
                     work / TEXT_GRAPH)
     tok.tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
 
@@ -212,8 +211,9 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
     }
     (work / PREPROCESSING).write_text(json.dumps(spec, indent=2) + "\n")
 
-    bank = _write_querybank(run, work)
-    metrics = _metrics(run)
+    model = model_from_run(run)  # its query bank's embeddings are computed once, for the banks and the metrics
+    bank = _write_querybank(model.gallery_offsets, work)
+    metrics = _metrics(run, model)
     (work / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     (work / CARD).write_text(model_card(run, backbone, metrics, bank, decoding, tok.max_length))
     files = sorted(p.name for p in work.iterdir())
@@ -223,20 +223,14 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
         "describe": describe_run(run), "backbone": backbone.name, "dim": run.dim, "opset": OPSET,
         "torch": torch.__version__, "backbone_provenance": {k: v for k, v in backbone.provenance.items()
                                                             if k != "image_runtime"},
-        "files": {name: _sha256(work / name) for name in files},
+        "files": {name: sha256_file(work / name) for name in files},
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return ModelExportSummary(out="", dim=run.dim, files=[*files, MANIFEST], test=metrics.get("test", {}))
 
 
-def _feed(path: Path):
-    """The graph as a callable of named tensors (for the agreement check)."""
-    sess = session(path)
-
-    def run(**inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
-
-    return run
+def _graph(path: Path) -> OnnxTower:
+    return OnnxTower(session(path), path)
 
 
 def _decoding(run) -> str:
@@ -249,8 +243,7 @@ def _decoding(run) -> str:
                "decodes them")
 
 
-def _write_querybank(run, work: Path) -> dict | None:
-    offsets = bank_offsets(run)
+def _write_querybank(offsets: BankOffsets | None, work: Path) -> dict | None:
     if offsets is None:
         record = {"ranking": "plain cosine", "sides": {}}
         (work / QUERYBANK).write_text(json.dumps(record, indent=2) + "\n")
@@ -270,10 +263,11 @@ def _write_querybank(run, work: Path) -> dict | None:
     return record
 
 
-def _metrics(run) -> dict:
-    """The run's recall on valid (from training) and on its test split, ranked as `cli.py eval` ranks."""
+def _metrics(run, model: EmbeddingModel) -> dict:
+    """The run's recall on valid (from training) and on its test split, ranked by `model` (the run's,
+    with its query bank) as `cli.py eval` ranks."""
     summary_path = Path(run.run_dir) / "summary.json"
-    out: dict = {"ranking": model_from_run(run).ranking}
+    out: dict = {"ranking": model.ranking}
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         out["dataset"] = _dataset_name(run)
@@ -283,7 +277,6 @@ def _metrics(run) -> dict:
     files = run.split_files()
     if "test" in files:
         test = load_split(files["test"], with_views=False)
-        model = model_from_run(run)
         img, txt = model.images(test.image_features), model.texts(test.caption_features)
         image_offset, caption_offset = model.offsets(img, txt)
         scored = summarize(ranks(img, txt, test.caption_image, image_offset=image_offset, caption_offset=caption_offset))
@@ -293,14 +286,6 @@ def _metrics(run) -> dict:
 
 def _dataset_name(run) -> str:
     return Path(str(run.features_dir)).parent.name
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _recall_lines(test: dict) -> list[str]:

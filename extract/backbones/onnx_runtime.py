@@ -157,6 +157,9 @@ def check_agreement(graph: Callable, module: Callable, probes: list[dict[str, to
     return worst
 
 
+GRAPH_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(uint8)": np.uint8}
+
+
 @dataclass
 class OnnxTower:
     """A callable like the PyTorch tower: named inputs -> raw features [B, D] (float32, CPU)."""
@@ -167,10 +170,8 @@ class OnnxTower:
     def __call__(self, *args: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         if args:  # an image tower is called with the pixels alone
             inputs = {"pixels": args[0], **inputs}
-        feed = {}
-        for arg in self.session.get_inputs():
-            value = inputs[arg.name].detach().cpu().numpy()
-            feed[arg.name] = np.ascontiguousarray(value, np.int64 if "int64" in arg.type else np.float32)
+        feed = {arg.name: np.ascontiguousarray(inputs[arg.name].detach().cpu().numpy(), GRAPH_DTYPES[arg.type])
+                for arg in self.session.get_inputs()}
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
