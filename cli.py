@@ -524,21 +524,29 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--split", **_cfg("medembed.serve.index:IndexOptions.split"), help="Split to index (test, train, ...), or all of them.")
-@click.option("--kind", type=click.Choice(["flat", "ivf", "hnsw"]), **_cfg("medembed.serve.index:IndexOptions.kind"),
-              help="flat: exact inner product; ivf / hnsw: approximate, for millions of images.")
-@click.option("--nlist", **_cfg("medembed.serve.index:IndexOptions.nlist"), type=click.IntRange(min=0), help="ivf cells; 0: sqrt(N).")
-@click.option("--nprobe", **_cfg("medembed.serve.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf cells searched per query; 0: nlist/16, at least 16.")
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw", "ivfpq"]), **_cfg("medembed.serve.index:IndexOptions.kind"),
+              help="auto: picked from the collection size and --max-memory-gb; flat: exact; ivf / hnsw: approximate, "
+                   "full vectors; ivfpq: 8-64 bytes per image, candidates re-scored exactly (tens of millions of images).")
+@click.option("--max-memory-gb", **_cfg("medembed.serve.index:IndexOptions.max_memory_gb"), type=click.FloatRange(min=0, min_open=True),
+              help="Memory the index and its build may take; an index that needs more is refused before building.")
+@click.option("--nlist", **_cfg("medembed.serve.index:IndexOptions.nlist"), type=click.IntRange(min=0), help="ivf/ivfpq cells; 0: from N.")
+@click.option("--nprobe", **_cfg("medembed.serve.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf/ivfpq cells searched per query; 0: from nlist.")
 @click.option("--m", **_cfg("medembed.serve.index:IndexOptions.m"), type=click.IntRange(min=2), help="hnsw links per vector.")
+@click.option("--pq-bytes", **_cfg("medembed.serve.index:IndexOptions.pq_bytes"), type=click.IntRange(min=0),
+              help="ivfpq code bytes per image: 8, 16, 32 or 64; 0: the largest the budget holds.")
+@click.option("--rerank", **_cfg("medembed.serve.index:IndexOptions.rerank"), type=click.IntRange(min=1),
+              help="ivfpq candidates re-scored exactly per query.")
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Index this dataset's images (an image-only folder too), encoded once by the run's backbone, "
                    "instead of the run's cache; `search`/`serve --data` on the same folder use it.")
 @click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Where --data's encoding is cached.")
-def index(run_dir, split, kind, nlist, nprobe, m, data, features_root) -> None:
-    """Build a FAISS index of the run's adapted image embeddings (used by search)."""
+def index(run_dir, split, kind, max_memory_gb, nlist, nprobe, m, pq_bytes, rerank, data, features_root) -> None:
+    """Build a FAISS index of the run's adapted image embeddings (used by search and serve)."""
     from medembed.serve.index import IndexOptions, build_index, format_index_summary
 
     path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m, data=data,
+                                                   pq_bytes=pq_bytes, rerank=rerank, max_memory_gb=max_memory_gb,
                                                    features_root=features_root))
     click.echo(format_index_summary(path, meta))
 

@@ -70,7 +70,7 @@ def timed_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.nd
 
 
 def build(kind: str, db: np.ndarray, options: IndexOptions, seed: int) -> tuple[faiss.Index, dict, float, float]:
-    params = options.resolved(db.shape[0])
+    params = options.plan(db.shape[0], db.shape[1]).params
     index = new_index(kind, db.shape[1], params)
     t0 = time.perf_counter()
     if kind == "ivf":

@@ -8,13 +8,15 @@ refuses a stale index (re-extracted cache, retrained heads, a half-written file)
 saying how to rebuild it, so row 17 of an index is never read as image 17 of a different cache.
 
 Inner product on unit vectors is the cosine, the score every metric here ranks by: `flat` is exact,
-`ivf` scans only the `nprobe` closest of `nlist` k-means cells, `hnsw` walks a neighbour graph.
+`ivf` scans only the `nprobe` closest of `nlist` k-means cells, `hnsw` walks a neighbour graph,
+`ivfpq` keeps a short code per image instead of its vector (ten million images in under a
+gigabyte) and its best candidates are re-scored exactly by `search`. `--kind auto` picks one for
+the collection size and `--max-memory-gb` (see `index_plan`); ivf kinds are memory-mapped when read.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +38,7 @@ from medembed.common.files import atomic_write, slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.evaluate.new_data import open_runs
+from medembed.serve.index_plan import HNSW_COARSE_M, INDEX_KINDS, KIND_CHOICES, IndexPlan, format_bytes, plan_index
 
 __all__ = [
     "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
@@ -43,7 +46,6 @@ __all__ = [
     "tune",
 ]
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_DIR = "index"
 POOLS_DIR = "pools"
 FORMAT = "medembed-index/1"
@@ -58,47 +60,44 @@ class StaleIndexError(MedembedError, ValueError):
 
 @dataclass
 class IndexOptions:
-    """How to build one index. Zero means "pick from the number of vectors" (see `resolved`)."""
+    """How to build one index. Zero means "pick from the number of vectors" (see `plan`)."""
 
     split: str = ALL_SPLITS  # a split name of the run's features folder, or "all" (every split, in order)
-    kind: str = "flat"
-    nlist: int = 0  # ivf: k-means cells; 0 = sqrt(N), at most N/39 (faiss wants >= 39 points per cell)
-    nprobe: int = 0  # ivf: cells scanned per query; 0 = max(16, nlist/16), at most nlist
+    kind: str = "auto"  # auto: flat while a scan is short, else ivf while vectors fit, else ivfpq (index_plan)
+    nlist: int = 0  # ivf/ivfpq: k-means cells; 0 = about sqrt(N) (ivfpq: 2 sqrt(N), a power of two), at most N/39
+    nprobe: int = 0  # ivf/ivfpq: cells scanned per query; 0 = max(16, nlist/16) (ivfpq: nlist/8)
     m: int = 32  # hnsw: graph links per vector
     ef_construction: int = 40  # hnsw: candidate list while inserting
     ef_search: int = 128  # hnsw: candidate list while searching
-    train_size: int = 0  # ivf: vectors k-means trains on; 0 = min(N, 64 * nlist)
+    train_size: int = 0  # ivf: vectors k-means trains on; 0 = min(N, 64 * nlist) (ivfpq: 39 * nlist)
+    pq_bytes: int = 0  # ivfpq: bytes of code per vector (64, 32, 16 or 8); 0 = the largest the budget holds
+    pq_dim: int = 256  # ivfpq: dimensions the vectors are projected to before coding
+    rerank: int = 300  # ivfpq: candidates re-scored exactly from the cache (at least k)
+    max_memory_gb: float = 4.0  # what the index and its build may take; more is refused before building
     chunk_rows: int = 65536  # rows read, embedded and added at a time: bounds memory
     seed: int = 0
     data: str | None = None  # index this dataset (e.g. an image-only archive), encoded by the run's backbone
     features_root: str = "features"  # where `data`'s encoding is cached
 
     def __post_init__(self) -> None:
-        if self.kind not in INDEX_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(INDEX_KINDS)}, got {self.kind!r}")
-        for name in ("nlist", "nprobe", "train_size"):
+        if self.kind not in KIND_CHOICES:
+            raise ValueError(f"kind must be one of {', '.join(KIND_CHOICES)}, got {self.kind!r}")
+        for name in ("nlist", "nprobe", "train_size", "pq_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 picks it from the data size), got {getattr(self, name)}")
         if self.m < 2:
             raise ValueError(f"m (hnsw links per vector) must be >= 2, got {self.m}")
-        for name in ("ef_construction", "ef_search", "chunk_rows"):
+        for name in ("ef_construction", "ef_search", "chunk_rows", "pq_dim", "rerank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pq_bytes and self.pq_bytes not in (8, 16, 32, 64):
+            raise ValueError(f"pq_bytes must be 8, 16, 32 or 64 (or 0: from the budget), got {self.pq_bytes}")
+        if not self.max_memory_gb > 0:
+            raise ValueError(f"--max-memory-gb must be above 0, got {self.max_memory_gb}")
 
-    def resolved(self, n: int) -> dict:
-        """The parameters actually used for `n` vectors (what the JSON records)."""
-        if self.kind == "flat":
-            return {}
-        if self.kind == "hnsw":
-            return {"m": self.m, "ef_construction": self.ef_construction, "ef_search": self.ef_search}
-        nlist = self.nlist or max(1, min(round(math.sqrt(n)), n // 39))
-        if nlist > n:
-            raise ValueError(f"--nlist {nlist} is more cells than the {n} vectors to index")
-        nprobe = min(nlist, self.nprobe or max(16, round(nlist / 16)))
-        train = min(n, self.train_size or 64 * nlist)
-        if train < nlist:
-            raise ValueError(f"ivf training needs at least nlist={nlist} vectors, got train_size {train}")
-        return {"nlist": nlist, "nprobe": nprobe, "train_size": train, "seed": self.seed}
+    def plan(self, n: int, dim: int) -> IndexPlan:
+        """The kind and parameters actually used for `n` vectors of `dim` (what the JSON records)."""
+        return plan_index(n, dim, self)
 
 
 @dataclass
@@ -216,19 +215,48 @@ def _describe(split: str, path: Path) -> IndexSource:
 # ------------------------------------------------------------------ building
 
 def new_index(kind: str, dim: int, params: dict) -> faiss.Index:
-    """An empty index of `kind` for unit vectors (`params` from `IndexOptions.resolved`), made by
-    faiss's own factory; ivf still needs `train`."""
-    spec = {"flat": "Flat", "hnsw": f"HNSW{params.get('m', 32)},Flat", "ivf": f"IVF{params.get('nlist', 1)},Flat"}[kind]
-    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    """An empty index of `kind` for unit vectors (`params` from `IndexOptions.plan`), made by
+    faiss's own factory; ivf and ivfpq still need `train_index`."""
+    if kind == "ivfpq":
+        # the projection is a plain LinearTransform whose matrix train_index sets: faiss's own PCA
+        # centres the data (shifting every inner product by a per-vector term) and takes minutes at 4,096-d
+        coarse = f"_HNSW{HNSW_COARSE_M}" if params["coarse"] == "hnsw" else ""
+        inner = faiss.index_factory(params["pq_dim"], f"IVF{params['nlist']}{coarse},PQ{2 * params['pq_bytes']}x4fs",
+                                    faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexPreTransform(faiss.LinearTransform(dim, params["pq_dim"], False), inner)
+    else:
+        spec = {"flat": "Flat", "hnsw": f"HNSW{params.get('m', 32)},Flat", "ivf": f"IVF{params.get('nlist', 1)},Flat"}[kind]
+        index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
     if kind == "hnsw":
         index.hnsw.efConstruction = params["ef_construction"]
         index.hnsw.efSearch = params["ef_search"]
-    elif kind == "ivf":
+    elif kind in ("ivf", "ivfpq"):
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.spherical = True  # unit centroids: a cell is a cone around a direction, as cosine wants
         ivf.cp.seed = params["seed"]
         ivf.nprobe = params["nprobe"]
     return index
+
+
+def train_index(index: faiss.Index, kind: str, sample: np.ndarray) -> None:
+    """Train an ivf or ivfpq index on a sample of its vectors (flat and hnsw need none). ivfpq's
+    projection is the sample's top right singular vectors without centring: the directions that
+    carry most of the vectors' energy, so <Pq, Px> stays close to <q, x>."""
+    if kind == "ivfpq":
+        transform = faiss.downcast_VectorTransform(index.chain.at(0))
+        x = np.asarray(sample, dtype=np.float64)
+        _, vectors = np.linalg.eigh(x.T @ x)  # ascending eigenvalues of the second-moment matrix
+        top = np.ascontiguousarray(vectors[:, ::-1][:, : transform.d_out].T, dtype=np.float32)
+        faiss.copy_array_to_vector(top.ravel(), transform.A)
+        transform.is_trained = True
+    if kind in ("ivf", "ivfpq"):
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
+def fill_index(index: faiss.Index, chunks) -> None:
+    """Add vectors chunk by chunk (any iterable of [rows, d] arrays): only one chunk is held."""
+    for chunk in chunks:
+        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
 
 
 def _as_queries(x) -> np.ndarray:
@@ -279,7 +307,8 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     options = options or IndexOptions()
     run_dir = Path(run_dir)
     pool = pool_name(options.data) if options.data is not None else None
-    with exclusive(index_paths(run_dir, options.split, options.kind, pool)[0], "index build",
+    # one lock per split and pool, whatever kind "auto" turns out to be
+    with exclusive(index_paths(run_dir, options.split, "build", pool)[0], "index build",
                    "wait for it to finish; it writes the same index"):
         return _build_index(run_dir, options, run, pool)
 
@@ -299,7 +328,6 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     n = sum(s.n_images for s in sources)
     if n == 0:
         raise ValueError(f"{run.features_dir}: the {options.split} cache holds no images to index")
-    params = options.resolved(n)
     offsets = bank_offsets(run)
     setting = _image_side(offsets.setting) if offsets is not None else None
 
@@ -309,22 +337,25 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
             return emb
         return np.ascontiguousarray(np.concatenate([emb, offsets.images(torch.from_numpy(emb)).numpy()[:, None]], 1))
 
-    index = new_index(options.kind, run.dim + (setting is not None), params)
+    plan = options.plan(n, run.dim + (setting is not None))  # refuses a budget the index cannot fit
+    kind, params = plan.kind, plan.params
+    index = new_index(kind, plan.dim, params)
     paths = list(files.values())
-    if options.kind == "ivf":
-        index.train(vectors(_training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed)))
-    for path in paths:
-        for chunk in feature_chunks(path, rows=options.chunk_rows):
-            index.add(vectors(_embed(run, chunk)))
+    if "train_size" in params:
+        sample = _training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed)
+        train_index(index, kind, vectors(sample))
+        del sample
+    fill_index(index, (vectors(_embed(run, chunk)) for path in paths
+                       for chunk in feature_chunks(path, rows=options.chunk_rows)))
     ids = [i for path in paths for i in _read_ids(path)]
     meta = IndexMeta(
-        kind=options.kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
+        kind=kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
         run_dir=str(run_dir), heads_sha256=heads_sha256(run_dir), sources=sources, image_ids=ids,
         build_seconds=round(time.perf_counter() - t0, 3),
         created=datetime.now(UTC).isoformat(timespec="seconds"), querybank=setting,
         pool=pool or "", features_dir=str(Path(run.features_dir).resolve()) if pool else "",
     )
-    faiss_path, json_path = index_paths(run_dir, options.split, options.kind, pool)
+    faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
     _write_atomic(index, meta, faiss_path, json_path)
     return faiss_path, meta
 
@@ -431,7 +462,8 @@ def load_index(run_dir: str | Path, split: str | None = None, kind: str | None =
     except (json.JSONDecodeError, TypeError) as e:
         raise StaleIndexError(f"{json_path}: unreadable index description ({e}); {_rebuild_hint(run_dir, split, kind, pool)}") from e
     try:
-        index = faiss.read_index(str(faiss_path))
+        # ivf kinds are memory-mapped: their lists stay in the file and the page cache, not in this process
+        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else 0)
     except RuntimeError as e:
         raise StaleIndexError(f"{faiss_path}: unreadable FAISS file; {_rebuild_hint(run_dir, split, kind, pool)}") from e
     if check:
@@ -474,13 +506,23 @@ def _search_params(index: faiss.Index, selector) -> faiss.SearchParameters:
     """Search parameters carrying a selector and the index's own search-time knobs."""
     if hasattr(index, "hnsw"):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=int(index.hnsw.efSearch))
-    if hasattr(index, "nprobe"):
-        return faiss.SearchParametersIVF(sel=selector, nprobe=int(index.nprobe))
+    ivf = _ivf_of(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(ivf.nprobe))
     return faiss.SearchParameters(sel=selector)
+
+
+def _ivf_of(index: faiss.Index):
+    """The inverted-file index inside `index` (behind a projection too), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
 
 
 def format_index_summary(path: Path, meta: IndexMeta) -> str:
     params = ", ".join(f"{k} {v}" for k, v in meta.params.items() if k != "seed") or "exact"
     splits = ", ".join(f"{s.split} {s.n_images}" for s in meta.sources)
+    size = f"{format_bytes(meta.index_bytes)}, {meta.index_bytes / max(meta.ntotal, 1):,.0f} bytes per image"
     return (f"{meta.kind} index of {meta.ntotal} x {meta.dim} image embeddings ({splits}; {params}) "
-            f"built in {meta.build_seconds:.1f} s\n  {path}\n  {path.with_suffix('.json')}")
+            f"built in {meta.build_seconds:.1f} s, {size}\n  {path}\n  {path.with_suffix('.json')}")

@@ -260,15 +260,33 @@ class Searcher:
 
         index, meta = self.index
         order = {s.split: i for i, s in enumerate(self.pool.splits)}
+        plain = query
         if meta.querybank:  # each image's query-bank offset is the last coordinate: weight 1 applies it, 0 not
             query = torch.cat([query, torch.full((query.shape[0], 1), float(bank))], 1)
-        scores, rows = search_index(index, query, k, allowed=allowed)
+        rerank = int(meta.params.get("rerank", 0))  # compressed codes: fetch more, re-score them exactly
+        scores, rows = search_index(index, query, max(k, rerank), allowed=allowed)
         keep = rows[0] >= 0  # approximate kinds pad missing hits with -1
         pool_rows = []
         for row in rows[0][keep].tolist():
             name, image_row = meta.locate(row)
             pool_rows.append(self._pool_row(order[name], image_row))
-        return scores[0][keep].tolist(), pool_rows, f"{meta.kind} index"
+        if not rerank:
+            return scores[0][keep].tolist(), pool_rows, f"{meta.kind} index"
+        exact = self._exact_scores(plain, pool_rows, bank and meta.querybank is not None)
+        best = sorted(range(len(pool_rows)), key=lambda i: -exact[i])[:k]
+        via = f"{meta.kind} index, {len(pool_rows)} candidates re-scored exactly"
+        return [exact[i] for i in best], [pool_rows[i] for i in best], via
+
+    def _exact_scores(self, query: torch.Tensor, pool_rows: list[int], bank: bool) -> list[float]:
+        """What an exact scan scores these pool images: cosine, plus the query-bank offset when ranking with it."""
+        if not pool_rows:
+            return []
+        located = [self.pool.image_of[r] for r in pool_rows]
+        emb = self.model.images(torch.stack([self.pool.splits[si].image_features[row] for si, row in located]))
+        scores = emb.float() @ query[0].float()
+        if bank and self.model.gallery_offsets is not None:
+            scores = scores + self.model.gallery_offsets(emb, None)[0]
+        return scores.tolist()
 
     def _pool_row(self, split_index: int, image_row: int) -> int:
         return sum(s.n_images for s in self.pool.splits[:split_index]) + image_row

@@ -293,3 +293,91 @@ def test_index_and_export_commands(cca_run, tmp_path):
     assert res.exit_code == 0, res.output
     assert "exported 60 rows x 12 dims" in res.output
     assert len(pd.read_parquet(run_dir / "export" / "test-parquet" / "img_emb" / "img_emb_0.parquet")) == 60
+
+
+# ------------------------------------------------------------------ compressed indexes and budgets
+
+def test_ivfpq_recall_and_size_on_clustered_vectors(tmp_path):
+    feats = _clustered(3000, 64, clusters=40, seed=0)
+    features = tmp_path / "features"
+    _write_cache(features / "test.h5", feats, [f"img{i:05d}" for i in range(len(feats))])
+    run = _identity_run(tmp_path / "run", features, 64)
+    path, meta = build_index(run.run_dir, IndexOptions(split="test", kind="ivfpq", pq_bytes=16), run=run)
+    assert path.name == "test-ivfpq.faiss"
+    # 2 sqrt(3000) = 110 -> 64 cells (a power of two, <= 3000/39); 32 four-bit sub-quantizers over 64 dims
+    assert {k: meta.params[k] for k in ("nlist", "nprobe", "pq_dim", "pq_bytes", "coarse")} == {
+        "nlist": 64, "nprobe": 16, "pq_dim": 64, "pq_bytes": 16, "coarse": "flat"}
+    assert meta.index_bytes < 0.2 * feats.nbytes  # 16-byte codes + 8-byte ids instead of 256-byte vectors
+    rng = np.random.default_rng(1)
+    q = feats[rng.choice(len(feats), 200, replace=False)] + 0.05 * rng.standard_normal((200, 64)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    index, _ = load_index(run.run_dir, "test", "ivfpq")
+    exact = _brute_top(feats, q, 10)
+    _, rows = search_index(index, q, k=10)
+    raw = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact.tolist())])
+    _, cand = search_index(index, q, k=100)  # what search re-scores exactly
+    top = np.take_along_axis(cand, np.argsort(-np.take_along_axis(q @ feats.T, cand, 1), 1, kind="stable"), 1)[:, :10]
+    reranked = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top.tolist(), exact.tolist())])
+    assert raw >= 0.3 and reranked >= 0.97, (raw, reranked)
+
+
+def test_ivfpq_search_rescores_with_the_query_bank_as_exact_search(tmp_path):
+    from medembed.adapt.run import QUERYBANK
+    from medembed.common.querybank import BankSide, QueryBank
+    from medembed.serve.search import Searcher
+
+    features = write_synthetic_features(tmp_path / "features", n_train=160, n_eval=300, captions_per_image=1)
+    train(AdaptConfig(features_dir=str(features), out=str(tmp_path / "run"), head="linear", dim=32, epochs=3,
+                      ensemble=1), progress=False)
+    run_dir = tmp_path / "run"
+    chosen = json.loads((run_dir / QUERYBANK).read_text())
+    forced = QueryBank(BankSide(5, 1.0), BankSide(5, 1.0), "train", str(features.resolve()))
+    (run_dir / QUERYBANK).write_text(json.dumps({**chosen, "setting": forced.to_dict()}))
+    _, meta = build_index(run_dir, IndexOptions(split="test", kind="ivfpq", rerank=30))
+    assert meta.dim == 33 and meta.querybank["images"] == {"k": 5, "beta": 1.0} and meta.params["pq_bytes"] == 16
+    exact, indexed = Searcher(run_dir, "test", use_index=False), Searcher(run_dir, "test")
+    run = load_adapter_run(run_dir)
+    test = load_split(run.features_dir / "test.h5")
+    queries = run.embed_texts(test.caption_features)
+    overlap = []
+    for c in range(0, test.n_captions, 10):
+        want, got = exact.images(queries[c][None], k=10), indexed.images(queries[c][None], k=10)
+        assert got.via == "ivfpq index, 30 candidates re-scored exactly" and got.with_bank
+        by_row = {h.image_row: h for h in want.hits}
+        overlap.append(len(set(by_row) & {h.image_row for h in got.hits}) / 10)
+        for h in got.hits:  # same ids, and every score is the exact one: cosine + the image's bank offset
+            assert test.image_ids[h.image_row] == h.image_id
+            if h.image_row in by_row:
+                assert h.score == pytest.approx(by_row[h.image_row].score, abs=1e-5)
+                assert h.cosine == pytest.approx(by_row[h.image_row].cosine, abs=1e-5)
+        assert [h.score for h in got.hits] == sorted((h.score for h in got.hits), reverse=True)
+    assert np.mean(overlap) >= 0.9, overlap
+
+
+def test_plan_picks_the_index_for_the_size_and_budget():
+    from medembed.serve.index_plan import BudgetError
+
+    assert IndexOptions().plan(4639, 4097).kind == "flat"  # roco-rad with the query-bank coordinate
+    assert IndexOptions().plan(1_000_000, 256).kind == "flat"  # 1 GiB: still one short scan
+    assert IndexOptions().plan(2_000_000, 256).kind == "ivf"  # full vectors still fit 4 GB
+    big = IndexOptions().plan(10_000_000, 256)
+    assert (big.kind, big.params["pq_bytes"], big.params["nlist"], big.params["coarse"]) == ("ivfpq", 64, 4096, "hnsw")
+    assert big.build_bytes <= 4 << 30 and 70 < big.bytes_per_vector < 80  # 64-byte code + 8-byte id + shared parts
+    tight = IndexOptions(max_memory_gb=1.0).plan(10_000_000, 256)
+    looser = IndexOptions(kind="ivfpq", pq_bytes=2 * tight.params["pq_bytes"], max_memory_gb=100).plan(10_000_000, 256)
+    assert tight.params["pq_bytes"] == 32 and tight.build_bytes <= 1 << 30 < looser.build_bytes  # the largest that fits
+    with pytest.raises(BudgetError, match=r"^100,000,000 vectors of 256 dimensions need .* above --max-memory-gb 0.5; "
+                                          r"raise it to at least [0-9.]+$"):
+        IndexOptions(max_memory_gb=0.5).plan(100_000_000, 256)
+    with pytest.raises(BudgetError, match="in --kind hnsw .* or use --kind ivfpq$"):
+        IndexOptions(kind="hnsw").plan(10_000_000, 4096)
+
+
+def test_index_command_refuses_a_budget_in_one_line(cca_run):
+    from medembed.cli import main
+
+    result = CliRunner().invoke(main, ["index", "--run", str(cca_run), "--split", "test", "--kind", "flat",
+                                       "--max-memory-gb", "0.000001"])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert len(lines) == 1 and "--max-memory-gb 1e-06" in lines[0] and "Traceback" not in result.output, result.output

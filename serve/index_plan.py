@@ -1,0 +1,170 @@
+"""Which FAISS index a collection gets, and what it will cost, decided before anything is built.
+
+`plan_index` turns (number of vectors, their dimension, the memory budget) into a kind and its
+parameters, with the memory the index and its build will take, so a budget that cannot hold the
+collection is refused in one line before an hour of encoding, not discovered by the OOM killer.
+
+The kinds, from exact to compact (bytes per vector at dimension d):
+- `flat`: every vector, scanned whole (4 d). Exact; chosen while one query's scan stays short.
+- `ivf`: every vector in k-means cells, `nprobe` cells scanned (4 d + 8).
+- `hnsw`: every vector plus a neighbour graph (4 d + about 8 M).
+- `ivfpq`: a linear projection to `pq_dim` dimensions (the top singular directions of a training
+  sample, not centred, so inner products keep their meaning), k-means cells, and a 4-bit product
+  code per vector (`pq_bytes` + 8 for the id) that FAISS scans with SIMD ("fast scan"). Its scores
+  are approximate, so the best `rerank` candidates are re-scored exactly from the cache.
+
+The size rules follow what large-scale users of FAISS settled on (autofaiss, the FAISS wiki): about
+sqrt(N) cells, at least 39 training points per cell, an HNSW graph over the cell centres once
+there are thousands of them (assigning 10M vectors to 4,096 centres by brute force is the slow
+part of a build), and the largest code that fits the budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from medembed.common.errors import MedembedError
+
+__all__ = ["INDEX_KINDS", "KIND_CHOICES", "BudgetError", "IndexPlan", "plan_index", "format_bytes"]
+
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
+KIND_CHOICES = ("auto",) + INDEX_KINDS
+EXACT_SCAN_FLOATS = 1 << 28  # flat while a query scans at most 256M floats (1 GiB: ~0.1 s on 2 cores)
+PQ_BYTES = (64, 32, 16, 8)  # code sizes ivfpq tries, largest (most accurate) first
+MIN_POINTS_PER_CELL = 39  # below this FAISS's k-means warns that its cells are poorly placed
+HNSW_COARSE_FROM = 1024  # cells from which the coarse quantizer is an HNSW graph
+HNSW_COARSE_M = 32
+ID_BYTES = 8
+GB = 1 << 30
+
+
+class BudgetError(MedembedError, ValueError):
+    """The collection does not fit the memory budget in the index asked for (or in any index)."""
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GB", GB), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """One index for `n` vectors of dimension `dim`: its kind, FAISS parameters and costs."""
+
+    kind: str
+    n: int
+    dim: int
+    params: dict = field(default_factory=dict)
+    index_bytes: int = 0  # the built index, in memory or on disk
+    build_bytes: int = 0  # peak while building: the index, its training sample and one chunk
+
+    @property
+    def bytes_per_vector(self) -> float:
+        return self.index_bytes / max(self.n, 1)
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
+
+
+def _nlist(n: int, asked: int, kind: str) -> int:
+    """ivf: sqrt(N) cells; ivfpq: a power of two near 2 sqrt(N) (its cells hold short codes, so more
+    of them are scanned cheaply); both at most N / 39."""
+    if asked:
+        if asked > n:
+            raise ValueError(f"--nlist {asked} is more cells than the {n} vectors to index")
+        return asked
+    if kind == "ivf":
+        return max(1, min(round(math.sqrt(n)), n // MIN_POINTS_PER_CELL))
+    return max(1, min(_pow2_floor(2 * math.sqrt(n)), _pow2_floor(n / MIN_POINTS_PER_CELL)))
+
+
+def _ivf_params(n: int, nlist: int, nprobe: int, train_size: int, seed: int, default_probe_share: int) -> dict:
+    nprobe = min(nlist, nprobe or max(16, round(nlist / default_probe_share)))
+    train = min(n, train_size or 64 * nlist)
+    if train < nlist:
+        raise ValueError(f"ivf training needs at least nlist={nlist} vectors, got train_size {train}")
+    return {"nlist": nlist, "nprobe": nprobe, "train_size": train, "seed": seed}
+
+
+def _pq_dims(dim: int, pq_dim: int, pq_bytes: int) -> int:
+    """Dimensions after the projection: `pq_dim` at most the input's, a multiple of the 2 * pq_bytes
+    sub-quantizers (4 bits each)."""
+    m = 2 * pq_bytes
+    out = min(pq_dim, dim) // m * m
+    if out == 0:
+        raise ValueError(f"{dim}-d vectors are too few dimensions for {pq_bytes}-byte codes ({m} sub-quantizers)")
+    return out
+
+
+def _costs(kind: str, n: int, dim: int, p: dict, chunk_rows: int) -> tuple[int, int]:
+    """(index bytes, build peak bytes) of one kind with its parameters."""
+    if kind == "flat":
+        index = n * dim * 4
+        train = 0
+    elif kind == "ivf":
+        index = n * (dim * 4 + ID_BYTES) + p["nlist"] * dim * 4
+        train = p["train_size"] * dim * 4
+    elif kind == "hnsw":
+        index = n * (dim * 4 + int(p["m"] * 2 * 4 * 1.1))  # level 0 holds 2M links; upper levels ~1/M of that
+        train = 0
+    else:
+        out = p["pq_dim"]
+        coarse = p["nlist"] * out * 4 + (p["nlist"] * HNSW_COARSE_M * 2 * 4 if p["coarse"] == "hnsw" else 0)
+        index = n * (p["pq_bytes"] + ID_BYTES) + coarse + dim * out * 4
+        train = p["train_size"] * (dim + out) * 4
+    return index, index + train + chunk_rows * dim * 4 * 2
+
+
+def _params(kind: str, n: int, dim: int, opts, pq_bytes: int = 0) -> dict:
+    if kind == "flat":
+        return {}
+    if kind == "hnsw":
+        return {"m": opts.m, "ef_construction": opts.ef_construction, "ef_search": opts.ef_search}
+    if kind == "ivf":
+        return _ivf_params(n, _nlist(n, opts.nlist, "ivf"), opts.nprobe, opts.train_size, opts.seed, 16)
+    nlist = _nlist(n, opts.nlist, "ivfpq")
+    p = _ivf_params(n, nlist, opts.nprobe, opts.train_size or min(n, MIN_POINTS_PER_CELL * nlist), opts.seed, 8)
+    p.update(pq_dim=_pq_dims(dim, opts.pq_dim, pq_bytes), pq_bytes=pq_bytes,
+             coarse="hnsw" if nlist >= HNSW_COARSE_FROM else "flat", rerank=opts.rerank)
+    return p
+
+
+def _codes(kind: str, dim: int, opts) -> list[int]:
+    """Code sizes to try for `kind`: the one asked for, else every size the projection can split."""
+    if kind != "ivfpq":
+        return [0]
+    if opts.pq_bytes:
+        return [opts.pq_bytes]
+    return [b for b in PQ_BYTES if 2 * b <= min(opts.pq_dim, dim)] or [PQ_BYTES[-1]]
+
+
+def plan_index(n: int, dim: int, opts) -> IndexPlan:
+    """The index `opts` (an `IndexOptions`) asks for over `n` vectors of dimension `dim`, within
+    `opts.max_memory_gb`. `kind="auto"` picks flat while a scan is short, else ivf while full
+    vectors fit, else ivfpq with the largest code that fits. Raises BudgetError (one line) when
+    nothing fits, naming the budget that would."""
+    if n < 1:
+        raise ValueError("no vectors to index")
+    budget = int(opts.max_memory_gb * GB)
+    kinds = [opts.kind] if opts.kind != "auto" else (
+        (["flat"] if n * dim <= EXACT_SCAN_FLOATS else []) + ["ivf", "ivfpq"])
+    tried = []
+    for kind in kinds:
+        for code in _codes(kind, dim, opts):
+            params = _params(kind, n, dim, opts, code)
+            index, build = _costs(kind, n, dim, params, opts.chunk_rows)
+            plan = IndexPlan(kind, n, dim, params, index, build)
+            if build <= budget:
+                return plan
+            tried.append(plan)
+    smallest = min(tried, key=lambda p: p.build_bytes)
+    what = f"--kind {opts.kind}" if opts.kind != "auto" else "the most compact index"
+    code = f", {smallest.params['pq_bytes']}-byte codes" if smallest.kind == "ivfpq" else ""
+    raise BudgetError(
+        f"{n:,} vectors of {dim} dimensions need {format_bytes(smallest.build_bytes)} to build in {what} "
+        f"({smallest.kind}{code}), above --max-memory-gb {opts.max_memory_gb:g}; raise it to at least "
+        f"{math.ceil(smallest.build_bytes / GB * 10) / 10:g}" + ("" if opts.kind == "auto" or opts.kind == "ivfpq"
+                                                                 else " or use --kind ivfpq"))
