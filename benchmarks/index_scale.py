@@ -19,7 +19,11 @@ peak MB: the building process's peak resident memory (VmHWM; in brackets what th
 after its imports, before building);
 search MB: resident memory after loading the index for search.
 
+A real pool: `--run RUN` builds the same kinds over the run's whole cache with `build_index` and
+queries them through `Searcher` (re-scoring included) with the run's test captions.
+
 usage: python benchmarks/index_scale.py --n 10000000 [--dim 256] [--kinds auto,ivfpq] [--max-memory-gb 4]
+       python benchmarks/index_scale.py --run runs/NAME --kinds auto,ivfpq
 """
 from __future__ import annotations
 
@@ -207,6 +211,36 @@ def recall(rows: np.ndarray, exact: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(rows.tolist(), exact.tolist())]))
 
 
+def real_pool(run_dir: str, kinds: list[str], max_memory_gb: float, k: int) -> None:
+    """The same kinds over a real run's whole pool (every split of its cache), through `build_index` and
+    `Searcher` as `cli.py index` and `search` use them; queries: the run's test captions (cached
+    features through the run's text head), exact = the run's exact scan, query bank included."""
+    from medembed.serve.index import build_index
+    from medembed.serve.search import Searcher
+
+    exact = Searcher(run_dir, use_index=False)
+    test = next(s for s in exact.pool.splits if s.split == "test")
+    queries = exact.model.texts(test.caption_features)
+    want = [[h.image_id for h in exact.images(q[None], k).hits] for q in queries]
+    n = len(exact.pool.image_of)
+    print(f"{run_dir}: pool of {n:,} images (all splits), {len(queries)} test captions as queries, k={k}\n")
+    print("| kind | parameters | build s | bytes/vector | q/s 1 client | recall@10 vs exact |")
+    print("|---|---|--:|--:|--:|--:|")
+    for asked in kinds:
+        path, meta = build_index(run_dir, IndexOptions(kind=asked, max_memory_gb=max_memory_gb))
+        indexed = Searcher(run_dir)  # takes the index just built (the most recent)
+        assert indexed.index is not None and indexed.index[1].kind == meta.kind
+        t0 = time.perf_counter()
+        got = [[h.image_id for h in indexed.images(q[None], k).hits] for q in queries]
+        q1 = len(queries) / (time.perf_counter() - t0)
+        r = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, want)])
+        shown = ", ".join(f"{a} {b}" for a, b in meta.params.items() if a != "seed") or "exact"
+        print(f"| {(asked + ' → ') if asked == 'auto' else ''}{meta.kind} | {shown} | {meta.build_seconds:.0f} "
+              f"| {meta.index_bytes / meta.ntotal:,.0f} | {q1:,.0f} | {r:.3f} |", flush=True)
+        path.unlink()
+        path.with_suffix(".json").unlink()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -223,7 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rerank", type=int, default=IndexOptions().rerank, help="ivfpq candidates re-scored exactly")
     ap.add_argument("--work", default=None, help="folder for the vector file and indexes (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", default=None, help="measure a real run's pool instead of synthetic vectors")
     args = ap.parse_args(argv)
+    if args.run:
+        real_pool(args.run, [k for k in args.kinds.split(",") if k], args.max_memory_gb, args.k)
+        print("\ncommand: python benchmarks/index_scale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
+        return
     command = "python benchmarks/index_scale.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     coll = Collection(args.n, args.dim, args.clusters or max(1, args.n // 100), args.latent, args.spread, args.seed)
     queries = make_queries(coll, args.queries, args.query_noise, args.seed)

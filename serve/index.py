@@ -63,16 +63,16 @@ class IndexOptions:
     """How to build one index. Zero means "pick from the number of vectors" (see `plan`)."""
 
     split: str = ALL_SPLITS  # a split name of the run's features folder, or "all" (every split, in order)
-    kind: str = "auto"  # auto: flat while a scan is short, else ivf while vectors fit, else ivfpq (index_plan)
+    kind: str = "auto"  # auto: flat while a scan is short, else ivfpq with the largest code that fits (index_plan)
     nlist: int = 0  # ivf/ivfpq: k-means cells; 0 = about sqrt(N) (ivfpq: 2 sqrt(N), a power of two), at most N/39
-    nprobe: int = 0  # ivf/ivfpq: cells scanned per query; 0 = max(16, nlist/16) (ivfpq: nlist/8)
+    nprobe: int = 0  # ivf/ivfpq: cells scanned per query; 0 = max(16, nlist/16) (ivfpq: 128)
     m: int = 32  # hnsw: graph links per vector
     ef_construction: int = 40  # hnsw: candidate list while inserting
     ef_search: int = 128  # hnsw: candidate list while searching
     train_size: int = 0  # ivf: vectors k-means trains on; 0 = min(N, 64 * nlist) (ivfpq: 39 * nlist)
     pq_bytes: int = 0  # ivfpq: bytes of code per vector (64, 32, 16 or 8); 0 = the largest the budget holds
     pq_dim: int = 256  # ivfpq: dimensions the vectors are projected to before coding
-    rerank: int = 300  # ivfpq: candidates re-scored exactly from the cache (at least k)
+    rerank: int = 1000  # ivfpq: candidates re-scored exactly from the cache (at least k)
     max_memory_gb: float = 4.0  # what the index and its build may take; more is refused before building
     chunk_rows: int = 65536  # rows read, embedded and added at a time: bounds memory
     seed: int = 0
@@ -238,19 +238,30 @@ def new_index(kind: str, dim: int, params: dict) -> faiss.Index:
     return index
 
 
-def train_index(index: faiss.Index, kind: str, sample: np.ndarray) -> None:
-    """Train an ivf or ivfpq index on a sample of its vectors (flat and hnsw need none). ivfpq's
-    projection is the sample's top right singular vectors without centring: the directions that
-    carry most of the vectors' energy, so <Pq, Px> stays close to <q, x>."""
-    if kind == "ivfpq":
+def train_index(index: faiss.Index, kind: str, sample) -> None:
+    """Train an ivf or ivfpq index on a sample of its vectors (flat and hnsw need none): an array,
+    or for ivfpq a callable returning the sample's chunks afresh, read twice so that the sample is
+    never held at full dimension.
+
+    ivfpq's projection is the top eigenvectors of the sample's second-moment matrix (its right
+    singular vectors without centring): the directions that carry most of the vectors' energy, so
+    <Pq, Px> stays close to <q, x>. Its cells and codes are then trained on the projected sample."""
+    if kind == "ivf":
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    elif kind == "ivfpq":
+        chunks = sample if callable(sample) else (lambda: [sample])
         transform = faiss.downcast_VectorTransform(index.chain.at(0))
-        x = np.asarray(sample, dtype=np.float64)
-        _, vectors = np.linalg.eigh(x.T @ x)  # ascending eigenvalues of the second-moment matrix
+        gram = np.zeros((transform.d_in, transform.d_in))
+        for x in chunks():
+            x = np.asarray(x, dtype=np.float64)
+            gram += x.T @ x
+        _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues
         top = np.ascontiguousarray(vectors[:, ::-1][:, : transform.d_out].T, dtype=np.float32)
         faiss.copy_array_to_vector(top.ravel(), transform.A)
         transform.is_trained = True
-    if kind in ("ivf", "ivfpq"):
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        projected = np.concatenate([transform.apply(np.ascontiguousarray(x, dtype=np.float32)) for x in chunks()])
+        faiss.downcast_index(index.index).train(projected)
+        index.is_trained = True
 
 
 def fill_index(index: faiss.Index, chunks) -> None:
@@ -272,17 +283,16 @@ def _embed(run, raw: np.ndarray) -> np.ndarray:
     return _as_queries(run.embed_images(torch.from_numpy(np.asarray(raw, dtype=np.float32))))
 
 
-def _training_sample(run, paths: list[Path], n: int, size: int, rows: int, seed: int) -> np.ndarray:
-    """Embeddings of `size` rows drawn uniformly over all files, read in one streamed pass."""
+def _sample_chunks(run, paths: list[Path], n: int, size: int, rows: int, seed: int):
+    """Embeddings of `size` rows drawn uniformly over all files, chunk by chunk, in one streamed pass."""
     pick = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
-    out, offset = [], 0
+    offset = 0
     for path in paths:
         for chunk in feature_chunks(path, rows=rows):
             lo, hi = np.searchsorted(pick, [offset, offset + chunk.shape[0]])
             if hi > lo:
-                out.append(_embed(run, chunk[pick[lo:hi] - offset]))
+                yield _embed(run, chunk[pick[lo:hi] - offset])
             offset += chunk.shape[0]
-    return np.concatenate(out)
 
 
 def _write_atomic(index: faiss.Index, meta: IndexMeta, faiss_path: Path, json_path: Path) -> None:
@@ -342,9 +352,11 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     index = new_index(kind, plan.dim, params)
     paths = list(files.values())
     if "train_size" in params:
-        sample = _training_sample(run, paths, n, params["train_size"], options.chunk_rows, options.seed)
-        train_index(index, kind, vectors(sample))
-        del sample
+        def sample():
+            return (vectors(x) for x in _sample_chunks(run, paths, n, params["train_size"], options.chunk_rows,
+                                                       options.seed))
+
+        train_index(index, kind, sample if kind == "ivfpq" else np.concatenate(list(sample())))
     fill_index(index, (vectors(_embed(run, chunk)) for path in paths
                        for chunk in feature_chunks(path, rows=options.chunk_rows)))
     ids = [i for path in paths for i in _read_ids(path)]

@@ -304,9 +304,10 @@ def test_ivfpq_recall_and_size_on_clustered_vectors(tmp_path):
     run = _identity_run(tmp_path / "run", features, 64)
     path, meta = build_index(run.run_dir, IndexOptions(split="test", kind="ivfpq", pq_bytes=16), run=run)
     assert path.name == "test-ivfpq.faiss"
-    # 2 sqrt(3000) = 110 -> 64 cells (a power of two, <= 3000/39); 32 four-bit sub-quantizers over 64 dims
+    # 2 sqrt(3000) = 110 -> 64 cells (a power of two, <= 3000/39), all probed (128 at most); 32 four-bit
+    # sub-quantizers over 64 dims
     assert {k: meta.params[k] for k in ("nlist", "nprobe", "pq_dim", "pq_bytes", "coarse")} == {
-        "nlist": 64, "nprobe": 16, "pq_dim": 64, "pq_bytes": 16, "coarse": "flat"}
+        "nlist": 64, "nprobe": 64, "pq_dim": 64, "pq_bytes": 16, "coarse": "flat"}
     assert meta.index_bytes < 0.2 * feats.nbytes  # 16-byte codes + 8-byte ids instead of 256-byte vectors
     rng = np.random.default_rng(1)
     q = feats[rng.choice(len(feats), 200, replace=False)] + 0.05 * rng.standard_normal((200, 64)).astype(np.float32)
@@ -358,14 +359,15 @@ def test_plan_picks_the_index_for_the_size_and_budget():
     from medembed.serve.index_plan import BudgetError
 
     assert IndexOptions().plan(4639, 4097).kind == "flat"  # roco-rad with the query-bank coordinate
-    assert IndexOptions().plan(1_000_000, 256).kind == "flat"  # 1 GiB: still one short scan
-    assert IndexOptions().plan(2_000_000, 256).kind == "ivf"  # full vectors still fit 4 GB
+    assert IndexOptions().plan(100_000, 256).kind == "flat"  # 100 MB: one short scan
+    assert IndexOptions().plan(1_000_000, 256).params["pq_bytes"] == 64  # ivfpq, the largest code
+    assert IndexOptions(kind="ivf").plan(1_000_000, 256).params["nlist"] == 1000  # asked for: full vectors fit 4 GB
     big = IndexOptions().plan(10_000_000, 256)
     assert (big.kind, big.params["pq_bytes"], big.params["nlist"], big.params["coarse"]) == ("ivfpq", 64, 4096, "hnsw")
     assert big.build_bytes <= 4 << 30 and 70 < big.bytes_per_vector < 80  # 64-byte code + 8-byte id + shared parts
-    tight = IndexOptions(max_memory_gb=1.0).plan(10_000_000, 256)
+    tight = IndexOptions(max_memory_gb=1.5).plan(10_000_000, 256)
     looser = IndexOptions(kind="ivfpq", pq_bytes=2 * tight.params["pq_bytes"], max_memory_gb=100).plan(10_000_000, 256)
-    assert tight.params["pq_bytes"] == 32 and tight.build_bytes <= 1 << 30 < looser.build_bytes  # the largest that fits
+    assert tight.params["pq_bytes"] == 16 and tight.build_bytes <= 1.5 * (1 << 30) < looser.build_bytes  # largest that fits
     with pytest.raises(BudgetError, match=r"^100,000,000 vectors of 256 dimensions need .* above --max-memory-gb 0.5; "
                                           r"raise it to at least [0-9.]+$"):
         IndexOptions(max_memory_gb=0.5).plan(100_000_000, 256)
