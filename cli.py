@@ -528,9 +528,9 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
               help="auto: picked from the collection size and --max-memory-gb; flat: exact; ivf / hnsw: approximate, "
                    "full vectors; ivfpq: 8-64 bytes per image, candidates re-scored exactly (tens of millions of images).")
 @click.option("--max-memory-gb", **_cfg("medembed.serve.index:IndexOptions.max_memory_gb"), type=click.FloatRange(min=0, min_open=True),
-              help="Memory the index and its build may take; an index that needs more is refused before building.")
+              help="GiB the index and its build may take; an index that needs more is refused before building.")
 @click.option("--nlist", **_cfg("medembed.serve.index:IndexOptions.nlist"), type=click.IntRange(min=0), help="ivf/ivfpq cells; 0: from N.")
-@click.option("--nprobe", **_cfg("medembed.serve.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf/ivfpq cells searched per query; 0: from nlist.")
+@click.option("--nprobe", **_cfg("medembed.serve.index:IndexOptions.nprobe"), type=click.IntRange(min=0), help="ivf/ivfpq cells searched per query; 0: ivf nlist/16 (at least 16), ivfpq 128.")
 @click.option("--m", **_cfg("medembed.serve.index:IndexOptions.m"), type=click.IntRange(min=2), help="hnsw links per vector.")
 @click.option("--pq-bytes", **_cfg("medembed.serve.index:IndexOptions.pq_bytes"), type=click.IntRange(min=0),
               help="ivfpq code bytes per image: 8, 16, 32 or 64; 0: the largest the budget holds.")

@@ -10,10 +10,10 @@ computed in the same streamed pass (a running top-k per query), so ground truth 
 
 Each kind is planned by `IndexOptions.plan` under --max-memory-gb (what `cli.py index` does),
 built with `new_index` / `train_index` / `fill_index` in chunks of 65,536 rows, written, and read
-back as search reads it (ivf kinds memory-mapped). A query is what `search` does: the index's
+back as search reads it (ivf's lists memory-mapped; FAISS reads ivfpq's into memory). A query is what `search` does: the index's
 top k (ivfpq: its top `rerank` candidates, re-scored exactly from the vector file). 1 client:
 queries one at a time, FAISS on all cores; 8 clients: 8 processes doing the same, one FAISS
-thread each, the index memory-mapped by each (a multi-worker server).
+thread each, each with the index loaded as search loads it (a multi-worker server).
 
 peak MB: the building process's peak resident memory (VmHWM; in brackets what the process held
 after its imports, before building);
@@ -180,9 +180,10 @@ def qps(search: Searcher, queries: np.ndarray, k: int) -> float:
 
 
 def _client(path: str, params: dict, vectors: tuple, queries: np.ndarray, k: int, barrier, out) -> None:
-    """One client process: the index memory-mapped as search reads it, one FAISS thread, queries one by one."""
+    """One client process: the index loaded as search loads it, one FAISS thread, queries one by one."""
     faiss.omp_set_num_threads(1)
-    index = tune(faiss.read_index(path, faiss.IO_FLAG_MMAP if "nprobe" in params else 0), params)
+    index = tune(faiss.read_index(path, faiss.IO_FLAG_MMAP if "pq_bytes" not in params and "nprobe" in params else 0),
+                 params)
     search = Searcher(index, int(params.get("rerank", 0)), np.memmap(vectors[0], dtype=np.float16, mode="r",
                                                                       shape=vectors[1]))
     search(queries[:5], k)
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             opts = IndexOptions(kind=asked, max_memory_gb=args.max_memory_gb, rerank=args.rerank, seed=args.seed)
             plan, path, t_train, t_build, peak, base = build_apart(coll, opts, work)
             before = rss_mb()
-            index = tune(faiss.read_index(str(path), faiss.IO_FLAG_MMAP if plan.kind in ("ivf", "ivfpq") else 0),
+            index = tune(faiss.read_index(str(path), faiss.IO_FLAG_MMAP if plan.kind == "ivf" else 0),
                          plan.params)
             search_mb = rss_mb() - before
             search = Searcher(index, int(plan.params.get("rerank", 0)), vectors)

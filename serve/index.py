@@ -9,9 +9,9 @@ saying how to rebuild it, so row 17 of an index is never read as image 17 of a d
 
 Inner product on unit vectors is the cosine, the score every metric here ranks by: `flat` is exact,
 `ivf` scans only the `nprobe` closest of `nlist` k-means cells, `hnsw` walks a neighbour graph,
-`ivfpq` keeps a short code per image instead of its vector (ten million images in under a
+`ivfpq` keeps a short code per image instead of its vector (ten million images' index in under a
 gigabyte) and its best candidates are re-scored exactly by `search`. `--kind auto` picks one for
-the collection size and `--max-memory-gb` (see `index_plan`); ivf kinds are memory-mapped when read.
+the collection size and `--max-memory-gb` (see `index_plan`); ivf's lists are memory-mapped when read.
 """
 from __future__ import annotations
 
@@ -305,7 +305,10 @@ def _write_atomic(index: faiss.Index, meta: IndexMeta, faiss_path: Path, json_pa
         meta.index_bytes = tmp.stat().st_size
 
     atomic_write(faiss_path, write_index)
-    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(meta.to_dict(), indent=1) + "\n"))
+    # indented for a person to read while small; compact beyond (Python's json indents in pure Python,
+    # one string per id: gigabytes at 10M images)
+    indent = 1 if meta.ntotal <= 100_000 else None
+    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(meta.to_dict(), indent=indent) + "\n"))
 
 
 def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=None) -> tuple[Path, IndexMeta]:
@@ -319,7 +322,7 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     pool = pool_name(options.data) if options.data is not None else None
     # one lock per split and pool, whatever kind "auto" turns out to be
     with exclusive(index_paths(run_dir, options.split, "build", pool)[0], "index build",
-                   "wait for it to finish; it writes the same index"):
+                   "wait for it to finish; it writes an index of the same split"):
         return _build_index(run_dir, options, run, pool)
 
 
@@ -353,12 +356,12 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     paths = list(files.values())
     if "train_size" in params:
         def sample():
-            return (vectors(x) for x in _sample_chunks(run, paths, n, params["train_size"], options.chunk_rows,
+            return (vectors(x) for x in _sample_chunks(run, paths, n, params["train_size"], plan.chunk_rows,
                                                        options.seed))
 
         train_index(index, kind, sample if kind == "ivfpq" else np.concatenate(list(sample())))
     fill_index(index, (vectors(_embed(run, chunk)) for path in paths
-                       for chunk in feature_chunks(path, rows=options.chunk_rows)))
+                       for chunk in feature_chunks(path, rows=plan.chunk_rows)))
     ids = [i for path in paths for i in _read_ids(path)]
     meta = IndexMeta(
         kind=kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
@@ -474,8 +477,9 @@ def load_index(run_dir: str | Path, split: str | None = None, kind: str | None =
     except (json.JSONDecodeError, TypeError) as e:
         raise StaleIndexError(f"{json_path}: unreadable index description ({e}); {_rebuild_hint(run_dir, split, kind, pool)}") from e
     try:
-        # ivf kinds are memory-mapped: their lists stay in the file and the page cache, not in this process
-        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP if kind in ("ivf", "ivfpq") else 0)
+        # ivf's lists are memory-mapped: they stay in the file and the page cache, not in this process
+        # (FAISS reads ivfpq's blocked fast-scan lists into memory: 8-64 bytes per image)
+        index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP if kind == "ivf" else 0)
     except RuntimeError as e:
         raise StaleIndexError(f"{faiss_path}: unreadable FAISS file; {_rebuild_hint(run_dir, split, kind, pool)}") from e
     if check:
@@ -508,8 +512,10 @@ def search_index(index: faiss.Index, queries, k: int, allowed: np.ndarray | None
     if allowed is None:
         scores, rows = index.search(q, k)
     else:
-        ids = np.flatnonzero(allowed).astype(np.int64)
-        scores, rows = index.search(q, k, params=_search_params(index, faiss.IDSelectorBatch(ids)))
+        # a bitmap of the allowed rows (N/8 bytes), not a hash set of their ids: cheap at millions
+        bits = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
+        scores, rows = index.search(q, k, params=_search_params(index, selector))
     scores[rows < 0] = -np.inf
     return scores, rows.astype(np.int64)
 

@@ -2,7 +2,9 @@
 
 `plan_index` turns (number of vectors, their dimension, the memory budget) into a kind and its
 parameters, with the memory the index and its build will take, so a budget that cannot hold the
-collection is refused in one line before an hour of encoding, not discovered by the OOM killer.
+collection is refused in one line before the index is built, not discovered by the OOM killer (an
+`index --data` pool is encoded and cached first, since its size is known only then; the cache stays).
+The budget (GiB) covers the build and the index; searching also holds the pool's cached features.
 
 The kinds, from exact to compact (bytes per vector at dimension d):
 - `flat`: every vector, scanned whole (4 d). Exact; chosen while one query's scan stays short.
@@ -20,6 +22,7 @@ part of a build), and the largest code that fits the budget.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +39,7 @@ HNSW_COARSE_FROM = 1024  # cells from which the coarse quantizer is an HNSW grap
 HNSW_COARSE_M = 32
 IVFPQ_NPROBE = 128
 ID_BYTES = 8
+ID_LIST_BYTES = 100  # per image while building: its id as a Python string and in the JSON text
 PROCESS_BYTES = 600 << 20  # what the process holds before building (torch, faiss, numpy, the run), measured
 GB = 1 << 30
 
@@ -45,7 +49,7 @@ class BudgetError(MedembedError, ValueError):
 
 
 def format_bytes(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", 1 << 20), ("kB", 1 << 10)):
+    for unit, size in (("GiB", GB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
@@ -61,6 +65,7 @@ class IndexPlan:
     params: dict = field(default_factory=dict)
     index_bytes: int = 0  # the built index, in memory or on disk
     build_bytes: int = 0  # peak while building: the index, its training sample and one chunk
+    chunk_rows: int = 65536  # rows read, embedded and added at a time (fewer when the budget is tight)
 
     @property
     def bytes_per_vector(self) -> float:
@@ -123,7 +128,7 @@ def _costs(kind: str, n: int, dim: int, p: dict, chunk_rows: int) -> tuple[int, 
     # fast-scan codes are re-packed into blocks as they are added: ivfpq holds about twice its index while building
     # (measured: 1.6 GB over the imports for a 0.7 GB index of 10M vectors)
     held = 2 * index if kind == "ivfpq" else index
-    return index, PROCESS_BYTES + held + train + chunk_rows * dim * 4 * 2
+    return index, PROCESS_BYTES + held + train + chunk_rows * dim * 4 * 2 + n * ID_LIST_BYTES
 
 
 def _params(kind: str, n: int, dim: int, opts, pq_bytes: int = 0) -> dict:
@@ -158,22 +163,30 @@ def plan_index(n: int, dim: int, opts) -> IndexPlan:
     if n < 1:
         raise ValueError("no vectors to index")
     budget = int(opts.max_memory_gb * GB)
+    # one chunk (read rows and their embeddings) takes at most an eighth of the budget, at least 1,024 rows
+    rows = max(1024, min(opts.chunk_rows, budget // 8 // (dim * 4 * 2)))
     kinds = [opts.kind] if opts.kind != "auto" else (
         (["flat"] if n * dim <= EXACT_SCAN_FLOATS else []) + ["ivfpq"])
     tried = []
     for kind in kinds:
         for code in _codes(kind, dim, opts):
             params = _params(kind, n, dim, opts, code)
-            index, build = _costs(kind, n, dim, params, opts.chunk_rows)
-            plan = IndexPlan(kind, n, dim, params, index, build)
+            index, build = _costs(kind, n, dim, params, rows)
+            plan = IndexPlan(kind, n, dim, params, index, build, rows)
             if build <= budget:
                 return plan
             tried.append(plan)
     smallest = min(tried, key=lambda p: p.build_bytes)
     what = f"--kind {opts.kind}" if opts.kind != "auto" else "the most compact index"
     code = f", {smallest.params['pq_bytes']}-byte codes" if smallest.kind == "ivfpq" else ""
+    hint = ""
+    if opts.kind not in ("auto", "ivfpq"):
+        try:
+            plan_index(n, dim, dataclasses.replace(opts, kind="ivfpq", pq_bytes=0))
+            hint = " or use --kind ivfpq"
+        except ValueError:  # it does not fit either, or the vectors are too short for its codes
+            pass
     raise BudgetError(
         f"{n:,} vectors of {dim} dimensions need {format_bytes(smallest.build_bytes)} to build in {what} "
         f"({smallest.kind}{code}), above --max-memory-gb {opts.max_memory_gb:g}; raise it to at least "
-        f"{math.ceil(smallest.build_bytes / GB * 10) / 10:g}" + ("" if opts.kind == "auto" or opts.kind == "ivfpq"
-                                                                 else " or use --kind ivfpq"))
+        f"{math.ceil(smallest.build_bytes / GB * 10) / 10:g}{hint}")

@@ -353,6 +353,15 @@ def test_ivfpq_search_rescores_with_the_query_bank_as_exact_search(tmp_path):
                 assert h.cosine == pytest.approx(by_row[h.image_row].cosine, abs=1e-5)
         assert [h.score for h in got.hits] == sorted((h.score for h in got.hits), reverse=True)
     assert np.mean(overlap) >= 0.9, overlap
+    # a filter (every third image) reaches through the projection to the cells: only allowed rows, exact scores
+    allowed = np.arange(test.n_images) % 3 == 0
+    for c in (0, 50, 150):
+        want = exact.images(queries[c][None], k=10, allowed=allowed)
+        got = indexed.images(queries[c][None], k=10, allowed=allowed)
+        assert all(h.image_row % 3 == 0 for h in got.hits) and len(got.hits) == 10
+        by_row = {h.image_row: h.score for h in want.hits}
+        assert len(set(by_row) & {h.image_row for h in got.hits}) >= 8
+        assert all(h.score == pytest.approx(by_row[h.image_row], abs=1e-5) for h in got.hits if h.image_row in by_row)
 
 
 def test_plan_picks_the_index_for_the_size_and_budget():
@@ -364,15 +373,20 @@ def test_plan_picks_the_index_for_the_size_and_budget():
     assert IndexOptions(kind="ivf").plan(1_000_000, 256).params["nlist"] == 1000  # asked for: full vectors fit 4 GB
     big = IndexOptions().plan(10_000_000, 256)
     assert (big.kind, big.params["pq_bytes"], big.params["nlist"], big.params["coarse"]) == ("ivfpq", 64, 4096, "hnsw")
-    assert big.build_bytes <= 4 << 30 and 70 < big.bytes_per_vector < 80  # 64-byte code + 8-byte id + shared parts
-    tight = IndexOptions(max_memory_gb=1.5).plan(10_000_000, 256)
+    assert 70 < big.bytes_per_vector < 80  # 64-byte code + 8-byte id + the cells and projection, shared
+    tight = IndexOptions(max_memory_gb=2.4).plan(10_000_000, 256)
     looser = IndexOptions(kind="ivfpq", pq_bytes=2 * tight.params["pq_bytes"], max_memory_gb=100).plan(10_000_000, 256)
-    assert tight.params["pq_bytes"] == 16 and tight.build_bytes <= 1.5 * (1 << 30) < looser.build_bytes  # largest that fits
+    assert tight.params["pq_bytes"] == 16 and looser.build_bytes > 2.4 * (1 << 30)  # the largest code that fits
+    # a tight budget reads fewer rows at a time: 4,097-d chunks of at most an eighth of it
+    assert IndexOptions(max_memory_gb=4).plan(10_000_000, 4097).chunk_rows == 16380
+    assert IndexOptions(max_memory_gb=16).plan(10_000_000, 4097).chunk_rows == 65520
     with pytest.raises(BudgetError, match=r"^100,000,000 vectors of 256 dimensions need .* above --max-memory-gb 0.5; "
                                           r"raise it to at least [0-9.]+$"):
         IndexOptions(max_memory_gb=0.5).plan(100_000_000, 256)
     with pytest.raises(BudgetError, match="in --kind hnsw .* or use --kind ivfpq$"):
         IndexOptions(kind="hnsw").plan(10_000_000, 4096)
+    with pytest.raises(BudgetError, match=r"in --kind flat .* at least [0-9.]+$"):  # ivfpq would not fit either
+        IndexOptions(kind="flat", max_memory_gb=1).plan(100_000_000, 256)
 
 
 def test_index_command_refuses_a_budget_in_one_line(cca_run):
