@@ -165,12 +165,17 @@ def cache() -> None:
 
 @cache.command("merge")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
-def cache_merge(out_dir) -> None:
-    """Join the shard files in OUT_DIR (OUT/DATASET/BACKBONE) into one file per split."""
+@click.option("--copy", is_flag=True, help="Copy the features into each split file (self-contained; the shard files "
+              "can then be deleted) instead of reading them from the shard files in place.")
+def cache_merge(out_dir, copy) -> None:
+    """Join the shard files in OUT_DIR (OUT/DATASET/BACKBONE) into one file per split.
+
+    By default no feature is copied: each split file reads its features from the shard files beside
+    it (HDF5 virtual datasets), so keep them there."""
     from medembed.cache.shards import merge_shards
 
-    for path in merge_shards(out_dir):
-        click.echo(f"merged {path}")
+    for path in merge_shards(out_dir, copy=copy):
+        click.echo(f"merged {path}" + ("" if copy else " (features read from the shard files beside it)"))
 
 
 # --- adapt -----------------------------------------------------------------------------------

@@ -49,10 +49,24 @@ def open_cache(path: str | Path) -> Iterator[h5py.File]:
         if fmt is not None and fmt not in READABLE_FORMATS:
             raise CacheError(f"{path}: cache format {fmt!r} is not one this version of medembed reads "
                              f"({', '.join(READABLE_FORMATS)}); upgrade medembed or {REBUILD}")
+        if f.attrs.get(schema.FEATURES_IN_SHARDS):
+            _check_shard_sources(f, path)
         try:
             yield f
         except (OSError, KeyError) as e:
             raise CacheError(f"{path}: damaged cache ({_reason(e)}); {REBUILD}") from None
+
+
+def _check_shard_sources(f: h5py.File, path: Path) -> None:
+    """A split joined from shards reads its features from the shard files beside it; HDF5 would read
+    a missing one as fill values, so each is looked for before anything is read."""
+    for name in FEATURE_DATASETS:
+        if name in f and f[name].is_virtual:
+            for src in {s.file_name for s in f[name].virtual_sources()}:
+                if not (path.parent / src).is_file():
+                    raise CacheError(f"{path}: its features are read from the shard file {path.parent / src}, which is "
+                                     "missing; put it back beside it, or extract that shard again and re-run "
+                                     "`cli.py cache merge`")
 
 
 def _reason(e: BaseException) -> str:

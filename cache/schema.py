@@ -34,6 +34,10 @@ ZIP_SEP = "::"
 # is found again by reading the data folder, so it never enters a cache, export or page
 PRIVATE_LOCATION = "private:"
 
+# file attribute of a split joined from shard files (`cache merge`): its feature datasets are HDF5 virtual
+# datasets reading the shard files beside it, which must stay there
+FEATURES_IN_SHARDS = "features_in_shards"
+
 # float datasets: checked for NaN/Inf when written and when read
 FEATURE_DATASETS = (IMAGE_FEATURES, VIEW_FEATURES, CAPTION_FEATURES, CONCEPT_TEXT_FEATURES)
 REBUILD = "delete it and run `cli.py extract` again to rebuild it"

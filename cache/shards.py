@@ -3,6 +3,11 @@
 Shards are contiguous blocks of a split's records, so joining them in shard order restores the
 dataset order. A shard counts only when its file carries a completion marker; a missing or
 unfinished shard stops the merge with its name, never leaving a gap of silent zeros.
+
+By default the join copies no feature: the split file's features are HDF5 virtual datasets over
+the shard files (`writer.write_joined`), so joining a 10M-image extraction writes only its ids,
+captions and labels, and every phase reads the shards through it. `copy=True` writes a
+self-contained file instead (the shard files can then be deleted).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 from medembed.cache import schema
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, load_split, open_cache, read_attrs
-from medembed.cache.writer import write_split
+from medembed.cache.writer import write_joined, write_split
 from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write
 
@@ -58,8 +63,9 @@ def _scan(folder: Path) -> dict[str, dict]:
     return found
 
 
-def merge_shards(folder: str | Path) -> list[Path]:
-    """Merge every split found as shards in `folder`; returns the merged files."""
+def merge_shards(folder: str | Path, copy: bool = False) -> list[Path]:
+    """Join every split found as shards in `folder` (features left in the shards, or copied with
+    `copy`); returns the split files."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MergeError(f"{folder}: no such folder")
@@ -78,7 +84,7 @@ def merge_shards(folder: str | Path) -> list[Path]:
                                           "has no completion marker" if i in g["files"] else "is missing")
                    for i in missing]
             raise MergeError(f"{folder}: cannot merge split {split}: " + "; ".join(why))
-        merged.append(_merge_split(folder, split, [g["files"][i] for i in range(n)]))
+        merged.append(_merge_split(folder, split, [g["files"][i] for i in range(n)], copy))
     return merged
 
 
@@ -103,12 +109,32 @@ def concat_splits(parts: list[CachedSplit]) -> CachedSplit:
     )
 
 
-def _merge_split(folder: Path, split: str, files: list[Path]) -> Path:
-    first = read_attrs(files[0])
-    for f in files[1:]:
-        diffs = [d for d in differences(first, read_attrs(f)) if not d.startswith("shard:")]
+def _check_contiguous(split: str, files: list[Path], attrs: list[dict]) -> None:
+    """Shards must tile the split: each starts where the one before it ended (shards extracted with
+    different --batch-size values would overlap or leave a gap). Files written before shards
+    recorded their rows are taken as they are."""
+    if not all("shard_rows" in a for a in attrs):
+        return
+    at = 0
+    for f, a in zip(files, attrs):
+        lo, hi = (int(x) for x in str(a["shard_rows"]).split(":"))
+        if lo != at:
+            raise MergeError(f"{f}: cannot merge split {split}: this shard starts at record {lo}, the shards before it "
+                             f"end at {at} (were the shards extracted with different --batch-size values?)")
+        at = hi
+    if at != int(attrs[-1].get("split_records", at)):
+        raise MergeError(f"{files[-1]}: cannot merge split {split}: the shards end at record {at} of "
+                         f"{attrs[-1]['split_records']}")
+
+
+def _merge_split(folder: Path, split: str, files: list[Path], copy: bool = False) -> Path:
+    attrs = [read_attrs(f) for f in files]
+    first = attrs[0]
+    for f, a in zip(files[1:], attrs[1:]):
+        diffs = [d for d in differences(first, a) if not d.startswith("shard:")]
         if diffs:
             raise ProvenanceMismatch(f, diffs)
+    _check_contiguous(split, files, attrs)
     final = folder / f"{split}.h5"
     wanted = {**first, "shard": ""}
     if final.exists():
@@ -116,10 +142,13 @@ def _merge_split(folder: Path, split: str, files: list[Path]) -> Path:
         if diffs:
             raise ProvenanceMismatch(final, diffs)
         return final
+    joined = {k: v for k, v in first.items() if k not in ("shard_rows", "split_records")}
+    joined.update(shard="", merged_from_shards=len(files), n_records=sum(int(a["n_records"]) for a in attrs))
+    if not copy:
+        return write_joined(final, files, joined)
     parts = [load_split(p, dtype=None) for p in files]  # stored dtype: no float32 copy of the shards
     merged = concat_splits(parts)
-    merged.attrs = {**first, "shard": "", "merged_from_shards": len(files),
-                    "n_records": sum(int(p.attrs["n_records"]) for p in parts)}
+    merged.attrs = joined
     with open_cache(files[0]) as f:
         feature_attrs = {"images": dict(f[schema.IMAGE_FEATURES].attrs), "captions": dict(f[schema.CAPTION_FEATURES].attrs)}
     write_split(final, merged, dtype=str(first.get("dtype", "float16")), feature_attrs=feature_attrs)

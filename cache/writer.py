@@ -15,7 +15,7 @@ import torch
 
 from medembed.cache import schema
 from medembed.cache.faults import reached
-from medembed.cache.reader import CachedSplit, count_non_finite
+from medembed.cache.reader import CachedSplit, count_non_finite, open_cache, read_dataset
 
 STR = h5py.string_dtype("utf-8")
 
@@ -112,3 +112,95 @@ def _write_skipped(f: h5py.File, skipped) -> None:
     _put_str(f, schema.SKIPPED_IDS, [s[0] for s in sk])
     _put_str(f, schema.SKIPPED_LOCATIONS, [s[1] for s in sk])
     _put_str(f, schema.SKIPPED_REASONS, [s[2] for s in sk])
+
+
+# datasets of a joined split that stay in the shard files (the bulk of a cache), read through
+# HDF5 virtual datasets; everything else is small and copied (rows re-based)
+VIRTUAL_DATASETS = (schema.IMAGE_FEATURES, schema.VIEW_FEATURES, schema.CAPTION_FEATURES)
+
+
+def write_joined(path: str | Path, shards: list[Path], attrs: dict) -> Path:
+    """One split file over consecutive shard files, all or nothing, without copying their features:
+    image, view and caption features are HDF5 virtual datasets that read the shard files in place
+    (named relative to this file, so the folder can move); ids, locations, captions, caption rows,
+    concept rows and skips are appended shard by shard (row numbers re-based), so the join holds one
+    shard's strings at a time and never a feature. The shard files must stay beside it: a missing one
+    is refused when the file is opened (`reader.open_cache`), never read as zeros."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(tmp, "w") as out:
+            _join(out, path.parent, shards)
+            for k, v in attrs.items():
+                if k not in ("format", "n_images", "n_captions", "n_skipped", "complete"):
+                    out.attrs[k] = v if isinstance(v, (int, float, bool, np.integer, np.floating)) else str(v)
+            out.attrs["format"] = schema.FORMAT
+            out.attrs["n_images"] = out[schema.IMAGE_IDS].shape[0]
+            out.attrs["n_captions"] = out[schema.CAPTION_TEXT].shape[0]
+            out.attrs["n_skipped"] = out[schema.SKIPPED_IDS].shape[0]
+            out.attrs[schema.FEATURES_IN_SHARDS] = True
+            out.attrs["complete"] = True
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    reached("h5-tmp")
+    os.replace(tmp, path)
+    reached("h5-final")
+    return path
+
+
+def _appendable(out: h5py.File, name: str, like: h5py.Dataset) -> h5py.Dataset:
+    if name in out:
+        return out[name]
+    kw = {"fletcher32": True} if like.dtype.kind != "O" else {}
+    return out.create_dataset(name, shape=(0, *like.shape[1:]), maxshape=(None, *like.shape[1:]), dtype=like.dtype,
+                              chunks=(max(1, min(65536, like.shape[0] or 1)), *like.shape[1:]), **kw)
+
+
+def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
+    n = ds.shape[0]
+    ds.resize(n + len(values), axis=0)
+    if len(values):
+        ds[n:] = values
+
+
+def _join(out: h5py.File, folder: Path, shards: list[Path]) -> None:
+    layouts: dict[str, list[tuple[str, tuple, np.dtype]]] = {name: [] for name in VIRTUAL_DATASETS}
+    feature_attrs: dict[str, dict] = {}
+    image_base = nnz_base = 0
+    for i, shard in enumerate(shards):
+        with open_cache(shard) as f:
+            for name in VIRTUAL_DATASETS:
+                if name in f:
+                    layouts[name].append((os.path.relpath(shard, folder), f[name].shape, f[name].dtype))
+                    feature_attrs.setdefault(name, dict(f[name].attrs))
+            for name in (schema.IMAGE_IDS, schema.IMAGE_LOCATIONS, schema.CAPTION_TEXT, schema.SKIPPED_IDS,
+                         schema.SKIPPED_LOCATIONS, schema.SKIPPED_REASONS, schema.CONCEPT_INDICES):
+                _append(_appendable(out, name, f[name]), read_dataset(f, name))
+            _append(_appendable(out, schema.CAPTION_IMAGE_ROW, f[schema.CAPTION_IMAGE_ROW]),
+                    read_dataset(f, schema.CAPTION_IMAGE_ROW) + image_base)
+            indptr = read_dataset(f, schema.CONCEPT_INDPTR)
+            _append(_appendable(out, schema.CONCEPT_INDPTR, f[schema.CONCEPT_INDPTR]),
+                    (indptr if i == 0 else indptr[1:]) + nnz_base)
+            if i == 0:  # the vocabulary and its prompt features are the dataset's, the same in every shard
+                for name in (schema.CONCEPT_IDS, schema.CONCEPT_NAMES, schema.CONCEPT_TEMPLATES, schema.CONCEPT_TEXT_FEATURES):
+                    if name in f:
+                        f.copy(f[name], out, name=name)
+            image_base += f[schema.IMAGE_FEATURES].shape[0]
+            nnz_base += int(indptr[-1])
+    for name, sources in layouts.items():
+        if not sources:
+            continue
+        rows = sum(shape[0] for _, shape, _ in sources)
+        if rows == 0:  # nothing to point at (e.g. an image-only collection's captions)
+            out.create_dataset(name, shape=(0, *sources[0][1][1:]), dtype=sources[0][2])
+        else:
+            layout = h5py.VirtualLayout(shape=(rows, *sources[0][1][1:]), dtype=sources[0][2])
+            at = 0
+            for file_name, shape, _ in sources:
+                if shape[0]:
+                    layout[at : at + shape[0]] = h5py.VirtualSource(file_name, name, shape=shape)
+                at += shape[0]
+            out.create_virtual_dataset(name, layout, fillvalue=np.nan)  # a source HDF5 cannot open reads as NaN: refused
+        for k, v in feature_attrs[name].items():
+            out[name].attrs[k] = v

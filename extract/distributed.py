@@ -1,7 +1,9 @@
-"""Run extraction shards as Ray tasks on a local or existing cluster, then merge them.
+"""Run extraction shards as Ray tasks on a local or existing cluster, then join them.
 
 The task body is the same `extract_split` the plain loop calls, with a shard set: a shard that
-dies is simply re-run (Ray retries it) and continues from its own finished batches.
+dies is simply re-run (Ray retries it) and continues from its own finished batches; a finished
+shard is never redone, so a killed driver re-run loses only the shards that were in flight. The
+join (`cache.shards.merge_shards`) copies no feature: the split files read the shard files in place.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
 
 def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int | None = None,
                      num_cpus: int | None = None) -> ExtractSummary:
-    """One task per (split, shard), one GPU each where the cluster has GPUs; returns merged splits."""
+    """One task per (split, shard), one GPU each where the cluster has GPUs; returns the joined splits."""
     try:
         import ray
     except ImportError:

@@ -43,7 +43,7 @@ DEFAULT_TEMPLATES = (
     "a medical image of {name}",
     "an image showing {name}",
 )
-TEXT_BATCH = 256  # texts per crash-safe part (each forward's batch: see Backbone.encode_texts)
+TEXT_BATCH = 256  # concept prompts per crash-safe part (captions go per image batch: `_caption_phase`)
 GRAPHS_DIR = "graphs"  # exported runtime graphs, in the cache folder beside the split files
 
 
@@ -119,11 +119,20 @@ def shard_file_name(split: str, shard: tuple[int, int] | None) -> str:
     return f"{split}.h5" if shard is None else f"{split}.shard-{shard[0]:04d}-of-{shard[1]:04d}.h5"
 
 
-def shard_records(records: list, shard: tuple[int, int] | None) -> list:
+def shard_rows(n_records: int, shard: tuple[int, int] | None, batch_size: int = 1) -> tuple[int, int]:
+    """[lo, hi) of the records shard I/N does: contiguous blocks of whole batches, so every batch of a
+    shard is the batch the unsharded loop would run and the joined shards equal its cache bit for bit."""
     if shard is None:
-        return records
+        return 0, n_records
     i, n = shard
-    return records[i * len(records) // n : (i + 1) * len(records) // n]
+    n_batches = -(-n_records // max(1, batch_size))
+    return (min(n_records, i * n_batches // n * batch_size),
+            min(n_records, (i + 1) * n_batches // n * batch_size))
+
+
+def shard_records(records: list, shard: tuple[int, int] | None, batch_size: int = 1) -> list:
+    lo, hi = shard_rows(len(records), shard, batch_size)
+    return records[lo:hi]
 
 
 @dataclass
@@ -244,7 +253,9 @@ def _image_phase(bb, records: list[Record], store: PartStore, batch_size: int, c
     return n_done, time.perf_counter() - t0
 
 
-def _gather_images(store: PartStore, n_records: int, batch_size: int):
+def _gather_images(store: PartStore, n_records: int, batch_size: int, image_dim: int, n_views: int, dtype: str):
+    """(kept rows of each batch, their features, views, failures) from the image parts (a shard may
+    hold no batch at all when a split has fewer batches than shards)."""
     n_batches = (n_records + batch_size - 1) // batch_size
     rows, feats, views, fails = [], [], [], []
     for b in range(n_batches):
@@ -253,10 +264,32 @@ def _gather_images(store: PartStore, n_records: int, batch_size: int):
         feats.append(p["features"])
         views.append(p["views"])
         fails += list(zip(p["fail_rows"].tolist(), p["fail_reasons"].tolist()))
-    return np.concatenate(rows), np.concatenate(feats), np.concatenate(views), fails
+    if not rows:
+        return [], np.zeros((0, image_dim), dtype), np.zeros((0, n_views, image_dim), dtype), []
+    return rows, np.concatenate(feats), np.concatenate(views), fails
 
 
 _TEXT_KINDS = {"cap": "captions", "con": "concept prompts"}
+
+
+def _caption_phase(bb, records: list[Record], store: PartStore, batch_size: int, cfg: ExtractConfig, device: str,
+                   kept_rows: list[np.ndarray]) -> np.ndarray:
+    """Captions encoded image batch by image batch (part `capb` b: the captions of batch b's kept
+    images, in order), so what one forward sees depends only on the batch, never on where a shard
+    starts: a sharded extraction's captions equal the unsharded loop's bit for bit."""
+    n_texts = [sum(len(records[i].captions) for i in rows.tolist()) for rows in kept_rows]
+    todo = [b for b in range(len(kept_rows)) if n_texts[b] and not store.done("capb", b)]
+    with tqdm(total=sum(n_texts), desc="captions", unit="text", disable=not cfg.progress or not todo,
+              dynamic_ncols=True) as bar:
+        bar.update(sum(n_texts) - sum(n_texts[b] for b in todo))
+        for b in todo:
+            texts = [c for i in kept_rows[b].tolist() for c in records[i].captions]
+            with torch.inference_mode(), _autocast(device):
+                f = bb.encode_texts(texts)
+            store.put("capb", b, features=f.float().cpu().numpy().astype(cfg.dtype))
+            bar.update(len(texts))
+    parts = [store.get("capb", b)["features"] for b in range(len(kept_rows)) if n_texts[b]]
+    return np.concatenate(parts) if parts else np.zeros((0, bb.text_dim), cfg.dtype)
 
 
 def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, device: str,
@@ -338,17 +371,17 @@ def _concept_columns(bb, dataset: Dataset, kept: list[Record], store: PartStore,
 
 
 def _assemble(bb, dataset: Dataset, split: str, records: list[Record], store: PartStore, batch_size: int,
-              prov: dict, cfg: ExtractConfig, device: str, memo: dict) -> CachedSplit:
+              prov: dict, cfg: ExtractConfig, device: str, memo: dict, shard_attrs: dict) -> CachedSplit:
     """The finished split from its crash-safe parts: images kept, their captions, concepts, skips."""
-    rows, feats, views, fails = _gather_images(store, len(records), batch_size)
-    kept = [records[i] for i in rows]
+    batch_rows, feats, views, fails = _gather_images(store, len(records), batch_size, bb.image_dim, cfg.views, cfg.dtype)
+    kept = [records[i] for i in (np.concatenate(batch_rows) if batch_rows else [])]
     captions = [c for rec in kept for c in rec.captions]
     caption_image = np.asarray([r for r, rec in enumerate(kept) for _ in rec.captions], np.int64)
-    cap_feats = _text_phase(bb, captions, store, "cap", cfg.dtype, device, cfg.progress)
+    cap_feats = _caption_phase(bb, records, store, batch_size, cfg, device, batch_rows)
     vocab, names, labels, concept_feats = _concept_columns(bb, dataset, kept, store, cfg, device, memo)
     attrs = {**prov, "created": datetime.now(UTC).isoformat(timespec="seconds"),
              "data_root": str(Path(dataset.root).resolve()), "data_root_relative": relative_to(dataset.root, store.dir.parent),
-             "n_records": len(records), "extract_batch_size": batch_size}
+             "n_records": len(records), "extract_batch_size": batch_size, **shard_attrs}
     return CachedSplit(
         split=split, image_ids=[r.image_id for r in kept], image_features=feats, caption_features=cap_feats,
         caption_image=caption_image, captions=captions, concept_ids=vocab, concept_names=names, concepts=labels,
@@ -371,9 +404,9 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
     if not dataset.split(split):
         raise ExtractError(f"{dataset.root}: split '{split}' has no records (splits here: {', '.join(dataset.splits)})")
     shard = parse_shard(cfg.shard)
-    records = shard_records(dataset.split(split), shard)
+    every = dataset.split(split)
     final = cache_dir(cfg.out, dataset.name, bb.name) / shard_file_name(split, shard)
-    summary = SplitSummary(split=split, path=str(final), records=len(records))
+    summary = SplitSummary(split=split, path=str(final), records=len(shard_records(every, shard, cfg.batch_size)))
     prov = split_provenance(bb, dataset, split, cfg)
     final.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(final):
@@ -381,12 +414,19 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
             return _up_to_date(final, prov, summary, cfg, shard)
         store = PartStore(final)
         resumed = store.exists()
-        batch_size = int(store.open(prov, {"batch_size": cfg.batch_size})["batch_size"])
+        settings = store.open(prov, {"batch_size": cfg.batch_size, "rows": list(shard_rows(len(every), shard, cfg.batch_size))})
+        batch_size = int(settings["batch_size"])
+        # the range recorded when this shard started (parts of an earlier version: its even split of records)
+        lo, hi = settings.get("rows") or ((0, len(every)) if shard is None else
+                                          (len(every) * shard[0] // shard[1], len(every) * (shard[0] + 1) // shard[1]))
+        records = every[lo:hi]
+        summary.records = len(records)
+        shard_attrs = {"shard_rows": f"{lo}:{hi}", "split_records": len(every)} if shard is not None else {}
         summary.status = "resumed" if resumed else "written"
         t0 = time.perf_counter()
         with tqdm(total=len(records), desc=f"{split} images", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
             n_new, secs = _image_phase(bb, records, store, batch_size, cfg, device, bar)
-        cached = _assemble(bb, dataset, split, records, store, batch_size, prov, cfg, device, memo)
+        cached = _assemble(bb, dataset, split, records, store, batch_size, prov, cfg, device, memo, shard_attrs)
         write_split(final, cached, dtype=cfg.dtype, feature_attrs=_feature_attrs(bb))
         if shard is not None:
             write_done_marker(final, n_images=cached.n_images, n_captions=len(cached.captions), shard=cfg.shard)

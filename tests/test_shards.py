@@ -1,14 +1,16 @@
 """Sharded extraction: shard files with completion markers, merge that refuses gaps, and the Ray engine."""
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+
+import h5py
 import pytest
 import torch
 from click.testing import CliRunner
 
-from medembed.cache.reader import find_splits, load_split
+from medembed.cache.reader import CacheError, find_splits, load_split
 from medembed.cache.shards import MergeError, merge_shards
-from medembed.extract.extraction import ExtractConfig, ExtractError, extract, parse_shard, shard_records
+from medembed.extract.extraction import ExtractConfig, ExtractError, extract, parse_shard, shard_records, shard_rows
 from tests.conftest import make_imageclef2023
 
 
@@ -21,13 +23,17 @@ def test_shard_blocks_cover_the_split_once():
     recs = list(range(10))
     blocks = [shard_records(recs, (i, 3)) for i in range(3)]
     assert blocks == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    # with batches, shards are whole batches of the unsharded loop (batches [0-3] [4-7] [8-9])
+    assert [shard_rows(10, (i, 3), batch_size=4) for i in range(3)] == [(0, 4), (4, 8), (8, 10)]
+    assert [shard_rows(10, (i, 2), batch_size=4) for i in range(2)] == [(0, 4), (4, 10)]
+    assert shard_rows(10, None, batch_size=4) == (0, 10)
     assert parse_shard("2/3") == (2, 3)
     for bad in ("3/3", "a/b", "1", "-1/2"):
         with pytest.raises(ExtractError, match="--shard"):
             parse_shard(bad)
 
 
-def test_shards_merge_to_the_unsharded_result(tmp_path):
+def test_shards_merge_to_the_unsharded_result(tmp_path, monkeypatch):
     data = make_imageclef2023(tmp_path / "d", {"train": 14, "valid": 5})
     (data / "images" / "IMG_00004.jpg").write_bytes(b"")
     whole = extract(_cfg(data, tmp_path / "whole"))
@@ -40,18 +46,52 @@ def test_shards_merge_to_the_unsharded_result(tmp_path):
         find_splits(folder)  # shard files alone are not finished splits
     merged = merge_shards(folder)
     assert sorted(p.name for p in merged) == ["train.h5", "valid.h5"]
+    # the join copies no feature: they are virtual datasets over the shards, storing no byte of their own
+    with h5py.File(folder / "train.h5") as f:
+        for name in ("images/features", "captions/features"):
+            assert f[name].is_virtual and f[name].id.get_storage_size() == 0
+    # the folder moves as a whole (shards are named relative to the split file), read from elsewhere
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    monkeypatch.chdir(tmp_path / "d")
     for split in ("train", "valid"):
         a = load_split(tmp_path / "whole" / "d" / "tiny-clip" / f"{split}.h5")
-        b = load_split(folder / f"{split}.h5")
-        assert a.image_ids == b.image_ids and a.captions == b.captions
+        b = load_split(moved / f"{split}.h5")
+        assert a.image_ids == b.image_ids and a.captions == b.captions and a.skipped == b.skipped
         assert torch.equal(a.caption_image, b.caption_image)
         assert (a.concepts != b.concepts).nnz == 0
-        # batch boundaries differ between the two runs; the maths is the same
-        assert torch.allclose(a.image_features, b.image_features, atol=1e-4)
-        assert torch.allclose(a.caption_features, b.caption_features, atol=1e-4)
+        # every batch of a shard is the batch the unsharded loop ran: the features are bit for bit the same
+        assert torch.equal(a.image_features, b.image_features)
+        assert torch.equal(a.caption_features, b.caption_features)
+        assert torch.equal(a.concept_text_features, b.concept_text_features)
         assert b.attrs["shard"] == "" and b.attrs["merged_from_shards"] == 3
     assert [s for s in whole.splits if s.split == "train"][0].skipped[0][0] == "IMG_00004"
-    assert load_split(folder / "train.h5").n_images == 13
+    assert load_split(moved / "train.h5").n_images == 13
+    # a shard file that went missing is refused by name, never read as fill values
+    (moved / "train.shard-0001-of-0003.h5").rename(tmp_path / "away.h5")
+    with pytest.raises(CacheError, match=r"train.shard-0001-of-0003.h5, which is missing"):
+        load_split(moved / "train.h5")
+    (tmp_path / "away.h5").rename(moved / "train.shard-0001-of-0003.h5")
+    # --copy: self-contained split files, equal to the joined ones, readable with the shards gone
+    for p in ("train.h5", "valid.h5"):
+        (moved / p).unlink()
+    merge_shards(moved, copy=True)
+    for p in moved.glob("*.shard-*.h5"):
+        p.unlink()
+    for split in ("train", "valid"):
+        a = load_split(tmp_path / "whole" / "d" / "tiny-clip" / f"{split}.h5")
+        b = load_split(moved / f"{split}.h5")
+        assert a.image_ids == b.image_ids and torch.equal(a.image_features, b.image_features)
+        assert torch.equal(a.caption_features, b.caption_features)
+
+
+def test_merge_refuses_shards_that_do_not_tile_the_split(tmp_path):
+    data = make_imageclef2023(tmp_path / "d", {"train": 12})
+    folder = tmp_path / "o" / "d" / "tiny-clip"
+    extract(_cfg(data, tmp_path / "o", shard="0/2"))
+    extract(dataclasses.replace(_cfg(data, tmp_path / "o", shard="1/2"), batch_size=2))
+    with pytest.raises(MergeError, match=r"this shard starts at record 6, the shards before it end at 4"):
+        merge_shards(folder)
 
 
 def test_merge_refuses_missing_or_unfinished_shards(tmp_path):
@@ -85,4 +125,5 @@ def test_ray_engine_on_a_local_two_cpu_cluster(tmp_path):
     for s, r in zip(summary.splits, ref.splits):
         a, b = load_split(s.path), load_split(r.path)
         assert a.image_ids == b.image_ids
-        assert np.allclose(a.image_features.numpy(), b.image_features.numpy(), atol=1e-4)
+        assert torch.equal(a.image_features, b.image_features)
+        assert torch.equal(a.caption_features, b.caption_features)
