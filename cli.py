@@ -240,6 +240,9 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @_adapt_option("--patience", "Epochs without improvement before stopping.", type=click.IntRange(min=1))
 @_adapt_option("--seed", "Random seed.", type=int)
 @_adapt_option("--device", "Where to train.", type=click.Choice(["auto", "cpu", "cuda"]))
+@_adapt_option("--max-memory-gb", "Memory the run may take (GiB, the whole process): the training split is held in "
+               "memory when it fits, else streamed from disk in chunks sized to fit; a budget nothing fits is refused "
+               "before anything is read.", type=click.FloatRange(min=0, min_open=True))
 @click.option("--keep-last", "keep_last", is_flag=True, default=_ADAPT["keep_last"],
               help="Keep last.safetensors (optimiser state, only needed to --resume) when the run finishes; "
                    "by default a finished run keeps best.safetensors only.")
@@ -312,6 +315,27 @@ def relink(run_dir, features_dir) -> None:
     done = run_relink(run_dir, features_dir)
     click.echo(f"{done['run_dir']}: features {done['old']} -> {done['new']} (splits {', '.join(done['splits'])}, "
                "provenance checked)")
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Adapter run folder to compact (left as it is).")
+@click.option("--dims", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Dimensions of the compact embedding (the run's own: --dim x --ensemble).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New run folder, e.g. runs/NAME-256.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier compact run in --out.")
+def compact(run_dir, dims, out, overwrite) -> None:
+    """A compact copy of a run: its embeddings projected to --dims on the top directions of its train
+    embeddings, with its own query bank; eval, search, index and export take it like any run."""
+    from medembed.adapt.compact import make_compact
+    from medembed.common.locks import exclusive
+
+    with exclusive(out, "compact"):
+        done = make_compact(run_dir, dims, out, overwrite=overwrite)
+    bank = done.querybank["description"] if done.querybank else "plain cosine (the source run has no query bank)"
+    click.echo(f"{done.run_dir}: {done.dims} of {done.source_dims} dimensions "
+               f"({100 * done.variance_kept:.1f}% of the train embeddings' second moment kept); ranking: {bank}\n"
+               f"see what it costs: cli.py eval --run {done.source} --run {done.run_dir}")
 
 
 # --- eval / search ---------------------------------------------------------------------------

@@ -81,7 +81,9 @@ class AdaptConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # 0: one thread for small steps (syncing threads costs more than it saves), else torch's choice
-    max_memory_gb: float = 8.0  # above this the training split is streamed in chunks from disk
+    # what the whole run may hold (GiB): the training split in memory when it fits, else streamed from disk in
+    # chunks sized to fit, else refused before anything is read (adapt.memory)
+    max_memory_gb: float = 8.0
     chunk_rows: int = 65536
     eval_every: int = 1
     # last.safetensors (optimiser moments, weight averages: 277 MB for the default recipe) exists to
@@ -105,7 +107,9 @@ class AdaptConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "max_memory_gb", "concept_loss",
+        if not self.max_memory_gb > 0:
+            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+        for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "concept_loss",
                      "hard_negatives"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -8,6 +8,7 @@ to float32 one batch at a time.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +45,11 @@ class Batch:
 
 def caption_keys(captions: list[str]) -> torch.Tensor:
     """Identical captions (after case and whitespace folding) share a key: "Axial CT." written
-    under two images is a positive for both, never a negative."""
-    seen: dict[str, int] = {}
-    return torch.tensor([seen.setdefault(" ".join(c.lower().split()), len(seen)) for c in captions], dtype=torch.long)
+    under two images is a positive for both, never a negative. The key is a 64-bit hash of the folded
+    text, so a split streamed in chunks gets its keys chunk by chunk (8 bytes a caption, no table of
+    every caption); two different captions share one with probability about n^2 / 2^64."""
+    digests = b"".join(hashlib.blake2b(" ".join(c.lower().split()).encode(), digest_size=8).digest() for c in captions)
+    return torch.from_numpy(np.frombuffer(digests, dtype=np.int64).copy())
 
 
 class ConceptTexts:
@@ -60,16 +63,25 @@ class ConceptTexts:
         named = np.array([i for i, n in enumerate(names) if n], dtype=np.int64)
         if named.size == 0:
             raise ValueError("no concept in this cache has a name; --augment concepts needs named concepts")
-        labels = concepts.tocsc()[:, named].tocsr()
-        self.has = torch.from_numpy(labels.toarray().astype(bool))  # [N, Cn]
-        coo = labels.tocoo()
-        self.pair_image = torch.from_numpy(coo.row.astype(np.int64))
-        self.pair_concept = torch.from_numpy(coo.col.astype(np.int64))
+        # sparse [N, Cn]: a dense table of every image and concept would take N x Cn bytes (20 GB
+        # for 10M images and 2,000 concepts); a batch looks up its own rows
+        self.labels = concepts.tocsc()[:, named].tocsr()
+        self.labels.sort_indices()
         self.text_features = text_features[torch.from_numpy(named)]  # [Cn, T, Dt]
 
     @property
     def n_pairs(self) -> int:
-        return int(self.pair_image.numel())
+        return int(self.labels.nnz)
+
+    def pairs_of(self, image_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(position in `image_rows`, concept column) of every labelled pair of those images, in
+        row-major order."""
+        coo = self.labels[image_rows.numpy()].tocoo()
+        return torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+
+    def has(self, image_rows: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+        """[len(image_rows), len(concepts)] bool: is each image labelled with each concept."""
+        return torch.from_numpy(self.labels[image_rows.numpy()][:, concepts.numpy()].toarray().astype(bool))
 
 
 class MemorySource:
@@ -115,8 +127,10 @@ class StreamSource:
             self.text_dim = int(f[schema.CAPTION_FEATURES].shape[1])
             self.n_images = int(f[schema.IMAGE_FEATURES].shape[0])
             self.has_views = with_views and schema.VIEW_FEATURES in f
-            texts = strings(f[schema.CAPTION_TEXT])
-        self.caption_key = caption_keys(texts)
+            n = f[schema.CAPTION_TEXT].shape[0]
+            # one chunk of caption strings at a time: 10M captions as Python strings would take gigabytes
+            self.caption_key = torch.cat([caption_keys(strings(f[schema.CAPTION_TEXT], np.s_[s : s + chunk_rows]))
+                                          for s in range(0, n, chunk_rows)] or [torch.zeros(0, dtype=torch.long)])
         self.n_captions = int(self.caption_image.numel())
 
     def _rows(self, f, name: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,26 +176,14 @@ def read_concepts(path: str | Path) -> tuple[sp.csr_matrix | None, list[str], to
         return labels, names, torch.from_numpy(read_dataset(f, schema.CONCEPT_TEXT_FEATURES).astype(np.float32))
 
 
-def estimated_bytes(path: str | Path) -> int:
-    """float32 bytes `load_split` would hold for this file's features."""
-    with open_cache(path) as f:
-        names = [n for n in (schema.IMAGE_FEATURES, schema.VIEW_FEATURES, schema.CAPTION_FEATURES, schema.CONCEPT_TEXT_FEATURES) if n in f]
-        return sum(4 * int(np.prod(f[n].shape)) for n in names)
-
-
 def _concept_pairs(block: Block, concepts: ConceptTexts | None, ratio: float, m: int, gen: torch.Generator):
     """About ratio x m (image, concept) pairs drawn among the block's images: (local image rows,
     concept columns), or (None, None) without concept texts."""
     if concepts is None or ratio <= 0:
         return None, None
-    to_local = torch.full((int(block.image_rows.max()) + 1,), -1, dtype=torch.long)
-    to_local[block.image_rows] = torch.arange(block.image_rows.numel())
-    inside = concepts.pair_image < to_local.numel()
-    cand = torch.nonzero(inside).squeeze(1)
-    cand = cand[to_local[concepts.pair_image[cand]] >= 0]
-    k = min(cand.numel(), round(ratio * m))
-    pick = cand[torch.randperm(cand.numel(), generator=gen)[:k]]
-    return to_local[concepts.pair_image[pick]], concepts.pair_concept[pick]
+    local, concept = concepts.pairs_of(block.image_rows)
+    pick = torch.randperm(local.numel(), generator=gen)[: min(local.numel(), round(ratio * m))]
+    return local[pick], concept[pick]
 
 
 def caption_neighbours(block: Block, m: int = 20, rows: int = 2048) -> torch.Tensor:
@@ -273,6 +275,6 @@ def iter_batches(
         positives |= is_cap[:, None] & is_cap[None, :] & (key[:, None] == key[None, :])
         if con.numel():
             # text j is concept c: every image in the batch labelled with c is its positive
-            has = concepts.has[glob][:, concept_of.clamp_min(0)]  # [B, B]
+            has = concepts.has(glob, concept_of.clamp_min(0))  # [B, B]
             positives |= has & (~is_cap)[None, :]
         yield Batch(images, texts, positives, glob)

@@ -143,6 +143,20 @@ class LinearMapHead(nn.Module):
         return (x.float() - self.mean) @ self.weight
 
 
+class Projected(nn.Module):
+    """A head followed by a fixed linear map to fewer dimensions: a compact run (`adapt.compact`). The
+    map is applied to the head's output before the L2 normalisation every caller does, so whatever
+    embeds with the head (eval, search, the index, the exported graphs) embeds compactly."""
+
+    def __init__(self, head: nn.Module, projection: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("projection", projection.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) @ self.projection
+
+
 def build_head(kind: str, in_dim: int, out_dim: int, *, dropout: float = 0.1, input_dropout: float = 0.0,
                alpha: float = 0.2) -> nn.Module:
     if kind == "linear":

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
-from medembed.adapt.heads import build_heads
-from medembed.adapt.run_files import QUERYBANK  # re-exported: the query-bank setting chosen on valid
+from medembed.adapt.heads import Projected, build_heads
+from medembed.adapt.run_files import COMPACT, QUERYBANK  # QUERYBANK re-exported: the query-bank setting chosen on valid
 from medembed.cache.reader import find_splits
 from medembed.common.files import relative_to, resolve_recorded
 from medembed.common.querybank import QueryBank
@@ -60,6 +60,8 @@ class AdaptedRun:
 
     @property
     def dim(self) -> int:
+        if "compact" in self.config:  # a compact run (`adapt.compact`): its heads end in the projection
+            return int(self.config["compact"]["dims"])
         return int(self.config["dim"]) * int(self.config.get("ensemble", 1))
 
     @property
@@ -132,6 +134,13 @@ def load_adapter_run(run_dir: str | Path) -> AdaptedRun:
             raise ValueError(f"{cfg_path}: missing {key!r}; was this written by `cli.py adapt`?")
     image_head, text_head = build_heads(config)
     ckpt.load_heads(run_dir / ckpt.BEST, image_head, text_head)
+    if "compact" in config:
+        tensors, _ = ckpt.read_verified(run_dir / COMPACT)
+        projection = tensors.get("projection")
+        want = (int(config["dim"]) * int(config.get("ensemble", 1)), int(config["compact"]["dims"]))
+        if projection is None or tuple(projection.shape) != want:
+            raise ValueError(f"{run_dir / COMPACT}: expected a {want[0]} x {want[1]} projection, as config.json says")
+        image_head, text_head = Projected(image_head, projection), Projected(text_head, projection)
     return AdaptedRun(run_dir, config, image_head.eval(), text_head.eval())
 
 

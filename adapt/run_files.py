@@ -7,6 +7,7 @@
     querybank.json         the query-bank setting chosen on valid
     summary.json           written last: its presence marks a finished run
     finetuned.safetensors  fine-tuned tower blocks + heads of a LiT or unfreezing run
+    compact.safetensors    a compact run's projection of the heads' embeddings (`cli.py compact`)
 """
 from __future__ import annotations
 
@@ -17,3 +18,4 @@ LAST = "last.safetensors"
 QUERYBANK = "querybank.json"
 SUMMARY = "summary.json"
 FINETUNED = "finetuned.safetensors"
+COMPACT = "compact.safetensors"

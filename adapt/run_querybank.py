@@ -11,14 +11,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medembed.adapt.run import QUERYBANK, TRAINED_ON, AdaptedRun, load_adapter_run
-from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.cache import schema
+from medembed.cache.reader import CachedSplit, find_splits, load_split, open_cache, read_dataset
 from medembed.common.files import write_json
-from medembed.common.querybank import QueryBank, choose, side_offset
+from medembed.common.querybank import QueryBank, bank_sample, choose, side_offset
 
-__all__ = ["BankOffsets", "bank_for", "bank_offsets", "calibrate", "pool_bank", "ranks_foreign_pool"]
+# rows of each side of the bank split a run's bank holds at most (a seeded sample beyond; roco-rad's
+# train split, 3,722 pairs, is used whole)
+BANK_ROWS = 16384
+
+__all__ = ["BANK_ROWS", "BankOffsets", "bank_features", "bank_for", "bank_offsets", "calibrate", "pool_bank",
+           "ranks_foreign_pool"]
+
+
+def _rows_of(x: torch.Tensor, rows: np.ndarray | None) -> torch.Tensor:
+    return x if rows is None else x[torch.from_numpy(rows)]
+
+
+def bank_features(bank: str | Path | CachedSplit, max_rows: int = BANK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features, caption features) of a bank split, float32: every row up to `max_rows` per side,
+    else the same seeded sample (`bank_sample`) whether the split is in memory or read from its file,
+    where only the sampled rows are read."""
+    if isinstance(bank, CachedSplit):
+        return (_rows_of(bank.image_features, bank_sample(bank.n_images, max_rows)).float(),
+                _rows_of(bank.caption_features, bank_sample(bank.n_captions, max_rows)).float())
+    out = []
+    with open_cache(bank) as f:
+        for name in (schema.IMAGE_FEATURES, schema.CAPTION_FEATURES):
+            rows = bank_sample(f[name].shape[0], max_rows)
+            out.append(torch.from_numpy(read_dataset(f, name, () if rows is None else rows)).float())
+    return out[0], out[1]
 
 
 def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
@@ -26,7 +52,8 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
     """Pick the setting on valid with the run's chosen heads, write `querybank.json`, return its record:
     {"setting", "bank_split", "valid_plain" and "valid" (mean recall without / with it)}.
 
-    `splits` = (train, valid) already in memory; else both are read from the run's features folder."""
+    `splits` = (train, valid) already in memory; else valid is read from the run's features folder and
+    of train only the bank's rows (at most `BANK_ROWS` per side: a streamed train split is never held)."""
     run_dir = Path(run_dir)
     run = run or load_adapter_run(run_dir)
     if splits is None:
@@ -34,13 +61,15 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
         missing = [s for s in ("train", "valid") if s not in files]
         if missing:
             raise FileNotFoundError(f"{run.features_dir}: no {' or '.join(missing)} split to choose the query bank on")
-        splits = (load_split(files["train"], with_views=False), load_split(files["valid"], with_views=False))
-    train, valid = splits
-    bank_img, bank_txt = run.embed_images(train.image_features.float()), run.embed_texts(train.caption_features.float())
-    img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
+        train, valid, split = files["train"], load_split(files["valid"], with_views=False), "train"
+    else:
+        (train, valid), split = splits, splits[0].split
     with torch.no_grad():
-        setting, plain, after = choose(img, txt, valid.caption_image, bank_img, bank_txt, bank_split=train.split,
-                                       bank_features=str(Path(run.features_dir).resolve()))
+        bank_img, bank_txt = (run.embed_images(x) if i == 0 else run.embed_texts(x)
+                              for i, x in enumerate(bank_features(train)))
+        img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
+        setting, plain, after = choose(img, txt, valid.caption_image, bank_img, bank_txt, bank_split=split,
+                                       bank_features=str(Path(run.features_dir).resolve()), bank_rows=BANK_ROWS)
     def recall(summary: dict) -> dict:
         return {k: v for k, v in summary.items() if "R@" in k or k == "mean_recall"}
 
@@ -52,16 +81,19 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
 
 class BankOffsets:
     """What a run's query bank adds to the cosines of gallery images and captions. The bank's
-    embeddings are computed once, on first use; `None` for a side the setting leaves off."""
+    embeddings are computed once, on first use (or given, already computed); `None` for a side the
+    setting leaves off."""
 
-    def __init__(self, run: AdaptedRun, setting: QueryBank, bank: CachedSplit | None = None):
+    def __init__(self, run: AdaptedRun, setting: QueryBank, bank_images: torch.Tensor | None = None,
+                 bank_captions: torch.Tensor | None = None):
         self.run, self.setting = run, setting
-        self._bank = bank
-        self._bank_images: torch.Tensor | None = None
-        self._bank_captions: torch.Tensor | None = None
+        self._features: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bank_images = bank_images
+        self._bank_captions = bank_captions
 
-    def _split(self) -> CachedSplit:
-        if self._bank is None:
+    def _bank_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank's raw (image, caption) features: its recorded rows of the run's training cache."""
+        if self._features is None:
             recorded, found = self.run.training_cache()
             # the bank is the run's training cache (as calibrate records it): take it where the run finds
             # that cache now (moved with the run, relinked, or the run pointed at other data)
@@ -71,21 +103,21 @@ class BankOffsets:
                 raise FileNotFoundError(
                     f"{self.run.run_dir / QUERYBANK}: its bank, the {self.setting.bank_split} split of {folder}, is not "
                     "there; put the cache back, or delete that file to rank by plain cosine")
-            self._bank = load_split(files[self.setting.bank_split], with_views=False)
-        return self._bank
+            self._features = bank_features(files[self.setting.bank_split], self.setting.bank_rows)
+        return self._features
 
     @torch.no_grad()
     def bank_captions(self) -> torch.Tensor:
         """The bank of the image side: the run's unit embeddings of the bank split's captions."""
         if self._bank_captions is None:
-            self._bank_captions = self.run.embed_texts(self._split().caption_features.float())
+            self._bank_captions = self.run.embed_texts(self._bank_features()[1])
         return self._bank_captions
 
     @torch.no_grad()
     def bank_images(self) -> torch.Tensor:
         """The bank of the caption side: the run's unit embeddings of the bank split's images."""
         if self._bank_images is None:
-            self._bank_images = self.run.embed_images(self._split().image_features.float())
+            self._bank_images = self.run.embed_images(self._bank_features()[0])
         return self._bank_images
 
     @torch.no_grad()
@@ -122,17 +154,16 @@ def pool_bank(run) -> BankOffsets | None:
     files = find_splits(run.features_dir)
     if not {"train", "valid"} <= set(files):
         return None
-    train, valid = load_split(files["train"], with_views=False), load_split(files["valid"], with_views=False)
-    bank_img, bank_txt = run.embed_images(train.image_features.float()), run.embed_texts(train.caption_features.float())
-    img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
+    valid = load_split(files["valid"], with_views=False)
     with torch.no_grad():
+        train_img, train_txt = bank_features(files["train"])
+        bank_img, bank_txt = run.embed_images(train_img), run.embed_texts(train_txt)
+        img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
         setting, _, _ = choose(img, txt, valid.caption_image, bank_img, bank_txt, bank_split="train",
-                               bank_features=str(Path(run.features_dir).resolve()))
+                               bank_features=str(Path(run.features_dir).resolve()), bank_rows=BANK_ROWS)
     if not setting.active:
         return None
-    offsets = BankOffsets(run, setting, bank=train)
-    offsets._bank_images, offsets._bank_captions = bank_img, bank_txt  # already computed above
-    return offsets
+    return BankOffsets(run, setting, bank_images=bank_img, bank_captions=bank_txt)
 
 
 def bank_for(run) -> tuple[BankOffsets | None, str]:

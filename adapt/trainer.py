@@ -27,12 +27,12 @@ from medembed.adapt.data import (
     MemorySource,
     StreamSource,
     caption_neighbours,
-    estimated_bytes,
     iter_batches,
     read_concepts,
 )
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
+from medembed.adapt.memory import MemoryPlan, plan_memory
 from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.adapt.run_querybank import calibrate
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
@@ -41,6 +41,7 @@ from medembed.cache.faults import reached
 from medembed.cache.provenance import RUN_RECORD_KEYS
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
 from medembed.common.device import resolve_device
+from medembed.common.memory import format_bytes, peak_rss_bytes
 from medembed.common.ranking import DEFAULT_KS, recall_summary
 from medembed.common.tensors import embed_in_chunks
 
@@ -93,6 +94,12 @@ class TrainingData:
     valid: CachedSplit
     concepts: ConceptTexts | None
     attrs: dict
+    plan: MemoryPlan | None = None  # None for splits handed in already in memory
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per pass over train (statistics, streamed blocks): what the memory plan allows."""
+        return self.plan.chunk_rows if self.plan is not None else 65536
 
 
 def load_training_data(config: AdaptConfig) -> TrainingData:
@@ -105,17 +112,19 @@ def load_training_data(config: AdaptConfig) -> TrainingData:
             raise FileNotFoundError(f"{config.features_dir}: no {need}.h5 (training needs train and a valid split "
                                     f"for early stopping; found {', '.join(files)})")
     train_path = files["train"]
+    plan = plan_memory(config, train_path, files["valid"])  # refuses, in one line, a budget nothing fits
     valid = load_split(files["valid"], with_views=False)
-    if config.head != "cca" and estimated_bytes(train_path) > config.max_memory_gb * 2**30:
-        source = StreamSource(train_path, chunk_rows=config.chunk_rows, with_views=config.use_views)
+    if plan.stream:
+        source = StreamSource(train_path, chunk_rows=plan.chunk_rows, with_views=config.use_views)
         concepts = concept_texts(config, *read_concepts(train_path))
-        return TrainingData(source, None, valid, concepts, read_attrs(train_path))
-    return data_in_memory(config, load_split(train_path, with_views=config.use_views), valid)
+        return TrainingData(source, None, valid, concepts, read_attrs(train_path), plan)
+    return data_in_memory(config, load_split(train_path, with_views=config.use_views), valid, plan)
 
 
-def data_in_memory(config: AdaptConfig, train: CachedSplit, valid: CachedSplit) -> TrainingData:
+def data_in_memory(config: AdaptConfig, train: CachedSplit, valid: CachedSplit,
+                   plan: MemoryPlan | None = None) -> TrainingData:
     concepts = concept_texts(config, train.concepts, train.concept_names, train.concept_text_features)
-    return TrainingData(MemorySource(train), train, valid, concepts, dict(train.attrs))
+    return TrainingData(MemorySource(train), train, valid, concepts, dict(train.attrs), plan)
 
 
 def concept_texts(config: AdaptConfig, concepts, names: list[str], text_features) -> ConceptTexts | None:
@@ -150,8 +159,8 @@ def pairs_per_epoch(config: AdaptConfig, data: TrainingData) -> int:
 def new_state(config: AdaptConfig, run_config: dict, data: TrainingData, device: torch.device) -> TrainState:
     """Fresh heads (input standardisation fitted on train), losses, AdamW, schedule and weight average."""
     image_head, text_head = build_heads(run_config)
-    fit_input_stats(image_head, data.source.image_chunks())
-    fit_input_stats(text_head, data.source.caption_chunks())
+    fit_input_stats(image_head, data.source.image_chunks(data.chunk_rows))
+    fit_input_stats(text_head, data.source.caption_chunks(data.chunk_rows))
     losses = nn.ModuleList(build_loss(config.loss, temperature=config.temperature, margin=config.margin,
                                       learn_temperature=config.learn_temperature) for _ in range(config.ensemble))
     image_head, text_head, losses = image_head.to(device), text_head.to(device), losses.to(device)
@@ -310,8 +319,16 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     finally:
         torch.set_num_threads(threads_before)
     state.history = read_metrics(run_dir)
-    summary = summarize(run_dir, run_config, state, pairs_per_epoch(config, data))
+    summary = summarize(run_dir, run_config, state, pairs_per_epoch(config, data), memory_record(data.plan))
     return finish_run(run_dir, summary, config, (data.train, data.valid) if data.train is not None else None)
+
+
+def memory_record(plan: MemoryPlan | None) -> dict:
+    """summary.json's account of memory: the plan, and the process's measured peak so far."""
+    if plan is None:
+        return {}
+    return {"memory": {"plan": plan.describe(), "planned_bytes": plan.total, "budget_bytes": plan.budget,
+                       "streamed": plan.stream, "chunk_rows": plan.chunk_rows, "peak_rss_bytes": peak_rss_bytes()}}
 
 
 def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
@@ -323,6 +340,8 @@ def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
     else:
         (run_dir / QUERYBANK).unlink(missing_ok=True)
     summary["created"] = datetime.now(UTC).isoformat(timespec="seconds")
+    if "memory" in summary:  # the choice on valid comes after training: the peak counts it
+        summary["memory"]["peak_rss_bytes"] = peak_rss_bytes()
     ckpt.write_json(run_dir / ckpt.SUMMARY, summary)
     if not config.keep_last:  # only --resume reads it, and a finished run has nothing left to resume
         (run_dir / ckpt.LAST).unlink(missing_ok=True)
@@ -343,7 +362,8 @@ def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trainin
     best = next(r["epoch"] for r in rows if (r["reg"], r["power"]) == (fit_.reg, fit_.power))
     state = TrainState(fit_.image_head, fit_.text_head, nn.ModuleList(), None, None, torch.device("cpu"),
                        epoch=len(rows), best_epoch=best, elapsed=time.perf_counter() - t0, history=rows)
-    summary = summarize(run_dir, run_config, state, data.train.n_captions, {"closed_form": run_config["closed_form"]})
+    summary = summarize(run_dir, run_config, state, data.train.n_captions,
+                        {"closed_form": run_config["closed_form"], **memory_record(data.plan)})
     return finish_run(run_dir, summary, config, (data.train, data.valid))
 
 
@@ -366,6 +386,9 @@ def format_summary(summary: dict) -> str:
     else:
         note = "stopped early" if summary.get("stopped_early") else "ran all epochs"
     lines = [line(cols), rule, line(vals), f"valid recall in %; {note}; run saved in {summary['run_dir']}"]
+    if summary.get("memory", {}).get("streamed"):
+        mem = summary["memory"]
+        lines.append(f"memory: {mem['plan']}; measured peak {format_bytes(mem['peak_rss_bytes'])}")
     bank = summary.get("querybank")
     if bank:
         lines.append(f"ranking: {bank['description']}, chosen on valid (mean recall "

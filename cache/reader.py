@@ -100,9 +100,9 @@ def check_finite(arr: np.ndarray, path: str | Path, name: str) -> None:
         raise CacheError(f"{path}: dataset {name} holds {bad} non-finite values (NaN or Inf); {REBUILD}")
 
 
-def strings(ds: h5py.Dataset) -> list[str]:
-    """A string dataset as Python strings (h5py decodes the UTF-8)."""
-    return ds.asstr()[()].tolist()
+def strings(ds: h5py.Dataset, sel=()) -> list[str]:
+    """A string dataset (or the rows `sel` of it) as Python strings (h5py decodes the UTF-8)."""
+    return ds.asstr()[sel].tolist()
 
 
 def _attrs(f: h5py.File) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from medembed.common.ranking import DEFAULT_KS, retrieval_ranks, summarize_ranks
@@ -53,6 +54,8 @@ class QueryBank:
     captions: BankSide = BankSide()
     bank_split: str = "train"
     bank_features: str = ""  # the features folder whose bank_split is the bank (the run's training cache)
+    # at most this many rows of each side of the bank split, a seeded sample (`bank_sample`); 0: every row
+    bank_rows: int = 0
 
     @property
     def active(self) -> bool:
@@ -64,12 +67,22 @@ class QueryBank:
     @classmethod
     def from_dict(cls, d: dict) -> QueryBank:
         return cls(BankSide(**d.get("images", {})), BankSide(**d.get("captions", {})), d.get("bank_split", "train"),
-                   d.get("bank_features", ""))
+                   d.get("bank_features", ""), int(d.get("bank_rows", 0)))
 
     def describe(self) -> str:
         parts = [f"{name} k={s.k} beta={s.beta:g}" for name, s in (("images", self.images), ("captions", self.captions))
                  if s.active]
         return f"query-bank normalisation ({self.bank_split} bank): " + ", ".join(parts) if parts else "plain cosine"
+
+
+def bank_sample(n: int, max_rows: int) -> np.ndarray | None:
+    """The rows of an n-row bank side that form the bank: every row (None) up to `max_rows`, else a
+    sorted sample of `max_rows` drawn with a fixed seed, so the run, its search page and its index all
+    draw the same rows. Hubness is a mean over the k nearest bank rows; 16k sampled rows estimate it
+    for a gallery of any size, where a 10M-row bank would take 160 GB of embeddings."""
+    if max_rows <= 0 or n <= max_rows:
+        return None
+    return np.sort(np.random.default_rng(0).choice(n, size=max_rows, replace=False))
 
 
 @torch.no_grad()
@@ -105,7 +118,8 @@ def offsets(setting: QueryBank, images: torch.Tensor, captions: torch.Tensor, ba
 
 def choose(images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Tensor, bank_images: torch.Tensor,
            bank_captions: torch.Tensor, ks: tuple[int, ...] = KS, betas: tuple[float, ...] = BETAS,
-           bank_split: str = "train", bank_features: str = "") -> tuple[QueryBank, dict[str, float], dict[str, float]]:
+           bank_split: str = "train", bank_features: str = "",
+           bank_rows: int = 0) -> tuple[QueryBank, dict[str, float], dict[str, float]]:
     """The setting with the best mean R@1/5/10 of each direction on this (valid) split.
 
     Returns (setting, the split's recall summary with plain cosine, the same with the setting)."""
@@ -127,7 +141,7 @@ def choose(images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Te
                 best_img = (BankSide(k, beta), direction_score(s, "t2i"))
             if direction_score(s, "i2t") > best_cap[1]:
                 best_cap = (BankSide(k, beta), direction_score(s, "i2t"))
-    setting = QueryBank(best_img[0], best_cap[0], bank_split, bank_features)
+    setting = QueryBank(best_img[0], best_cap[0], bank_split, bank_features, bank_rows)
     img_off, cap_off = offsets(setting, images, captions, bank_images, bank_captions)
     after = summarize_ranks(*retrieval_ranks(images, captions, caption_image, image_offset=img_off,
                                              caption_offset=cap_off), n, m)

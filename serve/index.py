@@ -382,7 +382,8 @@ def _image_side(setting) -> dict | None:
     image side and where its bank is; None when that side is off."""
     if setting is None or not setting.images.active:
         return None
-    return {"images": asdict(setting.images), "bank_split": setting.bank_split, "bank_features": setting.bank_features}
+    return {"images": asdict(setting.images), "bank_split": setting.bank_split, "bank_features": setting.bank_features,
+            **({"bank_rows": setting.bank_rows} if setting.bank_rows else {})}
 
 
 def _features_dir(run_dir: Path) -> Path:

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 from medembed.common.errors import MedembedError
+from medembed.common.memory import GB, format_bytes
 
 __all__ = ["INDEX_KINDS", "KIND_CHOICES", "BudgetError", "IndexPlan", "plan_index", "format_bytes"]
 
@@ -41,18 +42,10 @@ IVFPQ_NPROBE = 128
 ID_BYTES = 8
 ID_LIST_BYTES = 100  # per image while building: its id as a Python string and in the JSON text
 PROCESS_BYTES = 600 << 20  # what the process holds before building (torch, faiss, numpy, the run), measured
-GB = 1 << 30
 
 
 class BudgetError(MedembedError, ValueError):
     """The collection does not fit the memory budget in the index asked for (or in any index)."""
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", GB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)

@@ -164,9 +164,14 @@ def test_ensemble_cosine_is_mean_of_member_cosines():
     assert torch.allclose(cos, ref, atol=1e-6)
 
 
-def test_streamed_training_matches_in_memory_quality(features, tmp_path):
-    s = train(small(features, tmp_path / "stream", max_memory_gb=0.0, chunk_rows=64, epochs=3, augment="concepts"),
+def test_streamed_training_matches_in_memory_quality(features, tmp_path, monkeypatch):
+    import medembed.adapt.memory as memory
+
+    # as if each caption took 10 MB in memory: the 480 captions do not fit 2 GiB, streamed they do
+    monkeypatch.setattr(memory, "CAPTION_TEXT_BYTES", 10 << 20)
+    s = train(small(features, tmp_path / "stream", max_memory_gb=2.0, chunk_rows=64, epochs=3, augment="concepts"),
               progress=False)
+    assert s["memory"]["streamed"] and s["memory"]["chunk_rows"] == 64
     chance = 100 * 10 / 120
     assert s["valid"]["t2i_R@10"] > 3 * chance and s["valid"]["i2t_R@10"] > 3 * chance
     # 480 captions plus concept pairs at concept_ratio 0.5 (capped by how many labelled pairs exist)

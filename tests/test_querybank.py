@@ -12,10 +12,10 @@ import torch
 
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import QUERYBANK, load_adapter_run
-from medembed.adapt.run_querybank import bank_offsets
+from medembed.adapt.run_querybank import BANK_ROWS, BankOffsets, bank_features, bank_offsets
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
-from medembed.common.querybank import BankSide, QueryBank, choose, hubness
+from medembed.common.querybank import BankSide, QueryBank, bank_sample, choose, hubness
 from medembed.common.ranking import retrieval_ranks
 from medembed.common.tensors import unit
 from medembed.evaluate.pipeline import EvalOptions, run_eval
@@ -205,7 +205,8 @@ def test_a_foreign_pool_ranks_with_its_own_bank_or_plain_cosine(bank_run, tmp_pa
     train, valid, test = (load_split(other / f"{s}.h5") for s in ("train", "valid", "test"))
     bank_img, bank_txt = run.embed_images(train.image_features), run.embed_texts(train.caption_features)
     want, _, _ = choose(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
-                        valid.caption_image, bank_img, bank_txt, bank_features=str(other.resolve()))
+                        valid.caption_image, bank_img, bank_txt, bank_features=str(other.resolve()),
+                        bank_rows=BANK_ROWS)
     assert want.active, "the synthetic pool should profit from a bank; the check below needs one"
     assert offsets.setting == want and "from the pool's own dataset" in ranking
     assert model_from_run(pointed).ranking == ranking
@@ -224,3 +225,30 @@ def test_a_foreign_pool_ranks_with_its_own_bank_or_plain_cosine(bank_run, tmp_pa
     (other / "test.h5").rename(lone / "test.h5")
     offsets, ranking = bank_for(run.with_features(lone))
     assert offsets is None and ranking.startswith("plain cosine (the pool's dataset has no train and valid split")
+
+
+def test_a_large_bank_is_a_seeded_sample_read_row_by_row(bank_run, tmp_path):
+    """Beyond `bank_rows` per side the bank is a fixed sample: the same rows whether the split is in
+    memory (after training) or read from its file (search, index), and only those rows are read."""
+    run = load_adapter_run(bank_run)
+    path = run.split_files()["train"]
+    whole = load_split(path, with_views=False)
+    assert whole.n_images > 64 and whole.n_captions > 64
+    rows_img, rows_cap = bank_sample(whole.n_images, 64), bank_sample(whole.n_captions, 64)
+    assert len(rows_img) == 64 and np.all(np.diff(rows_img) > 0) and rows_img.max() < whole.n_images
+    assert np.array_equal(rows_img, bank_sample(whole.n_images, 64))  # seeded: every caller draws the same
+    assert bank_sample(whole.n_images, whole.n_images) is None and bank_sample(whole.n_images, 0) is None
+    from_file, in_memory = bank_features(path, 64), bank_features(whole, 64)
+    for got, mem, full, rows in zip(from_file, in_memory, (whole.image_features, whole.caption_features),
+                                    (rows_img, rows_cap)):
+        assert torch.equal(got, mem) and torch.equal(got, full[torch.from_numpy(rows)].float())
+    # a setting recording 64 rows ranks against exactly those rows' embeddings
+    setting = QueryBank(BankSide(10, 0.5), BankSide(10, 0.5), "train", str(Path(run.features_dir).resolve()), 64)
+    offsets = BankOffsets(run, setting)
+    assert torch.equal(offsets.bank_captions(), run.embed_texts(from_file[1]))
+    assert torch.equal(offsets.bank_images(), run.embed_images(from_file[0]))
+    img = run.embed_images(whole.image_features[:20])
+    want = -0.5 * (img @ run.embed_texts(from_file[1]).T).topk(10, dim=1).values.mean(1)
+    assert torch.allclose(offsets.images(img), want, atol=1e-6)
+    assert QueryBank.from_dict(setting.to_dict()) == setting
+    assert QueryBank.from_dict({k: v for k, v in setting.to_dict().items() if k != "bank_rows"}).bank_rows == 0

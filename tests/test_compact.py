@@ -1,0 +1,120 @@
+"""Compact runs: the projection, the embeddings every consumer sees through it, its own query bank, and
+the refusals that keep the source run and other folders as they are."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from medembed.adapt.compact import CompactError, fit_projection, make_compact
+from medembed.adapt.config import AdaptConfig
+from medembed.adapt.run import load_adapter_run
+from medembed.adapt.trainer import train
+from medembed.cache.reader import load_split
+from medembed.common.tensors import unit
+from tests.synthetic_features import write_synthetic_features
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compact")
+    features = write_synthetic_features(root / "features", n_train=300, n_eval=80, captions_per_image=2, latent=6)
+    train(AdaptConfig(features_dir=str(features), out=str(root / "run"), head="linear", dim=16, ensemble=2, epochs=4),
+          progress=False)
+    return root / "run"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_compact_run_embeds_through_the_projection_of_its_train_embeddings(source_run, tmp_path):
+    before = _digests(source_run)
+    run = load_adapter_run(source_run)
+    assert run.dim == 32
+    out = tmp_path / "run-6"
+    done = make_compact(source_run, 6, out)
+    assert _digests(source_run) == before  # the source run is left as it is
+    small = load_adapter_run(out)
+    assert small.dim == 6 and done.dims == 6 and done.source_dims == 32
+
+    train_split = load_split(run.split_files()["train"])
+    img, txt = run.embed_images(train_split.image_features), run.embed_texts(train_split.caption_features)
+    # the map: the top eigenvectors of the second moment of the unit train embeddings, both sides together
+    x = torch.cat([img, txt]).double()
+    values, vectors = torch.linalg.eigh(x.T @ x)
+    p, kept = fit_projection(run, 6)
+    assert torch.allclose(p.T @ p, torch.eye(6), atol=1e-5)
+    for j in range(6):  # each column spans the same direction as the j-th largest eigenvector
+        assert abs(float(p[:, j].double() @ vectors[:, -1 - j])) == pytest.approx(1.0, abs=1e-5)
+    assert kept == pytest.approx(float(values[-6:].sum() / values.sum()), rel=1e-6)
+    assert 0.5 < kept < 1 and fit_projection(run, 3)[1] < kept  # a 6-d latent plus noise: most, not all
+    # what every consumer gets: the source's unit embeddings through the map, normalised again
+    assert torch.allclose(small.embed_images(train_split.image_features), unit(img @ p), atol=1e-5)
+    assert torch.allclose(small.embed_texts(train_split.caption_features), unit(txt @ p), atol=1e-5)
+
+    # its own query bank, chosen on valid for these embeddings; its summary says where it came from
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compact"]["dims"] == 6 and summary["compact"]["from"] == str(source_run.resolve())
+    assert json.loads((out / "querybank.json").read_text())["valid"] == summary["querybank"]["valid"]
+    # and it keeps the source's retrieval on valid within a point
+    assert summary["querybank"]["valid_plain"]["mean_recall"] >= \
+        json.loads((source_run / "summary.json").read_text())["querybank"]["valid_plain"]["mean_recall"] - 1.0
+
+
+def test_search_index_and_export_use_the_compact_embedding(source_run, tmp_path):
+    from medembed.adapt.run_querybank import bank_offsets
+    from medembed.serve.export import ExportOptions, export_embeddings
+    from medembed.serve.index import IndexOptions, build_index
+    from medembed.serve.search import Searcher
+
+    out = tmp_path / "run-6"
+    make_compact(source_run, 6, out)
+    small = load_adapter_run(out)
+    test = load_split(small.split_files()["test"])
+    img = small.embed_images(test.image_features)
+    exported = export_embeddings(out, ExportOptions(split="test", out=str(tmp_path / "export"), format="npy",
+                                                    dtype="float32"))
+    assert exported.dim == 6
+    emb = np.load(Path(exported.out) / "img_emb" / "img_emb_0.npy")
+    assert emb.shape == (test.n_images, 6) and np.allclose(emb, img.numpy(), atol=1e-6)
+
+    _, meta = build_index(out, IndexOptions(kind="flat", split="test"))
+    searcher = Searcher(str(out), split="test")
+    assert searcher.index is not None
+    offsets = bank_offsets(small)
+    image_offset = offsets.images(img) if offsets is not None else torch.zeros(len(img))
+    for q in range(5):  # through the index: the compact run's brute-force top 5, query bank included
+        query = small.embed_texts(test.caption_features[q : q + 1])
+        got = [h.image_id for h in searcher.images(query, k=5).hits]
+        want = ((query @ img.T)[0] + image_offset).topk(5).indices.tolist()
+        assert got == [test.image_ids[i] for i in want]
+
+
+def test_refusals(source_run, tmp_path):
+    with pytest.raises(CompactError, match="must be between 1 and the run's 32 dimensions"):
+        make_compact(source_run, 32, tmp_path / "a")
+    make_compact(source_run, 6, tmp_path / "b")
+    with pytest.raises(CompactError, match="already a compact run"):
+        make_compact(tmp_path / "b", 3, tmp_path / "c")
+    with pytest.raises(FileExistsError, match="already holds a compact run; pass --overwrite"):
+        make_compact(source_run, 4, tmp_path / "b")
+    assert load_adapter_run(tmp_path / "b").dim == 6  # nothing replaced
+    make_compact(source_run, 4, tmp_path / "b", overwrite=True)
+    assert load_adapter_run(tmp_path / "b").dim == 4
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    from medembed.cli import main
+
+    r = CliRunner().invoke(main, ["compact", "--run", str(source_run), "--dims", "6", "--out", str(mine)])
+    assert r.exit_code == 1 and "exists and is not an earlier compact run" in r.output and "Traceback" not in r.output
+    assert (mine / "notes.txt").read_text() == "mine"
+    r = CliRunner().invoke(main, ["compact", "--run", str(source_run), "--dims", "5", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert "5 of 32 dimensions" in r.output and "second moment kept" in r.output
