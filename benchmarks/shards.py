@@ -1,6 +1,10 @@
 """Shard throughput: the same extraction run as 1 and as 2 Ray shard workers on a local cluster.
 
     .venv/bin/python benchmarks/shards.py [--data ../shared/data/roco-rad] [--n 192] [--workers 1,2]
+                                          [--layout generic|webdataset]
+
+`--layout webdataset` packs the subset as WebDataset tar shards of 64 samples (KEY.jpg + KEY.txt, as
+img2dataset writes them) named train-NNNNN.tar, read in place by member offset.
 
 Each Ray task gets one CPU (Ray sets its thread count to 1), so the ratio shows how shards scale
 across cores; on a GPU cluster each task gets one GPU instead.
@@ -37,16 +41,37 @@ def subset(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
+def as_webdataset(src: Path, dst: Path, n: int, per_shard: int = 64) -> Path:
+    """The first n train records as WebDataset tar shards (KEY.jpg + KEY.txt members)."""
+    import io
+    import tarfile
+
+    dst.mkdir(parents=True)
+    rows = list(csv.DictReader(open(src / "train_captions.csv", newline="")))[:n]
+    for s in range(0, len(rows), per_shard):
+        with tarfile.open(dst / f"train-{s // per_shard:05d}.tar", "w") as tar:
+            for k, r in enumerate(rows[s : s + per_shard]):
+                key = f"{s + k:09d}"
+                tar.add(src / "images" / f"{r['ID']}.jpg", arcname=f"{key}.jpg")
+                text = r["Caption"].encode()
+                info = tarfile.TarInfo(f"{key}.txt")
+                info.size = len(text)
+                tar.addfile(info, io.BytesIO(text))
+    return dst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/roco-rad"))
     ap.add_argument("--n", type=int, default=192)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--backbone", default="effnet-lite0+minilm")
+    ap.add_argument("--layout", choices=("generic", "webdataset"), default="generic")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = subset(Path(args.data), Path(tmp) / "subset", args.n)
+        make = as_webdataset if args.layout == "webdataset" else subset
+        data = make(Path(args.data), Path(tmp) / "subset", args.n)
         for w in [int(x) for x in args.workers.split(",")]:
             out = Path(tmp) / f"out{w}"
             cfg = ExtractConfig(data=str(data), backbone=args.backbone, out=str(out), batch_size=32, workers=0,
@@ -58,8 +83,9 @@ def main() -> None:
             shutil.rmtree(out)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; command: python benchmarks/shards.py "
           + " ".join(sys.argv[1:]))
-    print(f"{args.n} roco-rad train images, backbone {args.backbone}, local Ray cluster, one CPU per shard task; "
-          "wall time includes Ray start-up, model loading in each task and the merge\n")
+    what = "as WebDataset tar shards of 64" if args.layout == "webdataset" else "as image files"
+    print(f"{args.n} roco-rad train images {what}, backbone {args.backbone}, local Ray cluster, one CPU per shard "
+          "task; wall time includes Ray start-up, model loading in each task and the join\n")
     print("| shard workers | wall s | images/s | speed-up vs 1 |")
     print("|---|---|---|---|")
     for w, secs, rate in rows:

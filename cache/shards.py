@@ -63,13 +63,13 @@ def _scan(folder: Path) -> dict[str, dict]:
     return found
 
 
-def merge_shards(folder: str | Path, copy: bool = False) -> list[Path]:
-    """Join every split found as shards in `folder` (features left in the shards, or copied with
-    `copy`); returns the split files."""
+def merge_shards(folder: str | Path, copy: bool = False, splits: list[str] | None = None) -> list[Path]:
+    """Join every split found as shards in `folder` (or those of `splits`; features left in the shards,
+    or copied with `copy`); returns the split files."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MergeError(f"{folder}: no such folder")
-    groups = _scan(folder)
+    groups = {k: v for k, v in _scan(folder).items() if splits is None or k in splits}
     if not groups:
         raise MergeError(f"{folder}: no shard files (SPLIT.shard-I-of-N.h5) to merge")
     merged = []

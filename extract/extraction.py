@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
 from medembed.cache.schema import PRIVATE_LOCATION
-from medembed.cache.shards import write_done_marker
+from medembed.cache.shards import merge_shards, write_done_marker
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
 from medembed.common.errors import MedembedError
@@ -71,6 +71,9 @@ class ExtractConfig:
     frames: str = "middle"  # multi-frame DICOM and NIfTI volumes: middle, all, or N evenly spaced frames
     report_sections: str | None = None  # MIMIC-CXR / OpenI captions: findings, impression, findings+impression, all
     runtime: str = "auto"  # image tower on the CPU: torch, onnx (ONNX Runtime), auto (onnx when installed)
+    # a split of more records is written as consecutive part files joined without copying (HDF5 virtual
+    # datasets), so assembling one file holds at most this many images' features (0.9 GB at 1,792-d float16)
+    records_per_file: int = 262_144
 
     def decode_options(self) -> DecodeOptions:
         try:
@@ -326,6 +329,29 @@ def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: 
         ) from e
 
 
+def extract_split_in_parts(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str,
+                           memo: dict | None = None) -> SplitSummary:
+    """`extract_split`, with a split of more than `cfg.records_per_file` records (and no --shard of the
+    user's) written as consecutive part files, one after the other, then joined: the same cache, bit for
+    bit, with every phase's memory bounded by one part. A re-run keeps finished parts and continues the
+    one in flight."""
+    n = len(dataset.split(split))
+    final = cache_dir(cfg.out, dataset.name, bb.name) / f"{split}.h5"
+    if cfg.shard is not None or n <= cfg.records_per_file or final.exists():
+        return extract_split(bb, dataset, split, cfg, device, memo)
+    n_batches = -(-n // cfg.batch_size)
+    parts = -(-n_batches // max(1, cfg.records_per_file // cfg.batch_size))
+    done = [extract_split(bb, dataset, split, replace(cfg, shard=f"{i}/{parts}"), device, memo) for i in range(parts)]
+    with writer_lock(final):
+        if not final.exists():
+            merge_shards(final.parent, splits=[split])
+    return SplitSummary(split=split, path=str(final), records=sum(d.records for d in done),
+                        images=sum(d.images for d in done), captions=sum(d.captions for d in done),
+                        skipped=[x for d in done for x in d.skipped], seconds=sum(d.seconds for d in done),
+                        images_per_s=sum(d.images for d in done) / max(sum(d.seconds for d in done), 1e-9),
+                        status=f"written in {parts} parts, joined")
+
+
 def _up_to_date(final: Path, prov: dict, summary: SplitSummary, cfg: ExtractConfig, shard) -> SplitSummary:
     """A finished file of the same provenance is kept; one of another provenance is never mixed. A
     file another runtime made (PyTorch vs ONNX Runtime: the same graph, features equal to float
@@ -474,7 +500,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     notes: list[str] = []
     attach_runtime(bb, cfg, dataset.name, device, notes)
     memo: dict = {}
-    results = [extract_split(bb, dataset, s, cfg, device, memo) for s in splits]
+    results = [extract_split_in_parts(bb, dataset, s, cfg, device, memo) for s in splits]
     return ExtractSummary(
         dataset=dataset.name,
         synthetic=bool(dataset.synthetic),

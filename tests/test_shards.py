@@ -127,3 +127,27 @@ def test_ray_engine_on_a_local_two_cpu_cluster(tmp_path):
         assert a.image_ids == b.image_ids
         assert torch.equal(a.image_features, b.image_features)
         assert torch.equal(a.caption_features, b.caption_features)
+
+
+def test_a_large_split_is_written_in_parts_and_joined(tmp_path):
+    """A split above records_per_file is extracted part by part (each assembled alone), then joined
+    without copying: the same cache as one file, bit for bit; a re-run finds it up to date."""
+    data = make_imageclef2023(tmp_path / "d", {"train": 14, "valid": 5})
+    whole = tmp_path / "whole" / "d" / "tiny-clip"
+    extract(_cfg(data, tmp_path / "whole"))
+    cfg = dataclasses.replace(_cfg(data, tmp_path / "parts"), records_per_file=8)  # two batches of 4 per part
+    summary = extract(cfg)
+    folder = tmp_path / "parts" / "d" / "tiny-clip"
+    train = next(s for s in summary.splits if s.split == "train")
+    assert train.status == "written in 2 parts, joined" and train.images == 14
+    assert next(s for s in summary.splits if s.split == "valid").status == "written"  # 5 records: one file
+    assert sorted(p.name for p in folder.glob("train.shard-*.h5")) == ["train.shard-0000-of-0002.h5",
+                                                                        "train.shard-0001-of-0002.h5"]
+    with h5py.File(folder / "train.h5") as f:
+        assert f["images/features"].is_virtual
+    a, b = load_split(whole / "train.h5"), load_split(folder / "train.h5")
+    assert a.image_ids == b.image_ids and a.captions == b.captions
+    assert torch.equal(a.image_features, b.image_features) and torch.equal(a.caption_features, b.caption_features)
+    assert (a.concepts != b.concepts).nnz == 0
+    again = extract(cfg)
+    assert next(s for s in again.splits if s.split == "train").status == "up to date"
