@@ -127,6 +127,8 @@ class CachedSplit:
     attrs: dict = field(default_factory=dict)
     path: str = ""
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, location, reason) of unreadable images
+    first_image: int = 0  # a slice of a file (`load_split_rows`): the file's row of this split's image 0
+    first_caption: int = 0  # ... and of its caption 0
 
     @property
     def n_images(self) -> int:
@@ -269,6 +271,56 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
             attrs=attrs,
             path=str(path),
             skipped=_skipped(f),
+        )
+
+
+def caption_rows_of(caption_image: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
+    """[first, end) of the captions of images [lo, hi): one range, since captions are stored image by
+    image (the writer and the shard join keep that order)."""
+    return int(np.searchsorted(caption_image, lo, "left")), int(np.searchsorted(caption_image, hi, "left"))
+
+
+def load_split_rows(path: str | Path, lo: int, hi: int, caption_image: np.ndarray | None = None,
+                    dtype: torch.dtype | None = torch.float32) -> CachedSplit:
+    """Images [lo, hi) of a cache file and their captions, as a split of their own (rows re-based;
+    `first_image` / `first_caption` say where it starts in the file), read without the rest of the
+    file: for passes over a split too large to hold. `caption_image` (the file's caption -> image rows,
+    8 bytes a caption) saves reading it again for every slice."""
+    path = Path(path)
+    with open_cache(path) as f:
+        if caption_image is None:
+            caption_image = read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64)
+        if caption_image.size and np.any(np.diff(caption_image) < 0):
+            raise CacheError(f"{path}: captions are not stored image by image; {REBUILD}")
+        n = int(f[schema.IMAGE_FEATURES].shape[0])
+        lo, hi = max(0, lo), min(n, hi)
+        c0, c1 = caption_rows_of(caption_image, lo, hi)
+        concepts, concept_ids, concept_names = None, [], []
+        if schema.CONCEPT_IDS in f:
+            concept_ids, concept_names = strings(f[schema.CONCEPT_IDS]), strings(f[schema.CONCEPT_NAMES])
+            ptr = read_dataset(f, schema.CONCEPT_INDPTR, np.s_[lo : hi + 1]).astype(np.int64)
+            idx = read_dataset(f, schema.CONCEPT_INDICES, np.s_[ptr[0] : ptr[-1]]).astype(np.int64)
+            concepts = sp.csr_matrix((np.ones(len(idx), np.float32), idx, ptr - ptr[0]),
+                                     shape=(hi - lo, len(concept_ids)))
+        img = read_dataset(f, schema.IMAGE_FEATURES, np.s_[lo:hi])
+        cap = read_dataset(f, schema.CAPTION_FEATURES, np.s_[c0:c1])
+        as_t = (lambda x: torch.from_numpy(np.ascontiguousarray(x))) if dtype is None else \
+            (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dtype))
+        return CachedSplit(
+            split=_attrs(f).get("split", path.stem),
+            image_ids=strings(f[schema.IMAGE_IDS], np.s_[lo:hi]),
+            image_features=as_t(img),
+            caption_features=as_t(cap),
+            caption_image=torch.from_numpy(caption_image[c0:c1] - lo),
+            captions=strings(f[schema.CAPTION_TEXT], np.s_[c0:c1]),
+            concept_ids=concept_ids,
+            concept_names=concept_names,
+            concepts=concepts,
+            image_locations=strings(f[schema.IMAGE_LOCATIONS], np.s_[lo:hi]) if schema.IMAGE_LOCATIONS in f else [],
+            attrs=_attrs(f),
+            path=str(path),
+            first_image=lo,
+            first_caption=c0,
         )
 
 

@@ -14,7 +14,9 @@ Row r of partition i is the same sample in every file, as those tools assume. A 
 (its first caption beside it; `rows="captions"` gives one row per caption instead, repeating the
 image's embedding), partitions are numbered like clip-retrieval's (zero-padded to the partition
 count) and never span two splits. The export is built in a sibling folder and swapped in at the
-end, so OUT is either the previous export or the new one, never half of each.
+end, so OUT is either the previous export or the new one, never half of each. Each partition is read
+from the cache, embedded and written `EXPORT_CHUNK` rows at a time (npy files filled in place,
+parquet files a row group per chunk), so an export holds one chunk whatever the split's size.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ import torch
 
 from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
-from medembed.cache.reader import CachedSplit, load_split
+from medembed.cache import schema
+from medembed.cache.reader import CachedSplit, load_split_rows, open_cache, read_attrs, read_dataset
 from medembed.common.errors import ToolError
 from medembed.common.files import folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
@@ -43,6 +46,7 @@ EXPORT_FORMATS = ("npy", "parquet")
 ROW_KINDS = ("images", "captions")
 MANIFEST = "export.json"
 EMBEDDING_COLUMN = "embedding"
+EXPORT_CHUNK = 65536  # output rows read, embedded and written at a time
 
 
 @dataclass
@@ -92,25 +96,25 @@ def _concept_labels(split: CachedSplit) -> list[str]:
     return [";".join(split.concept_ids[c] for c in ind[ptr[r] : ptr[r + 1]]) for r in range(split.n_images)]
 
 
-def _sample_rows(split: CachedSplit, rows: str) -> tuple[np.ndarray, np.ndarray]:
+def _sample_rows(n_images: int, cap_img: np.ndarray, rows: str) -> tuple[np.ndarray, np.ndarray]:
     """(image row, caption row or -1) of every output row of one split, in cache order."""
-    cap_img = split.caption_image.numpy()
     if rows == "captions":
         return cap_img.astype(np.int64), np.arange(cap_img.size, dtype=np.int64)
-    first = np.full(split.n_images, -1, dtype=np.int64)
+    first = np.full(n_images, -1, dtype=np.int64)
     images, first_row = np.unique(cap_img, return_index=True)
     first[images] = first_row
-    return np.arange(split.n_images, dtype=np.int64), first
+    return np.arange(n_images, dtype=np.int64), first
 
 
 def _metadata(split: CachedSplit, img_rows: np.ndarray, cap_rows: np.ndarray, concepts: list[str]) -> pd.DataFrame:
+    """Metadata of rows of `split` (a slice of its file: rows local to it, written as the file's rows)."""
     return pd.DataFrame({
         "image_path": [split.image_path(int(r)) for r in img_rows],
         "caption": [split.captions[int(c)] if c >= 0 else "" for c in cap_rows],
         "id": [split.image_ids[int(r)] for r in img_rows],
         "split": split.split,
-        "image_row": img_rows,
-        "caption_row": cap_rows,
+        "image_row": img_rows + split.first_image,
+        "caption_row": np.where(cap_rows >= 0, cap_rows + split.first_caption, -1),
         "concepts": [concepts[int(r)] for r in img_rows],
     })
 
@@ -124,30 +128,53 @@ def _embed_rows(embed, feats: torch.Tensor, rows: np.ndarray, dim: int) -> np.nd
     return out
 
 
-def _parquet_with_embeddings(meta: pd.DataFrame, emb: np.ndarray, path: Path) -> None:
+def _embedding_table(meta: pd.DataFrame, emb: np.ndarray):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(meta, preserve_index=False)
     flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))
     offsets = pa.array(np.arange(0, emb.size + 1, emb.shape[1], dtype=np.int32))
-    table = table.append_column(EMBEDDING_COLUMN, pa.ListArray.from_arrays(offsets, flat))
-    pq.write_table(table, str(path))
+    return table.append_column(EMBEDDING_COLUMN, pa.ListArray.from_arrays(offsets, flat))
 
 
-def _write_partition(work: Path, name: str, fmt: str, dtype: str, meta: pd.DataFrame,
-                     img: np.ndarray, txt: np.ndarray) -> list[Path]:
-    written = []
-    for folder, emb in (("img_emb", img), ("text_emb", txt)):
-        path = work / folder / f"{folder}_{name}.{fmt}"
-        if fmt == "npy":
-            np.save(path, emb.astype(dtype))
-        else:
-            _parquet_with_embeddings(meta, emb, path)
-        written.append(path)
-    path = work / "metadata" / f"metadata_{name}.parquet"
-    meta.to_parquet(path, index=False)
-    return written + [path]
+class _Partition:
+    """One partition's files, written chunk by chunk: npy arrays filled in place (memory-mapped),
+    parquet files one row group per chunk."""
+
+    def __init__(self, work: Path, name: str, fmt: str, dtype: str, rows: int, dim: int):
+        self.fmt, self.at = fmt, 0
+        self.paths = [work / f / f"{f}_{name}.{fmt}" for f in ("img_emb", "text_emb")] + \
+            [work / "metadata" / f"metadata_{name}.parquet"]
+        self.arrays = [np.lib.format.open_memmap(p, mode="w+", dtype=dtype, shape=(rows, dim))
+                       for p in self.paths[:2]] if fmt == "npy" else []
+        self.writers: list = [None, None, None]
+
+    def _table(self, i: int, table) -> None:
+        import pyarrow.parquet as pq
+
+        if self.writers[i] is None:
+            self.writers[i] = pq.ParquetWriter(str(self.paths[i]), table.schema)
+        self.writers[i].write_table(table)
+
+    def write(self, meta: pd.DataFrame, img: np.ndarray, txt: np.ndarray) -> None:
+        import pyarrow as pa
+
+        for i, emb in enumerate((img, txt)):
+            if self.fmt == "npy":
+                self.arrays[i][self.at : self.at + len(emb)] = emb
+            else:
+                self._table(i, _embedding_table(meta, emb))
+        self._table(2, pa.Table.from_pandas(meta, preserve_index=False))
+        self.at += len(meta)
+
+    def close(self) -> list[Path]:
+        for a in self.arrays:
+            a.flush()
+        self.arrays = []
+        for w in self.writers:
+            if w is not None:
+                w.close()
+        return self.paths
 
 
 def check_out_folder(out: Path, overwrite: bool, manifest: str = MANIFEST, kind: str = "export",
@@ -205,27 +232,26 @@ def _write_export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, 
     for folder in ("img_emb", "text_emb", "metadata"):
         (work / folder).mkdir(parents=True)
 
-    splits = {name: load_split(path, with_views=False) for name, path in chosen.items()}
-    counts = {name: (s.n_images if options.rows == "images" else s.n_captions) for name, s in splits.items()}
+    heads = {}  # per split: its image count and caption -> image rows (8 bytes a caption), nothing more
+    for name, path in chosen.items():
+        with open_cache(path) as f:
+            heads[name] = (int(f[schema.IMAGE_FEATURES].shape[0]),
+                           read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64))
+    counts = {name: (n if options.rows == "images" else cap.size) for name, (n, cap) in heads.items()}
     n_parts = sum(math.ceil(c / options.rows_per_file) for c in counts.values())
     width = int(math.log10(max(n_parts, 1))) + 1
     files_out: list[Path] = []
     part = 0
     offsets = bank_offsets(run)
-    for split in splits.values():
-        img_rows, cap_rows = _sample_rows(split, options.rows)
-        concepts = _concept_labels(split)
+    for name, path in chosen.items():
+        n_images, cap_img = heads[name]
+        img_rows, cap_rows = _sample_rows(n_images, cap_img, options.rows)
         for s in range(0, img_rows.size, options.rows_per_file):
             ir, cr = img_rows[s : s + options.rows_per_file], cap_rows[s : s + options.rows_per_file]
-            img = _embed_rows(run.embed_images, split.image_features, ir, run.dim)
-            txt = _embed_rows(run.embed_texts, split.caption_features, cr, run.dim)
-            meta = _metadata(split, ir, cr, concepts)
-            if offsets is not None:  # what the run's query bank adds to each row's cosines, for tools that rank
-                for column, emb, fn, have in (("image_offset", img, offsets.images, ir >= 0),
-                                              ("caption_offset", txt, offsets.captions, cr >= 0)):
-                    got = fn(torch.from_numpy(emb))
-                    meta[column] = np.where(have, 0.0 if got is None else got.numpy(), 0.0).astype(np.float32)
-            files_out += _write_partition(work, str(part).zfill(width), options.format, options.dtype, meta, img, txt)
+            out = _Partition(work, str(part).zfill(width), options.format, options.dtype, ir.size, run.dim)
+            for c in range(0, ir.size, EXPORT_CHUNK):
+                _write_chunk(run, path, cap_img, ir[c : c + EXPORT_CHUNK], cr[c : c + EXPORT_CHUNK], offsets, out)
+            files_out += out.close()
             part += 1
 
     manifest = {
@@ -235,10 +261,30 @@ def _write_export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, 
         "split": options.split, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "querybank": offsets.setting.to_dict() if offsets is not None else None,
         "sources": [{"split": k, "path": str(chosen[k]), "rows": counts[k],
-                     "dataset_fingerprint": str(splits[k].attrs.get("dataset_fingerprint", ""))} for k in splits],
+                     "dataset_fingerprint": str(read_attrs(chosen[k]).get("dataset_fingerprint", ""))} for k in chosen],
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return files_out, part, manifest
+
+
+def _write_chunk(run, path: Path, cap_img: np.ndarray, ir: np.ndarray, cr: np.ndarray, offsets,
+                 out: _Partition) -> None:
+    """Rows (image row, caption row or -1) of one cache file: the images they cover read as one slice,
+    embedded, and appended to the partition."""
+    if ir.size == 0:
+        return
+    lo = int(ir.min())
+    part = load_split_rows(path, lo, int(ir.max()) + 1, cap_img)
+    li, lc = ir - lo, np.where(cr >= 0, cr - part.first_caption, -1)
+    img = _embed_rows(run.embed_images, part.image_features, li, run.dim)
+    txt = _embed_rows(run.embed_texts, part.caption_features, lc, run.dim)
+    meta = _metadata(part, li, lc, _concept_labels(part))
+    if offsets is not None:  # what the run's query bank adds to each row's cosines, for tools that rank
+        for column, emb, fn, have in (("image_offset", img, offsets.images, ir >= 0),
+                                      ("caption_offset", txt, offsets.captions, cr >= 0)):
+            got = fn(torch.from_numpy(emb))
+            meta[column] = np.where(have, 0.0 if got is None else got.numpy(), 0.0).astype(np.float32)
+    out.write(meta, img, txt)
 
 
 def format_export_summary(summary: ExportSummary) -> str:

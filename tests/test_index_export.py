@@ -261,6 +261,30 @@ def test_export_parquet_caption_rows_and_partitions(cca_run, tmp_path):
     assert len(pd.read_parquet(out / "metadata" / "metadata_0.parquet")) == 60
 
 
+@pytest.mark.parametrize("fmt,rows", [("npy", "images"), ("parquet", "captions")])
+def test_export_in_chunks_equals_export_at_once(cca_run, tmp_path, monkeypatch, fmt, rows):
+    """A partition is read, embedded and written a chunk at a time (memory is one chunk's, whatever the
+    split's size): chunks of 7 rows, across partitions of 50, give the files one chunk gives."""
+    import medembed.serve.export as export
+
+    opts = dict(format=fmt, split="all", rows=rows, rows_per_file=50, dtype="float32")
+    export_embeddings(cca_run, ExportOptions(out=str(tmp_path / "whole"), **opts))
+    monkeypatch.setattr(export, "EXPORT_CHUNK", 7)
+    export_embeddings(cca_run, ExportOptions(out=str(tmp_path / "chunked"), **opts))
+    names = sorted(str(p.relative_to(tmp_path / "whole")) for p in (tmp_path / "whole").rglob("*.*")
+                   if p.name != "export.json")
+    assert names == sorted(str(p.relative_to(tmp_path / "chunked")) for p in (tmp_path / "chunked").rglob("*.*")
+                           if p.name != "export.json")
+    # train / valid / test: 160 / 60 / 60 images (2 captions each), partitions of 50 rows within a split
+    assert len(names) == 3 * (4 + 2 + 2 if rows == "images" else 7 + 3 + 3)
+    for name in names:
+        a, b = tmp_path / "whole" / name, tmp_path / "chunked" / name
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(a), np.load(b))
+        else:
+            pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
+
+
 def test_export_float16_and_refuses_a_foreign_folder(cca_run, tmp_path):
     out = tmp_path / "emb"
     export_embeddings(cca_run, ExportOptions(format="npy", split="valid", out=str(out)))

@@ -359,7 +359,7 @@ def test_a_failed_export_leaves_no_staging_folder(cca_run, tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise CacheError("test.h5: dataset images/features is damaged")
 
-    monkeypatch.setattr(export_module, "load_split", broken)
+    monkeypatch.setattr(export_module, "load_split_rows", broken)  # the cache read of a chunk fails
     with pytest.raises(CacheError):
         export_module.export_embeddings(cca_run, export_module.ExportOptions(out=str(tmp_path / "ex")))
     assert not list(tmp_path.glob(".ex.partial-*")) and not (tmp_path / "ex").exists()
