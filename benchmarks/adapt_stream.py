@@ -52,8 +52,8 @@ def pairs(n: int, seed: int, split: str, first: int = 0) -> CachedSplit:
     txt = torch.empty(n, TEXT_DIM, dtype=torch.float16)
     for s in range(0, n, 65536):
         z = torch.randn(min(65536, n - s), LATENT, generator=g)
-        img[s : s + len(z)] = (z @ a + 0.7 * torch.randn(len(z), IMAGE_DIM, generator=g)).half()
-        txt[s : s + len(z)] = (z @ b + 0.7 * torch.randn(len(z), TEXT_DIM, generator=g)).half()
+        img[s : s + len(z)] = (z @ a + 1.5 * torch.randn(len(z), IMAGE_DIM, generator=g)).half()
+        txt[s : s + len(z)] = (z @ b + 1.5 * torch.randn(len(z), TEXT_DIM, generator=g)).half()
     return CachedSplit(split=split, image_ids=[f"{split}{first + i}" for i in range(n)], image_features=img,
                        caption_features=txt, caption_image=torch.arange(n), captions=[f"c{first + i}" for i in range(n)],
                        attrs={"backbone": "synthetic", "dataset": "synthetic", "split": split, "synthetic": True})
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pairs", type=int, default=10_000_000)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-memory-gb", type=float, default=2.0)
-    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=1024)
     args = ap.parse_args(argv)
     folder = args.out / "synthetic" / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
