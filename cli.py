@@ -172,10 +172,14 @@ def cache_merge(out_dir, copy) -> None:
 
     By default no feature is copied: each split file reads its features from the shard files beside
     it (HDF5 virtual datasets), so keep them there."""
+    from medembed.cache.reader import read_attrs
+    from medembed.cache.schema import FEATURES_IN_SHARDS
     from medembed.cache.shards import merge_shards
 
     for path in merge_shards(out_dir, copy=copy):
-        click.echo(f"merged {path}" + ("" if copy else " (features read from the shard files beside it)"))
+        in_shards = bool(read_attrs(path).get(FEATURES_IN_SHARDS))
+        click.echo(f"merged {path}" + (" (features read from the shard files beside it)" if in_shards else
+                                        " (self-contained)"))
 
 
 # --- adapt -----------------------------------------------------------------------------------

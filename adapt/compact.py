@@ -21,12 +21,13 @@ import torch
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.run import AdaptedRun, load_adapter_run, portable_features
-from medembed.adapt.run_files import COMPACT, QUERYBANK
+from medembed.adapt.run_files import COMPACT, FINETUNED, QUERYBANK
 from medembed.adapt.run_querybank import calibrate
 from medembed.cache import schema
-from medembed.cache.reader import feature_chunks
+from medembed.cache.reader import feature_chunks, load_split
 from medembed.common.errors import MedembedError
 from medembed.common.files import folder_state, replace_folder, staging_folder
+from medembed.common.ranking import recall_summary
 
 __all__ = ["COMPACT_KEY", "CompactError", "CompactSummary", "fit_projection", "make_compact"]
 
@@ -71,6 +72,9 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
     """A compact copy of the adapter run in `run_dir`, written whole into `out` (a new folder, or an
     earlier compact run with `overwrite`)."""
     run_dir, out = Path(run_dir), Path(out)
+    if (run_dir / FINETUNED).exists():
+        raise CompactError(f"{run_dir}: carries fine-tuned towers ({FINETUNED}), which a compact run would not keep; "
+                           "compact an adapter run (heads on cached features)")
     run = load_adapter_run(run_dir)
     if COMPACT_KEY in run.config:
         raise CompactError(f"{run_dir}: already a compact run ({run.dim} dims); compact its source run "
@@ -97,8 +101,9 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
         ckpt.save_verified(work / COMPACT, {"projection": projection}, {"format": COMPACT_FORMAT})
         # the source's bank setting was chosen for its own embeddings: choose again for these, on valid
         bank = calibrate(work) if (run_dir / QUERYBANK).exists() else None
-        summary = {**(_config(run_dir / ckpt.SUMMARY) if (run_dir / ckpt.SUMMARY).exists() else {}),
-                   "run_dir": str(out), COMPACT_KEY: config[COMPACT_KEY]}
+        source = _config(run_dir / ckpt.SUMMARY) if (run_dir / ckpt.SUMMARY).exists() else {}
+        summary = {**{k: v for k, v in source.items() if k not in ("valid", "querybank", "memory", "dim")},
+                   "run_dir": str(out), "dim": dims, "valid": _valid_recall(work), COMPACT_KEY: config[COMPACT_KEY]}
         if bank is not None:
             summary["querybank"] = bank
         ckpt.write_json(work / ckpt.SUMMARY, summary)
@@ -107,6 +112,15 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
         shutil.rmtree(work, ignore_errors=True)
         raise
     return CompactSummary(str(out), str(run_dir), dims, run.dim, kept, bank)
+
+
+@torch.no_grad()
+def _valid_recall(run_dir: Path) -> dict:
+    """The compact run's own valid recall with plain cosine (what a run's summary keeps as `valid`)."""
+    run = load_adapter_run(run_dir)
+    valid = load_split(run.split_files()["valid"], with_views=False)
+    return recall_summary(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
+                          valid.caption_image)
 
 
 def _config(path: Path) -> dict:

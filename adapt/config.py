@@ -142,7 +142,10 @@ class AdaptConfig:
     @classmethod
     def from_dict(cls, d: dict) -> AdaptConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("max_memory_gb", 1) <= 0:  # runs saved when 0 meant "always stream": a budget now, the default's
+            d["max_memory_gb"] = cls.max_memory_gb
+        return cls(**d)
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> AdaptConfig:

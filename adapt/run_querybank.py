@@ -48,12 +48,13 @@ def bank_features(bank: str | Path | CachedSplit, max_rows: int = BANK_ROWS) -> 
 
 
 def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
-              splits: tuple[CachedSplit, CachedSplit] | None = None) -> dict:
+              splits: tuple[CachedSplit | Path, CachedSplit] | None = None) -> dict:
     """Pick the setting on valid with the run's chosen heads, write `querybank.json`, return its record:
     {"setting", "bank_split", "valid_plain" and "valid" (mean recall without / with it)}.
 
-    `splits` = (train, valid) already in memory; else valid is read from the run's features folder and
-    of train only the bank's rows (at most `BANK_ROWS` per side: a streamed train split is never held)."""
+    `splits` = (train, valid) already in memory, train possibly as its file (a streamed split, of which
+    only the bank's rows are read); else both come from the run's features folder (of train only the
+    bank's rows: at most `BANK_ROWS` per side)."""
     run_dir = Path(run_dir)
     run = run or load_adapter_run(run_dir)
     if splits is None:
@@ -63,7 +64,8 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
             raise FileNotFoundError(f"{run.features_dir}: no {' or '.join(missing)} split to choose the query bank on")
         train, valid, split = files["train"], load_split(files["valid"], with_views=False), "train"
     else:
-        (train, valid), split = splits, splits[0].split
+        train, valid = splits
+        split = train.split if isinstance(train, CachedSplit) else "train"
     with torch.no_grad():
         bank_img, bank_txt = (run.embed_images(x) if i == 0 else run.embed_texts(x)
                               for i, x in enumerate(bank_features(train)))

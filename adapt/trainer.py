@@ -320,7 +320,8 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
         torch.set_num_threads(threads_before)
     state.history = read_metrics(run_dir)
     summary = summarize(run_dir, run_config, state, pairs_per_epoch(config, data), memory_record(data.plan))
-    return finish_run(run_dir, summary, config, (data.train, data.valid) if data.train is not None else None)
+    # valid as loaded, and train in memory or (streamed) its file, of which the query bank reads its sample
+    return finish_run(run_dir, summary, config, (data.train if data.train is not None else data.source.path, data.valid))
 
 
 def memory_record(plan: MemoryPlan | None) -> dict:
@@ -332,7 +333,7 @@ def memory_record(plan: MemoryPlan | None) -> dict:
 
 
 def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
-               splits: tuple[CachedSplit, CachedSplit] | None = None) -> dict:
+               splits: tuple[CachedSplit | Path, CachedSplit] | None = None) -> dict:
     """Choose the query bank on valid (unless turned off), then write summary.json: the file that
     marks a run finished comes last."""
     if config.querybank:

@@ -65,8 +65,9 @@ def _check_shard_sources(f: h5py.File, path: Path) -> None:
             for src in {s.file_name for s in f[name].virtual_sources()}:
                 if not (path.parent / src).is_file():
                     raise CacheError(f"{path}: its features are read from the shard file {path.parent / src}, which is "
-                                     "missing; put it back beside it, or extract that shard again and re-run "
-                                     "`cli.py cache merge`")
+                                     "missing; put it back beside it, or delete this file and extract that shard "
+                                     "again (`cli.py extract --shard I/N`, I and N as in its name; or the whole "
+                                     "split) before `cli.py cache merge`")
 
 
 def _reason(e: BaseException) -> str:
@@ -274,6 +275,14 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
         )
 
 
+def check_caption_order(caption_image: np.ndarray, path: str | Path) -> np.ndarray:
+    """`caption_image` itself, after checking that captions are stored image by image (the writer and
+    the shard join keep that order; slices of images rely on it)."""
+    if caption_image.size and np.any(caption_image[1:] < caption_image[:-1]):
+        raise CacheError(f"{path}: captions are not stored image by image; {REBUILD}")
+    return caption_image
+
+
 def caption_rows_of(caption_image: np.ndarray, lo: int, hi: int) -> tuple[int, int]:
     """[first, end) of the captions of images [lo, hi): one range, since captions are stored image by
     image (the writer and the shard join keep that order)."""
@@ -285,13 +294,12 @@ def load_split_rows(path: str | Path, lo: int, hi: int, caption_image: np.ndarra
     """Images [lo, hi) of a cache file and their captions, as a split of their own (rows re-based;
     `first_image` / `first_caption` say where it starts in the file), read without the rest of the
     file: for passes over a split too large to hold. `caption_image` (the file's caption -> image rows,
-    8 bytes a caption) saves reading it again for every slice."""
+    8 bytes a caption) saves reading it again for every slice; the caller then checks its order once
+    (`check_caption_order`)."""
     path = Path(path)
     with open_cache(path) as f:
         if caption_image is None:
-            caption_image = read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64)
-        if caption_image.size and np.any(np.diff(caption_image) < 0):
-            raise CacheError(f"{path}: captions are not stored image by image; {REBUILD}")
+            caption_image = check_caption_order(read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64), path)
         n = int(f[schema.IMAGE_FEATURES].shape[0])
         lo, hi = max(0, lo), min(n, hi)
         c0, c1 = caption_rows_of(caption_image, lo, hi)

@@ -154,7 +154,7 @@ def _appendable(out: h5py.File, name: str, like: h5py.Dataset) -> h5py.Dataset:
         return out[name]
     kw = {"fletcher32": True} if like.dtype.kind != "O" else {}
     return out.create_dataset(name, shape=(0, *like.shape[1:]), maxshape=(None, *like.shape[1:]), dtype=like.dtype,
-                              chunks=(max(1, min(65536, like.shape[0] or 1)), *like.shape[1:]), **kw)
+                              chunks=(16384, *like.shape[1:]), **kw)
 
 
 def _append(ds: h5py.Dataset, values: np.ndarray) -> None:

@@ -44,9 +44,10 @@ def peak_rss_bytes() -> int:
     """This process's peak resident memory (Linux VmHWM: unlike ru_maxrss, not inherited across exec);
     0 where /proc does not say."""
     try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0

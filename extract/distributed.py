@@ -64,7 +64,7 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
         if started_here:
             ray.shutdown()
     folder = cache_dir(cfg.out, dataset.name, cfg.backbone)
-    merge_shards(folder)
+    merge_shards(folder, splits=list(splits))
     results = []
     for s in splits:
         mine = [p for p in parts if p.split == s]

@@ -341,6 +341,7 @@ def extract_split_in_parts(bb, dataset: Dataset, split: str, cfg: ExtractConfig,
         return extract_split(bb, dataset, split, cfg, device, memo)
     n_batches = -(-n // cfg.batch_size)
     parts = -(-n_batches // max(1, cfg.records_per_file // cfg.batch_size))
+    _check_earlier_parts(final, split, parts, cfg.batch_size)
     done = [extract_split(bb, dataset, split, replace(cfg, shard=f"{i}/{parts}"), device, memo) for i in range(parts)]
     with writer_lock(final):
         if not final.exists():
@@ -350,6 +351,22 @@ def extract_split_in_parts(bb, dataset: Dataset, split: str, cfg: ExtractConfig,
                         skipped=[x for d in done for x in d.skipped], seconds=sum(d.seconds for d in done),
                         images_per_s=sum(d.images for d in done) / max(sum(d.seconds for d in done), 1e-9),
                         status=f"written in {parts} parts, joined")
+
+
+def _check_earlier_parts(final: Path, split: str, parts: int, batch_size: int) -> None:
+    """Finished parts of an earlier, unfinished extraction of this split must be the parts this one
+    would write (their rows follow the part count and --batch-size): else say how to continue it,
+    instead of mixing two layouts into one split."""
+    for p in sorted(final.parent.glob(f"{split}.shard-*-of-*.h5")):
+        try:
+            n = int(p.name.split("-of-")[1].split(".")[0])
+        except ValueError:
+            continue
+        size = read_attrs(p).get("extract_batch_size")
+        if n != parts or (size is not None and int(size) != batch_size):
+            raise ExtractError(f"{p}: an earlier extraction of split {split} in {n} parts with --batch-size {size} is "
+                               f"unfinished here; re-run it with the same settings to continue, or delete its "
+                               f"{split}.shard-* files")
 
 
 def _up_to_date(final: Path, prov: dict, summary: SplitSummary, cfg: ExtractConfig, shard) -> SplitSummary:

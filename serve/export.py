@@ -34,7 +34,14 @@ import torch
 from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache import schema
-from medembed.cache.reader import CachedSplit, load_split_rows, open_cache, read_attrs, read_dataset
+from medembed.cache.reader import (
+    CachedSplit,
+    check_caption_order,
+    load_split_rows,
+    open_cache,
+    read_attrs,
+    read_dataset,
+)
 from medembed.common.errors import ToolError
 from medembed.common.files import folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
@@ -236,7 +243,7 @@ def _write_export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, 
     for name, path in chosen.items():
         with open_cache(path) as f:
             heads[name] = (int(f[schema.IMAGE_FEATURES].shape[0]),
-                           read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64))
+                           check_caption_order(read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64), path))
     counts = {name: (n if options.rows == "images" else cap.size) for name, (n, cap) in heads.items()}
     n_parts = sum(math.ceil(c / options.rows_per_file) for c in counts.values())
     width = int(math.log10(max(n_parts, 1))) + 1
@@ -249,9 +256,11 @@ def _write_export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, 
         for s in range(0, img_rows.size, options.rows_per_file):
             ir, cr = img_rows[s : s + options.rows_per_file], cap_rows[s : s + options.rows_per_file]
             out = _Partition(work, str(part).zfill(width), options.format, options.dtype, ir.size, run.dim)
-            for c in range(0, ir.size, EXPORT_CHUNK):
-                _write_chunk(run, path, cap_img, ir[c : c + EXPORT_CHUNK], cr[c : c + EXPORT_CHUNK], offsets, out)
-            files_out += out.close()
+            try:
+                for c in range(0, ir.size, EXPORT_CHUNK):
+                    _write_chunk(run, path, cap_img, ir[c : c + EXPORT_CHUNK], cr[c : c + EXPORT_CHUNK], offsets, out)
+            finally:  # files closed whatever happens; a failed export's folder is removed by the caller
+                files_out += out.close()
             part += 1
 
     manifest = {

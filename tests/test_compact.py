@@ -62,6 +62,9 @@ def test_a_compact_run_embeds_through_the_projection_of_its_train_embeddings(sou
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compact"]["dims"] == 6 and summary["compact"]["from"] == str(source_run.resolve())
     assert json.loads((out / "querybank.json").read_text())["valid"] == summary["querybank"]["valid"]
+    # its own valid recall (plain cosine), as the bank's choice measured it, not the source's
+    assert summary["dim"] == 6
+    assert summary["valid"]["mean_recall"] == pytest.approx(summary["querybank"]["valid_plain"]["mean_recall"], abs=1e-4)
     # and it keeps the source's retrieval on valid within a point
     assert summary["querybank"]["valid_plain"]["mean_recall"] >= \
         json.loads((source_run / "summary.json").read_text())["querybank"]["valid_plain"]["mean_recall"] - 1.0
@@ -107,6 +110,13 @@ def test_refusals(source_run, tmp_path):
     assert load_adapter_run(tmp_path / "b").dim == 6  # nothing replaced
     make_compact(source_run, 4, tmp_path / "b", overwrite=True)
     assert load_adapter_run(tmp_path / "b").dim == 4
+    import shutil
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(source_run, tuned)
+    (tuned / "finetuned.safetensors").write_bytes(b"")
+    with pytest.raises(CompactError, match="carries fine-tuned towers"):
+        make_compact(tuned, 6, tmp_path / "e")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

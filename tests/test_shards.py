@@ -72,10 +72,13 @@ def test_shards_merge_to_the_unsharded_result(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match=r"train.shard-0001-of-0003.h5, which is missing"):
         load_split(moved / "train.h5")
     (tmp_path / "away.h5").rename(moved / "train.shard-0001-of-0003.h5")
-    # --copy: self-contained split files, equal to the joined ones, readable with the shards gone
-    for p in ("train.h5", "valid.h5"):
-        (moved / p).unlink()
-    merge_shards(moved, copy=True)
+    # --copy over the joined files: rewritten self-contained, equal to them, readable with the shards gone
+    from medembed.cli import main
+
+    r = CliRunner().invoke(main, ["cache", "merge", "--copy", str(moved)])
+    assert r.exit_code == 0 and r.output.count("(self-contained)") == 2, r.output
+    with h5py.File(moved / "train.h5") as f:
+        assert not f["images/features"].is_virtual
     for p in moved.glob("*.shard-*.h5"):
         p.unlink()
     for split in ("train", "valid"):
@@ -151,3 +154,16 @@ def test_a_large_split_is_written_in_parts_and_joined(tmp_path):
     assert (a.concepts != b.concepts).nnz == 0
     again = extract(cfg)
     assert next(s for s in again.splits if s.split == "train").status == "up to date"
+
+
+def test_an_unfinished_extraction_in_parts_is_continued_not_mixed(tmp_path):
+    data = make_imageclef2023(tmp_path / "d", {"train": 14})
+    cfg = dataclasses.replace(_cfg(data, tmp_path / "o"), records_per_file=8)
+    folder = tmp_path / "o" / "d" / "tiny-clip"
+    extract(dataclasses.replace(cfg, shard="0/2"))  # as if the run stopped after its first part
+    with pytest.raises(ExtractError, match=r"an earlier extraction of split train in 2 parts with --batch-size 4 is "
+                                           r"unfinished here; re-run it with the same settings"):
+        extract(dataclasses.replace(cfg, batch_size=2))  # 7 batches of 2 in parts of 4: rows 0-8 and 8-14 no more
+    assert not (folder / "train.h5").exists()
+    summary = extract(cfg)  # the same settings continue it
+    assert summary.splits[0].status == "written in 2 parts, joined" and summary.splits[0].images == 14
