@@ -2,7 +2,7 @@
 
 Setting MEDEMBED_KILL_AT=POINT makes the process SIGKILL itself when it reaches POINT, e.g.
 `img:3` (right after image batch 3 is stored), `img-part:3` (batch 3 written to its temporary
-name, not yet renamed), `cap:0`, `con:0`, `h5-tmp` (finished file written, not yet renamed) or
+name, not yet renamed), `capb:0` (the captions of image batch 0 encoded), `con:0`, `h5-tmp` (finished file written, not yet renamed) or
 `h5-final` (renamed, parts not yet removed), `adapt-epoch:2` (an adapter run's epoch 2 checkpointed). Unset, `reached` costs one dict lookup.
 """
 from __future__ import annotations

@@ -272,7 +272,7 @@ def _gather_images(store: PartStore, n_records: int, batch_size: int, image_dim:
     return rows, np.concatenate(feats), np.concatenate(views), fails
 
 
-_TEXT_KINDS = {"cap": "captions", "con": "concept prompts"}
+_TEXT_KINDS = {"con": "concept prompts"}
 
 
 def _caption_phase(bb, records: list[Record], store: PartStore, batch_size: int, cfg: ExtractConfig, device: str,

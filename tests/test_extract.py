@@ -160,7 +160,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     final = out / "d" / "tiny-clip" / "train.h5"
     # die at several points in turn: after a batch, inside a part write, in the text phase,
     # with the finished file written but not renamed, and after the rename
-    for point in ("img:2", "img-part:4", "cap:0", "con:0", "h5-tmp"):
+    for point in ("img:2", "img-part:4", "capb:0", "capb:1", "con:0", "h5-tmp"):
         r = _run_cli(data, out, kill_at=point)
         assert r.returncode == -9, (point, r.returncode, r.stderr[-500:])
         assert not final.exists(), point
