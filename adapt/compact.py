@@ -13,6 +13,7 @@ in BENCHMARKS.md (`benchmarks/compact.py`).
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from medembed.adapt.run_querybank import calibrate
 from medembed.cache import schema
 from medembed.cache.reader import feature_chunks, load_split
 from medembed.common.errors import MedembedError
-from medembed.common.files import folder_state, replace_folder, staging_folder
+from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.ranking import recall_summary
 
 __all__ = ["COMPACT_KEY", "CompactError", "CompactSummary", "fit_projection", "make_compact"]
@@ -83,11 +84,7 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
         raise CompactError(f"--dims {dims}: must be between 1 and the run's {run.dim} dimensions")
     if out.resolve() == run_dir.resolve():
         raise CompactError(f"--out {out}: is the source run; a compact run is written beside it")
-    if out.exists() and any(out.iterdir()):
-        if not (out / ckpt.CONFIG).exists() or COMPACT_KEY not in _config(out):
-            raise FileExistsError(f"{out}: exists and is not an earlier compact run; choose another --out")
-        if not overwrite:
-            raise FileExistsError(f"{out}: already holds a compact run; pass --overwrite to replace it")
+    check_out_folder(out, overwrite, COMPACT, "compact run")
     checked = folder_state(out)
     projection, kept = fit_projection(run, dims)
     work = staging_folder(out)
@@ -99,11 +96,18 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, work / name)
         ckpt.save_verified(work / COMPACT, {"projection": projection}, {"format": COMPACT_FORMAT})
+        small = load_adapter_run(work)
+        files = small.split_files()
+        valid = load_split(files["valid"], with_views=False)
         # the source's bank setting was chosen for its own embeddings: choose again for these, on valid
-        bank = calibrate(work) if (run_dir / QUERYBANK).exists() else None
-        source = _config(run_dir / ckpt.SUMMARY) if (run_dir / ckpt.SUMMARY).exists() else {}
+        bank = calibrate(work, run=small, splits=(files["train"], valid)) if (run_dir / QUERYBANK).exists() else None
+        source = json.loads((run_dir / ckpt.SUMMARY).read_text()) if (run_dir / ckpt.SUMMARY).exists() else {}
+        # its own valid recall with plain cosine (what a run's summary keeps as `valid`), not the source's
+        with torch.no_grad():
+            own = recall_summary(small.embed_images(valid.image_features), small.embed_texts(valid.caption_features),
+                                 valid.caption_image)
         summary = {**{k: v for k, v in source.items() if k not in ("valid", "querybank", "memory", "dim")},
-                   "run_dir": str(out), "dim": dims, "valid": _valid_recall(work), COMPACT_KEY: config[COMPACT_KEY]}
+                   "run_dir": str(out), "dim": dims, "valid": own, COMPACT_KEY: config[COMPACT_KEY]}
         if bank is not None:
             summary["querybank"] = bank
         ckpt.write_json(work / ckpt.SUMMARY, summary)
@@ -112,18 +116,3 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
         shutil.rmtree(work, ignore_errors=True)
         raise
     return CompactSummary(str(out), str(run_dir), dims, run.dim, kept, bank)
-
-
-@torch.no_grad()
-def _valid_recall(run_dir: Path) -> dict:
-    """The compact run's own valid recall with plain cosine (what a run's summary keeps as `valid`)."""
-    run = load_adapter_run(run_dir)
-    valid = load_split(run.split_files()["valid"], with_views=False)
-    return recall_summary(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
-                          valid.caption_image)
-
-
-def _config(path: Path) -> dict:
-    import json
-
-    return json.loads((path / ckpt.CONFIG if path.is_dir() else path).read_text())

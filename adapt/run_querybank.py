@@ -20,8 +20,8 @@ from medembed.cache.reader import CachedSplit, find_splits, load_split, open_cac
 from medembed.common.files import write_json
 from medembed.common.querybank import QueryBank, bank_sample, choose, side_offset
 
-# rows of each side of the bank split a run's bank holds at most (a seeded sample beyond; roco-rad's
-# train split, 3,722 pairs, is used whole)
+# rows of each side of the bank split a run's bank holds at most (evenly spaced rows beyond: `bank_sample`;
+# roco-rad's train split, 3,722 pairs, is used whole)
 BANK_ROWS = 16384
 
 __all__ = ["BANK_ROWS", "BankOffsets", "bank_features", "bank_for", "bank_offsets", "calibrate", "pool_bank",
@@ -34,8 +34,8 @@ def _rows_of(x: torch.Tensor, rows: np.ndarray | None) -> torch.Tensor:
 
 def bank_features(bank: str | Path | CachedSplit, max_rows: int = BANK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     """(image features, caption features) of a bank split, float32: every row up to `max_rows` per side,
-    else the same seeded sample (`bank_sample`) whether the split is in memory or read from its file,
-    where only the sampled rows are read."""
+    else the same sample (`bank_sample`) whether the split is in memory or read from its file, where
+    only the sampled rows are read."""
     if isinstance(bank, CachedSplit):
         return (_rows_of(bank.image_features, bank_sample(bank.n_images, max_rows)).float(),
                 _rows_of(bank.caption_features, bank_sample(bank.n_captions, max_rows)).float())
@@ -45,6 +45,18 @@ def bank_features(bank: str | Path | CachedSplit, max_rows: int = BANK_ROWS) -> 
             rows = bank_sample(f[name].shape[0], max_rows)
             out.append(torch.from_numpy(read_dataset(f, name, () if rows is None else rows)).float())
     return out[0], out[1]
+
+
+@torch.no_grad()
+def _choose_on(run: AdaptedRun, train: CachedSplit | Path, valid: CachedSplit, split: str):
+    """(setting, valid recall with plain cosine, with the setting, the bank's (image, caption) embeddings):
+    k and beta chosen on `valid` against a bank of `train`'s rows, embedded by the run."""
+    train_img, train_txt = bank_features(train)
+    bank = run.embed_images(train_img), run.embed_texts(train_txt)
+    img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
+    setting, plain, after = choose(img, txt, valid.caption_image, *bank, bank_split=split,
+                                   bank_features=str(Path(run.features_dir).resolve()), bank_rows=BANK_ROWS)
+    return setting, plain, after, bank
 
 
 def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
@@ -66,12 +78,8 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
     else:
         train, valid = splits
         split = train.split if isinstance(train, CachedSplit) else "train"
-    with torch.no_grad():
-        bank_img, bank_txt = (run.embed_images(x) if i == 0 else run.embed_texts(x)
-                              for i, x in enumerate(bank_features(train)))
-        img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
-        setting, plain, after = choose(img, txt, valid.caption_image, bank_img, bank_txt, bank_split=split,
-                                       bank_features=str(Path(run.features_dir).resolve()), bank_rows=BANK_ROWS)
+    setting, plain, after, _ = _choose_on(run, train, valid, split)
+
     def recall(summary: dict) -> dict:
         return {k: v for k, v in summary.items() if "R@" in k or k == "mean_recall"}
 
@@ -156,13 +164,8 @@ def pool_bank(run) -> BankOffsets | None:
     files = find_splits(run.features_dir)
     if not {"train", "valid"} <= set(files):
         return None
-    valid = load_split(files["valid"], with_views=False)
-    with torch.no_grad():
-        train_img, train_txt = bank_features(files["train"])
-        bank_img, bank_txt = run.embed_images(train_img), run.embed_texts(train_txt)
-        img, txt = run.embed_images(valid.image_features.float()), run.embed_texts(valid.caption_features.float())
-        setting, _, _ = choose(img, txt, valid.caption_image, bank_img, bank_txt, bank_split="train",
-                               bank_features=str(Path(run.features_dir).resolve()), bank_rows=BANK_ROWS)
+    setting, _, _, (bank_img, bank_txt) = _choose_on(run, files["train"], load_split(files["valid"], with_views=False),
+                                                     "train")
     if not setting.active:
         return None
     return BankOffsets(run, setting, bank_images=bank_img, bank_captions=bank_txt)

@@ -325,11 +325,12 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
 
 
 def memory_record(plan: MemoryPlan | None) -> dict:
-    """summary.json's account of memory: the plan, and the process's measured peak so far."""
+    """summary.json's account of memory: the plan (`finish_run` adds the measured peak, once the query
+    bank's choice, the run's last step, is done)."""
     if plan is None:
         return {}
     return {"memory": {"plan": plan.describe(), "planned_bytes": plan.total, "budget_bytes": plan.budget,
-                       "streamed": plan.stream, "chunk_rows": plan.chunk_rows, "peak_rss_bytes": peak_rss_bytes()}}
+                       "streamed": plan.stream, "chunk_rows": plan.chunk_rows}}
 
 
 def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
@@ -341,7 +342,7 @@ def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
     else:
         (run_dir / QUERYBANK).unlink(missing_ok=True)
     summary["created"] = datetime.now(UTC).isoformat(timespec="seconds")
-    if "memory" in summary:  # the choice on valid comes after training: the peak counts it
+    if "memory" in summary:
         summary["memory"]["peak_rss_bytes"] = peak_rss_bytes()
     ckpt.write_json(run_dir / ckpt.SUMMARY, summary)
     if not config.keep_last:  # only --resume reads it, and a finished run has nothing left to resume

@@ -95,6 +95,19 @@ def replace_folder(work: str | Path, final: str | Path, expected=_UNCHECKED) -> 
     return final
 
 
+def check_out_folder(out: Path, overwrite: bool, manifest: str, kind: str,
+                     elsewhere: str = " or --out to write elsewhere") -> None:
+    """An output folder may be new, empty, or an earlier `kind` (it holds `manifest`) when `overwrite`
+    is given; anything else a user made is refused in one line, never replaced."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir() or not (out / manifest).exists():
+        raise FileExistsError(f"{out}: exists and is not an earlier {kind} (no {manifest}); choose another --out")
+    if not overwrite:
+        raise FileExistsError(f"{out}: already holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}; pass --overwrite "
+                              f"to replace it{elsewhere}")
+
+
 def relative_to(target: str | Path, base: str | Path) -> str:
     """`target` as a path relative to the folder `base` (both made absolute first): recorded beside
     an absolute path so that a tree moved as a whole (runs and features together) still resolves."""

@@ -54,7 +54,7 @@ class QueryBank:
     captions: BankSide = BankSide()
     bank_split: str = "train"
     bank_features: str = ""  # the features folder whose bank_split is the bank (the run's training cache)
-    # at most this many rows of each side of the bank split, a seeded sample (`bank_sample`); 0: every row
+    # at most this many rows of each side of the bank split, evenly spaced (`bank_sample`); 0: every row
     bank_rows: int = 0
 
     @property

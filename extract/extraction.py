@@ -23,7 +23,7 @@ from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
 from medembed.cache.schema import PRIVATE_LOCATION
-from medembed.cache.shards import merge_shards, write_done_marker
+from medembed.cache.shards import SHARD_RE, merge_shards, write_done_marker
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
 from medembed.common.errors import MedembedError
@@ -43,7 +43,7 @@ DEFAULT_TEMPLATES = (
     "a medical image of {name}",
     "an image showing {name}",
 )
-TEXT_BATCH = 256  # concept prompts per crash-safe part (captions go per image batch: `_caption_phase`)
+TEXT_BATCH = 256  # concept prompts per crash-safe part (captions go per image batch: `_text_phase`)
 GRAPHS_DIR = "graphs"  # exported runtime graphs, in the cache folder beside the split files
 
 
@@ -272,45 +272,27 @@ def _gather_images(store: PartStore, n_records: int, batch_size: int, image_dim:
     return rows, np.concatenate(feats), np.concatenate(views), fails
 
 
-_TEXT_KINDS = {"con": "concept prompts"}
+_TEXT_KINDS = {"capb": "captions", "con": "concept prompts"}
 
 
-def _caption_phase(bb, records: list[Record], store: PartStore, batch_size: int, cfg: ExtractConfig, device: str,
-                   kept_rows: list[np.ndarray]) -> np.ndarray:
-    """Captions encoded image batch by image batch (part `capb` b: the captions of batch b's kept
-    images, in order), so what one forward sees depends only on the batch, never on where a shard
-    starts: a sharded extraction's captions equal the unsharded loop's bit for bit."""
-    n_texts = [sum(len(records[i].captions) for i in rows.tolist()) for rows in kept_rows]
-    todo = [b for b in range(len(kept_rows)) if n_texts[b] and not store.done("capb", b)]
-    with tqdm(total=sum(n_texts), desc="captions", unit="text", disable=not cfg.progress or not todo,
-              dynamic_ncols=True) as bar:
-        bar.update(sum(n_texts) - sum(n_texts[b] for b in todo))
-        for b in todo:
-            texts = [c for i in kept_rows[b].tolist() for c in records[i].captions]
-            with torch.inference_mode(), _autocast(device):
-                f = bb.encode_texts(texts)
-            store.put("capb", b, features=f.float().cpu().numpy().astype(cfg.dtype))
-            bar.update(len(texts))
-    parts = [store.get("capb", b)["features"] for b in range(len(kept_rows)) if n_texts[b]]
-    return np.concatenate(parts) if parts else np.zeros((0, bb.text_dim), cfg.dtype)
-
-
-def _text_phase(bb, texts: list[str], store: PartStore, kind: str, dtype: str, device: str,
+def _text_phase(bb, batches: list[list[str]], store: PartStore, kind: str, dtype: str, device: str,
                 progress: bool = False) -> np.ndarray:
-    n_batches = (len(texts) + TEXT_BATCH - 1) // TEXT_BATCH
-    todo = [b for b in range(n_batches) if not store.done(kind, b)]
-    with tqdm(total=len(texts), desc=_TEXT_KINDS.get(kind, kind), unit="text", disable=not progress or not todo,
+    """Texts encoded batch by batch, each batch one crash-safe part (`kind` b; an empty batch has
+    none). Captions come in the batches of their images (part `capb` b: the captions of image batch
+    b's kept images), so what one forward sees depends only on that batch, never on where a shard
+    starts, and a sharded extraction's captions equal the unsharded loop's bit for bit."""
+    todo = [b for b, texts in enumerate(batches) if texts and not store.done(kind, b)]
+    total = sum(len(t) for t in batches)
+    with tqdm(total=total, desc=_TEXT_KINDS.get(kind, kind), unit="text", disable=not progress or not todo,
               dynamic_ncols=True) as bar:
-        bar.update(len(texts) - sum(len(texts[b * TEXT_BATCH : (b + 1) * TEXT_BATCH]) for b in todo))
+        bar.update(total - sum(len(batches[b]) for b in todo))
         for b in todo:
-            chunk = texts[b * TEXT_BATCH : (b + 1) * TEXT_BATCH]
             with torch.inference_mode(), _autocast(device):
-                f = bb.encode_texts(chunk)
+                f = bb.encode_texts(batches[b])
             store.put(kind, b, features=f.float().cpu().numpy().astype(dtype))
-            bar.update(len(chunk))
-    if n_batches == 0:
-        return np.zeros((0, bb.text_dim), dtype)
-    return np.concatenate([store.get(kind, b)["features"] for b in range(n_batches)])
+            bar.update(len(batches[b]))
+    parts = [store.get(kind, b)["features"] for b, texts in enumerate(batches) if texts]
+    return np.concatenate(parts) if parts else np.zeros((0, bb.text_dim), dtype)
 
 
 def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str,
@@ -358,11 +340,10 @@ def _check_earlier_parts(final: Path, split: str, parts: int, batch_size: int) -
     would write (their rows follow the part count and --batch-size): else say how to continue it,
     instead of mixing two layouts into one split."""
     for p in sorted(final.parent.glob(f"{split}.shard-*-of-*.h5")):
-        try:
-            n = int(p.name.split("-of-")[1].split(".")[0])
-        except ValueError:
+        m = SHARD_RE.match(p.name)
+        if not m:
             continue
-        size = read_attrs(p).get("extract_batch_size")
+        n, size = int(m["n"]), read_attrs(p).get("extract_batch_size")
         if n != parts or (size is not None and int(size) != batch_size):
             raise ExtractError(f"{p}: an earlier extraction of split {split} in {n} parts with --batch-size {size} is "
                                f"unfinished here; re-run it with the same settings to continue, or delete its "
@@ -401,7 +382,8 @@ def _concept_columns(bb, dataset: Dataset, kept: list[Record], store: PartStore,
     prompts = [t.format(name=names[j]) for j in named for t in cfg.templates]
     key = ("concepts", tuple(prompts))
     if key not in memo:
-        memo[key] = _text_phase(bb, prompts, store, "con", cfg.dtype, device, cfg.progress)
+        chunks = [prompts[s : s + TEXT_BATCH] for s in range(0, len(prompts), TEXT_BATCH)]
+        memo[key] = _text_phase(bb, chunks, store, "con", cfg.dtype, device, cfg.progress)
     features = np.zeros((len(vocab), len(cfg.templates), bb.text_dim), cfg.dtype)
     features[named] = memo[key].reshape(len(named), len(cfg.templates), bb.text_dim)
     indptr, indices = [0], []
@@ -420,7 +402,8 @@ def _assemble(bb, dataset: Dataset, split: str, records: list[Record], store: Pa
     kept = [records[i] for i in (np.concatenate(batch_rows) if batch_rows else [])]
     captions = [c for rec in kept for c in rec.captions]
     caption_image = np.asarray([r for r, rec in enumerate(kept) for _ in rec.captions], np.int64)
-    cap_feats = _caption_phase(bb, records, store, batch_size, cfg, device, batch_rows)
+    cap_feats = _text_phase(bb, [[c for i in rows.tolist() for c in records[i].captions] for rows in batch_rows],
+                            store, "capb", cfg.dtype, device, cfg.progress)
     vocab, names, labels, concept_feats = _concept_columns(bb, dataset, kept, store, cfg, device, memo)
     attrs = {**prov, "created": datetime.now(UTC).isoformat(timespec="seconds"),
              "data_root": str(Path(dataset.root).resolve()), "data_root_relative": relative_to(dataset.root, store.dir.parent),

@@ -43,7 +43,7 @@ from medembed.cache.reader import (
     read_dataset,
 )
 from medembed.common.errors import ToolError
-from medembed.common.files import folder_state, replace_folder, staging_folder
+from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
 from medembed.serve.index import ALL_SPLITS, heads_sha256, pool_name, pool_run
 
@@ -184,19 +184,6 @@ class _Partition:
         return self.paths
 
 
-def check_out_folder(out: Path, overwrite: bool, manifest: str = MANIFEST, kind: str = "export",
-                     elsewhere: str = " or --out to write elsewhere") -> None:
-    """An output folder may be new, empty, or an earlier `kind` (it holds `manifest`) when `overwrite`
-    is given; anything else a user made is refused in one line, never replaced."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not out.is_dir() or not (out / manifest).exists():
-        raise FileExistsError(f"{out}: exists and is not an earlier {kind} (no {manifest}); choose another --out")
-    if not overwrite:
-        raise FileExistsError(f"{out}: already holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}; pass --overwrite "
-                              f"to replace it{elsewhere}")
-
-
 def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None, run=None) -> ExportSummary:
     """Write the run's image and caption embeddings of a split, with metadata, under `options.out`.
 
@@ -215,9 +202,9 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
     pool = f"{pool_name(options.data)}-" if options.data is not None else ""  # named as its index is
     out = Path(options.out) if options.out else run_dir / "export" / f"{pool}{options.split}-{options.format}"
-    check_out_folder(out, options.overwrite)
+    check_out_folder(out, options.overwrite, MANIFEST, "export")
     with exclusive(out, "export"):
-        check_out_folder(out, options.overwrite)  # again: another export may have finished in between
+        check_out_folder(out, options.overwrite, MANIFEST, "export")  # again: another export may have finished in between
         return _export(run, run_dir, options, chosen, out, folder_state(out))
 
 

@@ -27,7 +27,7 @@ from medembed.adapt.run import describe_run
 from medembed.adapt.run_querybank import BankOffsets
 from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.cache.reader import load_split, read_attrs
-from medembed.common.files import folder_state, replace_folder, staging_folder
+from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.common.tensors import unit
@@ -45,7 +45,6 @@ from medembed.extract.backbones.onnx_runtime import (
     session,
 )
 from medembed.extract.backbones.transforms import Letterbox, Views
-from medembed.serve.export import check_out_folder
 
 MANIFEST = "medembed-model.json"
 IMAGE_GRAPH, TEXT_GRAPH = "image_encoder.onnx", "text_encoder.onnx"
