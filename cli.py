@@ -402,8 +402,12 @@ class _SkipOption(click.Option):
 @click.option("--no-closed-form", is_flag=True, help="Leave out the closed-form baseline column.")
 @click.option("--examples", **_cfg("medembed.evaluate.plan:EvalOptions.examples"), type=click.IntRange(min=0),
               help="Example grids per direction (0: none).")
+@click.option("--max-memory-gb", **_cfg("medembed.evaluate.plan:EvalOptions.max_memory_gb"),
+              type=click.FloatRange(min=0, min_open=True),
+              help="Memory the evaluation may take (GiB, the whole process), planned from the cache headers: an "
+                   "evaluation that does not fit is refused before anything is read, saying what would.")
 def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, modality_concepts, min_positives,
-             fewshot_seeds, fewshot_concepts, skip, detectors, no_closed_form, examples) -> None:
+             fewshot_seeds, fewshot_concepts, skip, detectors, no_closed_form, examples, max_memory_gb) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
     from medembed.evaluate import metrics as registry
     from medembed.evaluate.detection import PREDICTORS, DetectionConfig
@@ -432,6 +436,7 @@ def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, mo
         features_root=features_root,
         cross=cross,
         overwrite=overwrite,
+        max_memory_gb=max_memory_gb,
     )
     result = run_eval(list(run_dirs), split=split, ks=ks, out_dir=out, options=options)
     click.echo(format_summary(result))
@@ -463,7 +468,11 @@ QUERY_RUNTIME_HELP = ("What encodes queries on the CPU: PyTorch, ONNX Runtime (t
               help="Where --data's encoding is cached.")
 @click.option("--runtime", type=click.Choice(["torch", "onnx", "auto"]), default="auto", show_default=True,
               help=QUERY_RUNTIME_HELP)
-def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, data, features_root, runtime) -> None:
+@click.option("--max-memory-gb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory this may take (GiB, the whole process): the pool's embeddings are held when they fit, "
+                   "else every exact scan streams the pool from disk; a budget nothing fits is refused.")
+def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, data, features_root, runtime,
+           max_memory_gb) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
     from medembed.serve.search import format_results
     from medembed.serve.search import search as run_search
@@ -474,7 +483,7 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
         raise click.ClickException(f"{out}: exists; choose another --out or pass --overwrite to replace it")
     results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split, data=data,
                          features_root=features_root, use_index=not exact, explain_maps=explain_maps,
-                         runtime=runtime)
+                         runtime=runtime, max_memory_gb=max_memory_gb)
     click.echo(format_results(results))
     if out:
         click.echo(f"grid: {out}")
@@ -497,7 +506,10 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
               help="Where --data's encoding is cached.")
 @click.option("--runtime", type=click.Choice(["torch", "onnx", "auto"]), default="auto", show_default=True,
               help=QUERY_RUNTIME_HELP)
-def serve(run_dir, use_index, host, port, split, data, features_root, runtime) -> None:
+@click.option("--max-memory-gb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Memory this may take (GiB, the whole process): the pool's embeddings are held when they fit, "
+                   "else every exact scan streams the pool from disk; a budget nothing fits is refused.")
+def serve(run_dir, use_index, host, port, split, data, features_root, runtime, max_memory_gb) -> None:
     """A local search page and JSON API over a run's pool (text -> images, image -> captions and images)."""
     from medembed.serve.page import listen
     from medembed.serve.page import serve as run_server
@@ -505,12 +517,14 @@ def serve(run_dir, use_index, host, port, split, data, features_root, runtime) -
 
     sock = listen(host, port)  # first: a busy port is refused at once, not after the model has loaded
     with sock:
-        searcher = Searcher(run_dir, split, data, features_root, use_index=use_index, runtime=runtime)
-        _ = searcher.backbone, searcher.image_embeddings  # load the model and project the pool before answering
+        searcher = Searcher(run_dir, split, data, features_root, use_index=use_index, runtime=runtime,
+                            max_memory_gb=max_memory_gb)
+        searcher.warm()  # load the model and project a held pool before answering
         for note in searcher.notes:
             click.echo(f"note: {note}", err=True)
         index = f"{searcher.index[1].kind} index" if searcher.index is not None else "exact scan"
-        click.echo(f"serving {len(searcher.pool.image_of)} images of {run_dir} ({index}) on http://{host}:{port}/")
+        click.echo(f"serving {searcher.pool.n_images} images of {run_dir} ({index}; {searcher.memory.describe()}) "
+                   f"on http://{host}:{port}/")
         run_server(searcher, host=host, port=port, sock=sock)
 
 

@@ -29,7 +29,7 @@ from medembed.cache.reader import open_cache
 from medembed.common.errors import MedembedError
 from medembed.common.memory import GB, format_bytes
 
-__all__ = ["MemoryBudgetError", "MemoryPlan", "plan_memory"]
+__all__ = ["CacheShape", "MemoryBudgetError", "MemoryPlan", "cache_shape", "gib_up", "plan_memory"]
 
 PROCESS_BYTES = 800 << 20  # python with torch, h5py, scipy and the adapt modules imported (757 MiB measured)
 SLACK_BYTES = 192 << 20  # batches and their gradients, HDF5's chunk caches, the allocator's free lists
@@ -44,7 +44,7 @@ class MemoryBudgetError(MedembedError, ValueError):
 
 
 @dataclass(frozen=True)
-class _Shape:
+class CacheShape:
     n_images: int
     image_dim: int
     n_captions: int
@@ -53,16 +53,19 @@ class _Shape:
     itemsize: int
     concept_nnz: int = 0
     concept_text_numbers: int = 0
+    n_concepts: int = 0
 
 
-def _shape(path: Path, with_views: bool) -> _Shape:
+def cache_shape(path: Path, with_views: bool) -> CacheShape:
+    """A cache file's sizes and widths from its header (nothing but shapes is read)."""
     with open_cache(path) as f:
         img, cap = f[schema.IMAGE_FEATURES], f[schema.CAPTION_FEATURES]
         views = int(f[schema.VIEW_FEATURES].shape[1]) if with_views and schema.VIEW_FEATURES in f else 0
         nnz = int(f[schema.CONCEPT_INDICES].shape[0]) if schema.CONCEPT_INDICES in f else 0
         ctf = int(math.prod(f[schema.CONCEPT_TEXT_FEATURES].shape)) if schema.CONCEPT_TEXT_FEATURES in f else 0
-        return _Shape(int(img.shape[0]), int(img.shape[1]), int(cap.shape[0]), int(cap.shape[1]), views,
-                      int(img.dtype.itemsize), nnz, ctf)
+        concepts = int(f[schema.CONCEPT_IDS].shape[0]) if schema.CONCEPT_IDS in f else 0
+        return CacheShape(int(img.shape[0]), int(img.shape[1]), int(cap.shape[0]), int(cap.shape[1]), views,
+                      int(img.dtype.itemsize), nnz, ctf, concepts)
 
 
 def _head_numbers(config: AdaptConfig, image_dim: int, text_dim: int) -> int:
@@ -101,8 +104,8 @@ class MemoryPlan:
 def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | Path) -> MemoryPlan:
     """The plan for training `config` on these cache files within `config.max_memory_gb`; raises
     MemoryBudgetError (one line) when even streaming does not fit."""
-    train = _shape(Path(train_path), config.use_views)
-    valid = _shape(Path(valid_path), False)
+    train = cache_shape(Path(train_path), config.use_views)
+    valid = cache_shape(Path(valid_path), False)
     budget = int(config.max_memory_gb * GB)
     embed_bytes = 4 * config.dim * config.ensemble
     bank_img, bank_cap = min(train.n_images, BANK_ROWS), min(train.n_captions, BANK_ROWS)
@@ -138,7 +141,7 @@ def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | P
             raise MemoryBudgetError(
                 f"{Path(train_path).parent}: the closed-form head (--head cca) holds the training split in memory: "
                 f"{format_bytes(whole.total)} ({whole.largest()}), above --max-memory-gb {config.max_memory_gb:g}; "
-                f"raise it to at least {_gib(whole.total)}")
+                f"raise it to at least {gib_up(whole.total)}")
         return whole
     held["caption index"] = CAPTION_INDEX_BYTES * train.n_captions
     # a block of captions: their features and their images' (one image per caption at most), as stored, and
@@ -154,9 +157,10 @@ def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | P
         raise MemoryBudgetError(
             f"{Path(train_path).parent}: training needs at least {format_bytes(plan.total)} even with the training "
             f"split streamed ({plan.largest()}), above --max-memory-gb {config.max_memory_gb:g}; "
-            f"raise it to at least {_gib(plan.total)}")
+            f"raise it to at least {gib_up(plan.total)}")
     return plan
 
 
-def _gib(n: int) -> str:
+def gib_up(n: int) -> str:
+    """Bytes as GiB rounded up to a tenth: the smallest --max-memory-gb to suggest."""
     return f"{math.ceil(n / GB * 10) / 10:g}"

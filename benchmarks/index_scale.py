@@ -216,14 +216,15 @@ def real_pool(run_dir: str, kinds: list[str], max_memory_gb: float, k: int) -> N
     """The same kinds over a real run's whole pool (every split of its cache), through `build_index` and
     `Searcher` as `cli.py index` and `search` use them; queries: the run's test captions (cached
     features through the run's text head), exact = the run's exact scan, query bank included."""
+    from medembed.cache.reader import load_split
     from medembed.serve.index import build_index
     from medembed.serve.search import Searcher
 
     exact = Searcher(run_dir, use_index=False)
     test = next(s for s in exact.pool.splits if s.split == "test")
-    queries = exact.model.texts(test.caption_features)
+    queries = exact.model.texts(load_split(test.path, with_views=False).caption_features)
     want = [[h.image_id for h in exact.images(q[None], k).hits] for q in queries]
-    n = len(exact.pool.image_of)
+    n = exact.pool.n_images
     print(f"{run_dir}: pool of {n:,} images (all splits), {len(queries)} test captions as queries, k={k}\n")
     print("| kind | parameters | build s | bytes/vector | q/s 1 client | recall@10 vs exact |")
     print("|---|---|--:|--:|--:|--:|")

@@ -127,7 +127,8 @@ def load(args) -> None:
     from medembed.adapt.config import AdaptConfig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests/ holds the generator
     from medembed.adapt.trainer import train
-    from medembed.cache.reader import load_split
+    from medembed.cache import schema
+    from medembed.cache.reader import load_split, read_strings
     from medembed.serve.index import IndexOptions, build_index
     from medembed.serve.page import create_app
     from medembed.serve.search import Searcher
@@ -146,7 +147,7 @@ def load(args) -> None:
         for exact in (True, False):
             searcher = Searcher(work / "run", "test", backbone=lookup, use_index=not exact)
             server, base = _start(create_app(searcher))
-            captions = searcher.pool.splits[0].captions
+            captions = read_strings(searcher.pool.splits[0].path, schema.CAPTION_TEXT)
             _hammer(base, captions, args.clients, min(50, args.queries), exact)  # warm-up
             r = _hammer(base, captions, args.clients, args.queries, exact)
             server.should_exit = True
@@ -161,22 +162,24 @@ def load(args) -> None:
 
 
 def text(args) -> None:
+    from medembed.cache import schema
+    from medembed.cache.reader import read_strings
     from medembed.serve.page import create_app
     from medembed.serve.search import Searcher
 
     rows = []
     for runtime in ("torch", "onnx"):
         searcher = Searcher(args.run, runtime=runtime, use_index=False)
-        _ = searcher.backbone, searcher.image_embeddings, searcher.image_offsets  # loaded before the clock starts
-        captions = [c for s in searcher.pool.splits if s.split == "test" for c in s.captions] or \
-            [c for s in searcher.pool.splits for c in s.captions]
+        searcher.warm()  # loaded before the clock starts
+        captions = [c for s in searcher.pool.splits if s.split == "test" for c in read_strings(s.path, schema.CAPTION_TEXT)] or \
+            [c for s in searcher.pool.splits for c in read_strings(s.path, schema.CAPTION_TEXT)]
         server, base = _start(create_app(searcher))
         _hammer(base, captions, 1, 20, True)  # warm-up
         for clients in args.clients:
             r = _hammer(base, captions[clients:], clients, args.queries, True)
             rows.append([runtime, clients, f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['qps']:.1f}", r["errors"]])
         server.should_exit = True
-    pool = len(searcher.pool.image_of)
+    pool = searcher.pool.n_images
     print(f"run {args.run}, pool {pool:,} images, exact scan, k 10, {args.queries} distinct caption queries per row\n")
     print("| text encoder | clients | p50 ms | p95 ms | queries/s | errors |\n|---|--:|--:|--:|--:|--:|")
     print("\n".join("| " + " | ".join(str(x) for x in r) + " |" for r in rows))

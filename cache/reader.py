@@ -152,13 +152,7 @@ class CachedSplit:
         loc = self.image_locations[row] if row < len(self.image_locations) else ""
         if not loc:
             return ""
-        root = str(root) if root is not None else self.data_root
-        if loc.startswith(schema.PRIVATE_LOCATION):  # resolved by reading the data folder again
-            return f"{root}{schema.ZIP_SEP}{loc}"
-        archive, sep, member = loc.partition(schema.ZIP_SEP)
-        if root and not os.path.isabs(archive):
-            archive = os.path.join(root, archive)
-        return archive + sep + member
+        return location_path(loc, str(root) if root is not None else self.data_root)
 
     def first_captions(self) -> dict[int, str]:
         """The first caption of every image that has one (labels for image tiles and exports)."""
@@ -172,6 +166,19 @@ class CachedSplit:
         if self.concepts is None:
             return np.zeros((self.n_images, 0), dtype=bool)
         return self.concepts.toarray().astype(bool)
+
+
+def location_path(loc: str, root: str) -> str:
+    """A recorded image location joined onto the dataset folder it is relative to (see
+    `CachedSplit.image_path`); "" for an unknown location."""
+    if not loc:
+        return ""
+    if loc.startswith(schema.PRIVATE_LOCATION):  # resolved by reading the data folder again
+        return f"{root}{schema.ZIP_SEP}{loc}"
+    archive, sep, member = loc.partition(schema.ZIP_SEP)
+    if root and not os.path.isabs(archive):
+        archive = os.path.join(root, archive)
+    return archive + sep + member
 
 
 def recorded_data_root(attrs: dict, cache_path: str | Path) -> str:
@@ -330,6 +337,75 @@ def load_split_rows(path: str | Path, lo: int, hi: int, caption_image: np.ndarra
             first_image=lo,
             first_caption=c0,
         )
+
+
+@dataclass
+class SplitHeader:
+    """What a pass over a cache file too large to hold keeps in memory: its sizes and widths, the
+    caption -> image rows (8 bytes a caption), the concept labels (sparse) and the attributes. Ids,
+    captions, locations and features are read from the file a few rows (`read_rows`) or a slice
+    (`load_split_rows`) at a time."""
+
+    split: str
+    path: Path
+    n_images: int
+    n_captions: int
+    image_dim: int
+    text_dim: int
+    itemsize: int
+    caption_image: np.ndarray  # [M] int64, image by image
+    attrs: dict
+    concept_ids: list[str] = field(default_factory=list)
+    concept_names: list[str] = field(default_factory=list)
+    concepts: sp.csr_matrix | None = None  # [N, C] multi-hot
+    has_locations: bool = False  # does the file record where each image lives
+
+    @property
+    def data_root(self) -> str:
+        return recorded_data_root(self.attrs, self.path)
+
+    def first_caption_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The file row of each image's first caption, -1 for an image without one."""
+        rows = np.asarray(rows, dtype=np.int64)
+        at = np.searchsorted(self.caption_image, rows, "left")
+        found = at < self.n_captions
+        found[found] = self.caption_image[at[found]] == rows[found]
+        return np.where(found, at, -1)
+
+
+def read_header(path: str | Path) -> SplitHeader:
+    """A cache file's `SplitHeader`: everything but its ids, captions, locations and features."""
+    path = Path(path)
+    with open_cache(path) as f:
+        if schema.IMAGE_FEATURES not in f:
+            raise ValueError(f"{path}: not a feature cache (no images/features dataset)")
+        img, cap = f[schema.IMAGE_FEATURES], f[schema.CAPTION_FEATURES]
+        n = int(img.shape[0])
+        attrs = _attrs(f)
+        caption_image = check_caption_order(read_dataset(f, schema.CAPTION_IMAGE_ROW).astype(np.int64), path)
+        concepts, concept_ids, concept_names = None, [], []
+        if schema.CONCEPT_IDS in f:
+            concept_ids, concept_names = strings(f[schema.CONCEPT_IDS]), strings(f[schema.CONCEPT_NAMES])
+            ptr = read_dataset(f, schema.CONCEPT_INDPTR).astype(np.int64)
+            idx = read_dataset(f, schema.CONCEPT_INDICES).astype(np.int64)
+            concepts = sp.csr_matrix((np.ones(len(idx), np.float32), idx, ptr), shape=(n, len(concept_ids)))
+        return SplitHeader(attrs.get("split", path.stem), path, n, int(cap.shape[0]), int(img.shape[1]),
+                           int(cap.shape[1]), int(img.dtype.itemsize), caption_image, attrs, concept_ids,
+                           concept_names, concepts, schema.IMAGE_LOCATIONS in f)
+
+
+def read_rows(path: str | Path, name: str, rows) -> np.ndarray | list[str]:
+    """Rows `rows` (any order, repeats allowed) of one dataset of a cache file: a string dataset as a
+    list of str, a feature dataset as a verified array. Only those rows are read."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    unique, back = np.unique(rows, return_inverse=True)
+    with open_cache(path) as f:
+        ds = f[name]
+        if h5py.check_string_dtype(ds.dtype) is not None:
+            got = np.array(ds.asstr()[unique] if unique.size else [], dtype=object)
+            return got[back].tolist()
+        got = read_dataset(f, name, unique) if unique.size else np.zeros((0, *ds.shape[1:]), ds.dtype)
+        return got[back]
 
 
 def find_splits(features_dir: str | Path) -> dict[str, Path]:

@@ -21,11 +21,16 @@ THUMBNAIL = 384
 
 
 def load_pool_image(split: CachedSplit, row: int) -> Image.Image | None:
-    path = split.image_path(row)
+    return load_image_thumbnail(split.image_path(row), DecodeOptions.from_provenance(split.attrs.get("image_decoding")))
+
+
+def load_image_thumbnail(path: str, options: DecodeOptions) -> Image.Image | None:
+    """A pool image (at its recorded location, rendered as at extraction) as a thumbnail; None when it
+    is unknown or can no longer be read."""
     if not path:
         return None
     try:
-        img = open_image(path, DecodeOptions.from_provenance(split.attrs.get("image_decoding")))
+        img = open_image(path, options)
     except (OSError, ValueError, KeyError):
         return None
     img.thumbnail((THUMBNAIL, THUMBNAIL))

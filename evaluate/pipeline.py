@@ -61,6 +61,8 @@ def run_eval(
     log = logger(options)
     for note in plan.notes:
         log(f"note: {note}")
+    if plan.memory is not None:
+        log(f"memory: {plan.memory.describe()}")
     # one eval writes a folder at a time; checked again under the lock, since another may have
     # finished between the plan's check and now, and once more right before the swap
     with exclusive(plan.out_dir, "eval", "wait for it to finish or choose another --out"):

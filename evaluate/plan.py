@@ -18,6 +18,7 @@ from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.common.files import slug
 from medembed.evaluate import detection, fewshot, retrieval, zeroshot
 from medembed.evaluate import metrics as registry
+from medembed.evaluate.memory import DEFAULT_MAX_MEMORY_GB, EvalMemoryPlan, PoolFiles, plan_eval_memory
 from medembed.evaluate.metric import Metric, Scores
 from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.new_data import eval_splits, open_runs
@@ -42,6 +43,7 @@ class EvalOptions:
     sections: tuple[str, ...] = field(default_factory=registry.sections)  # default: every registered metric
     examples: int = 1  # text->image and image->text example grids of the first run
     memory_mb: float = retrieval.DEFAULT_MEMORY_MB
+    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB  # the whole process; planned before a feature is read
     data: str | None = None  # score this dataset's raw images and captions, encoded by each run's own backbone
     features_root: str = "features"  # where that encoding is cached
     progress: bool = True
@@ -122,6 +124,7 @@ class EvalPlan:
     pools: dict[Path, EvalPool]
     columns: list[Column]
     notes: list[str] = field(default_factory=list)
+    memory: EvalMemoryPlan | None = None
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -248,10 +251,10 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
         banked = any(getattr(r, "querybank", None) is not None and r.querybank.active for r in runs)
         dataset, wanted = eval_splits(options.data, split, need_train, need_valid, logger(options), for_bank=banked)
         runs = open_runs(runs, dataset, wanted, options.features_root, progress=options.progress)
+    memory = _plan_memory(runs, split, need_train, need_valid, options)
     pools: dict[Path, EvalPool] = {}
     for run in runs:
         fd = Path(run.features_dir)
-        run.split_files()  # a features folder that moved is named with how to re-point the run
         if fd not in pools:
             pools[fd] = load_pool(fd, split, need_train, need_valid, captions=options.closed_form)
             if pools[fd].test.n_captions == 0:
@@ -261,7 +264,26 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     _check_comparable(runs, names, pools, options.cross)
     ks, notes = _cap_ks(ks, pools)
     columns = _columns(runs, names, pools, options)
-    return EvalPlan(split, ks, out_dir, runs, names, pools, columns, notes)
+    return EvalPlan(split, ks, out_dir, runs, names, pools, columns, notes, memory)
+
+
+def _plan_memory(runs: list[AdaptedRun], split: str, need_train: bool, need_valid: bool,
+                 options: EvalOptions) -> EvalMemoryPlan:
+    """The evaluation's memory, from the cache headers of every pool it loads (see `evaluate.memory`)."""
+    by_dir: dict[Path, list[AdaptedRun]] = {}
+    for run in runs:
+        by_dir.setdefault(Path(run.features_dir), []).append(run)
+    pools = []
+    for fd, on in by_dir.items():
+        files = on[0].split_files()  # a features folder that moved is named with how to re-point the run
+        if split not in files:
+            raise FileNotFoundError(f"{fd}: no {split}.h5 (found: {', '.join(files)})")
+        train = files.get("train") if need_train and split != "train" else None
+        valid = files.get("valid") if need_valid and split != "valid" else None
+        pools.append(PoolFiles(files[split], train, valid, [int(getattr(r, "dim", 0) or 0) for r in on]))
+    concepts = any(m.section != "retrieval" for m in registry.asked(options.sections))
+    return plan_eval_memory(options.max_memory_gb, pools, options.closed_form, options.examples > 0, options.memory_mb,
+                            concepts)
 
 
 def _columns(runs: list[AdaptedRun], names: list[str], pools: dict[Path, EvalPool], options: EvalOptions) -> list[Column]:

@@ -54,22 +54,23 @@ class ServeLimits:
 
 
 class PagePool:
-    """The searcher's pool images as request keys (`split:row`), their filters and concept names."""
+    """The searcher's pool images as request keys (`split:row`), their filters and concept names.
+    Keys are parsed, never listed: a pool of ten million images costs its labels, not ten million
+    strings."""
 
     def __init__(self, searcher: Searcher):
         self.searcher = searcher
-        splits = searcher.pool.splits
-        self.keys = [f"{splits[si].split}:{row}" for si, row in searcher.pool.image_of]
-        self.index = {k: i for i, k in enumerate(self.keys)}
-        self.split_of = np.array([splits[si].split for si, _ in searcher.pool.image_of])
-        first = splits[0]
+        pool = searcher.pool
+        self.n_images = pool.n_images
+        self.split_names = pool.names
+        first = pool.splits[0]
         self.concept_ids = list(first.concept_ids)
         named = [i for i, n in enumerate(first.concept_names) if n]
         self.labels = None
         if first.concepts is not None and first.concepts.shape[1]:
             import scipy.sparse as sp
 
-            self.labels = sp.vstack([s.concepts for s in splits], format="csc")
+            self.labels = sp.vstack([s.concepts for s in pool.splits], format="csc")
         counts = np.asarray(self.labels.sum(0)).ravel() if self.labels is not None else np.zeros(len(self.concept_ids))
         self.concepts = [{"id": first.concept_ids[i], "name": first.concept_names[i], "images": int(counts[i])}
                          for i in sorted(named, key=lambda i: -counts[i]) if counts[i] > 0]
@@ -78,21 +79,27 @@ class PagePool:
                            for m in DEFAULT_MODALITIES if m.concept_id in col and counts[col[m.concept_id]] > 0]
 
     def row(self, key: str) -> int:
-        if key not in self.index:
+        """The pool row of `split:row`; 404 for anything else."""
+        split, _, row = key.rpartition(":")
+        pool = self.searcher.pool
+        if split not in self.split_names or not re.fullmatch(r"0|[1-9][0-9]*", row) or \
+                int(row) >= pool.splits[self.split_names.index(split)].n_images:
             raise HTTPException(404, f"no image {key!r} in this run's pool")
-        return self.index[key]
+        return pool.pool_row(split, int(row))
 
     def location(self, key: str) -> str:
-        si, row = self.searcher.pool.image_of[self.row(key)]
-        return self.searcher.pool.splits[si].image_path(row)
+        return self.searcher.pool.location(self.row(key))
 
     def allowed(self, split: str | None, modality: str | None, concept: str | None) -> np.ndarray | None:
         """Which pool images pass the filters (None: all)."""
-        mask = np.ones(len(self.keys), dtype=bool)
+        mask = np.ones(self.n_images, dtype=bool)
         if split:
-            if split not in set(self.split_of):
-                raise HTTPException(400, f"split {split!r} is not in the pool (splits: {', '.join(sorted(set(self.split_of)))})")
-            mask &= self.split_of == split
+            if split not in self.split_names:
+                raise HTTPException(400, f"split {split!r} is not in the pool (splits: {', '.join(sorted(self.split_names))})")
+            i = self.split_names.index(split)
+            starts = self.searcher.pool.image_starts
+            mask[:] = False
+            mask[starts[i] : starts[i + 1]] = True
         for cid, what in ((modality, "modality"), (concept, "concept")):
             if cid:
                 if self.labels is None or cid not in self.concept_ids:
@@ -237,7 +244,7 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
     def ranked(query, k: int, page: int, allowed: np.ndarray | None, exact: bool, by: str) -> SearchResult:
         """Pages 0..page of k images. The count asked is capped at the images searched here, so the note
         saying so speaks of k and page (the searcher's own would name `cli.py search`'s -k)."""
-        searched = len(pool.keys) if allowed is None else int(allowed.sum())
+        searched = pool.n_images if allowed is None else int(allowed.sum())
         asked = k * (page + 1)
         result = searcher.images(query, min(asked, searched), exact=exact, allowed=allowed, by=by)
         if asked > searched:
@@ -250,8 +257,8 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
         run, first = searcher.run, searcher.pool.splits[0]
         index = searcher.index[1].kind if searcher.index is not None else None
         return {"run": str(run.checkpoint or run.run_dir), "backbone": first.attrs.get("backbone", ""),
-                "dataset": first.attrs.get("dataset", ""), "pool_images": len(pool.keys),
-                "pool_captions": len(searcher.pool.caption_of), "splits": sorted(set(pool.split_of)),
+                "dataset": first.attrs.get("dataset", ""), "pool_images": pool.n_images,
+                "pool_captions": searcher.pool.n_captions, "splits": sorted(pool.split_names),
                 "index": index, "modalities": pool.modalities, "concepts": pool.concepts[:500],
                 "explain": True, "ranking": searcher.model.ranking, "max_upload_bytes": limits.max_upload_bytes}
 
@@ -272,14 +279,14 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
                 modality: str | None = None, concept: str | None = None, exact: bool = False) -> dict:
         started = time.perf_counter()
         k, page = page_args(k, page)
-        query = searcher.image_embeddings[pool.row(key)][None]
+        query = searcher.image_embedding(pool.row(key))
         result = ranked(query, k, page, pool.allowed(split, modality, concept), exact, "image")
         return _answer(result, pool, page, k, started, query_key=key)
 
     @app.get("/api/captions/{key}")
     def captions(key: str, k: int = Query(5, ge=1, le=50)) -> dict:
         started = time.perf_counter()
-        result = searcher.captions(searcher.image_embeddings[pool.row(key)][None], k)
+        result = searcher.captions(searcher.image_embedding(pool.row(key)), k)
         return _answer(result, pool, 0, k, started, query_key=key)
 
     def image_answer(data: bytes, name: str, k: int, page: int, allowed: np.ndarray | None, exact: bool) -> dict:

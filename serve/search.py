@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from medembed.adapt.tuning.runs import run_backbone
-from medembed.cache.reader import CachedSplit, load_split
-from medembed.evaluate.examples import load_pool_image
+from medembed.evaluate.examples import load_image_thumbnail
 from medembed.evaluate.listing import BANK_SCORE, COSINE, one_line
 from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.new_data import open_runs
@@ -34,6 +33,13 @@ from medembed.extract.extraction import GRAPHS_DIR
 from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, open_image
 from medembed.extract.worker import describe_failure
 from medembed.serve.explain import explain
+from medembed.serve.pool import SearchPool
+from medembed.serve.search_memory import (
+    DEFAULT_MAX_MEMORY_GB,
+    MAX_CHUNK_ROWS,
+    SearchMemoryPlan,
+    plan_search_memory,
+)
 
 EXACT = "exact scan"
 
@@ -72,27 +78,6 @@ class SearchResult:
         return self.ranking == BANK_SCORE
 
 
-@dataclass
-class SearchPool:
-    """The splits searched, concatenated: pool row r of images is (split, row) via `image_of`."""
-
-    splits: list[CachedSplit]
-    image_of: list[tuple[int, int]]  # pool image row -> (split index, image row in that split)
-    caption_of: list[tuple[int, int]]  # pool caption row -> (split index, caption row)
-
-    @classmethod
-    def of(cls, splits: list[CachedSplit]) -> SearchPool:
-        images = [(i, r) for i, s in enumerate(splits) for r in range(s.n_images)]
-        captions = [(i, c) for i, s in enumerate(splits) for c in range(s.n_captions)]
-        return cls(splits, images, captions)
-
-    @property
-    def decode(self) -> DecodeOptions:
-        """How the pool's images were rendered at extraction (window), for showing them and for
-        decoding query images the same way."""
-        return DecodeOptions.from_provenance(self.splits[0].attrs.get("image_decoding") if self.splits else None)
-
-
 def read_query_image(image, options: DecodeOptions = DEFAULT_DECODE):
     """A PIL image from a path or an already opened image; a one-line reason when it is not one."""
     if not isinstance(image, (str, Path)):
@@ -115,17 +100,19 @@ def encode_query(backbone, text: str | None = None, image=None,
 
 
 class Searcher:
-    """One run's pool, ready for queries: embeddings projected once, the backbone loaded once."""
+    """One run's pool, ready for queries: the backbone loaded once, the pool's embeddings projected once
+    and held when they fit `max_memory_gb`, else streamed from its cache files for every exact scan
+    (`serve.search_memory`)."""
 
     def __init__(self, run_ref, split: str | None = None, data: str | Path | None = None,
                  features_root: str | Path = "features", backbone=None, use_index: bool = True,
-                 runtime: str = "auto"):
+                 runtime: str = "auto", max_memory_gb: float = DEFAULT_MAX_MEMORY_GB):
         (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root)
         self._own_run = isinstance(run_ref, (str, Path))  # opened here, not handed in
         files = self.run.split_files()
         if split is not None and split not in files:
             raise FileNotFoundError(f"{self.run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
-        self.pool = SearchPool.of([load_split(p, with_views=False) for name, p in files.items() if split in (None, name)])
+        self.pool = SearchPool.open([p for name, p in files.items() if split in (None, name)])
         self.split = split
         self.model: EmbeddingModel = model_from_run(self.run)
         self._backbone = backbone
@@ -135,7 +122,6 @@ class Searcher:
         self._captions: torch.Tensor | None = None
         self._image_offsets: torch.Tensor | None = None
         self._caption_offsets: torch.Tensor | None = None
-        self._firsts: dict[int, dict[int, str]] = {}
         # an index covers the run's heads over its own cache or over a `--data` pool indexed with
         # `index --data`; never a fine-tuned checkpoint
         self.index = None
@@ -143,6 +129,21 @@ class Searcher:
             from medembed.serve.index import load_index, pool_name
 
             self.index = load_index(self.run.run_dir, split, pool=pool_name(data) if data is not None else None)
+        self.memory = self._plan(max_memory_gb)
+
+    def _plan(self, max_memory_gb: float) -> SearchMemoryPlan:
+        first = self.pool.splits[0]
+        dim = int(self.model.images(torch.zeros(1, first.image_dim)).shape[1])
+        index_bytes = index_rows = 0
+        if self.index is not None:
+            meta = self.index[1]
+            index_bytes = 0 if meta.kind == "ivf" else int(meta.index_bytes)  # ivf is memory-mapped
+            index_rows = int(meta.ntotal)
+        return plan_search_memory(max_memory_gb, self.pool.n_images, self.pool.n_captions,
+                                  max(first.image_dim, first.text_dim), first.itemsize, dim,
+                                  self.pool.metadata_bytes,
+                                  first.image_dim + first.text_dim if self.model.gallery_offsets is not None else 0,
+                                  index_bytes, index_rows)
 
     # -- embeddings ---------------------------------------------------------------------------
     @property
@@ -159,16 +160,31 @@ class Searcher:
             self._backbone = backbone
         return self._backbone
 
+    def warm(self) -> None:
+        """Load the query encoders and, when the pool is held, project it: before the first query."""
+        _ = self.backbone
+        if self.memory.hold:
+            _ = self.image_embeddings, self.image_offsets
+
+    def _held(self, side: str) -> torch.Tensor:
+        if not self.memory.hold:
+            raise RuntimeError(f"the pool's {side} are streamed ({self.memory.describe()}): not held in memory")
+        embed = self.model.images if side == "images" else self.model.texts
+        width = self.pool.splits[0].image_dim if side == "images" else self.pool.splits[0].text_dim
+        parts = [embed(raw) for _, raw in self.pool.chunks(side, MAX_CHUNK_ROWS)]
+        return torch.cat(parts) if parts else embed(torch.zeros(0, width))
+
     @property
     def image_embeddings(self) -> torch.Tensor:
+        """Every pool image's embedding, projected once (a held pool only)."""
         if self._images is None:
-            self._images = torch.cat([self.model.images(s.image_features) for s in self.pool.splits])
+            self._images = self._held("images")
         return self._images
 
     @property
     def caption_embeddings(self) -> torch.Tensor:
         if self._captions is None:
-            self._captions = torch.cat([self.model.texts(s.caption_features) for s in self.pool.splits])
+            self._captions = self._held("captions")
         return self._captions
 
     @property
@@ -183,6 +199,12 @@ class Searcher:
         if self._caption_offsets is None and self.model.gallery_offsets is not None:
             self._caption_offsets = self.model.gallery_offsets(None, self.caption_embeddings)[1]
         return self._caption_offsets
+
+    def image_embedding(self, pool_row: int) -> torch.Tensor:
+        """One pool image's embedding [1, D] (a "more like this" query)."""
+        if self._images is not None:
+            return self._images[pool_row][None]
+        return self.model.images(self.pool.image_features([pool_row]))
 
     def embed_text(self, text: str) -> torch.Tensor:
         return self.model.texts(encode_query(self.backbone, text=text))
@@ -199,7 +221,7 @@ class Searcher:
         if by not in ("text", "image"):
             raise ValueError(f"by: 'text' or 'image', not {by!r}")
         bank = by == "text"
-        n = len(self.pool.image_of) if allowed is None else int(allowed.sum())
+        n = self.pool.n_images if allowed is None else int(allowed.sum())
         k_used, notes = _cap(k, n, "images")
         if self.index is not None and not exact:
             scores, rows, via = self._index_search(query, k_used, allowed, bank)
@@ -208,58 +230,74 @@ class Searcher:
                 notes.append(f"the {via} returned {len(rows)} of the {k_used} images asked for (approximate search "
                              "stops early); search again with --exact to scan the whole pool")
         else:
-            offset = self.image_offsets if bank else None
-            (scores, rows), via = self._scan(query, self.image_embeddings, k_used, allowed, offset), EXACT
-            with_bank = offset is not None
+            with_bank = bank and self.model.gallery_offsets is not None
+            (scores, rows), via = self._scan(query, "images", k_used, allowed, with_bank), EXACT
         cosines = self._image_cosines(query, rows)
-        hits = [self._image_hit(i + 1, s, c, r) for i, (s, c, r) in enumerate(zip(scores, cosines, rows))]
+        hits = [Hit(i + 1, float(s), float(c), info.image_id, info.caption, info.split, info.row, info.location)
+                for i, (s, c, info) in enumerate(zip(scores, cosines, self.pool.images(rows)))]
         return SearchResult(hits, "images", via, n, notes, *self._ranking(with_bank))
 
     def captions(self, query: torch.Tensor, k: int) -> SearchResult:
         """Top-k pool captions for a unit query [1, D] (exact scan: captions are not indexed)."""
-        n = len(self.pool.caption_of)
+        n = self.pool.n_captions
         k_used, notes = _cap(k, n, "captions")
-        offset = self.caption_offsets
-        scores, rows = self._scan(query, self.caption_embeddings, k_used, None, offset)
-        cosines = _cosines(query, self.caption_embeddings[rows]) if rows else []
-        hits = []
-        for i, (s, cos, r) in enumerate(zip(scores, cosines, rows)):
-            si, c = self.pool.caption_of[r]
-            split = self.pool.splits[si]
-            row = int(split.caption_image[c])
-            hits.append(Hit(i + 1, s, cos, split.image_ids[row], split.captions[c], split.split, row,
-                            split.image_path(row)))
-        return SearchResult(hits, "captions", EXACT, n, notes, *self._ranking(offset is not None))
+        with_bank = self.model.gallery_offsets is not None
+        scores, rows = self._scan(query, "captions", k_used, None, with_bank)
+        if not rows:
+            cosines = []
+        elif self._captions is not None:
+            cosines = _cosines(query, self._captions[rows])
+        else:
+            cosines = _cosines(query, self.model.texts(self.pool.caption_features(rows)))
+        hits = [Hit(i + 1, s, cos, info.image_id, info.caption, info.split, info.image_row, info.location)
+                for i, (s, cos, info) in enumerate(zip(scores, cosines, self.pool.captions(rows)))]
+        return SearchResult(hits, "captions", EXACT, n, notes, *self._ranking(with_bank))
 
     def _ranking(self, with_bank: bool) -> tuple[str, str | None]:
         """(what the scores are, the bank setting ranked with) for a result."""
         return (BANK_SCORE, self.model.ranking) if with_bank else (COSINE, None)
 
     def _image_cosines(self, query: torch.Tensor, pool_rows: list[int]) -> list[float]:
-        """Plain cosines of the query with these pool images: from the projected pool when an exact
-        scan already made it, else only these rows are projected (an index search never needs the rest)."""
+        """Plain cosines of the query with these pool images: from the projected pool when it is held,
+        else only these rows are read and projected (an index search never needs the rest)."""
         if not pool_rows:
             return []
         if self._images is not None:
             return _cosines(query, self._images[pool_rows])
-        located = [self.pool.image_of[r] for r in pool_rows]
-        raw = torch.stack([self.pool.splits[si].image_features[row] for si, row in located])
-        return _cosines(query, self.model.images(raw))
+        return _cosines(query, self.model.images(self.pool.image_features(pool_rows)))
 
-    def _scan(self, query, pool, k, allowed, offset=None):
-        if allowed is not None:
-            rows = np.flatnonzero(allowed)
-            keep = torch.from_numpy(rows)
-            scores, local = top_k(query, pool[keep], k, offset=None if offset is None else offset[keep])
-            return scores[0].tolist(), rows[local[0].numpy()].tolist()
-        scores, rows = top_k(query, pool, k, offset=offset)
-        return scores[0].tolist(), rows[0].tolist()
+    def _scan(self, query: torch.Tensor, side: str, k: int, allowed: np.ndarray | None,
+              bank: bool) -> tuple[list[float], list[int]]:
+        """Exact top k of one side of the pool: over the held embeddings, or streamed chunk by chunk
+        from the cache files (the same scores, a running top k)."""
+        if self.memory.hold:
+            pool = self.image_embeddings if side == "images" else self.caption_embeddings
+            offset = (self.image_offsets if side == "images" else self.caption_offsets) if bank else None
+            return _top(query, pool, k, allowed, offset, 0)
+        embed = self.model.images if side == "images" else self.model.texts
+        best_s: list[float] = []
+        best_r: list[int] = []
+        for start, raw in self.pool.chunks(side, self.memory.chunk_rows):
+            keep = None if allowed is None else allowed[start : start + raw.shape[0]]
+            if keep is not None:
+                if not keep.any():
+                    continue
+                raw = raw[torch.from_numpy(keep)]
+            emb = embed(raw)
+            offset = None
+            if bank:
+                offset = self.model.gallery_offsets(*((emb, None) if side == "images" else (None, emb)))
+                offset = offset[0] if side == "images" else offset[1]
+            rows_of = None if keep is None else start + np.flatnonzero(keep)
+            s, r = _top(query, emb, k, None, offset, start, rows_of)
+            merged = sorted(zip(best_s + s, best_r + r), key=lambda t: (-t[0], t[1]))[:k]
+            best_s, best_r = [m[0] for m in merged], [m[1] for m in merged]
+        return best_s, best_r
 
     def _index_search(self, query, k, allowed, bank: bool = True):
         from medembed.serve.index import search_index
 
         index, meta = self.index
-        order = {s.split: i for i, s in enumerate(self.pool.splits)}
         plain = query
         if meta.querybank:  # each image's query-bank offset is the last coordinate: weight 1 applies it, 0 not
             query = torch.cat([query, torch.full((query.shape[0], 1), float(bank))], 1)
@@ -269,7 +307,7 @@ class Searcher:
         pool_rows = []
         for row in rows[0][keep].tolist():
             name, image_row = meta.locate(row)
-            pool_rows.append(self._pool_row(order[name], image_row))
+            pool_rows.append(self.pool.pool_row(name, image_row))
         if not rerank:
             return scores[0][keep].tolist(), pool_rows, f"{meta.kind} index"
         exact = self._exact_scores(plain, pool_rows, bank and meta.querybank is not None)
@@ -281,24 +319,24 @@ class Searcher:
         """What an exact scan scores these pool images: cosine, plus the query-bank offset when ranking with it."""
         if not pool_rows:
             return []
-        located = [self.pool.image_of[r] for r in pool_rows]
-        emb = self.model.images(torch.stack([self.pool.splits[si].image_features[row] for si, row in located]))
+        emb = self.model.images(self.pool.image_features(pool_rows))
         scores = emb.float() @ query[0].float()
         if bank and self.model.gallery_offsets is not None:
             scores = scores + self.model.gallery_offsets(emb, None)[0]
         return scores.tolist()
 
-    def _pool_row(self, split_index: int, image_row: int) -> int:
-        return sum(s.n_images for s in self.pool.splits[:split_index]) + image_row
 
-    def _image_hit(self, rank: int, score: float, cosine: float, pool_row: int) -> Hit:
-        si, row = self.pool.image_of[pool_row]
-        split = self.pool.splits[si]
-        if si not in self._firsts:  # built once per split: a pass over every caption of the pool
-            self._firsts[si] = split.first_captions()
-        caption = self._firsts[si].get(row, "")
-        return Hit(rank, float(score), float(cosine), split.image_ids[row], caption, split.split, row,
-                   split.image_path(row))
+def _top(query: torch.Tensor, pool: torch.Tensor, k: int, allowed: np.ndarray | None,
+         offset: torch.Tensor | None, start: int, rows_of: np.ndarray | None = None) -> tuple[list[float], list[int]]:
+    """Top k of `pool` (rows numbered from `start`, or `rows_of` each) for one query, `allowed` rows only."""
+    if allowed is not None:
+        rows_of = np.flatnonzero(allowed) + start
+        keep = torch.from_numpy(rows_of - start)
+        pool, offset = pool[keep], None if offset is None else offset[keep]
+    scores, local = top_k(query, pool, min(k, pool.shape[0]), offset=offset)
+    local = local[0].numpy()
+    rows = (rows_of[local] if rows_of is not None else local + start).tolist()
+    return scores[0].tolist(), rows
 
 
 def _cosines(query: torch.Tensor, items: torch.Tensor) -> list[float]:
@@ -329,6 +367,7 @@ def search(
     features_root: str | Path = "features",
     explain_maps: bool = False,
     runtime: str = "auto",
+    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB,
 ) -> SearchResult:
     """Top-k for a caption (-> images) or an image file (-> captions; -> similar images in a pool
     without captions) over the run's cached pool.
@@ -342,6 +381,8 @@ def search(
     that dataset's raw images and captions (encoded by the run's backbone, cached under
     `features_root`) instead of the run's own cache. `runtime` runs the query's encoder (torch, onnx,
     or auto: ONNX Runtime on the CPU); where it could not be used, the result's notes say so.
+    `max_memory_gb` bounds the whole process: a pool whose embeddings do not fit is streamed from
+    its cache files (see `serve.search_memory`).
     """
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
@@ -349,7 +390,8 @@ def search(
         raise ValueError("--text: the query is empty")
     if image is not None:
         read_query_image(image)  # a bad file is refused before anything is loaded
-    searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index, runtime=runtime)
+    searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index, runtime=runtime,
+                        max_memory_gb=max_memory_gb)
     if explain_maps and (text is None or out is None):
         raise ValueError("--explain draws heat maps over the images a --text query retrieves: it needs --text and --out")
     if text is not None:
@@ -357,7 +399,7 @@ def search(
         result = searcher.images(query, k)
     else:
         query = searcher.embed_image(image)
-        if searcher.pool.caption_of:
+        if searcher.pool.n_captions:
             result = searcher.captions(query, k)
         else:  # an image-only collection: the nearest images instead of captions
             result = searcher.images(query, k, by="image")
@@ -371,11 +413,10 @@ def search(
 def draw(result: SearchResult, searcher: Searcher, out: str | Path, text: str | None = None,
          image: str | Path | None = None, query: torch.Tensor | None = None) -> Path:
     """The result as a PNG grid; with `query`, each image under its explanation map."""
-    by_name = {s.split: s for s in searcher.pool.splits}
     if text is not None:
         tiles = []
         for h in result.hits:
-            pic = load_pool_image(by_name[h.split], h.image_row)
+            pic = load_image_thumbnail(h.location, searcher.pool.decode)
             if query is not None and pic is not None:
                 pic = explain(searcher.run, searcher.backbone, open_image(h.location, searcher.pool.decode), query).overlay()
             cos = f" (cos {h.cosine:.3f})" if result.with_bank else ""

@@ -82,7 +82,7 @@ np.save("scores.npy", scores)
     assert np.abs(got_captions - want_captions).max() < 2e-4
     assert ((got_images * want_images).sum(1)).min() > 0.9999
     # ... and equal to the run's embeddings of the same images as extraction cached them
-    cached = searcher.model.images(searcher.pool.splits[0].image_features[:12])
+    cached = searcher.model.images(searcher.pool.image_features(range(12)))
     assert np.abs(got_images - cached.numpy()).max() < 2e-4
     # the query bank, applied as the README does, is what medembed adds to each image's cosines
     offsets = bank_offsets(searcher.run)

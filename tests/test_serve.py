@@ -264,8 +264,8 @@ def test_serve_listens_before_loading_and_serves_on_that_socket(served, monkeypa
     def searcher(*args, **kwargs):
         with socket.create_connection(("127.0.0.1", port), timeout=2):  # the port already takes connections
             seen["listening"] = True
-        return SimpleNamespace(backbone=None, image_embeddings=None, index=None, pool=SimpleNamespace(image_of=[0] * 3),
-                               notes=[])
+        return SimpleNamespace(warm=lambda: None, index=None, pool=SimpleNamespace(n_images=3), notes=[],
+                               memory=SimpleNamespace(describe=lambda: "pool embeddings held"))
 
     def run_server(searcher, host, port, sock):
         seen["served on"] = sock.getsockname()
@@ -275,7 +275,7 @@ def test_serve_listens_before_loading_and_serves_on_that_socket(served, monkeypa
     result = CliRunner().invoke(main, ["serve", "--run", str(served["run"]), "--port", str(port)])
     assert result.exit_code == 0, result.output
     assert seen == {"listening": True, "served on": ("127.0.0.1", port)}
-    assert f"serving 3 images of {served['run']} (exact scan) on http://127.0.0.1:{port}/" in result.output
+    assert f"serving 3 images of {served['run']} (exact scan; pool embeddings held) on http://127.0.0.1:{port}/" in result.output
     with socket.socket() as again:  # closed once the server returns
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
