@@ -231,6 +231,9 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @click.option("--querybank/--no-querybank", "querybank", default=_ADAPT["querybank"], show_default=True,
               help="After training, choose on valid how much to discount gallery items that are near many train "
                    "queries (hubs); eval, search and index then rank with it. --no-querybank: plain cosine.")
+@click.option("--refit/--no-refit", "refit", default=_ADAPT["refit"], show_default=True,
+              help="Once valid has chosen the epoch and the query bank, train fresh heads on train + valid for that "
+                   "many epochs and keep them (the run's valid numbers stay those of the choice).")
 @_adapt_option("--concept-loss", "Weight of an auxiliary loss: image and caption embeddings predict the image's named "
                "concepts through the concept prompts (0: off).", type=click.FloatRange(min=0))
 @_adapt_option("--graded", "Share of each InfoNCE target given to batch pairs whose images share concepts (0: plain "

@@ -25,7 +25,7 @@ _TRAINED = "has no effect on --head cca, which is solved in closed form"
 # option -> (does this config read it?, why not when it does not)
 ONLY_FOR = {
     **{name: (lambda c: c.head != "cca", _TRAINED) for name in (
-        "loss", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "augment", "ensemble", "ema", "patience", "eval_every", "seed", "device", "threads")},
+        "loss", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "augment", "ensemble", "ema", "patience", "eval_every", "seed", "device", "threads", "refit")},
     "dropout": (lambda c: c.head in ("mlp", "residual"), "is the hidden dropout of the mlp and residual heads"),
     "input_dropout": (lambda c: c.head in ("mlp", "linear"), "drops raw features in the mlp and linear heads only"),
     "temperature": (lambda c: c.head != "cca" and c.loss == "infonce", "is the InfoNCE temperature"),
@@ -76,6 +76,9 @@ class AdaptConfig:
     # choose a query-bank normalisation on valid after training (common.querybank): +0.7 mean recall on
     # roco-rad test and +2.2 on flickr8k-1k over plain cosine for the default recipe (BENCHMARKS.md)
     querybank: bool = True
+    # after the run chose its epoch (and query bank) on valid, train fresh heads on train + valid for that
+    # many epochs and keep those (valid then no longer measures them: the chosen numbers stay the first run's)
+    refit: bool = False
     ema: float = 0.98  # > 0: validate and save an exponential moving average of the head weights (decay per step)
     patience: int = 5  # epochs without a better valid mean_recall before stopping
     seed: int = 0

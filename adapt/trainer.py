@@ -40,6 +40,7 @@ from medembed.adapt.supervision import ConceptSupervision
 from medembed.cache.faults import reached
 from medembed.cache.provenance import RUN_RECORD_KEYS
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
+from medembed.cache.shards import concat_splits
 from medembed.common.device import resolve_device
 from medembed.common.memory import format_bytes, peak_rss_bytes
 from medembed.common.ranking import DEFAULT_KS, recall_summary
@@ -300,10 +301,15 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     run_dir = prepare_run_dir(config, resume)
     device = resolve_device(config.device)
     data = data_in_memory(config, *splits) if splits is not None else load_training_data(config)
+    if config.refit and data.train is None:
+        raise ValueError(f"{config.features_dir}: --refit trains on train + valid held in memory, and the training "
+                         f"split is streamed within --max-memory-gb {config.max_memory_gb:g}; drop --refit or raise it")
     run_config = run_config_for(config, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.head == "cca":
         return _fit_cca(config, run_config, run_dir, data, splits)
+    if resume and (run_dir / SELECTION).exists():  # killed while refitting: the chosen heads come back first
+        (run_dir / SELECTION).replace(run_dir / ckpt.BEST)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(training_threads(config, data.source.image_dim, data.source.text_dim, device))
     try:
@@ -320,8 +326,47 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
         torch.set_num_threads(threads_before)
     state.history = read_metrics(run_dir)
     summary = summarize(run_dir, run_config, state, pairs_per_epoch(config, data), memory_record(data.plan))
+    refit = None
+    if config.refit:
+        def refit() -> dict:
+            return refit_heads(config, run_config, run_dir, data, state.best_epoch, device, progress,
+                               splits[1] if splits is not None else None)
     # valid as loaded, and train in memory or (streamed) its file, of which the query bank reads its sample
-    return finish_run(run_dir, summary, config, (data.train if data.train is not None else data.source.path, data.valid))
+    return finish_run(run_dir, summary, config, (data.train if data.train is not None else data.source.path, data.valid),
+                      refit)
+
+
+SELECTION = "selection.safetensors"  # a refit run's heads as valid chose them (best.safetensors: the refit's)
+
+
+def refit_heads(config: AdaptConfig, run_config: dict, run_dir: Path, data: TrainingData, epochs: int,
+                device: torch.device, progress: bool, valid: CachedSplit | None = None) -> dict:
+    """Fresh heads trained on train + valid for the `epochs` valid chose, with the same recipe and
+    schedule, in place of the chosen heads (kept as selection.safetensors). Valid has chosen
+    everything by then (epoch, query bank), so it is spent: the run's valid numbers stay the choice's,
+    and test measures what the extra pairs bring. `valid` with its views (else read from the cache)."""
+    if valid is None:
+        valid = load_split(find_splits(config.features_dir)["valid"], with_views=config.use_views)
+    train = data.train
+    if train.concept_ids != valid.concept_ids:
+        raise ValueError(f"{config.features_dir}: --refit joins train and valid, whose concept vocabularies differ")
+    if (train.view_features is None) != (valid.view_features is None):
+        train, valid = replace(train, view_features=None), replace(valid, view_features=None)
+    both = data_in_memory(config, concat_splits([train, valid]), data.valid)
+    t0 = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(training_threads(config, both.source.image_dim, both.source.text_dim, device))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            state = new_state(config, run_config, both, device)
+            fit(state, cached_batches(config, both), epochs,
+                options=FitOptions(progress=progress, label="refit on train + valid"))
+    finally:
+        torch.set_num_threads(threads_before)
+    (run_dir / ckpt.BEST).replace(run_dir / SELECTION)
+    ckpt.save_heads(run_dir / ckpt.BEST, *state.chosen_heads)
+    return {"epochs": state.epoch, "pairs_per_epoch": pairs_per_epoch(config, both), "images": both.source.n_images,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def memory_record(plan: MemoryPlan | None) -> dict:
@@ -334,13 +379,16 @@ def memory_record(plan: MemoryPlan | None) -> dict:
 
 
 def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
-               splits: tuple[CachedSplit | Path, CachedSplit] | None = None) -> dict:
-    """Choose the query bank on valid (unless turned off), then write summary.json: the file that
-    marks a run finished comes last."""
+               splits: tuple[CachedSplit | Path, CachedSplit] | None = None, refit=None) -> dict:
+    """Choose the query bank on valid (unless turned off), refit the heads on train + valid when asked
+    (`refit`, after every choice valid makes), then write summary.json: the file that marks a run
+    finished comes last."""
     if config.querybank:
         summary["querybank"] = calibrate(run_dir, splits=splits)
     else:
         (run_dir / QUERYBANK).unlink(missing_ok=True)
+    if refit is not None:
+        summary["refit"] = refit()
     summary["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     if "memory" in summary:
         summary["memory"]["peak_rss_bytes"] = peak_rss_bytes()
@@ -395,4 +443,9 @@ def format_summary(summary: dict) -> str:
     if bank:
         lines.append(f"ranking: {bank['description']}, chosen on valid (mean recall "
                      f"{bank['valid_plain']['mean_recall']:.1f} with plain cosine -> {bank['valid']['mean_recall']:.1f})")
+    refit = summary.get("refit")
+    if refit:
+        lines.append(f"refit: the heads kept were trained on train + valid ({refit['images']:,} images) for the "
+                     f"{refit['epochs']} epochs valid chose, in {refit['seconds']:.0f} s; the valid numbers above are "
+                     f"the choice's ({SELECTION})")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ ROCO = REPO / "features" / "roco-rad" / "effnet-lite0-ms+minilm"
 NO_CONCEPTS = ["--augment", "none"]
 ROWS: dict[str, list[str]] = {
     "default": [],
+    "refit": ["--refit"],  # the default, then its heads retrained on train + valid for the epochs valid chose
     "ensemble4": NO_CONCEPTS,
     "base": ["--ensemble", "1", *NO_CONCEPTS],
     "ensemble4-dim256": ["--dim", "256", *NO_CONCEPTS],

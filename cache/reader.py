@@ -233,6 +233,13 @@ def feature_chunks(path: str | Path, name: str = schema.IMAGE_FEATURES, rows: in
             yield read_dataset(f, name, np.s_[s : s + rows])
 
 
+def string_chunks(path: str | Path, name: str, rows: int = 262144) -> Iterator[list[str]]:
+    """A string dataset of a cache file (e.g. `schema.IMAGE_IDS`), `rows` at a time."""
+    with open_cache(path) as f:
+        for s in range(0, f[name].shape[0], rows):
+            yield strings(f[name], np.s_[s : s + rows])
+
+
 def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | None = torch.float32,
                with_captions: bool = True) -> CachedSplit:
     """A whole cache file in memory; features as `dtype` (None: as stored, float16 by default).

@@ -12,6 +12,11 @@ Inner product on unit vectors is the cosine, the score every metric here ranks b
 `ivfpq` keeps a short code per image instead of its vector (ten million images' index in under a
 gigabyte) and its best candidates are re-scored exactly by `search`. `--kind auto` picks one for
 the collection size and `--max-memory-gb` (see `index_plan`); ivf's lists are memory-mapped when read.
+
+An ivfpq index keeps its full vectors on disk beside it (`{split}-ivfpq.vectors`: the rows added
+to the index, float32, row after row): re-scoring reads its candidates' rows from there, a few
+kilobytes each, where reading them from the cache would read a whole compressed chunk of features
+per candidate and project it through the heads.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from medembed.adapt.run import QUERYBANK, read_querybank, run_features_dir
 from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache import schema
-from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings
+from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings, string_chunks
 from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write, slug
 from medembed.common.hashing import sha256_file
@@ -42,8 +47,8 @@ from medembed.serve.index_plan import HNSW_COARSE_M, INDEX_KINDS, KIND_CHOICES, 
 
 __all__ = [
     "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
-    "build_index", "format_index_summary", "index_paths", "load_index", "new_index", "search_index", "stale_reasons",
-    "tune",
+    "build_index", "format_index_summary", "index_paths", "load_index", "new_index", "read_vectors", "search_index",
+    "stale_reasons", "tune", "vectors_path",
 ]
 
 INDEX_DIR = "index"
@@ -136,6 +141,7 @@ class IndexMeta:
     # the indexed pool when it is not the run's own cache (`index --data`): its name and features folder
     pool: str = ""
     features_dir: str = ""
+    vectors: str = ""  # the file of full vectors candidates are re-scored from (ivfpq), beside the FAISS file
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +167,28 @@ class IndexMeta:
 
 # ------------------------------------------------------------------ paths and hashes
 
+def vectors_path(faiss_path: Path) -> Path:
+    """Where an index's full vectors (re-scoring) live: beside its FAISS file."""
+    return faiss_path.with_suffix(".vectors")
+
+
+def read_vectors(path: Path, rows, dim: int) -> np.ndarray:
+    """Rows of a vectors file [len(rows), dim] float32, each read on its own: only what is asked for
+    is read, and nothing stays mapped in the process."""
+    width = 4 * dim
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, row in enumerate(rows):
+            data = os.pread(fd, width, int(row) * width)
+            if len(data) != width:
+                raise StaleIndexError(f"{path}: row {row} is past the end of the file; rebuild the index")
+            out[i] = np.frombuffer(data, dtype=np.float32)
+    finally:
+        os.close(fd)
+    return out
+
+
 def index_paths(run_dir: str | Path, split: str, kind: str, pool: str | None = None) -> tuple[Path, Path]:
     """(`runs/NAME/index/{split}-{kind}.faiss`, the JSON beside it); an index of another dataset's
     pool (`index --data`) lives in `runs/NAME/index/pools/{pool}/`."""
@@ -178,13 +206,6 @@ def pool_run(run_dir: str | Path, data: str | Path, split: str, features_root: s
     """The run pointed at `data` (a dataset folder) encoded by its own backbone, `split` of it or all."""
     (run,) = open_runs([run_dir], data, None if split == ALL_SPLITS else [split], features_root)
     return run
-
-
-def ids_sha256(ids: list[str]) -> str:
-    h = hashlib.sha256()
-    for i in ids:
-        h.update(i.encode("utf-8") + b"\x1f")
-    return h.hexdigest()
 
 
 def heads_sha256(run_dir: str | Path) -> str:
@@ -206,10 +227,15 @@ def _split_files(features_dir: Path, split: str) -> dict[str, Path]:
 
 
 def _describe(split: str, path: Path) -> IndexSource:
+    """What the index records of one cache file; its ids are hashed a block at a time (never all held)."""
     attrs = read_attrs(path)
-    ids = _read_ids(path)
-    return IndexSource(split=split, path=str(path), n_images=len(ids), backbone=str(attrs.get("backbone", "")),
-                       dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")), ids_sha256=ids_sha256(ids))
+    h, n = hashlib.sha256(), 0
+    for block in string_chunks(path, schema.IMAGE_IDS):
+        for i in block:
+            h.update(i.encode("utf-8") + b"\x1f")
+        n += len(block)
+    return IndexSource(split=split, path=str(path), n_images=n, backbone=str(attrs.get("backbone", "")),
+                       dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")), ids_sha256=h.hexdigest())
 
 
 # ------------------------------------------------------------------ building
@@ -264,10 +290,14 @@ def train_index(index: faiss.Index, kind: str, sample) -> None:
         index.is_trained = True
 
 
-def fill_index(index: faiss.Index, chunks) -> None:
-    """Add vectors chunk by chunk (any iterable of [rows, d] arrays): only one chunk is held."""
+def fill_index(index: faiss.Index, chunks, keep=None) -> None:
+    """Add vectors chunk by chunk (any iterable of [rows, d] arrays): only one chunk is held. `keep`
+    (a binary file) also receives each chunk's float32 rows."""
     for chunk in chunks:
-        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        index.add(chunk)
+        if keep is not None:
+            keep.write(chunk.tobytes())
 
 
 def _as_queries(x) -> np.ndarray:
@@ -360,19 +390,30 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
                                                        options.seed))
 
         train_index(index, kind, sample if kind == "ivfpq" else np.concatenate(list(sample())))
-    fill_index(index, (vectors(_embed(run, chunk)) for path in paths
-                       for chunk in feature_chunks(path, rows=plan.chunk_rows)))
+    faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
+    rows = (vectors(_embed(run, chunk)) for path in paths for chunk in feature_chunks(path, rows=plan.chunk_rows))
+    kept = ""
+    if "rerank" in params:  # the full vectors candidates are re-scored from, written as they are added
+        faiss_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(vectors_path(faiss_path), lambda tmp: _fill_keeping(index, rows, tmp))
+        kept = vectors_path(faiss_path).name
+    else:
+        fill_index(index, rows)
     ids = [i for path in paths for i in _read_ids(path)]
     meta = IndexMeta(
         kind=kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
         run_dir=str(run_dir), heads_sha256=heads_sha256(run_dir), sources=sources, image_ids=ids,
         build_seconds=round(time.perf_counter() - t0, 3),
         created=datetime.now(UTC).isoformat(timespec="seconds"), querybank=setting,
-        pool=pool or "", features_dir=str(Path(run.features_dir).resolve()) if pool else "",
+        pool=pool or "", features_dir=str(Path(run.features_dir).resolve()) if pool else "", vectors=kept,
     )
-    faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
     _write_atomic(index, meta, faiss_path, json_path)
     return faiss_path, meta
+
+
+def _fill_keeping(index: faiss.Index, rows, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        fill_index(index, rows, keep=f)
 
 
 # ------------------------------------------------------------------ loading and checking
@@ -405,6 +446,12 @@ def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | Non
         out.append(f"the FAISS file holds {index.ntotal} x {index.d}, its description says {meta.ntotal} x {meta.dim}")
     if faiss_path is not None and meta.index_bytes and faiss_path.stat().st_size != meta.index_bytes:
         out.append(f"{faiss_path.name} is {faiss_path.stat().st_size} bytes, {meta.index_bytes} when it was built")
+    if meta.vectors and faiss_path is not None:
+        kept = faiss_path.with_name(meta.vectors)
+        size = kept.stat().st_size if kept.exists() else -1
+        if size != 4 * meta.ntotal * meta.dim:
+            out.append(f"{kept.name} (the vectors candidates are re-scored from) is "
+                       f"{'missing' if size < 0 else f'{size} bytes'}, {4 * meta.ntotal * meta.dim} when the index was built")
     if meta.heads_sha256 != heads_sha256(run_dir):
         out.append(f"the run's heads ({HEADS_FILE}) changed since the index was built")
     if _image_side(read_querybank(run_dir)) != meta.querybank:

@@ -223,8 +223,9 @@ class Searcher:
         bank = by == "text"
         n = self.pool.n_images if allowed is None else int(allowed.sum())
         k_used, notes = _cap(k, n, "images")
+        cosines = None
         if self.index is not None and not exact:
-            scores, rows, via = self._index_search(query, k_used, allowed, bank)
+            scores, rows, via, cosines = self._index_search(query, k_used, allowed, bank)
             with_bank = bank and self.index[1].querybank is not None
             if len(rows) < k_used:
                 notes.append(f"the {via} returned {len(rows)} of the {k_used} images asked for (approximate search "
@@ -232,7 +233,8 @@ class Searcher:
         else:
             with_bank = bank and self.model.gallery_offsets is not None
             (scores, rows), via = self._scan(query, "images", k_used, allowed, with_bank), EXACT
-        cosines = self._image_cosines(query, rows)
+        if cosines is None:
+            cosines = self._image_cosines(query, rows)
         hits = [Hit(i + 1, float(s), float(c), info.image_id, info.caption, info.split, info.row, info.location)
                 for i, (s, c, info) in enumerate(zip(scores, cosines, self.pool.images(rows)))]
         return SearchResult(hits, "images", via, n, notes, *self._ranking(with_bank))
@@ -295,7 +297,7 @@ class Searcher:
         return best_s, best_r
 
     def _index_search(self, query, k, allowed, bank: bool = True):
-        from medembed.serve.index import search_index
+        from medembed.serve.index import index_paths, read_vectors, search_index
 
         index, meta = self.index
         plain = query
@@ -304,22 +306,37 @@ class Searcher:
         rerank = int(meta.params.get("rerank", 0))  # compressed codes: fetch more, re-score them exactly
         scores, rows = search_index(index, query, max(k, rerank), allowed=allowed)
         keep = rows[0] >= 0  # approximate kinds pad missing hits with -1
+        index_rows = rows[0][keep].tolist()
         pool_rows = []
-        for row in rows[0][keep].tolist():
+        for row in index_rows:
             name, image_row = meta.locate(row)
             pool_rows.append(self.pool.pool_row(name, image_row))
         if not rerank:
-            return scores[0][keep].tolist(), pool_rows, f"{meta.kind} index"
-        exact = self._exact_scores(plain, pool_rows, bank and meta.querybank is not None)
+            return scores[0][keep].tolist(), pool_rows, f"{meta.kind} index", None
+        cosines = None
+        if meta.vectors and not self.memory.hold:  # the index's own full vectors: a few KB per candidate
+            kept = index_paths(self.run.run_dir, meta.split, meta.kind, meta.pool or None)[0].with_name(meta.vectors)
+            vecs = read_vectors(kept, index_rows, meta.dim)
+            exact = (vecs @ query[0].numpy()).tolist()
+            # each row is the unit embedding (then its bank offset): the plain cosine without a second read
+            cosines = (vecs[:, : plain.shape[1]] @ plain[0].numpy()).tolist()
+        else:
+            exact = self._exact_scores(plain, pool_rows, bank and meta.querybank is not None)
         best = sorted(range(len(pool_rows)), key=lambda i: -exact[i])[:k]
         via = f"{meta.kind} index, {len(pool_rows)} candidates re-scored exactly"
-        return [exact[i] for i in best], [pool_rows[i] for i in best], via
+        return ([exact[i] for i in best], [pool_rows[i] for i in best], via,
+                None if cosines is None else [cosines[i] for i in best])
 
     def _exact_scores(self, query: torch.Tensor, pool_rows: list[int], bank: bool) -> list[float]:
         """What an exact scan scores these pool images: cosine, plus the query-bank offset when ranking with it."""
         if not pool_rows:
             return []
-        emb = self.model.images(self.pool.image_features(pool_rows))
+        if self.memory.hold:  # projected once, with their offsets
+            scores = self.image_embeddings[pool_rows].float() @ query[0].float()
+            if bank and self.image_offsets is not None:
+                scores = scores + self.image_offsets[pool_rows]
+            return scores.tolist()
+        emb = self.model.images(self.pool.image_features(pool_rows))  # only these rows are read
         scores = emb.float() @ query[0].float()
         if bank and self.model.gallery_offsets is not None:
             scores = scores + self.model.gallery_offsets(emb, None)[0]

@@ -6,6 +6,7 @@ export by reading every file back and matching rows to the cache ids, captions a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -386,6 +387,22 @@ def test_ivfpq_search_rescores_with_the_query_bank_as_exact_search(tmp_path):
         by_row = {h.image_row: h.score for h in want.hits}
         assert len(set(by_row) & {h.image_row for h in got.hits}) >= 8
         assert all(h.score == pytest.approx(by_row[h.image_row], abs=1e-5) for h in got.hits if h.image_row in by_row)
+    # a pool too large to hold re-scores from the index's own full vectors, written beside it: the same
+    # hits and scores as re-scoring the held pool
+    kept = tmp_path / "run" / "index" / meta.vectors
+    assert meta.vectors == "test-ivfpq.vectors" and kept.stat().st_size == 4 * 300 * 33
+    streamed = Searcher(run_dir, "test")
+    streamed.memory = dataclasses.replace(streamed.memory, hold=False, chunk_rows=64)
+    for c in (0, 40, 90):
+        want, got = indexed.images(queries[c][None], k=10), streamed.images(queries[c][None], k=10)
+        assert [h.image_row for h in got.hits] == [h.image_row for h in want.hits]
+        assert [h.score for h in got.hits] == pytest.approx([h.score for h in want.hits], abs=1e-5)
+        assert [h.cosine for h in got.hits] == pytest.approx([h.cosine for h in want.hits], abs=1e-5)
+    assert streamed._images is None
+    # ... and an index whose vectors file is cut short is stale, named with how to rebuild it
+    kept.write_bytes(kept.read_bytes()[:-4])
+    with pytest.raises(StaleIndexError, match="test-ivfpq.vectors .* is 39596 bytes, 39600 when the index was built"):
+        load_index(run_dir, "test", "ivfpq")
 
 
 def test_plan_picks_the_index_for_the_size_and_budget():
