@@ -592,13 +592,21 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
                    "instead of the run's cache; `search`/`serve --data` on the same folder use it.")
 @click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Where --data's encoding is cached.")
-def index(run_dir, split, kind, max_memory_gb, nlist, nprobe, m, pq_bytes, rerank, data, features_root) -> None:
+@click.option("--engine", type=click.Choice(["local", "ray"]), **_cfg("medembed.serve.index:IndexOptions.engine"),
+              help="ray: train the index here, fill it in parts on Ray workers (one block of the pool's rows each), "
+                   "merge the parts; ivf and ivfpq only.")
+@click.option("--address", default=None, help="Ray cluster address with --engine ray (default: start a local one).")
+@click.option("--parts", **_cfg("medembed.serve.index:IndexOptions.parts"), type=click.IntRange(min=0),
+              help="Ray tasks with --engine ray; 0: one per CPU of the cluster.")
+def index(run_dir, split, kind, max_memory_gb, nlist, nprobe, m, pq_bytes, rerank, data, features_root, engine, address,
+          parts) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search and serve)."""
     from medembed.serve.index import IndexOptions, build_index, format_index_summary
 
     path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m, data=data,
                                                    pq_bytes=pq_bytes, rerank=rerank, max_memory_gb=max_memory_gb,
-                                                   features_root=features_root))
+                                                   features_root=features_root, engine=engine, address=address,
+                                                   parts=parts))
     click.echo(format_index_summary(path, meta))
 
 

@@ -226,6 +226,12 @@ def read_strings(path: str | Path, name: str) -> list[str]:
         return strings(f[name])
 
 
+def feature_rows(path: str | Path) -> int:
+    """How many images a cache file holds (its header only)."""
+    with open_cache(path) as f:
+        return int(f[schema.IMAGE_FEATURES].shape[0])
+
+
 def feature_chunks(path: str | Path, name: str = schema.IMAGE_FEATURES, rows: int = 65536) -> Iterator[np.ndarray]:
     """A feature dataset of a cache file, `rows` at a time as stored (never the whole file in memory)."""
     with open_cache(path) as f:

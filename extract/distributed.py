@@ -12,6 +12,7 @@ import os
 
 from medembed.cache.shards import merge_shards
 from medembed.common.device import resolve_device
+from medembed.common.ray_session import RayMissingError, ray_session
 from medembed.extract.backbones import AugmentConfig, create_backbone
 from medembed.extract.extraction import (
     ExtractConfig,
@@ -38,31 +39,21 @@ def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
 def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int | None = None,
                      num_cpus: int | None = None) -> ExtractSummary:
     """One task per (split, shard), one GPU each where the cluster has GPUs; returns the joined splits."""
-    try:
-        import ray
-    except ImportError:
-        raise ExtractError("--engine ray needs Ray: pip install 'medembed[distributed]'") from None
     data = str(cfg.data or ensure_default_dataset())
     dataset = read_dataset(dataclasses.replace(cfg, data=data))
     splits = cfg.splits or dataset.splits
     overlap = check_split_overlap(dataset, cfg.allow_split_overlap)
-    started_here = not ray.is_initialized()
-    if started_here:
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_repo_root(), os.environ.get("PYTHONPATH")])),
-                                    "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
-        ray.init(address=address, num_cpus=num_cpus if address is None else None, runtime_env=runtime_env,
-                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        n = shards or max(1, gpus or int(ray.cluster_resources().get("CPU", 1)))
-        task = ray.remote(_shard_task).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)
-        base = dataclasses.replace(cfg, data=os.path.abspath(data), out=os.path.abspath(cfg.out), progress=False, workers=min(cfg.workers, 1),
-                                   device="auto" if gpus else "cpu")
-        refs = [task.remote(dataclasses.replace(base, shard=f"{i}/{n}"), s) for s in splits for i in range(n)]
-        parts = ray.get(refs)
-    finally:
-        if started_here:
-            ray.shutdown()
+        with ray_session(address, num_cpus) as ray:
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            n = shards or max(1, gpus or int(ray.cluster_resources().get("CPU", 1)))
+            task = ray.remote(_shard_task).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)
+            base = dataclasses.replace(cfg, data=os.path.abspath(data), out=os.path.abspath(cfg.out), progress=False,
+                                       workers=min(cfg.workers, 1), device="auto" if gpus else "cpu")
+            refs = [task.remote(dataclasses.replace(base, shard=f"{i}/{n}"), s) for s in splits for i in range(n)]
+            parts = ray.get(refs)
+    except RayMissingError as e:
+        raise ExtractError(str(e)) from None
     folder = cache_dir(cfg.out, dataset.name, cfg.backbone)
     merge_shards(folder, splits=list(splits))
     results = []
@@ -77,7 +68,3 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
     return ExtractSummary(dataset=dataset.name, synthetic=bool(dataset.synthetic), backbone=cfg.backbone,
                           device="ray", out_dir=str(folder), splits=results,
                           warnings=overlap + list(getattr(dataset, "warnings", [])))
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

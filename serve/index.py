@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,12 +37,21 @@ from medembed.adapt.run import QUERYBANK, read_querybank, run_features_dir
 from medembed.adapt.run_querybank import bank_offsets
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache import schema
-from medembed.cache.reader import feature_chunks, find_splits, read_attrs, read_strings, string_chunks
+from medembed.cache.reader import (
+    feature_chunks,
+    feature_rows,
+    find_splits,
+    read_attrs,
+    read_rows,
+    read_strings,
+    string_chunks,
+)
 from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write, slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.evaluate.new_data import open_runs
+from medembed.serve.index_parts import PARTS_KINDS, fill_in_parts, write_part
 from medembed.serve.index_plan import HNSW_COARSE_M, INDEX_KINDS, KIND_CHOICES, IndexPlan, format_bytes, plan_index
 
 __all__ = [
@@ -83,6 +92,9 @@ class IndexOptions:
     seed: int = 0
     data: str | None = None  # index this dataset (e.g. an image-only archive), encoded by the run's backbone
     features_root: str = "features"  # where `data`'s encoding is cached
+    engine: str = "local"  # ray: ivf / ivfpq filled in parts on Ray workers, then merged (index_parts)
+    address: str | None = None  # the Ray cluster (None: start a local one)
+    parts: int = 0  # Ray tasks; 0 = one per CPU of the cluster
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_CHOICES:
@@ -99,6 +111,8 @@ class IndexOptions:
             raise ValueError(f"pq_bytes must be 8, 16, 32 or 64 (or 0: from the budget), got {self.pq_bytes}")
         if not self.max_memory_gb > 0:
             raise ValueError(f"--max-memory-gb must be above 0, got {self.max_memory_gb}")
+        if self.engine not in ("local", "ray"):
+            raise ValueError(f"engine must be local or ray, got {self.engine!r}")
 
     def plan(self, n: int, dim: int) -> IndexPlan:
         """The kind and parameters actually used for `n` vectors of `dim` (what the JSON records)."""
@@ -357,10 +371,8 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
 
 
 def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) -> tuple[Path, IndexMeta]:
-    if run is None and options.data is not None:
-        run = pool_run(run_dir, options.data, options.split, options.features_root)
     if run is None:
-        run = open_run(run_dir)
+        run = _index_run(run_dir, options)
     if getattr(run, "checkpoint", None) is not None:
         raise ValueError(f"{run_dir}: a fine-tuned run (backbone and heads in {run.checkpoint.name}); indexes are kept "
                          "for adapter runs, and `search` on this run scans its pool exactly")
@@ -371,17 +383,12 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     n = sum(s.n_images for s in sources)
     if n == 0:
         raise ValueError(f"{run.features_dir}: the {options.split} cache holds no images to index")
-    offsets = bank_offsets(run)
-    setting = _image_side(offsets.setting) if offsets is not None else None
-
-    def vectors(emb: np.ndarray) -> np.ndarray:
-        """Unit embeddings as index rows: with the image side of a query bank, its offset appended."""
-        if setting is None:
-            return emb
-        return np.ascontiguousarray(np.concatenate([emb, offsets.images(torch.from_numpy(emb)).numpy()[:, None]], 1))
-
+    setting, vectors = _row_vectors(run)
     plan = options.plan(n, run.dim + (setting is not None))  # refuses a budget the index cannot fit
     kind, params = plan.kind, plan.params
+    if options.engine == "ray" and kind not in PARTS_KINDS:
+        raise ValueError(f"--engine ray fills ivf and ivfpq indexes in parts; {kind} (what --kind {options.kind} "
+                         f"gives for {n:,} images) is built on one machine: drop --engine ray or pass --kind ivfpq")
     index = new_index(kind, plan.dim, params)
     paths = list(files.values())
     if "train_size" in params:
@@ -391,14 +398,22 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
 
         train_index(index, kind, sample if kind == "ivfpq" else np.concatenate(list(sample())))
     faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
-    rows = (vectors(_embed(run, chunk)) for path in paths for chunk in feature_chunks(path, rows=plan.chunk_rows))
-    kept = ""
-    if "rerank" in params:  # the full vectors candidates are re-scored from, written as they are added
-        faiss_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(vectors_path(faiss_path), lambda tmp: _fill_keeping(index, rows, tmp))
-        kept = vectors_path(faiss_path).name
+    keep = "rerank" in params  # the full vectors candidates are re-scored from, written as they are added
+    kept = vectors_path(faiss_path).name if keep else ""
+    if options.engine == "ray":
+        options = replace(options, chunk_rows=plan.chunk_rows)
+        if keep:
+            atomic_write(vectors_path(faiss_path),
+                         lambda tmp: fill_in_parts(index, run_dir, options, pool, n, faiss_path.parent, tmp))
+        else:
+            fill_in_parts(index, run_dir, options, pool, n, faiss_path.parent, None)
     else:
-        fill_index(index, rows)
+        rows = (vectors(_embed(run, chunk)) for path in paths for chunk in feature_chunks(path, rows=plan.chunk_rows))
+        if keep:
+            faiss_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(vectors_path(faiss_path), lambda tmp: _fill_keeping(index, rows, tmp))
+        else:
+            fill_index(index, rows)
     ids = [i for path in paths for i in _read_ids(path)]
     meta = IndexMeta(
         kind=kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
@@ -409,6 +424,62 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     )
     _write_atomic(index, meta, faiss_path, json_path)
     return faiss_path, meta
+
+
+def _index_run(run_dir: Path, options: IndexOptions):
+    """The run an index embeds with: over its own cache, or pointed at `options.data` (`index --data`)."""
+    if options.data is not None:
+        return pool_run(run_dir, options.data, options.split, options.features_root)
+    return open_run(run_dir)
+
+
+def _row_vectors(run):
+    """(the image side of the run's query bank or None, unit embeddings -> index rows): with a bank,
+    each row carries the image's offset as a last coordinate."""
+    offsets = bank_offsets(run)
+    setting = _image_side(offsets.setting) if offsets is not None else None
+
+    def vectors(emb: np.ndarray) -> np.ndarray:
+        if setting is None:
+            return emb
+        return np.ascontiguousarray(np.concatenate([emb, offsets.images(torch.from_numpy(emb)).numpy()[:, None]], 1))
+
+    return setting, vectors
+
+
+def _range_chunks(paths: list[Path], lo: int, hi: int, rows: int):
+    """Raw image features of the pool's rows [lo, hi) (the files one after the other), `rows` at a time."""
+    start = 0
+    for path in paths:
+        n = feature_rows(path)
+        a, b = max(lo, start), min(hi, start + n)
+        for s in range(a, b, rows):
+            yield read_rows(path, schema.IMAGE_FEATURES, np.arange(s - start, min(b, s + rows) - start))
+        start += n
+
+
+@dataclass
+class PartTask:
+    """One Ray task of `index --engine ray`: the pool's rows [lo, hi) into a part written at `base`."""
+
+    run_dir: str
+    options: IndexOptions
+    pool: str | None
+    lo: int
+    hi: int
+    base: str
+    keep_vectors: bool
+
+
+def fill_part(task: PartTask, empty: np.ndarray) -> int:
+    """A Ray task's body (see `serve.index_parts`): its block of rows, embedded by the run, added to a
+    copy of the trained index; returns the rows added."""
+    options = task.options
+    run = _index_run(Path(task.run_dir), options)
+    _, vectors = _row_vectors(run)
+    paths = list(_split_files(Path(run.features_dir), options.split).values())
+    rows = (vectors(_embed(run, chunk)) for chunk in _range_chunks(paths, task.lo, task.hi, options.chunk_rows))
+    return write_part(faiss.deserialize_index(empty), rows, task.base, task.keep_vectors)
 
 
 def _fill_keeping(index: faiss.Index, rows, tmp: Path) -> None:

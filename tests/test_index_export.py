@@ -405,6 +405,38 @@ def test_ivfpq_search_rescores_with_the_query_bank_as_exact_search(tmp_path):
         load_index(run_dir, "test", "ivfpq")
 
 
+def test_an_index_filled_in_parts_on_ray_answers_as_the_one_machine_build(tmp_path):
+    pytest.importorskip("ray", reason="Ray is the optional [distributed] extra")
+    from medembed.adapt.run import QUERYBANK
+    from medembed.common.querybank import BankSide, QueryBank
+
+    features = write_synthetic_features(tmp_path / "features", n_train=160, n_eval=500, captions_per_image=1)
+    run_dir = tmp_path / "run"
+    train(AdaptConfig(features_dir=str(features), out=str(run_dir), head="linear", dim=32, epochs=2, ensemble=1),
+          progress=False)
+    chosen = json.loads((run_dir / QUERYBANK).read_text())
+    forced = QueryBank(BankSide(5, 1.0), BankSide(5, 1.0), "train", str(features.resolve()))
+    (run_dir / QUERYBANK).write_text(json.dumps({**chosen, "setting": forced.to_dict()}))
+    options = IndexOptions(split="test", kind="ivfpq", rerank=50)
+    path, local = build_index(run_dir, options)
+    want_vectors = path.with_suffix(".vectors").read_bytes()
+    queries = np.random.default_rng(0).standard_normal((40, local.dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    want = search_index(load_index(run_dir, "test", "ivfpq")[0], queries, 20)
+    path, parted = build_index(run_dir, dataclasses.replace(options, engine="ray", parts=3))
+    assert (parted.ntotal, parted.dim, parted.params, parted.vectors) == (local.ntotal, local.dim, local.params, local.vectors)
+    # the parts' vectors, appended in row order, are the one-machine build's byte for byte ...
+    assert path.with_suffix(".vectors").read_bytes() == want_vectors
+    # ... and the merged index finds the same rows with the same scores
+    got = search_index(load_index(run_dir, "test", "ivfpq")[0], queries, 20)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6)
+    assert not list(path.parent.glob(".part-*"))  # merged parts are removed
+    # a kind that is not filled in parts is refused in one line, before anything is built
+    with pytest.raises(ValueError, match=r"--engine ray fills ivf and ivfpq indexes in parts; flat"):
+        build_index(run_dir, dataclasses.replace(options, kind="flat", engine="ray"))
+
+
 def test_plan_picks_the_index_for_the_size_and_budget():
     from medembed.serve.index_plan import BudgetError
 
