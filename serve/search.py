@@ -171,8 +171,11 @@ class Searcher:
             raise RuntimeError(f"the pool's {side} are streamed ({self.memory.describe()}): not held in memory")
         embed = self.model.images if side == "images" else self.model.texts
         width = self.pool.splits[0].image_dim if side == "images" else self.pool.splits[0].text_dim
-        parts = [embed(raw) for _, raw in self.pool.chunks(side, MAX_CHUNK_ROWS)]
-        return torch.cat(parts) if parts else embed(torch.zeros(0, width))
+        n = self.pool.n_images if side == "images" else self.pool.n_captions
+        out = embed(torch.zeros(0, width)).new_empty(n, self.memory.dim)  # filled in place: never held twice
+        for start, raw in self.pool.chunks(side, MAX_CHUNK_ROWS):
+            out[start : start + raw.shape[0]] = embed(raw)
+        return out
 
     @property
     def image_embeddings(self) -> torch.Tensor:

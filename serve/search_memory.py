@@ -38,11 +38,12 @@ class SearchMemoryPlan:
     hold: bool
     chunk_rows: int
     chunk_bytes: int = 0  # one streamed chunk's features, embeddings and scores
+    dim: int = 0  # the run's embedding width
 
     @property
     def total(self) -> int:
         """The planned peak."""
-        return self.fixed + SLACK_BYTES + (self.held if self.hold else self.chunk_bytes)
+        return self.fixed + SLACK_BYTES + self.chunk_bytes + (self.held if self.hold else 0)
 
     def describe(self) -> str:
         if self.hold:
@@ -67,10 +68,11 @@ def plan_search_memory(budget_gb: float, n_images: int, n_captions: int, raw_wid
     bank = BANK_ROWS * (bank_width + 2 * dim) * 4 if bank_width else 0
     fixed = PROCESS_BYTES + ENCODER_BYTES + metadata_bytes + bank + index_bytes + index_rows * ID_BYTES
     held = (n_images + n_captions) * (dim + 1) * 4
-    if fixed + held + SLACK_BYTES <= budget:
-        return SearchMemoryPlan(budget, fixed, held, True, 0)
-    # a streamed chunk: its features as stored and widened, their embeddings, offsets and the scores
+    # a chunk read from the cache: its features as stored and widened, their embeddings, offsets and scores
     per_row = raw_width * (itemsize + 4) + 2 * dim * 4 + 16
+    projecting = min(MAX_CHUNK_ROWS, max(n_images, n_captions)) * per_row  # while the held pool is projected
+    if fixed + held + projecting + SLACK_BYTES <= budget:
+        return SearchMemoryPlan(budget, fixed, held, True, MAX_CHUNK_ROWS, projecting, dim)
     rows = (budget - fixed - SLACK_BYTES) // per_row
     if rows < MIN_CHUNK_ROWS:
         need = fixed + SLACK_BYTES + MIN_CHUNK_ROWS * per_row
@@ -81,4 +83,4 @@ def plan_search_memory(budget_gb: float, n_images: int, n_captions: int, raw_wid
             f"{format_bytes(index_bytes + index_rows * ID_BYTES)}), above --max-memory-gb {budget / GB:g}; "
             f"raise it to at least {gib_up(need)}")
     rows = int(min(rows, MAX_CHUNK_ROWS))
-    return SearchMemoryPlan(budget, fixed, held, False, rows, rows * per_row)
+    return SearchMemoryPlan(budget, fixed, held, False, rows, rows * per_row, dim)
