@@ -51,7 +51,7 @@ from medembed.common.files import atomic_write, slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.evaluate.new_data import open_runs
-from medembed.serve.index_parts import PARTS_KINDS, fill_in_parts, write_part
+from medembed.serve.index_parts import PARTS_KINDS, add_chunks, fill_in_parts, write_part
 from medembed.serve.index_plan import HNSW_COARSE_M, INDEX_KINDS, KIND_CHOICES, IndexPlan, format_bytes, plan_index
 
 __all__ = [
@@ -307,11 +307,7 @@ def train_index(index: faiss.Index, kind: str, sample) -> None:
 def fill_index(index: faiss.Index, chunks, keep=None) -> None:
     """Add vectors chunk by chunk (any iterable of [rows, d] arrays): only one chunk is held. `keep`
     (a binary file) also receives each chunk's float32 rows."""
-    for chunk in chunks:
-        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
-        index.add(chunk)
-        if keep is not None:
-            keep.write(chunk.tobytes())
+    add_chunks(index, chunks, keep)
 
 
 def _as_queries(x) -> np.ndarray:
@@ -401,12 +397,16 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     keep = "rerank" in params  # the full vectors candidates are re-scored from, written as they are added
     kept = vectors_path(faiss_path).name if keep else ""
     if options.engine == "ray":
-        options = replace(options, chunk_rows=plan.chunk_rows)
+        task_args = (str(run_dir), replace(options, chunk_rows=plan.chunk_rows))
+
+        def in_parts(vectors_file: Path | None) -> None:
+            fill_in_parts(index, fill_part, task_args, n, faiss_path.parent, vectors_file, options.address,
+                          options.parts)
+
         if keep:
-            atomic_write(vectors_path(faiss_path),
-                         lambda tmp: fill_in_parts(index, run_dir, options, pool, n, faiss_path.parent, tmp))
+            atomic_write(vectors_path(faiss_path), in_parts)
         else:
-            fill_in_parts(index, run_dir, options, pool, n, faiss_path.parent, None)
+            in_parts(None)
     else:
         rows = (vectors(_embed(run, chunk)) for path in paths for chunk in feature_chunks(path, rows=plan.chunk_rows))
         if keep:
@@ -458,28 +458,15 @@ def _range_chunks(paths: list[Path], lo: int, hi: int, rows: int):
         start += n
 
 
-@dataclass
-class PartTask:
-    """One Ray task of `index --engine ray`: the pool's rows [lo, hi) into a part written at `base`."""
-
-    run_dir: str
-    options: IndexOptions
-    pool: str | None
-    lo: int
-    hi: int
-    base: str
-    keep_vectors: bool
-
-
-def fill_part(task: PartTask, empty: np.ndarray) -> int:
-    """A Ray task's body (see `serve.index_parts`): its block of rows, embedded by the run, added to a
-    copy of the trained index; returns the rows added."""
-    options = task.options
-    run = _index_run(Path(task.run_dir), options)
+def fill_part(run_dir: str, options: IndexOptions, lo: int, hi: int, base: str, keep_vectors: bool,
+              empty: np.ndarray) -> int:
+    """A Ray task's body (see `serve.index_parts`): the pool's rows [lo, hi), embedded by the run (opened
+    here, on the worker), added to a copy of the trained index written at `base`; returns the rows added."""
+    run = _index_run(Path(run_dir), options)
     _, vectors = _row_vectors(run)
     paths = list(_split_files(Path(run.features_dir), options.split).values())
-    rows = (vectors(_embed(run, chunk)) for chunk in _range_chunks(paths, task.lo, task.hi, options.chunk_rows))
-    return write_part(faiss.deserialize_index(empty), rows, task.base, task.keep_vectors)
+    rows = (vectors(_embed(run, chunk)) for chunk in _range_chunks(paths, lo, hi, options.chunk_rows))
+    return write_part(faiss.deserialize_index(empty), rows, base, keep_vectors)
 
 
 def _fill_keeping(index: faiss.Index, rows, tmp: Path) -> None:

@@ -29,20 +29,19 @@ def part_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def fill_in_parts(index: faiss.Index, run_dir: Path, options, pool: str | None, n: int, folder: Path,
-                  keep: Path | None) -> int:
-    """Fill the trained `index` with the pool's n rows from Ray tasks; `keep`: where the full vectors go
-    (ivfpq). Returns the number of parts."""
-    from medembed.serve.index import PartTask, fill_part  # the task body lives with the build it mirrors
-
+def fill_in_parts(index: faiss.Index, task, task_args: tuple, n: int, folder: Path, keep: Path | None,
+                  address: str | None = None, parts: int = 0) -> int:
+    """Fill the trained `index` with the pool's n rows from Ray tasks and merge them; `task(*task_args, lo,
+    hi, base, keep_vectors, empty)` is the body each runs (`serve.index.fill_part`); `keep`: where the full
+    vectors go (ivfpq). Returns the number of parts."""
     folder.mkdir(parents=True, exist_ok=True)
-    with ray_session(options.address, what="index --engine ray") as ray:
-        parts = options.parts or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    with ray_session(address, what="index --engine ray") as ray:
+        parts = parts or max(1, int(ray.cluster_resources().get("CPU", 1)))
         bounds = part_bounds(n, parts)
         empty = ray.put(faiss.serialize_index(index))
-        task = ray.remote(fill_part).options(num_cpus=1, max_retries=2)
+        remote = ray.remote(task).options(num_cpus=1, max_retries=2)
         bases = [folder / f".part-{i:04d}-of-{len(bounds):04d}" for i in range(len(bounds))]
-        done = ray.get([task.remote(PartTask(str(run_dir), options, pool, lo, hi, str(base), keep is not None), empty)
+        done = ray.get([remote.remote(*task_args, lo, hi, str(base), keep is not None, empty)
                         for (lo, hi), base in zip(bounds, bases)])
     try:
         inner = faiss.extract_index_ivf(index)
@@ -64,11 +63,19 @@ def fill_in_parts(index: faiss.Index, run_dir: Path, options, pool: str | None, 
     return len(bounds)
 
 
+def add_chunks(index: faiss.Index, chunks, keep=None) -> None:
+    """Add vectors chunk by chunk (any iterable of [rows, d] arrays): only one chunk is held. `keep`
+    (a binary file) also receives each chunk's float32 rows."""
+    for chunk in chunks:
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
+        index.add(chunk)
+        if keep is not None:
+            keep.write(chunk.tobytes())
+
+
 def write_part(index: faiss.Index, rows, base: str, keep_vectors: bool) -> int:
     """A task's body once its rows are embedded: add them to its copy of the index, write the part."""
-    from medembed.serve.index import fill_index
-
     with open(base + ".vectors", "wb") if keep_vectors else nullcontext(None) as f:
-        fill_index(index, rows, keep=f)
+        add_chunks(index, rows, keep=f)
     faiss.write_index(index, base + ".faiss")
     return int(index.ntotal)

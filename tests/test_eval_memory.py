@@ -20,7 +20,7 @@ from medembed.common.memory import GB
 from medembed.evaluate.memory import PoolFiles, plan_eval_memory
 from tests.synthetic_features import correlated_split, write_cache
 
-POOL = 40_000  # test images with a caption each and 20 concepts: 768 + 384 float16 features
+POOL = 20_000  # test images with a caption each and 20 concepts: 768 + 384 float16 features
 RUNNER = """
 import sys
 from medembed.common.memory import peak_rss_bytes
