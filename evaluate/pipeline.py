@@ -59,14 +59,14 @@ def run_eval(
     options = options or EvalOptions()
     plan = plan_eval(list(run_dirs), split, ks, out_dir, options)
     log = logger(options)
-    for note in plan.notes:
-        log(f"note: {note}")
-    if plan.memory is not None:
-        log(f"memory: {plan.memory.describe()}")
     # one eval writes a folder at a time; checked again under the lock, since another may have
     # finished between the plan's check and now, and once more right before the swap
     with exclusive(plan.out_dir, "eval", "wait for it to finish or choose another --out"):
         check_out_dir(plan.out_dir, options.overwrite)
+        for note in plan.notes:  # once the evaluation is sure to run: a refusal stays one line
+            log(f"note: {note}")
+        if plan.memory is not None:
+            log(f"memory: {plan.memory.describe()}")
         state = folder_state(plan.out_dir)
         results = score_columns(plan, options, log)
         files = write_outputs(plan, results, options, state)
