@@ -25,6 +25,7 @@ DEFAULT_MAX_MEMORY_GB = 8.0
 ENCODER_BYTES = 640 << 20  # the query encoders (torch towers and their ONNX Runtime sessions) once loaded
 ID_BYTES = 100  # per index row: its image id as a Python string beside the index (84 measured at 10M while its JSON is parsed)
 MAX_CHUNK_ROWS = 65536
+SCORING_BYTES = 256 << 20  # one block of scores: the query bank's hubness of a chunk, or a top k
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def plan_search_memory(budget_gb: float, n_images: int, n_captions: int, raw_wid
     memory (0 for a memory-mapped or absent one), `index_rows` its rows (each with an id)."""
     budget = int(budget_gb * GB)
     bank = BANK_ROWS * (bank_width + 2 * dim) * 4 if bank_width else 0
-    fixed = PROCESS_BYTES + ENCODER_BYTES + metadata_bytes + bank + index_bytes + index_rows * ID_BYTES
+    fixed = PROCESS_BYTES + ENCODER_BYTES + SCORING_BYTES + metadata_bytes + bank + index_bytes + index_rows * ID_BYTES
     held = (n_images + n_captions) * (dim + 1) * 4
     # a chunk read from the cache: its features as stored and widened, their embeddings, offsets and scores
     per_row = raw_width * (itemsize + 4) + 2 * dim * 4 + 16

@@ -121,21 +121,22 @@ def test_the_plan_holds_what_fits_streams_what_does_not_and_refuses_the_rest(ban
 RUNNER = """
 import json, sys
 import torch
-from medembed.common.memory import peak_rss_bytes
+from medembed.common.memory import peak_rss_bytes, release_large_blocks
 from medembed.serve.search import Searcher
 
+release_large_blocks()  # as the command line does at start-up
 s = Searcher(sys.argv[1], "test", use_index=False, max_memory_gb=float(sys.argv[2]))
 query = s.model.texts(s.pool.caption_features([1234]))
 text = s.images(query, 10)
 near = s.images(s.image_embedding(777), 3, by="image")
 caps = s.captions(s.image_embedding(777), 5)
 print("RESULT", json.dumps({"hold": s.memory.hold, "chunk_rows": s.memory.chunk_rows, "held": s.memory.held,
-      "total": s.memory.total,
+      "total": s.memory.total, "fixed": s.memory.fixed,
       "text": [[h.image_row, h.score, h.cosine] for h in text.hits], "near": [h.image_row for h in near.hits],
       "caps": [h.image_row for h in caps.hits], "peak": peak_rss_bytes()}), flush=True)
 """
 POOL = 262_144  # test images, one caption each: 768 + 384 float16 features, 0.56 GiB on disk
-BUDGET_GB = 2.0
+BUDGET_GB = 2.5
 
 
 @pytest.mark.slow
@@ -151,8 +152,8 @@ def test_a_pool_above_the_budget_is_searched_streamed_under_it(tmp_path):
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.rsplit("RESULT", 1)[1])
-    # holding the pool's embeddings would take more than the whole budget: it was streamed, under it
-    assert not got["hold"] and got["held"] > BUDGET_GB * GB and got["chunk_rows"] < POOL
+    # holding the pool's embeddings beside what is always held would pass the budget: it was streamed, under it
+    assert not got["hold"] and got["fixed"] + got["held"] > BUDGET_GB * GB and got["chunk_rows"] < POOL
     # no query encoder was loaded here (the queries are cached features): the rest of the plan must hold
     assert got["total"] <= BUDGET_GB * GB
     assert 0 < got["peak"] <= got["total"] - ENCODER_BYTES, f"peak {got['peak'] / GB:.2f} GiB above the plan"
