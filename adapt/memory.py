@@ -29,7 +29,8 @@ from medembed.cache.reader import open_cache
 from medembed.common.errors import MedembedError
 from medembed.common.memory import GB, format_bytes
 
-__all__ = ["CacheShape", "MemoryBudgetError", "MemoryPlan", "cache_shape", "gib_up", "plan_memory"]
+__all__ = ["CacheShape", "MemoryBudgetError", "MemoryPlan", "cache_shape", "gib_up", "largest_parts", "plan_memory",
+           "planned_peak"]
 
 PROCESS_BYTES = 800 << 20  # python with torch, h5py, scipy and the adapt modules imported (757 MiB measured)
 SLACK_BYTES = 192 << 20  # batches and their gradients, HDF5's chunk caches, the allocator's free lists
@@ -89,16 +90,26 @@ class MemoryPlan:
     @property
     def total(self) -> int:
         """The planned peak: what is held, plus the larger phase."""
-        return sum(self.held.values()) + max(self.phases.values(), default=0)
+        return planned_peak(self.held, self.phases)
 
     def largest(self) -> str:
-        top = sorted({**self.held, **self.phases}.items(), key=lambda kv: -kv[1])[:3]
-        return ", ".join(f"{name} {format_bytes(b)}" for name, b in top)
+        return largest_parts(self.held, self.phases)
 
     def describe(self) -> str:
         how = (f"train streamed from disk in chunks of {self.chunk_rows:,} captions" if self.stream
                else "train held in memory")
         return f"{how}; planned peak {format_bytes(self.total)} of --max-memory-gb {self.budget / GB:g}"
+
+
+def planned_peak(held: dict[str, int], phases: dict[str, int]) -> int:
+    """A plan's peak: everything held throughout, plus the largest of its phases (one after the other)."""
+    return sum(held.values()) + max(phases.values(), default=0)
+
+
+def largest_parts(held: dict[str, int], phases: dict[str, int], n: int = 3) -> str:
+    """The `n` largest parts of a plan, in words ("process 800.0 MiB, ..."), for a refusal's reason."""
+    top = sorted({**held, **phases}.items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{name} {format_bytes(b)}" for name, b in top)
 
 
 def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | Path) -> MemoryPlan:

@@ -42,20 +42,23 @@ finally:
 """
 
 
-def pairs(n: int, seed: int, split: str, first: int = 0) -> CachedSplit:
-    """n correlated pairs, drawn 65,536 at a time, stored float16."""
+def pairs(n: int, seed: int, split: str, first: int = 0, image_dim: int = IMAGE_DIM, text_dim: int = TEXT_DIM,
+          noise: float = 1.5, world_seed: int = 99, locations: bool = False) -> CachedSplit:
+    """n correlated pairs, drawn 65,536 at a time, stored float16 (the maps from the latent fixed by
+    `world_seed`, shared by every split of one pool); `locations`: record an image path per row."""
     g = torch.Generator().manual_seed(seed)
-    world = torch.Generator().manual_seed(99)
-    a = torch.randn(LATENT, IMAGE_DIM, generator=world) / LATENT ** 0.5
-    b = torch.randn(LATENT, TEXT_DIM, generator=world) / LATENT ** 0.5
-    img = torch.empty(n, IMAGE_DIM, dtype=torch.float16)
-    txt = torch.empty(n, TEXT_DIM, dtype=torch.float16)
+    world = torch.Generator().manual_seed(world_seed)
+    a = torch.randn(LATENT, image_dim, generator=world) / LATENT ** 0.5
+    b = torch.randn(LATENT, text_dim, generator=world) / LATENT ** 0.5
+    img = torch.empty(n, image_dim, dtype=torch.float16)
+    txt = torch.empty(n, text_dim, dtype=torch.float16)
     for s in range(0, n, 65536):
         z = torch.randn(min(65536, n - s), LATENT, generator=g)
-        img[s : s + len(z)] = (z @ a + 1.5 * torch.randn(len(z), IMAGE_DIM, generator=g)).half()
-        txt[s : s + len(z)] = (z @ b + 1.5 * torch.randn(len(z), TEXT_DIM, generator=g)).half()
+        img[s : s + len(z)] = (z @ a + noise * torch.randn(len(z), image_dim, generator=g)).half()
+        txt[s : s + len(z)] = (z @ b + noise * torch.randn(len(z), text_dim, generator=g)).half()
     return CachedSplit(split=split, image_ids=[f"{split}{first + i}" for i in range(n)], image_features=img,
                        caption_features=txt, caption_image=torch.arange(n), captions=[f"c{first + i}" for i in range(n)],
+                       image_locations=[f"images/{first + i}.png" for i in range(n)] if locations else [],
                        attrs={"backbone": "synthetic", "dataset": "synthetic", "split": split, "synthetic": True})
 
 

@@ -24,35 +24,23 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks, as modules
+
+from adapt_stream import pairs as stream_pairs  # noqa: E402
 
 from medembed.cache.reader import CachedSplit  # noqa: E402
 from medembed.cache.writer import write_joined, write_split  # noqa: E402
 
 SHARD = 1_000_000
 IMAGE_DIM = TEXT_DIM = 256
-LATENT = 64
 
 
 def pairs(n: int, seed: int, split: str, first: int = 0) -> CachedSplit:
-    """n correlated image-caption pairs, drawn 65,536 at a time, stored float16."""
-    g = torch.Generator().manual_seed(seed)
-    world = torch.Generator().manual_seed(7)
-    a = torch.randn(LATENT, IMAGE_DIM, generator=world) / LATENT ** 0.5
-    b = torch.randn(LATENT, TEXT_DIM, generator=world) / LATENT ** 0.5
-    img = torch.empty(n, IMAGE_DIM, dtype=torch.float16)
-    txt = torch.empty(n, TEXT_DIM, dtype=torch.float16)
-    for s in range(0, n, 65536):
-        z = torch.randn(min(65536, n - s), LATENT, generator=g)
-        img[s : s + len(z)] = (z @ a + 0.7 * torch.randn(len(z), IMAGE_DIM, generator=g)).half()
-        txt[s : s + len(z)] = (z @ b + 0.7 * torch.randn(len(z), TEXT_DIM, generator=g)).half()
-    return CachedSplit(split=split, image_ids=[f"{split}{first + i}" for i in range(n)], image_features=img,
-                       caption_features=txt, caption_image=torch.arange(n), captions=[f"c{first + i}" for i in range(n)],
-                       image_locations=[f"images/{first + i}.png" for i in range(n)],
-                       attrs={"backbone": "synthetic", "dataset": "synthetic", "split": split, "synthetic": True})
+    """n correlated pairs of 256-d features, the pool's image paths recorded (`adapt_stream.pairs`)."""
+    return stream_pairs(n, seed, split, first, image_dim=IMAGE_DIM, text_dim=TEXT_DIM, noise=0.7, world_seed=7,
+                        locations=True)
 
 
 def prepare(work: Path, n: int) -> dict:

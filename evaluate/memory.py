@@ -13,7 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medembed.adapt.memory import PROCESS_BYTES, SLACK_BYTES, CacheShape, MemoryBudgetError, cache_shape, gib_up
+from medembed.adapt.memory import (
+    PROCESS_BYTES,
+    SLACK_BYTES,
+    CacheShape,
+    MemoryBudgetError,
+    cache_shape,
+    gib_up,
+    largest_parts,
+    planned_peak,
+)
 from medembed.common.memory import GB, format_bytes
 
 __all__ = ["DEFAULT_MAX_MEMORY_GB", "EvalMemoryPlan", "PoolFiles", "plan_eval_memory"]
@@ -34,11 +43,10 @@ class EvalMemoryPlan:
 
     @property
     def total(self) -> int:
-        return sum(self.held.values()) + max(self.phases.values(), default=0)
+        return planned_peak(self.held, self.phases)
 
     def largest(self) -> str:
-        top = sorted({**self.held, **self.phases}.items(), key=lambda kv: -kv[1])[:3]
-        return ", ".join(f"{name} {format_bytes(b)}" for name, b in top)
+        return largest_parts(self.held, self.phases)
 
     def describe(self) -> str:
         return f"planned peak {format_bytes(self.total)} of --max-memory-gb {self.budget / GB:g} ({self.largest()})"

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +15,13 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.memory import MemoryBudgetError, plan_memory
 from medembed.cache.writer import write_joined, write_split
 from medembed.common.memory import GB
+from tests.peak_memory import run_cli
 from tests.synthetic_features import correlated_split
 
 SHARD_PAIRS = 65536
 SHARDS = 9  # 589,824 pairs of 768-d image and 384-d caption features: 1.27 GiB as float16, 2.53 GiB as float32
 BUDGET_GB = 1.25
 
-RUNNER = """
-import sys
-from medembed.common.memory import peak_rss_bytes
-try:
-    from medembed.cli import main
-    main(sys.argv[1:], standalone_mode=False)
-finally:
-    print("PEAK", peak_rss_bytes(), flush=True)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +57,8 @@ def test_a_cache_larger_than_the_budget_trains_streamed_under_it(big_cache, tmp_
     run = tmp_path / "run"
     args = ["adapt", "--features", str(big_cache), "--out", str(run), "--head", "linear", "--dim", "32",
             "--ensemble", "1", "--epochs", "1", "--batch-size", "2048", "--max-memory-gb", str(BUDGET_GB)]
-    done = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, timeout=900)
+    done, peak = run_cli(args, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    peak = int(done.stdout.rsplit("PEAK", 1)[1].split()[0])
     assert 0 < peak <= BUDGET_GB * GB, f"peak {peak / GB:.2f} GiB above the {BUDGET_GB} GiB budget"
     summary = json.loads((run / "summary.json").read_text())
     mem = summary["memory"]

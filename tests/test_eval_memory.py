@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +16,10 @@ from medembed.adapt.trainer import train
 from medembed.cli import main
 from medembed.common.memory import GB
 from medembed.evaluate.memory import PoolFiles, plan_eval_memory
+from tests.peak_memory import run_cli
 from tests.synthetic_features import correlated_split, write_cache
 
 POOL = 20_000  # test images with a caption each and 20 concepts: 768 + 384 float16 features
-RUNNER = """
-import sys
-from medembed.common.memory import peak_rss_bytes
-try:
-    from medembed.cli import main
-    main(sys.argv[1:], standalone_mode=False)
-finally:
-    print("PEAK", peak_rss_bytes(), flush=True)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +45,9 @@ def test_an_evaluation_runs_under_its_plan(pool_run, tmp_path):
     plan = _plan(pool_run)
     budget = round(plan.total / GB + 0.05, 2)  # the plan, rounded up: no room beyond it
     out = tmp_path / "eval"
-    done = subprocess.run([sys.executable, "-c", RUNNER, "eval", "--run", str(pool_run), "--out", str(out),
-                           "--max-memory-gb", str(budget)], capture_output=True, text=True, timeout=1200)
+    done, peak = run_cli(["eval", "--run", str(pool_run), "--out", str(out), "--max-memory-gb", str(budget)],
+                         timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    peak = int(done.stdout.rsplit("PEAK", 1)[1].split()[0])
     assert "memory: planned peak" in done.stderr and f"of --max-memory-gb {budget:g}" in done.stderr
     print(f"planned {plan.total / GB:.2f} GiB, measured peak {peak / GB:.2f} GiB")
     assert 0 < peak <= plan.total, f"measured peak {peak / GB:.2f} GiB above the plan {plan.total / GB:.2f} GiB"
