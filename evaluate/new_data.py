@@ -62,7 +62,7 @@ def eval_splits(data: str | Path | Dataset, split: str, needs_train: bool, needs
     Says which and why before anything is encoded, and how to avoid the extra ones."""
     dataset = _as_dataset(data)
     names = list(dataset.splits)
-    if not any(r.captions for r in dataset.records):
+    if not dataset.records.n_captions():
         raise ValueError(f"{data}: an image-only collection (no captions): evaluation needs captions; search it by "
                          "text or image with `cli.py search --data` or `cli.py serve --data` instead")
     if split not in names:

@@ -524,7 +524,7 @@ LAYOUT_NAMES = {"imageclef2023": "ImageCLEFmedical 2023 / ROCOv2", "imageclef202
 def describe_dataset(dataset: Dataset) -> str:
     """What a reader found, in one line: layout, folder, records per split, captions, concepts."""
     per_split = ", ".join(f"{s} {len(dataset.split(s))}" for s in dataset.splits)
-    captions = sum(len(r.captions) for r in dataset.records)
+    captions = dataset.records.n_captions()
     vocab = dataset.concept_vocab()
     named = sum(1 for c in vocab if dataset.concept_names.get(c))
     return (f"{LAYOUT_NAMES.get(dataset.layout, dataset.layout)} layout in {dataset.root}: {len(dataset.records)} images "

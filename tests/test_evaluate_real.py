@@ -36,6 +36,12 @@ def _adapt_then_eval(features: Path, tmp_path: Path, *extra: str) -> tuple[dict,
     run = tmp_path / "run"
     res = CliRunner().invoke(main, ["adapt", "--features", str(features), "--out", str(run)])
     assert res.exit_code == 0, res.output
+    return _eval(run, tmp_path, *extra)
+
+
+def _eval(run: Path, tmp_path: Path, *extra: str) -> tuple[dict, str, Path]:
+    from medembed.cli import main
+
     res = CliRunner().invoke(main, ["eval", "--run", str(run), "--k", "1,5,10", "--out", str(tmp_path / "ev"), *extra])
     assert res.exit_code == 0, res.output
     comparison = json.loads((tmp_path / "ev" / "comparison.json").read_text())
@@ -43,11 +49,12 @@ def _adapt_then_eval(features: Path, tmp_path: Path, *extra: str) -> tuple[dict,
 
 
 @pytest.mark.slow
-def test_roco_rad_default_recipe_keeps_its_quality(tmp_path):
+def test_roco_rad_default_recipe_keeps_its_quality(roco_default_run, tmp_path):
+    """The default `cli.py adapt` (the session's run, tests/conftest.py), evaluated by `cli.py eval`."""
     from medembed.cache.reader import read_attrs
 
     features = _cache("roco-rad")
-    columns, output, out = _adapt_then_eval(features, tmp_path, "--fewshot-seeds", "1")
+    columns, output, out = _eval(roco_default_run, tmp_path, "--fewshot-seeds", "1")
     run, chance = columns["run"], columns["chance"]
     assert run["pool_images"] == read_attrs(features / "test.h5")["n_images"] == 454  # the whole test split
     for key, floor in ROCO_FLOOR.items():
@@ -55,7 +62,7 @@ def test_roco_rad_default_recipe_keeps_its_quality(tmp_path):
         assert run[key] > 3 * chance[key] or key == "fewshot_map@16", (key, run[key], chance[key])
     # the query bank chosen on valid ranks the run (plain cosine where valid chose no correction), and
     # ranks the test split no worse than plain cosine (+1.4 mean recall on seed 0)
-    assert (tmp_path / "run" / "querybank.json").exists()
+    assert (roco_default_run / "querybank.json").exists()
     bank, plain = (sum(run.get(f"{p}{k}", run[k]) for k in RECALL) / 6 for p in ("", "cosine_"))
     assert bank >= plain, (bank, plain)
     # CT, ultrasound, plain x-ray and angiogram have >= 5 test images; MRI is never tagged, PET once

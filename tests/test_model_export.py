@@ -22,7 +22,7 @@ from medembed.cli import main
 from medembed.extract.datasets import load_dataset
 from medembed.serve.model_export import export_model
 from medembed.serve.search import Searcher
-from tests.conftest import real_cache, shared_dataset, tiny_clip_cache
+from tests.conftest import shared_dataset, tiny_clip_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,12 +44,10 @@ def readme_export_example() -> str:
 
 
 @pytest.fixture(scope="module")
-def roco_run(tmp_path_factory):
-    """A run of the default recipe (4 MLP heads, concept texts, query bank) on the real roco-rad cache,
-    trained briefly: what is checked is that the export reproduces it, not how good it is."""
-    root = tmp_path_factory.mktemp("export")
-    train(AdaptConfig(features_dir=str(real_cache("roco-rad")), out=str(root / "run"), epochs=2), progress=False)
-    return root / "run"
+def roco_run(roco_default_run):
+    """The session's run of the default recipe (4 MLP heads, concept texts, query bank) on the real
+    roco-rad cache (tests/conftest.py): what is checked is that the export reproduces it."""
+    return roco_default_run
 
 
 @pytest.mark.slow

@@ -13,26 +13,21 @@ import numpy as np
 import pytest
 import torch
 
-from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_adapter_run
-from medembed.adapt.trainer import train
 from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import load_split
 from medembed.extract.imaging import open_image
 from medembed.serve.explain import explain, masked_score
 from medembed.serve.page import create_app
 from medembed.serve.search import Searcher
-from tests.conftest import real_cache
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def roco_run(tmp_path_factory) -> Path:
-    """A linear-head run on the real roco-rad cache (seconds to train)."""
-    out = tmp_path_factory.mktemp("serve-roco") / "roco-linear"
-    train(AdaptConfig(features_dir=str(real_cache("roco-rad")), out=str(out), head="linear"), progress=False)
-    return out
+def roco_run(roco_linear_run) -> Path:
+    """The session's linear-head run on the real roco-rad cache (tests/conftest.py)."""
+    return roco_linear_run
 
 
 def _free_port() -> int:

@@ -14,7 +14,8 @@ from medembed.common.errors import MedembedError
 from medembed.extract.imaging.dicom import frame_count, is_dicom
 from medembed.extract.imaging.locations import read_at, split_location, with_frame
 from medembed.extract.imaging.nifti import is_nifti, nifti_slice_count
-from medembed.extract.records import Dataset, Record
+from medembed.extract.record_table import RecordTableBuilder
+from medembed.extract.records import Dataset
 
 DEFAULT_FRAMES = "middle"
 
@@ -70,12 +71,12 @@ def expand_frames(dataset: Dataset, spec: str | int) -> Dataset:
     """The dataset with multi-frame files expanded per `spec` (unchanged for `middle`)."""
     if spec == DEFAULT_FRAMES:
         return dataset
-    records: list[Record] = []
+    records = RecordTableBuilder()
     for rec in dataset.records:
         n = _frames_of(rec.image)
         if n <= 1:
             records.append(rec)
             continue
-        records += [replace(rec, image_id=with_frame(rec.image_id, k), image=with_frame(rec.image, k))
-                    for k in chosen_frames(n, spec)]
-    return replace(dataset, records=records)
+        records.extend(replace(rec, image_id=with_frame(rec.image_id, k), image=with_frame(rec.image, k))
+                       for k in chosen_frames(n, spec))
+    return replace(dataset, records=records.finish())

@@ -12,12 +12,16 @@ bytes, so reading the dataset costs seconds however large the shards are.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from medembed.common.splits import split_key
 from medembed.extract.containers import parquet_image_column
 from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, concept_list, first_concept_names
+from medembed.extract.record_table import BATCH_ROWS, RecordTableBuilder
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 
 NAME = "rocov2-parquet"
@@ -60,41 +64,71 @@ def detect(folder: Path, names: list[str]) -> bool:
 
 
 def read_folder(root: Path, name: str) -> Dataset:
-    """Every shard's text columns; one record per row, its image left inside the shard."""
-    import pyarrow.parquet as pq
-
-    records: list[Record] = []
+    """Every shard's text columns, a batch of rows at a time; one record per row, its image left
+    inside the shard. Records stream into a `RecordTable`; image ids are checked for duplicates
+    by an 8-byte hash a row (the strings of the few that collide are compared afterwards)."""
+    builder = RecordTableBuilder()
     warnings: list[str] = []
-    first_seen: dict[str, tuple[Path, int]] = {}
+    id_hashes: list[np.ndarray] = []
     for split, path in shards(root):
-        schema = _schema(path)
-        missing = [c for c in TEXT_COLUMNS if c not in schema.names]
-        if parquet_image_column(schema) is None:
-            missing.append("image (a struct with bytes, or binary)")
-        if missing:
-            raise DatasetError(f"{path}: missing required column(s) {', '.join(missing)} "
-                               f"(columns are: {', '.join(schema.names)})")
-        columns = [*TEXT_COLUMNS, *(["cui"] if "cui" in schema.names else [])]
-        table = pq.ParquetFile(path).read(columns=columns)  # never the image column
-        ids, captions = table.column("image_id").to_pylist(), table.column("caption").to_pylist()
-        cuis = table.column("cui").to_pylist() if "cui" in columns else [None] * len(ids)
-        empty: list[str] = []
-        for row, (image_id, caption, cui) in enumerate(zip(ids, captions, cuis)):
-            image_id = str(image_id).strip() if image_id is not None else ""
-            if not image_id:
-                raise DatasetError(f"{path}: row {row}: empty image_id")
-            if image_id in first_seen:
-                other, other_row = first_seen[image_id]
-                raise DatasetError(f"{path}: row {row}: duplicate image_id {image_id!r} (first in {other.name} row {other_row})")
-            first_seen[image_id] = (path, row)
+        empty, n_empty = [], 0
+        for row, image_id, caption, cui in _rows(path, id_hashes):
             caption = (caption or "").strip()
             if not caption:
-                empty.append(f"{image_id} (row {row})")
+                n_empty += 1
+                if len(empty) < MAX_LINES_LISTED:
+                    empty.append(f"{image_id} (row {row})")
                 continue
-            records.append(Record(image_id, f"{path}{ZIP_SEP}{row}", (caption,), tuple(concept_list(cui, f"{path}: row {row}: cui")), split))
-        if empty:
-            more = ", ..." if len(empty) > MAX_LINES_LISTED else ""
-            warnings.append(f"{path}: dropped {len(empty)} empty caption(s) of {', '.join(empty[:MAX_LINES_LISTED])}{more}")
+            builder.append(Record(image_id, f"{path}{ZIP_SEP}{row}", (caption,),
+                                  tuple(concept_list(cui, f"{path}: row {row}: cui")), split))
+        if n_empty:
+            more = ", ..." if n_empty > MAX_LINES_LISTED else ""
+            warnings.append(f"{path}: dropped {n_empty} empty caption(s) of {', '.join(empty)}{more}")
+    _refuse_duplicates(root, np.concatenate(id_hashes) if id_hashes else np.zeros(0, np.int64))
     concept_names = first_concept_names(root, ("cui_mapping.csv", "cui_names.csv"))
-    return Dataset(name, str(root), NAME, records, concept_names, warnings=warnings)
+    return Dataset(name, str(root), NAME, builder.finish(), concept_names, warnings=warnings)
 
+
+def _rows(path: Path, id_hashes: list[np.ndarray] | None = None) -> Iterator[tuple[int, str, str | None, object]]:
+    """(row, image id, caption, cui) of a shard, read a batch at a time, never the image column; each
+    batch's id hashes are appended to `id_hashes`."""
+    import pyarrow.parquet as pq
+
+    schema = _schema(path)
+    missing = [c for c in TEXT_COLUMNS if c not in schema.names]
+    if parquet_image_column(schema) is None:
+        missing.append("image (a struct with bytes, or binary)")
+    if missing:
+        raise DatasetError(f"{path}: missing required column(s) {', '.join(missing)} "
+                           f"(columns are: {', '.join(schema.names)})")
+    columns = [*TEXT_COLUMNS, *(["cui"] if "cui" in schema.names else [])]
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        ids = [str(i).strip() if i is not None else "" for i in batch.column("image_id").to_pylist()]
+        captions = batch.column("caption").to_pylist()
+        cuis = batch.column("cui").to_pylist() if "cui" in columns else [None] * len(ids)
+        if id_hashes is not None:
+            id_hashes.append(np.fromiter((hash(i) for i in ids), np.int64, count=len(ids)))
+        for image_id, caption, cui in zip(ids, captions, cuis):
+            if not image_id:
+                raise DatasetError(f"{path}: row {row}: empty image_id")
+            yield row, image_id, caption, cui
+            row += 1
+
+
+def _refuse_duplicates(root: Path, hashes: np.ndarray) -> None:
+    """The first image id read twice, with where it was first read; nothing when all are distinct."""
+    ordered = np.sort(hashes)
+    repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not repeated:
+        return
+    first_seen: dict[str, tuple[Path, int]] = {}
+    for _, path in shards(root):
+        for row, image_id, _, _ in _rows(path):
+            if hash(image_id) not in repeated:
+                continue
+            if image_id in first_seen:
+                other, other_row = first_seen[image_id]
+                raise DatasetError(f"{path}: row {row}: duplicate image_id {image_id!r} "
+                                   f"(first in {other.name} row {other_row})")
+            first_seen[image_id] = (path, row)

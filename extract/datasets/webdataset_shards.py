@@ -19,11 +19,12 @@ import json
 import os
 import re
 import tarfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medembed.common.splits import split_key
 from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, concept_list, hash_split
+from medembed.extract.record_table import RecordTableBuilder
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 
 NAME = "webdataset"
@@ -69,9 +70,11 @@ class _Sample:
 
 
 def read_folder(root: Path, name: str) -> Dataset:
-    """Every sample of every shard with an image and a caption, shard by shard, in tar order."""
-    records: list[Record] = []
+    """Every sample of every shard with an image and a caption, shard by shard, in tar order. One
+    shard's samples are held at a time; the records stream into a `RecordTable`."""
+    builder = RecordTableBuilder()
     dropped: list[str] = []
+    n_dropped, any_split, any_unsplit = 0, False, False
     for split, shard in shards(root):
         prefix = shard.relative_to(root).with_suffix("").as_posix()
         for key, sample in _samples(shard).items():
@@ -81,21 +84,26 @@ def read_folder(root: Path, name: str) -> Dataset:
             image_id = f"{prefix}/{key}"
             caption = (sample.caption if sample.caption is not None else str(sample.meta.get("caption") or "")).strip()
             if not caption:
-                dropped.append(image_id)
+                n_dropped += 1
+                if len(dropped) < MAX_LINES_LISTED:
+                    dropped.append(image_id)
                 continue
-            sample_split = split or _split_of(sample.meta.get("split"), shard, key)
+            sample_split = split or _split_of(sample.meta.get("split"), shard, key) or ""
+            any_split, any_unsplit = any_split or bool(sample_split), any_unsplit or not sample_split
             concepts = concept_list(sample.meta.get("labels", sample.meta.get("concepts")), f"{shard}::{key}.json: labels")
-            records.append(Record(image_id, f"{shard}{ZIP_SEP}{image}", (caption,), tuple(concepts), sample_split or ""))
+            builder.append(Record(image_id, f"{shard}{ZIP_SEP}{image}", (caption,), tuple(concepts), sample_split))
+    records = builder.finish()
     warnings = []
-    if records and not any(r.split for r in records):
+    if any_unsplit and not any_split:
         # img2dataset writes no splits at all: a deterministic 80/10/10 by sample, so adapt has a valid split
-        records = [replace(r, split=hash_split(r.image_id)) for r in records]
+        records = records.with_splits(hash_split)
         warnings.append(f"{root}: no split in folders, shard names or sample json: split 80/10/10 train/valid/test "
                         "by a hash of each sample's key")
-    records = [r if r.split else replace(r, split="train") for r in records]
-    if dropped:
-        shown = ", ".join(dropped[:MAX_LINES_LISTED]) + (", ..." if len(dropped) > MAX_LINES_LISTED else "")
-        warnings.append(f"{root}: dropped {len(dropped)} sample(s) with an image but no caption: {shown}")
+    elif any_unsplit:
+        records = records.with_splits(lambda _: "train")
+    if n_dropped:
+        shown = ", ".join(dropped) + (", ..." if n_dropped > MAX_LINES_LISTED else "")
+        warnings.append(f"{root}: dropped {n_dropped} sample(s) with an image but no caption: {shown}")
     return Dataset(name, str(root), NAME, records, {}, warnings=warnings)
 
 
