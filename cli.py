@@ -88,6 +88,8 @@ def _print_extract_summary(summary) -> None:
             click.echo(f"  skipped [{s.split}] {image_id}: {reason} ({location})")
         if len(s.skipped) > 20:
             click.echo(f"  ... and {len(s.skipped) - 20} more skipped in {s.split} (listed in the cache: skipped/)")
+    for line in getattr(summary, "memory", []):
+        click.echo(f"  {line}")
     for w in summary.warnings:
         click.echo(f"  warning: {w}")
     click.echo("outputs:")
@@ -138,8 +140,12 @@ def _print_extract_summary(summary) -> None:
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
 @click.option("--shards", default=None, type=click.IntRange(min=1),
               help="Shards per split with --engine ray [default: one per GPU, else one per CPU].")
+@click.option("--max-memory-gb", **_cfg("medembed.extract.extraction:ExtractConfig.max_memory_gb"),
+              type=click.FloatRange(min=0, min_open=True),
+              help="GiB the extraction may take (the process and its decoding workers): a larger split is written "
+                   "in parts sized to fit and joined without copying; a --shard or batch that cannot fit is refused.")
 def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, allow_split_overlap, window,
-            frames, runtime, report_sections, shard, engine, address, shards) -> None:
+            frames, runtime, report_sections, shard, engine, address, shards, max_memory_gb) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
     from medembed.extract.extraction import ExtractConfig
     from medembed.extract.extraction import extract as run_extract
@@ -148,7 +154,7 @@ def extract(data, backbone, splits, batch_size, workers, device, out, dtype, vie
         data=data, backbone=backbone, splits=splits.split(",") if splits else None, batch_size=batch_size,
         workers=workers, device=device, out=out, dtype=dtype, views=views, strict=strict, shard=shard,
         allow_split_overlap=allow_split_overlap, window=window, frames=frames, report_sections=report_sections,
-        runtime=runtime,
+        runtime=runtime, max_memory_gb=max_memory_gb,
     )
     if engine == "ray":
         from medembed.extract.distributed import extract_with_ray
@@ -343,6 +349,32 @@ def compact(run_dir, dims, out, overwrite) -> None:
     bank = done.querybank["description"] if done.querybank else "plain cosine (the source run has no query bank)"
     click.echo(f"{done.run_dir}: {done.dims} of {done.source_dims} dimensions "
                f"({100 * done.variance_kept:.1f}% of the train embeddings' second moment kept); ranking: {bank}\n"
+               f"see what it costs: cli.py eval --run {done.source} --run {done.run_dir}")
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A run of several heads (the default --ensemble 4), e.g. runs/roco.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New run folder, e.g. runs/NAME-1h.")
+@click.option("--dim", **_cfg("medembed.adapt.distil:DistilOptions.dim"), type=click.IntRange(min=0),
+              help="The student's width; 0: one member's, started from the first member's weights.")
+@click.option("--epochs", **_cfg("medembed.adapt.distil:DistilOptions.epochs"), type=click.IntRange(min=1),
+              help="Epochs over train; the best on valid is kept.")
+@click.option("--seed", **_cfg("medembed.adapt.distil:DistilOptions.seed"), type=int,
+              help="Seed of the student's initialisation (when not started from a member) and batch order.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier distilled run in --out.")
+def distil(run_dir, out, dim, epochs, seed, overwrite) -> None:
+    """One head taught to rank as the run's ensemble does: the ensemble's quality at one head's cost and
+    a smaller embedding; eval, search, index and export take it like any run."""
+    from medembed.adapt.distil import DistilOptions, distil_run
+    from medembed.common.locks import exclusive
+
+    with exclusive(out, "distil"):
+        done = distil_run(run_dir, out, DistilOptions(dim=dim, epochs=epochs, seed=seed), overwrite=overwrite)
+    bank = done.querybank["description"] if done.querybank else "plain cosine (the source run has no query bank)"
+    click.echo(f"{done.run_dir}: one {done.dim}-d head taught by {done.source} ({done.source_dim}-d); best epoch "
+               f"{done.best_epoch}; valid mean recall {done.valid['mean_recall']:.1f} (teacher "
+               f"{done.teacher_valid['mean_recall']:.1f}), similarities correlate {done.correlation:.3f}; ranking: {bank}\n"
                f"see what it costs: cli.py eval --run {done.source} --run {done.run_dir}")
 
 

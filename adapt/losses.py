@@ -147,6 +147,27 @@ class SigLIPLoss(nn.Module):
         return -F.logsigmoid(labels * logits).sum() / pos.shape[0]
 
 
+class SimilarityDistillation(nn.Module):
+    """A student taught a teacher's similarities: for every caption of the batch, the KL divergence
+    from the teacher's softmax over the batch's images to the student's, and the same from every
+    image over the captions, both at `temperature`. The teacher's whole ranking is the target, not
+    only its top answer, so the student learns which wrong images the teacher finds nearly right."""
+
+    def __init__(self, temperature: float = 0.05):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, teacher_img: torch.Tensor,
+                teacher_txt: torch.Tensor) -> torch.Tensor:
+        student = unit(txt) @ unit(img).T / self.temperature
+        teacher = unit(teacher_txt) @ unit(teacher_img).T / self.temperature
+
+        def kl(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), log_target=True, reduction="batchmean")
+
+        return (kl(teacher, student) + kl(teacher.T, student.T)) / 2
+
+
 def build_loss(kind: str, *, temperature: float = 0.07, margin: float = 0.2, learn_temperature: bool = True) -> nn.Module:
     if kind == "infonce":
         return InfoNCELoss(init_temperature=temperature, learn_temperature=learn_temperature)

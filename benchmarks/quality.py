@@ -51,6 +51,10 @@ ROWS: dict[str, list[str]] = {
     "unfreeze-image1": ["--ensemble", "1", "--unlock", "image:1", "--unfreeze-every", "10", "--unfreeze-epochs", "1",
                         "--backbone-lr", "3e-5", *NO_CONCEPTS],
 }
+# rows made from another row's run by one more command: name -> (that row, the command's words)
+DERIVED: dict[str, tuple[str, list[str]]] = {
+    "distilled": ("default", ["distil"]),  # the default run's 4 heads taught to one 1,024-d head
+}
 KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "zeroshot_modality_acc", "concept_f1",
         "fewshot_map@16")
 
@@ -59,20 +63,30 @@ def run_row(name: str, extra: list[str], features: Path, seed: int, out: Path) -
     from medembed.common.files import slug
     from medembed.evaluate.pipeline import EvalOptions, run_eval
 
-    run_dir = out / slug(features.name) / slug(" ".join([name, *extra[len(ROWS[name]):]])) / f"seed-{seed}"
+    run_dir = out / slug(features.name) / slug(" ".join([name, *extra[len(ROWS.get(name, [])):]])) / f"seed-{seed}"
     cmd = [sys.executable, str(REPO / "cli.py"), "adapt", "--features", str(features), "--seed", str(seed),
            "--out", str(run_dir), *extra]
+    before = 0.0
+    if name in DERIVED:  # the source row's run first (kept from an earlier call when there is one)
+        source_row, words = DERIVED[name]
+        source = run_row(source_row, [*ROWS[source_row], *extra[len(ROWS.get(name, [])):]], features, seed, out)
+        source_dir = out / slug(features.name) / slug(" ".join([source_row, *extra[len(ROWS.get(name, [])):]])) / f"seed-{seed}"
+        cmd = [sys.executable, str(REPO / "cli.py"), *words, "--run", str(source_dir), "--seed", str(seed),
+               "--out", str(run_dir)]
+        before = source["seconds"]
     if not (run_dir / "summary.json").exists():
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if res.returncode:
             sys.exit(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + before
         (run_dir / "wall_seconds").write_text(f"{seconds:.1f}\n")
     seconds = float((run_dir / "wall_seconds").read_text())
     result = run_eval([run_dir], split="test", out_dir=run_dir / "eval-test", options=EvalOptions(
         closed_form=False, examples=0, progress=False, overwrite=True))
-    return {"row": name, "seed": seed, "features": str(features), "command": " ".join(["python cli.py adapt", *extra]),
+    command = " ".join(["python cli.py adapt", *extra]) if name not in DERIVED else \
+        f"python cli.py adapt {' '.join(extra[len(ROWS.get(name, [])):])}".strip() + f" && python cli.py {' '.join(DERIVED[name][1])}"
+    return {"row": name, "seed": seed, "features": str(features), "command": command,
             "seconds": seconds, **{k: result["metrics"].get(k) for k in KEYS},
             # recall with plain cosine: equal to the above for runs without a query bank
             **{f"cosine_{k}": result["metrics"].get(f"cosine_{k}", result["metrics"].get(k)) for k in KEYS[:6]}}
@@ -99,7 +113,7 @@ def table(results: list[dict], rows: list[str], plain: bool = False) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="default", help=f"comma-separated, from {', '.join(ROWS)}")
+    p.add_argument("--rows", default="default", help=f"comma-separated, from {', '.join([*ROWS, *DERIVED])}")
     p.add_argument("--features", default=str(ROCO))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default=str(REPO / "runs" / "quality"))
@@ -113,14 +127,14 @@ def main() -> None:
     results_file = out / "results.jsonl"
     for name in rows:
         for seed in (int(s) for s in args.seeds.split(",")):
-            r = run_row(name, [*ROWS[name], *extra], Path(args.features), seed, out)
+            r = run_row(name, [*ROWS.get(name, []), *extra], Path(args.features), seed, out)
             with open(results_file, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps(r), flush=True)
     results = [json.loads(line) for line in results_file.read_text().splitlines() if line.strip()]
     latest = {(r["row"], r["command"], r["seed"]): r for r in results if r["features"] == str(Path(args.features))}
     print(f"\n`python benchmarks/quality.py --rows {args.rows} --features {args.features}`\n")
-    print(table(list(latest.values()), list(dict.fromkeys([*ROWS, *rows])), plain=args.plain))
+    print(table(list(latest.values()), list(dict.fromkeys([*ROWS, *DERIVED, *rows])), plain=args.plain))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from medembed.extract.extraction import (
     cache_dir,
     check_split_overlap,
     extract_split,
+    planned,
     read_dataset,
 )
 from medembed.extract.synthetic import ensure_default_dataset
@@ -33,7 +34,7 @@ def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
     dataset = read_dataset(cfg)
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     attach_runtime(bb, cfg, dataset.name, device, [])
-    return extract_split(bb, dataset, split, cfg, device)
+    return extract_split(bb, dataset, split, planned(bb, dataset, split, cfg)[0], device)
 
 
 def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int | None = None,

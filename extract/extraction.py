@@ -33,6 +33,7 @@ from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_b
 from medembed.extract.datasets import load_dataset
 from medembed.extract.datasets.frames import DEFAULT_FRAMES, expand_frames, parse_frames
 from medembed.extract.imaging import DecodeOptions
+from medembed.extract.memory import ExtractMemoryError, ExtractPlan, plan_extract_memory
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 from medembed.extract.synthetic import ensure_default_dataset
 from medembed.extract.worker import ImageItems, collate_items
@@ -74,6 +75,8 @@ class ExtractConfig:
     # a split of more records is written as consecutive part files joined without copying (HDF5 virtual
     # datasets), so assembling one file holds at most this many images' features (0.9 GB at 1,792-d float16)
     records_per_file: int = 262_144
+    # the whole process; parts are made smaller to fit, and a split or --shard that cannot fit is refused
+    max_memory_gb: float = 8.0
 
     def decode_options(self) -> DecodeOptions:
         try:
@@ -163,6 +166,7 @@ class ExtractSummary:
     layout: str = ""  # the dataset layout detected (imageclef2023, imageclef2022, generic)
     found: str = ""  # what the reader found, in a line
     runtime: str = ""  # what ran the image tower
+    memory: list[str] = field(default_factory=list)  # each split's memory plan, in a line
 
 
 def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
@@ -295,6 +299,29 @@ def _text_phase(bb, batches: list[list[str]], store: PartStore, kind: str, dtype
     return np.concatenate(parts) if parts else np.zeros((0, bb.text_dim), dtype)
 
 
+def planned(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> tuple[ExtractConfig, ExtractPlan]:
+    """`cfg` with its parts sized to `cfg.max_memory_gb` for this split (`extract.memory`), and the plan;
+    a --shard holding more records than fit is refused, naming the shard count that would."""
+    records = dataset.split(split)
+    try:
+        plan = plan_extract_memory(
+            bb, budget_gb=cfg.max_memory_gb, n_dataset_records=len(dataset.records),
+            captions_per_image=records.n_captions() / max(1, len(records)), batch_size=cfg.batch_size,
+            workers=cfg.workers, views=cfg.views, dtype=cfg.dtype, records_per_file=cfg.records_per_file,
+            other_runtime=cfg.runtime != "torch")
+    except ExtractMemoryError as e:
+        raise ExtractError(str(e)) from None
+    shard = parse_shard(cfg.shard)
+    if shard is not None:
+        lo, hi = shard_rows(len(records), shard, cfg.batch_size)
+        if hi - lo > plan.fits:
+            raise ExtractError(
+                f"--shard {cfg.shard}: {hi - lo:,} images of split {split} in one shard; --max-memory-gb "
+                f"{cfg.max_memory_gb:g} assembles at most {plan.fits:,}: use {-(-len(records) // plan.fits)} or more "
+                "shards, or a larger --max-memory-gb")
+    return replace(cfg, records_per_file=plan.records_per_file), plan
+
+
 def extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str,
                   memo: dict | None = None) -> SplitSummary:
     """`memo` carries results shared by the splits of one run (the concept-prompt features)."""
@@ -346,7 +373,7 @@ def _check_earlier_parts(final: Path, split: str, parts: int, batch_size: int) -
         n, size = int(m["n"]), read_attrs(p).get("extract_batch_size")
         if n != parts or (size is not None and int(size) != batch_size):
             raise ExtractError(f"{p}: an earlier extraction of split {split} in {n} parts with --batch-size {size} is "
-                               f"unfinished here; re-run it with the same settings to continue, or delete its "
+                               f"unfinished here; re-run it with the same --batch-size and --max-memory-gb to continue, or delete its "
                                f"{split}.shard-* files")
 
 
@@ -497,10 +524,11 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     device = resolve_device(cfg.device).type
     # no flips for the stored views: radiology captions name the patient's left and right
     bb = backbone or create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
+    plans = {s: planned(bb, dataset, s, cfg) for s in splits}  # every split planned (or refused) before any runs
     notes: list[str] = []
     attach_runtime(bb, cfg, dataset.name, device, notes)
     memo: dict = {}
-    results = [extract_split_in_parts(bb, dataset, s, cfg, device, memo) for s in splits]
+    results = [extract_split_in_parts(bb, dataset, s, plans[s][0], device, memo) for s in splits]
     return ExtractSummary(
         dataset=dataset.name,
         synthetic=bool(dataset.synthetic),
@@ -512,6 +540,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
         layout=dataset.layout,
         runtime=bb.provenance.get("image_runtime", f"torch {torch.__version__}"),
         found=describe_dataset(dataset),
+        memory=[f"{s}: {plans[s][1].describe()}" for s in splits],
     )
 
 
