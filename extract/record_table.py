@@ -265,17 +265,23 @@ class RecordTable(Sequence):
         return col if self.rows is None else col.take(self.rows)
 
     def with_splits(self, fill) -> RecordTable:
-        """A new table whose empty splits are `fill(image_id)` (a rewritten column, batch by batch)."""
+        """A new table whose empty splits are `fill(image_id)`."""
+        return self.replace_column("split", lambda split, image_id: split or fill(image_id), using="image_id")
+
+    def replace_column(self, name: str, fn, using: str | None = None) -> RecordTable:
+        """A new table whose string column `name` is `fn(value)` (or `fn(value, row's using)`), rewritten
+        a batch at a time; a spilled table stays spilled."""
         import pyarrow as pa
 
-        builder = RecordTableBuilder(spill_rows=0 if self.spilled else len(self))  # spilled stays spilled
+        builder = RecordTableBuilder(spill_rows=0 if self.spilled else len(self))
 
         def batches():
             for start in range(0, len(self), BATCH_ROWS):
                 part = self._take(start, min(len(self), start + BATCH_ROWS))
-                ids, splits = part.column("image_id").to_pylist(), part.column("split").to_pylist()
-                filled = pa.array([s or fill(i) for i, s in zip(ids, splits)], pa.string())
-                part = part.set_column(COLUMNS.index("split"), "split", filled)
+                values = part.column(name).to_pylist()
+                new = [fn(v) for v in values] if using is None else \
+                    [fn(v, u) for v, u in zip(values, part.column(using).to_pylist())]
+                part = part.set_column(COLUMNS.index(name), name, pa.array(new, pa.string()))
                 yield from part.to_batches()
 
         return builder.add_batches(batches()).finish()

@@ -140,3 +140,33 @@ def test_a_large_collection_is_read_into_a_mapped_file_not_into_objects(tmp_path
         "ROCOv2_2023_train_0123456", f"{tmp_path / 'rocov2' / 'data' / 'train-00000-of-00002.parquet'}::123456",
         ("Axial contrast-enhanced CT of the abdomen showing a hypodense lesion in segment 123456 of the liver.",),
         ("C0040405", "C0023884"), "train")
+
+
+def test_the_generic_reader_joins_scattered_rows_of_an_image_as_a_dictionary_would(tmp_path):
+    """3,000 rows of 1,200 images in shuffled order (1-4 rows each, some captions empty): the streamed
+    reader joins them exactly as grouping the rows in a dictionary does, in the order images first appear."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    rows = [(f"img{i:04d}.png", f"caption {i} {j}" if rng.random() > 0.1 else "", f"C{i % 7};C{j % 3}")
+            for i in range(1200) for j in range(rng.randint(1, 4))][:3000]
+    rng.shuffle(rows)
+    folder = tmp_path / "g"
+    folder.mkdir()
+    with open(folder / "captions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "labels"])
+        w.writerows(rows)
+    grouped: dict[str, tuple[list[str], list[str]]] = {}
+    for image, caption, labels in rows:
+        captions, concepts = grouped.setdefault(image, ([], []))
+        captions += [caption] if caption else []
+        for c in labels.split(";"):
+            if c not in concepts:
+                concepts.append(c)
+    want = [(k, tuple(c), tuple(k_)) for k, (c, k_) in grouped.items() if c]
+    ds = load_dataset(folder)
+    assert [(r.image_id, r.captions, r.concepts) for r in ds.records] == want
+    assert {r.split for r in ds.records} == {"train"}
+    assert "image(s) left with no caption were dropped" in ds.warnings[0]

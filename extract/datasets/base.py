@@ -263,12 +263,13 @@ def split_files(folder: Path, pattern: re.Pattern[str]) -> dict[str, Path]:
     return {s: found[s] for s in sort_splits(found)}
 
 
-def empty_caption_warning(path: Path, rows: list[tuple[int, str]]) -> str:
+def empty_caption_warning(path: Path, rows: list[tuple[int, str]], total: int | None = None) -> str:
     """Which captions were empty, by line and by the image they belong to (the image is what a user
-    will miss in the cache)."""
+    will miss in the cache); `total` when `rows` holds only the first few of them."""
+    total = len(rows) if total is None else total
     shown = ", ".join(f"{image} (line {n})" for n, image in rows[:MAX_LINES_LISTED])
-    more = ", ..." if len(rows) > MAX_LINES_LISTED else ""
-    return f"{path}: dropped {len(rows)} empty caption(s) of {shown}{more}"
+    more = ", ..." if total > MAX_LINES_LISTED else ""
+    return f"{path}: dropped {total} empty caption(s) of {shown}{more}"
 
 
 def imageclef_splits(root: Path, captions_file: re.Pattern[str], read_captions: Callable[[Path], IdRows],

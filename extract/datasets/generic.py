@@ -5,9 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from medembed.extract.datasets.base import (
     ANNOTATION_EXTENSIONS,
@@ -24,6 +27,7 @@ from medembed.extract.datasets.base import (
     split_concepts,
     table_rows,
 )
+from medembed.extract.record_table import RecordTableBuilder
 from medembed.extract.records import Dataset, Record
 
 NAME = "generic"
@@ -178,38 +182,73 @@ def _resolve_generic_image(folder: Path, image: str, path: Path, line: int) -> s
 
 
 def read(path: Path, name: str) -> Dataset:
+    """The rows, one record each, streamed into a `RecordTable` with 16 bytes a row beside it (the
+    image key's hash and the row's line); then the rows of one image, wherever they are in the file,
+    are joined into one record in the order images first appear. No dictionary of the whole file is
+    built, so an annotations file of tens of millions of rows reads in bounded memory."""
     folder = path.parent
-    grouped: dict[str, _GenericRow] = {}
-    locations: dict[str, str] = {}
+    rows = RecordTableBuilder()
+    hashes, lines = array("q"), array("q")
     empty: list[tuple[int, str]] = []
+    n_empty = 0
     for row in _generic_rows(path):
         key = row.image.replace("\\", "/")
         captions = [c for c in row.captions if c]
         if len(captions) < len(row.captions) or not row.captions:
-            empty.append((row.line, key))
-        first = grouped.get(key)
-        if first is None:
-            locations[key] = _resolve_generic_image(folder, key, path, row.line)
-            grouped[key] = _GenericRow(row.line, key, captions, row.split, list(row.concepts))
-            continue
-        if first.split != row.split:
-            raise DatasetError(
-                f"{path}:{row.line}: image {key!r} is in split {row.split!r} here but in {first.split!r} "
-                f"on line {first.line}"
-            )
-        first.captions += captions
-        first.concepts += [c for c in row.concepts if c not in first.concepts]
-    records = [
-        Record(key, locations[key], tuple(row.captions), tuple(row.concepts), row.split)
-        for key, row in grouped.items()
-        if row.captions
-    ]
+            n_empty += 1
+            if len(empty) < MAX_LINES_LISTED:
+                empty.append((row.line, key))
+        rows.append(Record(key, _resolve_generic_image(folder, key, path, row.line), tuple(captions),
+                           tuple(row.concepts), row.split))
+        hashes.append(hash(key))
+        lines.append(row.line)
+    table = rows.finish()
+    records, dropped, n_dropped = RecordTableBuilder(), [], 0
+    for group in _groups(np.frombuffer(hashes, np.int64)):
+        for merged in _join(table, group, np.frombuffer(lines, np.int64), path):
+            if merged.captions:
+                records.append(merged)
+            else:
+                n_dropped += 1
+                if len(dropped) < MAX_LINES_LISTED:
+                    dropped.append(merged.image_id)
     warnings = []
-    if empty:
-        message = empty_caption_warning(path, empty)
-        dropped = [key for key, row in grouped.items() if not row.captions]
-        if dropped:
-            message += (f"; {len(dropped)} image(s) left with no caption were dropped: "
-                        + ", ".join(dropped[:MAX_LINES_LISTED]) + (", ..." if len(dropped) > MAX_LINES_LISTED else ""))
+    if n_empty:
+        message = empty_caption_warning(path, empty, n_empty)
+        if n_dropped:
+            message += (f"; {n_dropped} image(s) left with no caption were dropped: "
+                        + ", ".join(dropped) + (", ..." if n_dropped > MAX_LINES_LISTED else ""))
         warnings.append(message)
-    return Dataset(name, str(folder), "generic", records, {}, warnings=warnings)
+    return Dataset(name, str(folder), "generic", records.finish(), {}, warnings=warnings)
+
+
+def _groups(hashes: np.ndarray) -> Iterator[np.ndarray]:
+    """The rows of each key hash, in the order keys first appear; each group's rows in file order."""
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
+    bounds = np.r_[starts, len(order)]
+    firsts = order[starts]  # stable: a group's first row is its earliest
+    for g in np.argsort(firsts, kind="stable"):
+        yield order[bounds[g]:bounds[g + 1]]
+
+
+def _join(table, group: np.ndarray, lines: np.ndarray, path: Path) -> Iterator[Record]:
+    """The records of one hash group joined by image key (keys that only share a hash stay apart):
+    captions in file order, concepts without repeats; a key in two splits is refused by line."""
+    rows = [table[int(i)] for i in group] if len(group) == 1 or group[-1] - group[0] == len(group) - 1 \
+        else list(table.select(group))  # adjacent rows come from the decoded window, scattered ones in one take
+    by_key: dict[str, tuple[int, Record, list[str], list[str]]] = {}
+    for i, r in zip(group.tolist(), rows):
+        first = by_key.get(r.image_id)
+        if first is None:
+            by_key[r.image_id] = (i, r, list(r.captions), list(r.concepts))
+            continue
+        line, rec = int(lines[first[0]]), first[1]
+        if rec.split != r.split:
+            raise DatasetError(f"{path}:{int(lines[i])}: image {r.image_id!r} is in split {r.split!r} here but in "
+                               f"{rec.split!r} on line {line}")
+        first[2].extend(r.captions)
+        first[3].extend(c for c in r.concepts if c not in first[3])
+    for _, rec, captions, concepts in by_key.values():
+        yield Record(rec.image_id, rec.image, tuple(captions), tuple(concepts), rec.split)

@@ -22,6 +22,7 @@ from medembed.extract.imaging.dicom import DICOM_SUFFIXES
 from medembed.extract.imaging.locations import path_hash
 from medembed.extract.imaging.nifti import NIFTI_SUFFIXES
 from medembed.extract.imaging.raster import RASTER_SUFFIXES
+from medembed.extract.record_table import RecordTableBuilder
 from medembed.extract.records import Dataset, Record
 
 NAME = "images"
@@ -77,10 +78,16 @@ def detect(folder: Path, names: list[str]) -> bool:
 
 
 def read_folder(folder: Path, name: str) -> Dataset:
-    found = [(full, rel) for full, rel in _walk(folder)
-             if os.path.basename(rel) != SYNTHETIC_MARKER and _is_image(full, os.path.basename(rel))]
-    private = any(_holds_uid(rel) for _, rel in found)
-    records = [Record(path_hash(rel) if private else rel, full, (), (), SPLIT) for full, rel in found]
+    """Every image file under the folder, walked in a stable order and streamed into a `RecordTable`;
+    when any path holds a DICOM UID, every record is then renamed by a hash of its path."""
+    builder, private = RecordTableBuilder(), False
+    for full, rel in _walk(folder):
+        if os.path.basename(rel) != SYNTHETIC_MARKER and _is_image(full, os.path.basename(rel)):
+            private = private or _holds_uid(rel)
+            builder.append(Record(rel, full, (), (), SPLIT))
+    records = builder.finish()
+    if private:
+        records = records.replace_column("image_id", path_hash)
     warnings = [f"{folder}: paths hold DICOM UIDs, which identify studies: records are named by a hash of their "
                 "path and the cache keeps no path"] if private else []
     return Dataset(name, str(folder), NAME, records, {}, warnings=warnings, private_paths=private)
