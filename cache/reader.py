@@ -6,6 +6,7 @@ refused the same way everywhere. The file's layout (dataset names, format versio
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,19 +29,15 @@ class CacheError(MedembedError, ValueError):
     checksum, or holding non-finite features. Every command stops with this one line."""
 
 
-@contextmanager
-def open_cache(path: str | Path) -> Iterator[h5py.File]:
-    """The one way every layer opens a cache file: a missing file is FileNotFoundError, anything
-    unreadable (not HDF5, truncated, an unknown format, a chunk failing its checksum while the block
-    reads) a `CacheError` naming the file and saying how to rebuild it."""
-    path = Path(path)
+def _open_checked(path: Path) -> h5py.File:
+    """An open cache file whose format and shard sources were checked (see `open_cache`)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such cache file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise CacheError(f"{path}: not a readable HDF5 cache ({_reason(e)}); {REBUILD}") from None
-    with f:
+    try:
         try:
             fmt = f.attrs.get("format")
         except (OSError, KeyError) as e:
@@ -51,10 +48,53 @@ def open_cache(path: str | Path) -> Iterator[h5py.File]:
                              f"({', '.join(READABLE_FORMATS)}); upgrade medembed or {REBUILD}")
         if f.attrs.get(schema.FEATURES_IN_SHARDS):
             _check_shard_sources(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+@contextmanager
+def open_cache(path: str | Path) -> Iterator[h5py.File]:
+    """The one way every layer opens a cache file: a missing file is FileNotFoundError, anything
+    unreadable (not HDF5, truncated, an unknown format, a chunk failing its checksum while the block
+    reads) a `CacheError` naming the file and saying how to rebuild it."""
+    path = Path(path)
+    with _open_checked(path) as f:
         try:
             yield f
         except (OSError, KeyError) as e:
             raise CacheError(f"{path}: damaged cache ({_reason(e)}); {REBUILD}") from None
+
+
+class OpenCaches:
+    """Cache files kept open for many small reads (a search pool's rows for every query), opened and
+    checked once as `open_cache` does instead of once per read: at 10M images, opening the file (and
+    checking its ten shard files) was a sixth of an indexed query. h5py serialises its calls, so one
+    handle serves every thread of the page. Not carried across processes (pickled empty)."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, h5py.File] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: str | Path) -> h5py.File:
+        key = os.path.abspath(path)
+        with self._lock:
+            if key not in self._files:
+                self._files[key] = _open_checked(Path(path))
+            return self._files[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 def _check_shard_sources(f: h5py.File, path: Path) -> None:
@@ -407,18 +447,29 @@ def read_header(path: str | Path) -> SplitHeader:
                            concept_names, concepts, schema.IMAGE_LOCATIONS in f)
 
 
-def read_rows(path: str | Path, name: str, rows) -> np.ndarray | list[str]:
+def read_rows(path: str | Path, name: str, rows, files: OpenCaches | None = None) -> np.ndarray | list[str]:
     """Rows `rows` (any order, repeats allowed) of one dataset of a cache file: a string dataset as a
-    list of str, a feature dataset as a verified array. Only those rows are read."""
+    list of str, a feature dataset as a verified array. Only those rows are read; through `files`'
+    open handle when given, else the file is opened for this read."""
+    if files is None:
+        with open_cache(path) as f:
+            return _rows_of(f, name, rows)
+    f = files.get(path)
+    try:
+        return _rows_of(f, name, rows)
+    except (OSError, KeyError) as e:
+        raise CacheError(f"{path}: damaged cache ({_reason(e)}); {REBUILD}") from None
+
+
+def _rows_of(f: h5py.File, name: str, rows) -> np.ndarray | list[str]:
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     unique, back = np.unique(rows, return_inverse=True)
-    with open_cache(path) as f:
-        ds = f[name]
-        if h5py.check_string_dtype(ds.dtype) is not None:
-            got = np.array(ds.asstr()[unique] if unique.size else [], dtype=object)
-            return got[back].tolist()
-        got = read_dataset(f, name, unique) if unique.size else np.zeros((0, *ds.shape[1:]), ds.dtype)
-        return got[back]
+    ds = f[name]
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        got = np.array(ds.asstr()[unique] if unique.size else [], dtype=object)
+        return got[back].tolist()
+    got = read_dataset(f, name, unique) if unique.size else np.zeros((0, *ds.shape[1:]), ds.dtype)
+    return got[back]
 
 
 def find_splits(features_dir: str | Path) -> dict[str, Path]:

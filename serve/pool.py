@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from medembed.cache import schema
-from medembed.cache.reader import SplitHeader, location_path, read_header, read_rows
+from medembed.cache.reader import OpenCaches, SplitHeader, location_path, read_header, read_rows
 from medembed.extract.imaging import DecodeOptions
 
 
@@ -48,6 +48,7 @@ class SearchPool:
 
     def __init__(self, splits: list[SplitHeader]):
         self.splits = splits
+        self.files = OpenCaches()  # each file opened once, for every query's reads
         self.image_starts = np.cumsum([0, *(s.n_images for s in splits)])
         self.caption_starts = np.cumsum([0, *(s.n_captions for s in splits)])
 
@@ -109,7 +110,7 @@ class SearchPool:
     def _gather(self, pool_rows, starts: np.ndarray, name: str, width: int) -> torch.Tensor:
         out = torch.zeros(len(pool_rows), width)
         for i, at, rows in self._by_split(pool_rows, starts):
-            out[torch.from_numpy(at)] = torch.from_numpy(read_rows(self.splits[i].path, name, rows)).float()
+            out[torch.from_numpy(at)] = torch.from_numpy(read_rows(self.splits[i].path, name, rows, self.files)).float()
         return out
 
     def image_features(self, pool_rows) -> torch.Tensor:
@@ -127,7 +128,7 @@ class SearchPool:
         for i, s in enumerate(self.splits):
             n = s.n_images if side == "images" else s.n_captions
             for lo in range(0, n, rows):
-                part = read_rows(s.path, name, np.arange(lo, min(n, lo + rows)))
+                part = read_rows(s.path, name, np.arange(lo, min(n, lo + rows)), self.files)
                 yield int(starts[i]) + lo, torch.from_numpy(part).float()
 
     # -- what hits show -------------------------------------------------------------------------
@@ -136,10 +137,10 @@ class SearchPool:
         out: list[ImageInfo | None] = [None] * len(pool_rows)
         for i, at, rows in self._by_split(pool_rows, self.image_starts):
             s = self.splits[i]
-            ids = read_rows(s.path, schema.IMAGE_IDS, rows)
-            locs = read_rows(s.path, schema.IMAGE_LOCATIONS, rows) if s.has_locations else [""] * len(rows)
+            ids = read_rows(s.path, schema.IMAGE_IDS, rows, self.files)
+            locs = read_rows(s.path, schema.IMAGE_LOCATIONS, rows, self.files) if s.has_locations else [""] * len(rows)
             first = s.first_caption_rows(rows)
-            texts = read_rows(s.path, schema.CAPTION_TEXT, first[first >= 0])
+            texts = read_rows(s.path, schema.CAPTION_TEXT, first[first >= 0], self.files)
             caption = iter(texts)
             for j, r, image_id, loc, c in zip(at, rows, ids, locs, first):
                 out[j] = ImageInfo(s.split, int(r), image_id, next(caption) if c >= 0 else "",
@@ -150,10 +151,10 @@ class SearchPool:
         out: list[CaptionInfo | None] = [None] * len(pool_rows)
         for i, at, rows in self._by_split(pool_rows, self.caption_starts):
             s = self.splits[i]
-            texts = read_rows(s.path, schema.CAPTION_TEXT, rows)
+            texts = read_rows(s.path, schema.CAPTION_TEXT, rows, self.files)
             image_rows = s.caption_image[rows]
-            ids = read_rows(s.path, schema.IMAGE_IDS, image_rows)
-            locs = read_rows(s.path, schema.IMAGE_LOCATIONS, image_rows) if s.has_locations else [""] * len(rows)
+            ids = read_rows(s.path, schema.IMAGE_IDS, image_rows, self.files)
+            locs = read_rows(s.path, schema.IMAGE_LOCATIONS, image_rows, self.files) if s.has_locations else [""] * len(rows)
             for j, text, r, image_id, loc in zip(at, texts, image_rows, ids, locs):
                 out[j] = CaptionInfo(s.split, int(r), image_id, text, location_path(loc, s.data_root))
         return out  # type: ignore[return-value]
