@@ -52,8 +52,9 @@ class RecordTableBuilder:
     """Appends records one at a time and turns every `batch_rows` of them into an Arrow batch; past
     `spill_rows` the batches go to a temporary IPC file instead of memory."""
 
-    def __init__(self, spill_rows: int = SPILL_ROWS, batch_rows: int = BATCH_ROWS, spill_dir: str | None = None):
-        self.spill_rows, self.batch_rows, self.spill_dir = spill_rows, batch_rows, spill_dir
+    def __init__(self, spill_rows: int | None = None, batch_rows: int = BATCH_ROWS, spill_dir: str | None = None):
+        self.spill_rows = SPILL_ROWS if spill_rows is None else spill_rows
+        self.batch_rows, self.spill_dir = batch_rows, spill_dir
         self._pending: dict[str, list] = {c: [] for c in COLUMNS}
         self._batches: list[pa.RecordBatch] = []
         self._writer: Any = None
@@ -143,7 +144,7 @@ class RecordTable(Sequence):
     # ----------------------------------------------------------------------------------- construction
 
     @classmethod
-    def of(cls, records: Iterable[Record], spill_rows: int = SPILL_ROWS) -> RecordTable:
+    def of(cls, records: Iterable[Record], spill_rows: int | None = None) -> RecordTable:
         if isinstance(records, RecordTable):
             return records
         return RecordTableBuilder(spill_rows).extend(records).finish()
