@@ -212,14 +212,16 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else nullcontext()
 
 
-def _image_phase(bb, records: list[Record], store: PartStore, batch_size: int, cfg: ExtractConfig, device: str, bar):
-    """Batch b always holds records [b*bs, (b+1)*bs): fixed boundaries make resumed output identical."""
+def _image_phase(bb, records: list[Record], store: PartStore, batch_size: int, cfg: ExtractConfig, device: str, bar,
+                 first: int = 0):
+    """Batch b always holds records [b*bs, (b+1)*bs): fixed boundaries make resumed output identical.
+    `first` is the split's row of records[0], which seeds each record's augmented views."""
     n_batches = (len(records) + batch_size - 1) // batch_size
     todo = [b for b in range(n_batches) if not store.done("img", b)]
     bar.update(sum(min(batch_size, len(records) - b * batch_size) for b in range(n_batches) if store.done("img", b)))
     if not todo:
         return 0, 0.0
-    items = ImageItems(records, bb.preprocess, bb.augment, cfg.views, decode=cfg.decode_options())
+    items = ImageItems(records, bb.preprocess, bb.augment, cfg.views, decode=cfg.decode_options(), first=first)
     batches = [list(range(b * batch_size, min((b + 1) * batch_size, len(records)))) for b in todo]
     loader = DataLoader(
         items,
@@ -478,7 +480,7 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
         summary.status = "resumed" if resumed else "written"
         t0 = time.perf_counter()
         with tqdm(total=len(records), desc=f"{split} images", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
-            n_new, secs = _image_phase(bb, records, store, batch_size, cfg, device, bar)
+            n_new, secs = _image_phase(bb, records, store, batch_size, cfg, device, bar, first=lo)
         cached = _assemble(bb, dataset, split, records, store, batch_size, prov, cfg, device, memo, shard_attrs)
         write_split(final, cached, dtype=cfg.dtype, feature_attrs=_feature_attrs(bb))
         if shard is not None:

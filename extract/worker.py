@@ -55,6 +55,7 @@ class ImageItems(TorchDataset):
     augment: Callable | None = None
     views: int = 0
     seed: int = 0
+    first: int = 0  # the split's row of records[0] (a shard or part starts inside its split)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
 
     def __len__(self) -> int:
@@ -67,9 +68,10 @@ class ImageItems(TorchDataset):
             pixels = self.preprocess(img)
             view_px = None
             if self.views:
-                # seeded per record: the same views whichever worker, batch or resume computes them
+                # seeded per record by its row in the split: the same views whichever worker, batch, resume,
+                # shard or part computes them
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.seed * 1_000_003 + i)
+                    torch.manual_seed(self.seed * 1_000_003 + self.first + i)
                     view_px = torch.stack([self.augment(img) for _ in range(self.views)])
             return i, pixels, view_px, ""
         except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
