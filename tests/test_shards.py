@@ -162,7 +162,7 @@ def test_an_unfinished_extraction_in_parts_is_continued_not_mixed(tmp_path):
     folder = tmp_path / "o" / "d" / "tiny-clip"
     extract(dataclasses.replace(cfg, shard="0/2"))  # as if the run stopped after its first part
     with pytest.raises(ExtractError, match=r"an earlier extraction of split train in 2 parts with --batch-size 4 is "
-                                           r"unfinished here; re-run it with the same settings"):
+                                           r"unfinished here; re-run it with the same --batch-size and --max-memory-gb"):
         extract(dataclasses.replace(cfg, batch_size=2))  # 7 batches of 2 in parts of 4: rows 0-8 and 8-14 no more
     assert not (folder / "train.h5").exists()
     summary = extract(cfg)  # the same settings continue it
