@@ -81,8 +81,8 @@ def test_what_cannot_be_distilled_is_refused_in_one_line(ensemble_run, tmp_path)
 @pytest.mark.slow
 def test_the_default_runs_ensemble_distilled_on_roco_rad_ranks_as_it_does(roco_default_run, tmp_path):
     """The default run's 4 heads (4,096-d) taught to one 1,024-d head on the real roco-rad cache:
-    measured correlation of the valid similarity matrices 0.95 and valid mean recall within 1 point of
-    the teacher (seed 0); the floors sit below."""
+    measured (seed 0) a correlation of the valid similarity matrices of 0.94 and valid mean recall 32.1
+    against the teacher's 32.3 (one member alone: 30.2); the floors sit below."""
     res = CliRunner().invoke(main, ["distil", "--run", str(roco_default_run), "--out", str(tmp_path / "one")])
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
