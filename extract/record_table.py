@@ -140,6 +140,8 @@ class RecordTable(Sequence):
         self.table, self.rows, self.spilled = table, rows, spilled
         self._window: _Window | None = None
         self._splits: dict[str, RecordTable] = {}
+        self._batches: list | None = None  # the table's batches and where each starts (for `_gather`)
+        self._offsets: np.ndarray | None = None
 
     # ----------------------------------------------------------------------------------- construction
 
@@ -200,7 +202,30 @@ class RecordTable(Sequence):
     def _take(self, lo: int, hi: int) -> pa.Table:
         if self.rows is None:
             return self.table.slice(lo, hi - lo)
-        return self.table.take(self.rows[lo:hi])
+        return self._gather(self.rows[lo:hi])
+
+    def _gather(self, rows: np.ndarray) -> pa.Table:
+        """These rows of the table, in this order. Arrow's `take` on a table of many batches costs the
+        whole table (at 10M records, 0.2 s for any 16k rows), so a run of consecutive rows is a slice,
+        and other rows are taken batch by batch from the batches they lie in."""
+        import pyarrow as pa
+
+        if len(rows) == 0:
+            return self.table.slice(0, 0)
+        if rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1):
+            return self.table.slice(int(rows[0]), len(rows))
+        if self._batches is None:
+            self._batches = self.table.to_batches()
+            self._offsets = np.cumsum([0, *(b.num_rows for b in self._batches)])
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        owner = np.searchsorted(self._offsets, ordered, "right") - 1
+        cuts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1], True])
+        pieces = [self._batches[owner[a]].take(pa.array(ordered[a:b] - self._offsets[owner[a]]))
+                  for a, b in zip(cuts[:-1], cuts[1:])]
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return pa.Table.from_batches(pieces, schema=self.table.schema).combine_chunks().take(pa.array(back))
 
     # ----------------------------------------------------------------------------------- columns
 
