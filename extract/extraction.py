@@ -305,17 +305,17 @@ def planned(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> tuple[Extra
     """`cfg` with its parts sized to `cfg.max_memory_gb` for this split (`extract.memory`), and the plan;
     a --shard holding more records than fit is refused, naming the shard count that would."""
     records = dataset.split(split)
+    shard = parse_shard(cfg.shard)
+    lo, hi = shard_rows(len(records), shard, cfg.batch_size)
     try:
         plan = plan_extract_memory(
             bb, budget_gb=cfg.max_memory_gb, n_dataset_records=len(dataset.records),
             captions_per_image=records.n_captions() / max(1, len(records)), batch_size=cfg.batch_size,
             workers=cfg.workers, views=cfg.views, dtype=cfg.dtype, records_per_file=cfg.records_per_file,
-            other_runtime=cfg.runtime != "torch")
+            other_runtime=cfg.runtime != "torch", split_records=max(1, hi - lo))
     except ExtractMemoryError as e:
         raise ExtractError(str(e)) from None
-    shard = parse_shard(cfg.shard)
     if shard is not None:
-        lo, hi = shard_rows(len(records), shard, cfg.batch_size)
         if hi - lo > plan.fits:
             raise ExtractError(
                 f"--shard {cfg.shard}: {hi - lo:,} images of split {split} in one shard; --max-memory-gb "

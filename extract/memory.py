@@ -45,10 +45,11 @@ class ExtractPlan:
     per_record: int  # bytes one more record of a part adds while it is assembled
     records_per_file: int  # the part size: what fits, at most the configured size (a multiple of the batch size)
     fits: int  # the most records one file (a part or a --shard) may assemble within the budget
+    largest: int = 0  # records of the largest file this split will assemble (0: a whole part)
 
     @property
     def total(self) -> int:
-        return sum(self.held.values()) + self.per_record * self.records_per_file
+        return sum(self.held.values()) + self.per_record * (self.largest or self.records_per_file)
 
     def describe(self) -> str:
         return (f"memory: parts of up to {self.records_per_file:,} images; planned peak {format_bytes(self.total)} "
@@ -75,9 +76,10 @@ def pixel_bytes(bb) -> int:
 
 def plan_extract_memory(bb, *, budget_gb: float, n_dataset_records: int, captions_per_image: float,
                         batch_size: int, workers: int, views: int, dtype: str, records_per_file: int,
-                        other_runtime: bool = True) -> ExtractPlan:
+                        other_runtime: bool = True, split_records: int | None = None) -> ExtractPlan:
     """Parts of at most `records_per_file` images, fewer when the budget asks; ExtractMemoryError (one
-    line) when not even one batch fits."""
+    line) when not even one batch fits. With `split_records` (the records one file of this split
+    holds: the split, or its --shard), the planned peak is that file's, not a whole part's."""
     budget = int(budget_gb * GB)
     item = np.dtype(dtype).itemsize
     pixels = pixel_bytes(bb)
@@ -105,4 +107,5 @@ def plan_extract_memory(bb, *, budget_gb: float, n_dataset_records: int, caption
             f"extract needs {format_bytes(need)} for one batch of {batch_size} images "
             f"({', '.join(f'{k} {format_bytes(v)}' for k, v in top)}), above --max-memory-gb {budget_gb:g}; "
             f"use --max-memory-gb {math.ceil(need / GB * 10) / 10:g} or more, or a smaller --batch-size / --workers")
-    return ExtractPlan(budget, held, per_record, int(min(records_per_file, fits)), int(fits))
+    rows = int(min(records_per_file, fits))
+    return ExtractPlan(budget, held, per_record, rows, int(fits), min(rows, split_records) if split_records else 0)

@@ -236,7 +236,7 @@ class RecordTable(Sequence):
 
     def values(self, name: str) -> list:
         """One column of the selected rows as Python values (for a batch-sized view)."""
-        return self._column(name).to_pylist()
+        return self._take(0, len(self)).column(name).to_pylist()
 
     def select(self, rows: np.ndarray) -> RecordTable:
         """A view of these rows of this sequence (positions in it), in the order given."""
