@@ -5,8 +5,8 @@ list of ten million is 5 GB before extraction starts. Here the same records are 
 (id, image location, captions, concepts, split) built a batch at a time: a collection past
 `spill_rows` is written batch by batch to an Arrow IPC file and read back memory-mapped, so what
 the process holds is the page cache of that file, which the kernel can drop, and never the whole
-collection as objects. The file is unlinked as soon as it is mapped (nothing is left behind, even
-after a crash); it lives in the temporary folder (`TMPDIR`), which should be on disk, not tmpfs.
+collection as objects. The file is unlinked as soon as it is mapped, or when a reader stops with an
+error; it lives in the temporary folder (`TMPDIR`), which should be on disk, not tmpfs.
 
 `RecordTable` is a read-only sequence of `Record`: `len`, an index, a slice, iteration and `==` with
 a list behave as they do for a list, so every reader and the extraction loop use it unchanged. A
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
@@ -46,6 +47,13 @@ def _schema() -> pa.Schema:
 
     return pa.schema([("image_id", pa.string()), ("image", pa.string()), ("captions", pa.list_(pa.string())),
                       ("concepts", pa.list_(pa.string())), ("split", pa.string())])
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class RecordTableBuilder:
@@ -93,6 +101,8 @@ class RecordTableBuilder:
         if self._writer is None and self.rows > self.spill_rows:
             fd, self._path = tempfile.mkstemp(prefix="medembed-records-", suffix=".arrow", dir=self.spill_dir)
             os.close(fd)
+            # a reader that stops with an error drops its builder: the file goes with it
+            self._cleanup = weakref.finalize(self, _remove, self._path)
             self._writer = pa.ipc.new_file(self._path, _schema())
             for b in self._batches:
                 self._writer.write_batch(b)
@@ -120,7 +130,7 @@ class RecordTableBuilder:
         try:
             table = pa.ipc.open_file(pa.memory_map(self._path, "r")).read_all()  # zero-copy over the mapping
         finally:
-            os.unlink(self._path)  # the mapping stays valid; nothing is left on disk
+            self._cleanup()  # unlinked: the mapping stays valid, nothing is left on disk
         return RecordTable(table, spilled=True)
 
 

@@ -172,3 +172,21 @@ def test_the_generic_reader_joins_scattered_rows_of_an_image_as_a_dictionary_wou
     assert [(r.image_id, r.captions, r.concepts) for r in ds.records] == want
     assert {r.split for r in ds.records} == {"train"}
     assert "image(s) left with no caption were dropped" in ds.warnings[0]
+
+
+def test_the_spilled_file_is_gone_once_mapped_or_when_reading_stops(tmp_path):
+    records = _records()
+    table = RecordTableBuilder(spill_rows=5, batch_rows=4, spill_dir=str(tmp_path)).extend(records).finish()
+    assert table.spilled and list(tmp_path.iterdir()) == [] and table == records  # unlinked, still readable
+
+    def reader_that_fails():
+        builder = RecordTableBuilder(spill_rows=5, batch_rows=4, spill_dir=str(tmp_path)).extend(records)
+        assert builder.rows == len(records) and len(list(tmp_path.iterdir())) == 1  # spilled, not finished
+        raise ValueError("bad row")
+
+    with pytest.raises(ValueError):
+        reader_that_fails()
+    import gc
+
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
