@@ -32,6 +32,9 @@ ROW_BOOKKEEPING_BYTES = 64  # per record of the whole dataset: split views and t
 # covers EfficientNet-Lite0 and the ViTs measured (see BENCHMARKS.md, "Extract within --max-memory-gb")
 ACTIVATION_FACTOR = 24
 PREFETCH = 4  # batches each decoding worker keeps ready (extraction's DataLoader prefetch_factor)
+# ONNX Runtime beside PyTorch: its library and session arena, and the first time a backbone is run
+# there, the graph's export (torch.onnx imports and traces): measured up to 0.3 GiB above the rest
+RUNTIME_BYTES = 512 << 20
 
 
 class ExtractMemoryError(MedembedError, ValueError):
@@ -87,6 +90,7 @@ def plan_extract_memory(bb, *, budget_gb: float, n_dataset_records: int, caption
     held = {
         "process": PROCESS_BYTES,
         "backbone": weight_bytes(bb, other_runtime),
+        "image runtime": RUNTIME_BYTES if other_runtime else 0,
         "records": ROW_BOOKKEEPING_BYTES * n_dataset_records,
         "decoded batches": max(1, workers) * PREFETCH * batch_size * (1 + views) * pixels if workers else
         batch_size * (1 + views) * pixels,
