@@ -27,7 +27,8 @@ from medembed.common.hashing import digests_of, tensor_digest
 HEADS_FORMAT = "medembed-heads/1"
 
 __all__ = ["BEST", "LAST", "CONFIG", "METRICS", "SUMMARY", "load_heads", "load_prefixed", "load_training_state",
-           "prefixed", "read_verified", "save_heads", "save_training_state", "save_verified", "write_json"]
+           "prefixed", "read_verified", "save_heads", "save_training_state", "save_verified", "write_derived_summary",
+           "write_json"]
 
 
 def prefixed(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -61,6 +62,20 @@ def read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if want and want not in digests_of(tensors):
         raise ValueError(f"{path}: checkpoint content does not match its recorded sha256 (altered or corrupt file)")
     return tensors, meta
+
+
+def write_derived_summary(source_dir: Path, folder: Path, replaced: tuple[str, ...], fields: dict,
+                          querybank: dict | None) -> None:
+    """summary.json of a run made from another (compact, distilled): the source's summary less what
+    no longer describes the new run (`replaced`, and its valid recall, bank and memory), plus `fields`
+    and the new run's own query-bank record when it has one."""
+    path = Path(source_dir) / SUMMARY
+    source = json.loads(path.read_text()) if path.exists() else {}
+    drop = {"valid", "querybank", "memory", *replaced}
+    summary = {**{k: v for k, v in source.items() if k not in drop}, **fields}
+    if querybank is not None:
+        summary["querybank"] = querybank
+    write_json(Path(folder) / SUMMARY, summary)
 
 
 def save_heads(path: Path, image_head: nn.Module, text_head: nn.Module) -> None:

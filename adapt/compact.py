@@ -13,7 +13,6 @@ in BENCHMARKS.md (`benchmarks/compact.py`).
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,16 +100,12 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
         valid = load_split(files["valid"], with_views=False)
         # the source's bank setting was chosen for its own embeddings: choose again for these, on valid
         bank = calibrate(work, run=small, splits=(files["train"], valid)) if (run_dir / QUERYBANK).exists() else None
-        source = json.loads((run_dir / ckpt.SUMMARY).read_text()) if (run_dir / ckpt.SUMMARY).exists() else {}
         # its own valid recall with plain cosine (what a run's summary keeps as `valid`), not the source's
         with torch.no_grad():
             own = recall_summary(small.embed_images(valid.image_features), small.embed_texts(valid.caption_features),
                                  valid.caption_image)
-        summary = {**{k: v for k, v in source.items() if k not in ("valid", "querybank", "memory", "dim")},
-                   "run_dir": str(out), "dim": dims, "valid": own, COMPACT_KEY: config[COMPACT_KEY]}
-        if bank is not None:
-            summary["querybank"] = bank
-        ckpt.write_json(work / ckpt.SUMMARY, summary)
+        ckpt.write_derived_summary(run_dir, work, ("dim",), {"run_dir": str(out), "dim": dims, "valid": own,
+                                                            COMPACT_KEY: config[COMPACT_KEY]}, bank)
         replace_folder(work, out, expected=checked)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

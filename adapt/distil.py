@@ -182,16 +182,12 @@ def distil_run(run_dir: str | Path, out: str | Path, options: DistilOptions | No
         student = load_adapter_run(work)
         correlation = similarity_correlation(student, teacher, valid)
         bank = calibrate(work, run=student, splits=(files["train"], valid)) if (run_dir / QUERYBANK).exists() else None
-        source = json.loads((run_dir / ckpt.SUMMARY).read_text()) if (run_dir / ckpt.SUMMARY).exists() else {}
-        summary = {**{k: v for k, v in source.items() if k not in ("valid", "querybank", "memory", "dim", "ensemble",
-                                                                    "best_epoch", "epochs_run", "seconds")},
-                   "run_dir": str(out), "dim": config["dim"], "ensemble": 1, "best_epoch": best_epoch, "valid": best,
-                   "seconds": round(time.perf_counter() - t0, 2),
-                   DISTILLED_KEY: {**config[DISTILLED_KEY], "teacher_valid": teacher_valid,
-                                   "valid_similarity_correlation": round(correlation, 6)}}
-        if bank is not None:
-            summary["querybank"] = bank
-        ckpt.write_json(work / ckpt.SUMMARY, summary)
+        ckpt.write_derived_summary(
+            run_dir, work, ("dim", "ensemble", "best_epoch", "epochs_run", "seconds"),
+            {"run_dir": str(out), "dim": config["dim"], "ensemble": 1, "best_epoch": best_epoch, "valid": best,
+             "seconds": round(time.perf_counter() - t0, 2),
+             DISTILLED_KEY: {**config[DISTILLED_KEY], "teacher_valid": teacher_valid,
+                             "valid_similarity_correlation": round(correlation, 6)}}, bank)
         replace_folder(work, out, expected=checked)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
