@@ -16,7 +16,11 @@ from torch import nn
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.heads import Projected, build_heads
-from medembed.adapt.run_files import COMPACT, QUERYBANK  # QUERYBANK re-exported: the query-bank setting chosen on valid
+from medembed.adapt.run_files import (  # QUERYBANK re-exported: the query-bank setting chosen on valid
+    COMPACT,
+    QUERYBANK,
+    SELECTION,
+)
 from medembed.cache.reader import find_splits
 from medembed.common.files import relative_to, resolve_recorded
 from medembed.common.querybank import QueryBank
@@ -69,6 +73,19 @@ class AdaptedRun:
         """The run's query-bank normalisation, or None where it has none (plain cosine): runs made
         with `--no-querybank`, before query banks existed, or a checkpoint file away from its folder."""
         return read_querybank(self.run_dir)
+
+    def selection(self) -> AdaptedRun | None:
+        """A refit run's heads as valid chose them (`selection.safetensors`), before they were trained
+        afresh on train + valid; None for any other run. Settings that evaluation chooses on valid (the
+        concept detectors' thresholds) are chosen with these, as the query bank was: the refit heads
+        have trained on valid, so their valid embeddings would make every threshold look right."""
+        path = self.run_dir / SELECTION
+        if "compact" in self.config or self.checkpoint is not None or not path.exists():
+            return None
+        image_head, text_head = build_heads(self.config)
+        ckpt.load_heads(path, image_head, text_head)
+        device = module_device(self.image_head)
+        return replace(self, image_head=image_head.to(device).eval(), text_head=text_head.to(device).eval())
 
     def with_features(self, features_dir: str | Path) -> AdaptedRun:
         """The same heads pointed at another cache of the same backbone (e.g. a newly encoded dataset);

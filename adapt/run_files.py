@@ -8,6 +8,8 @@
     summary.json           written last: its presence marks a finished run
     finetuned.safetensors  fine-tuned tower blocks + heads of a LiT or unfreezing run
     compact.safetensors    a compact run's projection of the heads' embeddings (`cli.py compact`)
+    selection.safetensors  a refit run's heads as valid chose them (best.safetensors holds the refit's);
+                           evaluation chooses its valid-tuned settings with these, which valid has not trained
 """
 from __future__ import annotations
 
@@ -19,3 +21,4 @@ QUERYBANK = "querybank.json"
 SUMMARY = "summary.json"
 FINETUNED = "finetuned.safetensors"
 COMPACT = "compact.safetensors"
+SELECTION = "selection.safetensors"

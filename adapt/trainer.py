@@ -34,6 +34,7 @@ from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
 from medembed.adapt.memory import MemoryPlan, plan_memory
 from medembed.adapt.run import QUERYBANK, portable_features
+from medembed.adapt.run_files import SELECTION
 from medembed.adapt.run_querybank import calibrate
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
 from medembed.adapt.supervision import ConceptSupervision
@@ -334,9 +335,6 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     # valid as loaded, and train in memory or (streamed) its file, of which the query bank reads its sample
     return finish_run(run_dir, summary, config, (data.train if data.train is not None else data.source.path, data.valid),
                       refit)
-
-
-SELECTION = "selection.safetensors"  # a refit run's heads as valid chose them (best.safetensors: the refit's)
 
 
 def refit_heads(config: AdaptConfig, run_config: dict, run_dir: Path, data: TrainingData, epochs: int,

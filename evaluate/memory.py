@@ -69,6 +69,7 @@ class PoolFiles:
     train: Path | None
     valid: Path | None
     dims: list[int]
+    tuned_apart: bool = False  # a refit run among them: its selection heads embed train and valid once more
 
 
 def plan_eval_memory(budget_gb: float, pools: list[PoolFiles], closed_form: bool, keep_first: bool,
@@ -95,7 +96,7 @@ def plan_eval_memory(budget_gb: float, pools: list[PoolFiles], closed_form: bool
         # the concept sections, and one chunk of ranking scores
         widest = max(pool.dims, default=0)
         column = pool_rows * (widest + 1) * 4 + int(memory_mb * (1 << 20))
-        column += 4 * widest * ((tr.n_images if tr else 0) + (va.n_images if va else 0))
+        column += 4 * widest * ((tr.n_images if tr else 0) + (va.n_images if va else 0)) * (2 if pool.tuned_apart else 1)
         if concept_sections and t.n_concepts:
             # the prompt ensemble's embeddings, image x concept scores (float64 where ranked), and the
             # probes' and detectors' own workspace

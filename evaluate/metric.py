@@ -86,6 +86,19 @@ class ColumnInputs:
     def valid_images(self) -> torch.Tensor:
         return self._once("valid_images", lambda m: m.images(self.valid.image_features))
 
+    def tuning_images(self, split: str) -> torch.Tensor:
+        """Image embeddings of `split` ("train" or "valid") by the model that chooses settings on valid
+        (`EmbeddingModel.tuner`): the column's own, except for a refit run, whose valid was trained on."""
+        if self.model is None or self.model.chooser is None:
+            return self.train_images() if split == "train" else self.valid_images()
+        data = self.train if split == "train" else self.valid
+        return self._once(f"tuning_{split}_images", lambda m: m.tuner.images(data.image_features))
+
+    @property
+    def tuned_apart(self) -> bool:
+        """Settings are chosen with other embeddings than the column's (a refit run's selection heads)."""
+        return self.model is not None and self.model.chooser is not None
+
     def concept_prompts(self) -> torch.Tensor | None:
         """[C, D] prompt-ensemble embeddings of the evaluated split's concepts (None without prompt features)."""
         if self.test.concept_text_features is None:

@@ -30,6 +30,14 @@ class EmbeddingModel:
     gallery_offsets: Callable[[torch.Tensor | None, torch.Tensor | None],
                               tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
     ranking: str = "plain cosine"
+    # the embeddings that choose a section's settings on valid, where valid trained this model (a refit
+    # run: its heads as valid chose them); None: this model's own
+    chooser: EmbeddingModel | None = None
+
+    @property
+    def tuner(self) -> EmbeddingModel:
+        """The model whose valid (and train) embeddings choose settings: `chooser`, else this one."""
+        return self.chooser or self
 
     def offsets(self, images: torch.Tensor | None, captions: torch.Tensor | None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -60,10 +68,14 @@ class EmbeddingModel:
 def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     """Wrap a loaded run (anything with `embed_images` / `embed_texts` on raw features)."""
     label = name or Path(getattr(run, "run_dir", "") or "run").name
-    from medembed.adapt.run_querybank import bank_for
+    from medembed.adapt.run_querybank import bank_for, ranks_foreign_pool
 
     offsets, ranking = bank_for(run)
-    return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, ranking)
+    selection = getattr(run, "selection", lambda: None)()
+    chooser = None
+    if selection is not None and not ranks_foreign_pool(run):  # another dataset's valid was never trained on
+        chooser = EmbeddingModel(f"{label} (selection heads)", selection.embed_images, selection.embed_texts)
+    return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, ranking, chooser)
 
 
 def _on_device(head: nn.Module) -> Embed:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from medembed.adapt.run import AdaptedRun
+from medembed.adapt.run_files import SELECTION
 from medembed.adapt.tuning.runs import open_run
 from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
@@ -280,7 +281,9 @@ def _plan_memory(runs: list[AdaptedRun], split: str, need_train: bool, need_vali
             raise FileNotFoundError(f"{fd}: no {split}.h5 (found: {', '.join(files)})")
         train = files.get("train") if need_train and split != "train" else None
         valid = files.get("valid") if need_valid and split != "valid" else None
-        pools.append(PoolFiles(files[split], train, valid, [int(getattr(r, "dim", 0) or 0) for r in on]))
+        refit = any(run_dir is not None and (Path(run_dir) / SELECTION).exists()
+                    for run_dir in (getattr(r, "run_dir", None) for r in on))
+        pools.append(PoolFiles(files[split], train, valid, [int(getattr(r, "dim", 0) or 0) for r in on], refit))
     concepts = any(m.section != "retrieval" for m in registry.asked(options.sections))
     return plan_eval_memory(options.max_memory_gb, pools, options.closed_form, options.examples > 0, options.memory_mb,
                             concepts)

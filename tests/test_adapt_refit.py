@@ -10,8 +10,13 @@ from click.testing import CliRunner
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.config import AdaptConfig
+from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import SELECTION, train
+from medembed.cache.reader import load_split
 from medembed.cli import main
+from medembed.evaluate import detection
+from medembed.evaluate.models import model_from_run
+from medembed.evaluate.pipeline import EvalOptions, run_eval
 from tests.synthetic_features import write_synthetic_features
 
 
@@ -51,3 +56,30 @@ def test_refit_on_the_command_line_says_what_it_kept(features, tmp_path):
     r = CliRunner().invoke(main, ["adapt", "--features", str(features), "--out", str(tmp_path / "cca"), "--head", "cca",
                                   "--refit"])
     assert r.exit_code != 0 and "--refit has no effect on --head cca" in r.output
+
+
+def test_eval_chooses_a_refit_runs_detection_settings_with_its_selection_heads(features, tmp_path):
+    """The refit heads have trained on valid, so the concept detectors' settings are chosen with the
+    heads valid chose (selection.safetensors), then applied with the refit heads' train embeddings."""
+    train(_config(features, tmp_path / "plain"), progress=False)
+    train(_config(features, tmp_path / "refit", refit=True), progress=False)
+    options = EvalOptions(sections=("detection",), closed_form=False, examples=0, progress=False)
+    got = run_eval([tmp_path / "refit", tmp_path / "plain"], out_dir=tmp_path / "eval", options=options)["columns"]
+    refit_m, plain_m = got["refit"], got["plain"]
+    assert refit_m["concept_f1_tuned_apart"] == 1.0 and plain_m["concept_f1_tuned_apart"] == 0.0
+
+    splits = {s: load_split(features / f"{s}.h5", with_views=False) for s in ("train", "valid", "test")}
+    refit, chooser = load_adapter_run(tmp_path / "refit"), load_adapter_run(tmp_path / "plain")  # same heads as selection
+    assert torch.equal(refit.selection().embed_images(splits["valid"].image_features),
+                       chooser.embed_images(splits["valid"].image_features))
+    emb = {s: refit.embed_images(x.image_features) for s, x in splits.items()}
+    want = detection.compute(emb["train"], splits["train"].concepts, emb["test"], splits["test"].concepts,
+                             valid=(emb["valid"], splits["valid"].concepts),
+                             tuning=tuple(chooser.embed_images(splits[s].image_features) for s in ("train", "valid")))
+    assert refit_m["concept_f1"] == pytest.approx(want["concept_f1"])
+    assert refit_m["concept_f1_threshold"] == pytest.approx(want["concept_f1_threshold"])
+    # ranking another dataset's pool, the run's valid was never trained on: no selection heads involved
+    elsewhere = write_synthetic_features(tmp_path / "elsewhere", n_train=120, n_eval=40, captions_per_image=2,
+                                         n_concepts=5, concept_rate=0.3)
+    assert model_from_run(refit.with_features(elsewhere)).chooser is None
+    assert model_from_run(refit).chooser is not None and model_from_run(chooser).chooser is None

@@ -226,6 +226,50 @@ def test_detection_learns_separable_concepts():
     assert m["concept_f1_knn"] == pytest.approx(100 * (87 + 3 * 2 / 3) / 90)
 
 
+def _labelled(n: int, rng, proj: np.ndarray, noise: float):
+    """Multi-hot labels over 8 concepts and embeddings that show them through `proj`, plus noise."""
+    y = (rng.random((n, 8)) < 0.25).astype(np.float32)
+    x = torch.from_numpy(y @ proj + noise * rng.standard_normal((n, proj.shape[1]))).float()
+    return x / x.norm(dim=1, keepdim=True), sp.csr_matrix(y)
+
+
+def test_detection_settings_chosen_with_other_embeddings():
+    """A refit run's detectors: settings chosen with another model's train and valid embeddings
+    (its heads as valid chose them), the predictor then fitted on this model's own train embeddings."""
+    rng = np.random.default_rng(0)
+    proj = rng.standard_normal((8, 16))
+    (xtr, ytr), (xva, yva), (xte, yte) = (_labelled(n, rng, proj, 1.0) for n in (400, 120, 150))
+    cfg = detection.DetectionConfig()
+    plain = detection.score(xtr, ytr, xte, yte, cfg, valid=(xva, yva))
+    # tuning with the model's own embeddings is the plain choice
+    same = detection.score(xtr, ytr, xte, yte, cfg, valid=(xva, yva), tuning=(xtr, xva))
+    assert same == plain
+    # another model's embeddings of the same train and valid images (here: much noisier) choose the settings
+    other_tr = _unit(xtr + 0.6 * torch.from_numpy(rng.standard_normal(tuple(xtr.shape))).float())
+    other_va = _unit(xva + 0.6 * torch.from_numpy(rng.standard_normal(tuple(xva.shape))).float())
+    chooser = detection.score(other_tr, ytr, xte, yte, cfg, valid=(other_va, yva))
+    apart = detection.score(xtr, ytr, xte, yte, cfg, valid=(xva, yva), tuning=(other_tr, other_va))
+    assert (apart.threshold, apart.fallback, apart.neighbours, apart.sharpness) == (
+        chooser.threshold, chooser.fallback, chooser.neighbours, chooser.sharpness)
+    assert (apart.threshold, apart.neighbours) != (plain.threshold, plain.neighbours)  # the choice did move
+    # ... and the test images are scored by propagation from this model's train embeddings, by hand:
+    top, rows = (xte @ xtr.T).topk(apart.neighbours, dim=1)
+    votes = torch.softmax(apart.sharpness * top, dim=1)
+    scores = torch.zeros(len(xte), 8)
+    for i in range(len(xte)):
+        scores[i] = (votes[i, :, None] * torch.from_numpy(ytr[rows[i].numpy()].toarray())).sum(0)
+    pred = detection.decide(scores, apart.threshold, apart.fallback).numpy().astype(np.float32)
+    assert apart.f1 == pytest.approx(float(detection.f1_per_image(yte, sp.csr_matrix(pred)).mean()), abs=1e-6)
+    m = detection.compute(xtr, ytr, xte, yte, cfg, valid=(xva, yva), tuning=(other_tr, other_va))
+    assert m["concept_f1_tuned_apart"] == 1.0 and m["concept_f1"] == pytest.approx(100 * apart.f1)
+    with pytest.raises(ValueError, match="tuning embeddings cover 399 train"):
+        detection.score(xtr, ytr, xte, yte, cfg, valid=(xva, yva), tuning=(other_tr[:-1], other_va))
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
 def test_detection_chance_matches_its_expectation():
     # every image has exactly one of 3 concepts, each at train frequency 1/3: guessing each concept
     # with p=1/3 gives E[F1] = 1/3 * sum_j P(j of the 2 others guessed) * 2/(2+j) = 0.26543
