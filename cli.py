@@ -237,11 +237,14 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
 @click.option("--querybank/--no-querybank", "querybank", default=_ADAPT["querybank"], show_default=True,
               help="After training, choose on valid how much to discount gallery items that are near many train "
                    "queries (hubs); eval, search and index then rank with it. --no-querybank: plain cosine.")
-@click.option("--refit/--no-refit", "refit", default=_ADAPT["refit"], show_default=True,
+@click.option("--refit/--no-refit", "refit", default=None,
               help="Once valid has chosen the epoch and the query bank, train fresh heads on train + valid for that "
-                   "many epochs and keep them (the run's valid numbers stay those of the choice).")
+                   "many epochs and keep them (the run's valid numbers stay those of the choice). [default: refit "
+                   "when train + valid fit within --max-memory-gb]")
 @_adapt_option("--concept-loss", "Weight of an auxiliary loss: image and caption embeddings predict the image's named "
                "concepts through the concept prompts (0: off).", type=click.FloatRange(min=0))
+@_adapt_option("--concept-pretrain", "Epochs of training the image head as a multi-label classifier of the named "
+               "concepts before the contrastive epochs (0: off).", type=click.IntRange(min=0))
 @_adapt_option("--graded", "Share of each InfoNCE target given to batch pairs whose images share concepts (0: plain "
                "one-hot targets).", type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--hard-negatives", "Build batches from anchors and this many pairs whose captions are among each "
@@ -302,6 +305,9 @@ def _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone
     from medembed.adapt.trainer import train
     from medembed.adapt.tuning.unfreeze import train_tuned, train_with_unfreezing, tuned_summary_lines
 
+    if (unlock is not None or unfreeze_every) and config.refit:
+        raise ValueError("--refit retrains adapter heads on train + valid; a run with --unlock or --unfreeze-every "
+                         "does not refit (drop --refit)")
     if unlock is None and not unfreeze_every:  # heads only; with --unfreeze-every, TuneConfig's default unlock
         if tuning:
             raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} has no effect without --unlock")

@@ -33,8 +33,10 @@ ONLY_FOR = {
     "concept_ratio": (lambda c: c.head != "cca" and c.augment != "none" and c.hard_negatives == 0,
                       "applies with --augment concepts (or auto, without --hard-negatives)"),
     "concept_loss": (lambda c: c.head != "cca", _TRAINED),
+    "concept_pretrain": (lambda c: c.head != "cca", _TRAINED),
     "graded": (lambda c: c.head != "cca" and c.loss == "infonce", "grades the InfoNCE targets (--loss infonce)"),
-    "concept_min_train": (lambda c: c.concept_loss > 0, "applies with --concept-loss"),
+    "concept_min_train": (lambda c: c.concept_loss > 0 or c.concept_pretrain > 0,
+                          "applies with --concept-loss or --concept-pretrain"),
     "hard_negatives": (lambda c: c.head != "cca" and c.augment != "concepts",
                        "builds batches of caption neighbours; not with --head cca or --augment concepts"),
     "hard_pool": (lambda c: c.hard_negatives > 0, "applies with --hard-negatives"),
@@ -70,15 +72,20 @@ class AdaptConfig:
     ensemble: int = 4
     concept_loss: float = 0.0  # > 0: weight of the auxiliary loss predicting each image's named concepts
     graded: float = 0.0  # > 0: share of the InfoNCE target given to batch pairs whose images share concepts
-    concept_min_train: int = 5  # named concepts with fewer training images are not supervised
+    concept_min_train: int = 5  # named concepts with fewer training images are not supervised (nor pre-trained)
+    # > 0: epochs of training the image head as a multi-label classifier of the named concepts before the
+    # contrastive epochs (adapt.pretrain)
+    concept_pretrain: int = 0
     hard_negatives: int = 0  # > 0: each batch anchor brings this many pairs whose captions are among its nearest
     hard_pool: int = 20  # ... drawn from this many nearest captions (cached caption features)
     # choose a query-bank normalisation on valid after training (common.querybank): +0.7 mean recall on
     # roco-rad test and +2.2 on flickr8k-1k over plain cosine for the default recipe (BENCHMARKS.md)
     querybank: bool = True
     # after the run chose its epoch (and query bank) on valid, train fresh heads on train + valid for that
-    # many epochs and keep those (valid then no longer measures them: the chosen numbers stay the first run's)
-    refit: bool = False
+    # many epochs and keep those (valid then no longer measures them: the chosen numbers stay the first run's):
+    # roco-rad test mean recall +1.3, R@10 45.4 / 44.1 -> 48.5 / 48.2, for 2.3x the adapt time (BENCHMARKS.md).
+    # None (auto): refit when train + valid fit in memory within max_memory_gb; True: refit or refuse
+    refit: bool | None = None
     ema: float = 0.98  # > 0: validate and save an exponential moving average of the head weights (decay per step)
     patience: int = 5  # epochs without a better valid mean_recall before stopping
     seed: int = 0
@@ -113,7 +120,7 @@ class AdaptConfig:
         if not self.max_memory_gb > 0:
             raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
         for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "concept_loss",
-                     "hard_negatives"):
+                     "hard_negatives", "concept_pretrain"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "input_dropout", "graded"):

@@ -66,7 +66,7 @@ class DistilSummary:
     source_dim: int
     best_epoch: int
     valid: dict  # the student's valid recall, plain cosine
-    teacher_valid: dict  # the teacher's, plain cosine
+    teacher_valid: dict  # the teacher's, plain cosine (a refit teacher's: its heads as valid chose them)
     correlation: float  # of the student's and the teacher's valid similarity matrices
     querybank: dict | None
     seconds: float
@@ -135,7 +135,10 @@ def distil_run(run_dir: str | Path, out: str | Path, options: DistilOptions | No
         raise DistilError(f"{teacher.features_dir}: no {' or '.join(missing)} split to distil on")
     train, valid = load_split(files["train"], with_views=False), load_split(files["valid"], with_views=False)
     teacher_img, teacher_txt = teacher.embed_images(train.image_features), teacher.embed_texts(train.caption_features)
-    teacher_valid = recall_summary(teacher.embed_images(valid.image_features), teacher.embed_texts(valid.caption_features),
+    # what the teacher reaches on valid: a refit teacher's heads trained on valid, so its heads as valid chose
+    # them stand in (the student learns from the refit heads on train, and never sees valid)
+    scored = teacher.selection() or teacher
+    teacher_valid = recall_summary(scored.embed_images(valid.image_features), scored.embed_texts(valid.caption_features),
                                    valid.caption_image)
 
     torch.manual_seed(options.seed)

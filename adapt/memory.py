@@ -86,6 +86,7 @@ class MemoryPlan:
     chunk_rows: int  # captions per streamed block, and rows per pass of the input statistics
     held: dict[str, int] = field(default_factory=dict)
     phases: dict[str, int] = field(default_factory=dict)
+    refit: bool = False  # the heads are trained again on train + valid after the choice (its phase planned)
 
     @property
     def total(self) -> int:
@@ -98,6 +99,7 @@ class MemoryPlan:
     def describe(self) -> str:
         how = (f"train streamed from disk in chunks of {self.chunk_rows:,} captions" if self.stream
                else "train held in memory")
+        how += "; then refit on train + valid" if self.refit else ""
         return f"{how}; planned peak {format_bytes(self.total)} of --max-memory-gb {self.budget / GB:g}"
 
 
@@ -147,6 +149,20 @@ def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | P
         "train": (4 + train.itemsize) * numbers + CAPTION_TEXT_BYTES * train.n_captions,
     }, {"statistics pass": stats_row * min(config.chunk_rows, max(train.n_images, train.n_captions)),
         "query bank": bank})
+    if config.head != "cca" and config.refit is not False:
+        # train + valid joined as float32 (valid read again with its views), fresh heads and their state
+        valid_numbers = valid.n_images * valid.image_dim * (1 + train.views) + valid.n_captions * valid.text_dim
+        joined = (4 + train.itemsize) * valid_numbers + 4 * (numbers + valid_numbers)
+        refit = MemoryPlan(budget, False, config.chunk_rows, whole.held, {
+            **whole.phases, "refit on train + valid": joined + CAPTION_TEXT_BYTES * (train.n_captions + valid.n_captions)
+            + STATE_COPIES * 4 * _head_numbers(config, train.image_dim, train.text_dim)}, refit=True)
+        if refit.total <= budget:
+            return refit
+        if config.refit:
+            raise MemoryBudgetError(
+                f"{Path(train_path).parent}: --refit holds train + valid in memory: {format_bytes(refit.total)} "
+                f"({refit.largest()}), above --max-memory-gb {config.max_memory_gb:g}; raise it to at least "
+                f"{gib_up(refit.total)} or pass --no-refit")
     if config.head == "cca" or whole.total <= budget:
         if whole.total > budget:
             raise MemoryBudgetError(

@@ -103,6 +103,7 @@ class TrainState:
     tracked: tuple[nn.Module, ...] = ()  # modules tuned with the heads (towers): their best weights are kept too
     best_tracked: tuple[dict, ...] = ()
     supervision: nn.Module | None = None  # concept supervision (adapt.supervision): an extra loss, graded targets
+    pretraining: dict | None = None  # what concept pre-training of the image head did (adapt.pretrain), if asked
 
     @property
     def chosen_heads(self) -> tuple[nn.Module, nn.Module]:

@@ -33,6 +33,7 @@ from medembed.adapt.data import (
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
 from medembed.adapt.memory import MemoryPlan, plan_memory
+from medembed.adapt.pretrain import pretrain_image_head
 from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.adapt.run_files import SELECTION
 from medembed.adapt.run_querybank import calibrate
@@ -166,6 +167,15 @@ def new_state(config: AdaptConfig, run_config: dict, data: TrainingData, device:
     losses = nn.ModuleList(build_loss(config.loss, temperature=config.temperature, margin=config.margin,
                                       learn_temperature=config.learn_temperature) for _ in range(config.ensemble))
     image_head, text_head, losses = image_head.to(device), text_head.to(device), losses.to(device)
+    pretraining = None
+    if config.concept_pretrain > 0:
+        if data.train is None:
+            raise ValueError(f"{config.features_dir}: --concept-pretrain needs the training split held in memory, and "
+                             f"it is streamed within --max-memory-gb {config.max_memory_gb:g}; drop it or raise the budget")
+        pretraining = pretrain_image_head(
+            image_head, data.train, config.concept_pretrain, lr=config.lr, weight_decay=config.weight_decay,
+            batch_size=config.batch_size, min_positives=config.concept_min_train, seed=config.seed, device=device,
+            use_views=config.use_views).to_dict()
     supervision = concept_supervision(config, data)
     extra = (supervision.to(device),) if supervision is not None else ()
     optimizer = torch.optim.AdamW(param_groups([image_head, text_head], losses, config.weight_decay, config.lr, extra))
@@ -173,7 +183,8 @@ def new_state(config: AdaptConfig, run_config: dict, data: TrainingData, device:
     schedule = Schedule([config.lr] * len(optimizer.param_groups), max(1, round(config.warmup_epochs * steps)),
                         config.epochs * steps)
     return TrainState(image_head, text_head, losses, optimizer, schedule, device,
-                      ema=weight_averages(image_head, text_head, config.ema), seed=config.seed, supervision=supervision)
+                      ema=weight_averages(image_head, text_head, config.ema), seed=config.seed, supervision=supervision,
+                      pretraining=pretraining)
 
 
 def concept_supervision(config: AdaptConfig, data: TrainingData) -> ConceptSupervision | None:
@@ -302,9 +313,9 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     run_dir = prepare_run_dir(config, resume)
     device = resolve_device(config.device)
     data = data_in_memory(config, *splits) if splits is not None else load_training_data(config)
-    if config.refit and data.train is None:
-        raise ValueError(f"{config.features_dir}: --refit trains on train + valid held in memory, and the training "
-                         f"split is streamed within --max-memory-gb {config.max_memory_gb:g}; drop --refit or raise it")
+    refitting, why_not = refit_decision(config, data)
+    if config.refit and not refitting:
+        raise ValueError(f"{config.features_dir}: --refit {why_not}")
     run_config = run_config_for(config, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.head == "cca":
@@ -327,14 +338,32 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
         torch.set_num_threads(threads_before)
     state.history = read_metrics(run_dir)
     summary = summarize(run_dir, run_config, state, pairs_per_epoch(config, data), memory_record(data.plan))
+    if state.pretraining is not None:
+        summary["concept_pretrain"] = state.pretraining
     refit = None
-    if config.refit:
+    if not refitting and config.refit is None and why_not:
+        summary["refit_skipped"] = why_not
+    if refitting:
         def refit() -> dict:
             return refit_heads(config, run_config, run_dir, data, state.best_epoch, device, progress,
                                splits[1] if splits is not None else None)
     # valid as loaded, and train in memory or (streamed) its file, of which the query bank reads its sample
     return finish_run(run_dir, summary, config, (data.train if data.train is not None else data.source.path, data.valid),
                       refit)
+
+
+def refit_decision(config: AdaptConfig, data: TrainingData) -> tuple[bool, str]:
+    """(refit?, why not, in words, when the config asks for it or leaves it to the data). With
+    `refit` None the run refits when it can: train held in memory with room for train + valid beside
+    it (the memory plan), and one concept vocabulary in both splits."""
+    if config.refit is False:
+        return False, ""
+    if data.train is None or (data.plan is not None and not data.plan.refit):
+        return False, (f"trains on train + valid held in memory, which does not fit --max-memory-gb "
+                       f"{config.max_memory_gb:g}; pass --no-refit or raise it")
+    if data.train.concept_ids != data.valid.concept_ids:
+        return False, "joins train and valid, whose concept vocabularies differ; pass --no-refit"
+    return True, ""
 
 
 def refit_heads(config: AdaptConfig, run_config: dict, run_dir: Path, data: TrainingData, epochs: int,
@@ -346,8 +375,6 @@ def refit_heads(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trai
     if valid is None:
         valid = load_split(find_splits(config.features_dir)["valid"], with_views=config.use_views)
     train = data.train
-    if train.concept_ids != valid.concept_ids:
-        raise ValueError(f"{config.features_dir}: --refit joins train and valid, whose concept vocabularies differ")
     if (train.view_features is None) != (valid.view_features is None):
         train, valid = replace(train, view_features=None), replace(valid, view_features=None)
     both = data_in_memory(config, concat_splits([train, valid]), data.valid)
@@ -446,4 +473,6 @@ def format_summary(summary: dict) -> str:
         lines.append(f"refit: the heads kept were trained on train + valid ({refit['images']:,} images) for the "
                      f"{refit['epochs']} epochs valid chose, in {refit['seconds']:.0f} s; the valid numbers above are "
                      f"the choice's ({SELECTION})")
+    if summary.get("refit_skipped"):
+        lines.append(f"no refit: it {summary['refit_skipped']}")
     return "\n".join(lines)

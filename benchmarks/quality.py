@@ -24,13 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 ROCO = REPO / "features" / "roco-rad" / "effnet-lite0-ms+minilm"
 
 # name -> extra `cli.py adapt` arguments. "default" is the command with no option: 4 heads with named
-# concepts as extra positive texts (--augment auto), ranked with a query bank chosen on valid. Every
-# other lever was measured alone, on one head and without concept texts (--augment none), as it was
-# before those became the default; the continuous tower-tuning rows train on captions only.
+# concepts as extra positive texts (--augment auto), ranked with a query bank chosen on valid, then the
+# heads trained again on train + valid for the epochs valid chose (the refit). Every other lever was
+# measured alone, before the refit became the default (so without it: --no-refit), on one head and
+# without concept texts (--augment none), as it was before those became the default; the continuous
+# tower-tuning rows train on captions only.
 NO_CONCEPTS = ["--augment", "none"]
-ROWS: dict[str, list[str]] = {
-    "default": [],
-    "refit": ["--refit"],  # the default, then its heads retrained on train + valid for the epochs valid chose
+NO_REFIT = ["--no-refit"]
+LEVERS: dict[str, list[str]] = {
     "ensemble4": NO_CONCEPTS,
     "base": ["--ensemble", "1", *NO_CONCEPTS],
     "ensemble4-dim256": ["--dim", "256", *NO_CONCEPTS],
@@ -38,6 +39,7 @@ ROWS: dict[str, list[str]] = {
     "graded": ["--ensemble", "1", "--graded", "0.1", *NO_CONCEPTS],
     "concept-texts": ["--ensemble", "1", "--augment", "concepts"],
     "concept-texts-ensemble4": ["--augment", "concepts"],
+    "concept-pretrain15": ["--ensemble", "1", "--augment", "concepts", "--concept-pretrain", "15"],
     "concept-texts-ensemble4-ratio0.2": ["--augment", "concepts", "--concept-ratio", "0.2"],
     "hard-negatives3": ["--ensemble", "1", "--hard-negatives", "3"],
     "hard-negatives1": ["--ensemble", "1", "--hard-negatives", "1"],
@@ -51,9 +53,15 @@ ROWS: dict[str, list[str]] = {
     "unfreeze-image1": ["--ensemble", "1", "--unlock", "image:1", "--unfreeze-every", "10", "--unfreeze-epochs", "1",
                         "--backbone-lr", "3e-5", *NO_CONCEPTS],
 }
+ROWS: dict[str, list[str]] = {
+    "default": [],
+    "refit": ["--refit"],  # the default, refit asked for by name
+    "no-refit": NO_REFIT,  # the default before the refit: the heads valid chose
+    **{name: [*args, *NO_REFIT] for name, args in LEVERS.items()},
+}
 # rows made from another row's run by one more command: name -> (that row, the command's words)
 DERIVED: dict[str, tuple[str, list[str]]] = {
-    "distilled": ("default", ["distil"]),  # the default run's 4 heads taught to one 1,024-d head
+    "distilled": ("no-refit", ["distil"]),  # the 4 heads valid chose, taught to one 1,024-d head
 }
 KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "zeroshot_modality_acc", "concept_f1",
         "fewshot_map@16")

@@ -35,6 +35,10 @@ from medembed.evaluate.models import model_from_run
 LEADERBOARD = "leaderboard.json"
 SWEEP_FIELDS = {f.name: f for f in fields(AdaptConfig)}
 NOT_SWEPT = {"features_dir", "out", "seed", "device", "threads"}
+# a sweep's runs, unless --set or --fixed says otherwise: a sweep compares settings by valid recall, which a
+# refit (heads trained again on train + valid) leaves as it was at twice the time; refit the chosen setting
+# with `cli.py adapt`
+SWEEP_DEFAULTS = {"refit": False}
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -233,7 +237,7 @@ def _configs(features_dir: str | Path, out: Path, cell: dict, seeds: int, fixed:
     """The cell's run settings, one per seed; a value AdaptConfig refuses is named with its cell."""
     try:
         return [AdaptConfig(features_dir=str(Path(features_dir).resolve()), out=str(out / cell_name(cell) / f"seed-{seed}"),
-                            seed=seed, **{**(fixed or {}), **cell}) for seed in range(seeds)]
+                            seed=seed, **{**SWEEP_DEFAULTS, **(fixed or {}), **cell}) for seed in range(seeds)]
     except ValueError as e:
         raise ValueError(f"cell {cell_name(cell)}: {e}") from None
 

@@ -81,19 +81,22 @@ def real_cache(dataset: str) -> Path:
 
 @pytest.fixture(scope="session")
 def roco_linear_run(tmp_path_factory) -> Path:
-    """A linear-head run (the other defaults, 4 heads) on the real roco-rad cache, trained once for the
-    session: tests/test_adapt_real.py guards its recall, the search page's browser test serves it."""
+    """A linear-head run (the other defaults, 4 heads, without the refit: its valid recall is guarded)
+    on the real roco-rad cache, trained once for the session: tests/test_adapt_real.py guards its
+    recall, the search page's browser test serves it."""
     from medembed.adapt.config import AdaptConfig
     from medembed.adapt.trainer import train
 
     out = tmp_path_factory.mktemp("roco-linear") / "run"
-    train(AdaptConfig(features_dir=str(real_cache("roco-rad")), out=str(out), head="linear"), progress=False)
+    train(AdaptConfig(features_dir=str(real_cache("roco-rad")), out=str(out), head="linear", refit=False),
+          progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
 def roco_default_run(tmp_path_factory) -> Path:
-    """`cli.py adapt` with every default on the real roco-rad cache, trained once for the session:
+    """`cli.py adapt` with every default (the refit on train + valid included) on the real roco-rad cache,
+    trained once for the session:
     tests/test_evaluate_real.py guards its quality, tests/test_model_export.py exports it. Tests
     that use it write elsewhere (their own --out), never into the run."""
     from click.testing import CliRunner

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.config import AdaptConfig
+from medembed.adapt.memory import GB, MemoryBudgetError, plan_memory
 from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import SELECTION, train
 from medembed.cache.reader import load_split
@@ -27,12 +28,12 @@ def features(tmp_path_factory):
 
 
 def _config(features, out, **kw) -> AdaptConfig:
-    return AdaptConfig(features_dir=str(features), out=str(out), head="mlp", dim=32, ensemble=2, epochs=8,
-                       batch_size=64, patience=3, **kw)
+    return AdaptConfig(**{**dict(features_dir=str(features), out=str(out), head="mlp", dim=32, ensemble=2, epochs=8,
+                                 batch_size=64, patience=3), **kw})
 
 
 def test_refit_trains_the_chosen_epochs_on_train_and_valid(features, tmp_path):
-    plain = train(_config(features, tmp_path / "plain"), progress=False)
+    plain = train(_config(features, tmp_path / "plain", refit=False), progress=False)
     refit = train(_config(features, tmp_path / "refit", refit=True), progress=False)
     # the choice is the plain run's: same epoch, same valid numbers, same bank, same chosen heads
     assert refit["best_epoch"] == plain["best_epoch"] and refit["valid"] == plain["valid"]
@@ -61,7 +62,7 @@ def test_refit_on_the_command_line_says_what_it_kept(features, tmp_path):
 def test_eval_chooses_a_refit_runs_detection_settings_with_its_selection_heads(features, tmp_path):
     """The refit heads have trained on valid, so the concept detectors' settings are chosen with the
     heads valid chose (selection.safetensors), then applied with the refit heads' train embeddings."""
-    train(_config(features, tmp_path / "plain"), progress=False)
+    train(_config(features, tmp_path / "plain", refit=False), progress=False)
     train(_config(features, tmp_path / "refit", refit=True), progress=False)
     options = EvalOptions(sections=("detection",), closed_form=False, examples=0, progress=False)
     got = run_eval([tmp_path / "refit", tmp_path / "plain"], out_dir=tmp_path / "eval", options=options)["columns"]
@@ -83,3 +84,25 @@ def test_eval_chooses_a_refit_runs_detection_settings_with_its_selection_heads(f
                                          n_concepts=5, concept_rate=0.3)
     assert model_from_run(refit.with_features(elsewhere)).chooser is None
     assert model_from_run(refit).chooser is not None and model_from_run(chooser).chooser is None
+
+
+def test_the_default_refits_when_train_and_valid_fit_the_budget(features, tmp_path):
+    """refit None (the default) refits when the plan has room for train + valid beside the run, and
+    says why not otherwise; --refit asked for by name refuses in one line instead. (Wide heads, so
+    that the refit's second set of heads is the plan's largest phase.)"""
+    roomy = plan_memory(_config(features, tmp_path / "p", dim=512), features / "train.h5", features / "valid.h5")
+    assert roomy.refit and "then refit on train + valid" in roomy.describe()
+    without = plan_memory(_config(features, tmp_path / "p", dim=512, refit=False), features / "train.h5", features / "valid.h5")
+    assert not without.refit and without.total < roomy.total
+    between = (without.total + roomy.total) / 2 / GB  # the run fits, its refit does not
+    tight = _config(features, tmp_path / "tight", dim=512, max_memory_gb=between)
+    assert not plan_memory(tight, features / "train.h5", features / "valid.h5").refit
+    summary = train(tight, progress=False)
+    assert "refit" not in summary and "does not fit --max-memory-gb" in summary["refit_skipped"]
+    assert not (tmp_path / "tight" / SELECTION).exists()
+    with pytest.raises(MemoryBudgetError, match="--refit holds train \\+ valid in memory"):
+        train(_config(features, tmp_path / "asked", dim=512, max_memory_gb=between, refit=True), progress=False)
+    assert train(_config(features, tmp_path / "default"), progress=False)["refit"]["images"] == 380
+    r = CliRunner().invoke(main, ["adapt", "--features", str(features), "--out", str(tmp_path / "lit"), "--unlock",
+                                  "text:1", "--refit"])
+    assert r.exit_code != 0 and "a run with --unlock or --unfreeze-every does not refit" in r.output

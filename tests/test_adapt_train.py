@@ -30,7 +30,10 @@ def features(tmp_path_factory):
 
 
 def small(features, out, **kw) -> AdaptConfig:
-    base = dict(features_dir=str(features), out=str(out), dim=16, epochs=4, batch_size=32, lr=3e-3, threads=1)
+    """A few epochs of a small run, without the refit (tests/test_adapt_refit.py): these tests check what
+    training chose, saved and measured on valid, which a refit replaces by heads valid never scored."""
+    base = dict(features_dir=str(features), out=str(out), dim=16, epochs=4, batch_size=32, lr=3e-3, threads=1,
+                refit=False)
     return AdaptConfig(**{**base, **kw})
 
 

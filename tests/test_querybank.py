@@ -97,7 +97,7 @@ def bank_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("querybank")
     features = write_synthetic_features(root / "features", n_train=160, n_eval=60, captions_per_image=2)
     summary = train(AdaptConfig(features_dir=str(features), out=str(root / "run"), head="linear", dim=16, epochs=3,
-                                ensemble=1), progress=False)
+                                ensemble=1, refit=False), progress=False)
     chosen = json.loads((root / "run" / QUERYBANK).read_text())
     assert summary["querybank"]["setting"] == chosen["setting"]
     # eval of the valid split ranks exactly as the choice measured it, with and without the bank
