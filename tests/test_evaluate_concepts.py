@@ -233,6 +233,10 @@ def _labelled(n: int, rng, proj: np.ndarray, noise: float):
     return x / x.norm(dim=1, keepdim=True), sp.csr_matrix(y)
 
 
+def _normed(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
 def test_detection_settings_chosen_with_other_embeddings():
     """A refit run's detectors: settings chosen with another model's train and valid embeddings
     (its heads as valid chose them), the predictor then fitted on this model's own train embeddings."""
@@ -245,8 +249,8 @@ def test_detection_settings_chosen_with_other_embeddings():
     same = detection.score(xtr, ytr, xte, yte, cfg, valid=(xva, yva), tuning=(xtr, xva))
     assert same == plain
     # another model's embeddings of the same train and valid images (here: much noisier) choose the settings
-    other_tr = _unit(xtr + 0.6 * torch.from_numpy(rng.standard_normal(tuple(xtr.shape))).float())
-    other_va = _unit(xva + 0.6 * torch.from_numpy(rng.standard_normal(tuple(xva.shape))).float())
+    other_tr = _normed(xtr + 0.6 * torch.from_numpy(rng.standard_normal(tuple(xtr.shape))).float())
+    other_va = _normed(xva + 0.6 * torch.from_numpy(rng.standard_normal(tuple(xva.shape))).float())
     chooser = detection.score(other_tr, ytr, xte, yte, cfg, valid=(other_va, yva))
     apart = detection.score(xtr, ytr, xte, yte, cfg, valid=(xva, yva), tuning=(other_tr, other_va))
     assert (apart.threshold, apart.fallback, apart.neighbours, apart.sharpness) == (
@@ -264,10 +268,6 @@ def test_detection_settings_chosen_with_other_embeddings():
     assert m["concept_f1_tuned_apart"] == 1.0 and m["concept_f1"] == pytest.approx(100 * apart.f1)
     with pytest.raises(ValueError, match="tuning embeddings cover 399 train"):
         detection.score(xtr, ytr, xte, yte, cfg, valid=(xva, yva), tuning=(other_tr[:-1], other_va))
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True)
 
 
 def test_detection_chance_matches_its_expectation():
