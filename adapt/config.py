@@ -90,7 +90,7 @@ class AdaptConfig:
     patience: int = 5  # epochs without a better valid mean_recall before stopping
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # 0: one thread for small steps (syncing threads costs more than it saves), else torch's choice
+    threads: int = 0  # 0: every core (torch's choice) unless a step is tiny (adapt.trainer.training_threads)
     # what the whole run may hold (GiB): the training split in memory when it fits, else streamed from disk in
     # chunks sized to fit, else refused before anything is read (adapt.memory)
     max_memory_gb: float = 8.0

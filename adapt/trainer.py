@@ -54,13 +54,14 @@ RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_every", "m
 
 
 def training_threads(config: AdaptConfig, image_dim: int, text_dim: int, device: torch.device) -> int:
-    """CPU threads for the loop. A step on a few-thousand-pair set is a handful of small GEMMs,
-    where waking and syncing a second thread costs more than it saves (and on a shared machine a
-    busy sibling core stalls every step): below ~4G multiply-adds per step, use one thread."""
+    """CPU threads for the loop: torch's default (every core) unless a step is tiny. On 2 cores,
+    roco-rad's cached features (2,176 wide) train 1.7x faster on both threads with the default heads
+    and still 1.1x faster at 9M multiply-adds a step (`benchmarks/adapt_threads.py`, BENCHMARKS.md);
+    below 10M (test-sized synthetic caches) waking a second thread is not worth it."""
     if config.threads:
         return config.threads
     step_macs = config.batch_size * (image_dim + text_dim) * config.dim * config.ensemble
-    return 1 if device.type != "cpu" or step_macs < 4e9 else torch.get_num_threads()
+    return 1 if device.type != "cpu" or step_macs < 1e7 else torch.get_num_threads()
 
 
 def evaluate_split(image_head: nn.Module, text_head: nn.Module, split: CachedSplit, device: torch.device) -> dict:
