@@ -243,8 +243,8 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
                    "when train + valid fit within --max-memory-gb]")
 @_adapt_option("--concept-loss", "Weight of an auxiliary loss: image and caption embeddings predict the image's named "
                "concepts through the concept prompts (0: off).", type=click.FloatRange(min=0))
-@_adapt_option("--concept-pretrain", "Epochs of training the image head as a multi-label classifier of the named "
-               "concepts before the contrastive epochs (0: off).", type=click.IntRange(min=0))
+@_adapt_option("--concept-pretrain", "Epochs of training the image head as a multi-label classifier of the images' "
+               "concept labels before the contrastive epochs (0: off).", type=click.IntRange(min=0))
 @_adapt_option("--graded", "Share of each InfoNCE target given to batch pairs whose images share concepts (0: plain "
                "one-hot targets).", type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--hard-negatives", "Build batches from anchors and this many pairs whose captions are among each "

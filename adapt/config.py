@@ -72,8 +72,8 @@ class AdaptConfig:
     ensemble: int = 4
     concept_loss: float = 0.0  # > 0: weight of the auxiliary loss predicting each image's named concepts
     graded: float = 0.0  # > 0: share of the InfoNCE target given to batch pairs whose images share concepts
-    concept_min_train: int = 5  # named concepts with fewer training images are not supervised (nor pre-trained)
-    # > 0: epochs of training the image head as a multi-label classifier of the named concepts before the
+    concept_min_train: int = 5  # concepts with fewer training images are neither supervised (named ones) nor pre-trained
+    # > 0: epochs of training the image head as a multi-label classifier of the concept labels before the
     # contrastive epochs (adapt.pretrain)
     concept_pretrain: int = 0
     hard_negatives: int = 0  # > 0: each batch anchor brings this many pairs whose captions are among its nearest

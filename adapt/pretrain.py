@@ -1,6 +1,6 @@
 """Concept pre-training of the image head: before contrastive training, the image head learns to
-classify each training image's named concepts (multi-label), so the space the contrastive loss
-starts from already separates modalities and anatomy.
+classify each training image's concepts (multi-label, from the cache's concept labels), so the space
+the contrastive loss starts from already separates modalities and anatomy.
 
 Why: a caption names a handful of things an image shows, and with 3.7k pairs the contrastive loss
 sees each concept a few dozen times at most; the concept labels (ImageCLEFmedical's UMLS CUIs) are
