@@ -67,11 +67,12 @@ def read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def write_derived_summary(source_dir: Path, folder: Path, replaced: tuple[str, ...], fields: dict,
                           querybank: dict | None) -> None:
     """summary.json of a run made from another (compact, distilled): the source's summary less what
-    no longer describes the new run (`replaced`, and its valid recall, bank and memory), plus `fields`
+    no longer describes the new run (`replaced`, and its valid recall, bank, memory and refit: the
+    selection heads a refit record names stay in the source folder), plus `fields`
     and the new run's own query-bank record when it has one."""
     path = Path(source_dir) / SUMMARY
     source = json.loads(path.read_text()) if path.exists() else {}
-    drop = {"valid", "querybank", "memory", *replaced}
+    drop = {"valid", "querybank", "memory", "refit", "refit_skipped", *replaced}
     summary = {**{k: v for k, v in source.items() if k not in drop}, **fields}
     if querybank is not None:
         summary["querybank"] = querybank

@@ -162,7 +162,9 @@ class AdaptConfig:
         path = Path(run_dir) / run_files.CONFIG
         if not path.exists():
             raise FileNotFoundError(f"{path}: no config.json, not an adapter run folder")
-        return cls.from_dict(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        saved.setdefault("refit", False)  # a run saved before the refit existed was not refit: resuming keeps it so
+        return cls.from_dict(saved)
 
 
 def config_from_options(options: dict, explicit: set[str], resume: bool) -> AdaptConfig:

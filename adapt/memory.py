@@ -155,7 +155,10 @@ def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | P
         joined = (4 + train.itemsize) * valid_numbers + 4 * (numbers + valid_numbers)
         refit = MemoryPlan(budget, False, config.chunk_rows, whole.held, {
             **whole.phases, "refit on train + valid": joined + CAPTION_TEXT_BYTES * (train.n_captions + valid.n_captions)
-            + STATE_COPIES * 4 * _head_numbers(config, train.image_dim, train.text_dim)}, refit=True)
+            + STATE_COPIES * 4 * _head_numbers(config, train.image_dim, train.text_dim)
+            # the input statistics of the fresh heads, a pass over the joined copy
+            + stats_row * min(config.chunk_rows, train.n_images + valid.n_images + train.n_captions + valid.n_captions)},
+            refit=True)
         if refit.total <= budget:
             return refit
         if config.refit:

@@ -56,12 +56,12 @@ RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_every", "m
 def training_threads(config: AdaptConfig, image_dim: int, text_dim: int, device: torch.device) -> int:
     """CPU threads for the loop: torch's default (every core) unless a step is tiny. On 2 cores,
     roco-rad's cached features (2,176 wide) train 1.7x faster on both threads with the default heads
-    and still 1.1x faster at 9M multiply-adds a step (`benchmarks/adapt_threads.py`, BENCHMARKS.md);
-    below 10M (test-sized synthetic caches) waking a second thread is not worth it."""
+    and still 1.1x faster at 9M multiply-adds a step, the smallest measured (`benchmarks/adapt_threads.py`,
+    BENCHMARKS.md); below 1M (test-sized synthetic caches) one thread is kept."""
     if config.threads:
         return config.threads
     step_macs = config.batch_size * (image_dim + text_dim) * config.dim * config.ensemble
-    return 1 if device.type != "cpu" or step_macs < 1e7 else torch.get_num_threads()
+    return 1 if device.type != "cpu" or step_macs < 1e6 else torch.get_num_threads()
 
 
 def evaluate_split(image_head: nn.Module, text_head: nn.Module, split: CachedSplit, device: torch.device) -> dict:
@@ -378,7 +378,7 @@ def refit_heads(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trai
     train = data.train
     if (train.view_features is None) != (valid.view_features is None):
         train, valid = replace(train, view_features=None), replace(valid, view_features=None)
-    both = data_in_memory(config, concat_splits([train, valid]), data.valid)
+    both = data_in_memory(config, concat_splits([train, valid]), data.valid, data.plan)
     t0 = time.perf_counter()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(training_threads(config, both.source.image_dim, both.source.text_dim, device))

@@ -7,7 +7,7 @@ code on each column of the report and a baseline can never be scored differently
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,9 +30,19 @@ class EmbeddingModel:
     gallery_offsets: Callable[[torch.Tensor | None, torch.Tensor | None],
                               tuple[torch.Tensor | None, torch.Tensor | None]] | None = None
     ranking: str = "plain cosine"
-    # the embeddings that choose a section's settings on valid, where valid trained this model (a refit
-    # run: its heads as valid chose them); None: this model's own
-    chooser: EmbeddingModel | None = None
+    # what makes the embeddings that choose a section's settings on valid, where valid trained this model
+    # (a refit run: its heads as valid chose them), loaded when a section first asks; None: this model's own
+    make_chooser: Callable[[], EmbeddingModel] | None = None
+    _chooser: list = field(default_factory=list, init=False, repr=False)
+
+    @property
+    def chooser(self) -> EmbeddingModel | None:
+        """The model whose valid (and train) embeddings choose settings in place of this one's, or None."""
+        if self.make_chooser is None:
+            return None
+        if not self._chooser:
+            self._chooser.append(self.make_chooser())
+        return self._chooser[0]
 
     @property
     def tuner(self) -> EmbeddingModel:
@@ -68,14 +78,19 @@ class EmbeddingModel:
 def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     """Wrap a loaded run (anything with `embed_images` / `embed_texts` on raw features)."""
     label = name or Path(getattr(run, "run_dir", "") or "run").name
+    from medembed.adapt.run_files import SELECTION
     from medembed.adapt.run_querybank import bank_for, ranks_foreign_pool
 
     offsets, ranking = bank_for(run)
-    selection = getattr(run, "selection", lambda: None)()
-    chooser = None
-    if selection is not None and not ranks_foreign_pool(run):  # another dataset's valid was never trained on
-        chooser = EmbeddingModel(f"{label} (selection heads)", selection.embed_images, selection.embed_texts)
-    return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, ranking, chooser)
+    make_chooser = None
+    # a refit run scored on its own data (another dataset's valid was never trained on); the selection
+    # heads are loaded only when a section chooses settings on valid (search and the page never do)
+    if getattr(run, "run_dir", None) is not None and (Path(run.run_dir) / SELECTION).exists() \
+            and getattr(run, "checkpoint", None) is None and "compact" not in run.config and not ranks_foreign_pool(run):
+        def make_chooser() -> EmbeddingModel:
+            selection = run.selection()
+            return EmbeddingModel(f"{label} (selection heads)", selection.embed_images, selection.embed_texts)
+    return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, ranking, make_chooser)
 
 
 def _on_device(head: nn.Module) -> Embed:
