@@ -13,6 +13,7 @@ in BENCHMARKS.md (`benchmarks/compact.py`).
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.run import AdaptedRun, load_adapter_run, portable_features
-from medembed.adapt.run_files import COMPACT, FINETUNED, QUERYBANK
+from medembed.adapt.run_files import COMPACT, FINETUNED, QUERYBANK, SELECTION
 from medembed.adapt.run_querybank import calibrate
 from medembed.cache import schema
 from medembed.cache.reader import feature_chunks, load_split
@@ -91,21 +92,27 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
         config = {**run.config, "features_dir": str(run.features_dir),
                   COMPACT_KEY: {"dims": dims, "from": str(run_dir.resolve()), "variance_kept": round(kept, 6)}}
         ckpt.write_json(work / ckpt.CONFIG, portable_features(config, out))
-        for name in (ckpt.BEST, ckpt.METRICS):
+        for name in (ckpt.BEST, ckpt.METRICS, SELECTION):
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, work / name)
         ckpt.save_verified(work / COMPACT, {"projection": projection}, {"format": COMPACT_FORMAT})
         small = load_adapter_run(work)
+        # a refit source's heads trained on valid: valid chooses and measures through its selection heads,
+        # projected the same way, as the source's own bank was chosen
+        chooser = small.selection() or small
         files = small.split_files()
         valid = load_split(files["valid"], with_views=False)
         # the source's bank setting was chosen for its own embeddings: choose again for these, on valid
-        bank = calibrate(work, run=small, splits=(files["train"], valid)) if (run_dir / QUERYBANK).exists() else None
+        bank = calibrate(work, run=chooser, splits=(files["train"], valid)) if (run_dir / QUERYBANK).exists() else None
         # its own valid recall with plain cosine (what a run's summary keeps as `valid`), not the source's
         with torch.no_grad():
-            own = recall_summary(small.embed_images(valid.image_features), small.embed_texts(valid.caption_features),
+            own = recall_summary(chooser.embed_images(valid.image_features), chooser.embed_texts(valid.caption_features),
                                  valid.caption_image)
-        ckpt.write_derived_summary(run_dir, work, ("dim",), {"run_dir": str(out), "dim": dims, "valid": own,
-                                                            COMPACT_KEY: config[COMPACT_KEY]}, bank)
+        fields = {"run_dir": str(out), "dim": dims, "valid": own, COMPACT_KEY: config[COMPACT_KEY]}
+        source_summary = json.loads((run_dir / ckpt.SUMMARY).read_text()) if (run_dir / ckpt.SUMMARY).exists() else {}
+        if (work / SELECTION).exists() and "refit" in source_summary:
+            fields["refit"] = source_summary["refit"]  # its selection heads came along
+        ckpt.write_derived_summary(run_dir, work, ("dim",), fields, bank)
         replace_folder(work, out, expected=checked)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -80,10 +80,12 @@ class AdaptedRun:
         concept detectors' thresholds) are chosen with these, as the query bank was: the refit heads
         have trained on valid, so their valid embeddings would make every threshold look right."""
         path = self.run_dir / SELECTION
-        if "compact" in self.config or self.checkpoint is not None or not path.exists():
+        if self.checkpoint is not None or not path.exists():
             return None
         image_head, text_head = build_heads(self.config)
         ckpt.load_heads(path, image_head, text_head)
+        if "compact" in self.config:  # a compact run of a refit run: the same projection
+            image_head, text_head = _projected(self.run_dir, self.config, image_head, text_head)
         device = module_device(self.image_head)
         return replace(self, image_head=image_head.to(device).eval(), text_head=text_head.to(device).eval())
 
@@ -152,13 +154,18 @@ def load_adapter_run(run_dir: str | Path) -> AdaptedRun:
     image_head, text_head = build_heads(config)
     ckpt.load_heads(run_dir / ckpt.BEST, image_head, text_head)
     if "compact" in config:
-        tensors, _ = ckpt.read_verified(run_dir / COMPACT)
-        projection = tensors.get("projection")
-        want = (int(config["dim"]) * int(config.get("ensemble", 1)), int(config["compact"]["dims"]))
-        if projection is None or tuple(projection.shape) != want:
-            raise ValueError(f"{run_dir / COMPACT}: expected a {want[0]} x {want[1]} projection, as config.json says")
-        image_head, text_head = Projected(image_head, projection), Projected(text_head, projection)
+        image_head, text_head = _projected(run_dir, config, image_head, text_head)
     return AdaptedRun(run_dir, config, image_head.eval(), text_head.eval())
+
+
+def _projected(run_dir: Path, config: dict, image_head: nn.Module, text_head: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """A compact run's heads: these heads followed by its projection (`compact.safetensors`)."""
+    tensors, _ = ckpt.read_verified(run_dir / COMPACT)
+    projection = tensors.get("projection")
+    want = (int(config["dim"]) * int(config.get("ensemble", 1)), int(config["compact"]["dims"]))
+    if projection is None or tuple(projection.shape) != want:
+        raise ValueError(f"{run_dir / COMPACT}: expected a {want[0]} x {want[1]} projection, as config.json says")
+    return Projected(image_head, projection), Projected(text_head, projection)
 
 
 def describe_run(run: AdaptedRun) -> str:

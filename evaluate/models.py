@@ -86,7 +86,7 @@ def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     # a refit run scored on its own data (another dataset's valid was never trained on); the selection
     # heads are loaded only when a section chooses settings on valid (search and the page never do)
     if getattr(run, "run_dir", None) is not None and (Path(run.run_dir) / SELECTION).exists() \
-            and getattr(run, "checkpoint", None) is None and "compact" not in run.config and not ranks_foreign_pool(run):
+            and getattr(run, "checkpoint", None) is None and not ranks_foreign_pool(run):
         def make_chooser() -> EmbeddingModel:
             selection = run.selection()
             return EmbeddingModel(f"{label} (selection heads)", selection.embed_images, selection.embed_texts)

@@ -128,3 +128,31 @@ def test_refusals(source_run, tmp_path):
     r = CliRunner().invoke(main, ["compact", "--run", str(source_run), "--dims", "5", "--out", str(tmp_path / "d")])
     assert r.exit_code == 0, r.output
     assert "5 of 32 dimensions" in r.output and "second moment kept" in r.output
+
+
+def test_a_compact_run_of_a_refit_run_chooses_with_its_projected_selection_heads(source_run, tmp_path):
+    """The source refit on train + valid (the default): its selection heads come along, projected the
+    same way, and valid chooses the compact run's bank and measures it through them, not through heads
+    that trained on valid; eval chooses the concept detectors' settings with them too."""
+    from medembed.adapt.run_querybank import calibrate
+    from medembed.common.ranking import recall_summary
+    from medembed.evaluate.models import model_from_run
+
+    assert "refit" in json.loads((source_run / "summary.json").read_text())
+    make_compact(source_run, 6, tmp_path / "c")
+    small = load_adapter_run(tmp_path / "c")
+    chosen = small.selection()
+    source_chosen = load_adapter_run(source_run).selection()
+    valid = load_split(small.split_files()["valid"], with_views=False)
+    projection = fit_projection(load_adapter_run(source_run), 6)[0]
+    assert torch.allclose(chosen.embed_images(valid.image_features),
+                          unit(source_chosen.embed_images(valid.image_features) @ projection), atol=1e-5)
+    assert not torch.allclose(chosen.embed_images(valid.image_features), small.embed_images(valid.image_features))
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    want = recall_summary(chosen.embed_images(valid.image_features), chosen.embed_texts(valid.caption_features),
+                          valid.caption_image)
+    assert summary["valid"] == pytest.approx(want) and summary["refit"]["epochs"] >= 1
+    (tmp_path / "again").mkdir()
+    again = calibrate(tmp_path / "again", run=chosen, splits=(small.split_files()["train"], valid))
+    assert summary["querybank"]["setting"] == again["setting"]
+    assert model_from_run(small).chooser is not None
