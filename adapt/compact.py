@@ -13,7 +13,6 @@ in BENCHMARKS.md (`benchmarks/compact.py`).
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,11 +107,8 @@ def make_compact(run_dir: str | Path, dims: int, out: str | Path, overwrite: boo
         with torch.no_grad():
             own = recall_summary(chooser.embed_images(valid.image_features), chooser.embed_texts(valid.caption_features),
                                  valid.caption_image)
-        fields = {"run_dir": str(out), "dim": dims, "valid": own, COMPACT_KEY: config[COMPACT_KEY]}
-        source_summary = json.loads((run_dir / ckpt.SUMMARY).read_text()) if (run_dir / ckpt.SUMMARY).exists() else {}
-        if (work / SELECTION).exists() and "refit" in source_summary:
-            fields["refit"] = source_summary["refit"]  # its selection heads came along
-        ckpt.write_derived_summary(run_dir, work, ("dim",), fields, bank)
+        ckpt.write_derived_summary(run_dir, work, ("dim",), {"run_dir": str(out), "dim": dims, "valid": own,
+                                                            COMPACT_KEY: config[COMPACT_KEY]}, bank)
         replace_folder(work, out, expected=checked)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

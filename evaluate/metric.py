@@ -89,7 +89,7 @@ class ColumnInputs:
     def tuning_images(self, split: str) -> torch.Tensor:
         """Image embeddings of `split` ("train" or "valid") by the model that chooses settings on valid
         (`EmbeddingModel.tuner`): the column's own, except for a refit run, whose valid was trained on."""
-        if self.model is None or self.model.chooser is None:
+        if not self.tuned_apart:
             return self.train_images() if split == "train" else self.valid_images()
         data = self.train if split == "train" else self.valid
         return self._once(f"tuning_{split}_images", lambda m: m.tuner.images(data.image_features))

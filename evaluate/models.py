@@ -32,7 +32,7 @@ class EmbeddingModel:
     ranking: str = "plain cosine"
     # what makes the embeddings that choose a section's settings on valid, where valid trained this model
     # (a refit run: its heads as valid chose them), loaded when a section first asks; None: this model's own
-    make_chooser: Callable[[], EmbeddingModel] | None = None
+    make_chooser: Callable[[], EmbeddingModel | None] | None = None
     _chooser: list = field(default_factory=list, init=False, repr=False)
 
     @property
@@ -78,17 +78,18 @@ class EmbeddingModel:
 def model_from_run(run, name: str | None = None) -> EmbeddingModel:
     """Wrap a loaded run (anything with `embed_images` / `embed_texts` on raw features)."""
     label = name or Path(getattr(run, "run_dir", "") or "run").name
-    from medembed.adapt.run_files import SELECTION
     from medembed.adapt.run_querybank import bank_for, ranks_foreign_pool
 
     offsets, ranking = bank_for(run)
     make_chooser = None
-    # a refit run scored on its own data (another dataset's valid was never trained on); the selection
-    # heads are loaded only when a section chooses settings on valid (search and the page never do)
-    if getattr(run, "run_dir", None) is not None and (Path(run.run_dir) / SELECTION).exists() \
-            and getattr(run, "checkpoint", None) is None and not ranks_foreign_pool(run):
-        def make_chooser() -> EmbeddingModel:
+    # a refit run scored on its own data (another dataset's valid was never trained on): its selection
+    # heads (`AdaptedRun.selection`, None for other runs), loaded only when a section chooses settings on
+    # valid (search and the page never do)
+    if hasattr(run, "selection") and not ranks_foreign_pool(run):
+        def make_chooser() -> EmbeddingModel | None:
             selection = run.selection()
+            if selection is None:
+                return None
             return EmbeddingModel(f"{label} (selection heads)", selection.embed_images, selection.embed_texts)
     return EmbeddingModel(label, run.embed_images, run.embed_texts, offsets, ranking, make_chooser)
 

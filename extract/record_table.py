@@ -19,6 +19,7 @@ import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
@@ -47,13 +48,6 @@ def _schema() -> pa.Schema:
 
     return pa.schema([("image_id", pa.string()), ("image", pa.string()), ("captions", pa.list_(pa.string())),
                       ("concepts", pa.list_(pa.string())), ("split", pa.string())])
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class RecordTableBuilder:
@@ -102,7 +96,7 @@ class RecordTableBuilder:
             fd, self._path = tempfile.mkstemp(prefix="medembed-records-", suffix=".arrow", dir=self.spill_dir)
             os.close(fd)
             # a reader that stops with an error drops its builder: the file goes with it
-            self._cleanup = weakref.finalize(self, _remove, self._path)
+            self._cleanup = weakref.finalize(self, Path(self._path).unlink, missing_ok=True)
             self._writer = pa.ipc.new_file(self._path, _schema())
             for b in self._batches:
                 self._writer.write_batch(b)
