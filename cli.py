@@ -88,6 +88,8 @@ def _print_extract_summary(summary) -> None:
             click.echo(f"  skipped [{s.split}] {image_id}: {reason} ({location})")
         if len(s.skipped) > 20:
             click.echo(f"  ... and {len(s.skipped) - 20} more skipped in {s.split} (listed in the cache: skipped/)")
+    for line in getattr(summary, "refused", []):
+        click.echo(f"  {line}")
     for line in getattr(summary, "memory", []):
         click.echo(f"  {line}")
     for w in summary.warnings:
@@ -95,6 +97,27 @@ def _print_extract_summary(summary) -> None:
     click.echo("outputs:")
     for s in summary.splits:
         click.echo(f"  {s.path}")
+
+
+FOLLOW_LINKS_HELP = ("Read links that lead out of the data folder (files, folders, shards); without it they are "
+                     "not read, and counted in the summary. Part of the cache's provenance.")
+READABLE_PATHS_HELP = ("Identify records by their paths even where paths may name patients (image-only folders, DICOM "
+                       "images), instead of by a keyed hash of the path (key: ~/.config/medembed/path-key, or "
+                       "$MEDEMBED_PATH_KEY_FILE).")
+
+
+def _data_reading(data, follow_links: bool, readable_paths: bool) -> dict:
+    """--follow-links and --readable-paths as keyword arguments; refused without --data, where no folder is read."""
+    if data is None and (follow_links or readable_paths):
+        flag = "--follow-links" if follow_links else "--readable-paths"
+        raise click.UsageError(f"{flag} says how --data is read: give --data too")
+    return {"follow_links": follow_links, "readable_paths": readable_paths}
+
+
+def _reading_options(f):
+    """--follow-links and --readable-paths of the commands that read a dataset folder."""
+    f = click.option("--readable-paths", is_flag=True, help=READABLE_PATHS_HELP)(f)
+    return click.option("--follow-links", is_flag=True, help=FOLLOW_LINKS_HELP)(f)
 
 
 @main.command()
@@ -117,7 +140,8 @@ def _print_extract_summary(summary) -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @click.option("--allow-split-overlap", is_flag=True,
               help="Extract a dataset whose splits share images (by id or file) with a warning, instead of refusing "
-                   "it: such images leak test into training.")
+                   "it: such images leak test into training. (A copy of an image's bytes under another id is always "
+                   "a warning.)")
 @click.option("--window", **_cfg("medembed.extract.extraction:ExtractConfig.window"), metavar="auto|PRESET|C,W",
               help="Intensity window for DICOM, NIfTI and 16-bit images: auto (the file's own VOI LUT or window, else "
                    "its 0.5-99.5th percentiles), a CT preset in Hounsfield units (lung, soft-tissue, bone, brain; CT "
@@ -144,8 +168,10 @@ def _print_extract_summary(summary) -> None:
               type=click.FloatRange(min=0, min_open=True),
               help="GiB the extraction may take (the process and its decoding workers): a larger split is written "
                    "in parts sized to fit and joined without copying; a --shard or batch that cannot fit is refused.")
+@_reading_options
 def extract(data, backbone, splits, batch_size, workers, device, out, dtype, views, strict, allow_split_overlap, window,
-            frames, runtime, report_sections, shard, engine, address, shards, max_memory_gb) -> None:
+            frames, runtime, report_sections, shard, engine, address, shards, max_memory_gb, follow_links,
+            readable_paths) -> None:
     """Run a frozen backbone over a dataset once and cache its features in HDF5."""
     from medembed.extract.extraction import ExtractConfig
     from medembed.extract.extraction import extract as run_extract
@@ -154,7 +180,7 @@ def extract(data, backbone, splits, batch_size, workers, device, out, dtype, vie
         data=data, backbone=backbone, splits=splits.split(",") if splits else None, batch_size=batch_size,
         workers=workers, device=device, out=out, dtype=dtype, views=views, strict=strict, shard=shard,
         allow_split_overlap=allow_split_overlap, window=window, frames=frames, report_sections=report_sections,
-        runtime=runtime, max_memory_gb=max_memory_gb,
+        runtime=runtime, max_memory_gb=max_memory_gb, follow_links=follow_links, readable_paths=readable_paths,
     )
     if engine == "ray":
         from medembed.extract.distributed import extract_with_ray
@@ -333,7 +359,7 @@ def relink(run_dir, features_dir) -> None:
 
     done = run_relink(run_dir, features_dir)
     click.echo(f"{done['run_dir']}: features {done['old']} -> {done['new']} (splits {', '.join(done['splits'])}, "
-               "provenance checked)")
+               "provenance and integrity checked)")
 
 
 @main.command()
@@ -378,10 +404,12 @@ def distil(run_dir, out, dim, epochs, seed, overwrite) -> None:
     with exclusive(out, "distil"):
         done = distil_run(run_dir, out, DistilOptions(dim=dim, epochs=epochs, seed=seed), overwrite=overwrite)
     bank = done.querybank["description"] if done.querybank else "plain cosine (the source run has no query bank)"
+    chosen = (" (a student of its selection heads, which never trained on valid; the kept one was then taught by "
+              f"its refit heads for {done.best_epoch} epochs)") if done.refit else ""
     click.echo(f"{done.run_dir}: one {done.dim}-d head taught by {done.source} ({done.source_dim}-d); best epoch "
                f"{done.best_epoch}; valid mean recall {done.valid['mean_recall']:.1f} (teacher "
-               f"{done.teacher_valid['mean_recall']:.1f}), similarities correlate {done.correlation:.3f}; ranking: {bank}\n"
-               f"see what it costs: cli.py eval --run {done.source} --run {done.run_dir}")
+               f"{done.teacher_valid['mean_recall']:.1f}){chosen}, similarities correlate {done.correlation:.3f}; "
+               f"ranking: {bank}\nsee what it costs: cli.py eval --run {done.source} --run {done.run_dir}")
 
 
 # --- eval / search ---------------------------------------------------------------------------
@@ -512,19 +540,21 @@ QUERY_RUNTIME_HELP = ("What encodes queries on the CPU: PyTorch, ONNX Runtime (t
 @click.option("--max-memory-gb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Memory this may take (GiB, the whole process): the pool's embeddings are held when they fit, "
                    "else every exact scan streams the pool from disk; a budget nothing fits is refused.")
+@_reading_options
 def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, data, features_root, runtime,
-           max_memory_gb) -> None:
+           max_memory_gb, follow_links, readable_paths) -> None:
     """Top-k of the cached pool for a new caption or image, through a run's heads."""
     from medembed.serve.search import format_results
     from medembed.serve.search import search as run_search
 
     if (text is None) == (image is None):
         raise click.UsageError("give exactly one of --text or --image")
+    reading = _data_reading(data, follow_links, readable_paths)
     if out and os.path.exists(out) and not overwrite:
         raise click.ClickException(f"{out}: exists; choose another --out or pass --overwrite to replace it")
     results = run_search(run_dir, text=text, image=image, k=k, out=out, split=split, data=data,
                          features_root=features_root, use_index=not exact, explain_maps=explain_maps,
-                         runtime=runtime, max_memory_gb=max_memory_gb)
+                         runtime=runtime, max_memory_gb=max_memory_gb, **reading)
     click.echo(format_results(results))
     if out:
         click.echo(f"grid: {out}")
@@ -550,16 +580,19 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
 @click.option("--max-memory-gb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Memory this may take (GiB, the whole process): the pool's embeddings are held when they fit, "
                    "else every exact scan streams the pool from disk; a budget nothing fits is refused.")
-def serve(run_dir, use_index, host, port, split, data, features_root, runtime, max_memory_gb) -> None:
+@_reading_options
+def serve(run_dir, use_index, host, port, split, data, features_root, runtime, max_memory_gb, follow_links,
+          readable_paths) -> None:
     """A local search page and JSON API over a run's pool (text -> images, image -> captions and images)."""
     from medembed.serve.page import listen
     from medembed.serve.page import serve as run_server
     from medembed.serve.search import Searcher
 
+    reading = _data_reading(data, follow_links, readable_paths)
     sock = listen(host, port)  # first: a busy port is refused at once, not after the model has loaded
     with sock:
         searcher = Searcher(run_dir, split, data, features_root, use_index=use_index, runtime=runtime,
-                            max_memory_gb=max_memory_gb)
+                            max_memory_gb=max_memory_gb, **reading)
         searcher.warm()  # load the model and project a held pool before answering
         for note in searcher.notes:
             click.echo(f"note: {note}", err=True)
@@ -574,10 +607,11 @@ def serve(run_dir, use_index, host, port, split, data, features_root, runtime, m
 @click.option("--sort", "sort_key", default="created", show_default=True,
               type=click.Choice(["created", "name", "valid", "test_t2i", "test_i2t"]),
               help="Order of the rows (valid: best valid mean recall first, ranked as eval ranks each run: with "
-                   "its query bank when it has one; test_*: latest test R@10 first).")
+                   "its query bank when it has one; runs whose valid numbers are not held out come last, unranked; "
+                   "test_*: latest test R@10 first).")
 def runs(folder, sort_key) -> None:
-    """Every run under FOLDER: backbone, dataset, model, best valid recall (as ranked and with plain cosine),
-    latest test evaluation, when made, size on disk."""
+    """Every run under FOLDER: backbone, dataset, model, best valid recall (as ranked and with plain cosine,
+    and which heads it comes from), latest test evaluation, when made, size on disk."""
     from medembed.evaluate.listing import find_runs, format_runs, sort_runs, sweep_boards
 
     rows = sort_runs(find_runs(folder), sort_key)
@@ -636,15 +670,19 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 @click.option("--address", default=None, help="Ray cluster address with --engine ray (default: start a local one).")
 @click.option("--parts", **_cfg("medembed.serve.index:IndexOptions.parts"), type=click.IntRange(min=0),
               help="Ray tasks with --engine ray; 0: one per CPU of the cluster.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier index of the same split and kind (swapped in whole "
+                                                 "once the new one is built).")
+@_reading_options
 def index(run_dir, split, kind, max_memory_gb, nlist, nprobe, m, pq_bytes, rerank, data, features_root, engine, address,
-          parts) -> None:
+          parts, overwrite, follow_links, readable_paths) -> None:
     """Build a FAISS index of the run's adapted image embeddings (used by search and serve)."""
     from medembed.serve.index import IndexOptions, build_index, format_index_summary
 
     path, meta = build_index(run_dir, IndexOptions(split=split, kind=kind, nlist=nlist, nprobe=nprobe, m=m, data=data,
                                                    pq_bytes=pq_bytes, rerank=rerank, max_memory_gb=max_memory_gb,
                                                    features_root=features_root, engine=engine, address=address,
-                                                   parts=parts))
+                                                   parts=parts, overwrite=overwrite,
+                                                   **_data_reading(data, follow_links, readable_paths)))
     click.echo(format_index_summary(path, meta))
 
 
@@ -671,7 +709,7 @@ def export_model_cmd(run_dir, out, overwrite) -> None:
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
-@click.option("--split", **_cfg("medembed.serve.export:ExportOptions.split"), help="Split to export, or all.")
+@click.option("--split", default=None, help="Split to export, or all [default: the pool's only split, else test].")
 @click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), **_cfg("medembed.serve.export:ExportOptions.format"),
               help="npy: img_emb/*.npy + metadata/*.parquet; parquet: an `embedding` column in img_emb/*.parquet.")
 @click.option("--rows", type=click.Choice(["images", "captions"]), **_cfg("medembed.serve.export:ExportOptions.rows"),
@@ -686,12 +724,14 @@ def export_model_cmd(run_dir, out, overwrite) -> None:
                    "instead of the run's cache [--out default: RUN/export/DATASET-SPLIT-FORMAT].")
 @click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
               help="Where --data's encoding is cached.")
-def export(run_dir, split, fmt, rows, dtype, out, overwrite, data, features_root) -> None:
+@_reading_options
+def export(run_dir, split, fmt, rows, dtype, out, overwrite, data, features_root, follow_links, readable_paths) -> None:
     """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""
     from medembed.serve.export import ExportOptions, export_embeddings, format_export_summary
 
     summary = export_embeddings(run_dir, ExportOptions(format=fmt, split=split, out=out, dtype=dtype, rows=rows,
-                                                       overwrite=overwrite, data=data, features_root=features_root))
+                                                       overwrite=overwrite, data=data, features_root=features_root,
+                                                       **_data_reading(data, follow_links, readable_paths)))
     click.echo(format_export_summary(summary))
 
 

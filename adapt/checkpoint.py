@@ -21,6 +21,7 @@ from torch import nn
 
 from medembed.adapt.run_files import BEST, CONFIG, LAST, METRICS, SELECTION, SUMMARY  # re-exported: run-folder names
 from medembed.adapt.state import TrainState
+from medembed.adapt.valid_heads import VALID_HEADS, VALID_HELD_OUT, VALID_WHY
 from medembed.common.files import atomic_write, write_json
 from medembed.common.hashing import digests_of, tensor_digest
 
@@ -67,12 +68,12 @@ def read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def write_derived_summary(source_dir: Path, folder: Path, replaced: tuple[str, ...], fields: dict,
                           querybank: dict | None) -> None:
     """summary.json of a run made from another (compact, distilled): the source's summary less what
-    no longer describes the new run (`replaced`, and its valid recall, bank and memory; its refit
-    record unless the selection heads it names came along into `folder`), plus `fields` and the new
-    run's own query-bank record when it has one."""
+    no longer describes the new run (`replaced`, and its valid recall with where it came from, bank
+    and memory; its refit record unless the selection heads it names came along into `folder`), plus
+    `fields` and the new run's own query-bank record when it has one."""
     path = Path(source_dir) / SUMMARY
     source = json.loads(path.read_text()) if path.exists() else {}
-    drop = {"valid", "querybank", "memory", "refit_skipped", *replaced}
+    drop = {"valid", VALID_HEADS, VALID_HELD_OUT, VALID_WHY, "querybank", "memory", "refit_skipped", *replaced}
     if not (Path(folder) / SELECTION).exists():
         drop.add("refit")
     summary = {**{k: v for k, v in source.items() if k not in drop}, **fields}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from medembed.adapt.heads import LinearMapHead
 from medembed.cache.reader import CachedSplit
@@ -139,25 +140,39 @@ class CCAFit:
     grid: list[dict]  # one row per setting tried: reg, power and its valid recall
 
 
-def fit_cca_on_valid(train_split: CachedSplit, valid: CachedSplit, dim: int, max_valid: int = 5000) -> CCAFit:
+def fit_cca_on_valid(train_split: CachedSplit, valid: CachedSplit, dim: int, max_valid: int = 5000,
+                     progress: bool = False) -> CCAFit:
     """Regularised CCA with the ridge and weighting that give the best valid mean recall: the one
     closed-form solution both `adapt --head cca` and the eval's closed-form column use. The grid is
     scored on at most `max_valid` valid images (the first ones, with their captions): 54 settings
-    ranked over a 100k pool would cost far more than the fit itself."""
-    moments = pair_moments(train_split)
-    eigs = torch.linalg.eigh(moments.cxx), torch.linalg.eigh(moments.cyy)
-    valid = _first_images(valid, max_valid)
-    best, grid = None, []
-    for reg in CCA_GRID["reg"]:
-        solution = cca_solve(moments, reg, eigs)
-        for power in CCA_GRID["power"]:
-            heads = cca_heads(solution, dim, power=power)
-            with torch.no_grad():
-                img, txt = (h(x.float()) for h, x in zip(heads, (valid.image_features, valid.caption_features)))
-            row = {"reg": reg, "power": power, **recall_summary(img, txt, valid.caption_image)}
-            grid.append(row)
-            if best is None or row["mean_recall"] > best[0]["mean_recall"]:
-                best = (row, heads)
+    ranked over a 100k pool would cost far more than the fit itself. `progress`: a bar on stderr
+    over the moments, the eigendecompositions and the settings scored, naming the step it is on
+    (wide features spend seconds to minutes here; a bar update costs microseconds)."""
+    steps = 2 + len(CCA_GRID["reg"]) * len(CCA_GRID["power"])
+    with tqdm(total=steps, desc="closed form", unit="step", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        bar.set_postfix_str(f"moments of {train_split.n_captions:,} train pairs")
+        moments = pair_moments(train_split)
+        bar.update()
+        widths = f"{moments.cxx.shape[0]:,} + {moments.cyy.shape[0]:,}"
+        bar.set_postfix_str(f"eigendecompositions of the {widths}-wide covariances")
+        eigs = torch.linalg.eigh(moments.cxx), torch.linalg.eigh(moments.cyy)
+        bar.update()
+        valid = _first_images(valid, max_valid)
+        best, grid = None, []
+        for reg in CCA_GRID["reg"]:
+            bar.set_postfix_str(f"ridge {reg:g}: solving, then scoring {len(CCA_GRID['power'])} weightings on "
+                                f"{valid.n_images:,} valid images")
+            solution = cca_solve(moments, reg, eigs)
+            for power in CCA_GRID["power"]:
+                heads = cca_heads(solution, dim, power=power)
+                with torch.no_grad():
+                    img, txt = (h(x.float()) for h, x in zip(heads, (valid.image_features, valid.caption_features)))
+                row = {"reg": reg, "power": power, **recall_summary(img, txt, valid.caption_image)}
+                grid.append(row)
+                if best is None or row["mean_recall"] > best[0]["mean_recall"]:
+                    best = (row, heads)
+                bar.update()
     row, (image_head, text_head) = best
     valid_metrics = {k: v for k, v in row.items() if k not in ("reg", "power")}
     return CCAFit(image_head, text_head, row["reg"], row["power"], valid_metrics, grid)

@@ -56,10 +56,10 @@ def _config(train: CachedSplit, dim: int) -> dict:
             "text_dim": int(train.caption_features.shape[1]), "features_dir": "", "out": ""}
 
 
-def closed_form(train: CachedSplit, valid: CachedSplit | None, dim: int) -> ClosedForm:
+def closed_form(train: CachedSplit, valid: CachedSplit | None, dim: int, progress: bool = False) -> ClosedForm:
     """The closed-form heads for this train/valid pair and width: read back when an earlier
-    evaluation stored them, else fitted (ridge and weighting chosen on valid when there is one)
-    and stored beside the train cache."""
+    evaluation stored them, else fitted (ridge and weighting chosen on valid when there is one, with
+    a bar on stderr when `progress`) and stored beside the train cache."""
     folder = Path(train.path).parent / STORE if train.path else None
     path = folder / f"{store_key(train, valid, dim)}.safetensors" if folder else None
     if path is not None and path.exists():
@@ -76,7 +76,7 @@ def closed_form(train: CachedSplit, valid: CachedSplit | None, dim: int) -> Clos
             except OSError:
                 pass
     if valid is not None:
-        fit = fit_cca_on_valid(train, valid, dim)
+        fit = fit_cca_on_valid(train, valid, dim, progress=progress)
         heads, reg, power = (fit.image_head, fit.text_head), fit.reg, fit.power
     else:
         heads, reg, power = fit_closed_form(train, dim, **DEFAULT_SETTING), DEFAULT_SETTING["reg"], DEFAULT_SETTING["power"]

@@ -4,7 +4,9 @@ A run records where its cache was (absolute, and relative to the run folder), so
 together with its features still finds them. When only the features moved, `cli.py relink` points
 the run at the new folder, after checking by provenance (backbone, weights, preprocessing, layers,
 dataset and its fingerprint, as `config.json` recorded them) that it holds the very features the
-run was trained on: a path alone proves nothing.
+run was trained on, and by reading every file through its checksums and NaN/Inf checks that they
+are intact: a path alone proves nothing, and a damaged copy accepted here would surface later as
+something else (a stale index).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.cache.provenance import feature_differences
-from medembed.cache.reader import feature_widths, find_splits, read_attrs
+from medembed.cache.reader import feature_widths, find_splits, read_attrs, verify_cache
 from medembed.common.files import write_json
 from medembed.common.locks import exclusive
 
@@ -41,6 +43,7 @@ def relink(run_dir: str | Path, features_dir: str | Path) -> dict:
             diffs = feature_differences(read_attrs(path), recorded)
             if diffs:
                 raise ValueError(f"{path}: not the features this run was trained on ({diffs[0]})")
+            verify_cache(path)  # the right features, but intact? (checksums, NaN/Inf): a CacheError naming the dataset
         old = config["features_dir"]
         write_json(config_path, portable_features({**config, "features_dir": str(new)}, run_dir))
         bank_path = run_dir / QUERYBANK

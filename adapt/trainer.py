@@ -39,6 +39,7 @@ from medembed.adapt.run_files import SELECTION
 from medembed.adapt.run_querybank import calibrate
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
 from medembed.adapt.supervision import ConceptSupervision
+from medembed.adapt.valid_heads import BEST_HEADS, SELECTION_HEADS, valid_fields
 from medembed.cache.faults import reached
 from medembed.cache.provenance import RUN_RECORD_KEYS
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
@@ -320,7 +321,7 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
     run_config = run_config_for(config, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.head == "cca":
-        return _fit_cca(config, run_config, run_dir, data, splits)
+        return _fit_cca(config, run_config, run_dir, data, splits, progress)
     if resume and (run_dir / SELECTION).exists():  # killed while refitting: the chosen heads come back first
         (run_dir / SELECTION).replace(run_dir / ckpt.BEST)
     threads_before = torch.get_num_threads()
@@ -409,6 +410,9 @@ def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
     """Choose the query bank on valid (unless turned off), refit the heads on train + valid when asked
     (`refit`, after every choice valid makes), then write summary.json: the file that marks a run
     finished comes last."""
+    # the valid numbers (and the bank's) are the chosen heads', measured before any refit: once refit, those
+    # heads are selection.safetensors, and they never trained on valid
+    summary.update(valid_fields(SELECTION_HEADS if refit is not None else BEST_HEADS))
     if config.querybank:
         summary["querybank"] = calibrate(run_dir, splits=splits)
     else:
@@ -425,11 +429,11 @@ def finish_run(run_dir: Path, summary: dict, config: AdaptConfig,
 
 
 def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: TrainingData,
-             splits: tuple[CachedSplit, CachedSplit] | None = None) -> dict:
+             splits: tuple[CachedSplit, CachedSplit] | None = None, progress: bool = False) -> dict:
     """Closed form: ridge and correlation weighting picked on valid, like early stopping picks an epoch.
     Runs on the CPU: a few eigendecompositions of feature-sized matrices, no loop to accelerate."""
     t0 = time.perf_counter()
-    fit_ = fit_cca_on_valid(data.train, data.valid, config.dim)
+    fit_ = fit_cca_on_valid(data.train, data.valid, config.dim, progress=progress)
     rows = [{"epoch": i + 1, **r} for i, r in enumerate(fit_.grid)]
     (run_dir / ckpt.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
     ckpt.save_heads(run_dir / ckpt.BEST, fit_.image_head, fit_.text_head)

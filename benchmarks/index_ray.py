@@ -35,7 +35,7 @@ def main() -> None:
         if engine == "ray":
             ray.init(num_cpus=args.parts, include_dashboard=False, log_to_driver=False)
         t0 = time.perf_counter()
-        path, meta = build_index(args.run, IndexOptions(split="test", engine=engine, parts=args.parts))
+        path, meta = build_index(args.run, IndexOptions(split="test", engine=engine, parts=args.parts, overwrite=True))
         seconds = time.perf_counter() - t0
         if engine == "ray":
             ray.shutdown()

@@ -229,7 +229,7 @@ def real_pool(run_dir: str, kinds: list[str], max_memory_gb: float, k: int) -> N
     print("| kind | parameters | build s | bytes/vector | q/s 1 client | recall@10 vs exact |")
     print("|---|---|--:|--:|--:|--:|")
     for asked in kinds:
-        path, meta = build_index(run_dir, IndexOptions(kind=asked, max_memory_gb=max_memory_gb))
+        path, meta = build_index(run_dir, IndexOptions(kind=asked, max_memory_gb=max_memory_gb, overwrite=True))
         indexed = Searcher(run_dir)  # takes the index just built (the most recent)
         assert indexed.index is not None and indexed.index[1].kind == meta.kind
         t0 = time.perf_counter()

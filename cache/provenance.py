@@ -7,7 +7,9 @@ from medembed.common.errors import MedembedError
 BACKBONE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
                  "text_pooling")
 # What identifies the data the features describe.
-DATA_KEYS = ("dataset", "dataset_fingerprint", "image_decoding")  # decoding: window / frames when not the defaults
+# decoding: window / frames when not the defaults; data_access: links followed out of the data folder;
+# image_ids: records named by a keyed hash of their path (and which key), when they are
+DATA_KEYS = ("dataset", "dataset_fingerprint", "image_decoding", "data_access", "image_ids")
 # Keys that must match for features to be mixed or appended. Time, host and data location may differ.
 COMPARED = (*BACKBONE_KEYS, *DATA_KEYS, "split", "dtype", "views", "templates", "toolkit_version", "shard",
             "image_runtime")  # recorded when not PyTorch: features of two runtimes are never mixed

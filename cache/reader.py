@@ -279,6 +279,23 @@ def feature_chunks(path: str | Path, name: str = schema.IMAGE_FEATURES, rows: in
             yield read_dataset(f, name, np.s_[s : s + rows])
 
 
+def verify_cache(path: str | Path, block_bytes: int = 64 * 2**20) -> None:
+    """Read every numeric dataset of a cache file once, a block of rows at a time, through its
+    Fletcher-32 checksums and (features) the NaN/Inf check: a `CacheError` naming the file and the
+    first damaged dataset, else nothing. For what accepts a cache without reading all of it
+    (`relink`), or must tell a damaged cache from a stale index; O(file), in `block_bytes` of memory."""
+    with open_cache(path) as f:
+        names: list[str] = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset)
+                     and obj.dtype.kind in "fiub" and obj.ndim else None)
+        for name in names:
+            ds = f[name]
+            row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+            step = max(1, block_bytes // row_bytes)
+            for s in range(0, ds.shape[0], step):
+                read_dataset(f, name, np.s_[s : s + step])
+
+
 def string_chunks(path: str | Path, name: str, rows: int = 262144) -> Iterator[list[str]]:
     """A string dataset of a cache file (e.g. `schema.IMAGE_IDS`), `rows` at a time."""
     with open_cache(path) as f:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+from tqdm.auto import tqdm
 
 from medembed.common.ranking import average_precision
 from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
@@ -232,9 +233,12 @@ def score(
     concept_emb: torch.Tensor | None = None,
     concept_names: list[str] | None = None,
     config: FewShotConfig | None = None,
+    progress: bool = False,
 ) -> FewShotResult:
     """train_emb [Ntr, D], test_emb [Nte, D] unit vectors; labels multi-hot over the same columns.
-    concept_emb [C, D] prompt embeddings feed `tip_adapter`'s zero-shot term (None: cache only)."""
+    concept_emb [C, D] prompt embeddings feed `tip_adapter`'s zero-shot term (None: cache only).
+    `progress`: a bar on stderr over the (k, method) steps, each fitting every concept and seed at once
+    (seconds each on a large vocabulary; a bar update costs microseconds)."""
     cfg = config or FewShotConfig()
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
@@ -251,12 +255,16 @@ def score(
         truth = torch.from_numpy(test_labels[:, cols].toarray() > 0).repeat(1, cfg.seeds)  # [Nte, S*C]
         prompts = _prompts(concept_emb, concept_names, cols, cfg.seeds)
         seed_of = torch.arange(cfg.seeds).repeat_interleave(len(cols))
-        for ki, k in enumerate(ks):
-            rows, ys = supports.of_k(k)
-            xs = xtr[rows]  # [S*C, 2k, D]
-            for mi, method in enumerate(cfg.methods):
-                scores = _method_scores(method, xs, ys, xte, xtr, prompts, seed_of, cfg)
-                ap[mi, ki] = average_precision(scores, truth).reshape(cfg.seeds, len(cols)).numpy()
+        with tqdm(total=len(ks) * len(cfg.methods), desc="few-shot", unit="step", disable=not progress, leave=False,
+                  dynamic_ncols=True) as bar:
+            for ki, k in enumerate(ks):
+                rows, ys = supports.of_k(k)
+                xs = xtr[rows]  # [S*C, 2k, D]
+                for mi, method in enumerate(cfg.methods):
+                    bar.set_postfix_str(f"{k}-shot {method}: {len(cols)} concepts x {cfg.seeds} seed(s)")
+                    scores = _method_scores(method, xs, ys, xte, xtr, prompts, seed_of, cfg)
+                    ap[mi, ki] = average_precision(scores, truth).reshape(cfg.seeds, len(cols)).numpy()
+                    bar.update()
     tr_counts = np.asarray(train_labels.sum(0)).ravel()
     te_counts = np.asarray(test_labels.sum(0)).ravel()
     return FewShotResult(ks=ks, methods=tuple(cfg.methods), concept_rows=cols,
@@ -281,10 +289,12 @@ def compute(
     concept_emb: torch.Tensor | None = None,
     concept_names: list[str] | None = None,
     config: FewShotConfig | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Flat numbers: mAP (%) per method and k (mean over concepts, then seeds), its spread over
     seeds, and how many concepts and seeds were used (see `score`)."""
-    return score(train_emb, train_labels, test_emb, test_labels, concept_emb, concept_names, config).metrics()
+    return score(train_emb, train_labels, test_emb, test_labels, concept_emb, concept_names, config,
+                 progress).metrics()
 
 
 def chance(train_labels: sp.csr_matrix, test_labels: sp.csr_matrix, config: FewShotConfig | None = None) -> dict[str, float]:
@@ -320,7 +330,7 @@ def curves(metrics: dict[str, float], cfg: FewShotConfig) -> dict[str, list[floa
 def _score(inputs: ColumnInputs, cfg: FewShotConfig) -> Scores:
     test, train = inputs.test, inputs.train
     metrics = compute(inputs.train_images(), train.concepts, inputs.images(), test.concepts, inputs.concept_prompts(),
-                      test.concept_names, cfg)
+                      test.concept_names, cfg, inputs.progress)
     return Scores(metrics, curves=curves(metrics, cfg))
 
 

@@ -11,6 +11,12 @@ chose on valid (cosine − β·hubness, querybank.json) when it has one, by plai
 none (`--no-querybank`). summary.json's own "valid" is the plain-cosine recall of the best epoch
 (what early stopping saw), so ranking by it could order runs differently from every evaluation of
 them; it is shown beside the ranked one.
+
+Every valid number says which heads produced it ("valid heads": "best", or a refit run's
+"selection", `adapt.valid_heads`). A run whose valid numbers come from heads that trained on valid
+(a run distilled or compacted from a refit run's heads before its selection heads came along) is
+shown with them in parentheses, marked "not held out", and never ranked: `--sort valid` puts it
+after every run whose valid numbers are held out.
 """
 from __future__ import annotations
 
@@ -22,12 +28,15 @@ from pathlib import Path
 
 from medembed.adapt import run_files
 from medembed.adapt.run import QUERYBANK, read_querybank
+from medembed.adapt.valid_heads import ValidSource, valid_source
 from medembed.evaluate.report import with_interval
 
 SORT_KEYS = ("created", "name", "valid", "test_t2i", "test_i2t")
 BANK_SCORE = "cos − β·hub"  # a run ranking with its query bank: cosine − beta * hubness (common.querybank)
 COSINE = "cosine"  # plain cosine
 RANKED_AS_EVAL = f"as eval ranks: {BANK_SCORE} with the run's query bank, else {COSINE}"
+NOT_HELD_OUT = ("(x): valid numbers of heads that trained on valid (not held out), never ranked: sorted after "
+                "every held-out one")
 
 
 def one_line(text: str, limit: int | None = None) -> str:
@@ -43,23 +52,27 @@ class ValidRecall:
     ranked: dict  # {"mean_recall", "t2i_R@10", ...}; empty when the run recorded none
     plain: dict
     ranking: str  # BANK_SCORE or COSINE: how `ranked` was ranked
+    source: ValidSource = ValidSource("best", True)  # the heads both come from; never ranked when not held out
 
 
 def valid_recall(run_dir: str | Path) -> ValidRecall:
     """What the run recorded: summary.json's valid (plain cosine) and, when the run ranks with a query
-    bank, querybank.json's valid recall with it. A bank whose setting is off (beta 0 chosen on valid)
-    ranks by plain cosine, and so does a run whose querybank.json was removed, as in eval."""
+    bank, querybank.json's valid recall with it (chosen and measured with the same heads). A bank whose
+    setting is off (beta 0 chosen on valid) ranks by plain cosine, and so does a run whose
+    querybank.json was removed, as in eval."""
     run_dir = Path(run_dir)
-    plain = _read(run_dir / run_files.SUMMARY).get("valid", {})
+    summary = _read(run_dir / run_files.SUMMARY)
+    plain, source = summary.get("valid", {}), valid_source(run_dir, summary)
     record = _read(run_dir / QUERYBANK)
     if not record:
-        return ValidRecall(plain, plain, COSINE)
+        return ValidRecall(plain, plain, COSINE, source)
     try:
         setting = read_querybank(run_dir)
     except ValueError:
         setting = None
     active = setting is not None and setting.active
-    return ValidRecall(record.get("valid") or plain, record.get("valid_plain") or plain, BANK_SCORE if active else COSINE)
+    return ValidRecall(record.get("valid") or plain, record.get("valid_plain") or plain, BANK_SCORE if active else COSINE,
+                       source)
 
 
 def disk_bytes(folder: Path) -> int:
@@ -112,6 +125,7 @@ class RunRow:
     valid_plain: float | None = None  # the same mean recall with plain cosine
     ranking: str = COSINE  # BANK_SCORE or COSINE
     size_bytes: int = 0  # the run folder's files on disk
+    valid_source: ValidSource = ValidSource("best", True)  # which heads the valid numbers come from
 
 
 def _read(path: Path) -> dict:
@@ -156,11 +170,13 @@ def find_runs(folder: str | Path) -> list[RunRow]:
                            config.get("cache", {}).get("dataset", ""), model, valid.ranked.get("mean_recall"),
                            (valid.ranked.get("t2i_R@10"), valid.ranked.get("i2t_R@10")),
                            evaluation["metrics"] if evaluation else None, created_at(run_dir, summary, config),
-                           valid.plain.get("mean_recall"), valid.ranking, disk_bytes(run_dir)))
+                           valid.plain.get("mean_recall"), valid.ranking, disk_bytes(run_dir), valid.source))
     return rows
 
 
 def sort_runs(rows: list[RunRow], key: str) -> list[RunRow]:
+    """Rows in `key`'s order; by valid, the runs whose valid numbers are not held out come after every
+    run whose numbers are, whatever those numbers (they are not ranked among themselves either)."""
     if key not in SORT_KEYS:
         raise ValueError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}")
 
@@ -170,28 +186,33 @@ def sort_runs(rows: list[RunRow], key: str) -> list[RunRow]:
         if key == "created":
             return r.created
         if key == "valid":
-            return -(r.valid or -1.0)
+            return (0, -(r.valid or -1.0), "") if r.valid_source.held_out else (1, 0.0, r.name)
         metric = "t2i_R@10" if key == "test_t2i" else "i2t_R@10"
         return -((r.test or {}).get(metric) or -1.0)
 
     return sorted(rows, key=value, reverse=key == "created")
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1f}"
+def _pct(x: float | None, held_out: bool = True) -> str:
+    """A percentage cell; in parentheses when it is not held out (valid numbers of heads valid trained)."""
+    if x is None:
+        return "–"
+    return f"{x:.1f}" if held_out else f"({x:.1f})"
 
 
 def format_runs(rows: list[RunRow]) -> str:
     """The table, then a line saying how the ranked columns were ranked. "ranked by" says per run what
     its ranked columns (and its eval's test columns) use; "(cosine)" columns are always plain cosine."""
-    head = ["run", "backbone", "dataset", "model", "ranked by", "valid mean recall (ranked)",
+    head = ["run", "backbone", "dataset", "model", "ranked by", "valid heads", "valid mean recall (ranked)",
             "valid mean recall (cosine)", "valid R@10 t2i / i2t (ranked)", "test t2i R@10 (ranked)",
             "test i2t R@10 (ranked)", "made", "size"]
     table = []
     for r in rows:
-        v10 = "/".join(_pct(x) for x in r.valid_r10)
+        held = r.valid_source.held_out
+        v10 = "/".join(_pct(x, held) for x in r.valid_r10)
         test = r.test or {}
-        cells = [r.name, r.backbone, r.dataset, r.model, r.ranking, _pct(r.valid), _pct(r.valid_plain), v10,
+        cells = [r.name, r.backbone, r.dataset, r.model, r.ranking, r.valid_source.describe(), _pct(r.valid, held),
+                 _pct(r.valid_plain, held), v10,
                  with_interval("t2i_R@10", test) if test else "not evaluated",
                  with_interval("i2t_R@10", test) if test else "", r.created.replace("T", " ")[:16],
                  human_size(r.size_bytes)]
@@ -199,8 +220,10 @@ def format_runs(rows: list[RunRow]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)] if table else [len(h) for h in head]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     note = f"(ranked): {RANKED_AS_EVAL} (querybank.json); (cosine): plain cosine; "
-    note += "made: when training finished (summary.json), else when it started"
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in table), note])
+    note += "made: when training finished (summary.json), else when it started; valid heads: the heads the valid "
+    note += "columns come from (selection: a refit run's heads as valid chose them, before training on valid)"
+    notes = [note] + ([NOT_HELD_OUT] if any(not r.valid_source.held_out for r in rows) else [])
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(row) for row in table), *notes])
 
 
 def sweep_boards(folder: str | Path) -> list[tuple[Path, str]]:

@@ -65,6 +65,7 @@ class ColumnInputs:
     ks: list[int]
     memory_mb: float
     model: EmbeddingModel | None = None
+    progress: bool = False  # a section's long loops may show a bar on stderr (eval's progress setting)
     _memo: dict[str, object] = field(default_factory=dict, init=False, repr=False)
 
     def _once(self, name: str, make: Callable[[EmbeddingModel], T]) -> T:

@@ -20,8 +20,12 @@ from medembed.extract.extraction import ExtractConfig, extract
 from medembed.extract.records import Dataset
 
 
-def _as_dataset(data: str | Path | Dataset) -> Dataset:
-    return data if isinstance(data, Dataset) else load_dataset(str(data))
+def _as_dataset(data: str | Path | Dataset, follow_links: bool = False, readable_paths: bool = False) -> Dataset:
+    """The dataset at `data`, read under the folder's rule (`follow_links`) and named by keyed hashes
+    where its paths may identify patients (unless `readable_paths`), as `extract` reads it."""
+    if isinstance(data, Dataset):
+        return data
+    return load_dataset(str(data), follow_links=follow_links, readable_paths=readable_paths)
 
 
 def encode_dataset(run, data: str | Path | Dataset, splits: list[str] | None = None,
@@ -39,19 +43,21 @@ def encode_dataset(run, data: str | Path | Dataset, splits: list[str] | None = N
                         workers=workers, device=device, out=str(features_root), progress=progress,
                         allow_split_overlap=True)
     summary = extract(cfg, backbone=backbone, dataset=dataset)
-    for warning in summary.warnings if progress else []:
+    for warning in [*summary.warnings, *summary.refused] if progress else []:  # refused: what was not read, and why
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return Path(summary.out_dir)
 
 
 def open_runs(refs: list, data: str | Path | Dataset | None = None, splits: list[str] | None = None,
-              features_root: str | Path = "features", progress: bool = True) -> list[AdaptedRun]:
+              features_root: str | Path = "features", progress: bool = True, follow_links: bool = False,
+              readable_paths: bool = False) -> list[AdaptedRun]:
     """Load each run reference (run folder, unfreezing run folder, fine-tuned checkpoint, or an
-    already loaded run); with `data`, point every run at that dataset encoded by its own backbone."""
+    already loaded run); with `data`, point every run at that dataset encoded by its own backbone
+    (`follow_links`, `readable_paths`: how the folder is read, as `extract` has them)."""
     runs = [open_run(r) for r in refs]
     if data is None:
         return runs
-    dataset = _as_dataset(data)  # read once for all runs
+    dataset = _as_dataset(data, follow_links, readable_paths)  # read once for all runs
     return [run.with_features(encode_dataset(run, dataset, splits, features_root, progress=progress)) for run in runs]
 
 

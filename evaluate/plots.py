@@ -130,6 +130,29 @@ def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3, no
     return _save(fig, path)
 
 
+def similar_images_grid(image: Image.Image | None, label: str, tiles: list[Tile], path: Path, cols: int = 3,
+                        note: str = "") -> Path:
+    """An image (left, under `label`) and the images most like it, best first (a pool without captions
+    answers an image query with these); `note` is printed above."""
+    rows = max(1, -(-len(tiles) // cols))
+    fig = Figure(figsize=(3 * (cols + 1), 3 * rows + (0.8 if note else 0.4)))
+    axes = fig.subplots(rows, cols + 1, squeeze=False)
+    _show(axes[0][0], image, "image not readable")
+    axes[0][0].set_title(label, fontsize=9)
+    for ax in axes[1:, 0]:
+        ax.axis("off")
+    for i, ax in enumerate(axes[:, 1:].flat):
+        if i >= len(tiles):
+            ax.axis("off")
+            continue
+        _show(ax, tiles[i].image, "image not readable")
+        _frame(ax, tiles[i].correct)
+        ax.set_title(f"{i + 1}. {tiles[i].label}", fontsize=8)
+    if note:
+        fig.suptitle(note, fontsize=10)
+    return _save(fig, path)
+
+
 def image_query_grid(image: Image.Image | None, label: str, captions: list[tuple[str, float, bool]], path: Path,
                      note: str = "") -> Path:
     """An image and its top captions, best first, with scores; its own captions in green."""

@@ -16,7 +16,7 @@ from medembed.evaluate.stats import paired_difference
 # ------------------------------------------------------------------------------------------- scoring
 def _fit_closed_form(col: Column, options: EvalOptions) -> EmbeddingModel:
     """The same closed form as `adapt --head cca`: ridge and weighting chosen on valid."""
-    fit = closed_form(col.pool.train, col.pool.valid, col.run.dim)
+    fit = closed_form(col.pool.train, col.pool.valid, col.run.dim, progress=options.progress)
     chosen = "chosen on valid" if fit.chosen_on_valid else "(no valid split to choose them on)"
     kept = (f"; reused from {fit.stored}" if fit.reused else f"; stored in {fit.stored}" if fit.stored else "")
     col.note = f"regularised CCA fitted on train, ridge {fit.reg:g} and weighting {fit.power:g} {chosen}{kept}"
@@ -33,7 +33,7 @@ def score_column(col: Column, plan: EvalPlan, options: EvalOptions, log: Callabl
         log(f"eval {col.name}: fitted ({col.note}) {time.perf_counter() - t0:.2f} s")
     pool = col.pool
     inputs = ColumnInputs(pool.test, pool.train, pool.valid, plan.ks, options.memory_mb,
-                          None if col.kind == "chance" else col.model)
+                          None if col.kind == "chance" else col.model, progress=options.progress)
     # only the first run's embeddings outlive its scoring (its example grids); on a 100k pool each
     # kept pair is 200 MB
     keep = col.kind != "chance" and options.examples > 0 and col.name == plan.names[0]

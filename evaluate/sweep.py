@@ -6,7 +6,10 @@ CPU. Every (cell, seed) is an ordinary run folder (`OUT/CELL/seed-S`), so `eval`
 so an interrupted sweep continues where it stopped. Cells are ranked by their mean valid recall
 (what selection may look at) as eval ranks each run: with the query bank it chose on valid, or by
 plain cosine for runs without one (`querybank=false`); the plain-cosine valid recall is shown beside
-it. Test Recall@10 (ranked the same way) is reported, never used to rank.
+it. Test Recall@10 (ranked the same way) is reported, never used to rank. Each row says which heads
+its valid numbers come from (`adapt.valid_heads`: "best", or "selection" for refit runs); a cell
+whose valid numbers are not held out (heads that trained on valid) is shown in parentheses and
+placed after every cell whose numbers are, unranked.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from medembed.common.files import slug, write_json
 from medembed.common.locks import exclusive
 from medembed.common.ranking import DEFAULT_KS
 from medembed.evaluate import retrieval
-from medembed.evaluate.listing import BANK_SCORE, COSINE, RANKED_AS_EVAL, valid_recall
+from medembed.evaluate.listing import BANK_SCORE, COSINE, NOT_HELD_OUT, RANKED_AS_EVAL, valid_recall
 from medembed.evaluate.models import model_from_run
 
 LEADERBOARD = "leaderboard.json"
@@ -170,6 +173,8 @@ class CellResult:
     seconds: list[float]
     valid_plain: dict[str, list[float]] = field(default_factory=dict)  # the same with plain cosine
     rankings: list[str] = field(default_factory=list)  # per seed: how its "valid" was ranked
+    heads: list[str] = field(default_factory=list)  # per seed: which heads its "valid" comes from
+    held_out: list[bool] = field(default_factory=list)  # per seed: whether those heads never trained on valid
 
     def add(self, run_dir: Path, seconds: float) -> None:
         """One finished seed: its valid recall as ranked and with plain cosine, its test recall."""
@@ -177,6 +182,8 @@ class CellResult:
         self.seconds.append(seconds)
         recall = valid_recall(run_dir)
         self.rankings.append(recall.ranking)
+        self.heads.append(recall.source.heads)
+        self.held_out.append(recall.source.held_out)
         for into, values in ((self.valid, recall.ranked), (self.valid_plain, recall.plain)):
             for k, v in values.items():
                 into.setdefault(k, []).append(v)
@@ -196,7 +203,8 @@ class CellResult:
             return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
         return {"cell": self.cell, "runs": self.runs, "seeds": len(self.runs),
-                "ranking": self.ranking(),
+                "ranking": self.ranking(), "valid_heads": ", ".join(sorted(set(self.heads))),
+                "valid_held_out": all(self.held_out),
                 "valid": {k: stat(v) for k, v in self.valid.items()},
                 "valid_plain": {k: stat(v) for k, v in self.valid_plain.items()},
                 "test": {k: stat(v) for k, v in self.test.items()}, "seconds": stat(self.seconds)}
@@ -261,20 +269,30 @@ def _sweep(todo: list[dict], configs: list, features_dir, grid: dict, seeds: int
             _, seconds = _one(config)
             res.add(Path(config.out), seconds)
         results.append(res.row())
+        held = "" if results[-1]["valid_held_out"] else " (not held out: heads that trained on valid)"
         log(f"cell {i}/{len(todo)} {cell_name(cell)}: valid mean recall "
-            f"{results[-1]['valid']['mean_recall']['mean']:.1f} +- {results[-1]['valid']['mean_recall']['std']:.1f} "
+            f"{results[-1]['valid']['mean_recall']['mean']:.1f} +- {results[-1]['valid']['mean_recall']['std']:.1f}{held} "
             f"over {seeds} seed(s), ranked by {results[-1]['ranking']}, {sum(res.seconds):.0f} s")
-    board = sorted(results, key=lambda r: -r["valid"]["mean_recall"]["mean"])
+    board = sorted(results, key=_rank_key)
     write_json(out / LEADERBOARD, {"features_dir": str(features_dir), "grid": grid, "seeds": seeds, "fixed": fixed or {},
                                    "rows": board})
     (out / "leaderboard.md").write_text(format_leaderboard(board, seeds) + "\n")
     return board
 
 
-def _pm(stat: dict | None) -> str:
+def _rank_key(row: dict) -> tuple:
+    """Best valid mean recall first among the cells whose valid numbers are held out; the others after
+    them all, unranked (in grid order)."""
+    if row.get("valid_held_out", True):
+        return (0, -row["valid"]["mean_recall"]["mean"])
+    return (1, 0.0)
+
+
+def _pm(stat: dict | None, held_out: bool = True) -> str:
     if not stat or stat["mean"] is None or (isinstance(stat["mean"], float) and math.isnan(stat["mean"])):
         return "–"
-    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+    text = f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+    return text if held_out else f"({text})"
 
 
 def format_leaderboard(rows: list[dict], seeds: int) -> str:
@@ -282,14 +300,20 @@ def format_leaderboard(rows: list[dict], seeds: int) -> str:
     valid recall beside it; mean ± std over the seeds. The header says what each column is ranked by."""
     keys = list(rows[0]["cell"]) if rows else []
     head = ["#", *keys, "ranked by", "valid mean recall (ranked)", "valid mean recall (cosine)", "valid t2i R@10 (ranked)",
-            "valid i2t R@10 (ranked)", "test t2i R@10 (ranked)", "test i2t R@10 (ranked)", "s/run"]
+            "valid i2t R@10 (ranked)", "test t2i R@10 (ranked)", "test i2t R@10 (ranked)", "s/run", "valid heads"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for i, r in enumerate(rows, 1):
+    rank = 0
+    for r in rows:
+        held = r.get("valid_held_out", True)
+        rank += 1 if held else 0
         v, plain, t = r["valid"], r.get("valid_plain", {}), r["test"]
-        cells_ = [str(i), *(str(r["cell"][k]) for k in keys), r.get("ranking", "?"), _pm(v.get("mean_recall")),
-                  _pm(plain.get("mean_recall")), _pm(v.get("t2i_R@10")), _pm(v.get("i2t_R@10")), _pm(t.get("t2i_R@10")),
-                  _pm(t.get("i2t_R@10")), f"{r['seconds']['mean']:.0f}"]
+        cells_ = [str(rank) if held else "–", *(str(r["cell"][k]) for k in keys), r.get("ranking", "?"),
+                  _pm(v.get("mean_recall"), held), _pm(plain.get("mean_recall"), held), _pm(v.get("t2i_R@10"), held),
+                  _pm(v.get("i2t_R@10"), held), _pm(t.get("t2i_R@10")), _pm(t.get("i2t_R@10")),
+                  f"{r['seconds']['mean']:.0f}", r.get("valid_heads", "?") + ("" if held else ", not held out")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells_) + " |")
     return "\n".join(lines) + (f"\n\nmean ± std over {seeds} seed(s); ranked by valid mean recall (ranked) "
                                f"(test is never used to rank). (ranked): {RANKED_AS_EVAL} (querybank.json); "
-                               "(cosine): plain cosine")
+                               "(cosine): plain cosine; valid heads: the heads the valid columns come from (selection: "
+                               "a refit run's heads as valid chose them, before training on valid)"
+                               + (f"; {NOT_HELD_OUT}" if any(not r.get("valid_held_out", True) for r in rows) else ""))

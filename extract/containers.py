@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import lzma
 import os
 import tarfile
 import threading
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
+
+from medembed.extract.limits import OUT_CHUNK, CorruptStream, DecompressionBomb, inflate_limit
 
 CONTAINER_SUFFIXES = (".zip", ".tar", ".parquet")
 
@@ -34,10 +38,12 @@ def is_container(path: str) -> bool:
     return path.lower().endswith(CONTAINER_SUFFIXES)
 
 
-def read_member(container: str, member: str) -> bytes:
-    """The bytes of one member; FileNotFoundError naming both when the member is not there."""
+def read_member(container: str, member: str, max_bytes: int = inflate_limit()) -> bytes | bytearray:
+    """The bytes of one member; FileNotFoundError naming both when the member is not there,
+    DecompressionBomb when a compressed member would inflate to more than `max_bytes`, and
+    CorruptStream when the container or the member is damaged."""
     try:
-        return _handle(container).read(member)
+        return _handle(container).read(member, max_bytes)
     except KeyError:
         raise FileNotFoundError(f"{container}: no member {member!r}") from None
 
@@ -55,7 +61,7 @@ def member_size(container: str, member: str) -> int:
 
 
 class _Container(Protocol):
-    def read(self, member: str) -> bytes: ...
+    def read(self, member: str, max_bytes: int) -> bytes | bytearray: ...
 
     def size(self, member: str) -> int: ...
 
@@ -99,8 +105,36 @@ class _Zip:
     def __init__(self, path: str) -> None:
         self._zip = zipfile.ZipFile(path)  # ZipFile serialises reads of its shared file itself
 
-    def read(self, member: str) -> bytes:
-        return self._zip.read(member)
+    def read(self, member: str, max_bytes: int) -> bytes | bytearray:
+        """A stored member as it is; a compressed one refused when the index declares more than
+        `max_bytes`, else inflated a small step at a time into the buffer returned (not copied once
+        more into bytes: that would hold the image twice). zipfile stops at the declared size (a lying
+        index ends in a CRC error), but inflates each read whole: one read of the rest of a member
+        could hold a gigabyte before that cut. A bzip2 member is refused whatever its size, since a
+        read of even 4 KiB of bzip2 may inflate to gigabytes. What zipfile and its decompressors raise
+        for a damaged member (a bad CRC, a cut stream, a method it does not know) is CorruptStream."""
+        info = self._zip.getinfo(member)
+        try:
+            return self._read(info, max_bytes)
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError) as e:
+            raise CorruptStream(f"the zip member is damaged ({_reason(e)})") from None
+
+    def _read(self, info: zipfile.ZipInfo, max_bytes: int) -> bytes | bytearray:
+        if info.compress_type == zipfile.ZIP_STORED:
+            return self._zip.read(info)
+        if info.compress_type == zipfile.ZIP_BZIP2:
+            raise DecompressionBomb("a zip member compressed with bzip2, whose inflation cannot be bounded")
+        if info.file_size > max_bytes:
+            raise DecompressionBomb(f"the zip member inflates to {info.file_size} bytes, more than the decoder's "
+                                    f"limit of {max_bytes}")
+        # deflate takes the step as its output limit; LZMA reads at least 4 KiB of input and inflates it
+        # whole (at most ~30 MB)
+        step = OUT_CHUNK if info.compress_type == zipfile.ZIP_DEFLATED else 4096
+        out = bytearray()
+        with self._zip.open(info) as f:
+            while chunk := f.read(step):
+                out += chunk
+        return out
 
     def size(self, member: str) -> int:
         return self._zip.getinfo(member).file_size
@@ -129,7 +163,7 @@ class _Tar:
             self._file.close()
             raise
 
-    def read(self, member: str) -> bytes:
+    def read(self, member: str, max_bytes: int) -> bytes:  # stored bytes: nothing is inflated
         offset, size = self._members[member]
         with self._lock:
             self._file.seek(offset)
@@ -217,7 +251,7 @@ class _Parquet:
             self._groups.move_to_end(group)
             return values
 
-    def read(self, member: str) -> bytes:
+    def read(self, member: str, max_bytes: int) -> bytes:  # the row group is read (and inflated) by pyarrow
         group, offset = self._locate(member)
         value = self._group(group)[offset]
         if not value.is_valid:
@@ -243,8 +277,17 @@ _HANDLES: dict[str, _Handles[Any]] = {
 
 
 def _handle(container: str) -> _Container:
+    """The open container; CorruptStream when its index cannot be read (zipfile and tarfile raise
+    errors of their own there, which no decoder's guard expects)."""
     suffix = os.path.splitext(container)[1].lower()
     handles = _HANDLES.get(suffix)
     if handles is None:
         raise ValueError(f"{container}: not a container (expected one of {', '.join(CONTAINER_SUFFIXES)})")
-    return handles.get(container)
+    try:
+        return handles.get(container)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise CorruptStream(f"{container}: not a readable {suffix[1:]} archive ({_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -22,16 +22,24 @@ from medembed.extract.extraction import (
     attach_runtime,
     cache_dir,
     check_split_overlap,
+    copies_warning,
+    empty_shards_note,
     extract_split,
     planned,
     read_dataset,
 )
+from medembed.extract.path_key import KEY_ENV
 from medembed.extract.synthetic import ensure_default_dataset
 
 
-def _shard_task(cfg: ExtractConfig, split: str) -> SplitSummary:
+def _shard_task(cfg: ExtractConfig, split: str, id_key: str = "") -> SplitSummary:
+    """One shard; `id_key`: the path key the driver named records with, which a worker on another
+    machine must share (its own key would name the same images otherwise)."""
     device = resolve_device(cfg.device).type
     dataset = read_dataset(cfg)
+    if dataset.id_key != id_key:
+        raise ExtractError(f"{dataset.root}: this Ray worker's path key is {dataset.id_key or 'none'}, the driver's "
+                           f"{id_key or 'none'}: point {KEY_ENV} at the driver's key file on every machine")
     bb = create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     attach_runtime(bb, cfg, dataset.name, device, [])
     return extract_split(bb, dataset, split, planned(bb, dataset, split, cfg)[0], device)
@@ -44,6 +52,8 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
     dataset = read_dataset(dataclasses.replace(cfg, data=data))
     splits = cfg.splits or dataset.splits
     overlap = check_split_overlap(dataset, cfg.allow_split_overlap)
+    if not all((cache_dir(cfg.out, dataset.name, cfg.backbone) / f"{s}.h5").exists() for s in splits):
+        overlap += copies_warning(dataset)  # only when some split will be written, as `extract` has it
     try:
         with ray_session(address, num_cpus) as ray:
             gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -51,15 +61,18 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
             task = ray.remote(_shard_task).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=2)
             base = dataclasses.replace(cfg, data=os.path.abspath(data), out=os.path.abspath(cfg.out), progress=False,
                                        workers=min(cfg.workers, 1), device="auto" if gpus else "cpu")
-            refs = [task.remote(dataclasses.replace(base, shard=f"{i}/{n}"), s) for s in splits for i in range(n)]
+            refs = [task.remote(dataclasses.replace(base, shard=f"{i}/{n}"), s, dataset.id_key) for s in splits
+                    for i in range(n)]
             parts = ray.get(refs)
     except RayMissingError as e:
         raise ExtractError(str(e)) from None
     folder = cache_dir(cfg.out, dataset.name, cfg.backbone)
     merge_shards(folder, splits=list(splits))
-    results = []
+    results, notes = [], []
     for s in splits:
         mine = [p for p in parts if p.split == s]
+        if empty := [i for i, p in enumerate(mine) if not p.records]:
+            notes.append(empty_shards_note(s, sum(p.records for p in mine), cfg.batch_size, n, empty))
         results.append(SplitSummary(
             split=s, path=str(folder / f"{s}.h5"), records=sum(p.records for p in mine),
             images=sum(p.images for p in mine), captions=sum(p.captions for p in mine),
@@ -68,4 +81,5 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
         ))
     return ExtractSummary(dataset=dataset.name, synthetic=bool(dataset.synthetic), backbone=cfg.backbone,
                           device="ray", out_dir=str(folder), splits=results,
-                          warnings=overlap + list(getattr(dataset, "warnings", [])))
+                          warnings=overlap + notes + list(getattr(dataset, "warnings", [])),
+                          refused=dataset.refused.lines())

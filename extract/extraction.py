@@ -6,6 +6,7 @@ killed and re-run at any point; `extract` is the plain loop over splits that the
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -29,13 +30,17 @@ from medembed.common.device import resolve_device
 from medembed.common.errors import MedembedError
 from medembed.common.files import relative_to, slug
 from medembed.common.version import __version__
+from medembed.extract.access import FOLLOW_LINKS, DataAccess
 from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone, onnx_runtime
 from medembed.extract.datasets import load_dataset
 from medembed.extract.datasets.frames import DEFAULT_FRAMES, expand_frames, parse_frames
+from medembed.extract.datasets.identity import naming_mismatch
+from medembed.extract.duplicates import cross_split_copies
 from medembed.extract.imaging import DecodeOptions
+from medembed.extract.imaging.locations import private_location
 from medembed.extract.memory import ExtractMemoryError, ExtractPlan, plan_extract_memory
 from medembed.extract.records import ZIP_SEP, Dataset, Record
-from medembed.extract.synthetic import ensure_default_dataset
+from medembed.extract.synthetic import default_dataset_dir, ensure_default_dataset, is_complete
 from medembed.extract.worker import ImageItems, collate_items
 
 DEFAULT_TEMPLATES = (
@@ -71,6 +76,8 @@ class ExtractConfig:
     window: str = "auto"  # intensity window of DICOM / NIfTI / 16-bit images: auto, a preset, or CENTRE,WIDTH
     frames: str = "middle"  # multi-frame DICOM and NIfTI volumes: middle, all, or N evenly spaced frames
     report_sections: str | None = None  # MIMIC-CXR / OpenI captions: findings, impression, findings+impression, all
+    follow_links: bool = False  # read links leading out of the data folder (recorded in the cache's provenance)
+    readable_paths: bool = False  # keep image paths as ids where they would be hashed (DICOM, image-only folders)
     runtime: str = "auto"  # image tower on the CPU: torch, onnx (ONNX Runtime), auto (onnx when installed)
     # a split of more records is written as consecutive part files joined without copying (HDF5 virtual
     # datasets), so assembling one file holds at most this many images' features (0.9 GB at 1,792-d float16)
@@ -94,8 +101,10 @@ class ExtractConfig:
 
 
 def check_split_overlap(dataset: Dataset, allow: bool) -> list[str]:
-    """Refuse a dataset whose splits share images (train/test leakage), naming the first few; with
-    `allow`, the warning to print instead."""
+    """Refuse a dataset whose splits share images by id or by file (train/test leakage, almost always a
+    mistake in the split files), naming the first few; with `allow`, the warning to print instead.
+    Cheap (the records alone), so it runs before the backbone is built; byte-identical copies under
+    other ids and files are `copies_warning`'s, which reads images."""
     overlaps = dataset.split_overlaps()
     if not overlaps:
         return []
@@ -107,6 +116,23 @@ def check_split_overlap(dataset: Dataset, allow: bool) -> list[str]:
         raise ExtractError(f"{what}: that leaks test into training; fix the split files, or pass "
                            "--allow-split-overlap to extract them anyway")
     return [f"{what}: kept because of --allow-split-overlap; test numbers of runs trained on this data are inflated"]
+
+
+def copies_warning(dataset: Dataset) -> list[str]:
+    """The warning naming images copied byte for byte into another split under another id and file
+    (`extract.duplicates`); [] when there are none. A warning, never a refusal: public corpora file
+    the same figure twice under two ids (roco-rad holds one such pair across train and test), and
+    refusing would stop the first command a user runs on an official split they cannot change. It
+    runs before any image is encoded, and only when some split will be: it reads images (every one of
+    a parquet dataset), and caches already up to date were checked when they were written."""
+    copies = cross_split_copies(dataset.records, dataset.access)
+    if not copies:
+        return []
+    n = len(copies)
+    shown = "; ".join(c.describe() for c in copies[:3]) + (f" and {n - 3} more" if n > 3 else "")
+    return [f"{dataset.root}: {n} image{' is a copy' if n == 1 else 's are copies'} of another split's image under "
+            f"another id ({shown}): a run's numbers on the later split count {'it' if n == 1 else 'them'} as unseen; "
+            "drop the copies from one split's files to measure without them"]
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -127,7 +153,8 @@ def shard_file_name(split: str, shard: tuple[int, int] | None) -> str:
 
 def shard_rows(n_records: int, shard: tuple[int, int] | None, batch_size: int = 1) -> tuple[int, int]:
     """[lo, hi) of the records shard I/N does: contiguous blocks of whole batches, so every batch of a
-    shard is the batch the unsharded loop would run and the joined shards equal its cache bit for bit."""
+    shard is the batch the unsharded loop would run and the joined shards equal its cache bit for bit.
+    A split of fewer batches than shards leaves some shards empty (`empty_shards_note` says so)."""
     if shard is None:
         return 0, n_records
     i, n = shard
@@ -141,6 +168,20 @@ def shard_records(records: list, shard: tuple[int, int] | None, batch_size: int 
     return records[lo:hi]
 
 
+def empty_shards_note(split: str, n_records: int, batch_size: int, n_shards: int, empty: list[int]) -> str:
+    """Why shards of a split hold no record, in a line. A split of fewer batches than shards leaves
+    some empty: splitting a batch between shards would change the features' float rounding (a
+    backbone's output depends on what else is in its batch), and the joined shards would no longer
+    equal an unsharded extraction."""
+    n_batches = -(-n_records // max(1, batch_size))
+    which = f"shard {empty[0]}/{n_shards} has" if len(empty) == 1 else f"{len(empty)} of its {n_shards} shards have"
+    fix = (f"--batch-size {n_records // n_shards} or less gives every shard some" if n_records >= n_shards else
+           "it has fewer records than shards")
+    return (f"split {split}: {which} no records: its {n_records} record{'s are' if n_records != 1 else ' is'} {n_batches} "
+            f"batch{'' if n_batches == 1 else 'es'} of --batch-size {batch_size} and a shard takes whole batches, so that "
+            f"the joined shards equal an unsharded extraction bit for bit; {fix}")
+
+
 @dataclass
 class SplitSummary:
     split: str
@@ -152,6 +193,7 @@ class SplitSummary:
     seconds: float = 0.0
     images_per_s: float = 0.0
     status: str = "written"  # written | resumed | up to date
+    note: str = ""  # why this shard holds no record, when it holds none (`empty_shards_note`)
 
 
 @dataclass
@@ -167,6 +209,7 @@ class ExtractSummary:
     found: str = ""  # what the reader found, in a line
     runtime: str = ""  # what ran the image tower
     memory: list[str] = field(default_factory=list)  # each split's memory plan, in a line
+    refused: list[str] = field(default_factory=list)  # what the dataset reader would not read, by reason (`Refusals`)
 
 
 def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
@@ -175,8 +218,11 @@ def cache_dir(out: str | Path, dataset: str, backbone: str) -> Path:
 
 def _stored_location(record: Record, dataset: Dataset) -> str:
     """What the cache keeps of where an image is: its path relative to the data folder, or, when paths
-    identify patients, only its hashed id."""
-    return f"{PRIVATE_LOCATION}{record.image_id}" if dataset.private_paths else _relative(record.image, dataset.root)
+    may identify patients, only its keyed id (see `imaging.locations`)."""
+    if dataset.private_paths:
+        return private_location(record.image_id, dataset.id_key) if dataset.id_key else \
+            f"{PRIVATE_LOCATION}{record.image_id}"
+    return _relative(record.image, dataset.root)
 
 
 def _relative(location: str, root: str) -> str:
@@ -205,6 +251,9 @@ def split_provenance(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> di
         "image_dim": int(bb.image_dim),
         "text_dim": int(bb.text_dim),
         **({"image_decoding": decoding} if (decoding := cfg.decoding()) else {}),
+        # what was read and how records are named, when not the defaults (older caches keep matching)
+        **({"data_access": FOLLOW_LINKS} if dataset.follow_links else {}),
+        **({"image_ids": f"keyed path hash, key {dataset.id_key}"} if dataset.id_key else {}),
     }
 
 
@@ -213,7 +262,7 @@ def _autocast(device: str):
 
 
 def _image_phase(bb, records: list[Record], store: PartStore, batch_size: int, cfg: ExtractConfig, device: str, bar,
-                 first: int = 0):
+                 first: int = 0, access: DataAccess | None = None, private: bool = False):
     """Batch b always holds records [b*bs, (b+1)*bs): fixed boundaries make resumed output identical.
     `first` is the split's row of records[0], which seeds each record's augmented views."""
     n_batches = (len(records) + batch_size - 1) // batch_size
@@ -221,7 +270,8 @@ def _image_phase(bb, records: list[Record], store: PartStore, batch_size: int, c
     bar.update(sum(min(batch_size, len(records) - b * batch_size) for b in range(n_batches) if store.done("img", b)))
     if not todo:
         return 0, 0.0
-    items = ImageItems(records, bb.preprocess, bb.augment, cfg.views, decode=cfg.decode_options(), first=first)
+    items = ImageItems(records, bb.preprocess, bb.augment, cfg.views, decode=cfg.decode_options(), first=first,
+                       access=access, private=private)
     batches = [list(range(b * batch_size, min((b + 1) * batch_size, len(records)))) for b in todo]
     loader = DataLoader(
         items,
@@ -387,7 +437,7 @@ def _up_to_date(final: Path, prov: dict, summary: SplitSummary, cfg: ExtractConf
     diffs = differences(attrs, prov)
     runtime_only = [d for d in diffs if d.startswith("image_runtime:")]
     if len(runtime_only) < len(diffs):
-        raise ProvenanceMismatch(final, diffs)
+        raise naming_mismatch(final, attrs, prov, diffs) or ProvenanceMismatch(final, diffs)
     PartStore(final).remove()  # left over when a run died between rename and clean-up
     if shard is not None:  # the run may have died between the rename and the marker
         write_done_marker(final, n_images=attrs["n_images"], n_captions=attrs["n_captions"], shard=cfg.shard)
@@ -462,6 +512,8 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
     every = dataset.split(split)
     final = cache_dir(cfg.out, dataset.name, bb.name) / shard_file_name(split, shard)
     summary = SplitSummary(split=split, path=str(final), records=len(shard_records(every, shard, cfg.batch_size)))
+    if shard is not None and not summary.records:
+        summary.note = empty_shards_note(split, len(every), cfg.batch_size, shard[1], [shard[0]])
     prov = split_provenance(bb, dataset, split, cfg)
     final.parent.mkdir(parents=True, exist_ok=True)
     with writer_lock(final):
@@ -476,11 +528,14 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
                                           (len(every) * shard[0] // shard[1], len(every) * (shard[0] + 1) // shard[1]))
         records = every[lo:hi]
         summary.records = len(records)
+        summary.note = empty_shards_note(split, len(every), batch_size, shard[1], [shard[0]]) \
+            if shard is not None and not records else ""
         shard_attrs = {"shard_rows": f"{lo}:{hi}", "split_records": len(every)} if shard is not None else {}
         summary.status = "resumed" if resumed else "written"
         t0 = time.perf_counter()
         with tqdm(total=len(records), desc=f"{split} images", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
-            n_new, secs = _image_phase(bb, records, store, batch_size, cfg, device, bar, first=lo)
+            n_new, secs = _image_phase(bb, records, store, batch_size, cfg, device, bar, first=lo,
+                                       access=dataset.access, private=dataset.private_paths)
         cached = _assemble(bb, dataset, split, records, store, batch_size, prov, cfg, device, memo, shard_attrs)
         write_split(final, cached, dtype=cfg.dtype, feature_attrs=_feature_attrs(bb))
         if shard is not None:
@@ -500,8 +555,19 @@ def read_dataset(cfg: ExtractConfig, dataset: Dataset | None = None) -> Dataset:
     cfg.decode_options()
     frames = parse_frames(cfg.frames)
     if dataset is None:
-        dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset(), report_sections=cfg.report_sections)
+        if not cfg.data and not is_complete(default_dataset_dir()):
+            _step(cfg, "generating the synthetic phantom set (once)")
+        _step(cfg, f"reading the dataset{f' {cfg.data}' if cfg.data else ''}")
+        dataset = load_dataset(cfg.data if cfg.data else ensure_default_dataset(), report_sections=cfg.report_sections,
+                               follow_links=cfg.follow_links, readable_paths=cfg.readable_paths)
     return expand_frames(dataset, frames)
+
+
+def _step(cfg: ExtractConfig, what: str) -> None:
+    """One line on stderr before a step that runs for seconds without a bar of its own (reading a
+    dataset, building a backbone, exporting its graph), so a start is never silent."""
+    if cfg.progress:
+        tqdm.write(f"extract: {what} ...", file=sys.stderr)
 
 
 def attach_runtime(bb, cfg: ExtractConfig, dataset_name: str, device: str, notes: list[str]) -> None:
@@ -522,12 +588,20 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
     unknown = [s for s in splits if s not in dataset.splits]
     if unknown:
         raise ExtractError(f"{dataset.root}: no split {', '.join(unknown)} (splits here: {', '.join(dataset.splits)})")
+    _step(cfg, "comparing the splits (ids and files)")
     overlap = check_split_overlap(dataset, cfg.allow_split_overlap)
     device = resolve_device(cfg.device).type
     # no flips for the stored views: radiology captions name the patient's left and right
+    if backbone is None:
+        _step(cfg, f"building the backbone {cfg.backbone} on {device}")
     bb = backbone or create_backbone(cfg.backbone, device=device, augment=AugmentConfig(hflip=0.0))
     plans = {s: planned(bb, dataset, s, cfg) for s in splits}  # every split planned (or refused) before any runs
+    folder, shard = cache_dir(cfg.out, dataset.name, bb.name), parse_shard(cfg.shard)
+    if not all((folder / shard_file_name(s, shard)).exists() for s in splits):  # else each is up to date or refused
+        _step(cfg, "comparing the splits' images (the bytes of those whose size recurs)")
+        overlap += copies_warning(dataset)
     notes: list[str] = []
+    _step(cfg, f"preparing the image tower (--runtime {cfg.runtime})")
     attach_runtime(bb, cfg, dataset.name, device, notes)
     memo: dict = {}
     results = [extract_split_in_parts(bb, dataset, s, plans[s][0], device, memo) for s in splits]
@@ -538,11 +612,12 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
         device=device,
         out_dir=str(cache_dir(cfg.out, dataset.name, bb.name)),
         splits=results,
-        warnings=overlap + notes + list(getattr(dataset, "warnings", [])),
+        warnings=overlap + notes + [r.note for r in results if r.note] + list(getattr(dataset, "warnings", [])),
         layout=dataset.layout,
         runtime=bb.provenance.get("image_runtime", f"torch {torch.__version__}"),
         found=describe_dataset(dataset),
         memory=[f"{s}: {plans[s][1].describe()}" for s in splits],
+        refused=dataset.refused.lines(),
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from medembed.cache.schema import ZIP_SEP as ZIP_SEP  # re-exported: the location form readers write
 from medembed.common.splits import sort_splits
+from medembed.extract.access import DataAccess, Refusals
 from medembed.extract.imaging.locations import fingerprint_size
 from medembed.extract.record_table import BATCH_ROWS, Record, RecordTable
 
@@ -34,14 +35,22 @@ class Dataset:
     concept_names: dict[str, str] = field(default_factory=dict)
     synthetic: bool = False
     warnings: list[str] = field(default_factory=list)  # data problems that were tolerated (e.g. empty captions dropped)
-    # the image paths themselves identify patients (MIMIC-CXR's subject and study numbers, DICOM UIDs as
-    # file names): caches keep only the (hashed) image id as the location, found again by reading the
-    # data folder (see imaging.locations)
+    # the image paths themselves may identify patients (MIMIC-CXR's subject and study numbers, folders
+    # named by patient in an archive export): records are named by a keyed hash of their path and caches
+    # keep only that id as the location, found again by reading the data folder (see imaging.locations)
     private_paths: bool = False
+    id_key: str = ""  # the id of the path key (`path_key`) the ids were made with; "" when they are not keyed
+    follow_links: bool = False  # links leading out of the folder are read (`--follow-links`; see `access`)
+    refused: Refusals = field(default_factory=Refusals)  # what the reader would not read, and why
     _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.records = RecordTable.of(self.records)
+
+    @property
+    def access(self) -> DataAccess:
+        """The rule every read of this dataset's images keeps to (see `access`)."""
+        return DataAccess(self.root, self.follow_links)
 
     @property
     def splits(self) -> list[str]:

@@ -5,6 +5,7 @@ the batch instead of raising, so the caller can count, report, or (with --strict
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,11 +13,24 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset as TorchDataset
 
-from medembed.extract.imaging import DecodeOptions, DecompressionBomb, NotAnImage, image_size, open_image
+from medembed.extract.access import DataAccess, OutsideDataFolder
+from medembed.extract.imaging import (
+    CorruptStream,
+    DecodeOptions,
+    DecompressionBomb,
+    NotAnImage,
+    UndecodableImage,
+    image_size,
+    open_image,
+)
+from medembed.extract.imaging.dicom import DamagedDicom
+from medembed.extract.path_key import PathKeyError
 from medembed.extract.records import Record
 
 
 def describe_failure(location: str, exc: BaseException) -> str:
+    if isinstance(exc, (OutsideDataFolder, PathKeyError)):
+        return str(exc)
     if image_size(location) < 0:
         return "missing file"
     if image_size(location) == 0:
@@ -26,9 +40,13 @@ def describe_failure(location: str, exc: BaseException) -> str:
 
 def describe_error(exc: BaseException) -> str:
     """Why image bytes could not be decoded, in a few words."""
+    if isinstance(exc, UndecodableImage) and exc.__cause__ is not None:
+        exc = exc.__cause__  # the decoder's own error, classified by its type and message below
+    if isinstance(exc, (OutsideDataFolder, PathKeyError)):
+        return str(exc)  # already the reason, in a line
     if isinstance(exc, (DecompressionBomb, Image.DecompressionBombError)):
         return f"decompression bomb ({exc})"
-    if isinstance(exc, NotAnImage):
+    if isinstance(exc, (NotAnImage, DamagedDicom, CorruptStream)):
         return str(exc)
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "truncated" in msg.lower() or "less than expected" in msg:
@@ -57,6 +75,8 @@ class ImageItems(TorchDataset):
     seed: int = 0
     first: int = 0  # the split's row of records[0] (a shard or part starts inside its split)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    access: DataAccess | None = None  # the data folder's rule every image is read under
+    private: bool = False  # the paths may identify patients: no reason names one
 
     def __len__(self) -> int:
         return len(self.records)
@@ -64,7 +84,7 @@ class ImageItems(TorchDataset):
     def __getitem__(self, i: int):
         rec = self.records[i]
         try:
-            img = open_image(rec.image, self.decode)
+            img = open_image(rec.image, self.decode, access=self.access)
             pixels = self.preprocess(img)
             view_px = None
             if self.views:
@@ -75,7 +95,17 @@ class ImageItems(TorchDataset):
                     view_px = torch.stack([self.augment(img) for _ in range(self.views)])
             return i, pixels, view_px, ""
         except Exception as e:  # noqa: BLE001 - any decode failure is reported, not raised
-            return i, None, None, describe_failure(rec.image, e)
+            why = describe_failure(rec.image, e)
+            return i, None, None, redact(why, rec.image) if self.private else why
+
+
+def redact(reason: str, location: str) -> str:
+    """A failure's reason with the image's path, resolved path and member name taken out (an OS or
+    archive error quotes them), for datasets whose paths may identify patients."""
+    path, _, member = location.partition("::")
+    for name in sorted({location, path, member, os.path.realpath(path)} - {""}, key=len, reverse=True):
+        reason = reason.replace(name, "<image>")
+    return reason
 
 
 def collate_items(items):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from medembed.cache.reader import (
 from medembed.common.errors import ToolError
 from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
+from medembed.extract.datasets import load_dataset
 from medembed.serve.index import ALL_SPLITS, heads_sha256, pool_name, pool_run
 
 __all__ = ["EXPORT_FORMATS", "ExportOptions", "ExportSummary", "export_embeddings", "format_export_summary"]
@@ -54,12 +55,13 @@ ROW_KINDS = ("images", "captions")
 MANIFEST = "export.json"
 EMBEDDING_COLUMN = "embedding"
 EXPORT_CHUNK = 65536  # output rows read, embedded and written at a time
+DEFAULT_SPLIT = "test"
 
 
 @dataclass
 class ExportOptions:
     format: str = "npy"
-    split: str = "test"  # a split of the run's features folder, or "all"
+    split: str | None = None  # a split of the pool, or "all"; None: its only split, else test (`default_split`)
     out: str | None = None  # default: RUN/export/{split}-{format}
     dtype: str = "float16"  # npy files; parquet `embedding` lists are float32 (embedding-reader reads 4-byte floats)
     rows: str = "images"  # one row per image, or one per caption
@@ -67,6 +69,8 @@ class ExportOptions:
     overwrite: bool = False  # replace an earlier export in `out`
     data: str | None = None  # export this dataset, encoded by the run's backbone, instead of the run's cache
     features_root: str = "features"  # where `data`'s encoding is cached
+    follow_links: bool = False  # `data`: read links leading out of its folder
+    readable_paths: bool = False  # `data`: keep image paths as ids where they would be hashed
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
@@ -184,6 +188,17 @@ class _Partition:
         return self.paths
 
 
+def default_split(names: list[str], where: str | Path) -> str:
+    """The split exported when none is named: the pool's only one (an image-only folder has just
+    `all`), else test; a pool with several and no test is refused naming them."""
+    if len(names) == 1:
+        return names[0]
+    if DEFAULT_SPLIT in names:
+        return DEFAULT_SPLIT
+    raise FileNotFoundError(f"{where}: no {DEFAULT_SPLIT} split to export by default (splits: {', '.join(names)}); "
+                            "name one with --split, or --split all")
+
+
 def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None, run=None) -> ExportSummary:
     """Write the run's image and caption embeddings of a split, with metadata, under `options.out`.
 
@@ -192,11 +207,17 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     options = options or ExportOptions()
     run_dir = Path(run_dir)
     _check_parquet_engine()  # metadata is parquet in both layouts
+    split = options.split
     if run is None and options.data is not None:
-        run = pool_run(run_dir, options.data, options.split, options.features_root)
+        data = options.data
+        if split is None:  # the dataset's splits, read before any is encoded (and handed on, not read again)
+            data = load_dataset(options.data, follow_links=options.follow_links, readable_paths=options.readable_paths)
+            split = default_split(data.splits, options.data)
+        run = pool_run(run_dir, data, split, options.features_root, options.follow_links, options.readable_paths)
     if run is None:
         run = open_run(run_dir)
     files = run.split_files()
+    options = replace(options, split=split or default_split(list(files), run.features_dir))
     if options.split != ALL_SPLITS and options.split not in files:
         raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import time
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -45,9 +46,10 @@ from medembed.cache.reader import (
     read_rows,
     read_strings,
     string_chunks,
+    verify_cache,
 )
 from medembed.common.errors import MedembedError
-from medembed.common.files import atomic_write, slug
+from medembed.common.files import slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.evaluate.new_data import open_runs
@@ -64,6 +66,7 @@ INDEX_DIR = "index"
 POOLS_DIR = "pools"
 FORMAT = "medembed-index/1"
 ALL_SPLITS = "all"
+OWN_BANK = "own"  # `load_index`'s default bank: the run's own querybank.json
 HEADS_FILE = ckpt.BEST
 RUN_CONFIG = ckpt.CONFIG
 
@@ -92,9 +95,12 @@ class IndexOptions:
     seed: int = 0
     data: str | None = None  # index this dataset (e.g. an image-only archive), encoded by the run's backbone
     features_root: str = "features"  # where `data`'s encoding is cached
+    follow_links: bool = False  # `data`: read links leading out of its folder
+    readable_paths: bool = False  # `data`: keep image paths as ids where they would be hashed
     engine: str = "local"  # ray: ivf / ivfpq filled in parts on Ray workers, then merged (index_parts)
     address: str | None = None  # the Ray cluster (None: start a local one)
     parts: int = 0  # Ray tasks; 0 = one per CPU of the cluster
+    overwrite: bool = False  # replace an earlier index of the same split, kind and pool (swapped in whole)
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_CHOICES:
@@ -156,6 +162,11 @@ class IndexMeta:
     pool: str = ""
     features_dir: str = ""
     vectors: str = ""  # the file of full vectors candidates are re-scored from (ivfpq), beside the FAISS file
+    # how the pool's folder was read (`index --data`): a rebuild must read it the same way, or it
+    # would encode the folder again as another pool (or be refused by its cache's provenance)
+    follow_links: bool = False
+    readable_paths: bool = False
+    features_root: str = ""  # where the pool's encoding is cached (absolute)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,9 +227,12 @@ def pool_name(data: str | Path) -> str:
     return slug(Path(os.path.normpath(Path(data).expanduser().absolute())).name)
 
 
-def pool_run(run_dir: str | Path, data: str | Path, split: str, features_root: str | Path):
-    """The run pointed at `data` (a dataset folder) encoded by its own backbone, `split` of it or all."""
-    (run,) = open_runs([run_dir], data, None if split == ALL_SPLITS else [split], features_root)
+def pool_run(run_dir: str | Path, data: str | Path, split: str, features_root: str | Path,
+             follow_links: bool = False, readable_paths: bool = False):
+    """The run pointed at `data` (a dataset folder) encoded by its own backbone, `split` of it or all
+    (`follow_links`, `readable_paths`: how the folder is read, see `extract.access`)."""
+    (run,) = open_runs([run_dir], data, None if split == ALL_SPLITS else [split], features_root,
+                       follow_links=follow_links, readable_paths=readable_paths)
     return run
 
 
@@ -335,20 +349,33 @@ def _sample_chunks(run, paths: list[Path], n: int, size: int, rows: int, seed: i
             offset += chunk.shape[0]
 
 
-def _write_atomic(index: faiss.Index, meta: IndexMeta, faiss_path: Path, json_path: Path) -> None:
-    """FAISS file first, then the JSON that vouches for it; each via temp file + rename. A kill in
-    between leaves an old JSON whose index_bytes/ntotal no longer match: reported as stale."""
+def _staged(path: Path) -> Path:
+    """The temporary name a file of a new index is written under, beside `path` (never listed as an index)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _write_atomic(index: faiss.Index, meta: IndexMeta, faiss_path: Path, json_path: Path,
+                  staged_vectors: Path | None = None) -> None:
+    """Every file of the new index written whole under a temporary name, then renamed over an earlier
+    index's: the vectors (already written, at `staged_vectors`), the FAISS file, last the JSON that
+    vouches for both. An earlier index is untouched until the new one is complete; a kill between the
+    renames leaves a JSON whose index_bytes/ntotal no longer match: reported as stale."""
     faiss_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write_index(tmp: Path) -> None:
-        faiss.write_index(index, str(tmp))
-        meta.index_bytes = tmp.stat().st_size
-
-    atomic_write(faiss_path, write_index)
-    # indented for a person to read while small; compact beyond (Python's json indents in pure Python,
-    # one string per id: gigabytes at 10M images)
-    indent = 1 if meta.ntotal <= 100_000 else None
-    atomic_write(json_path, lambda tmp: tmp.write_text(json.dumps(meta.to_dict(), indent=indent) + "\n"))
+    faiss_tmp, json_tmp = _staged(faiss_path), _staged(json_path)
+    try:
+        faiss.write_index(index, str(faiss_tmp))
+        meta.index_bytes = faiss_tmp.stat().st_size
+        # indented for a person to read while small; compact beyond (Python's json indents in pure Python,
+        # one string per id: gigabytes at 10M images)
+        indent = 1 if meta.ntotal <= 100_000 else None
+        json_tmp.write_text(json.dumps(meta.to_dict(), indent=indent) + "\n")
+        if staged_vectors is not None:
+            os.replace(staged_vectors, vectors_path(faiss_path))
+        os.replace(faiss_tmp, faiss_path)
+        os.replace(json_tmp, json_path)
+    finally:
+        faiss_tmp.unlink(missing_ok=True)
+        json_tmp.unlink(missing_ok=True)
 
 
 def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=None) -> tuple[Path, IndexMeta]:
@@ -363,7 +390,18 @@ def build_index(run_dir: str | Path, options: IndexOptions | None = None, run=No
     # one lock per split and pool, whatever kind "auto" turns out to be
     with exclusive(index_paths(run_dir, options.split, "build", pool)[0], "index build",
                    "wait for it to finish; it writes an index of the same split"):
+        if options.kind != "auto":  # known now: refused before `--data` is encoded, which may take hours
+            _check_replaceable(run_dir, options, options.kind, pool)
         return _build_index(run_dir, options, run, pool)
+
+
+def _check_replaceable(run_dir: Path, options: IndexOptions, kind: str, pool: str | None) -> None:
+    """An earlier index of this split, kind and pool is replaced only when `options.overwrite` says so."""
+    faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
+    if (faiss_path.exists() or json_path.exists()) and not options.overwrite:
+        what = f"the {options.split} split" + (f" of {pool}" if pool else "")
+        raise FileExistsError(f"{faiss_path}: already holds a {kind} index of {what}; pass --overwrite to replace "
+                              "it (swapped in whole once the new one is built)")
 
 
 def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) -> tuple[Path, IndexMeta]:
@@ -385,6 +423,7 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     if options.engine == "ray" and kind not in PARTS_KINDS:
         raise ValueError(f"--engine ray fills ivf and ivfpq indexes in parts; {kind} (what --kind {options.kind} "
                          f"gives for {n:,} images) is built on one machine: drop --engine ray or pass --kind ivfpq")
+    _check_replaceable(run_dir, options, kind, pool)  # once planned: the kind "auto" gives is known
     index = new_index(kind, plan.dim, params)
     paths = list(files.values())
     if "train_size" in params:
@@ -396,40 +435,42 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
     faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
     keep = "rerank" in params  # the full vectors candidates are re-scored from, written as they are added
     kept = vectors_path(faiss_path).name if keep else ""
-    if options.engine == "ray":
-        task_args = (str(run_dir), replace(options, chunk_rows=plan.chunk_rows))
-
-        def in_parts(vectors_file: Path | None) -> None:
-            fill_in_parts(index, fill_part, task_args, n, faiss_path.parent, vectors_file, options.address,
-                          options.parts)
-
-        if keep:
-            atomic_write(vectors_path(faiss_path), in_parts)
+    # written under a temporary name: an earlier index's vectors stay in place until the new index is whole
+    staged = _staged(vectors_path(faiss_path)) if keep else None
+    faiss_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if options.engine == "ray":
+            task_args = (str(run_dir), replace(options, chunk_rows=plan.chunk_rows))
+            fill_in_parts(index, fill_part, task_args, n, faiss_path.parent, staged, options.address, options.parts)
         else:
-            in_parts(None)
-    else:
-        rows = (vectors(_embed(run, chunk)) for path in paths for chunk in feature_chunks(path, rows=plan.chunk_rows))
-        if keep:
-            faiss_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(vectors_path(faiss_path), lambda tmp: _fill_keeping(index, rows, tmp))
-        else:
-            fill_index(index, rows)
-    ids = [i for path in paths for i in _read_ids(path)]
-    meta = IndexMeta(
-        kind=kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
-        run_dir=str(run_dir), heads_sha256=heads_sha256(run_dir), sources=sources, image_ids=ids,
-        build_seconds=round(time.perf_counter() - t0, 3),
-        created=datetime.now(UTC).isoformat(timespec="seconds"), querybank=setting,
-        pool=pool or "", features_dir=str(Path(run.features_dir).resolve()) if pool else "", vectors=kept,
-    )
-    _write_atomic(index, meta, faiss_path, json_path)
+            rows = (vectors(_embed(run, chunk)) for path in paths
+                    for chunk in feature_chunks(path, rows=plan.chunk_rows))
+            if keep:
+                _fill_keeping(index, rows, staged)
+            else:
+                fill_index(index, rows)
+        ids = [i for path in paths for i in _read_ids(path)]
+        meta = IndexMeta(
+            kind=kind, split=options.split, params=params, ntotal=int(index.ntotal), dim=int(index.d),
+            run_dir=str(run_dir), heads_sha256=heads_sha256(run_dir), sources=sources, image_ids=ids,
+            build_seconds=round(time.perf_counter() - t0, 3),
+            created=datetime.now(UTC).isoformat(timespec="seconds"), querybank=setting,
+            pool=pool or "", features_dir=str(Path(run.features_dir).resolve()) if pool else "", vectors=kept,
+            follow_links=bool(pool) and options.follow_links, readable_paths=bool(pool) and options.readable_paths,
+            features_root=str(Path(options.features_root).resolve()) if pool else "",
+        )
+        _write_atomic(index, meta, faiss_path, json_path, staged)
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
     return faiss_path, meta
 
 
 def _index_run(run_dir: Path, options: IndexOptions):
     """The run an index embeds with: over its own cache, or pointed at `options.data` (`index --data`)."""
     if options.data is not None:
-        return pool_run(run_dir, options.data, options.split, options.features_root)
+        return pool_run(run_dir, options.data, options.split, options.features_root, options.follow_links,
+                        options.readable_paths)
     return open_run(run_dir)
 
 
@@ -496,32 +537,50 @@ def _features_dir(run_dir: Path) -> Path:
 
 
 def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | None = None,
-                  faiss_path: Path | None = None) -> list[str]:
-    """Every way the index differs from the run's cache and heads now; empty when it is current."""
-    run_dir = Path(run_dir)
+                  faiss_path: Path | None = None, bank=OWN_BANK) -> list[str]:
+    """Every way the index differs from the run's cache and heads now; empty when it is current.
+
+    `bank` is the query-bank setting the indexed pool is ranked with (None: plain cosine): OWN_BANK
+    reads the run's own `querybank.json`; a pool of another dataset (`index --data`) is ranked with
+    that dataset's own bank or plain cosine (`adapt.run_querybank.bank_for`), which only the caller
+    that opened the pool knows."""
+    return [reason for reason, _ in _stale(meta, Path(run_dir), index, faiss_path, bank)]
+
+
+def _stale(meta: IndexMeta, run_dir: Path, index: faiss.Index | None, faiss_path: Path | None,
+           bank) -> list[tuple[str, bool]]:
+    """`stale_reasons`, each with whether it concerns the cache files (their number, sizes, ids,
+    provenance or where they are), the reasons a damaged cache can show as."""
     out = []
     if index is not None and (int(index.ntotal) != meta.ntotal or int(index.d) != meta.dim):
-        out.append(f"the FAISS file holds {index.ntotal} x {index.d}, its description says {meta.ntotal} x {meta.dim}")
+        out.append((f"the FAISS file holds {index.ntotal} x {index.d}, its description says {meta.ntotal} x {meta.dim}",
+                    False))
     if faiss_path is not None and meta.index_bytes and faiss_path.stat().st_size != meta.index_bytes:
-        out.append(f"{faiss_path.name} is {faiss_path.stat().st_size} bytes, {meta.index_bytes} when it was built")
+        out.append((f"{faiss_path.name} is {faiss_path.stat().st_size} bytes, {meta.index_bytes} when it was built", False))
     if meta.vectors and faiss_path is not None:
         kept = faiss_path.with_name(meta.vectors)
         size = kept.stat().st_size if kept.exists() else -1
         if size != 4 * meta.ntotal * meta.dim:
-            out.append(f"{kept.name} (the vectors candidates are re-scored from) is "
-                       f"{'missing' if size < 0 else f'{size} bytes'}, {4 * meta.ntotal * meta.dim} when the index was built")
+            out.append((f"{kept.name} (the vectors candidates are re-scored from) is "
+                        f"{'missing' if size < 0 else f'{size} bytes'}, {4 * meta.ntotal * meta.dim} when the index "
+                        "was built", False))
     if meta.heads_sha256 != heads_sha256(run_dir):
-        out.append(f"the run's heads ({HEADS_FILE}) changed since the index was built")
-    if _image_side(read_querybank(run_dir)) != meta.querybank:
-        out.append(f"the run's query bank ({QUERYBANK}) changed since the index was built")
+        out.append((f"the run's heads ({HEADS_FILE}) changed since the index was built", False))
+    setting = _image_side(read_querybank(run_dir) if bank == OWN_BANK else bank)
+    if setting != meta.querybank:
+        # the bank read from another folder: its cache moved (`relink`), perhaps onto a damaged copy
+        moved = bool(setting and meta.querybank) and setting.get("bank_features") != meta.querybank.get("bank_features")
+        out.append((f"the query bank {meta.pool} is ranked with (its own dataset's, or plain cosine) changed since "
+                    "the index was built" if meta.pool else
+                    f"the run's query bank ({QUERYBANK}) changed since the index was built", moved))
     try:
         features = Path(meta.features_dir) if meta.pool else _features_dir(run_dir)
         files = _split_files(features, meta.split)
     except (FileNotFoundError, ValueError) as e:
-        return out + [str(e)]
+        return [*out, (str(e), True)]
     built = [s.split for s in meta.sources]
     if list(files) != built:
-        out.append(f"the cache now has splits {', '.join(files)}; the index was built from {', '.join(built)}")
+        out.append((f"the cache now has splits {', '.join(files)}; the index was built from {', '.join(built)}", True))
     by_split = {s.split: s for s in meta.sources}
     for split, path in files.items():
         was = by_split.get(split)
@@ -529,14 +588,15 @@ def stale_reasons(meta: IndexMeta, run_dir: str | Path, index: faiss.Index | Non
             continue
         now = _describe(split, path)
         if now.n_images != was.n_images:
-            out.append(f"{path}: {now.n_images} images now, {was.n_images} when the index was built")
+            out.append((f"{path}: {now.n_images} images now, {was.n_images} when the index was built", True))
         elif now.ids_sha256 != was.ids_sha256:
-            out.append(f"{path}: the image ids or their order changed since the index was built")
+            out.append((f"{path}: the image ids or their order changed since the index was built", True))
         for key in ("backbone", "dataset_fingerprint"):
             if getattr(now, key) != getattr(was, key):
-                out.append(f"{path}: {key} is {getattr(now, key)!r}, the index was built from {getattr(was, key)!r}")
+                out.append((f"{path}: {key} is {getattr(now, key)!r}, the index was built from {getattr(was, key)!r}",
+                            True))
     if sum(s.n_images for s in meta.sources) != meta.ntotal or len(meta.image_ids) != meta.ntotal:
-        out.append(f"the description lists {len(meta.image_ids)} ids for {meta.ntotal} vectors")
+        out.append((f"the description lists {len(meta.image_ids)} ids for {meta.ntotal} vectors", False))
     return out
 
 
@@ -561,9 +621,9 @@ def tune(index: faiss.Index, params: dict) -> faiss.Index:
 
 
 def load_index(run_dir: str | Path, split: str | None = None, kind: str | None = None,
-               check: bool = True, pool: str | None = None) -> tuple[faiss.Index, IndexMeta] | None:
+               check: bool = True, pool: str | None = None, bank=OWN_BANK) -> tuple[faiss.Index, IndexMeta] | None:
     """The run's index over `split` (None = "all") of its own cache or of `pool` (see `pool_name`), or
-    None when none was built.
+    None when none was built. `bank`: the query bank the pool is ranked with (see `stale_reasons`).
 
     `kind` None takes the most recently built kind. Raises StaleIndexError when the index no
     longer matches the run's cache or heads (`check=False` skips that, e.g. to inspect an old one).
@@ -581,25 +641,50 @@ def load_index(run_dir: str | Path, split: str | None = None, kind: str | None =
     try:
         meta = IndexMeta.from_dict(json.loads(json_path.read_text()), str(json_path))
     except (json.JSONDecodeError, TypeError) as e:
-        raise StaleIndexError(f"{json_path}: unreadable index description ({e}); {_rebuild_hint(run_dir, split, kind, pool)}") from e
+        raise StaleIndexError(f"{json_path}: unreadable index description ({e}); "
+                              f"{_rebuild_hint(run_dir, split, kind, pool)}") from e
     try:
         # ivf's lists are memory-mapped: they stay in the file and the page cache, not in this process
         # (FAISS reads ivfpq's blocked fast-scan lists into memory: 8-64 bytes per image)
         index = faiss.read_index(str(faiss_path), faiss.IO_FLAG_MMAP if kind == "ivf" else 0)
     except RuntimeError as e:
-        raise StaleIndexError(f"{faiss_path}: unreadable FAISS file; {_rebuild_hint(run_dir, split, kind, pool)}") from e
+        raise StaleIndexError(f"{faiss_path}: unreadable FAISS file; {_rebuild_hint(run_dir, split, kind, pool, meta)}") from e
     if check:
-        reasons = stale_reasons(meta, run_dir, index, faiss_path)
+        reasons = _stale(meta, run_dir, index, faiss_path, bank)
         if reasons:
-            lines = "\n  - ".join(reasons)
+            if any(about_cache for _, about_cache in reasons):
+                _refuse_damaged_caches(meta, run_dir)  # damage is named as such, never as a stale index
+            lines = "\n  - ".join(reason for reason, _ in reasons)
             raise StaleIndexError(f"{faiss_path}: stale index, it no longer matches the run:\n  - {lines}\n"
-                                  f"{_rebuild_hint(run_dir, split, kind, pool)}")
+                                  f"{_rebuild_hint(run_dir, split, kind, pool, meta)}")
     return tune(index, meta.params), meta
 
 
-def _rebuild_hint(run_dir: Path, split: str, kind: str, pool: str | None = None) -> str:
+def _refuse_damaged_caches(meta: IndexMeta, run_dir: Path) -> None:
+    """The `CacheError` of the first damaged cache file the index covers, if any. A cache damaged (or
+    relinked onto a damaged copy) after the index was built shows as a stale index, whose message
+    sends the user to rebuild it; the damage is what to fix, so it is read for (checksums, NaN/Inf)
+    before staleness is reported. Costs a read of every cache file (tens of GB for a large pool), so
+    only for the reasons a damaged or moved cache shows as (see `_stale`): never for retrained heads
+    or a changed query-bank setting, the usual reasons, where rebuilding is the fix."""
+    try:
+        files = _split_files(Path(meta.features_dir) if meta.pool else _features_dir(run_dir), meta.split)
+    except (FileNotFoundError, ValueError):
+        return  # a missing cache or config is one of the stale reasons
+    for path in files.values():
+        verify_cache(path)
+
+
+def _rebuild_hint(run_dir: Path, split: str, kind: str, pool: str | None = None, meta: IndexMeta | None = None) -> str:
+    """The command that replaces the index (`--overwrite`: `index` refuses an existing one), reading a
+    `--data` pool's folder as it was read (`meta`: links followed, readable paths, the features root)."""
     data = f" --data DATA/{pool}" if pool else ""
-    return f"rebuild it with: python cli.py index --run {run_dir} --split {split} --kind {kind}{data}"
+    if pool and meta is not None:
+        data += "".join(flag for flag, used in ((" --follow-links", meta.follow_links),
+                                                (" --readable-paths", meta.readable_paths)) if used)
+        data += f" --features-root {shlex.quote(meta.features_root)}" if meta.features_root else ""
+    return (f"rebuild it with: python cli.py index --run {shlex.quote(str(run_dir))} --split {split} --kind {kind}"
+            f"{data} --overwrite")
 
 
 def search_index(index: faiss.Index, queries, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from torch import nn
 from medembed.adapt.run import describe_run
 from medembed.adapt.run_querybank import BankOffsets
 from medembed.adapt.tuning.runs import open_run, run_backbone
+from medembed.adapt.valid_heads import valid_source
 from medembed.cache.reader import load_split, read_attrs
 from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.hashing import sha256_file
@@ -273,6 +274,8 @@ def _metrics(run, model: EmbeddingModel) -> dict:
         out["n_train_pairs"] = summary.get("n_train_pairs")
         out["valid"] = {k: v for k, v in (summary.get("querybank", {}).get("valid") or summary.get("valid", {})).items()
                         if "R@" in k}
+        source = valid_source(run.run_dir, summary)
+        out["valid_heads"], out["valid_held_out"] = source.heads, source.held_out
     files = run.split_files()
     if "test" in files:
         test = load_split(files["test"], with_views=False)
@@ -331,7 +334,12 @@ def model_card(run, backbone: Backbone, metrics: dict, bank: dict | None, decodi
         lines += ["The run's features have no test split: no test recall is reported.", ""]
     valid = metrics.get("valid") or {}
     if all(f"{d}_R@{k}" in valid for d in ("t2i", "i2t") for k in (1, 5, 10)):
-        lines += ["Valid split (where settings were chosen), R@1 / R@5 / R@10: text -> image " + " / ".join(
+        heads = {"selection": "the heads valid chose, before the refit on train + valid"}.get(
+            metrics.get("valid_heads", ""), "the exported heads")
+        held = ("" if metrics.get("valid_held_out", True) else
+                " Not held out: these heads learned from valid pairs, so this says nothing of unseen data.")
+        lines += [f"Valid split (where settings were chosen; measured with {heads}).{held} R@1 / R@5 / R@10: "
+                  "text -> image " + " / ".join(
             f"{valid[f't2i_R@{k}']:.1f}" for k in (1, 5, 10)) + ", image -> text " + " / ".join(
             f"{valid[f'i2t_R@{k}']:.1f}" for k in (1, 5, 10)) + ".", ""]
     lines += [

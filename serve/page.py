@@ -5,8 +5,9 @@ captions and image -> similar images, filtered by split, modality and named conc
 text and uploaded images are encoded with the run's own backbone, exactly as `cli.py search` does.
 
 What a request can reach is bounded by construction: an image is addressed by its position in the
-pool (`split:row`) and its bytes are read from the location the cache recorded for that row, so no
-path from a request ever reaches the file system; uploads are capped in bytes while they stream in
+pool (`split:row`) and its bytes are read from the location the cache recorded for that row, under
+the data folder's rule (`extract.access`: never a file outside it), so no path from a request ever
+reaches the file system; uploads are capped in bytes while they stream in
 (nothing past the cap is read off the connection, held or spooled) and in pixels (the extractor's
 decompression-bomb check); every refusal is a 4xx with a one-line reason, in the API's own terms
 (query parameters, never the command line's flags).
@@ -33,10 +34,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive
 
 from medembed.evaluate.zeroshot import DEFAULT_MODALITIES
-from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, decode_image, open_image
+from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, decode_image
+from medembed.extract.imaging.dicom import DICOM_SUFFIXES
+from medembed.extract.imaging.nifti import NIFTI_SUFFIXES
 from medembed.extract.worker import describe_error
 from medembed.serve.explain import explain
-from medembed.serve.search import Searcher, SearchResult
+from medembed.serve.search import NO_CAPTIONS, Searcher, SearchResult
 
 STATIC = Path(__file__).with_name("static")
 THUMBNAIL = 256
@@ -89,6 +92,14 @@ class PagePool:
 
     def location(self, key: str) -> str:
         return self.searcher.pool.location(self.row(key))
+
+    def open_image(self, row: int) -> Image.Image:
+        """Pool image `row` (from `row`), read under its data folder's rule: never a file outside it."""
+        return self.searcher.pool.open_image(row)
+
+    def unreadable(self, row: int, error: BaseException) -> str:
+        """Why pool image `row` could not be opened, naming no path that may identify a patient."""
+        return self.searcher.pool.unreadable(row, error)
 
     def allowed(self, split: str | None, modality: str | None, concept: str | None) -> np.ndarray | None:
         """Which pool images pass the filters (None: all)."""
@@ -176,17 +187,27 @@ def _declared_length(request: Request) -> int | None:
     return int(value)
 
 
+def upload_name(name: str | None) -> str:
+    """What a raw-body upload is called while it is decoded and in messages: "upload", plus the NIfTI
+    or DICOM suffix of the name the client gave (`?name=scan.nii.gz`), which is what tells a NIfTI
+    volume or a DICOM file without the Part 10 preamble apart (other formats are known by their
+    content). Nothing else of a file name is kept: it may name a patient."""
+    lower = (name or "").lower()
+    return "upload" + next((s for s in (*NIFTI_SUFFIXES, *DICOM_SUFFIXES) if lower.endswith(s)), "")
+
+
 def _is_form(request: Request) -> bool:
     return request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data"
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
+async def read_upload(request: Request, limit: int, name: str = "upload") -> tuple[bytes, str]:
     """The uploaded image's bytes and a name for messages, never more than `limit` bytes read.
 
     The body is the image file itself (what the page sends), or a multipart form whose `file` part is
     (`curl -F file=@x.png`; the form's framing may add FORM_FRAMING bytes). A Content-Length over the
     cap is refused before anything is read; otherwise the body is counted while it streams in, since a
-    spooled upload checked only at its end can fill the disk first."""
+    spooled upload checked only at its end can fill the disk first. `name` is a raw body's name (see
+    `upload_name`); a form's file part carries its own."""
     form = _is_form(request)
     cap = limit + (FORM_FRAMING if form else 0)
     declared = _declared_length(request)
@@ -197,7 +218,7 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
         data = bytearray()
         async for chunk in body.stream():
             data += chunk
-        return bytes(data), "upload"
+        return bytes(data), name
     async with body.form(max_files=1, max_fields=8) as fields:
         part = fields.get("file")
         if not isinstance(part, UploadFile):
@@ -295,28 +316,31 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
         query = searcher.embed_image(image)
         images = ranked(query, k, page, allowed, exact, "image")
         caps = searcher.captions(query, min(k, 10))
+        if not searcher.pool.n_captions:  # an image-only collection: the similar images are the whole answer
+            images.notes.append(f"{NO_CAPTIONS}: these are the most similar images")
         return {**_answer(images, pool, page, k, started), "captions": _hits(caps, pool, 0),
                 "captions_ranked_by": caps.ranking}
 
     @app.post("/api/search/image")
     async def search_image(request: Request, k: int = Query(12, ge=1, le=100), page: int = Query(0, ge=0),
                            split: str | None = None, modality: str | None = None, concept: str | None = None,
-                           exact: bool = False) -> dict:
+                           exact: bool = False, name: str | None = Query(None, max_length=255)) -> dict:
         """Images like the uploaded one and its nearest captions, with the text query's filters and paging.
         Paging re-sends the image: the server keeps nothing of an upload between requests. The filters
-        are checked before a byte of the upload is read."""
+        are checked before a byte of the upload is read. `name`: a raw body's file name (its suffix
+        tells a NIfTI volume or a DICOM file without the Part 10 preamble)."""
         k, page = page_args(k, page)
         allowed = pool.allowed(split, modality, concept)
-        data, name = await read_upload(request, limits.max_upload_bytes)
+        data, name = await read_upload(request, limits.max_upload_bytes, upload_name(name))
         return await run_in_threadpool(image_answer, data, name, k, page, allowed, exact)
 
     @app.get("/api/image/{key}")
     def image(key: str, size: str = Query("thumb", pattern="^(thumb|full)$")) -> Response:
-        location = pool.location(key)  # only pool rows map to a location; the request names none
+        row = pool.row(key)  # only pool rows map to a location; the request names none
         try:
-            img = open_image(location, searcher.pool.decode)
+            img = pool.open_image(row)
         except Exception as e:  # noqa: BLE001
-            raise HTTPException(404, f"{key}: image not readable ({describe_error(e)})") from None
+            raise HTTPException(404, f"{key}: image not readable ({pool.unreadable(row, e)})") from None
         if size == "thumb":
             img.thumbnail((THUMBNAIL, THUMBNAIL))
         return _png(img)
@@ -325,12 +349,11 @@ def create_app(searcher: Searcher, limits: ServeLimits | None = None) -> FastAPI
     def explain_map(key: str, q: str = Query(..., max_length=limits.max_query_chars)) -> Response:
         if not q.strip():
             raise HTTPException(400, "q: the query is empty")
+        row = pool.row(key)
         try:
-            img = open_image(pool.location(key), searcher.pool.decode)
-        except HTTPException:
-            raise
+            img = pool.open_image(row)
         except Exception as e:  # noqa: BLE001
-            raise HTTPException(404, f"{key}: image not readable ({describe_error(e)})") from None
+            raise HTTPException(404, f"{key}: image not readable ({pool.unreadable(row, e)})") from None
         try:
             e = explain(searcher.run, searcher.backbone, img, searcher.embed_text(q))
         except ValueError as err:

@@ -11,16 +11,22 @@ pool image row r is row r - `image_starts[i]` of file i.
 """
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from medembed.cache import schema
 from medembed.cache.reader import OpenCaches, SplitHeader, location_path, read_header, read_rows
-from medembed.extract.imaging import DecodeOptions
+from medembed.extract.access import DataAccess
+from medembed.extract.imaging import DecodeOptions, open_image
+from medembed.extract.imaging.locations import split_location
+from medembed.extract.worker import describe_error, redact
 
 
 @dataclass
@@ -51,6 +57,7 @@ class SearchPool:
         self.files = OpenCaches()  # each file opened once, for every query's reads
         self.image_starts = np.cumsum([0, *(s.n_images for s in splits)])
         self.caption_starts = np.cumsum([0, *(s.n_captions for s in splits)])
+        self._access: dict[int, DataAccess] = {}  # each split's rule, made once (it resolves the data folder)
 
     @classmethod
     def open(cls, paths: list[str | Path]) -> SearchPool:
@@ -161,3 +168,36 @@ class SearchPool:
 
     def location(self, pool_row: int) -> str:
         return self.images([pool_row])[0].location
+
+    def access(self, split: str | int) -> DataAccess:
+        """The rule a split's images are read under: its data folder, links followed out of it only
+        when its extraction followed them (see `extract.access`)."""
+        i = self.names.index(split) if isinstance(split, str) else int(split)
+        if i not in self._access:
+            s = self.splits[i]
+            self._access[i] = DataAccess.of_cache(s.attrs, s.data_root)
+        return self._access[i]
+
+    def open_image(self, pool_row: int) -> Image.Image:
+        """A pool image, read under its data folder's rule and rendered as at extraction."""
+        return open_image(self.location(pool_row), self.decode, access=self.access(self.locate(pool_row)[0]))
+
+    def unreadable(self, pool_row: int, error: BaseException) -> str:
+        """Why `open_image` failed for a pool image, in a few words. Where the pool's locations are
+        private (paths that may name patients, see `extract.imaging.locations`), the path an OS or
+        archive error quotes is taken out, as the extractor does: the resolved file, its member and
+        anything below the data folder."""
+        why = describe_error(error)
+        i = self.locate(pool_row)[0]
+        location = self.location(pool_row)
+        if schema.PRIVATE_LOCATION not in location:
+            return why  # its path is the record's own id: nothing to hide
+        try:
+            path, member, _ = split_location(location, self.access(i))
+            why = redact(why, path + (f"{schema.ZIP_SEP}{member}" if member else ""))
+        except Exception:  # noqa: BLE001 - not found again: that error names only the folder and the id
+            pass
+        root = self.splits[i].data_root
+        for base in {root, os.path.realpath(root)} - {""}:
+            why = re.sub(re.escape(base.rstrip(os.sep) + os.sep) + r"[^'\"]*", "<image>", why)
+        return why

@@ -25,7 +25,7 @@ from medembed.evaluate.examples import load_image_thumbnail
 from medembed.evaluate.listing import BANK_SCORE, COSINE, one_line
 from medembed.evaluate.models import EmbeddingModel, model_from_run
 from medembed.evaluate.new_data import open_runs
-from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
+from medembed.evaluate.plots import Tile, image_query_grid, similar_images_grid, text_query_grid
 from medembed.evaluate.retrieval import top_k
 from medembed.extract.backbones import onnx_runtime
 from medembed.extract.backbones.core import Backbone
@@ -42,6 +42,8 @@ from medembed.serve.search_memory import (
 )
 
 EXACT = "exact scan"
+NO_CAPTIONS = "the pool has no captions (an image-only collection)"
+QUERY_LABEL = "query image"  # what a grid calls an image query: its file name may name a patient
 
 
 @dataclass
@@ -106,8 +108,10 @@ class Searcher:
 
     def __init__(self, run_ref, split: str | None = None, data: str | Path | None = None,
                  features_root: str | Path = "features", backbone=None, use_index: bool = True,
-                 runtime: str = "auto", max_memory_gb: float = DEFAULT_MAX_MEMORY_GB):
-        (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root)
+                 runtime: str = "auto", max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, follow_links: bool = False,
+                 readable_paths: bool = False):
+        (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root,
+                                follow_links=follow_links, readable_paths=readable_paths)
         self._own_run = isinstance(run_ref, (str, Path))  # opened here, not handed in
         files = self.run.split_files()
         if split is not None and split not in files:
@@ -128,7 +132,10 @@ class Searcher:
         if use_index and self.run.checkpoint is None:
             from medembed.serve.index import load_index, pool_name
 
-            self.index = load_index(self.run.run_dir, split, pool=pool_name(data) if data is not None else None)
+            # checked against the bank this pool is ranked with: another dataset's pool has its own, or none
+            bank = getattr(self.model.gallery_offsets, "setting", None)
+            self.index = load_index(self.run.run_dir, split, pool=pool_name(data) if data is not None else None,
+                                    bank=bank)
         self.memory = self._plan(max_memory_gb)
 
     def _plan(self, max_memory_gb: float) -> SearchMemoryPlan:
@@ -243,8 +250,12 @@ class Searcher:
         return SearchResult(hits, "images", via, n, notes, *self._ranking(with_bank))
 
     def captions(self, query: torch.Tensor, k: int) -> SearchResult:
-        """Top-k pool captions for a unit query [1, D] (exact scan: captions are not indexed)."""
+        """Top-k pool captions for a unit query [1, D] (exact scan: captions are not indexed). A pool
+        without captions (an image-only collection) answers with none and a note saying why: the
+        page asks every pool for an upload's captions, and an empty answer is the true one."""
         n = self.pool.n_captions
+        if n == 0:
+            return SearchResult([], "captions", EXACT, 0, [NO_CAPTIONS])
         k_used, notes = _cap(k, n, "captions")
         with_bank = self.model.gallery_offsets is not None
         scores, rows = self._scan(query, "captions", k_used, None, with_bank)
@@ -388,6 +399,8 @@ def search(
     explain_maps: bool = False,
     runtime: str = "auto",
     max_memory_gb: float = DEFAULT_MAX_MEMORY_GB,
+    follow_links: bool = False,
+    readable_paths: bool = False,
 ) -> SearchResult:
     """Top-k for a caption (-> images) or an image file (-> captions; -> similar images in a pool
     without captions) over the run's cached pool.
@@ -402,7 +415,8 @@ def search(
     `features_root`) instead of the run's own cache. `runtime` runs the query's encoder (torch, onnx,
     or auto: ONNX Runtime on the CPU); where it could not be used, the result's notes say so.
     `max_memory_gb` bounds the whole process: a pool whose embeddings do not fit is streamed from
-    its cache files (see `serve.search_memory`).
+    its cache files (see `serve.search_memory`). `follow_links` and `readable_paths` say how `data`
+    is read (see `extract.access`, `extract.datasets.identity`).
     """
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
@@ -411,7 +425,7 @@ def search(
     if image is not None:
         read_query_image(image)  # a bad file is refused before anything is loaded
     searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index, runtime=runtime,
-                        max_memory_gb=max_memory_gb)
+                        max_memory_gb=max_memory_gb, follow_links=follow_links, readable_paths=readable_paths)
     if explain_maps and (text is None or out is None):
         raise ValueError("--explain draws heat maps over the images a --text query retrieves: it needs --text and --out")
     if text is not None:
@@ -423,7 +437,7 @@ def search(
             result = searcher.captions(query, k)
         else:  # an image-only collection: the nearest images instead of captions
             result = searcher.images(query, k, by="image")
-            result.notes.append("the pool has no captions (an image-only collection): these are the most similar images")
+            result.notes.append(f"{NO_CAPTIONS}: these are the most similar images")
     result.notes.extend(searcher.notes)
     if out is not None:
         draw(result, searcher, out, text=text, image=image, query=query if explain_maps else None)
@@ -432,24 +446,35 @@ def search(
 
 def draw(result: SearchResult, searcher: Searcher, out: str | Path, text: str | None = None,
          image: str | Path | None = None, query: torch.Tensor | None = None) -> Path:
-    """The result as a PNG grid; with `query`, each image under its explanation map."""
+    """The result as a PNG grid; with `query`, each image under its explanation map. An image query is
+    drawn beside its captions, or beside the similar images where those are the answer (a pool
+    without captions); it is labelled "query image", never by its file name, which may name a patient."""
     if text is not None:
-        tiles = []
-        for h in result.hits:
-            pic = load_image_thumbnail(h.location, searcher.pool.decode)
-            if query is not None and pic is not None:
-                pic = explain(searcher.run, searcher.backbone, open_image(h.location, searcher.pool.decode), query).overlay()
-            cos = f" (cos {h.cosine:.3f})" if result.with_bank else ""
-            tiles.append(Tile(pic, f"{h.image_id}  {h.score:.3f}{cos}"))
         note = "heat map: the regions that drive each image's score (red: most)" if query is not None else ""
-        return text_query_grid(text, tiles, Path(out), note=note)
+        return text_query_grid(text, _image_tiles(result, searcher, query), Path(out), note=note)
     try:
         query_img = read_query_image(image, searcher.pool.decode)
         query_img.thumbnail((384, 384))
     except ValueError:
         query_img = None
+    if result.target == "images":
+        return similar_images_grid(query_img, QUERY_LABEL, _image_tiles(result, searcher), Path(out))
     caps = [(f"[{h.image_id}] {h.caption}", h.score, False) for h in result.hits]
-    return image_query_grid(query_img, f"query: {Path(image).name}", caps, Path(out))
+    return image_query_grid(query_img, QUERY_LABEL, caps, Path(out))
+
+
+def _image_tiles(result: SearchResult, searcher: Searcher, query: torch.Tensor | None = None) -> list[Tile]:
+    """One tile per image hit: its thumbnail (with `query`, under its explanation map), id and score."""
+    tiles = []
+    for h in result.hits:
+        access = searcher.pool.access(h.split)  # pool images are read under their data folder's rule
+        pic = load_image_thumbnail(h.location, searcher.pool.decode, access)
+        if query is not None and pic is not None:
+            pic = explain(searcher.run, searcher.backbone, open_image(h.location, searcher.pool.decode, access=access),
+                          query).overlay()
+        cos = f" (cos {h.cosine:.3f})" if result.with_bank else ""
+        tiles.append(Tile(pic, f"{h.image_id}  {h.score:.3f}{cos}"))
+    return tiles
 
 
 def format_results(result: SearchResult) -> str:

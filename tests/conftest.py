@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the key private image ids are made with: one per test session, never the user's own (extract.path_key)
+os.environ.setdefault("MEDEMBED_PATH_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="medembed-test-key-"), "path-key"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

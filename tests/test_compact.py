@@ -156,3 +156,43 @@ def test_a_compact_run_of_a_refit_run_chooses_with_its_projected_selection_heads
     again = calibrate(tmp_path / "again", run=chosen, splits=(small.split_files()["train"], valid))
     assert summary["querybank"]["setting"] == again["setting"]
     assert model_from_run(small).chooser is not None
+
+
+def test_runs_shows_a_compact_run_of_a_refit_run_with_its_selection_heads_valid(source_run, tmp_path):
+    """What `runs` ranks a compact run by: the valid recall of the source's selection heads, projected,
+    named as such; a compact run saved before the selection heads came along (its valid measured through
+    the refit heads, which trained on valid) is shown as not held out and ranked after it."""
+    from medembed.evaluate.listing import find_runs, format_runs, sort_runs
+
+    make_compact(source_run, 6, tmp_path / "now", progress=False)
+    summary = json.loads((tmp_path / "now" / "summary.json").read_text())
+    assert (summary["valid_heads"], summary["valid_held_out"]) == ("selection", True)
+    old = tmp_path / "before"
+    make_compact(source_run, 6, old, progress=False)
+    (old / "selection.safetensors").unlink()  # as compact left a refit source's run before it carried them
+    record = json.loads((old / "summary.json").read_text())
+    for key in ("valid_heads", "valid_held_out"):
+        record.pop(key)
+    record["querybank"]["valid"]["mean_recall"] = 99.0  # whatever it says, it is not ranked above a held-out run
+    (old / "summary.json").write_text(json.dumps(record))
+    (old / "querybank.json").write_text(json.dumps(record["querybank"]))
+    rows = sort_runs(find_runs(tmp_path), "valid")
+    assert [r.name for r in rows] == ["now", "before"]
+    now, before = rows
+    assert (now.valid_source.heads, now.valid_source.held_out) == ("selection", True)
+    assert now.valid == pytest.approx(summary["querybank"]["valid"]["mean_recall"])
+    assert now.valid_plain == pytest.approx(summary["valid"]["mean_recall"])
+    assert (before.valid_source.heads, before.valid_source.held_out) == ("best", False)
+    assert "refit heads" in before.valid_source.why
+    table = format_runs(rows)
+    assert "best, not held out" in table and "(99.0)" in table
+
+
+def test_compact_shows_its_progress_and_is_quiet_without(source_run, tmp_path, capsys):
+    make_compact(source_run, 6, tmp_path / "a")
+    err = capsys.readouterr().err
+    rows = 300 + 600  # train images and captions, each embedded once
+    assert "compact" in err and f"{rows}/{rows}" in err and "embedding the train split" in err
+    assert "eigendecomposition of the 32 x 32 second moment" in err and "choosing the query bank on valid" in err
+    make_compact(source_run, 6, tmp_path / "b", progress=False)
+    assert capsys.readouterr().err == ""

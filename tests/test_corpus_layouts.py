@@ -26,6 +26,7 @@ from medembed.extract.datasets import (
     rocov2_parquet,
     webdataset_shards,
 )
+from medembed.extract.path_key import load_path_key
 from medembed.extract.records import Dataset, Record
 from tests.conftest import make_imageclef2023
 
@@ -298,7 +299,10 @@ def make_mimic(root: Path, split_file: bool = True) -> dict[str, bytes]:
 
 
 def mimic_id(rel: str) -> str:
-    return hashlib.sha256(rel.encode()).hexdigest()[:16]
+    """MIMIC-CXR names a record by a keyed hash of its path (the test session's key), not a plain one."""
+    keyed = load_path_key().image_id(rel)
+    assert keyed != hashlib.sha256(rel.encode()).hexdigest()[:16]
+    return keyed
 
 
 def test_mimic_cxr_reports_sections_and_official_split(tmp_path: Path) -> None:

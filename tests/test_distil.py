@@ -45,14 +45,16 @@ def test_a_distilled_run_is_one_head_chosen_on_valid_and_leaves_its_source_as_it
     config = json.loads((out / "config.json").read_text())
     assert config["ensemble"] == 1 and config["distilled"]["from"] == str(ensemble_run.resolve())
     assert 1 <= done.best_epoch <= 6 and config["distilled"]["best_epoch"] == done.best_epoch
-    # the kept heads are the chosen epoch's: their valid recall is the one summary.json records
+    # the source refit (the default): the heads valid measured are the selection student's, taught by the
+    # teacher's selection heads at the chosen epoch; their valid recall is the one summary.json records
+    chosen = student.selection()
     valid = load_split(student.split_files()["valid"], with_views=False)
-    again = recall_summary(student.embed_images(valid.image_features), student.embed_texts(valid.caption_features),
+    again = recall_summary(chosen.embed_images(valid.image_features), chosen.embed_texts(valid.caption_features),
                            valid.caption_image)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["valid"]["mean_recall"] == pytest.approx(again["mean_recall"]) == pytest.approx(done.valid["mean_recall"])
     assert summary["distilled"]["valid_similarity_correlation"] == pytest.approx(
-        similarity_correlation(student, teacher, valid), abs=1e-6)
+        similarity_correlation(chosen, teacher.selection(), valid), abs=1e-6)
     # the same seed makes the same student
     twin = distil_run(ensemble_run, tmp_path / "twin", DistilOptions(epochs=6), progress=False)
     x = load_split(student.split_files()["test"], with_views=False).image_features
@@ -93,3 +95,54 @@ def test_the_default_runs_ensemble_distilled_on_roco_rad_ranks_as_it_does(roco_d
     assert summary["distilled"]["valid_similarity_correlation"] >= 0.9
     assert summary["valid"]["mean_recall"] >= teacher_valid - 3
     assert "querybank" in summary and (tmp_path / "one" / "querybank.json").exists()
+
+
+@pytest.fixture(scope="module")
+def leaky_run(tmp_path_factory) -> Path:
+    """A refit ensemble on a hard, small synthetic set whose valid split is as large as train: the refit
+    heads learn valid's pairs, so a student taught by them would score far above what held-out heads do."""
+    root = tmp_path_factory.mktemp("leaky")
+    features = write_synthetic_features(root / "features", n_train=100, n_eval=100, captions_per_image=2, latent=16,
+                                        noise=1.5)
+    train(AdaptConfig(features_dir=str(features), out=str(root / "run"), head="mlp", dim=16, ensemble=3, epochs=30),
+          progress=False)
+    return root / "run"
+
+
+def test_a_refit_teachers_student_is_chosen_and_measured_on_valid_through_heads_that_never_trained_on_it(
+        leaky_run, tmp_path):
+    import shutil
+
+    from medembed.adapt.run_querybank import calibrate
+
+    assert (leaky_run / "selection.safetensors").exists()
+    res = CliRunner().invoke(main, ["distil", "--run", str(leaky_run), "--out", str(tmp_path / "one"), "--epochs", "6"])
+    assert res.exit_code == 0, res.output
+    assert "a student of its selection heads, which never trained on valid" in res.output
+    out = tmp_path / "one"
+    summary = json.loads((out / "summary.json").read_text())
+    teacher_valid = summary["distilled"]["teacher_valid"]["mean_recall"]
+    # taught by the refit heads, the student scored 33.2 on valid against its held-out teacher's 19.9; taught
+    # by the selection heads it cannot beat the teacher it learns from by much
+    assert summary["valid"]["mean_recall"] <= teacher_valid + 5
+    assert (summary["valid_heads"], summary["valid_held_out"]) == ("selection", True)
+    assert summary["refit"]["epochs"] == summary["best_epoch"]
+    # the selection student is exactly the one a teacher of the selection heads alone (no refit) makes
+    alone = tmp_path / "selection-teacher"
+    shutil.copytree(leaky_run, alone)
+    (alone / "selection.safetensors").replace(alone / "best.safetensors")
+    plain = distil_run(alone, tmp_path / "plain", DistilOptions(epochs=6), progress=False)
+    plain_summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert not plain.refit and not (tmp_path / "plain" / "selection.safetensors").exists()
+    assert (plain_summary["valid_heads"], plain_summary["valid_held_out"]) == ("best", True)
+    assert plain.best_epoch == summary["best_epoch"] and plain.valid == pytest.approx(summary["valid"])
+    student, twin = load_adapter_run(out), load_adapter_run(tmp_path / "plain")
+    x = load_split(student.split_files()["test"], with_views=False).image_features
+    assert torch.equal(student.selection().embed_images(x), twin.embed_images(x))
+    # the kept student is another one: taught by the refit heads, for the epochs valid chose
+    assert not torch.allclose(student.embed_images(x), twin.embed_images(x))
+    # the query bank was chosen with the selection student too
+    valid = load_split(student.split_files()["valid"], with_views=False)
+    (tmp_path / "again").mkdir()
+    again = calibrate(tmp_path / "again", run=student.selection(), splits=(student.split_files()["train"], valid))
+    assert summary["querybank"]["setting"] == again["setting"]

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.heads import build_heads
 from medembed.adapt.run import load_adapter_run
+from medembed.adapt.tuning import unfreeze
 from medembed.adapt.tuning.finetuned import FinetunedModel, mark_finetuned, read_finetuned, save_finetuned
 from medembed.adapt.tuning.runs import open_run
 from medembed.adapt.tuning.towers import (
@@ -26,10 +29,12 @@ from medembed.adapt.tuning.towers import (
 )
 from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_unfreezing
 from medembed.cache.reader import find_splits, load_split, read_attrs
+from medembed.cache.schema import PRIVATE_LOCATION
 from medembed.common.hashing import tensor_digest
 from medembed.extract.backbones import create_backbone
 from medembed.extract.imaging import open_image
 from tests.conftest import tiny_clip_cache
+from tests.synthetic_features import correlated_split, write_cache
 
 # tiny-clip has 2 resblocks per tower; open_clip's top-2 groups are [last block + final norm] and the projection
 TOP2_IMAGE = {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"}
@@ -301,3 +306,30 @@ def test_multiscale_backbone_caches_its_text_top_and_refuses_a_cached_image_top(
     lock_backbone(bb, UnlockSpec(1, 1))
     with pytest.raises(MidCacheUnsupported, match="multi-scale image tower.*--unlock text:N"):
         top_for(bb)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_a_refresh_keeps_paths_readable_only_where_the_cache_kept_them(tmp_path, monkeypatch, private):
+    """Caches made before ids were keyed have no `image_ids` attribute, yet an image-only folder's (or
+    MIMIC-CXR's) stored only `private:ID`: refreshing one must not write the paths it never kept."""
+    data = tmp_path / "data"
+    data.mkdir()
+    split = correlated_split(4, image_dim=8, text_dim=8, split="train")
+    locations = [f"{PRIVATE_LOCATION}{i:016x}" if private else f"scans/{i}.png" for i in range(4)]
+    attrs = {**split.attrs, "dataset": "scans", "backbone": "tiny-clip", "data_root": str(data)}
+    write_cache(replace(split, image_locations=locations, attrs=attrs), tmp_path / "scans" / "tiny-clip" / "train.h5")
+    asked = {}
+
+    def reading(path, **kwargs):
+        asked.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(unfreeze, "load_dataset", reading)
+    with pytest.raises(_Stop):
+        unfreeze.refresh_cache(SimpleNamespace(name="tiny-clip+ft-0123"), tmp_path / "scans" / "tiny-clip",
+                               TuneConfig(), torch.device("cpu"))
+    assert asked["readable_paths"] is not private

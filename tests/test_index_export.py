@@ -196,7 +196,7 @@ def test_retrained_heads_and_damaged_file_make_an_index_stale(cca_run, tmp_path)
     with pytest.raises(StaleIndexError, match="heads .* changed"):
         load_index(run_dir, "valid")
 
-    build_index(run_dir, IndexOptions(split="valid", kind="hnsw", m=8))
+    build_index(run_dir, IndexOptions(split="valid", kind="hnsw", m=8, overwrite=True))
     faiss_path, _ = index_paths(run_dir, "valid", "hnsw")
     other = faiss.IndexHNSWFlat(12, 8, faiss.METRIC_INNER_PRODUCT)
     other.add(np.eye(12, dtype=np.float32))
@@ -423,7 +423,7 @@ def test_an_index_filled_in_parts_on_ray_answers_as_the_one_machine_build(tmp_pa
     queries = np.random.default_rng(0).standard_normal((40, local.dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     want = search_index(load_index(run_dir, "test", "ivfpq")[0], queries, 20)
-    path, parted = build_index(run_dir, dataclasses.replace(options, engine="ray", parts=3))
+    path, parted = build_index(run_dir, dataclasses.replace(options, engine="ray", parts=3, overwrite=True))
     assert (parted.ntotal, parted.dim, parted.params, parted.vectors) == (local.ntotal, local.dim, local.params, local.vectors)
     # the parts' vectors, appended in row order, are the one-machine build's byte for byte ...
     assert path.with_suffix(".vectors").read_bytes() == want_vectors

@@ -19,8 +19,9 @@ from pydicom.pixels import apply_modality_lut, apply_windowing, pixel_array
 from medembed.extract.datasets import detect_layout, load_dataset
 from medembed.extract.datasets.frames import chosen_frames, expand_frames, parse_frames
 from medembed.extract.extraction import ExtractConfig, ExtractError, extract
-from medembed.extract.imaging import DecodeOptions, decode_image, open_image, parse_window
+from medembed.extract.imaging import DecodeOptions, DecompressionBomb, decode_image, open_image, parse_window
 from medembed.extract.imaging.windows import PRESETS
+from medembed.extract.path_key import load_path_key
 
 
 def sample(name: str) -> Path:
@@ -181,9 +182,13 @@ def test_multi_frame_files_give_the_middle_frame_or_records_per_frame(tmp_path):
     folder.mkdir()
     shutil.copy(sample("rtdose.dcm"), folder / "dose.dcm")
     shutil.copy(sample("CT_small.dcm"), folder / "ct.dcm")
-    ds_all = expand_frames(load_dataset(folder), parse_frames("all"))
+    ds_all = expand_frames(load_dataset(folder, readable_paths=True), parse_frames("all"))
     assert sorted(r.image_id for r in ds_all.records) == ["ct.dcm"] + sorted(f"dose.dcm::frame={k}" for k in range(15))
-    three = expand_frames(load_dataset(folder), parse_frames("3"))
+    # by default a DICOM folder's records are keyed hashes of their paths, one per frame all the same
+    hashed = expand_frames(load_dataset(folder), parse_frames("all"))
+    ids = [r.image_id for r in hashed.records]
+    assert len(set(ids)) == 16 and not any("dose" in i or "ct.dcm" in i for i in ids)
+    three = expand_frames(load_dataset(folder, readable_paths=True), parse_frames("3"))
     assert [r.image for r in three.records if "dose" in r.image_id] == [
         f"{folder / 'dose.dcm'}::frame={k}" for k in (2, 7, 12)]
     assert chosen_frames(4, "middle") == [2] and chosen_frames(2, 5) == [0, 1]
@@ -215,7 +220,7 @@ def test_nifti_middle_axial_slice_in_radiological_orientation(tmp_path):
     level = np.asarray(open_image(f"{path}::frame=2", DecodeOptions.from_text("0,6000")))[5, 5, 0]
     assert level < img[5, 5, 0]  # slice 2 is darker than the middle one (4)
     folder = path.parent
-    records = expand_frames(load_dataset(folder), parse_frames("3")).records
+    records = expand_frames(load_dataset(folder, readable_paths=True), parse_frames("3")).records
     assert [r.image_id for r in records] == [f"vol.nii.gz::frame={k}" for k in (1, 4, 7)]
 
 
@@ -253,8 +258,13 @@ def test_a_caches_recorded_window_reads_back_as_the_same_options(window):
 
 
 def test_a_gzip_bomb_named_nii_gz_is_refused_before_it_is_inflated():
-    bomb = gzip.compress(b"\0" * 50_000_000)  # 49 KB that would inflate to 50 MB
-    with pytest.raises(ValueError, match="decompresses to more than 13107200 bytes"):
+    zeros = gzip.compress(b"\0" * 50_000_000)  # 49 KB that would inflate to 50 MB, with no NIfTI header
+    with pytest.raises(ValueError, match="not a readable NIfTI file"):
+        decode_image(zeros, "upload.nii.gz", max_pixels=640 * 640)
+    header = nib.Nifti1Image(np.zeros((1, 1, 1), np.uint8), np.eye(4)).header
+    header.set_data_shape((1000, 1000, 50))  # a header claiming 50 MB of voxels, which follow
+    bomb = gzip.compress(header.binaryblock + bytes(4) + bytes(50_000_000))
+    with pytest.raises(DecompressionBomb, match="header claims 50000352 bytes, more than the decoder's limit of 13107200"):
         decode_image(bomb, "upload.nii.gz", max_pixels=640 * 640)
 
 
@@ -294,7 +304,9 @@ def test_an_image_only_dicom_folder_extracts_with_every_non_image_skipped_and_co
                                     progress=False, batch_size=4))
     (split,) = summary.splits
     assert split.split == "all" and split.records == 12 and split.images == 6 and split.captions == 0
-    reasons = {image_id.split("/")[-1]: reason for image_id, _, reason in split.skipped}
+    key = load_path_key()  # an archive export's records are named by a keyed hash of their path
+    name_of = {key.image_id(p.relative_to(folder).as_posix()): p.name for p in folder.rglob("*") if p.is_file()}
+    reasons = {name_of[image_id]: reason for image_id, _, reason in split.skipped}
     assert set(reasons) == {*NON_IMAGES, "DICOMDIR"}
     for name, why in NON_IMAGES.items():
         assert reasons[name].startswith(why), (name, reasons[name])

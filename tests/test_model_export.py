@@ -101,6 +101,9 @@ np.save("scores.npy", scores)
         assert metrics[key] == pytest.approx(report[key], abs=1e-9), key
     card = (out / "MODEL_CARD.md").read_text()
     assert "Not for diagnosis" in card and f"| text -> image | R@10 | {metrics['t2i_R@10']:.1f} |" in card
+    # the default run refits on train + valid: its valid figure is the selection heads', and says so
+    assert "measured with the heads valid chose, before the refit on train + valid)." in card
+    assert "Not held out" not in card
     manifest = json.loads((out / "medembed-model.json").read_text())
     assert set(manifest["files"]) == set(summary.files) - {"medembed-model.json"}
 

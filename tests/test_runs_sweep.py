@@ -30,6 +30,8 @@ def test_sweep_of_a_2x2_grid_with_2_seeds(features, tmp_path):
     assert res.output.count("cell ") >= 4 and "cell 4/4" in res.output  # a progress line per cell
     board = json.loads((out / "leaderboard.json").read_text())
     assert len(board["rows"]) == 4 and all(r["seeds"] == 2 for r in board["rows"])
+    # a sweep's runs do not refit: their valid numbers are their kept heads', which never trained on valid
+    assert {(r["valid_heads"], r["valid_held_out"]) for r in board["rows"]} == {("best", True)}
     means = [r["valid"]["mean_recall"]["mean"] for r in board["rows"]]
     assert means == sorted(means, reverse=True)  # best valid first
     assert {json.loads((p / "config.json").read_text())["epochs"] for p in runs} == {3}
@@ -184,6 +186,65 @@ def test_sweep_without_query_banks_ranks_by_plain_cosine(features, tmp_path):
     assert rows[True]["valid"]["mean_recall"]["mean"] == banked["valid"]["mean_recall"]
     assert rows[True]["valid_plain"]["mean_recall"]["mean"] == banked["valid_plain"]["mean_recall"]
     assert not (out / "querybank_False" / "seed-0" / "querybank.json").exists()
+
+
+# ------------------------------------------------------------------ valid numbers that are not held out
+
+
+def test_runs_marks_valid_numbers_not_held_out_and_never_ranks_them(tmp_path):
+    """A run whose valid numbers come from heads that trained on valid is shown with them in parentheses,
+    names those heads, and sorts after every held-out run whatever its numbers; runs saved before the
+    record existed are read from their folders (a refit run: its selection heads; a run distilled from
+    a refit run without selection heads of its own: not held out)."""
+    teacher = _hand_run(tmp_path / "teacher", plain=39.4, ranked=39.4, created="2021-01-01T00:00:00+00:00")
+    (teacher / "selection.safetensors").write_bytes(b"")  # a refit run, saved before summaries said so
+    _hand_run(tmp_path / "plain", plain=30.0, ranked=None, created="2021-01-02T00:00:00+00:00")
+    leaked = _hand_run(tmp_path / "leaked", plain=95.0, ranked=100.0, created="2021-01-03T00:00:00+00:00")
+    summary = json.loads((leaked / "summary.json").read_text())
+    summary.update(valid_heads="best", valid_held_out=False)
+    (leaked / "summary.json").write_text(json.dumps(summary))
+    old = _hand_run(tmp_path / "old-distilled", plain=63.3, ranked=None, created="2021-01-04T00:00:00+00:00")
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "distilled": {"from": str(teacher.resolve())}}))
+    res = CliRunner().invoke(main, ["runs", str(tmp_path), "--sort", "valid"])
+    assert res.exit_code == 0, res.output
+    table = _table(res.output)
+    assert list(table)[:2] == ["teacher", "plain"] and set(list(table)[2:]) == {"leaked", "old-distilled"}
+    assert table["teacher"]["valid heads"] == "selection" and table["plain"]["valid heads"] == "best"
+    assert table["teacher"]["valid mean recall (ranked)"] == "39.4"
+    assert table["leaked"]["valid heads"] == "best, not held out"
+    assert (table["leaked"]["valid mean recall (ranked)"], table["leaked"]["valid mean recall (cosine)"]) == \
+        ("(100.0)", "(95.0)")
+    assert table["old-distilled"]["valid heads"] == "best, not held out"
+    assert table["old-distilled"]["valid mean recall (ranked)"] == "(63.3)"
+    assert "(x): valid numbers of heads that trained on valid (not held out), never ranked" in res.output
+
+
+def test_sweep_says_which_heads_valid_came_from_and_puts_cells_not_held_out_last(features, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--features", str(features), "--set", "lr=1e-3,3e-3", "--seeds", "1", "--fixed", "epochs=2",
+            "--fixed", "dim=8", "--fixed", "head=linear", "--fixed", "refit=true", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    for cell in ("lr_0.001", "lr_0.003"):  # refit runs: valid measured by the heads valid chose
+        summary = json.loads((out / cell / "seed-0" / "summary.json").read_text())
+        assert (summary["valid_heads"], summary["valid_held_out"]) == ("selection", True) and "refit" in summary
+    board = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert {(r["valid_heads"], r["valid_held_out"]) for r in board} == {("selection", True)}
+    # one cell's valid numbers made not held out (and the best): it is no longer ranked, and comes last
+    _rewrite(out / "lr_0.001" / "seed-0", plain=60.0, ranked=99.0)
+    _rewrite(out / "lr_0.003" / "seed-0", plain=55.0, ranked=58.0)
+    path = out / "lr_0.001" / "seed-0" / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "valid_heads": "best", "valid_held_out": False}))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "99.0 +- 0.0 (not held out: heads that trained on valid)" in res.output
+    board = json.loads((out / "leaderboard.json").read_text())["rows"]
+    assert [(r["cell"]["lr"], r["valid_held_out"]) for r in board] == [(3e-3, True), (1e-3, False)]
+    md = (out / "leaderboard.md").read_text()
+    assert "| 1 | 0.003 | cos − β·hub | 58.0 ± 0.0 | 55.0 ± 0.0 |" in md
+    assert "| – | 0.001 | cos − β·hub | (99.0 ± 0.0) | (60.0 ± 0.0) |" in md and "best, not held out |" in md
+    assert "selection |" in md and "never ranked" in md
 
 
 # ------------------------------------------------------------------ bad values name their option

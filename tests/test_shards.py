@@ -10,7 +10,15 @@ from click.testing import CliRunner
 
 from medembed.cache.reader import CacheError, find_splits, load_split
 from medembed.cache.shards import MergeError, merge_shards
-from medembed.extract.extraction import ExtractConfig, ExtractError, extract, parse_shard, shard_records, shard_rows
+from medembed.extract.extraction import (
+    ExtractConfig,
+    ExtractError,
+    empty_shards_note,
+    extract,
+    parse_shard,
+    shard_records,
+    shard_rows,
+)
 from tests.conftest import make_imageclef2023
 
 
@@ -167,3 +175,36 @@ def test_an_unfinished_extraction_in_parts_is_continued_not_mixed(tmp_path):
     assert not (folder / "train.h5").exists()
     summary = extract(cfg)  # the same settings continue it
     assert summary.splits[0].status == "written in 2 parts, joined" and summary.splits[0].images == 14
+
+
+def test_a_shard_left_empty_says_why_and_the_batch_size_it_names_fills_every_shard(tmp_path):
+    """40 images, every split under one batch of the default 64: shard 0/2 gets no record of any split
+    (a shard takes whole batches, so that the joined shards equal an unsharded extraction) and says so,
+    once per split, naming the --batch-size that gives both shards about half."""
+    from medembed.cli import main
+
+    data = make_imageclef2023(tmp_path / "d", {"train": 24, "valid": 8, "test": 8})
+    r = CliRunner().invoke(main, ["extract", "--data", str(data), "--backbone", "tiny-clip", "--out",
+                                  str(tmp_path / "o"), "--workers", "0", "--shard", "0/2"])
+    assert r.exit_code == 0, r.output
+    notes = [x.strip() for x in r.output.splitlines() if "has no records" in x]
+    assert notes == [
+        "warning: split train: shard 0/2 has no records: its 24 records are 1 batch of --batch-size 64 and a shard "
+        "takes whole batches, so that the joined shards equal an unsharded extraction bit for bit; --batch-size 12 "
+        "or less gives every shard some",
+        *(f"warning: split {s}: shard 0/2 has no records: its 8 records are 1 batch of --batch-size 64 and a shard "
+          "takes whole batches, so that the joined shards equal an unsharded extraction bit for bit; --batch-size 4 "
+          "or less gives every shard some" for s in ("valid", "test"))]
+    halves = [extract(dataclasses.replace(_cfg(data, tmp_path / "half", shard=f"{i}/2"), batch_size=4)) for i in range(2)]
+    for h in halves:
+        assert [(s.split, s.records, s.images) for s in h.splits] == [("train", 12, 12), ("valid", 4, 4), ("test", 4, 4)]
+        assert not any("has no records" in w for w in h.warnings)
+    merged = merge_shards(tmp_path / "half" / "d" / "tiny-clip")
+    assert sorted(load_split(p).n_images for p in merged) == [8, 8, 24]
+    # more shards than a split has records, and several empty shards at once (as Ray reports them)
+    one = extract(_cfg(make_imageclef2023(tmp_path / "one", {"train": 1}), tmp_path / "o1", shard="0/2"))
+    assert one.warnings == ["split train: shard 0/2 has no records: its 1 record is 1 batch of --batch-size 4 and a "
+                            "shard takes whole batches, so that the joined shards equal an unsharded extraction bit for "
+                            "bit; it has fewer records than shards"]
+    assert empty_shards_note("test", 454, 64, 16, list(range(8))).startswith(
+        "split test: 8 of its 16 shards have no records: its 454 records are 8 batches of --batch-size 64")

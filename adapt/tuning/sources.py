@@ -22,6 +22,7 @@ from medembed.adapt.state import Encoders
 from medembed.adapt.tuning.towers import MidActivations, plain
 from medembed.cache.reader import CachedSplit
 from medembed.common.errors import ToolError
+from medembed.extract.access import DataAccess
 from medembed.extract.backbones import Backbone
 from medembed.extract.imaging import DecodeOptions, open_image
 
@@ -78,6 +79,7 @@ class RawImages(torch.utils.data.Dataset):
     def __init__(self, root: Path, split: CachedSplit, transform: Callable):
         self.root, self.split, self.transform = root, split, transform
         self.decode = DecodeOptions.from_provenance(split.attrs.get("image_decoding"))  # the window extraction used
+        self.access = DataAccess.of_cache(split.attrs, str(root))  # read only what extraction was allowed to read
 
     def __len__(self) -> int:
         return self.split.n_captions
@@ -86,7 +88,7 @@ class RawImages(torch.utils.data.Dataset):
         row = int(self.split.caption_image[i])
         path = self.split.image_path(row, self.root)
         try:
-            image = open_image(path, self.decode)
+            image = open_image(path, self.decode, access=self.access)
         except Exception as e:
             raise ToolError(f"{path}: cannot read training image ({type(e).__name__}: {e})") from e
         return self.transform(image), self.split.captions[i], row, i

@@ -60,12 +60,23 @@ from medembed.adapt.tuning.towers import (
     release,
     top_for,
 )
-from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs, recorded_data_root
+from medembed.cache import schema
+from medembed.cache.reader import (
+    CachedSplit,
+    find_splits,
+    load_split,
+    open_cache,
+    read_attrs,
+    recorded_data_root,
+    string_chunks,
+)
+from medembed.cache.schema import PRIVATE_LOCATION
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
 from medembed.common.errors import ToolError
 from medembed.common.ranking import recall_summary
 from medembed.common.tensors import embed_in_chunks
+from medembed.extract.access import FOLLOW_LINKS
 from medembed.extract.backbones import Backbone, create_backbone
 from medembed.extract.datasets import load_dataset
 from medembed.extract.extraction import ExtractConfig, cache_dir, extract
@@ -122,13 +133,32 @@ def refresh_cache(backbone: Backbone, features_dir: str | Path, tune: TuneConfig
             _refresh_texts(backbone, load_split(path, dtype=None), out / f"{name}.h5")
         return out
     data = _data_root(features_dir, tune)
-    dataset = load_dataset(data, name=attrs.get("dataset"))
+    # read as the cache was: links followed or not, records named by keyed hashes or by their paths
+    dataset = load_dataset(data, name=attrs.get("dataset"), follow_links=attrs.get("data_access") == FOLLOW_LINKS,
+                           readable_paths=_kept_readable_paths(files, attrs))
     templates = tuple(str(attrs["templates"]).split("\n")) if attrs.get("templates") else ExtractConfig.templates
     cfg = ExtractConfig(data=str(data), backbone=backbone.name, splits=list(files), batch_size=tune.extract_batch_size,
                         workers=tune.workers, device=device.type, out=str(root), dtype=str(attrs.get("dtype", "float16")),
                         views=int(attrs.get("views", 0)), templates=templates, progress=progress,
                         allow_split_overlap=True)  # the same records as the cache it refreshes, overlap already allowed
     return Path(extract(cfg, backbone=backbone, dataset=dataset).out_dir)
+
+
+def _kept_readable_paths(files: dict[str, Path], attrs: dict) -> bool:
+    """Whether a cache kept its images' readable paths, so that its refresh may keep them too: not
+    when its records are keyed (`image_ids`), nor when any location it stored is private -- caches made
+    before ids were keyed stored a plain `private:ID` for image-only folders and MIMIC-CXR, with no
+    `image_ids` to say so."""
+    if attrs.get("image_ids"):
+        return False
+    for path in files.values():
+        with open_cache(path) as f:
+            if schema.IMAGE_LOCATIONS not in f:
+                continue
+        for chunk in string_chunks(path, schema.IMAGE_LOCATIONS):
+            if any(location.startswith(PRIVATE_LOCATION) for location in chunk):
+                return False
+    return True
 
 
 @torch.no_grad()

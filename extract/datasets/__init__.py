@@ -28,6 +28,7 @@ from medembed.extract.datasets import (
     webdataset_shards,
 )
 from medembed.extract.datasets.base import ANNOTATION_EXTENSIONS, SYNTHETIC_MARKER, DatasetError
+from medembed.extract.datasets.identity import identify
 from medembed.extract.records import Dataset
 
 # an annotations file the user wrote (generic) wins over a stray .tar, .xml or parquet file beside it
@@ -38,23 +39,31 @@ __all__ = ["LAYOUTS", "SYNTHETIC_MARKER", "DatasetError", "detect_layout", "load
 
 
 REPORT_LAYOUTS = (mimic_cxr, openi)  # layouts whose captions are sections of free-text reports
+# layouts that list what they read (folder trees, tar shards) and so are told whether to follow links out
+# of the folder; every other layout's images are checked as they are read (`Dataset.access`)
+WALKING_LAYOUTS = (image_folder, webdataset_shards)
 
 
-def load_dataset(path: str | Path, name: str | None = None, report_sections: str | None = None) -> Dataset:
+def load_dataset(path: str | Path, name: str | None = None, report_sections: str | None = None,
+                 follow_links: bool = False, readable_paths: bool = False) -> Dataset:
     """Read a data folder (or one annotations file) of any supported layout, all splits at once.
     `report_sections` chooses the report sections that become captions (MIMIC-CXR and OpenI only:
-    findings, impression, findings+impression (their default) or all)."""
+    findings, impression, findings+impression (their default) or all). What may be read keeps to the
+    folder (`extract.access`) unless `follow_links`; records whose paths may identify patients are
+    named by a keyed hash of their path unless `readable_paths` (`datasets.identity`)."""
     path = Path(os.path.normpath(Path(path).expanduser().absolute()))
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
     try:
-        return _load(path, name, report_sections)
+        dataset = _load(path, name, report_sections, follow_links)
+        dataset.follow_links = follow_links
+        return identify(dataset, readable_paths)
     except OSError as e:  # an unreadable folder or a damaged file: one line naming it, not a traceback
         where = e.filename or path
         raise DatasetError(f"{where}: cannot read ({e.strerror or str(e).splitlines()[0]})") from None
 
 
-def _load(path: Path, name: str | None, report_sections: str | None) -> Dataset:
+def _load(path: Path, name: str | None, report_sections: str | None, follow_links: bool) -> Dataset:
     layout = _layout(detect_layout(path))
     folder = path if path.is_dir() else path.parent
     dataset_name = name or folder.name
@@ -64,6 +73,8 @@ def _load(path: Path, name: str | None, report_sections: str | None) -> Dataset:
             raise DatasetError(f"{path}: --report-sections applies to report layouts "
                                f"({', '.join(m.NAME for m in REPORT_LAYOUTS)}), not to the {layout.NAME} layout")
         extra["report_sections"] = mimic_cxr.check_sections(report_sections)
+    if layout in WALKING_LAYOUTS:
+        extra["follow_links"] = follow_links
     dataset = generic.read(path, dataset_name) if path.is_file() else layout.read_folder(folder, dataset_name, **extra)
     dataset.synthetic = (folder / SYNTHETIC_MARKER).is_file()
     return dataset

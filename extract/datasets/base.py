@@ -14,6 +14,8 @@ from pathlib import Path
 
 from medembed.common.errors import MedembedError
 from medembed.common.splits import sort_splits
+from medembed.extract.access import name_problem
+from medembed.extract.datasets.csv_reader import LongFieldReader
 from medembed.extract.records import ZIP_SEP, Record
 
 SYNTHETIC_MARKER = "SYNTHETIC"  # a file of this name in the data folder marks generated (not real) data
@@ -68,7 +70,8 @@ def table_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
     """
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     kind = "TSV" if delimiter == "\t" else "CSV"
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    text = read_text(path)
+    reader = LongFieldReader(io.StringIO(text, newline=""), len(text), delimiter=delimiter, quoting=quoting)
     start = 1
     try:
         for row in reader:
@@ -186,7 +189,8 @@ def read_concept_names(path: Path, delimiter: str) -> dict[str, str]:
 
 
 def inside(root: Path, location: str) -> bool:
-    """Lexical containment (symlinked images that point elsewhere are the data owner's choice)."""
+    """Lexical containment, checked as annotations are read; where links lead is checked when an image
+    is read (`access.DataAccess`)."""
     archive = location.split(ZIP_SEP, 1)[0]
     full = os.path.normpath(archive)
     base = os.path.normpath(str(root))
@@ -220,7 +224,7 @@ class ImageIndex:
                         names = [
                             n for n in z.namelist()
                             if not n.endswith("/") and not n.startswith("__MACOSX/")
-                            and not os.path.basename(n).startswith("._")
+                            and not os.path.basename(n).startswith("._") and name_problem(n) is None
                         ]
                 except (OSError, zipfile.BadZipFile) as e:
                     raise DatasetError(f"{source}: cannot read the image archive ({e})") from None
@@ -300,6 +304,8 @@ def imageclef_records(
         location = index.locate(image_id, split)
         if not inside(root, location):
             raise DatasetError(f"{captions.path}:{line}: image of ID {image_id!r} lies outside the data folder {root}")
+        if (why := name_problem(image_id)) is not None:
+            raise DatasetError(f"{captions.path}:{line}: image ID {image_id!r}: {why}")
         cuis = split_concepts(concept_values[image_id][1]) if image_id in concept_values else []
         records.append(Record(image_id, location, (caption,), tuple(cuis), split))
     if empty:

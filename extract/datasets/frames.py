@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from medembed.common.errors import MedembedError
+from medembed.extract.access import DataAccess
 from medembed.extract.imaging.dicom import frame_count, is_dicom
 from medembed.extract.imaging.locations import read_at, split_location, with_frame
 from medembed.extract.imaging.nifti import is_nifti, nifti_slice_count
@@ -47,10 +48,13 @@ def chosen_frames(n_frames: int, spec: str | int) -> list[int]:
     return [int((i + 0.5) * n_frames / k) for i in range(k)]
 
 
-def _frames_of(location: str) -> int:
+def _frames_of(location: str, access: DataAccess | None = None) -> int:
     """Frames (DICOM) or axial slices (NIfTI) of an image; 1 for anything else or what cannot be read
-    (the decoder reports the problem with the record, where it is counted)."""
-    path, member, frame = split_location(location)
+    or may not be (the decoder reports the problem with the record, where it is counted)."""
+    try:
+        path, member, frame = split_location(location, access)
+    except (OSError, ValueError):
+        return 1
     name = member or path
     if frame is not None or (member is not None and is_nifti(name)):
         return 1
@@ -71,9 +75,9 @@ def expand_frames(dataset: Dataset, spec: str | int) -> Dataset:
     """The dataset with multi-frame files expanded per `spec` (unchanged for `middle`)."""
     if spec == DEFAULT_FRAMES:
         return dataset
-    records = RecordTableBuilder()
+    records, access = RecordTableBuilder(), dataset.access  # one rule for all (each `access` resolves the root)
     for rec in dataset.records:
-        n = _frames_of(rec.image)
+        n = _frames_of(rec.image, access)
         if n <= 1:
             records.append(rec)
             continue

@@ -2,7 +2,6 @@
 rows of one image are several captions of it. Pass the file itself, or a folder holding exactly one."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 from array import array
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medembed.extract.access import name_problem
 from medembed.extract.datasets.base import (
     ANNOTATION_EXTENSIONS,
     CAPTION_ALIASES,
@@ -27,6 +27,7 @@ from medembed.extract.datasets.base import (
     split_concepts,
     table_rows,
 )
+from medembed.extract.datasets.csv_reader import LongFieldReader
 from medembed.extract.record_table import RecordTableBuilder
 from medembed.extract.records import Dataset, Record
 
@@ -71,7 +72,7 @@ def _has_image_and_caption(path: Path) -> bool:
         except (json.JSONDecodeError, TypeError):
             return False
     else:
-        keys = next(csv.reader([first], delimiter=_generic_delimiter(path, first)), [])
+        keys = next(LongFieldReader([first], len(first), delimiter=_generic_delimiter(path, first)), [])
     return find_column(keys, IMAGE_ALIASES) is not None and find_column(keys, CAPTION_ALIASES) is not None
 
 
@@ -198,8 +199,10 @@ def read(path: Path, name: str) -> Dataset:
             n_empty += 1
             if len(empty) < MAX_LINES_LISTED:
                 empty.append((row.line, key))
-        rows.append(Record(key, _resolve_generic_image(folder, key, path, row.line), tuple(captions),
-                           tuple(row.concepts), row.split))
+        image = _resolve_generic_image(folder, key, path, row.line)
+        if name_problem(key) is not None:  # an absolute path or a ".." part: named by its place below the folder
+            key = os.path.relpath(image, folder).replace(os.sep, "/")
+        rows.append(Record(key, image, tuple(captions), tuple(row.concepts), row.split))
         hashes.append(hash(key))
         lines.append(row.line)
     table = rows.finish()

@@ -12,14 +12,14 @@ sections of the report (`report_sections`, FINDINGS and IMPRESSION by default): 
 (indication, history, comparison) describe why the study was ordered, not what the image shows.
 
 Privacy: the path holds the subject and study numbers, which must not travel with the embeddings, so
-a record's image_id is the first 16 hex digits of the sha256 of the image's path relative to the data
-folder (e.g. "files/p10/p10000032/s50414267/02aa804e-....jpg") -- stable, unique, and not reversible
-without the data.
+a record's image_id is a keyed hash (HMAC-SHA256, 16 hex digits; see `path_key`) of the image's path
+relative to the data folder (e.g. "files/p10/p10000032/s50414267/02aa804e-....jpg") -- stable, unique,
+and not found again from guessed paths without the user's key. Caches made before ids were keyed
+(a plain sha256) are still read.
 """
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import itertools
 import os
@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, find_column, hash_split, read_text
-from medembed.extract.imaging.locations import path_hash
+from medembed.extract.datasets.csv_reader import LongFieldReader
+from medembed.extract.limits import GZIP_WBITS, CorruptStream, DecompressionBomb, inflate, inflate_limit
+from medembed.extract.path_key import load_path_key
 from medembed.extract.records import Dataset, Record
 
 NAME = "mimic-cxr"
@@ -128,6 +130,7 @@ def read_folder(root: Path, name: str, report_sections: str = "findings+impressi
     no_report_images = 0
     fell_back: list[str] = []
     hashed = 0
+    key = load_path_key(create=True)
     for study_dir in _study_dirs(root / "files"):
         images = _images(study_dir)
         if not images:
@@ -152,7 +155,7 @@ def read_folder(root: Path, name: str, report_sections: str = "findings+impressi
                 hashed += 1
             by_subject.setdefault(subject, split)
             rel = image.relative_to(root).as_posix()
-            image_id = path_hash(rel)
+            image_id = key.image_id(rel)
             records.append(Record(image_id, str(image), (caption,), (), split))
     warnings = []
     if hashed:
@@ -167,7 +170,7 @@ def read_folder(root: Path, name: str, report_sections: str = "findings+impressi
     if fell_back:
         warnings.append(fallback_warning(str(root), "studies", report_sections, fell_back))
     # the paths hold subject and study numbers: the cache keeps only the hashed id (see records.Dataset)
-    return Dataset(name, str(root), NAME, records, {}, warnings=warnings, private_paths=True)
+    return Dataset(name, str(root), NAME, records, {}, warnings=warnings, private_paths=True, id_key=key.key_id)
 
 
 def _subdirs(folder: Path, pattern: str) -> list[Path]:
@@ -198,17 +201,20 @@ def _report(root: Path, study_dir: Path) -> Path | None:
     return next((root / tree / rel for tree in REPORT_TREES if (root / tree / rel).is_file()), None)
 
 
-def read_split_file(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+def read_split_file(path: Path, max_bytes: int = inflate_limit()) -> tuple[dict[str, str], dict[str, str]]:
     """(dicom_id -> split, study_id -> split) of the official split file; an image missing from it
-    takes its study's split, so a study never straddles splits."""
+    takes its study's split, so a study never straddles splits. A gzipped one is inflated to at most
+    `max_bytes` (the decoders' limit: the real file inflates to about 40 MB)."""
     if path.suffix == ".gz":
         try:
-            text = gzip.decompress(path.read_bytes()).decode("utf-8-sig")
-        except (OSError, EOFError, UnicodeDecodeError) as e:
+            text = inflate(path.read_bytes(), GZIP_WBITS, max_bytes, "the gzipped split file").decode("utf-8-sig")
+        except DecompressionBomb as e:
+            raise DatasetError(f"{path}: {e}") from None
+        except (OSError, CorruptStream, UnicodeDecodeError) as e:
             raise DatasetError(f"{path}: cannot read the gzipped split file ({e})") from None
     else:
         text = read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = LongFieldReader(io.StringIO(text, newline=""), len(text))
     try:
         return _split_rows(path, reader)
     except csv.Error as e:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medembed.common.splits import split_key
+from medembed.extract.access import DataAccess, Refusals, name_problem
 from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, concept_list, hash_split
 from medembed.extract.record_table import RecordTableBuilder
 from medembed.extract.records import ZIP_SEP, Dataset, Record
@@ -31,6 +32,7 @@ NAME = "webdataset"
 LOOKS_FOR = "WebDataset *.tar shards (in the folder or in train/ valid/ test/)"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "dcm")  # a sample with several images uses the first here
 SPLITS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
+LINK_MEMBER = "link member (a tar's links are not read)"
 NAME_SPLIT = re.compile(r"^(train|validation|valid|val|test)(?=[-_.])", re.IGNORECASE)
 
 
@@ -69,15 +71,22 @@ class _Sample:
     meta: dict = field(default_factory=dict)
 
 
-def read_folder(root: Path, name: str) -> Dataset:
+def read_folder(root: Path, name: str, follow_links: bool = False) -> Dataset:
     """Every sample of every shard with an image and a caption, shard by shard, in tar order. One
-    shard's samples are held at a time; the records stream into a `RecordTable`."""
+    shard's samples are held at a time; the records stream into a `RecordTable`. A shard that is a link
+    out of the folder (unless `follow_links`), a member named outside the shard (`..`, absolute) and a
+    link member are not read, and are counted in `Dataset.refused`."""
     builder = RecordTableBuilder()
     dropped: list[str] = []
     n_dropped, any_split, any_unsplit = 0, False, False
+    access, refused = DataAccess(str(root), follow_links), Refusals()
     for split, shard in shards(root):
+        rel = shard.relative_to(root).as_posix()
+        if (why := access.refusal(str(shard))) is not None:
+            refused.add(rel, why)
+            continue
         prefix = shard.relative_to(root).with_suffix("").as_posix()
-        for key, sample in _samples(shard).items():
+        for key, sample in _samples(shard, rel, refused).items():
             image = next((sample.images[e] for e in IMAGE_EXTENSIONS if e in sample.images), None)
             if image is None:
                 continue  # a caption without an image: nothing to embed
@@ -104,16 +113,23 @@ def read_folder(root: Path, name: str) -> Dataset:
     if n_dropped:
         shown = ", ".join(dropped) + (", ..." if n_dropped > MAX_LINES_LISTED else "")
         warnings.append(f"{root}: dropped {n_dropped} sample(s) with an image but no caption: {shown}")
-    return Dataset(name, str(root), NAME, records, {}, warnings=warnings)
+    return Dataset(name, str(root), NAME, records, {}, warnings=warnings, refused=refused, follow_links=follow_links)
 
 
-def _samples(shard: Path) -> dict[str, _Sample]:
-    """KEY -> sample, in tar order. The tar is opened seekable, so image data is skipped, not read."""
+def _samples(shard: Path, rel: str, refused: Refusals) -> dict[str, _Sample]:
+    """KEY -> sample, in tar order. The tar is opened seekable, so image data is skipped, not read.
+    Link members and members whose names leave the shard are counted in `refused` (as `rel::NAME`)."""
     samples: dict[str, _Sample] = {}
     try:
         with tarfile.open(shard, mode="r:") as tf:
             for info in tf:
+                if info.issym() or info.islnk():
+                    refused.add(f"{rel}{ZIP_SEP}{info.name}", LINK_MEMBER)
+                    continue
                 if not info.isfile():
+                    continue
+                if (why := name_problem(info.name)) is not None:
+                    refused.add(f"{rel}{ZIP_SEP}{info.name}", why)
                     continue
                 folder, base = os.path.split(info.name)
                 stem, dot, ext = base.partition(".")

@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medembed.common.errors import MedembedError
 from medembed.extract.imaging.windows import Window, linear, percentile_window, to_uint8
+from medembed.extract.limits import MAX_PIXELS, RAW_DEFLATE_WBITS, BufferStream, check_inflated_size, inflate_limit
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -39,16 +40,53 @@ class TooLarge(MedembedError, ValueError):
     """Frame size beyond the decoder's pixel limit (checked from the header, before decoding)."""
 
 
+class DamagedDicom(MedembedError, ValueError):
+    """A file that is not a readable DICOM object at all: every object, image or not, names its SOP
+    class (type 1 in every IOD, and in a Part 10 file's meta header), so one naming none and holding
+    no pixel data is damaged -- random bytes after a DICOM preamble read as one garbage element."""
+
+
 def is_dicom(data: bytes, name: str = "") -> bool:
     """Part 10 files carry "DICM" after a 128-byte preamble; older files without it are recognised
     by their suffix only (guessing on content would misread arbitrary binary files)."""
     return data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES)
 
 
-def read_header(source, pixels: bool = True) -> DicomDataset:
-    """The dataset of a file path or bytes; InvalidDicomError for what is not DICOM at all."""
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-    ds = dcmread(stream, force=True, stop_before_pixels=not pixels)
+class _InflationChecked:
+    """A stream for pydicom that checks a deflated data set before pydicom inflates it: pydicom reads
+    one (a Deflated Explicit VR Little Endian file) with the only read() of "all the rest" it makes,
+    and inflates that in one call without a limit, so such a read is first inflated here a chunk at a
+    time, holding nothing, and refused (DecompressionBomb) past `limit`."""
+
+    limit: int
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)  # type: ignore[misc]
+        if size is None or size < 0:
+            check_inflated_size(data, RAW_DEFLATE_WBITS, self.limit, "the deflated data set")
+        return data
+
+
+class _CheckedBytes(_InflationChecked, BufferStream):  # not io.BytesIO: it would copy a bytearray
+    def __init__(self, data: bytes | bytearray, limit: int) -> None:
+        super().__init__(data)
+        self.limit = limit
+
+
+class _CheckedFile(_InflationChecked, io.BufferedReader):
+    def __init__(self, path, limit: int) -> None:
+        super().__init__(io.FileIO(path))
+        self.limit = limit
+
+
+def read_header(source, pixels: bool = True, max_bytes: int = inflate_limit()) -> DicomDataset:
+    """The dataset of a file path or bytes; InvalidDicomError for what is not DICOM at all, and
+    DecompressionBomb for a deflated data set that would inflate to more than `max_bytes`."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        ds = dcmread(_CheckedBytes(source, max_bytes), force=True, stop_before_pixels=not pixels)
+    else:
+        with _CheckedFile(source, max_bytes) as f:
+            ds = dcmread(f, force=True, stop_before_pixels=not pixels)
     if not ds:  # force=True returns an empty dataset for random bytes
         raise InvalidDicomError("not a DICOM file")
     return ds
@@ -62,10 +100,13 @@ def frame_count(source) -> int:
     return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
 
 
+NO_SOP_CLASS = "no SOP class"
+
+
 def _sop_class(ds: DicomDataset) -> str:
     uid = ds.get("SOPClassUID") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", None)
     if uid is None:
-        return "no SOP class"
+        return NO_SOP_CLASS
     name = getattr(uid, "name", str(uid))
     return name if name != str(uid) else "an unregistered SOP class"
 
@@ -93,7 +134,7 @@ def _ensure_transfer_syntax(ds: DicomDataset) -> None:
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
 
 
-def decode_dicom(data: bytes, window: Window, frame: int | None = None, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_dicom(data: bytes, window: Window, frame: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """One frame (default: the middle one) as an RGB image, windowed as described above. pydicom's
     warnings about non-conforming values (common in archives) are silenced: a file either decodes
     or is skipped with its reason, and a million warnings would bury that report."""
@@ -104,10 +145,14 @@ def decode_dicom(data: bytes, window: Window, frame: int | None = None, max_pixe
 
 def _decode(data: bytes, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
     try:
-        ds = read_header(data)
+        ds = read_header(data, max_bytes=inflate_limit(max_pixels))
     except InvalidDicomError as e:
+        if data[128:132] == b"DICM":
+            raise DamagedDicom("damaged DICOM file (no data element could be read)") from None
         raise ValueError(f"not a readable DICOM file ({e})") from None
     reason = _no_image_reason(ds)
+    if reason and _sop_class(ds) == NO_SOP_CLASS and not reason.startswith("DICOMDIR"):
+        raise DamagedDicom("damaged DICOM file (no SOP class and no pixel data)")
     if reason:
         raise NotAnImage(reason)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)

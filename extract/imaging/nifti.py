@@ -8,7 +8,8 @@ like DICOM: a chosen window, else a percentile window.
 """
 from __future__ import annotations
 
-import zlib
+import math
+import struct
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +17,14 @@ from nibabel.orientations import io_orientation
 from PIL import Image
 
 from medembed.extract.imaging.windows import Window, linear, percentile_window, to_uint8
+from medembed.extract.limits import (
+    GZIP_WBITS,
+    MAX_PIXELS,
+    BufferStream,
+    DecompressionBomb,
+    inflate_chunks,
+    inflate_limit,
+)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -24,24 +33,57 @@ def is_nifti(name: str) -> bool:
     return name.lower().endswith(NIFTI_SUFFIXES)
 
 
-# decompressed bytes allowed per pixel of the decoder's limit: a volume may hold many slices of that
-# size, but a few kilobytes of gzip must not be able to claim all of memory
-BYTES_PER_PIXEL_LIMIT = 32
+HEADER_KINDS = (nib.Nifti1Header, nib.Nifti2Header)  # header sizes 348 and 540 bytes
 
 
-def load_nifti(data: bytes, max_pixels: int = 64_000_000) -> nib.Nifti1Image:
+def load_nifti(data: bytes | bytearray, max_pixels: int = MAX_PIXELS) -> nib.Nifti1Image:
     if data[:2] == b"\x1f\x8b":
-        limit = max_pixels * BYTES_PER_PIXEL_LIMIT
-        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
-        data = inflate.decompress(data, limit)
-        if inflate.unconsumed_tail:
-            raise ValueError(f"the volume decompresses to more than {limit} bytes (the decoder's limit)")
+        data = inflate_volume(data, inflate_limit(max_pixels))
     for kind in (nib.Nifti1Image, nib.Nifti2Image):
         try:
-            return kind.from_bytes(data)
+            return kind.from_stream(BufferStream(data))  # not from_bytes: its BytesIO would copy a bytearray
         except Exception:  # noqa: BLE001 - the other NIfTI version, or not NIfTI at all
             continue
     raise ValueError("not a readable NIfTI file")
+
+
+def inflate_volume(data: bytes | bytearray, limit: int) -> bytearray:
+    """The header and voxels of a gzipped volume, and never more: the header (inflated first) says
+    how many bytes the volume holds; a header claiming more than `limit` is refused before its voxels
+    are inflated, whatever follows the voxels is not inflated at all, and a stream that does not start
+    with a NIfTI header is refused after its first chunk. So a gzip bomb costs a chunk of memory,
+    not its inflated size. The buffer inflated into is returned as it is: a copy into bytes would
+    hold the volume twice. A damaged or cut stream is CorruptStream (a ValueError)."""
+    chunks = inflate_chunks(data, GZIP_WBITS, limit, "the volume")
+    kept = bytearray()
+    for chunk in chunks:
+        kept += chunk
+        if len(kept) >= HEADER_KINDS[-1].template_dtype.itemsize:
+            break
+    need = volume_bytes(bytes(kept))
+    if need > limit:
+        raise DecompressionBomb(f"the volume's header claims {need} bytes, more than the decoder's limit of {limit}")
+    while len(kept) < need and (chunk := next(chunks, None)) is not None:  # the stream's end not asked for
+        kept += chunk
+    del kept[need:]
+    return kept
+
+
+def volume_bytes(head: bytes) -> int:
+    """Bytes from the start of a NIfTI-1 or NIfTI-2 file to the end of its voxels, from its header
+    (`head`: at least the header's first bytes); ValueError when `head` starts with no NIfTI header.
+    The header size field is checked before nibabel parses it, so random bytes are refused quietly."""
+    for kind in HEADER_KINDS:
+        size = kind.template_dtype.itemsize
+        if len(head) < size or size not in (struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]):
+            continue
+        try:
+            header = kind(head[:size], check=False)
+            voxels = math.prod(int(n) for n in header.get_data_shape()) * header.get_data_dtype().itemsize
+            return max(int(header.get_data_offset()), size + 4) + voxels  # + 4: the extension flag
+        except Exception:  # noqa: BLE001 - a damaged header: not this kind
+            continue
+    raise ValueError("not a readable NIfTI file (no NIfTI header at its start)")
 
 
 def _axes(img) -> tuple[int, int, int, np.ndarray]:
@@ -67,7 +109,8 @@ def nifti_slice_count(path: str) -> int:
     return slice_count(nib.load(path))
 
 
-def decode_nifti(data: bytes, window: Window, index: int | None = None, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_nifti(data: bytes | bytearray, window: Window, index: int | None = None,
+                 max_pixels: int = MAX_PIXELS) -> Image.Image:
     """One axial slice (default: the middle one) as an RGB image."""
     img = load_nifti(data, max_pixels)
     axial, lr, ap, ornt = _axes(img)

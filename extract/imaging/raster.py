@@ -6,12 +6,11 @@ like DICOM instead of being converted by Pillow, whose conversion to RGB clips e
 """
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from PIL import Image
 
 from medembed.extract.imaging.windows import Window, linear, percentile_window, to_uint8
+from medembed.extract.limits import BufferStream
 
 WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 RASTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
@@ -21,8 +20,8 @@ class PixelLimit(ValueError):
     """The header claims more pixels than the decoder allows: refused before allocating them."""
 
 
-def decode_raster(data: bytes, window: Window, max_pixels: int) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
+def decode_raster(data: bytes | bytearray, window: Window, max_pixels: int) -> Image.Image:
+    img = Image.open(BufferStream(data))  # a zip member comes as a bytearray, which io.BytesIO would copy
     if img.width * img.height > max_pixels:
         raise PixelLimit(f"{img.width} x {img.height} pixels exceeds the limit of {max_pixels}")
     img.load()

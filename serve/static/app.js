@@ -62,15 +62,24 @@ function scoreLabel(answer, h) {
   return `<span class="score" title="ranked by plain cosine">cos ${h.score.toFixed(3)}</span>`;
 }
 
+// An image-only pool has no captions to show: its answer's notes say so under the images.
 function showUploadCaptions(answer, name) {
+  if (!answer.captions.length) {
+    $("captions").innerHTML = "";
+    return;
+  }
   const how = {ranked_by: answer.captions_ranked_by};
   $("captions").innerHTML = `<h2>Captions for ${esc(name)}</h2><ol>${answer.captions.map((h) =>
     `<li>${esc(h.caption)} <small>(${esc(h.id)}, ${scoreLabel(how, h)})</small></li>`).join("")}</ol>`;
 }
 
 // The image's own bytes are the request body (not a form): the server counts them as they arrive.
+// A NIfTI or DICOM suffix is sent, nothing else of the file's name: it tells a NIfTI volume or a
+// DICOM file without the Part 10 preamble apart, which have no signature.
 async function searchUpload(p) {
   const file = state.file;
+  const suffix = /\.(nii\.gz|nii|dcm|dicom|dic)$/i.exec(file.name);
+  if (suffix) p.set("name", `upload${suffix[0].toLowerCase()}`);
   const a = await getJSON(`/api/search/image?${p}`, {
     method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" },
   });
@@ -103,9 +112,11 @@ async function run() {
 async function showCaptions(key) {
   try {
     const a = await getJSON(`/api/captions/${encodeURIComponent(key)}?k=5`);
+    const list = a.hits.length ? `<ol>${a.hits.map((h) =>
+      `<li>${esc(h.caption)} <small>(${esc(h.id)}, ${scoreLabel(a, h)})</small></li>`).join("")}</ol>` :
+      a.notes.map((n) => `<div class="note">${esc(n)}</div>`).join("");
     $("captions").innerHTML = `<img src="/api/image/${encodeURIComponent(key)}" alt="${esc(key)}">` +
-      `<h2>Captions for ${esc(key)}</h2><ol>${a.hits.map((h) =>
-        `<li>${esc(h.caption)} <small>(${esc(h.id)}, ${scoreLabel(a, h)})</small></li>`).join("")}</ol>`;
+      `<h2>Captions for ${esc(key)}</h2>${list}`;
   } catch (err) {
     $("captions").innerHTML = `<span class="error">${esc(err.message)}</span>`;
   }
