@@ -565,8 +565,9 @@ def read_dataset(cfg: ExtractConfig, dataset: Dataset | None = None) -> Dataset:
 
 def _step(cfg: ExtractConfig, what: str) -> None:
     """One line on stderr before a step that runs for seconds without a bar of its own (reading a
-    dataset, building a backbone, exporting its graph), so a start is never silent."""
-    if cfg.progress:
+    dataset, building a backbone, exporting its graph), so a start is never silent. Only on a terminal:
+    a log or a caller reading the output gets the summary and its errors alone."""
+    if cfg.progress and sys.stderr.isatty():
         tqdm.write(f"extract: {what} ...", file=sys.stderr)
 
 

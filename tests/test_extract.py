@@ -189,3 +189,20 @@ def test_generic_csv_without_labels_several_captions(tmp_path):
     assert tr.caption_image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert tr.captions[3] == "second caption of 1"
     assert tr.concept_ids == [] and tr.concepts.shape == (5, 0)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_steps_before_the_first_bar_are_named_on_a_terminal_only(tiny_dataset, tmp_path, capsys, monkeypatch,
+                                                                     terminal):
+    """Reading the dataset, comparing splits, building the backbone and preparing its image tower take
+    seconds with no bar of their own: a terminal is told what runs; a log or a caller is not."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    extract(ExtractConfig(data=str(tiny_dataset), backbone="tiny-clip", out=str(tmp_path / "f"), workers=0,
+                          batch_size=16))
+    err = capsys.readouterr().err
+    steps = [f"extract: reading the dataset {tiny_dataset} ...", "extract: comparing the splits",
+             "extract: building the backbone tiny-clip on cpu ...", "extract: preparing the image tower (--runtime auto)"]
+    assert all(s in err for s in steps) == terminal, err
+    assert any(s in err for s in steps) == terminal, err
+    if terminal:  # in the order they run
+        assert [err.index(s) for s in steps] == sorted(err.index(s) for s in steps)
