@@ -113,19 +113,24 @@ def _frame(ax, correct: bool) -> None:
         spine.set_linewidth(4 if correct else 1)
 
 
-def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3, note: str = "") -> Path:
-    """A caption and its top images, best first; the caption's own image framed in green. `note`
-    (e.g. which run, the colour convention, where the own image ranks) is printed under the query."""
-    rows = max(1, -(-len(tiles) // cols))
-    fig = Figure(figsize=(3 * cols, 3 * rows + 0.8))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
+def _tiles(axes, tiles: list[Tile]) -> None:
+    """Hits best first, numbered and labelled, a correct one framed in green; spare axes blank."""
+    for i, ax in enumerate(axes):
         if i >= len(tiles):
             ax.axis("off")
             continue
         _show(ax, tiles[i].image, "image not readable")
         _frame(ax, tiles[i].correct)
         ax.set_title(f"{i + 1}. {tiles[i].label}", fontsize=8)
+
+
+def text_query_grid(query: str, tiles: list[Tile], path: Path, cols: int = 3, note: str = "") -> Path:
+    """A caption and its top images, best first; the caption's own image framed in green. `note`
+    (e.g. which run, the colour convention, where the own image ranks) is printed under the query."""
+    rows = max(1, -(-len(tiles) // cols))
+    fig = Figure(figsize=(3 * cols, 3 * rows + 0.8))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    _tiles(axes.flat, tiles)
     fig.suptitle("\n".join(textwrap.wrap(f"query: {query}", 90)[:3] + ([note] if note else [])), fontsize=10)
     return _save(fig, path)
 
@@ -141,13 +146,7 @@ def similar_images_grid(image: Image.Image | None, label: str, tiles: list[Tile]
     axes[0][0].set_title(label, fontsize=9)
     for ax in axes[1:, 0]:
         ax.axis("off")
-    for i, ax in enumerate(axes[:, 1:].flat):
-        if i >= len(tiles):
-            ax.axis("off")
-            continue
-        _show(ax, tiles[i].image, "image not readable")
-        _frame(ax, tiles[i].correct)
-        ax.set_title(f"{i + 1}. {tiles[i].label}", fontsize=8)
+    _tiles(axes[:, 1:].flat, tiles)
     if note:
         fig.suptitle(note, fontsize=10)
     return _save(fig, path)

@@ -156,11 +156,17 @@ def test_a_stale_index_names_the_command_that_replaces_it(indexed_run, tmp_path)
     assert load_index(run)[1].querybank["images"]["k"] == 5
 
 
-def test_a_pools_rebuild_hint_reads_its_folder_as_it_was_read_and_a_named_kind_is_refused_first(indexed_run, tmp_path):
+def _photos(tmp_path: Path) -> Path:
+    """An image-only folder of three coloured squares, p0.png .. p2.png."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
         Image.new("RGB", (30, 30), colour).save(photos / f"p{i}.png")
+    return photos
+
+
+def test_a_pools_rebuild_hint_reads_its_folder_as_it_was_read_and_a_named_kind_is_refused_first(indexed_run, tmp_path):
+    photos = _photos(tmp_path)
     run, features = tmp_path / "run", tmp_path / "features"
     shutil.copytree(indexed_run / "run", run)
     reading = {"data": str(photos), "features_root": str(features), "follow_links": True, "readable_paths": True}
@@ -213,10 +219,7 @@ def test_retrained_heads_over_a_damaged_cache_are_reported_without_reading_the_c
 
 
 def test_export_without_a_split_takes_the_pools_only_split(indexed_run, tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)]):
-        Image.new("RGB", (30, 30), colour).save(photos / f"p{i}.png")
+    photos = _photos(tmp_path)
     run, features = indexed_run / "run", tmp_path / "features"
     result = _invoke("export", "--run", run, "--data", photos, "--features-root", features, "--out", tmp_path / "ex")
     assert result.exit_code == 0, result.output
