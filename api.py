@@ -23,9 +23,11 @@ import torch
 from PIL import Image
 
 from medembed.adapt.run import AdaptedRun
-from medembed.adapt.tuning.runs import open_run, run_backbone
+from medembed.common.errors import BadOption
 from medembed.evaluate.pipeline import EvalOptions, run_eval
-from medembed.serve.search import EXACT, Hit, Searcher, read_query_image
+from medembed.evaluate.plan import EVAL_SPLIT
+from medembed.model.runs import open_run, run_backbone
+from medembed.serve.search import EXACT, Hit, Searcher, SearchOptions, read_query_image
 
 __all__ = ["load_run", "embed_texts", "embed_images", "search", "evaluate_run"]
 
@@ -42,7 +44,7 @@ def _items(values, name: str, single: tuple[type, ...]) -> list:
     an empty input is refused by name, before any model is loaded."""
     items = [values] if isinstance(values, single) else list(values)
     if not items:
-        raise ValueError(f"{name}: empty; give at least one (a single one may be passed as it is)")
+        raise BadOption(f"{name}: empty; give at least one (a single one may be passed as it is)")
     return items
 
 
@@ -88,7 +90,7 @@ def searcher_for(run: AdaptedRun, split: str | None = None) -> Searcher:
     return cache[key]
 
 
-def search(run: AdaptedRun | str | Path, query: str, k: int = 10, split: str | None = None) -> list[Hit]:
+def search(run: AdaptedRun | str | Path, query: str, k: int = SearchOptions.k, split: str | None = None) -> list[Hit]:
     """The k images of the run's pool that best match a caption, ranked as eval ranks (`Hit.score`;
     `Hit.cosine` is the plain cosine). Through the run's FAISS index when one was built; an approximate
     index that returns fewer than min(k, pool) hits is answered by an exact scan instead, with a warning.
@@ -105,7 +107,7 @@ def search(run: AdaptedRun | str | Path, query: str, k: int = 10, split: str | N
     return result.hits
 
 
-def evaluate_run(run: AdaptedRun | str | Path, split: str = "test", out_dir: str | Path | None = None,
+def evaluate_run(run: AdaptedRun | str | Path, split: str = EVAL_SPLIT, out_dir: str | Path | None = None,
              overwrite: bool = False, **options) -> dict[str, dict[str, float]]:
     """Every metric of `cli.py eval` for one run beside its baselines, also written to `out_dir`
     (default: the run's eval-SPLIT folder); `options` are `EvalOptions` fields."""

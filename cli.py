@@ -16,14 +16,17 @@ from click.core import ParameterSource
 
 from medembed.adapt.config import AUGMENT_KINDS, HEAD_KINDS, LOSS_KINDS, AdaptConfig
 from medembed.adapt.tuning.config import TuneConfig
-from medembed.common.errors import MedembedError
+from medembed.common.errors import BadOption, MedembedError
 from medembed.common.memory import release_large_blocks
-from medembed.common.recall_ks import DEFAULT_KS
+from medembed.common.recall_keys import DEFAULT_KS, MEAN_RECALL, recall_key
 from medembed.common.version import __version__
+from medembed.serve.index_plan import KIND_CHOICES
 
-# What a user can fix, said in one line with no traceback: medembed's own errors, and the standard
-# ones its checks raise for bad values, missing files and outputs that exist.
-USER_ERRORS = (MedembedError, ValueError, FileNotFoundError, FileExistsError)
+# What a user can fix, said in one line with no traceback: medembed's own errors, and the operating
+# system's refusals of a path the user named (opened by the standard library or a file-format library,
+# not by a check of ours), whose message names that path. Anything else -- a plain ValueError
+# included -- is a bug, and keeps its traceback.
+USER_ERRORS = (MedembedError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 class _Commands(click.Group):
@@ -46,25 +49,85 @@ def main() -> None:
     release_large_blocks()
 
 
-class _ConfigOption(click.Option):
-    """An option whose default is its config dataclass's field (`config="module:Class.field"`), read
-    when first needed: the commands' configs live beside code that imports torch, which a start-up
-    only to parse options should not pay for. `convert` turns the field into the option's form."""
+def _resolve(spec: str):
+    """What `spec` names, imported now: "module:Class.field" a config dataclass's default for the field,
+    "module:NAME" a module's attribute (a registry's tuple, or a function listing one, called).
 
-    def __init__(self, *args, config: str, convert=None, **kwargs):
-        self.config, self.convert = config, convert
-        super().__init__(*args, show_default=True, **kwargs)
+    The command line reads every default and choice list from the module that owns it, but only when
+    an option is parsed or shown: those modules import torch, which a start-up only to parse other
+    options should not pay for."""
+    module, _, path = spec.partition(":")
+    name, _, field = path.partition(".")
+    value = getattr(importlib.import_module(module), name)
+    if field:
+        return getattr(value(), field)
+    return value() if callable(value) else value
+
+
+class _ConfigDefault:
+    """A parameter whose default is read from `config` (see `_resolve`); `convert` turns it into the
+    parameter's form."""
+
+    config: str
+    convert = None
 
     def get_default(self, ctx: click.Context, call: bool = True):
-        module, _, path = self.config.partition(":")
-        cls_name, _, field = path.partition(".")
-        value = getattr(getattr(importlib.import_module(module), cls_name)(), field)
+        value = _resolve(self.config)
         return self.convert(value) if self.convert else value
 
 
+class _ConfigOption(_ConfigDefault, click.Option):
+    """An option whose default comes from its command's config (`config`, shown as click's [default: ...])
+    and whose help may list a registry's names (`listing`: filling the help's {} when the help is shown)."""
+
+    def __init__(self, *args, config: str | None = None, convert=None, listing: str | None = None, **kwargs):
+        self.config, self.convert, self.listing = config, convert, listing
+        kwargs.setdefault("show_default", config is not None)
+        super().__init__(*args, **kwargs)
+        self.help_template = self.help
+
+    def get_default(self, ctx: click.Context, call: bool = True):
+        return super().get_default(ctx, call) if self.config else click.Option.get_default(self, ctx, call)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        if self.listing:
+            self.help = self.help_template.format(", ".join(_resolve(self.listing)))
+        return super().get_help_record(ctx)
+
+
+class _ConfigArgument(_ConfigDefault, click.Argument):
+    """An optional argument whose default comes from its command's config (`config`)."""
+
+    def __init__(self, *args, config: str, **kwargs):
+        self.config = config
+        super().__init__(*args, required=False, **kwargs)
+
+
+class _RegistryChoice(click.Choice):
+    """One of a registry's names (`registry`: "module:NAME", a tuple beside the code that implements
+    the choices), imported when the option is first parsed or shown."""
+
+    def __init__(self, registry: str, case_sensitive: bool = True):
+        self.registry, self.case_sensitive = registry, case_sensitive
+
+    @property
+    def choices(self) -> tuple:
+        return tuple(_resolve(self.registry))
+
+
 def _cfg(module_class_field: str, convert=None) -> dict:
-    """Keyword arguments of an option whose default comes from a config dataclass."""
+    """Keyword arguments of an option whose default comes from a config dataclass (or a module's constant)."""
     return {"cls": _ConfigOption, "config": module_class_field, "convert": convert}
+
+
+def _listed(registry: str) -> dict:
+    """Keyword arguments of an option whose help lists a registry's names at its {}."""
+    return {"cls": _ConfigOption, "listing": registry}
+
+
+# registries more than one command chooses from
+_DEVICES = "medembed.common.device:DEVICES"
+_RUNTIMES = "medembed.extract.backbones.onnx_runtime:RUNTIMES"
 
 
 # --- extract ---------------------------------------------------------------------------------
@@ -124,16 +187,18 @@ def _reading_options(f):
 @click.option("--data", type=click.Path(exists=True, file_okay=True), default=None,
               help="Dataset folder or annotations file (layout auto-detected). Default: the embedded synthetic set.")
 @click.option("--backbone", **_cfg("medembed.extract.extraction:ExtractConfig.backbone"),
-              help="Backbone name: effnet-lite0-ms+minilm, effnet-lite0+minilm, tiny-clip, an open_clip ARCH[@TAG], hf-hub:ORG/REPO or local-dir:PATH.")
+              listing="medembed.extract.backbones.registry:BUILTIN_BACKBONES",
+              help="Backbone name: {}, an open_clip ARCH[@TAG], hf-hub:ORG/REPO or local-dir:PATH.")
 @click.option("--splits", default=None, help="Comma-separated splits (default: all the dataset has).")
 @click.option("--batch-size", **_cfg("medembed.extract.extraction:ExtractConfig.batch_size"), type=click.IntRange(min=1),
               help="Images per crash-safe batch (a re-run continues from the last finished one).")
 @click.option("--workers", **_cfg("medembed.extract.extraction:ExtractConfig.workers"), type=click.IntRange(min=0), help="Image-decoding worker processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), **_cfg("medembed.extract.extraction:ExtractConfig.device"),
+@click.option("--device", type=_RegistryChoice(_DEVICES), **_cfg("medembed.extract.extraction:ExtractConfig.device"),
               help="Where the backbone runs: auto takes CUDA when torch sees a GPU (fp16 autocast there).")
 @click.option("--out", **_cfg("medembed.extract.extraction:ExtractConfig.out"), type=click.Path(file_okay=False),
               help="Output folder; files go to OUT/DATASET/BACKBONE/SPLIT.h5.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.extract.extraction:ExtractConfig.dtype"),
+@click.option("--dtype", type=_RegistryChoice("medembed.extract.extraction:FEATURE_DTYPES"),
+              **_cfg("medembed.extract.extraction:ExtractConfig.dtype"),
               help="How features are stored (float16 halves the cache; heads train in float32 either way).")
 @click.option("--views", **_cfg("medembed.extract.extraction:ExtractConfig.views"), type=click.IntRange(min=0),
               help="Also store features of N randomly augmented views of each image.")
@@ -149,17 +214,18 @@ def _reading_options(f):
 @click.option("--frames", **_cfg("medembed.extract.extraction:ExtractConfig.frames"), metavar="middle|all|N",
               help="Multi-frame DICOM and NIfTI volumes: the middle frame (axial slice), every one, or N evenly "
                    "spaced ones, each a record sharing the file's captions.")
-@click.option("--runtime", type=click.Choice(["torch", "onnx", "auto"]),
-              **_cfg("medembed.extract.extraction:ExtractConfig.runtime"),
+@click.option("--runtime", type=_RegistryChoice(_RUNTIMES), **_cfg("medembed.extract.extraction:ExtractConfig.runtime"),
               help="What runs the image tower on the CPU: PyTorch, ONNX Runtime (the same graph exported once and "
                    "cached in the cache folder's graphs/; 5x the images/s of PyTorch on 2 cores), or auto (onnx when onnxruntime is "
                    "installed). Part of the cache's provenance.")
-@click.option("--report-sections", default=None, type=click.Choice(["findings", "impression", "findings+impression", "all"]),
+@click.option("--report-sections", default=None,
+              type=_RegistryChoice("medembed.extract.datasets.mimic_cxr:REPORT_SECTIONS"),
               help="MIMIC-CXR and OpenI: the report sections that become each study's caption "
                    "[default: findings+impression, falling back to the impression, then the whole report].")
 @click.option("--shard", default=None, metavar="I/N",
               help="Do only the I-th (0-based) of N contiguous blocks of each split; join with `cache merge`.")
-@click.option("--engine", type=click.Choice(["loop", "ray"]), default="loop", show_default=True,
+@click.option("--engine", type=_RegistryChoice("medembed.extract.distributed:ENGINES"),
+              **_cfg("medembed.extract.distributed:DEFAULT_ENGINE"),
               help="ray: run shards as Ray tasks (one GPU each where there are GPUs), then merge.")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one).")
 @click.option("--shards", default=None, type=click.IntRange(min=1),
@@ -281,7 +347,7 @@ def _given_on_command_line(ctx: click.Context, names) -> set[str]:
                "step (0: off).", type=click.FloatRange(0, 1, max_open=True))
 @_adapt_option("--patience", "Epochs without improvement before stopping.", type=click.IntRange(min=1))
 @_adapt_option("--seed", "Random seed.", type=int)
-@_adapt_option("--device", "Where to train.", type=click.Choice(["auto", "cpu", "cuda"]))
+@_adapt_option("--device", "Where to train.", type=_RegistryChoice(_DEVICES))
 @_adapt_option("--max-memory-gb", "Memory the run may take (GiB, the whole process): the training split is held in "
                "memory when it fits, else streamed from disk in chunks sized to fit; a budget nothing fits is refused "
                "before anything is read.", type=click.FloatRange(min=0, min_open=True))
@@ -332,15 +398,15 @@ def _adapt_run(config, resume, unlock, unfreeze_every, unfreeze_epochs, backbone
     from medembed.adapt.tuning.unfreeze import train_tuned, train_with_unfreezing, tuned_summary_lines
 
     if (unlock is not None or unfreeze_every) and config.refit:
-        raise ValueError("--refit retrains adapter heads on train + valid; a run with --unlock or --unfreeze-every "
-                         "does not refit (drop --refit)")
+        raise BadOption("--refit retrains adapter heads on train + valid; a run with --unlock or --unfreeze-every "
+                        "does not refit (drop --refit)")
     if unlock is None and not unfreeze_every:  # heads only; with --unfreeze-every, TuneConfig's default unlock
         if tuning:
-            raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} has no effect without --unlock")
+            raise BadOption(f"--{sorted(tuning)[0].replace('_', '-')} has no effect without --unlock")
         summary, extra = train(config, resume=resume), []
     else:
         if resume:
-            raise ValueError("--resume continues adapter runs only; a run with --unlock starts afresh")
+            raise BadOption("--resume continues adapter runs only; a run with --unlock starts afresh")
         tune = TuneConfig(unlock=unlock, every=unfreeze_every, epochs=unfreeze_epochs, backbone_lr=backbone_lr,
                           grad_checkpointing=grad_checkpointing, cached_trunk=cached_trunk, seed=config.seed)
         summary = (train_with_unfreezing if unfreeze_every else train_tuned)(config, tune, progress=True)
@@ -365,7 +431,7 @@ def relink(run_dir, features_dir) -> None:
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Adapter run folder to compact (left as it is).")
-@click.option("--dims", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--dims", type=click.IntRange(min=1), **_cfg("medembed.adapt.compact:CompactOptions.dims"),
               help="Dimensions of the compact embedding, fewer than the run's --dim x --ensemble (4,096 for the "
                    "default run); 256 cost 0.1 mean recall on roco-rad (BENCHMARKS.md).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="New run folder, e.g. runs/NAME-256.")
@@ -407,8 +473,8 @@ def distil(run_dir, out, dim, epochs, seed, overwrite) -> None:
     chosen = (" (a student of its selection heads, which never trained on valid; the kept one was then taught by "
               f"its refit heads for {done.best_epoch} epochs)") if done.refit else ""
     click.echo(f"{done.run_dir}: one {done.dim}-d head taught by {done.source} ({done.source_dim}-d); best epoch "
-               f"{done.best_epoch}; valid mean recall {done.valid['mean_recall']:.1f} (teacher "
-               f"{done.teacher_valid['mean_recall']:.1f}){chosen}, similarities correlate {done.correlation:.3f}; "
+               f"{done.best_epoch}; valid mean recall {done.valid[MEAN_RECALL]:.1f} (teacher "
+               f"{done.teacher_valid[MEAN_RECALL]:.1f}){chosen}, similarities correlate {done.correlation:.3f}; "
                f"ranking: {bank}\nsee what it costs: cli.py eval --run {done.source} --run {done.run_dir}")
 
 
@@ -424,17 +490,6 @@ def _int_list(ctx, param, value: str) -> list[int]:
     return ks
 
 
-class _SkipOption(click.Option):
-    """`eval --skip`, whose help lists the sections the metric registry lets a user skip. Read when
-    the help is shown: the registry imports every metric module, too much for each start-up."""
-
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        from medembed.evaluate.metrics import optional_sections
-
-        self.help = f"Comma-separated sections to skip: {', '.join(optional_sections())}."
-        return super().get_help_record(ctx)
-
-
 @main.command("eval")
 @click.option("--run", "run_dirs", multiple=True, required=True, type=click.Path(exists=True),
               help="Run folder, unfreezing run folder or its finetuned.safetensors (repeat to compare runs on the "
@@ -444,7 +499,7 @@ class _SkipOption(click.Option):
                    "one for a checkpoint), instead of the run's cache.")
 @click.option("--features-root", **_cfg("medembed.evaluate.plan:EvalOptions.features_root"),
               type=click.Path(file_okay=False), help="Where --data's encoding is cached (reused when up to date).")
-@click.option("--split", default="test", show_default=True, help="Split to evaluate on (its whole pool).")
+@click.option("--split", **_cfg("medembed.evaluate.plan:EVAL_SPLIT"), help="Split to evaluate on (its whole pool).")
 @click.option("-k", "--k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, callback=_int_list,
               help="Recall@K cut-offs (capped at the pool, with a note).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
@@ -463,7 +518,8 @@ class _SkipOption(click.Option):
               help="Support sets drawn per concept and k; the figure shows their spread.")
 @click.option("--fewshot-concepts", **_cfg("medembed.evaluate.fewshot:FewShotConfig.max_concepts"), type=click.IntRange(min=1),
               help="Few-shot evaluates at most this many (the most frequent) concepts.")
-@click.option("--skip", default=None, cls=_SkipOption, help="Comma-separated sections to skip.")
+@click.option("--skip", default=None, **_listed("medembed.evaluate.metrics:optional_sections"),
+              help="Comma-separated sections to skip: {}.")
 @click.option("--detectors", **_cfg("medembed.evaluate.detection:DetectionConfig.predictors", ",".join),
               help="Concept detection predictors, comma-separated: knn (concepts propagated from the most similar "
                    "train images) and logreg (one-vs-rest logistic regression, slower); with both, concept_f1 is "
@@ -478,21 +534,22 @@ class _SkipOption(click.Option):
 def eval_cmd(run_dirs, data, features_root, split, ks, out, overwrite, cross, modality_concepts, min_positives,
              fewshot_seeds, fewshot_concepts, skip, detectors, no_closed_form, examples, max_memory_gb) -> None:
     """Retrieval, concept zero-/few-shot and ImageCLEF F1 for runs beside their baselines."""
+    from medembed.common.modalities import DEFAULT_MODALITIES
     from medembed.evaluate import metrics as registry
     from medembed.evaluate.detection import PREDICTORS, DetectionConfig
     from medembed.evaluate.fewshot import FewShotConfig
     from medembed.evaluate.pipeline import EvalOptions, run_eval
     from medembed.evaluate.report import format_summary
-    from medembed.evaluate.zeroshot import DEFAULT_MODALITIES, ZeroShotConfig, parse_modality_concepts
+    from medembed.evaluate.zeroshot import ZeroShotConfig, parse_modality_concepts
 
     skipped = {s.strip() for s in (skip or "").split(",") if s.strip()}
     optional = registry.optional_sections()
     unknown = skipped - set(optional)
     if unknown:
-        raise ValueError(f"--skip: unknown sections {', '.join(sorted(unknown))} ({', '.join(optional)})")
+        raise BadOption(f"--skip: unknown sections {', '.join(sorted(unknown))} ({', '.join(optional)})")
     predictors = tuple(dict.fromkeys(p.strip() for p in detectors.split(",") if p.strip()))
     if not predictors or set(predictors) - set(PREDICTORS):
-        raise ValueError(f"--detectors: expected some of {', '.join(PREDICTORS)}, got {detectors!r}")
+        raise BadOption(f"--detectors: expected some of {', '.join(PREDICTORS)}, got {detectors!r}")
     options = EvalOptions(
         zeroshot=ZeroShotConfig(min_positives=min_positives, modalities=parse_modality_concepts(modality_concepts)
                                 if modality_concepts else DEFAULT_MODALITIES),
@@ -516,12 +573,22 @@ QUERY_RUNTIME_HELP = ("What encodes queries on the CPU: PyTorch, ONNX Runtime (t
                       "(onnx when onnxruntime is installed).")
 
 
+def _query_options(f):
+    """--features-root, --runtime and --max-memory-gb of the commands that answer queries (search, serve)."""
+    f = click.option("--max-memory-gb", **_cfg("medembed.serve.search:SearchOptions.max_memory_gb"), type=click.FloatRange(min=0, min_open=True),
+                     help="Memory this may take (GiB, the whole process): the pool's embeddings are held when they "
+                          "fit, else every exact scan streams the pool from disk; a budget nothing fits is refused.")(f)
+    f = click.option("--runtime", type=_RegistryChoice(_RUNTIMES), **_cfg("medembed.serve.search:SearchOptions.runtime"), help=QUERY_RUNTIME_HELP)(f)
+    return click.option("--features-root", **_cfg("medembed.serve.search:SearchOptions.features_root"), type=click.Path(file_okay=False),
+                        help="Where --data's encoding is cached.")(f)
+
+
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
               help="Run folder, unfreezing run folder or its finetuned.safetensors.")
 @click.option("--text", default=None, help="A caption: find the images it describes.")
 @click.option("--image", default=None, type=click.Path(exists=True, dir_okay=False), help="An image: find its captions.")
-@click.option("-k", "--k", "k", default=9, show_default=True, type=click.IntRange(min=1),
+@click.option("-k", "--k", "k", **_cfg("medembed.serve.search:SearchOptions.k"), type=click.IntRange(min=1),
               help="How many results (capped at the pool, with a note).")
 @click.option("--split", default=None, help="Search one split's pool only [default: every split of the run's features].")
 @click.option("--exact", is_flag=True, help="Scan the whole pool even when the run has a FAISS index.")
@@ -533,13 +600,7 @@ QUERY_RUNTIME_HELP = ("What encodes queries on the CPU: PyTorch, ONNX Runtime (t
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Search this dataset's raw images and captions (encoded once by the run's backbone) instead of "
                    "the run's cache.")
-@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
-              help="Where --data's encoding is cached.")
-@click.option("--runtime", type=click.Choice(["torch", "onnx", "auto"]), default="auto", show_default=True,
-              help=QUERY_RUNTIME_HELP)
-@click.option("--max-memory-gb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Memory this may take (GiB, the whole process): the pool's embeddings are held when they fit, "
-                   "else every exact scan streams the pool from disk; a budget nothing fits is refused.")
+@_query_options
 @_reading_options
 def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, data, features_root, runtime,
            max_memory_gb, follow_links, readable_paths) -> None:
@@ -563,23 +624,18 @@ def search(run_dir, text, image, k, split, exact, out, overwrite, explain_maps, 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True),
               help="Run folder, or a finetuned.safetensors.")
-@click.option("--index/--exact", "use_index", default=True, show_default=True,
+@click.option("--index/--exact", "use_index", **_cfg("medembed.serve.search:SearchOptions.use_index"),
               help="Answer text queries through the run's FAISS index when `cli.py index` built one, or always "
                    "scan exactly.")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", **_cfg("medembed.serve.page:ServeOptions.host"),
               help="Address to listen on; only this machine can reach the page unless you change it.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--port", **_cfg("medembed.serve.page:ServeOptions.port"), type=click.IntRange(1, 65535),
+              help="Port to listen on.")
 @click.option("--split", default=None, help="Serve one split's pool only [default: every split of the run's features].")
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Serve this dataset's images (an image-only folder too), encoded once by the run's backbone, "
                    "instead of the run's cache.")
-@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
-              help="Where --data's encoding is cached.")
-@click.option("--runtime", type=click.Choice(["torch", "onnx", "auto"]), default="auto", show_default=True,
-              help=QUERY_RUNTIME_HELP)
-@click.option("--max-memory-gb", default=8.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Memory this may take (GiB, the whole process): the pool's embeddings are held when they fit, "
-                   "else every exact scan streams the pool from disk; a budget nothing fits is refused.")
+@_query_options
 @_reading_options
 def serve(run_dir, use_index, host, port, split, data, features_root, runtime, max_memory_gb, follow_links,
           readable_paths) -> None:
@@ -603,9 +659,10 @@ def serve(run_dir, use_index, host, port, split, data, features_root, runtime, m
 
 
 @main.command()
-@click.argument("folder", default="runs", type=click.Path(file_okay=False))
-@click.option("--sort", "sort_key", default="created", show_default=True,
-              type=click.Choice(["created", "name", "valid", "test_t2i", "test_i2t"]),
+@click.argument("folder", cls=_ConfigArgument, config="medembed.evaluate.listing:ListingOptions.folder",
+                type=click.Path(file_okay=False))
+@click.option("--sort", "sort_key", **_cfg("medembed.evaluate.listing:ListingOptions.sort"),
+              type=_RegistryChoice("medembed.evaluate.listing:SORT_KEYS"),
               help="Order of the rows (valid: best valid mean recall first, ranked as eval ranks each run: with "
                    "its query bank when it has one; runs whose valid numbers are not held out come last, unranked; "
                    "test_*: latest test R@10 first).")
@@ -627,7 +684,8 @@ def runs(folder, sort_key) -> None:
               help="One swept setting and its values (repeat for a grid), e.g. --set head=mlp,linear --set lr=1e-3,3e-3.")
 @click.option("--grid", "grid_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A JSON or YAML file {setting: [values]} (merged with --set).")
-@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1), help="Runs per cell (seeds 0..N-1).")
+@click.option("--seeds", **_cfg("medembed.evaluate.sweep:SweepOptions.seeds"), type=click.IntRange(min=1),
+              help="Runs per cell (seeds 0..N-1).")
 @click.option("--fixed", "fixed_sets", multiple=True, metavar="KEY=V",
               help="A setting held fixed for every cell, e.g. --fixed epochs=10.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -647,7 +705,7 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--split", **_cfg("medembed.serve.index:IndexOptions.split"), help="Split to index (test, train, ...), or all of them.")
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw", "ivfpq"]), **_cfg("medembed.serve.index:IndexOptions.kind"),
+@click.option("--kind", type=click.Choice(KIND_CHOICES), **_cfg("medembed.serve.index:IndexOptions.kind"),
               help="auto: picked from the collection size and --max-memory-gb; flat: exact; ivf / hnsw: approximate, "
                    "full vectors; ivfpq: 8-64 bytes per image, candidates re-scored exactly (tens of millions of images).")
 @click.option("--max-memory-gb", **_cfg("medembed.serve.index:IndexOptions.max_memory_gb"), type=click.FloatRange(min=0, min_open=True),
@@ -662,9 +720,10 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Index this dataset's images (an image-only folder too), encoded once by the run's backbone, "
                    "instead of the run's cache; `search`/`serve --data` on the same folder use it.")
-@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
-              help="Where --data's encoding is cached.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), **_cfg("medembed.serve.index:IndexOptions.engine"),
+@click.option("--features-root", **_cfg("medembed.serve.index:IndexOptions.features_root"),
+              type=click.Path(file_okay=False), help="Where --data's encoding is cached.")
+@click.option("--engine", type=_RegistryChoice("medembed.serve.index:INDEX_ENGINES"),
+              **_cfg("medembed.serve.index:IndexOptions.engine"),
               help="ray: train the index here, fill it in parts on Ray workers (one block of the pool's rows each), "
                    "merge the parts; ivf and ivfpq only.")
 @click.option("--address", default=None, help="Ray cluster address with --engine ray (default: start a local one).")
@@ -700,7 +759,7 @@ def export_model_cmd(run_dir, out, overwrite) -> None:
 
     summary = export_model(run_dir, out, overwrite=overwrite)
     test = summary.test
-    scored = (f"; test R@10 {test['t2i_R@10']:.1f} text->image, {test['i2t_R@10']:.1f} image->text "
+    scored = (f"; test R@10 {test[recall_key('t2i', 10)]:.1f} text->image, {test[recall_key('i2t', 10)]:.1f} image->text "
               f"(pool {int(test['pool_images'])})" if test else "")
     click.echo(f"exported a {summary.dim}-d model to {summary.out}{scored}")
     for name in summary.files:
@@ -710,11 +769,14 @@ def export_model_cmd(run_dir, out, overwrite) -> None:
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--split", default=None, help="Split to export, or all [default: the pool's only split, else test].")
-@click.option("--format", "fmt", type=click.Choice(["npy", "parquet"]), **_cfg("medembed.serve.export:ExportOptions.format"),
+@click.option("--format", "fmt", type=_RegistryChoice("medembed.serve.export:EXPORT_FORMATS"),
+              **_cfg("medembed.serve.export:ExportOptions.format"),
               help="npy: img_emb/*.npy + metadata/*.parquet; parquet: an `embedding` column in img_emb/*.parquet.")
-@click.option("--rows", type=click.Choice(["images", "captions"]), **_cfg("medembed.serve.export:ExportOptions.rows"),
+@click.option("--rows", type=_RegistryChoice("medembed.serve.export:ROW_KINDS"),
+              **_cfg("medembed.serve.export:ExportOptions.rows"),
               help="One row per image (with its first caption) or one per caption.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), **_cfg("medembed.serve.export:ExportOptions.dtype"),
+@click.option("--dtype", type=_RegistryChoice("medembed.serve.export:EXPORT_DTYPES"),
+              **_cfg("medembed.serve.export:ExportOptions.dtype"),
               help="Dtype of the npy embeddings.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder [RUN/export/SPLIT-FORMAT].")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in the output folder (swapped in whole once "
@@ -722,8 +784,8 @@ def export_model_cmd(run_dir, out, overwrite) -> None:
 @click.option("--data", default=None, type=click.Path(exists=True, file_okay=False),
               help="Export this dataset's embeddings (an image-only folder too), encoded once by the run's backbone, "
                    "instead of the run's cache [--out default: RUN/export/DATASET-SPLIT-FORMAT].")
-@click.option("--features-root", default="features", show_default=True, type=click.Path(file_okay=False),
-              help="Where --data's encoding is cached.")
+@click.option("--features-root", **_cfg("medembed.serve.export:ExportOptions.features_root"),
+              type=click.Path(file_okay=False), help="Where --data's encoding is cached.")
 @_reading_options
 def export(run_dir, split, fmt, rows, dtype, out, overwrite, data, features_root, follow_links, readable_paths) -> None:
     """Write embeddings + metadata in the clip-retrieval / autofaiss / embedding-reader layout."""

@@ -22,6 +22,7 @@ from torch import nn
 from medembed.adapt.run_files import BEST, CONFIG, LAST, METRICS, SELECTION, SUMMARY  # re-exported: run-folder names
 from medembed.adapt.state import TrainState
 from medembed.adapt.valid_heads import VALID_HEADS, VALID_HELD_OUT, VALID_WHY
+from medembed.common.errors import BadInput, BadRun, NotFound
 from medembed.common.files import atomic_write, write_json
 from medembed.common.hashing import digests_of, tensor_digest
 
@@ -42,7 +43,7 @@ def load_prefixed(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: s
     sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     missing, unexpected = module.load_state_dict(sub, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: {prefix} does not match the run's config (missing {missing}, unexpected {unexpected})")
+        raise BadRun(f"{path}: {prefix} does not match the run's config (missing {missing}, unexpected {unexpected})")
 
 
 def save_verified(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -58,10 +59,10 @@ def read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
-        raise ValueError(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from e
+        raise BadInput(f"{path}: not a readable safetensors checkpoint ({type(e).__name__}: {e})") from e
     want = meta.get("sha256")
     if want and want not in digests_of(tensors):
-        raise ValueError(f"{path}: checkpoint content does not match its recorded sha256 (altered or corrupt file)")
+        raise BadInput(f"{path}: checkpoint content does not match its recorded sha256 (altered or corrupt file)")
     return tensors, meta
 
 
@@ -89,7 +90,7 @@ def save_heads(path: Path, image_head: nn.Module, text_head: nn.Module) -> None:
 
 def load_heads(path: Path, image_head: nn.Module, text_head: nn.Module) -> None:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no saved heads (the run has not finished an epoch yet)")
+        raise NotFound(f"{path}: no saved heads (the run has not finished an epoch yet)")
     tensors, _ = read_verified(path)
     load_prefixed(image_head, tensors, "image_head", path)
     load_prefixed(text_head, tensors, "text_head", path)

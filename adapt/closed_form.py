@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from medembed.adapt.heads import LinearMapHead
 from medembed.cache.reader import CachedSplit
+from medembed.common.errors import Incompatible
 from medembed.common.ranking import recall_summary
+from medembed.common.recall_keys import MEAN_RECALL
 
 
 @dataclass
@@ -38,7 +40,7 @@ def pair_moments(split: CachedSplit, chunk: int = 65536) -> PairMoments:
     img, cap, rows = split.image_features, split.caption_features, split.caption_image.long()
     n = cap.shape[0]
     if n < 2:
-        raise ValueError(f"{split.path or split.split}: closed-form CCA needs at least 2 caption pairs, got {n}")
+        raise Incompatible(f"{split.path or split.split}: closed-form CCA needs at least 2 caption pairs, got {n}")
 
     def chunks():
         for s in range(0, n, chunk):
@@ -170,7 +172,7 @@ def fit_cca_on_valid(train_split: CachedSplit, valid: CachedSplit, dim: int, max
                     img, txt = (h(x.float()) for h, x in zip(heads, (valid.image_features, valid.caption_features)))
                 row = {"reg": reg, "power": power, **recall_summary(img, txt, valid.caption_image)}
                 grid.append(row)
-                if best is None or row["mean_recall"] > best[0]["mean_recall"]:
+                if best is None or row[MEAN_RECALL] > best[0][MEAN_RECALL]:
                     best = (row, heads)
                 bar.update()
     row, (image_head, text_head) = best

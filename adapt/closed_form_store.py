@@ -20,11 +20,13 @@ from torch import nn
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.closed_form import CCA_GRID, fit_cca_on_valid, fit_closed_form
 from medembed.adapt.heads import build_heads
+from medembed.cache import schema
 from medembed.cache.reader import CachedSplit
 from medembed.common.version import __version__
 
 STORE = "closed-form"
-_IDENTITY = ("dataset", "dataset_fingerprint", "backbone", "weights_sha256", "split", "created", "dtype")
+_IDENTITY = (schema.DATASET, schema.DATASET_FINGERPRINT, schema.BACKBONE, schema.WEIGHTS_SHA256, schema.SPLIT, schema.CREATED,
+             schema.DTYPE)
 DEFAULT_SETTING = {"reg": 0.3, "power": 1.0}  # without a valid split to choose on
 
 

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medembed.adapt import run_files
+from medembed.common.errors import BadOption, NotFound
+from medembed.common.planning import DEFAULT_MAX_MEMORY_GB
 
 HEAD_KINDS = ("linear", "mlp", "residual", "cca")
 LOSS_KINDS = ("infonce", "margin", "siglip")
@@ -93,7 +95,7 @@ class AdaptConfig:
     threads: int = 0  # 0: every core (torch's choice) unless a step is tiny (adapt.trainer.training_threads)
     # what the whole run may hold (GiB): the training split in memory when it fits, else streamed from disk in
     # chunks sized to fit, else refused before anything is read (adapt.memory)
-    max_memory_gb: float = 8.0
+    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB
     chunk_rows: int = 65536
     eval_every: int = 1
     # last.safetensors (optimiser moments, weight averages: 277 MB for the default recipe) exists to
@@ -102,39 +104,39 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         if self.head not in HEAD_KINDS:
-            raise ValueError(f"head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
+            raise BadOption(f"head must be one of {', '.join(HEAD_KINDS)}, got {self.head!r}")
         if self.head == "cca":
             self.loss = None  # solved in closed form: no loss is involved, and config.json says so
         elif self.loss not in LOSS_KINDS:
-            raise ValueError(f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
+            raise BadOption(f"loss must be one of {', '.join(LOSS_KINDS)}, got {self.loss!r}")
         if self.augment not in AUGMENT_KINDS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENT_KINDS)}, got {self.augment!r}")
+            raise BadOption(f"augment must be one of {', '.join(AUGMENT_KINDS)}, got {self.augment!r}")
         for name in ("dim", "epochs", "batch_size", "ensemble", "patience", "eval_every", "chunk_rows", "hard_pool"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise BadOption(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1) (0: off), got {self.ema}")
+            raise BadOption(f"ema must be in [0, 1) (0: off), got {self.ema}")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise BadOption(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.max_memory_gb > 0:
-            raise ValueError(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
+            raise BadOption(f"max_memory_gb must be > 0, got {self.max_memory_gb}")
         for name in ("weight_decay", "warmup_epochs", "concept_ratio", "threads", "concept_loss",
                      "hard_negatives", "concept_pretrain"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise BadOption(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("dropout", "input_dropout", "graded"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise BadOption(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not -1.0 <= self.margin <= 1.0:
-            raise ValueError(f"margin is a cosine and must be in [-1, 1], got {self.margin}")
+            raise BadOption(f"margin is a cosine and must be in [-1, 1], got {self.margin}")
         if self.hard_negatives > 0 and self.augment == "concepts":
-            raise ValueError("hard_negatives builds batches of caption neighbours and cannot be combined with "
-                             "augment concepts")
+            raise BadOption("hard_negatives builds batches of caption neighbours and cannot be combined with "
+                            "augment concepts")
         if self.hard_negatives >= self.batch_size and self.head != "cca":
-            raise ValueError(f"hard_negatives ({self.hard_negatives}) must be below batch_size ({self.batch_size})")
+            raise BadOption(f"hard_negatives ({self.hard_negatives}) must be below batch_size ({self.batch_size})")
         if self.batch_size < 2 and self.head != "cca":
-            raise ValueError("batch_size must be >= 2: a contrastive batch needs at least one negative")
+            raise BadOption("batch_size must be >= 2: a contrastive batch needs at least one negative")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -161,7 +163,7 @@ class AdaptConfig:
     def from_run(cls, run_dir: str | Path) -> AdaptConfig:
         path = Path(run_dir) / run_files.CONFIG
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no config.json, not an adapter run folder")
+            raise NotFound(f"{path}: no config.json, not an adapter run folder")
         saved = json.loads(path.read_text())
         saved.setdefault("refit", False)  # a run saved before the refit existed was not refit: resuming keeps it so
         return cls.from_dict(saved)
@@ -174,16 +176,16 @@ def config_from_options(options: dict, explicit: set[str], resume: bool) -> Adap
     out = Path(options["out"])
     if resume:
         if not (out / run_files.CONFIG).exists():
-            raise FileNotFoundError(f"--resume: {out} holds no run to continue (no config.json); drop --resume "
-                                    "to start a new run there")
+            raise NotFound(f"--resume: {out} holds no run to continue (no config.json); drop --resume "
+                           "to start a new run there")
         saved = AdaptConfig.from_run(out).to_dict()
         saved.update({k: v for k, v in options.items() if k in explicit and v is not None})
         config = AdaptConfig.from_dict(saved)
     else:
         if not options.get("features_dir"):
-            raise ValueError("--features is required (unless --resume continues a run in --out)")
+            raise BadOption("--features is required (unless --resume continues a run in --out)")
         config = AdaptConfig.from_dict({k: v for k, v in options.items() if v is not None})
     ignored = config.ignored(explicit - {"features_dir", "out"})
     if ignored:
-        raise ValueError("options that would have no effect on this run: " + "; ".join(ignored))
+        raise BadOption("options that would have no effect on this run: " + "; ".join(ignored))
     return config

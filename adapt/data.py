@@ -19,6 +19,7 @@ import torch
 
 from medembed.cache import schema
 from medembed.cache.reader import CachedSplit, feature_chunks, open_cache, read_dataset, strings
+from medembed.common.errors import Incompatible
 from medembed.common.tensors import unit
 
 
@@ -59,10 +60,10 @@ class ConceptTexts:
 
     def __init__(self, concepts: sp.csr_matrix | None, names: list[str], text_features: torch.Tensor | None):
         if concepts is None or text_features is None or not names:
-            raise ValueError("this cache has no concept text features; extract with concepts to use --augment concepts")
+            raise Incompatible("this cache has no concept text features; extract with concepts to use --augment concepts")
         named = np.array([i for i, n in enumerate(names) if n], dtype=np.int64)
         if named.size == 0:
-            raise ValueError("no concept in this cache has a name; --augment concepts needs named concepts")
+            raise Incompatible("no concept in this cache has a name; --augment concepts needs named concepts")
         # sparse [N, Cn]: a dense table of every image and concept would take N x Cn bytes (20 GB
         # for 10M images and 2,000 concepts); a batch looks up its own rows
         self.labels = concepts.tocsc()[:, named].tocsr()

@@ -44,6 +44,7 @@ from medembed.cache.reader import CachedSplit, load_split
 from medembed.common.errors import MedembedError
 from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.ranking import recall_summary
+from medembed.common.recall_keys import MEAN_RECALL
 from medembed.common.tensors import unit
 
 __all__ = ["DISTILLED_KEY", "DistilError", "DistilOptions", "DistilSummary", "distil_run", "similarity_correlation"]
@@ -164,7 +165,7 @@ def _teach(teacher: AdaptedRun, options: DistilOptions, train: CachedSplit, vali
         with torch.no_grad():
             r = recall_summary(student.embed_images(valid.image_features), student.embed_texts(valid.caption_features),
                                valid.caption_image)
-        if best is None or r["mean_recall"] > best["mean_recall"]:
+        if best is None or r[MEAN_RECALL] > best[MEAN_RECALL]:
             best, best_epoch = r, epoch
             best_state = (copy.deepcopy(image_head.state_dict()), copy.deepcopy(text_head.state_dict()))
     if best_state is not None:

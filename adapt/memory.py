@@ -16,7 +16,7 @@ as stored, read once per epoch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,22 +26,14 @@ from medembed.adapt.heads import build_heads
 from medembed.adapt.run_querybank import BANK_ROWS
 from medembed.cache import schema
 from medembed.cache.reader import open_cache
-from medembed.common.errors import MedembedError
 from medembed.common.memory import GB, format_bytes
+from medembed.common.planning import MIN_CHUNK_ROWS, PROCESS_BYTES, SLACK_BYTES, MemoryBudgetError, MemoryPlan, gib_up
 
-__all__ = ["CacheShape", "MemoryBudgetError", "MemoryPlan", "cache_shape", "gib_up", "largest_parts", "plan_memory",
-           "planned_peak"]
+__all__ = ["AdaptMemoryPlan", "CacheShape", "cache_shape", "plan_memory"]
 
-PROCESS_BYTES = 800 << 20  # python with torch, h5py, scipy and the adapt modules imported (757 MiB measured)
-SLACK_BYTES = 192 << 20  # batches and their gradients, HDF5's chunk caches, the allocator's free lists
 STATE_COPIES = 7  # weights, gradients, two AdamW moments, the weight average, the best copy, a checkpoint buffer
 CAPTION_INDEX_BYTES = 16  # per streamed caption: its image row and its caption key, int64 each
 CAPTION_TEXT_BYTES = 160  # per caption held as a Python string (in-memory train only)
-MIN_CHUNK_ROWS = 1024
-
-
-class MemoryBudgetError(MedembedError, ValueError):
-    """The run cannot fit --max-memory-gb even with the training split streamed."""
 
 
 @dataclass(frozen=True)
@@ -77,44 +69,22 @@ def _head_numbers(config: AdaptConfig, image_dim: int, text_dim: int) -> int:
 
 
 @dataclass(frozen=True)
-class MemoryPlan:
-    """How an adapter run holds its training split, and the bytes of what it holds throughout (`held`)
-    and of its two phases, one after the other (`phases`: training, then the query bank's choice)."""
+class AdaptMemoryPlan(MemoryPlan):
+    """How an adapter run holds its training split; its phases, one after the other, are training,
+    then the query bank's choice (then a refit, when planned)."""
 
-    budget: int
-    stream: bool
-    chunk_rows: int  # captions per streamed block, and rows per pass of the input statistics
-    held: dict[str, int] = field(default_factory=dict)
-    phases: dict[str, int] = field(default_factory=dict)
+    stream: bool = False
+    chunk_rows: int = 0  # captions per streamed block, and rows per pass of the input statistics
     refit: bool = False  # the heads are trained again on train + valid after the choice (its phase planned)
-
-    @property
-    def total(self) -> int:
-        """The planned peak: what is held, plus the larger phase."""
-        return planned_peak(self.held, self.phases)
-
-    def largest(self) -> str:
-        return largest_parts(self.held, self.phases)
 
     def describe(self) -> str:
         how = (f"train streamed from disk in chunks of {self.chunk_rows:,} captions" if self.stream
                else "train held in memory")
         how += "; then refit on train + valid" if self.refit else ""
-        return f"{how}; planned peak {format_bytes(self.total)} of --max-memory-gb {self.budget / GB:g}"
+        return f"{how}; {super().describe()}"
 
 
-def planned_peak(held: dict[str, int], phases: dict[str, int]) -> int:
-    """A plan's peak: everything held throughout, plus the largest of its phases (one after the other)."""
-    return sum(held.values()) + max(phases.values(), default=0)
-
-
-def largest_parts(held: dict[str, int], phases: dict[str, int], n: int = 3) -> str:
-    """The `n` largest parts of a plan, in words ("process 800.0 MiB, ..."), for a refusal's reason."""
-    top = sorted({**held, **phases}.items(), key=lambda kv: -kv[1])[:n]
-    return ", ".join(f"{name} {format_bytes(b)}" for name, b in top)
-
-
-def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | Path) -> MemoryPlan:
+def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | Path) -> AdaptMemoryPlan:
     """The plan for training `config` on these cache files within `config.max_memory_gb`; raises
     MemoryBudgetError (one line) when even streaming does not fit."""
     train = cache_shape(Path(train_path), config.use_views)
@@ -143,22 +113,22 @@ def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | P
     widest = max(train.image_dim, train.text_dim)
     stats_row = (train.itemsize + 16) * widest  # a row of a statistics pass: as stored, float64 and its square
     numbers = train.n_images * train.image_dim * (1 + train.views) + train.n_captions * train.text_dim
-    whole = MemoryPlan(budget, False, config.chunk_rows, {
+    whole = AdaptMemoryPlan(budget, {
         **held,
         # float32 features, plus the stored copy they are widened from while reading
         "train": (4 + train.itemsize) * numbers + CAPTION_TEXT_BYTES * train.n_captions,
     }, {"statistics pass": stats_row * min(config.chunk_rows, max(train.n_images, train.n_captions)),
-        "query bank": bank})
+        "query bank": bank}, chunk_rows=config.chunk_rows)
     if config.head != "cca" and config.refit is not False:
         # train + valid joined as float32 (valid read again with its views), fresh heads and their state
         valid_numbers = valid.n_images * valid.image_dim * (1 + train.views) + valid.n_captions * valid.text_dim
         joined = (4 + train.itemsize) * valid_numbers + 4 * (numbers + valid_numbers)
-        refit = MemoryPlan(budget, False, config.chunk_rows, whole.held, {
+        refit = AdaptMemoryPlan(budget, whole.held, {
             **whole.phases, "refit on train + valid": joined + CAPTION_TEXT_BYTES * (train.n_captions + valid.n_captions)
             + STATE_COPIES * 4 * _head_numbers(config, train.image_dim, train.text_dim)
             # the input statistics of the fresh heads, a pass over the joined copy
             + stats_row * min(config.chunk_rows, train.n_images + valid.n_images + train.n_captions + valid.n_captions)},
-            refit=True)
+            chunk_rows=config.chunk_rows, refit=True)
         if refit.total <= budget:
             return refit
         if config.refit:
@@ -182,15 +152,11 @@ def plan_memory(config: AdaptConfig, train_path: str | Path, valid_path: str | P
     room = budget - sum(held.values())
     rows = min(config.chunk_rows, room // per_row) if room > 0 else 0
     floor = min(config.chunk_rows, max(MIN_CHUNK_ROWS, 4 * config.batch_size))  # smaller chunks: too many reads
-    plan = MemoryPlan(budget, True, int(max(rows, floor)), held, {"chunk": max(rows, floor) * per_row, "query bank": bank})
+    plan = AdaptMemoryPlan(budget, held, {"chunk": max(rows, floor) * per_row, "query bank": bank}, stream=True,
+                           chunk_rows=int(max(rows, floor)))
     if rows < floor or plan.total > budget:
         raise MemoryBudgetError(
             f"{Path(train_path).parent}: training needs at least {format_bytes(plan.total)} even with the training "
             f"split streamed ({plan.largest()}), above --max-memory-gb {config.max_memory_gb:g}; "
             f"raise it to at least {gib_up(plan.total)}")
     return plan
-
-
-def gib_up(n: int) -> str:
-    """Bytes as GiB rounded up to a tenth: the smallest --max-memory-gb to suggest."""
-    return f"{math.ceil(n / GB * 10) / 10:g}"

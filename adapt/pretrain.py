@@ -21,6 +21,7 @@ from torch import nn
 
 from medembed.adapt.heads import EnsembleHead
 from medembed.cache.reader import CachedSplit
+from medembed.common.errors import Incompatible
 
 __all__ = ["ConceptPretraining", "pretrain_image_head"]
 
@@ -55,12 +56,12 @@ def pretrain_image_head(image_head: nn.Module, train: CachedSplit, epochs: int, 
     shuffled passes; with views in the cache each step takes one random view of each image (as the
     contrastive epochs do). The random stream is forked: the caller's draws are unchanged."""
     if train.concepts is None or train.concepts.shape[1] == 0:
-        raise ValueError(f"{train.path}: --concept-pretrain needs concept labels in the training split")
+        raise Incompatible(f"{train.path}: --concept-pretrain needs concept labels in the training split")
     labels = sp.csr_matrix(train.concepts)
     counts = np.asarray((labels > 0).sum(0)).ravel()
     cols = np.flatnonzero(counts >= min_positives)
     if len(cols) == 0:
-        raise ValueError(f"{train.path}: --concept-pretrain needs concepts with at least {min_positives} training images")
+        raise Incompatible(f"{train.path}: --concept-pretrain needs concepts with at least {min_positives} training images")
     targets = torch.from_numpy(labels[:, cols].toarray() > 0).float()
     members = _members(image_head)
     prior = (targets.mean(0).clamp(1e-4, 1 - 1e-4)).to(device)

@@ -17,6 +17,7 @@ from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.cache.provenance import feature_differences
 from medembed.cache.reader import feature_widths, find_splits, read_attrs, verify_cache
+from medembed.common.errors import BadRun, Incompatible, NotFound
 from medembed.common.files import write_json
 from medembed.common.locks import exclusive
 
@@ -28,21 +29,21 @@ def relink(run_dir: str | Path, features_dir: str | Path) -> dict:
     run_dir, new = Path(run_dir), Path(features_dir).resolve()
     config_path = run_dir / ckpt.CONFIG
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path}: no config.json, not an adapter run folder")
+        raise NotFound(f"{config_path}: no config.json, not an adapter run folder")
     files = find_splits(new)
     with exclusive(run_dir, "command", "wait for it to finish"):
         config = json.loads(config_path.read_text())
         recorded = config.get("cache") or {}
         if not recorded:
-            raise ValueError(f"{config_path}: records no provenance of its cache, so a new folder cannot be checked")
+            raise BadRun(f"{config_path}: records no provenance of its cache, so a new folder cannot be checked")
         for path in files.values():
             widths = feature_widths(path)
             if widths != (config.get("image_dim"), config.get("text_dim")):
-                raise ValueError(f"{path}: not the features this run was trained on (feature widths {widths[0]} / "
-                                 f"{widths[1]}, the run takes {config.get('image_dim')} / {config.get('text_dim')})")
+                raise Incompatible(f"{path}: not the features this run was trained on (feature widths {widths[0]} / "
+                                   f"{widths[1]}, the run takes {config.get('image_dim')} / {config.get('text_dim')})")
             diffs = feature_differences(read_attrs(path), recorded)
             if diffs:
-                raise ValueError(f"{path}: not the features this run was trained on ({diffs[0]})")
+                raise Incompatible(f"{path}: not the features this run was trained on ({diffs[0]})")
             verify_cache(path)  # the right features, but intact? (checksums, NaN/Inf): a CacheError naming the dataset
         old = config["features_dir"]
         write_json(config_path, portable_features({**config, "features_dir": str(new)}, run_dir))

@@ -3,7 +3,7 @@ unit embeddings, rebuilt from `config.json` + `best.safetensors` (never pickle).
 
 Every head kind, the closed-form cca included, saves the same layout, so evaluation and search
 load any run the same way. A run that also carries a fine-tuned backbone (periodic unfreezing,
-LiT) is opened by `adapt.tuning.runs.open_run`, which knows about backbones; this module does not.
+LiT) is opened by `model.runs.open_run`, which knows about backbones; this module does not.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from medembed.adapt.run_files import (  # QUERYBANK re-exported: the query-bank 
     SELECTION,
 )
 from medembed.cache.reader import find_splits
+from medembed.common.errors import BadInput, BadRun, NotFound
 from medembed.common.files import relative_to, resolve_recorded
 from medembed.common.querybank import QueryBank
 from medembed.common.tensors import embed_in_chunks, module_device
@@ -59,7 +60,7 @@ class AdaptedRun:
         how to re-point the run, not with advice to extract from scratch."""
         folder = self.features_dir
         if not folder.is_dir():
-            raise FileNotFoundError(missing_features_message(self.checkpoint or self.run_dir, folder))
+            raise NotFound(missing_features_message(self.checkpoint or self.run_dir, folder))
         return find_splits(folder)
 
     @property
@@ -135,22 +136,22 @@ def read_querybank(run_dir: str | Path) -> QueryBank | None:
     try:
         return QueryBank.from_dict(json.loads(path.read_text())["setting"])
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a query-bank setting ({e})") from e
+        raise BadInput(f"{path}: not a query-bank setting ({e})") from e
 
 
 def load_adapter_run(run_dir: str | Path) -> AdaptedRun:
     """A run folder: `config.json` + `best.safetensors`."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
-        raise ValueError(f"{run_dir}: not a run (expected a run folder, an unfreezing run folder or its "
-                         "finetuned.safetensors)")
+        raise BadRun(f"{run_dir}: not a run (expected a run folder, an unfreezing run folder or its "
+                     "finetuned.safetensors)")
     cfg_path = run_dir / ckpt.CONFIG
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path}: no config.json, not an adapter run folder")
+        raise NotFound(f"{cfg_path}: no config.json, not an adapter run folder")
     config = json.loads(cfg_path.read_text())
     for key in ("head", "dim", "image_dim", "text_dim"):
         if key not in config:
-            raise ValueError(f"{cfg_path}: missing {key!r}; was this written by `cli.py adapt`?")
+            raise BadRun(f"{cfg_path}: missing {key!r}; was this written by `cli.py adapt`?")
     image_head, text_head = build_heads(config)
     ckpt.load_heads(run_dir / ckpt.BEST, image_head, text_head)
     if "compact" in config:
@@ -164,7 +165,7 @@ def _projected(run_dir: Path, config: dict, image_head: nn.Module, text_head: nn
     projection = tensors.get("projection")
     want = (int(config["dim"]) * int(config.get("ensemble", 1)), int(config["compact"]["dims"]))
     if projection is None or tuple(projection.shape) != want:
-        raise ValueError(f"{run_dir / COMPACT}: expected a {want[0]} x {want[1]} projection, as config.json says")
+        raise BadRun(f"{run_dir / COMPACT}: expected a {want[0]} x {want[1]} projection, as config.json says")
     return Projected(image_head, projection), Projected(text_head, projection)
 
 

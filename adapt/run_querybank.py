@@ -17,8 +17,10 @@ import torch
 from medembed.adapt.run import QUERYBANK, TRAINED_ON, AdaptedRun, load_adapter_run
 from medembed.cache import schema
 from medembed.cache.reader import CachedSplit, find_splits, load_split, open_cache, read_dataset
+from medembed.common.errors import NotFound
 from medembed.common.files import write_json
 from medembed.common.querybank import QueryBank, bank_sample, choose, side_offset
+from medembed.common.recall_keys import MEAN_RECALL
 
 # rows of each side of the bank split a run's bank holds at most (evenly spaced rows beyond: `bank_sample`;
 # roco-rad's train split, 3,722 pairs, is used whole)
@@ -73,7 +75,7 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
         files = run.split_files()
         missing = [s for s in ("train", "valid") if s not in files]
         if missing:
-            raise FileNotFoundError(f"{run.features_dir}: no {' or '.join(missing)} split to choose the query bank on")
+            raise NotFound(f"{run.features_dir}: no {' or '.join(missing)} split to choose the query bank on")
         train, valid, split = files["train"], load_split(files["valid"], with_views=False), "train"
     else:
         train, valid = splits
@@ -81,7 +83,7 @@ def calibrate(run_dir: str | Path, run: AdaptedRun | None = None,
     setting, plain, after, _ = _choose_on(run, train, valid, split)
 
     def recall(summary: dict) -> dict:
-        return {k: v for k, v in summary.items() if "R@" in k or k == "mean_recall"}
+        return {k: v for k, v in summary.items() if "R@" in k or k == MEAN_RECALL}
 
     record = {"setting": setting.to_dict(), "description": setting.describe(), "valid_plain": recall(plain),
               "valid": recall(after)}
@@ -110,7 +112,7 @@ class BankOffsets:
             folder = found if self.setting.bank_features in ("", recorded) else Path(self.setting.bank_features)
             files = find_splits(folder) if folder.is_dir() else {}
             if self.setting.bank_split not in files:
-                raise FileNotFoundError(
+                raise NotFound(
                     f"{self.run.run_dir / QUERYBANK}: its bank, the {self.setting.bank_split} split of {folder}, is not "
                     "there; put the cache back, or delete that file to rank by plain cosine")
             self._features = bank_features(files[self.setting.bank_split], self.setting.bank_rows)

@@ -27,6 +27,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from medembed.adapt.heads import EnsembleHead
+from medembed.common.recall_keys import MEAN_RECALL, recall_key
 
 
 @dataclass
@@ -236,9 +237,9 @@ def fit(
         if opts.progress:
             # the epoch kept is chosen on mean recall, so that is what the log leads with
             tqdm.write(f"{opts.label} {epoch}: loss {row['train_loss']:.4f}"
-                       + (f"  valid mean recall {row['mean_recall']:.1f} (R@10 t2i {row['t2i_R@10']:.1f} "
-                          f"i2t {row['i2t_R@10']:.1f})" + ("  *best" if state.best_epoch == epoch else "")
-                          if "mean_recall" in row else "")
+                       + (f"  valid mean recall {row[MEAN_RECALL]:.1f} (R@10 t2i {row[recall_key('t2i', 10)]:.1f} "
+                          f"i2t {row[recall_key('i2t', 10)]:.1f})" + ("  *best" if state.best_epoch == epoch else "")
+                          if MEAN_RECALL in row else "")
                        + f"  ({row['train_seconds']:.1f}s)")
         if opts.stop_after_epoch is not None and epoch >= opts.stop_after_epoch:
             break
@@ -247,8 +248,8 @@ def fit(
 
 def _validate(state: TrainState, validate: Callable[[TrainState], dict], row: dict, epoch: int) -> None:
     row.update(validate(state))
-    if row["mean_recall"] > state.best:
-        state.best, state.best_epoch, state.bad = row["mean_recall"], epoch, 0
+    if row[MEAN_RECALL] > state.best:
+        state.best, state.best_epoch, state.bad = row[MEAN_RECALL], epoch, 0
         state.best_heads = snapshot(state.chosen_heads)
         state.best_tracked = snapshot(state.tracked)
     else:

@@ -16,6 +16,7 @@ from torch import nn
 
 from medembed.adapt.heads import EnsembleHead
 from medembed.adapt.losses import ConceptLoss, graded_targets
+from medembed.common.errors import Incompatible
 
 
 def _members(head: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -37,8 +38,8 @@ class ConceptSupervision(nn.Module):
         self.loss = None
         if weight > 0:
             if prompt_features is None or not cols:
-                raise ValueError(f"--concept-loss needs named concepts with at least {min_positives} training images "
-                                 "and their prompt features in the cache; this cache has none")
+                raise Incompatible(f"--concept-loss needs named concepts with at least {min_positives} training images "
+                                   "and their prompt features in the cache; this cache has none")
             prior = torch.from_numpy(counts[cols] / labels.shape[0])
             self.loss = ConceptLoss(prompt_features[cols], prior)
             self.register_buffer("targets", torch.from_numpy(labels[:, cols].toarray() > 0), persistent=False)

@@ -32,7 +32,7 @@ from medembed.adapt.data import (
 )
 from medembed.adapt.heads import build_heads, fit_input_stats
 from medembed.adapt.losses import build_loss
-from medembed.adapt.memory import MemoryPlan, plan_memory
+from medembed.adapt.memory import AdaptMemoryPlan, plan_memory
 from medembed.adapt.pretrain import pretrain_image_head
 from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.adapt.run_files import SELECTION
@@ -40,13 +40,16 @@ from medembed.adapt.run_querybank import calibrate
 from medembed.adapt.state import FitOptions, Schedule, TrainState, fit, weight_averages
 from medembed.adapt.supervision import ConceptSupervision
 from medembed.adapt.valid_heads import BEST_HEADS, SELECTION_HEADS, valid_fields
+from medembed.cache import schema
 from medembed.cache.faults import reached
 from medembed.cache.provenance import RUN_RECORD_KEYS
 from medembed.cache.reader import CachedSplit, find_splits, load_split, read_attrs
 from medembed.cache.shards import concat_splits
 from medembed.common.device import resolve_device
+from medembed.common.errors import AlreadyExists, BadOption, BadRun, Incompatible, NotFound
 from medembed.common.memory import format_bytes, peak_rss_bytes
-from medembed.common.ranking import DEFAULT_KS, recall_summary
+from medembed.common.ranking import recall_summary
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key
 from medembed.common.tensors import embed_in_chunks
 
 # options that may change between an interrupted run and its resumption
@@ -99,7 +102,7 @@ class TrainingData:
     valid: CachedSplit
     concepts: ConceptTexts | None
     attrs: dict
-    plan: MemoryPlan | None = None  # None for splits handed in already in memory
+    plan: AdaptMemoryPlan | None = None  # None for splits handed in already in memory
 
     @property
     def chunk_rows(self) -> int:
@@ -109,13 +112,13 @@ class TrainingData:
 
 def load_training_data(config: AdaptConfig) -> TrainingData:
     files = find_splits(config.features_dir)
-    if files and all(int(read_attrs(p).get("n_captions", 1)) == 0 for p in files.values()):
-        raise ValueError(f"{config.features_dir}: no captions (an image-only collection): training needs images "
-                         "paired with captions; search this collection with a run trained elsewhere instead")
+    if files and all(int(read_attrs(p).get(schema.N_CAPTIONS, 1)) == 0 for p in files.values()):
+        raise Incompatible(f"{config.features_dir}: no captions (an image-only collection): training needs images "
+                           "paired with captions; search this collection with a run trained elsewhere instead")
     for need in ("train", "valid"):
         if need not in files:
-            raise FileNotFoundError(f"{config.features_dir}: no {need}.h5 (training needs train and a valid split "
-                                    f"for early stopping; found {', '.join(files)})")
+            raise NotFound(f"{config.features_dir}: no {schema.split_file(need)} (training needs train and a valid split "
+                           f"for early stopping; found {', '.join(files)})")
     train_path = files["train"]
     plan = plan_memory(config, train_path, files["valid"])  # refuses, in one line, a budget nothing fits
     valid = load_split(files["valid"], with_views=False)
@@ -127,7 +130,7 @@ def load_training_data(config: AdaptConfig) -> TrainingData:
 
 
 def data_in_memory(config: AdaptConfig, train: CachedSplit, valid: CachedSplit,
-                   plan: MemoryPlan | None = None) -> TrainingData:
+                   plan: AdaptMemoryPlan | None = None) -> TrainingData:
     concepts = concept_texts(config, train.concepts, train.concept_names, train.concept_text_features)
     return TrainingData(MemorySource(train), train, valid, concepts, dict(train.attrs), plan)
 
@@ -150,7 +153,7 @@ def run_config_for(config: AdaptConfig, data: TrainingData) -> dict:
     return portable_features({
         **config.to_dict(), "image_dim": data.source.image_dim, "text_dim": data.source.text_dim,
         "concept_text_pairs": data.concepts.n_pairs if data.concepts is not None else 0,
-        "backbone": data.attrs.get("backbone", ""),
+        "backbone": data.attrs.get(schema.BACKBONE, ""),
         "cache": {k: data.attrs[k] for k in RUN_RECORD_KEYS if k in data.attrs}}, config.out)
 
 
@@ -172,8 +175,8 @@ def new_state(config: AdaptConfig, run_config: dict, data: TrainingData, device:
     pretraining = None
     if config.concept_pretrain > 0:
         if data.train is None:
-            raise ValueError(f"{config.features_dir}: --concept-pretrain needs the training split held in memory, and "
-                             f"it is streamed within --max-memory-gb {config.max_memory_gb:g}; drop it or raise the budget")
+            raise Incompatible(f"{config.features_dir}: --concept-pretrain needs the training split held in memory, and "
+                               f"it is streamed within --max-memory-gb {config.max_memory_gb:g}; drop it or raise the budget")
         pretraining = pretrain_image_head(
             image_head, data.train, config.concept_pretrain, lr=config.lr, weight_decay=config.weight_decay,
             batch_size=config.batch_size, min_positives=config.concept_min_train, seed=config.seed, device=device,
@@ -195,8 +198,8 @@ def concept_supervision(config: AdaptConfig, data: TrainingData) -> ConceptSuper
         return None
     train = data.train
     if train is None or train.concepts is None or train.concepts.shape[1] == 0:
-        raise ValueError(f"{config.features_dir}: --concept-loss and --graded need concept labels in the training "
-                         "split held in memory")
+        raise Incompatible(f"{config.features_dir}: --concept-loss and --graded need concept labels in the training "
+                           "split held in memory")
     return ConceptSupervision(train.concepts, train.concept_names, train.concept_text_features, config.concept_loss,
                               config.graded, config.concept_min_train)
 
@@ -268,7 +271,7 @@ def resume_state(state: TrainState, run_dir: Path) -> list[dict]:
 def summarize(run_dir: Path, run_config: dict, state: TrainState, n_pairs: int, extra: dict | None = None) -> dict:
     """The summary the CLI prints and summary.json keeps: best epoch, its valid recall, timings."""
     best = next((r for r in state.history if r.get("epoch") == state.best_epoch), {})
-    keys = [k for k in best if k.startswith(("t2i_", "i2t_")) or k == "mean_recall"]
+    keys = [k for k in best if k.startswith(tuple(f"{d}_" for d in DIRECTIONS)) or k == MEAN_RECALL]
     return {
         "run_dir": str(run_dir), "loss": run_config["loss"], "head": run_config["head"], "dim": run_config["dim"],
         "augment": run_config["augment"], "ensemble": run_config["ensemble"],
@@ -283,19 +286,19 @@ def _check_resume(saved: dict, config: AdaptConfig, run_dir: Path) -> None:
     diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in now.items()
             if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
     if diff:
-        raise ValueError(f"{run_dir / ckpt.CONFIG}: --resume must keep the run's settings; changed " + "; ".join(diff))
+        raise Incompatible(f"{run_dir / ckpt.CONFIG}: --resume must keep the run's settings; changed " + "; ".join(diff))
 
 
 def prepare_run_dir(config: AdaptConfig, resume: bool) -> Path:
     run_dir = Path(config.out)
     has_run = (run_dir / ckpt.CONFIG).exists()
     if has_run and not resume:
-        raise FileExistsError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+        raise AlreadyExists(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if resume and has_run:
         _check_resume(json.loads((run_dir / ckpt.CONFIG).read_text()), config, run_dir)
         if (run_dir / ckpt.SUMMARY).exists() and not (run_dir / ckpt.LAST).exists():
-            raise ValueError(f"{run_dir}: finished, and its {ckpt.LAST} was removed then; --resume continues a run "
-                             "from that file only (train with --keep-last to extend a finished run later)")
+            raise BadRun(f"{run_dir}: finished, and its {ckpt.LAST} was removed then; --resume continues a run "
+                         "from that file only (train with --keep-last to extend a finished run later)")
     return run_dir
 
 
@@ -310,14 +313,14 @@ def train(config: AdaptConfig, *, resume: bool = False, stop_after_epoch: int | 
         config = replace(config, features_dir=str(Path(config.features_dir).resolve()))
     if config.head == "cca":
         if config.ensemble not in (1, AdaptConfig.ensemble):
-            raise ValueError("--head cca is a single closed-form solution; ensemble must be 1")
+            raise BadOption("--head cca is a single closed-form solution; ensemble must be 1")
         config = replace(config, ensemble=1)
     run_dir = prepare_run_dir(config, resume)
     device = resolve_device(config.device)
     data = data_in_memory(config, *splits) if splits is not None else load_training_data(config)
     refitting, why_not = refit_decision(config, data)
     if config.refit and not refitting:
-        raise ValueError(f"{config.features_dir}: --refit {why_not}")
+        raise Incompatible(f"{config.features_dir}: --refit {why_not}")
     run_config = run_config_for(config, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.head == "cca":
@@ -396,7 +399,7 @@ def refit_heads(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trai
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def memory_record(plan: MemoryPlan | None) -> dict:
+def memory_record(plan: AdaptMemoryPlan | None) -> dict:
     """summary.json's account of memory: the plan (`finish_run` adds the measured peak, once the query
     bank's choice, the run's last step, is done)."""
     if plan is None:
@@ -450,13 +453,13 @@ def _fit_cca(config: AdaptConfig, run_config: dict, run_dir: Path, data: Trainin
 def format_summary(summary: dict) -> str:
     """The closing table: best epoch, valid R@1/5/10 both ways, seconds."""
     v = summary["valid"]
-    cols = ["head", "loss", "best epoch", *(f"{d} R@{k}" for d in ("t2i", "i2t") for k in DEFAULT_KS), "seconds"]
+    cols = ["head", "loss", "best epoch", *(f"{d} R@{k}" for d in DIRECTIONS for k in DEFAULT_KS), "seconds"]
     best = summary["best_epoch"]
     if "closed_form" in summary:
         best = "closed form ({})".format(", ".join(f"{k} {x}" for k, x in summary["closed_form"].items()))
     vals = [summary["head"], summary["loss"] if summary["head"] != "cca" else "-",
             best if "closed_form" in summary else f"{best} / {summary['epochs_run']}"]
-    vals += [f"{v[f'{d}_R@{k}']:.1f}" for d in ("t2i", "i2t") for k in DEFAULT_KS]
+    vals += [f"{v[recall_key(d, k)]:.1f}" for d in DIRECTIONS for k in DEFAULT_KS]
     vals.append(f"{summary['seconds']:.1f}")
     widths = [max(len(c), len(str(x))) for c, x in zip(cols, vals)]
     line = lambda xs: "| " + " | ".join(str(x).ljust(w) for x, w in zip(xs, widths)) + " |"  # noqa: E731
@@ -472,7 +475,7 @@ def format_summary(summary: dict) -> str:
     bank = summary.get("querybank")
     if bank:
         lines.append(f"ranking: {bank['description']}, chosen on valid (mean recall "
-                     f"{bank['valid_plain']['mean_recall']:.1f} with plain cosine -> {bank['valid']['mean_recall']:.1f})")
+                     f"{bank['valid_plain'][MEAN_RECALL]:.1f} with plain cosine -> {bank['valid'][MEAN_RECALL]:.1f})")
     refit = summary.get("refit")
     if refit:
         lines.append(f"refit: the heads kept were trained on train + valid ({refit['images']:,} images) for the "

@@ -32,7 +32,9 @@ from medembed.adapt.config import AdaptConfig  # noqa: E402
 from medembed.adapt.run import load_adapter_run  # noqa: E402
 from medembed.adapt.trainer import train  # noqa: E402
 from medembed.cache.reader import CachedSplit, load_split  # noqa: E402
+from medembed.cache.schema import split_file  # noqa: E402
 from medembed.common.ranking import recall_summary  # noqa: E402
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key  # noqa: E402
 
 DEFAULT_FEATURES = ROOT / "features" / "roco-rad" / "effnet-lite0+minilm"
 
@@ -117,7 +119,7 @@ def run_once(features: Path, tmp: Path, name: str, test: CachedSplit, **kw) -> t
 
 
 def fmt_recall(r: dict) -> str:
-    return " | ".join(f"{r[f'{d}_R@{k}']:.1f}" for d in ("t2i", "i2t") for k in (1, 5, 10))
+    return " | ".join(f"{r[recall_key(d, k)]:.1f}" for d in DIRECTIONS for k in DEFAULT_KS)
 
 
 def part_roco(features: Path, tmp: Path, test: CachedSplit) -> str:
@@ -166,7 +168,7 @@ def part_levers(features: Path, tmp: Path, test: CachedSplit, seeds: int, has_vi
             rs.append(r)
             secs.append(s["seconds"])
         mean = {k: float(np.mean([r[k] for r in rs])) for k in rs[0]}
-        rows.append(f"| {name} | {seeds} | {np.mean(secs):.1f} | {fmt_recall(mean)} | {mean['mean_recall']:.1f} |")
+        rows.append(f"| {name} | {seeds} | {np.mean(secs):.1f} | {fmt_recall(mean)} | {mean[MEAN_RECALL]:.1f} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -191,11 +193,11 @@ def main() -> None:
         print(f"## throughput: {args.pairs:,} synthetic pairs, 768 -> 512, batch 1024, one epoch\n")
         print(part_throughput(args.pairs, args.heads.split(","), args.threads) + "\n", flush=True)
     if "roco" in parts or "levers" in parts:
-        if not (args.features / "train.h5").exists():
+        if not (args.features / split_file("train")).exists():
             print(f"{args.features}: no roco-rad cache; run `python cli.py extract --data ../shared/data/roco-rad` first")
             return
-        test = load_split(args.features / "test.h5", with_views=False)
-        has_views = load_split(args.features / "train.h5").view_features is not None
+        test = load_split(args.features / split_file("test"), with_views=False)
+        has_views = load_split(args.features / split_file("train")).view_features is not None
         with tempfile.TemporaryDirectory() as tmp:
             if "roco" in parts:
                 print(f"## roco-rad ({args.features.name}): every loss x head, CLI defaults, test pool {test.n_images}\n")

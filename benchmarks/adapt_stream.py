@@ -24,8 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from medembed.cache import schema  # noqa: E402
 from medembed.cache.reader import CachedSplit  # noqa: E402
 from medembed.cache.writer import write_joined, write_split  # noqa: E402
+from medembed.common.recall_keys import recall_key  # noqa: E402
 
 SHARD = 1_000_000
 IMAGE_DIM, TEXT_DIM, LATENT = 512, 384, 64
@@ -67,16 +69,16 @@ def write_cache(folder: Path, n: int) -> float:
     shards = []
     count = -(-n // SHARD)
     for i in range(count):
-        path = folder / f"train.shard-{i:04d}-of-{count:04d}.h5"
+        path = folder / schema.shard_file("train", i, count)
         if not path.exists():
             write_split(path, pairs(min(SHARD, n - i * SHARD), seed=i, split="train", first=i * SHARD))
         shards.append(path)
         print(f"  shard {i + 1}/{count} written", flush=True)
-    (folder / "train.h5").unlink(missing_ok=True)
-    write_joined(folder / "train.h5", shards, {"backbone": "synthetic", "dataset": "synthetic", "split": "train",
+    (folder / schema.split_file("train")).unlink(missing_ok=True)
+    write_joined(folder / schema.split_file("train"), shards, {"backbone": "synthetic", "dataset": "synthetic", "split": "train",
                                                "dtype": "float16", "n_records": n})
-    if not (folder / "valid.h5").exists():
-        write_split(folder / "valid.h5", pairs(10_000, seed=10_000, split="valid"))
+    if not (folder / schema.split_file("valid")).exists():
+        write_split(folder / schema.split_file("valid"), pairs(10_000, seed=10_000, split="valid"))
     return time.perf_counter() - t0
 
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.out / "synthetic" / "pairs"
     folder.mkdir(parents=True, exist_ok=True)
     wrote = write_cache(folder, args.pairs)
-    size = sum(p.stat().st_size for p in folder.glob("train*.h5"))
+    size = sum(p.stat().st_size for p in folder.glob(f"train*{schema.FILE_SUFFIX}"))
     run = args.out / "run"
     if run.exists():
         import shutil
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'streamed, chunks of ' + format(mem['chunk_rows'], ',') if mem['streamed'] else 'in memory'} | "
           f"{mem['planned_bytes'] / 2**30:.2f} | {peak / 2**30:.2f} | {summary['seconds']:.0f} | "
           f"{summary['n_train_pairs'] / summary['seconds']:,.0f} | {wall:.0f} | "
-          f"{v['t2i_R@10']:.1f} / {v['i2t_R@10']:.1f} |")
+          f"{v[recall_key('t2i', 10)]:.1f} / {v[recall_key('i2t', 10)]:.1f} |")
     print("\ncommand: python benchmarks/adapt_stream.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
 
 

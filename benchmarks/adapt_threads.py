@@ -24,6 +24,8 @@ def main() -> None:
     from medembed.adapt.config import AdaptConfig
     from medembed.adapt.trainer import train
     from medembed.cache.reader import feature_widths
+    from medembed.cache.schema import split_file
+    from medembed.common.recall_keys import MEAN_RECALL
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", default=str(REPO / "features" / "roco-rad" / "effnet-lite0-ms+minilm"))
@@ -42,8 +44,8 @@ def main() -> None:
                                          threads=threads, refit=False, querybank=False, **kw)
                     s = train(config, progress=False)
                     seconds[threads].append(s["seconds"])
-                    recall[threads] = s["valid"]["mean_recall"]
-            image_dim, text_dim = feature_widths(Path(args.features) / "train.h5")
+                    recall[threads] = s["valid"][MEAN_RECALL]
+            image_dim, text_dim = feature_widths(Path(args.features) / split_file("train"))
             c = AdaptConfig(features_dir="", out="", **kw)
             macs = c.batch_size * (image_dim + text_dim) * c.dim * c.ensemble
             one, many = min(seconds[1]), min(seconds[every])

@@ -57,6 +57,7 @@ def variants(caption: str, kinds: set[str]) -> list[str]:
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from medembed.cache import schema
     from medembed.cache.reader import load_split
     from medembed.cache.writer import write_split
     from medembed.extract.backbones.registry import create_backbone
@@ -70,20 +71,20 @@ def main() -> None:
     kinds = set(args.variants.split(","))
     if out.exists():
         raise SystemExit(f"{out}: exists; choose another --out")
-    train = load_split(source / "train.h5")
+    train = load_split(source / schema.split_file("train"))
     captions, images = [], []
     for text, image in zip(train.captions, train.caption_image.tolist()):
         for t in [text, *variants(text, kinds)]:
             captions.append(t)
             images.append(image)
-    backbone = create_backbone(train.attrs.get("backbone", source.name))
+    backbone = create_backbone(train.attrs.get(schema.BACKBONE, source.name))
     features = backbone.encode_texts(captions)
     order = np.argsort(np.asarray(images), kind="stable")  # a cache keeps each image's captions together
     out.mkdir(parents=True)
-    write_split(out / "train.h5", replace(train, captions=[captions[i] for i in order], caption_features=features[order],
+    write_split(out / schema.split_file("train"), replace(train, captions=[captions[i] for i in order], caption_features=features[order],
                                           caption_image=torch.as_tensor(np.asarray(images)[order])))
     for split in ("valid", "test"):
-        (out / f"{split}.h5").symlink_to(source / f"{split}.h5")
+        (out / schema.split_file(split)).symlink_to(source / schema.split_file(split))
     print(f"{out}: train captions {len(train.captions):,} -> {len(captions):,} ({', '.join(sorted(kinds))})")
 
 

@@ -24,13 +24,15 @@ sys.path.insert(0, str(ROOT))
 from medembed.adapt.compact import fit_projection  # noqa: E402
 from medembed.adapt.run import load_adapter_run  # noqa: E402
 from medembed.cache.reader import load_split  # noqa: E402
+from medembed.cache.schema import split_file  # noqa: E402
 from medembed.common.querybank import offsets  # noqa: E402
 from medembed.common.ranking import retrieval_ranks, summarize_ranks  # noqa: E402
+from medembed.common.recall_keys import MEAN_RECALL, recall_key  # noqa: E402
 from medembed.common.tensors import unit  # noqa: E402
 
 
 def embed(run, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    s = load_split(Path(run.features_dir) / f"{split}.h5", with_views=False)
+    s = load_split(Path(run.features_dir) / split_file(split), with_views=False)
     with torch.no_grad():
         return run.embed_images(s.image_features.float()), run.embed_texts(s.caption_features.float()), s.caption_image
 
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def row(label: str, nbytes: int, res: dict) -> None:
         t = res["test"]
-        print(f"| {label} | {nbytes:,} | {res['valid']['mean_recall']:.2f} | {t['mean_recall']:.2f} | "
-              f"{t['mean_recall'] - full['test']['mean_recall']:+.2f} | {t['t2i_R@1']:.1f} / {t['i2t_R@1']:.1f} | "
-              f"{t['t2i_R@10']:.1f} / {t['i2t_R@10']:.1f} |", flush=True)
+        print(f"| {label} | {nbytes:,} | {res['valid'][MEAN_RECALL]:.2f} | {t[MEAN_RECALL]:.2f} | "
+              f"{t[MEAN_RECALL] - full['test'][MEAN_RECALL]:+.2f} | {t[recall_key('t2i', 1)]:.1f} / {t[recall_key('i2t', 1)]:.1f} | "
+              f"{t[recall_key('t2i', 10)]:.1f} / {t[recall_key('i2t', 10)]:.1f} |", flush=True)
 
     row(f"full {train_img.shape[1]}-d float32", 4 * train_img.shape[1], full)
     for dims in [int(d) for d in args.dims.split(",")]:

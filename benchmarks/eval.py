@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medembed.common import ranking  # noqa: E402
+from medembed.common.recall_keys import DEFAULT_KS, recall_key  # noqa: E402
 from medembed.evaluate import retrieval  # noqa: E402
 
 
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="images = captions in the pool (default 100000)")
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--memory-mb", type=float, default=retrieval.DEFAULT_MEMORY_MB,
-                    help="score-matrix budget per chunk (evaluate.retrieval.chunk_rows)")
+    ap.add_argument("--memory-mb", type=float, default=ranking.DEFAULT_MEMORY_MB,
+                    help="score-matrix budget per chunk (common.ranking.chunk_rows)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -70,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = unit_rows(args.n, args.dim, seed=1)
     caption_image = torch.arange(args.n)
     inputs = rss_mb()
-    chunk = retrieval.chunk_rows(args.n, args.memory_mb)
+    chunk = ranking.chunk_rows(args.n, args.memory_mb)
 
     start = time.perf_counter()
-    metrics = retrieval.compute(images, texts, caption_image, ks=(1, 5, 10), memory_mb=args.memory_mb)
+    metrics = retrieval.compute(images, texts, caption_image, ks=DEFAULT_KS, memory_mb=args.memory_mb)
     eval_s = time.perf_counter() - start
     peak = rss_mb()
     gemm_s = gemm_floor(images, texts, chunk)
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print(f"| {args.n:,} x {args.n:,} | {args.dim} | {chunk} | {eval_s:.1f} | {gemm_s:.1f} | {eval_s / gemm_s:.2f} | "
           f"{flops / gemm_s / 1e9:.0f} | {peak:.0f} | {inputs - base:.0f} | "
-          f"{metrics['t2i_R@1']:.4f} / {metrics['i2t_R@1']:.4f} |")
+          f"{metrics[recall_key('t2i', 1)]:.4f} / {metrics[recall_key('i2t', 1)]:.4f} |")
     print(f"\ntargets: peak RSS < 2048 MiB ({'met' if peak < 2048 else 'MISSED'}), "
           f"eval <= 1.5x GEMM ({'met' if eval_s <= 1.5 * gemm_s else 'MISSED'}); "
           f"chance R@1 = {100 / args.n:.4f}%")

@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 
+from medembed.common.recall_keys import recall_key
+
 REPO = Path(__file__).resolve().parents[1]
+T2I_R10 = recall_key("t2i", 10)  # the number each pool size reports beside its time and memory
 SECTION_LINE = re.compile(r"^eval (?P<col>.+?): (?P<what>retrieval|zeroshot|fewshot|detection|fitted.*?) (?P<s>[\d.]+) s$")
 
 
@@ -56,13 +59,14 @@ def _timed(fn, *args) -> float:
 
 def bare_costs(run_dir: Path) -> dict[str, float]:
     """The core computation of each section on the run's own roco-rad embeddings."""
-    from medembed.adapt.tuning.runs import open_run
     from medembed.cache.reader import load_split
+    from medembed.cache.schema import split_file
     from medembed.evaluate import fewshot
     from medembed.evaluate.detection import DetectionConfig, Neighbours, knn_vote
+    from medembed.model.runs import open_run
 
     run = open_run(run_dir)
-    files = {s: load_split(run.features_dir / f"{s}.h5", with_views=False) for s in ("train", "valid", "test")}
+    files = {s: load_split(run.features_dir / split_file(s), with_views=False) for s in ("train", "valid", "test")}
     img = {s: run.embed_images(x.image_features) for s, x in files.items()}
     txt = run.embed_texts(files["test"].caption_features)
     named = sum(1 for n in files["test"].concept_names if n)
@@ -112,7 +116,7 @@ def roco(args) -> None:
     print(f"`{' '.join(cmd[1:])}` on roco-rad test (454 images): **{wall:.1f} s wall** (start-up, loading, "
           f"closed-form fit {sections.get(('closed-form', 'closed-form fit'), float('nan')):.1f} s, both columns, plots)\n")
     print(table(["section (run column)", "s", "bare core s", "ratio"], rows))
-    keys = ("t2i_R@10", "i2t_R@10", "zeroshot_modality_acc", "fewshot_map@1", "fewshot_map@16", "concept_f1")
+    keys = (recall_key("t2i", 10), recall_key("i2t", 10), "zeroshot_modality_acc", "fewshot_map@1", "fewshot_map@16", "concept_f1")
     print("\n" + table(["metric", "value"], [[k, f"{comparison.get(k, float('nan')):.2f}"] for k in keys]))
 
 
@@ -140,7 +144,7 @@ def _scale_eval(n: int, root: Path) -> None:
     t0 = time.perf_counter()
     res = run_eval([root / "run"], split="test", out_dir=root / "ev",
                    options=EvalOptions(closed_form=False, examples=0, progress=True))
-    print(json.dumps({"n": n, "wall": time.perf_counter() - t0, "t2i_R@10": res["metrics"].get("t2i_R@10"),
+    print(json.dumps({"n": n, "wall": time.perf_counter() - t0, T2I_R10: res["metrics"].get(T2I_R10),
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -157,7 +161,7 @@ def scale(args) -> None:
             sec = _sections(res.stderr)
             times = [sec.get(("run", s), float("nan")) for s in ("retrieval", "zeroshot", "fewshot", "detection")]
             rows.append([f"{n:,}", *(f"{t:.1f}" for t in times), f"{result['wall']:.0f}",
-                         f"{result['peak_rss_mb']:.0f}", f"{result['t2i_R@10']:.1f}"])
+                         f"{result['peak_rss_mb']:.0f}", f"{result[T2I_R10]:.1f}"])
             print(rows[-1], flush=True)
     print("\nsynthetic splits of N images and N captions, 2,000 concepts (frequencies 0.05% to 5%, about 21 per image), 256-d float16 features (as extracted), "
           "train and valid of N too; one closed-form run; `run_eval` of it in a fresh process, without the "

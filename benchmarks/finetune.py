@@ -57,6 +57,7 @@ def _colour_dataset(root: Path, n_train: int, n_valid: int, size: int) -> Path:
 def speed(args) -> None:
     from medembed.adapt.config import AdaptConfig
     from medembed.adapt.tuning.unfreeze import TuneConfig, train_with_unfreezing
+    from medembed.common.recall_keys import recall_key
     from medembed.extract.extraction import ExtractConfig, extract
 
     if args.threads:
@@ -76,8 +77,8 @@ def speed(args) -> None:
             summary = train_with_unfreezing(config, tune, progress=False)
             (cycle,) = summary["cycles"]
             rows.append(["cached partial unfreeze" if cached else "raw images", round(cycle["seconds"] / args.epochs, 2),
-                         cycle["pairs_per_s"], f"{cycle['train_loss']:.3f}", f"{summary['valid']['t2i_R@10']:.1f}",
-                         f"{summary['valid']['i2t_R@10']:.1f}"])
+                         cycle["pairs_per_s"], f"{cycle['train_loss']:.3f}", f"{summary['valid'][recall_key('t2i', 10)]:.1f}",
+                         f"{summary['valid'][recall_key('i2t', 10)]:.1f}"])
         print(f"backbone {args.backbone}, {args.images} train images of {args.size}px, unlocked top {args.unlocked} "
               f"blocks per tower, {args.epochs} cycle epoch(s), batch {args.batch}, CPU threads {torch.get_num_threads()}\n")
         print(table(["path", "s/epoch", "pairs/s", "train loss", "valid t2i R@10", "valid i2t R@10"], rows))

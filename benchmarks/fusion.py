@@ -22,13 +22,15 @@ import torch
 
 from medembed.adapt.run import load_adapter_run
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, recall_key
 from medembed.common.tensors import unit
 from medembed.evaluate import retrieval
 from medembed.evaluate.detection import Neighbours, knn_vote
-from medembed.evaluate.models import model_from_run
+from medembed.model.embedding import model_from_run
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
+KEYS = tuple(recall_key(d, k) for d in DIRECTIONS for k in DEFAULT_KS)
 SHARPNESS = 10.0
 
 
@@ -38,7 +40,7 @@ def _mean_recall(m: dict) -> float:
 
 def study(run_dir: Path, features: Path) -> dict:
     model = model_from_run(load_adapter_run(run_dir))
-    splits = {s: load_split(features / f"{s}.h5", with_views=False) for s in ("train", "valid", "test")}
+    splits = {s: load_split(features / split_file(s), with_views=False) for s in ("train", "valid", "test")}
     emb = {s: (unit(model.images(d.image_features)), unit(model.texts(d.caption_features))) for s, d in splits.items()}
     labels = splits["train"].concepts.tocsr().astype(np.float32)
     caption_labels = labels[splits["train"].caption_image.numpy()]

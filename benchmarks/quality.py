@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, recall_key
+
 REPO = Path(__file__).resolve().parents[1]
 ROCO = REPO / "features" / "roco-rad" / "effnet-lite0-ms+minilm"
 
@@ -63,8 +65,8 @@ ROWS: dict[str, list[str]] = {
 DERIVED: dict[str, tuple[str, list[str]]] = {
     "distilled": ("no-refit", ["distil"]),  # the 4 heads valid chose, taught to one 1,024-d head
 }
-KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10", "zeroshot_modality_acc", "concept_f1",
-        "fewshot_map@16")
+RECALL_KEYS = tuple(recall_key(d, k) for d in DIRECTIONS for k in DEFAULT_KS)
+KEYS = (*RECALL_KEYS, "zeroshot_modality_acc", "concept_f1", "fewshot_map@16")
 
 
 def run_row(name: str, extra: list[str], features: Path, seed: int, out: Path) -> dict:
@@ -97,14 +99,14 @@ def run_row(name: str, extra: list[str], features: Path, seed: int, out: Path) -
     return {"row": name, "seed": seed, "features": str(features), "command": command,
             "seconds": seconds, **{k: result["metrics"].get(k) for k in KEYS},
             # recall with plain cosine: equal to the above for runs without a query bank
-            **{f"cosine_{k}": result["metrics"].get(f"cosine_{k}", result["metrics"].get(k)) for k in KEYS[:6]}}
+            **{f"cosine_{k}": result["metrics"].get(f"cosine_{k}", result["metrics"].get(k)) for k in RECALL_KEYS}}
 
 
 def table(results: list[dict], rows: list[str], plain: bool = False) -> str:
     """Mean ± std per row; `plain`: the retrieval columns with plain cosine (cosine_*), as rows
     measured before query banks were."""
     if plain:
-        results = [{**r, **{k: r.get(f"cosine_{k}", r[k]) for k in KEYS[:6]}} for r in results]
+        results = [{**r, **{k: r.get(f"cosine_{k}", r[k]) for k in RECALL_KEYS}} for r in results]
     head = ["lever", "seeds", *KEYS, "adapt s", "command"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     groups = dict.fromkeys((r["row"], r["command"]) for name in rows for r in results if r["row"] == name)

@@ -17,12 +17,13 @@ import numpy as np
 
 from medembed.adapt.run import QUERYBANK
 from medembed.adapt.run_querybank import calibrate
-from medembed.adapt.tuning.runs import open_run
 from medembed.cache.reader import find_splits, load_split
-from medembed.evaluate import retrieval
-from medembed.evaluate.models import model_from_run
+from medembed.common.ranking import ranks, summarize
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, recall_key
+from medembed.model.embedding import model_from_run
+from medembed.model.runs import open_run
 
-KEYS = ("t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10")
+KEYS = tuple(recall_key(d, k) for d in DIRECTIONS for k in DEFAULT_KS)
 
 
 def measure(run_dir: Path) -> dict:
@@ -32,10 +33,9 @@ def measure(run_dir: Path) -> dict:
     model = model_from_run(run)
     test = load_split(find_splits(run.features_dir)["test"], with_views=False)
     img, txt = model.images(test.image_features), model.texts(test.caption_features)
-    plain = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image))
+    plain = summarize(ranks(img, txt, test.caption_image))
     image_offset, caption_offset = model.offsets(img, txt)
-    bank = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
-                                               caption_offset=caption_offset))
+    bank = summarize(ranks(img, txt, test.caption_image, image_offset=image_offset, caption_offset=caption_offset))
     return {"plain": [plain[k] for k in KEYS], "bank": [bank[k] for k in KEYS], "setting": model.ranking}
 
 

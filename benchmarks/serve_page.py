@@ -139,7 +139,7 @@ def load(args) -> None:
         features = write_synthetic_features(work / "features", n_train=5000, n_eval=args.n, image_dim=256,
                                             text_dim=256, latent=64, noise=1.0)
         train(AdaptConfig(features_dir=str(features), out=str(work / "run"), head="cca", dim=256), progress=False)
-        lookup = _Lookup([load_split(features / "test.h5")])
+        lookup = _Lookup([load_split(features / schema.split_file("test"))])
         t0 = time.perf_counter()
         build_index(work / "run", IndexOptions(split="test", kind="hnsw"))
         index_s = time.perf_counter() - t0

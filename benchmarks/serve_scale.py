@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other benchmarks
 
 from adapt_stream import pairs as stream_pairs  # noqa: E402
 
+from medembed.cache import schema  # noqa: E402
 from medembed.cache.reader import CachedSplit  # noqa: E402
 from medembed.cache.writer import write_joined, write_split  # noqa: E402
 
@@ -49,17 +50,17 @@ def prepare(work: Path, n: int) -> dict:
     t0 = time.perf_counter()
     shards, count = [], -(-n // SHARD)
     for i in range(count):
-        path = features / f"test.shard-{i:04d}-of-{count:04d}.h5"
+        path = features / schema.shard_file("test", i, count)
         if not path.exists():
             write_split(path, pairs(min(SHARD, n - i * SHARD), seed=100 + i, split="test", first=i * SHARD))
         shards.append(path)
         print(f"  shard {i + 1}/{count} written", flush=True)
-    if not (features / "test.h5").exists():
-        write_joined(features / "test.h5", shards, {"backbone": "synthetic", "dataset": "synthetic", "split": "test",
+    if not (features / schema.split_file("test")).exists():
+        write_joined(features / schema.split_file("test"), shards, {"backbone": "synthetic", "dataset": "synthetic", "split": "test",
                                                     "dtype": "float16", "n_records": n})
     for name, rows, seed in (("train", 20_000, 0), ("valid", 2_000, 1)):
-        if not (features / f"{name}.h5").exists():
-            write_split(features / f"{name}.h5", pairs(rows, seed, name))
+        if not (features / schema.split_file(name)).exists():
+            write_split(features / schema.split_file(name), pairs(rows, seed, name))
     wrote = time.perf_counter() - t0
     run = work / "run"
     if not (run / "summary.json").exists():
@@ -73,7 +74,7 @@ def prepare(work: Path, n: int) -> dict:
     if not available_indexes(run, "test"):
         build_index(run, IndexOptions(split="test", kind="auto"))
     built = time.perf_counter() - t0
-    size = sum(p.stat().st_size for p in features.glob("test*.h5"))
+    size = sum(p.stat().st_size for p in features.glob(f"test*{schema.FILE_SUFFIX}"))
     return {"wrote_s": wrote, "index_s": built, "cache_bytes": size}
 
 
@@ -90,7 +91,7 @@ from medembed.serve.search import Searcher
 
 run, n, clients, queries, exact_queries = sys.argv[1], int(sys.argv[2]), [int(c) for c in sys.argv[3].split(",")], int(sys.argv[4]), int(sys.argv[5])
 budget = float(sys.argv[6])
-test = Path(run).parent / "features" / "test.h5"
+test = Path(run).parent / "features" / schema.split_file("test")
 
 class Lookup:  # a query's text names a pool caption: its cached features stand in for the encoded text
     def encode_texts(self, texts):

@@ -1,20 +1,21 @@
 """What makes two caches comparable, and a readable account of how two differ."""
 from __future__ import annotations
 
-from medembed.common.errors import MedembedError
+from medembed.cache import schema
+from medembed.common.errors import Incompatible
 
 # What fixes the feature space: heads trained on one cannot read features from another.
-BACKBONE_KEYS = ("backbone", "weights_sha256", "preprocess", "image_layer", "image_pooling", "text_layer",
-                 "text_pooling")
+BACKBONE_KEYS = (schema.BACKBONE, schema.WEIGHTS_SHA256, schema.PREPROCESS, schema.IMAGE_LAYER, schema.IMAGE_POOLING,
+                 schema.TEXT_LAYER, schema.TEXT_POOLING)
 # What identifies the data the features describe.
 # decoding: window / frames when not the defaults; data_access: links followed out of the data folder;
 # image_ids: records named by a keyed hash of their path (and which key), when they are
-DATA_KEYS = ("dataset", "dataset_fingerprint", "image_decoding", "data_access", "image_ids")
+DATA_KEYS = (schema.DATASET, schema.DATASET_FINGERPRINT, schema.IMAGE_DECODING, schema.DATA_ACCESS, schema.IMAGE_ID_SCHEME)
 # Keys that must match for features to be mixed or appended. Time, host and data location may differ.
-COMPARED = (*BACKBONE_KEYS, *DATA_KEYS, "split", "dtype", "views", "templates", "toolkit_version", "shard",
-            "image_runtime")  # recorded when not PyTorch: features of two runtimes are never mixed
+COMPARED = (*BACKBONE_KEYS, *DATA_KEYS, schema.SPLIT, schema.DTYPE, schema.VIEWS, schema.TEMPLATES, schema.TOOLKIT_VERSION,
+            schema.SHARD, schema.IMAGE_RUNTIME)  # recorded when not PyTorch: features of two runtimes are never mixed
 # What a trained run records of the cache it was trained on (config.json "cache").
-RUN_RECORD_KEYS = (*BACKBONE_KEYS, *DATA_KEYS, "toolkit_version", "synthetic")
+RUN_RECORD_KEYS = (*BACKBONE_KEYS, *DATA_KEYS, schema.TOOLKIT_VERSION, schema.SYNTHETIC)
 
 
 def _short(v, n: int = 60) -> str:
@@ -44,7 +45,7 @@ def feature_differences(existing: dict, wanted: dict) -> list[str]:
     return [d for d in differences(existing, wanted) if d.split(":", 1)[0] in (*BACKBONE_KEYS, *DATA_KEYS)]
 
 
-class ProvenanceMismatch(MedembedError, ValueError):
+class ProvenanceMismatch(Incompatible):
     """Raised instead of silently mixing features of different backbones, weights or data."""
 
     def __init__(self, path, diffs: list[str]):

@@ -19,12 +19,12 @@ import torch
 
 from medembed.cache import schema
 from medembed.cache.schema import FEATURE_DATASETS, READABLE_FORMATS, REBUILD
-from medembed.common.errors import MedembedError
+from medembed.common.errors import BadInput, NotFound
 from medembed.common.files import resolve_recorded
 from medembed.common.splits import sort_splits
 
 
-class CacheError(MedembedError, ValueError):
+class CacheError(BadInput):
     """A cache file that cannot be trusted: unreadable, truncated, of an unknown format, failing its
     checksum, or holding non-finite features. Every command stops with this one line."""
 
@@ -32,14 +32,14 @@ class CacheError(MedembedError, ValueError):
 def _open_checked(path: Path) -> h5py.File:
     """An open cache file whose format and shard sources were checked (see `open_cache`)."""
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such cache file")
+        raise NotFound(f"{path}: no such cache file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise CacheError(f"{path}: not a readable HDF5 cache ({_reason(e)}); {REBUILD}") from None
     try:
         try:
-            fmt = f.attrs.get("format")
+            fmt = f.attrs.get(schema.FORMAT_ATTR)
         except (OSError, KeyError) as e:
             raise CacheError(f"{path}: damaged cache attributes ({_reason(e)}); {REBUILD}") from None
         fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
@@ -223,11 +223,11 @@ def location_path(loc: str, root: str) -> str:
 
 def recorded_data_root(attrs: dict, cache_path: str | Path) -> str:
     """`data_root` of a cache file's attributes, resolved as `CachedSplit.data_root` explains."""
-    absolute = str(attrs.get("data_root", "") or "")
+    absolute = str(attrs.get(schema.DATA_ROOT, "") or "")
     if not absolute:
         return ""
     base = Path(cache_path).parent if cache_path else Path(".")
-    return str(resolve_recorded(absolute, attrs.get("data_root_relative") or None, base))
+    return str(resolve_recorded(absolute, attrs.get(schema.DATA_ROOT_RELATIVE) or None, base))
 
 
 def _read_float(f: h5py.File, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -310,7 +310,7 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
     path = Path(path)
     with open_cache(path) as f:
         if schema.IMAGE_FEATURES not in f:
-            raise ValueError(f"{path}: not a feature cache (no images/features dataset)")
+            raise BadInput(f"{path}: not a feature cache (no images/features dataset)")
         attrs = _attrs(f)
         n = f[schema.IMAGE_FEATURES].shape[0]
         concepts = None
@@ -331,7 +331,7 @@ def load_split(path: str | Path, with_views: bool = True, dtype: torch.dtype | N
                 templates = strings(f[schema.CONCEPT_TEMPLATES])
         views = _read_float(f, schema.VIEW_FEATURES, dtype) if with_views and schema.VIEW_FEATURES in f else None
         return CachedSplit(
-            split=attrs.get("split", path.stem),
+            split=attrs.get(schema.SPLIT, path.stem),
             image_ids=strings(f[schema.IMAGE_IDS]),
             image_features=_read_float(f, schema.IMAGE_FEATURES, dtype),
             caption_features=_read_float(f, schema.CAPTION_FEATURES, dtype) if with_captions else
@@ -392,7 +392,7 @@ def load_split_rows(path: str | Path, lo: int, hi: int, caption_image: np.ndarra
         as_t = (lambda x: torch.from_numpy(np.ascontiguousarray(x))) if dtype is None else \
             (lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(dtype))
         return CachedSplit(
-            split=_attrs(f).get("split", path.stem),
+            split=_attrs(f).get(schema.SPLIT, path.stem),
             image_ids=strings(f[schema.IMAGE_IDS], np.s_[lo:hi]),
             image_features=as_t(img),
             caption_features=as_t(cap),
@@ -448,7 +448,7 @@ def read_header(path: str | Path) -> SplitHeader:
     path = Path(path)
     with open_cache(path) as f:
         if schema.IMAGE_FEATURES not in f:
-            raise ValueError(f"{path}: not a feature cache (no images/features dataset)")
+            raise BadInput(f"{path}: not a feature cache (no images/features dataset)")
         img, cap = f[schema.IMAGE_FEATURES], f[schema.CAPTION_FEATURES]
         n = int(img.shape[0])
         attrs = _attrs(f)
@@ -459,7 +459,7 @@ def read_header(path: str | Path) -> SplitHeader:
             ptr = read_dataset(f, schema.CONCEPT_INDPTR).astype(np.int64)
             idx = read_dataset(f, schema.CONCEPT_INDICES).astype(np.int64)
             concepts = sp.csr_matrix((np.ones(len(idx), np.float32), idx, ptr), shape=(n, len(concept_ids)))
-        return SplitHeader(attrs.get("split", path.stem), path, n, int(cap.shape[0]), int(img.shape[1]),
+        return SplitHeader(attrs.get(schema.SPLIT, path.stem), path, n, int(cap.shape[0]), int(img.shape[1]),
                            int(cap.shape[1]), int(img.dtype.itemsize), caption_image, attrs, concept_ids,
                            concept_names, concepts, schema.IMAGE_LOCATIONS in f)
 
@@ -490,11 +490,11 @@ def _rows_of(f: h5py.File, name: str, rows) -> np.ndarray | list[str]:
 
 
 def find_splits(features_dir: str | Path) -> dict[str, Path]:
-    """Finished split files in a features folder (`{dir}/{split}.h5`), train/valid/test first."""
+    """Finished split files in a features folder (`schema.split_file` of each split), train/valid/test first."""
     d = Path(features_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"{d}: no such features folder (run `cli.py extract` first)")
-    files = {p.stem: p for p in sorted(d.glob("*.h5")) if ".shard-" not in p.name}
+        raise NotFound(f"{d}: no such features folder (run `cli.py extract` first)")
+    files = {p.stem: p for p in sorted(d.glob(schema.FILE_GLOB)) if not schema.is_shard_file(p.name)}
     if not files:
-        raise FileNotFoundError(f"{d}: no finished cache files (*.h5); run `cli.py extract` first")
+        raise NotFound(f"{d}: no finished cache files ({schema.FILE_GLOB}); run `cli.py extract` first")
     return {name: files[name] for name in sort_splits(files)}

@@ -12,7 +12,6 @@ self-contained file instead (the shard files can then be deleted).
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +26,6 @@ from medembed.cache.reader import CachedSplit, load_split, open_cache, read_attr
 from medembed.cache.writer import write_joined, write_split
 from medembed.common.errors import MedembedError
 from medembed.common.files import atomic_write
-
-SHARD_RE = re.compile(r"^(?P<split>.+)\.shard-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>h5|parts|done)$")
 
 
 class MergeError(MedembedError, RuntimeError):
@@ -48,7 +45,7 @@ def write_done_marker(shard_file: str | Path, *, n_images: int, n_captions: int,
 def _scan(folder: Path) -> dict[str, dict]:
     found: dict[str, dict] = defaultdict(lambda: {"n": set(), "files": {}, "partial": set(), "markers": set()})
     for p in folder.iterdir():
-        m = SHARD_RE.match(p.name)
+        m = schema.SHARD_RE.match(p.name)
         if not m:
             continue
         g = found[m["split"]]
@@ -71,7 +68,7 @@ def merge_shards(folder: str | Path, copy: bool = False, splits: list[str] | Non
         raise MergeError(f"{folder}: no such folder")
     groups = {k: v for k, v in _scan(folder).items() if splits is None or k in splits}
     if not groups:
-        raise MergeError(f"{folder}: no shard files (SPLIT.shard-I-of-N.h5) to merge")
+        raise MergeError(f"{folder}: no shard files ({schema.SHARD_NAMING}) to merge")
     merged = []
     for split, g in sorted(groups.items()):
         if len(g["n"]) != 1:
@@ -113,30 +110,30 @@ def _check_contiguous(split: str, files: list[Path], attrs: list[dict]) -> None:
     """Shards must tile the split: each starts where the one before it ended (shards extracted with
     different --batch-size values would overlap or leave a gap). Files written before shards
     recorded their rows are taken as they are."""
-    if not all("shard_rows" in a for a in attrs):
+    if not all(schema.SHARD_ROWS in a for a in attrs):
         return
     at = 0
     for f, a in zip(files, attrs):
-        lo, hi = (int(x) for x in str(a["shard_rows"]).split(":"))
+        lo, hi = (int(x) for x in str(a[schema.SHARD_ROWS]).split(":"))
         if lo != at:
             raise MergeError(f"{f}: cannot merge split {split}: this shard starts at record {lo}, the shards before it "
                              f"end at {at} (were the shards extracted with different --batch-size values?)")
         at = hi
-    if at != int(attrs[-1].get("split_records", at)):
+    if at != int(attrs[-1].get(schema.SPLIT_RECORDS, at)):
         raise MergeError(f"{files[-1]}: cannot merge split {split}: the shards end at record {at} of "
-                         f"{attrs[-1]['split_records']}")
+                         f"{attrs[-1][schema.SPLIT_RECORDS]}")
 
 
 def _merge_split(folder: Path, split: str, files: list[Path], copy: bool = False) -> Path:
     attrs = [read_attrs(f) for f in files]
     first = attrs[0]
     for f, a in zip(files[1:], attrs[1:]):
-        diffs = [d for d in differences(first, a) if not d.startswith("shard:")]
+        diffs = [d for d in differences(first, a) if not d.startswith(f"{schema.SHARD}:")]
         if diffs:
             raise ProvenanceMismatch(f, diffs)
     _check_contiguous(split, files, attrs)
-    final = folder / f"{split}.h5"
-    wanted = {**first, "shard": ""}
+    final = folder / schema.split_file(split)
+    wanted = {**first, schema.SHARD: ""}
     if final.exists():
         existing = read_attrs(final)
         diffs = differences(existing, wanted)
@@ -145,8 +142,9 @@ def _merge_split(folder: Path, split: str, files: list[Path], copy: bool = False
         if not (copy and existing.get(schema.FEATURES_IN_SHARDS)):
             return final  # already joined as asked (a copy, or read from the shards and no copy asked)
         # --copy over a file that reads the shards: rewritten self-contained (write_split swaps it in whole)
-    joined = {k: v for k, v in first.items() if k not in ("shard_rows", "split_records")}
-    joined.update(shard="", merged_from_shards=len(files), n_records=sum(int(a["n_records"]) for a in attrs))
+    joined = {k: v for k, v in first.items() if k not in (schema.SHARD_ROWS, schema.SPLIT_RECORDS)}
+    joined.update({schema.SHARD: "", schema.MERGED_FROM_SHARDS: len(files),
+                   schema.N_RECORDS: sum(int(a[schema.N_RECORDS]) for a in attrs)})
     if not copy:
         return write_joined(final, files, joined)
     parts = [load_split(p, dtype=None) for p in files]  # stored dtype: no float32 copy of the shards
@@ -154,5 +152,5 @@ def _merge_split(folder: Path, split: str, files: list[Path], copy: bool = False
     merged.attrs = joined
     with open_cache(files[0]) as f:
         feature_attrs = {"images": dict(f[schema.IMAGE_FEATURES].attrs), "captions": dict(f[schema.CAPTION_FEATURES].attrs)}
-    write_split(final, merged, dtype=str(first.get("dtype", "float16")), feature_attrs=feature_attrs)
+    write_split(final, merged, dtype=str(first.get(schema.DTYPE, "float16")), feature_attrs=feature_attrs)
     return final

@@ -15,7 +15,7 @@ import torch
 
 from medembed.cache import schema
 from medembed.cache.faults import reached
-from medembed.cache.reader import CachedSplit, count_non_finite, open_cache, read_dataset
+from medembed.cache.reader import CachedSplit, CacheError, count_non_finite, open_cache, read_dataset
 
 STR = h5py.string_dtype("utf-8")
 
@@ -34,7 +34,7 @@ def _put_float(f: h5py.File, name: str, arr, dtype: str, attrs: dict | None = No
         arr = np.asarray(arr.numpy() if isinstance(arr, torch.Tensor) else arr, dtype=dtype)
     bad = count_non_finite(arr)
     if bad:  # also catches values that overflow float16 when stored
-        raise ValueError(f"{f.filename.removesuffix('.tmp')}: {bad} non-finite values (NaN or Inf) in "
+        raise CacheError(f"{f.filename.removesuffix('.tmp')}: {bad} non-finite values (NaN or Inf) in "
                          f"{name} as {dtype}; the backbone produced them, nothing was written")
     ds = f.create_dataset(name, data=arr, chunks=_rows_chunk(arr.shape, itemsize=arr.itemsize), fletcher32=True)
     for k, v in (attrs or {}).items():
@@ -61,7 +61,7 @@ def write_split(path: str | Path, split: CachedSplit, *, dtype: str = "float16",
             _write_captions(f, split, dtype, feature_attrs or {})
             _write_concepts(f, split, dtype, feature_attrs or {})
             _write_skipped(f, split.skipped)
-            f.attrs["complete"] = True
+            f.attrs[schema.COMPLETE] = True
     except BaseException:
         tmp.unlink(missing_ok=True)  # never leave half a file that looks like a cache
         raise
@@ -73,13 +73,14 @@ def write_split(path: str | Path, split: CachedSplit, *, dtype: str = "float16",
 
 def _write_attrs(f: h5py.File, split: CachedSplit, dtype: str) -> None:
     for k, v in split.attrs.items():
-        if k not in ("format", "dtype", "n_images", "n_captions", "n_skipped", "complete"):
+        if k not in (schema.FORMAT_ATTR, schema.DTYPE, schema.N_IMAGES, schema.N_CAPTIONS, schema.N_SKIPPED,
+                     schema.COMPLETE):
             f.attrs[k] = v if isinstance(v, (int, float, bool, np.integer, np.floating)) else str(v)
-    f.attrs["format"] = schema.FORMAT
-    f.attrs["dtype"] = dtype
-    f.attrs["n_images"] = len(split.image_ids)
-    f.attrs["n_captions"] = len(split.captions)
-    f.attrs["n_skipped"] = len(split.skipped)
+    f.attrs[schema.FORMAT_ATTR] = schema.FORMAT
+    f.attrs[schema.DTYPE] = dtype
+    f.attrs[schema.N_IMAGES] = len(split.image_ids)
+    f.attrs[schema.N_CAPTIONS] = len(split.captions)
+    f.attrs[schema.N_SKIPPED] = len(split.skipped)
 
 
 def _write_images(f: h5py.File, split: CachedSplit, dtype: str, feature_attrs: dict) -> None:
@@ -132,14 +133,14 @@ def write_joined(path: str | Path, shards: list[Path], attrs: dict) -> Path:
         with h5py.File(tmp, "w") as out:
             _join(out, path.parent, shards)
             for k, v in attrs.items():
-                if k not in ("format", "n_images", "n_captions", "n_skipped", "complete"):
+                if k not in (schema.FORMAT_ATTR, schema.N_IMAGES, schema.N_CAPTIONS, schema.N_SKIPPED, schema.COMPLETE):
                     out.attrs[k] = v if isinstance(v, (int, float, bool, np.integer, np.floating)) else str(v)
-            out.attrs["format"] = schema.FORMAT
-            out.attrs["n_images"] = out[schema.IMAGE_IDS].shape[0]
-            out.attrs["n_captions"] = out[schema.CAPTION_TEXT].shape[0]
-            out.attrs["n_skipped"] = out[schema.SKIPPED_IDS].shape[0]
+            out.attrs[schema.FORMAT_ATTR] = schema.FORMAT
+            out.attrs[schema.N_IMAGES] = out[schema.IMAGE_IDS].shape[0]
+            out.attrs[schema.N_CAPTIONS] = out[schema.CAPTION_TEXT].shape[0]
+            out.attrs[schema.N_SKIPPED] = out[schema.SKIPPED_IDS].shape[0]
             out.attrs[schema.FEATURES_IN_SHARDS] = True
-            out.attrs["complete"] = True
+            out.attrs[schema.COMPLETE] = True
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

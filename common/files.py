@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
-from medembed.common.errors import MedembedError
+from medembed.common.errors import AlreadyExists, MedembedError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -102,10 +102,10 @@ def check_out_folder(out: Path, overwrite: bool, manifest: str, kind: str,
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
     if not out.is_dir() or not (out / manifest).exists():
-        raise FileExistsError(f"{out}: exists and is not an earlier {kind} (no {manifest}); choose another --out")
+        raise AlreadyExists(f"{out}: exists and is not an earlier {kind} (no {manifest}); choose another --out")
     if not overwrite:
-        raise FileExistsError(f"{out}: already holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}; pass --overwrite "
-                              f"to replace it{elsewhere}")
+        raise AlreadyExists(f"{out}: already holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}; pass --overwrite "
+                            f"to replace it{elsewhere}")
 
 
 def relative_to(target: str | Path, base: str | Path) -> str:

@@ -24,11 +24,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from medembed.common.ranking import DEFAULT_KS, retrieval_ranks, summarize_ranks
+from medembed.common.ranking import retrieval_ranks, summarize_ranks
+from medembed.common.recall_keys import DEFAULT_KS, recall_key
 from medembed.common.tensors import unit
 
 KS = (10, 30, 100)
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# what a ranked score is called in run listings, sweep boards and search results
+BANK_SCORE = "cos − β·hub"  # a run ranking with its query bank: cosine − beta * hubness
+COSINE = "cosine"  # plain cosine
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ def choose(images: torch.Tensor, captions: torch.Tensor, caption_image: torch.Te
     n, m = images.shape[0], captions.shape[0]
 
     def direction_score(summary: dict, d: str) -> float:
-        return sum(summary[f"{d}_R@{k}"] for k in DEFAULT_KS)
+        return sum(summary[recall_key(d, k)] for k in DEFAULT_KS)
 
     plain = summarize_ranks(*retrieval_ranks(images, captions, caption_image), n, m)
     best_img, best_cap = (BankSide(), direction_score(plain, "t2i")), (BankSide(), direction_score(plain, "i2t"))

@@ -1,18 +1,29 @@
 """Rankings and the numbers read off them: retrieval ranks over a whole pool (computed in chunks),
-Recall@K, and per-column average precision and ROC AUC.
+Recall@K with its bootstrap interval, the best k of a pool for each query, and per-column average
+precision and ROC AUC.
 
-The one home of these computations: early stopping (adapt) and the report (evaluate) both import
-them, so the recall a run was selected on is computed exactly as the recall it is reported with.
+The one home of these computations: early stopping (adapt), the report (evaluate) and search and
+export (serve) all import them, so the recall a run was selected on is computed exactly as the
+recall it is reported and exported with, and a search ranks as its evaluation did.
 
 Ties are counted against the query: a positive shares its rank with every negative scoring the
 same, so a collapsed embedding (all scores equal) ranks last instead of first.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from medembed.common.recall_ks import DEFAULT_KS as DEFAULT_KS  # re-exported
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key  # the first two re-exported
 from medembed.common.tensors import unit
+
+DEFAULT_MEMORY_MB = 256  # score matrices held at once while ranking a split or a pool
+# bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32
+# score buffer and counts in place, plus the float sum's temporaries
+_BYTES_PER_SCORE = 8
 
 
 def _count_at_least_(sims: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -99,13 +110,13 @@ def summarize_ranks(t2i: torch.Tensor, i2t: torch.Tensor, n_images: int, n_capti
     captions ranks past the pool and stays a miss at any K)."""
     out: dict[str, float] = {}
     for k in ks:
-        out[f"t2i_R@{k}"] = 100 * recall_at(t2i, min(k, n_images))
+        out[recall_key("t2i", k)] = 100 * recall_at(t2i, min(k, n_images))
     for k in ks:
-        out[f"i2t_R@{k}"] = 100 * recall_at(i2t, min(k, n_captions))
+        out[recall_key("i2t", k)] = 100 * recall_at(i2t, min(k, n_captions))
     for name, rk in (("t2i", t2i), ("i2t", i2t)):
         out[f"{name}_medr"] = float(rk.float().median()) if rk.numel() else float("nan")
         out[f"{name}_meanr"] = float(rk.float().mean()) if rk.numel() else float("nan")
-    out["mean_recall"] = sum(out[f"{d}_R@{k}"] for d in ("t2i", "i2t") for k in ks) / (2 * len(ks))
+    out[MEAN_RECALL] = sum(out[recall_key(d, k)] for d in DIRECTIONS for k in ks) / (2 * len(ks))
     return out
 
 
@@ -115,7 +126,103 @@ def recall_summary(image_emb, text_emb, caption_image, ks=DEFAULT_KS, chunk: int
     return summarize_ranks(t2i, i2t, image_emb.shape[0], text_emb.shape[0], ks)
 
 
-# --- per-column ranking scores -------------------------------------------------------------------
+# --- a whole split, chunked to a memory budget (eval, sweeps, export) -----------------------------
+
+
+def chunk_rows(pool: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
+    """Query rows per chunk so one chunk's score matrices fit in `memory_mb`."""
+    rows = int(memory_mb * 2**20 // (max(pool, 1) * _BYTES_PER_SCORE))
+    return max(16, min(rows, 8192))
+
+
+@dataclass
+class RetrievalRanks:
+    t2i: torch.Tensor  # [M] 1-based rank of each caption's own image among all images
+    i2t: torch.Tensor  # [N] 1-based rank of each image's best caption among all captions
+    pool_images: int
+    pool_captions: int
+
+
+def ranks(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    caption_image: torch.Tensor,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+    image_offset: torch.Tensor | None = None,
+    caption_offset: torch.Tensor | None = None,
+) -> RetrievalRanks:
+    """Ranks of every query of both directions; the offsets (a run's query bank) are added to each
+    gallery image's / caption's cosines."""
+    caption_image = torch.as_tensor(caption_image).long()
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    if caption_image.shape[0] != m:
+        raise ValueError(f"caption_image has {caption_image.shape[0]} rows but there are {m} caption embeddings")
+    if m and (caption_image.min() < 0 or caption_image.max() >= n):
+        raise ValueError(f"caption_image points outside the {n} images (range {caption_image.min()}..{caption_image.max()})")
+    chunk = chunk_rows(max(n, m), memory_mb)
+    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, chunk=chunk, image_offset=image_offset,
+                               caption_offset=caption_offset)
+    return RetrievalRanks(t2i, i2t, n, m)
+
+
+def summarize(r: RetrievalRanks, ks: list[int] | tuple[int, ...] = DEFAULT_KS,
+              intervals: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """Flat numbers of given ranks: R@K in percent for each direction (K capped at the pool) with
+    its bootstrap 95% interval over queries (`_ci_low`, `_ci_high`), median/mean rank, pool sizes.
+    `intervals` ("t2i_R@K" -> (low, high)) are ones already computed; the others are computed here."""
+    # scipy.stats costs half a second to import; early stopping, which imports this module, needs no interval
+    from medembed.common.stats import rate_interval
+
+    out = summarize_ranks(r.t2i, r.i2t, r.pool_images, r.pool_captions, ks)
+    del out[MEAN_RECALL]
+    for name in DIRECTIONS:
+        for k in ks:
+            key = recall_key(name, k)
+            known = (intervals or {}).get(key)
+            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = known if known is not None else rate_interval(hits(r, name, k))
+    out["pool_images"] = r.pool_images
+    out["pool_captions"] = r.pool_captions
+    return out
+
+
+def hits(r: RetrievalRanks, direction: str, k: int) -> np.ndarray:
+    """Per query of a direction ("t2i" or "i2t"): was it a hit at K (K capped at the pool)."""
+    rk, pool = (r.t2i, r.pool_images) if direction == "t2i" else (r.i2t, r.pool_captions)
+    return (rk <= min(k, pool)).numpy()
+
+
+# --- top-k over a pool (examples, search) ---------------------------------------------------------
+
+
+@torch.no_grad()
+def top_k(
+    queries: torch.Tensor, pool: torch.Tensor, k: int, memory_mb: float = DEFAULT_MEMORY_MB,
+    offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best k pool rows for each query by dot product (+ `offset` [P] per pool row, a run's query
+    bank): (scores [Q, k], rows [Q, k]).
+
+    Streams over the pool in blocks and merges running top-k lists, so memory stays at
+    Q x block whatever the pool size.
+    """
+    q = queries.shape[0]
+    k = min(k, pool.shape[0])
+    block = max(1024, int(memory_mb * 2**20 // (max(q, 1) * 8)))
+    best_s = torch.full((q, 0), float("-inf"))
+    best_i = torch.zeros((q, 0), dtype=torch.long)
+    for s in range(0, pool.shape[0], block):
+        sims = queries.float() @ pool[s : s + block].float().T
+        if offset is not None:
+            sims += offset[s : s + block].float()
+        bs, bi = sims.topk(min(k, sims.shape[1]), dim=1)
+        cat_s = torch.cat([best_s, bs], 1)
+        cat_i = torch.cat([best_i, bi + s], 1)
+        keep = cat_s.topk(min(k, cat_s.shape[1]), dim=1).indices
+        best_s, best_i = cat_s.gather(1, keep), cat_i.gather(1, keep)
+    return best_s, best_i
+
+
+# --- per-column ranking scores --------------------------------------------------------------------
 
 
 def _sorted_groups(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

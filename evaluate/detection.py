@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from medembed.common.errors import BadOption, Incompatible
 from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView, has_concepts
 from medembed.evaluate.tables import markdown_table
 
@@ -299,7 +300,7 @@ def score(
     cfg = config or DetectionConfig()
     unknown = set(cfg.predictors) - set(PREDICTORS)
     if unknown or not cfg.predictors:
-        raise ValueError(f"detection predictors must be among {PREDICTORS}, got {cfg.predictors}")
+        raise BadOption(f"detection predictors must be among {PREDICTORS}, got {cfg.predictors}")
     train_labels, test_labels = sp.csr_matrix(train_labels), sp.csr_matrix(test_labels)
     if train_labels.shape[1] != test_labels.shape[1]:
         raise ValueError(f"train has {train_labels.shape[1]} concept columns, evaluation split {test_labels.shape[1]}")
@@ -332,7 +333,7 @@ def _fit_and_tune(train: Split, valid, cols: np.ndarray, cfg: DetectionConfig) -
     perm = np.random.default_rng(cfg.seed).permutation(train.emb.shape[0])
     n_hold = int(round(cfg.holdout * train.emb.shape[0]))
     if not 0 < n_hold < train.emb.shape[0]:
-        raise ValueError(f"holdout {cfg.holdout} of {train.emb.shape[0]} train images leaves nothing to fit or to tune on")
+        raise Incompatible(f"holdout {cfg.holdout} of {train.emb.shape[0]} train images leaves nothing to fit or to tune on")
     hold, rest = perm[:n_hold], perm[n_hold:]
     return (Split(train.emb[torch.from_numpy(rest)], train.labels[rest]),
             Split(train.emb[torch.from_numpy(hold)], train.labels[hold]))

@@ -12,31 +12,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medembed.cache import schema
 from medembed.cache.reader import CachedSplit
-from medembed.evaluate.plots import Tile, image_query_grid, text_query_grid
-from medembed.evaluate.retrieval import top_k
+from medembed.common.ranking import top_k
 from medembed.extract.access import DataAccess
-from medembed.extract.imaging import DecodeOptions, open_image
-
-THUMBNAIL = 384
+from medembed.extract.imaging import DecodeOptions
+from medembed.model.grids import Tile, image_query_grid, text_query_grid
+from medembed.model.thumbnails import load_image_thumbnail
 
 
 def load_pool_image(split: CachedSplit, row: int) -> Image.Image | None:
-    return load_image_thumbnail(split.image_path(row), DecodeOptions.from_provenance(split.attrs.get("image_decoding")),
+    return load_image_thumbnail(split.image_path(row), DecodeOptions.from_provenance(split.attrs.get(schema.IMAGE_DECODING)),
                                 DataAccess.of_cache(split.attrs, split.data_root))
-
-
-def load_image_thumbnail(path: str, options: DecodeOptions, access: DataAccess | None = None) -> Image.Image | None:
-    """A pool image (at its recorded location, rendered as at extraction, read under its data folder's
-    rule `access`) as a thumbnail; None when it is unknown, can no longer be read or may not be."""
-    if not path:
-        return None
-    try:
-        img = open_image(path, options, access=access)
-    except (OSError, ValueError, KeyError):
-        return None
-    img.thumbnail((THUMBNAIL, THUMBNAIL))
-    return img
 
 
 def write_examples(

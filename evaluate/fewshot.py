@@ -40,6 +40,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from medembed.common.errors import BadOption
 from medembed.common.ranking import average_precision
 from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
 from medembed.evaluate.tables import format_value, markdown_table
@@ -200,8 +201,8 @@ def lgbm_scores(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, trees: int
     try:
         import lightgbm as lgb
     except ImportError:
-        raise ValueError("the few-shot method lightgbm needs LightGBM: pip install 'medembed[lightgbm]' (or leave "
-                         "lightgbm out of the methods)") from None
+        raise BadOption("the few-shot method lightgbm needs LightGBM: pip install 'medembed[lightgbm]' (or leave "
+                        "lightgbm out of the methods)") from None
 
     out = []
     for i in range(xs.shape[0]):
@@ -242,7 +243,7 @@ def score(
     cfg = config or FewShotConfig()
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown few-shot methods {sorted(unknown)}; choose from {METHODS}")
+        raise BadOption(f"unknown few-shot methods {sorted(unknown)}; choose from {METHODS}")
     train_labels, test_labels = sp.csc_matrix(train_labels), sp.csc_matrix(test_labels)
     if train_labels.shape[1] != test_labels.shape[1]:
         raise ValueError(f"train has {train_labels.shape[1]} concept columns, evaluation split {test_labels.shape[1]}")

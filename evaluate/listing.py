@@ -29,20 +29,25 @@ from pathlib import Path
 from medembed.adapt import run_files
 from medembed.adapt.run import QUERYBANK, read_querybank
 from medembed.adapt.valid_heads import ValidSource, valid_source
+from medembed.cache import schema
+from medembed.common.errors import BadOption, NotFound
+from medembed.common.querybank import BANK_SCORE, COSINE
+from medembed.common.recall_keys import MEAN_RECALL, recall_key
+from medembed.common.text import one_line
 from medembed.evaluate.report import with_interval
 
 SORT_KEYS = ("created", "name", "valid", "test_t2i", "test_i2t")
-BANK_SCORE = "cos − β·hub"  # a run ranking with its query bank: cosine − beta * hubness (common.querybank)
-COSINE = "cosine"  # plain cosine
 RANKED_AS_EVAL = f"as eval ranks: {BANK_SCORE} with the run's query bank, else {COSINE}"
 NOT_HELD_OUT = ("(x): valid numbers of heads that trained on valid (not held out), never ranked: sorted after "
                 "every held-out one")
 
 
-def one_line(text: str, limit: int | None = None) -> str:
-    """A table cell: newlines, tabs and runs of spaces collapsed to one space, cut at `limit` characters."""
-    flat = " ".join(str(text).split())
-    return flat if limit is None or len(flat) <= limit else flat[: limit - 3] + "..."
+@dataclass(frozen=True)
+class ListingOptions:
+    """What `cli.py runs` lists unless told: the runs folder the examples use, newest run first."""
+
+    folder: str = "runs"
+    sort: str = "created"  # one of SORT_KEYS
 
 
 @dataclass
@@ -153,7 +158,7 @@ def _evaluations(folder: Path) -> dict[str, dict]:
 def find_runs(folder: str | Path) -> list[RunRow]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
+        raise NotFound(f"{folder}: no such folder")
     evaluations = _evaluations(folder)
     rows = []
     for config_path in sorted(folder.rglob(run_files.CONFIG)):
@@ -167,10 +172,10 @@ def find_runs(folder: str | Path) -> list[RunRow]:
             (f", tuned {config['tune']['unlock']}" if config.get("tune") else "")
         evaluation = evaluations.get(str(run_dir.resolve())) or evaluations.get(str((run_dir / "finetuned.safetensors").resolve()))
         rows.append(RunRow(str(run_dir.relative_to(folder)) or run_dir.name, run_dir, config.get("backbone", ""),
-                           config.get("cache", {}).get("dataset", ""), model, valid.ranked.get("mean_recall"),
-                           (valid.ranked.get("t2i_R@10"), valid.ranked.get("i2t_R@10")),
+                           config.get("cache", {}).get(schema.DATASET, ""), model, valid.ranked.get(MEAN_RECALL),
+                           (valid.ranked.get(recall_key("t2i", 10)), valid.ranked.get(recall_key("i2t", 10))),
                            evaluation["metrics"] if evaluation else None, created_at(run_dir, summary, config),
-                           valid.plain.get("mean_recall"), valid.ranking, disk_bytes(run_dir), valid.source))
+                           valid.plain.get(MEAN_RECALL), valid.ranking, disk_bytes(run_dir), valid.source))
     return rows
 
 
@@ -178,7 +183,7 @@ def sort_runs(rows: list[RunRow], key: str) -> list[RunRow]:
     """Rows in `key`'s order; by valid, the runs whose valid numbers are not held out come after every
     run whose numbers are, whatever those numbers (they are not ranked among themselves either)."""
     if key not in SORT_KEYS:
-        raise ValueError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}")
+        raise BadOption(f"--sort must be one of {', '.join(SORT_KEYS)}, got {key!r}")
 
     def value(r: RunRow):
         if key == "name":
@@ -187,7 +192,7 @@ def sort_runs(rows: list[RunRow], key: str) -> list[RunRow]:
             return r.created
         if key == "valid":
             return (0, -(r.valid or -1.0), "") if r.valid_source.held_out else (1, 0.0, r.name)
-        metric = "t2i_R@10" if key == "test_t2i" else "i2t_R@10"
+        metric = recall_key("t2i" if key == "test_t2i" else "i2t", 10)
         return -((r.test or {}).get(metric) or -1.0)
 
     return sorted(rows, key=value, reverse=key == "created")
@@ -213,8 +218,8 @@ def format_runs(rows: list[RunRow]) -> str:
         test = r.test or {}
         cells = [r.name, r.backbone, r.dataset, r.model, r.ranking, r.valid_source.describe(), _pct(r.valid, held),
                  _pct(r.valid_plain, held), v10,
-                 with_interval("t2i_R@10", test) if test else "not evaluated",
-                 with_interval("i2t_R@10", test) if test else "", r.created.replace("T", " ")[:16],
+                 with_interval(recall_key("t2i", 10), test) if test else "not evaluated",
+                 with_interval(recall_key("i2t", 10), test) if test else "", r.created.replace("T", " ")[:16],
                  human_size(r.size_bytes)]
         table.append([one_line(c) for c in cells])
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)] if table else [len(h) for h in head]

@@ -10,46 +10,33 @@ sections (`--skip`, `--no-closed-form`). Search and the search page (`serve.sear
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from medembed.adapt.memory import (
+from medembed.adapt.memory import CacheShape, cache_shape
+from medembed.common.memory import GB, format_bytes
+from medembed.common.planning import (
+    DEFAULT_MAX_MEMORY_GB,
     PROCESS_BYTES,
     SLACK_BYTES,
-    CacheShape,
     MemoryBudgetError,
-    cache_shape,
+    MemoryPlan,
     gib_up,
-    largest_parts,
-    planned_peak,
 )
-from medembed.common.memory import GB, format_bytes
 
 __all__ = ["DEFAULT_MAX_MEMORY_GB", "EvalMemoryPlan", "PoolFiles", "plan_eval_memory"]
 
-DEFAULT_MAX_MEMORY_GB = 8.0
 ID_BYTES = 100  # an image id or location held as a Python string
 CAPTION_BYTES = 160  # a caption held as a Python string
 SECTION_BYTES = 384 << 20  # the concept sections' probes and detectors (roco-rad: 0.39 GiB above retrieval alone)
 
 
-@dataclass(frozen=True)
-class EvalMemoryPlan:
-    """What an evaluation holds throughout (`held`) and at the peak of its largest step (`phases`)."""
-
-    budget: int
-    held: dict[str, int] = field(default_factory=dict)
-    phases: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return planned_peak(self.held, self.phases)
-
-    def largest(self) -> str:
-        return largest_parts(self.held, self.phases)
+class EvalMemoryPlan(MemoryPlan):
+    """What an evaluation holds throughout (`held`) and at the peak of its largest step (`phases`);
+    described with its largest parts, since eval prints the plan before it starts."""
 
     def describe(self) -> str:
-        return f"planned peak {format_bytes(self.total)} of --max-memory-gb {self.budget / GB:g} ({self.largest()})"
+        return f"{super().describe()} ({self.largest()})"
 
 
 def _split_bytes(s: CacheShape, captions: bool) -> int:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from medembed.cache.reader import CachedSplit
-from medembed.evaluate.models import EmbeddingModel
+from medembed.model.embedding import EmbeddingModel
 
 S = TypeVar("S")  # a metric's settings (its config dataclass, or None)
 T = TypeVar("T")

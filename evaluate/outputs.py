@@ -10,6 +10,7 @@ from pathlib import Path
 
 from medembed.adapt import run_files
 from medembed.adapt.run import AdaptedRun, describe_run
+from medembed.cache import schema
 from medembed.common.files import replace_folder, slug, staging_folder, write_json
 from medembed.common.version import __version__
 from medembed.evaluate import zeroshot
@@ -26,7 +27,8 @@ SCHEMA_VERSION = 2
 def _scored(pool: EvalPool) -> dict:
     """The provenance of what a column was scored on."""
     attrs = pool.test.attrs
-    keys = ("dataset", "dataset_fingerprint", "split", "backbone", "weights_sha256", "data_root", "created")
+    keys = (schema.DATASET, schema.DATASET_FINGERPRINT, schema.SPLIT, schema.BACKBONE, schema.WEIGHTS_SHA256, schema.DATA_ROOT,
+            schema.CREATED)
     return {"features": pool.test.path, "pool_images": pool.test.n_images, "pool_captions": pool.test.n_captions,
             **{k: attrs.get(k, "") for k in keys}}
 
@@ -118,7 +120,7 @@ def _write_files(work: Path, plan: EvalPlan, results: dict[str, ColumnResult], o
     pairs = paired(plan, results)
     write_json(work / COMPARISON, _comparison(plan, results, created, pairs))
     first = plan.pools[Path(plan.runs[0].features_dir)]
-    title = f"{first.test.attrs.get('dataset', '')} {plan.split}, {first.test.n_images} images"
+    title = f"{first.test.attrs.get(schema.DATASET, '')} {plan.split}, {first.test.n_images} images"
     figures: dict[str, Path] = {}  # section -> its figure, drawn from the curves scoring kept
     curves = {n: r.curves["retrieval"] for n, r in results.items() if r.curves.get("retrieval")}
     if curves:

@@ -13,7 +13,7 @@ Three steps, so that nothing is lost or contradicted:
    one rename: a reader sees the previous evaluation or the new one, never a mix.
 
 Columns are computed the same way for everything: a model is two raw-feature -> embedding maps
-(`evaluate.models`), so chance, the closed-form head and each trained run are directly comparable.
+(`model.embedding`), so chance, the closed-form head and each trained run are directly comparable.
 Chance columns come from closed forms (expected values of a random ranking), not from sampling.
 """
 from __future__ import annotations
@@ -22,9 +22,11 @@ from pathlib import Path
 
 from medembed.common.files import folder_state
 from medembed.common.locks import exclusive
+from medembed.common.recall_keys import DEFAULT_KS
 from medembed.evaluate.outputs import SCHEMA_VERSION, metrics_file, write_outputs
 from medembed.evaluate.plan import (
     COMPARISON,
+    EVAL_SPLIT,
     EvalOptions,
     EvalPlan,
     EvalPool,
@@ -41,8 +43,8 @@ __all__ = ["COMPARISON", "SCHEMA_VERSION", "EvalOptions", "EvalPlan", "EvalPool"
 
 def run_eval(
     run_dirs: list,
-    split: str = "test",
-    ks: list[int] | tuple[int, ...] = (1, 5, 10),
+    split: str = EVAL_SPLIT,
+    ks: list[int] | tuple[int, ...] = DEFAULT_KS,
     out_dir: Path | None = None,
     options: EvalOptions | None = None,
 ) -> dict:

@@ -13,19 +13,24 @@ import torch
 
 from medembed.adapt.run import AdaptedRun
 from medembed.adapt.run_files import SELECTION
-from medembed.adapt.tuning.runs import open_run
+from medembed.cache import schema
 from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.common.errors import AlreadyExists, BadOption, Incompatible, NotFound
 from medembed.common.files import slug
-from medembed.evaluate import detection, fewshot, retrieval, zeroshot
+from medembed.common.ranking import DEFAULT_MEMORY_MB
+from medembed.common.stats import PairedDifference
+from medembed.evaluate import detection, fewshot, zeroshot
 from medembed.evaluate import metrics as registry
 from medembed.evaluate.memory import DEFAULT_MAX_MEMORY_GB, EvalMemoryPlan, PoolFiles, plan_eval_memory
 from medembed.evaluate.metric import Metric, Scores
-from medembed.evaluate.models import EmbeddingModel, model_from_run
-from medembed.evaluate.new_data import eval_splits, open_runs
-from medembed.evaluate.stats import PairedDifference
+from medembed.evaluate.new_data import eval_splits
+from medembed.extract.extraction import DEFAULT_FEATURES_ROOT
+from medembed.model.embedding import EmbeddingModel, model_from_run
+from medembed.model.runs import open_run, open_runs
 
 COMPARISON = "comparison.json"  # the file that marks a folder as an evaluation (written last)
+EVAL_SPLIT = "test"  # what eval scores unless told: the split no run trained or chose its epoch on
 
 
 def logger(options: EvalOptions) -> Callable[[str], None]:
@@ -43,10 +48,10 @@ class EvalOptions:
     closed_form: bool = True  # fit the closed-form baseline on train (ridge and weighting chosen on valid)
     sections: tuple[str, ...] = field(default_factory=registry.sections)  # default: every registered metric
     examples: int = 1  # text->image and image->text example grids of the first run
-    memory_mb: float = retrieval.DEFAULT_MEMORY_MB
+    memory_mb: float = DEFAULT_MEMORY_MB
     max_memory_gb: float = DEFAULT_MAX_MEMORY_GB  # the whole process; planned before a feature is read
     data: str | None = None  # score this dataset's raw images and captions, encoded by each run's own backbone
-    features_root: str = "features"  # where that encoding is cached
+    features_root: str = DEFAULT_FEATURES_ROOT  # where that encoding is cached
     progress: bool = True
     cross: bool = False  # allow runs scored on different pools (datasets, splits or backbones)
     overwrite: bool = False  # replace an earlier evaluation in the output folder
@@ -70,7 +75,7 @@ class EvalPool:
 
     @property
     def label(self) -> str:
-        return f"{self.test.attrs.get('dataset', self.features_dir.parent.name)}/{self.test.attrs.get('backbone', '')}"
+        return f"{self.test.attrs.get(schema.DATASET, self.features_dir.parent.name)}/{self.test.attrs.get(schema.BACKBONE, '')}"
 
 
 @dataclass
@@ -152,10 +157,10 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists():
         return
     if not (out_dir / COMPARISON).exists():
-        raise FileExistsError(f"{out_dir}: exists and is not an evaluation folder; choose another --out")
+        raise AlreadyExists(f"{out_dir}: exists and is not an evaluation folder; choose another --out")
     if not overwrite:
-        raise FileExistsError(f"{out_dir}: already holds an evaluation; pass --overwrite to replace it "
-                              "or --out to write elsewhere")
+        raise AlreadyExists(f"{out_dir}: already holds an evaluation; pass --overwrite to replace it "
+                            "or --out to write elsewhere")
 
 
 def _listed(items: list[str]) -> str:
@@ -171,7 +176,7 @@ def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool
     carry a note saying why they are empty."""
     files = find_splits(features_dir)
     if split not in files:
-        raise FileNotFoundError(f"{features_dir}: no {split}.h5 (found: {', '.join(files)})")
+        raise NotFound(f"{features_dir}: no {schema.split_file(split)} (found: {', '.join(files)})")
     test = load_split(files[split], with_views=False, dtype=None)
     notes: dict[str, list[str]] = {}
     train = valid = None
@@ -181,7 +186,7 @@ def load_pool(features_dir: Path, split: str, need_train: bool, need_valid: bool
         notes = {m.section: [f"evaluating on train: {_listed(names)} need a separate train split; skipped"]
                  for m in learners}
     elif need_train and "train" not in files:
-        notes = {m.section: [f"{features_dir} has no train.h5: {_listed([*names, 'the closed form'])} skipped"]
+        notes = {m.section: [f"{features_dir} has no {schema.split_file('train')}: {_listed([*names, 'the closed form'])} skipped"]
                  for m in learners}
     elif need_train:
         train = load_split(files["train"], with_views=False, with_captions=captions, dtype=None)
@@ -194,7 +199,7 @@ def _pool_differences(a: EvalPool, b: EvalPool) -> list[str]:
     """What makes scores on pool b incomparable with scores on pool a."""
     ta, tb = a.test, b.test
     out = []
-    for key in ("dataset", "dataset_fingerprint", "split", "backbone"):
+    for key in (schema.DATASET, schema.DATASET_FINGERPRINT, schema.SPLIT, schema.BACKBONE):
         va, vb = str(ta.attrs.get(key, "")), str(tb.attrs.get(key, ""))
         if va != vb:
             out.append(f"{key} {va[:40]} vs {vb[:40]}")
@@ -208,9 +213,9 @@ def _check_comparable(runs: list[AdaptedRun], names: list[str], pools: dict[Path
     for name, run in zip(names[1:], runs[1:]):
         diffs = _pool_differences(first, pools[Path(run.features_dir)])
         if diffs and not cross:
-            raise ValueError(f"{names[0]} and {name} are scored on different pools ({'; '.join(diffs)}): their "
-                             "numbers are not comparable. Evaluate them separately, or pass --cross for a table "
-                             "that scores each run on its own pool beside that pool's own baselines")
+            raise Incompatible(f"{names[0]} and {name} are scored on different pools ({'; '.join(diffs)}): their "
+                               "numbers are not comparable. Evaluate them separately, or pass --cross for a table "
+                               "that scores each run on its own pool beside that pool's own baselines")
 
 
 def _check_trained_on(run: AdaptedRun, pool: EvalPool) -> None:
@@ -234,13 +239,13 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
     """Everything that can be checked before a number is computed; raises with a one-line reason."""
     ks = sorted({int(k) for k in ks})
     if not run_refs:
-        raise ValueError("eval needs at least one --run")
+        raise BadOption("eval needs at least one --run")
     if not ks or ks[0] < 1:
-        raise ValueError(f"--k values must be positive integers, got {ks}")
+        raise BadOption(f"--k values must be positive integers, got {ks}")
     known = registry.sections()
     unknown = set(options.sections) - set(known)
     if unknown:
-        raise ValueError(f"unknown sections {', '.join(sorted(unknown))} (choose from {', '.join(known)})")
+        raise BadOption(f"unknown sections {', '.join(sorted(unknown))} (choose from {', '.join(known)})")
     asked = registry.asked(options.sections)
     need_train = options.closed_form or any(m.needs.train for m in asked)
     need_valid = options.closed_form or any(m.needs.valid for m in asked)
@@ -259,8 +264,8 @@ def plan_eval(run_refs: list, split: str, ks, out_dir: Path | None, options: Eva
         if fd not in pools:
             pools[fd] = load_pool(fd, split, need_train, need_valid, captions=options.closed_form)
             if pools[fd].test.n_captions == 0:
-                raise ValueError(f"{fd / (split + '.h5')}: no captions (an image-only collection): evaluation needs "
-                                 "captions; search it by text or image with `cli.py search` or `cli.py serve` instead")
+                raise Incompatible(f"{fd / schema.split_file(split)}: no captions (an image-only collection): evaluation needs "
+                                   "captions; search it by text or image with `cli.py search` or `cli.py serve` instead")
         _check_trained_on(run, pools[fd])
     _check_comparable(runs, names, pools, options.cross)
     ks, notes = _cap_ks(ks, pools)
@@ -278,7 +283,7 @@ def _plan_memory(runs: list[AdaptedRun], split: str, need_train: bool, need_vali
     for fd, on in by_dir.items():
         files = on[0].split_files()  # a features folder that moved is named with how to re-point the run
         if split not in files:
-            raise FileNotFoundError(f"{fd}: no {split}.h5 (found: {', '.join(files)})")
+            raise NotFound(f"{fd}: no {schema.split_file(split)} (found: {', '.join(files)})")
         train = files.get("train") if need_train and split != "train" else None
         valid = files.get("valid") if need_valid and split != "valid" else None
         refit = any(run_dir is not None and (Path(run_dir) / SELECTION).exists()

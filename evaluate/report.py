@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medembed.adapt.run import describe_run
+from medembed.cache import schema
 from medembed.evaluate import metrics as registry
 from medembed.evaluate.metric import Metric, SectionView
 from medembed.evaluate.tables import CI, format_value, markdown_table, with_interval
@@ -47,7 +48,7 @@ def _rel(path: Path, out_dir: Path) -> str:
 
 def _header(plan, results, options) -> list[str]:
     first = plan.pools[Path(plan.runs[0].features_dir)].test
-    out = [f"# Evaluation on `{first.attrs.get('dataset', '')}` / {plan.split}", ""]
+    out = [f"# Evaluation on `{first.attrs.get(schema.DATASET, '')}` / {plan.split}", ""]
     models = {c.name: c.model for c in plan.columns if c.kind == "run"}
     for n, r in zip(plan.names, plan.runs):
         model = models.get(n)

@@ -8,102 +8,44 @@ random 2,000-item subsets (`t2i_R@10_of2000`, `..._std`): numbers that sit besid
 `compute(...) -> dict` and `chance(...) -> dict` of flat named numbers, and `METRIC`, the section
 `eval` scores with them (registered in `evaluate.metrics`). The ranking and its
 summary are `common.ranking`'s (ties count against the query; an image query is a hit at the
-best-ranked of its captions; K above the pool is capped), so early stopping and the report can
-never disagree. This module adds what a report needs on top: the pool sizes, a chunk size derived
-from a memory budget, the per-query ranks (`ranks`) for intervals and paired comparisons, and the
-exact chance levels.
+best-ranked of its captions; K above the pool is capped; the per-query ranks, `ranks`, chunked to a
+memory budget, and R@K with its bootstrap interval, `summarize`), so early stopping, the report and
+a model's export can never disagree. This module adds what a report needs on top: recall at shares
+of the pool and on subsets, the recall@K curve, and the exact chance levels.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.special import gammaln
 
-from medembed.common.ranking import recall_at, retrieval_ranks, summarize_ranks
+from medembed.common.ranking import (
+    DEFAULT_MEMORY_MB,
+    DIRECTIONS,
+    RetrievalRanks,
+    hits,
+    ranks,
+    recall_at,
+    summarize,
+    summarize_ranks,
+)
+from medembed.common.recall_keys import DEFAULT_KS, fraction_key, recall_key
+from medembed.common.stats import rate_interval
 from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
-from medembed.evaluate.stats import rate_interval
 from medembed.evaluate.tables import markdown_table
 
-DEFAULT_MEMORY_MB = 256
-DIRECTIONS = ("t2i", "i2t")
 CURVE_KS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)  # the recall@K figure's Ks (with the asked-for ones)
 # Recall at a fixed share of the pool, comparable across pool sizes: on the 2,000-pair ROCO test pool
 # that published work samples, R@0.5% is R@10 and R@1% is R@20
 FRACTIONS = (0.5, 1.0)
 SUBSET, SUBSET_DRAWS = 2000, 20  # a pool above 2,000 items is also scored on random 2,000-item subsets
-# bytes per score held at once while ranking one chunk: `retrieval_ranks` keeps one reused float32
-# score buffer and counts in place, plus the float sum's temporaries
-_BYTES_PER_SCORE = 8
-
-
-def chunk_rows(pool: int, memory_mb: float = DEFAULT_MEMORY_MB) -> int:
-    """Query rows per chunk so one chunk's score matrices fit in `memory_mb`."""
-    rows = int(memory_mb * 2**20 // (max(pool, 1) * _BYTES_PER_SCORE))
-    return max(16, min(rows, 8192))
-
-
-@dataclass
-class RetrievalRanks:
-    t2i: torch.Tensor  # [M] 1-based rank of each caption's own image among all images
-    i2t: torch.Tensor  # [N] 1-based rank of each image's best caption among all captions
-    pool_images: int
-    pool_captions: int
-
-
-def ranks(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    caption_image: torch.Tensor,
-    memory_mb: float = DEFAULT_MEMORY_MB,
-    image_offset: torch.Tensor | None = None,
-    caption_offset: torch.Tensor | None = None,
-) -> RetrievalRanks:
-    """Ranks of every query of both directions; the offsets (a run's query bank) are added to each
-    gallery image's / caption's cosines."""
-    caption_image = torch.as_tensor(caption_image).long()
-    n, m = image_emb.shape[0], text_emb.shape[0]
-    if caption_image.shape[0] != m:
-        raise ValueError(f"caption_image has {caption_image.shape[0]} rows but there are {m} caption embeddings")
-    if m and (caption_image.min() < 0 or caption_image.max() >= n):
-        raise ValueError(f"caption_image points outside the {n} images (range {caption_image.min()}..{caption_image.max()})")
-    chunk = chunk_rows(max(n, m), memory_mb)
-    t2i, i2t = retrieval_ranks(image_emb, text_emb, caption_image, chunk=chunk, image_offset=image_offset,
-                               caption_offset=caption_offset)
-    return RetrievalRanks(t2i, i2t, n, m)
-
-
-def summarize(r: RetrievalRanks, ks: list[int] | tuple[int, ...] = (1, 5, 10),
-              intervals: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
-    """Flat numbers of given ranks: R@K in percent for each direction (K capped at the pool) with
-    its bootstrap 95% interval over queries (`_ci_low`, `_ci_high`), median/mean rank, pool sizes.
-    `intervals` ("t2i_R@K" -> (low, high)) are ones already computed; the others are computed here."""
-    out = summarize_ranks(r.t2i, r.i2t, r.pool_images, r.pool_captions, ks)
-    del out["mean_recall"]
-    for name in DIRECTIONS:
-        for k in ks:
-            key = f"{name}_R@{k}"
-            known = (intervals or {}).get(key)
-            out[f"{key}_ci_low"], out[f"{key}_ci_high"] = known if known is not None else rate_interval(hits(r, name, k))
-    out["pool_images"] = r.pool_images
-    out["pool_captions"] = r.pool_captions
-    return out
-
-
-def hits(r: RetrievalRanks, direction: str, k: int) -> np.ndarray:
-    """Per query of a direction ("t2i" or "i2t"): was it a hit at K (K capped at the pool)."""
-    rk, pool = (r.t2i, r.pool_images) if direction == "t2i" else (r.i2t, r.pool_captions)
-    return (rk <= min(k, pool)).numpy()
-
-
 def compute(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
     caption_image: torch.Tensor,
-    ks: list[int] | tuple[int, ...] = (1, 5, 10),
+    ks: list[int] | tuple[int, ...] = DEFAULT_KS,
     memory_mb: float = DEFAULT_MEMORY_MB,
 ) -> dict[str, float]:
     """Recall@K both ways, ranks and pool sizes of unit embeddings over their whole pool."""
@@ -139,7 +81,7 @@ def _p_first_positive_within(pool: int, positives: np.ndarray, k: int) -> np.nda
     return out
 
 
-def chance(caption_image: torch.Tensor, n_images: int, ks: list[int] | tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def chance(caption_image: torch.Tensor, n_images: int, ks: list[int] | tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
     """Expected numbers for a scorer that orders the pool at random (no ties).
 
     t2i: the own image is uniform over the N images. i2t: an image with c captions is found at the
@@ -153,9 +95,9 @@ def chance(caption_image: torch.Tensor, n_images: int, ks: list[int] | tuple[int
     counts = np.bincount(caption_image.numpy(), minlength=n)[:n] if n else np.zeros(0, int)
     out: dict[str, float] = {}
     for k in ks:
-        out[f"t2i_R@{k}"] = 100.0 * min(k, n) / n if n else float("nan")
+        out[recall_key("t2i", k)] = 100.0 * min(k, n) / n if n else float("nan")
     for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * float(_p_first_positive_within(m, counts, k).mean()) if n else float("nan")
+        out[recall_key("i2t", k)] = 100.0 * float(_p_first_positive_within(m, counts, k).mean()) if n else float("nan")
     out["t2i_medr"] = float(math.ceil(n / 2)) if n else float("nan")
     out["t2i_meanr"] = (n + 1) / 2 if n else float("nan")
     if n:
@@ -174,10 +116,6 @@ def chance(caption_image: torch.Tensor, n_images: int, ks: list[int] | tuple[int
     out["pool_images"] = n
     out["pool_captions"] = m
     return out
-
-
-def fraction_key(direction: str, percent: float) -> str:
-    return f"{direction}_R@{percent:g}%"
 
 
 def recall_at_fraction(rank: torch.Tensor, pool: int, percent: float) -> float:
@@ -230,37 +168,6 @@ def subset_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_imag
     return out
 
 
-# --- top-k over a pool (examples, search) -------------------------------------------------------
-
-
-@torch.no_grad()
-def top_k(
-    queries: torch.Tensor, pool: torch.Tensor, k: int, memory_mb: float = DEFAULT_MEMORY_MB,
-    offset: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best k pool rows for each query by dot product (+ `offset` [P] per pool row, a run's query
-    bank): (scores [Q, k], rows [Q, k]).
-
-    Streams over the pool in blocks and merges running top-k lists, so memory stays at
-    Q x block whatever the pool size.
-    """
-    q = queries.shape[0]
-    k = min(k, pool.shape[0])
-    block = max(1024, int(memory_mb * 2**20 // (max(q, 1) * 8)))
-    best_s = torch.full((q, 0), float("-inf"))
-    best_i = torch.zeros((q, 0), dtype=torch.long)
-    for s in range(0, pool.shape[0], block):
-        sims = queries.float() @ pool[s : s + block].float().T
-        if offset is not None:
-            sims += offset[s : s + block].float()
-        bs, bi = sims.topk(min(k, sims.shape[1]), dim=1)
-        cat_s = torch.cat([best_s, bs], 1)
-        cat_i = torch.cat([best_i, bi + s], 1)
-        keep = cat_s.topk(min(k, cat_s.shape[1]), dim=1).indices
-        best_s, best_i = cat_s.gather(1, keep), cat_i.gather(1, keep)
-    return best_s, best_i
-
-
 # --- the eval section ---------------------------------------------------------------------------
 
 
@@ -273,7 +180,7 @@ def _score(inputs: ColumnInputs, _settings: None) -> Scores:
     if inputs.model.gallery_offsets is not None:
         p = ranks(img, txt, test.caption_image, inputs.memory_mb)
         cosine = summarize_ranks(p.t2i, p.i2t, p.pool_images, p.pool_captions, ks)
-        plain = {f"cosine_{d}_R@{k}": cosine[f"{d}_R@{k}"] for d in DIRECTIONS for k in ks}
+        plain = {f"cosine_{recall_key(d, k)}": cosine[recall_key(d, k)] for d in DIRECTIONS for k in ks}
     image_offset, caption_offset = inputs.offsets()
     r = ranks(img, txt, test.caption_image, inputs.memory_mb, image_offset, caption_offset)
     cks = curve_ks(ks, r.pool_images)
@@ -282,8 +189,8 @@ def _score(inputs: ColumnInputs, _settings: None) -> Scores:
     for d in DIRECTIONS:
         curves[d] = [100 * float(hits(r, d, k).mean()) for k in cks]
         curves[f"{d}_band"] = [rate_interval(hits(r, d, k)) for k in cks]
-        intervals.update({f"{d}_R@{k}": band for k, band in zip(cks, curves[f"{d}_band"])})
-    per_query = {f"{d}_R@{k}": hits(r, d, k) for d in DIRECTIONS for k in ks}
+        intervals.update({recall_key(d, k): band for k, band in zip(cks, curves[f"{d}_band"])})
+    per_query = {recall_key(d, k): hits(r, d, k) for d in DIRECTIONS for k in ks}
     comparable = {**fraction_recalls(r), **subset_recalls(img, txt, test.caption_image, ks, image_offset,
                                                           caption_offset, memory_mb=inputs.memory_mb)}
     return Scores({**summarize(r, ks, intervals), **comparable, **plain}, hits=per_query, curves=curves, detail=r)
@@ -293,7 +200,7 @@ def _chance(inputs: ColumnInputs, _settings: None) -> Scores:
     test = inputs.test
     cks = curve_ks(inputs.ks, max(test.n_images, 1))
     full = chance(test.caption_image, test.n_images, cks)
-    curves = {"ks": cks, **{d: [full[f"{d}_R@{k}"] for k in cks] for d in DIRECTIONS}}
+    curves = {"ks": cks, **{d: [full[recall_key(d, k)] for k in cks] for d in DIRECTIONS}}
     return Scores({**chance(test.caption_image, test.n_images, inputs.ks),
                    **chance_at_fractions(test.caption_image, test.n_images)}, curves=curves)
 
@@ -307,7 +214,7 @@ def chance_at_fractions(caption_image: torch.Tensor, n_images: int,
         for p in percents:
             k = p / 100 * pool
             lo, hi = math.floor(k), min(math.ceil(k), pool)
-            at = {kk: (chance(caption_image, n_images, [kk])[f"{d}_R@{kk}"] if kk >= 1 else 0.0) for kk in {lo, hi}}
+            at = {kk: (chance(caption_image, n_images, [kk])[recall_key(d, kk)] if kk >= 1 else 0.0) for kk in {lo, hi}}
             out[fraction_key(d, p)] = at[hi] if hi == lo or pool == 0 else at[lo] + (k - lo) * (at[hi] - at[lo])
     return out
 

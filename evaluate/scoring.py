@@ -6,11 +6,11 @@ import time
 from collections.abc import Callable
 
 from medembed.adapt.closed_form_store import closed_form
+from medembed.common.stats import paired_difference
 from medembed.evaluate import metrics as registry
 from medembed.evaluate.metric import ColumnInputs
-from medembed.evaluate.models import EmbeddingModel, model_from_heads
 from medembed.evaluate.plan import Column, ColumnResult, EvalOptions, EvalPlan
-from medembed.evaluate.stats import paired_difference
+from medembed.model.embedding import EmbeddingModel, model_from_heads
 
 
 # ------------------------------------------------------------------------------------------- scoring

@@ -28,12 +28,14 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
+from medembed.common.errors import AlreadyExists, BadInput, BadOption, MedembedError
 from medembed.common.files import slug, write_json
 from medembed.common.locks import exclusive
-from medembed.common.ranking import DEFAULT_KS
-from medembed.evaluate import retrieval
-from medembed.evaluate.listing import BANK_SCORE, COSINE, NOT_HELD_OUT, RANKED_AS_EVAL, valid_recall
-from medembed.evaluate.models import model_from_run
+from medembed.common.querybank import BANK_SCORE, COSINE
+from medembed.common.ranking import ranks, summarize
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key, recall_prefix
+from medembed.evaluate.listing import NOT_HELD_OUT, RANKED_AS_EVAL, valid_recall
+from medembed.model.embedding import model_from_run
 
 LEADERBOARD = "leaderboard.json"
 SWEEP_FIELDS = {f.name: f for f in fields(AdaptConfig)}
@@ -42,6 +44,13 @@ NOT_SWEPT = {"features_dir", "out", "seed", "device", "threads"}
 # refit (heads trained again on train + valid) leaves as it was at twice the time; refit the chosen setting
 # with `cli.py adapt`
 SWEEP_DEFAULTS = {"refit": False}
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """What `cli.py sweep` takes unless told."""
+
+    seeds: int = 3  # runs per cell (seeds 0..N-1): enough for a spread beside each mean
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -74,7 +83,7 @@ def _cast(where: str, name: str, value):
     elif kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
     wanted = {"int": "a whole number", "float": "a number", "bool": f"one of {', '.join(TRUE + FALSE)}"}[kind]
-    raise ValueError(f"{where}: {value!r} is not {wanted} ({name} takes {kind} values)")
+    raise BadOption(f"{where}: {value!r} is not {wanted} ({name} takes {kind} values)")
 
 
 def _parse(kind: str, text: str) -> int | float | bool | None:
@@ -90,8 +99,8 @@ def _parse(kind: str, text: str) -> int | float | bool | None:
 def _check_keys(grid: dict, option: str) -> None:
     unknown = [k for k in grid if k not in SWEEP_FIELDS or k in NOT_SWEPT]
     if unknown:
-        raise ValueError(f"{option}: {', '.join(unknown)} cannot be swept (settings: "
-                         f"{', '.join(sorted(set(SWEEP_FIELDS) - NOT_SWEPT))})")
+        raise BadOption(f"{option}: {', '.join(unknown)} cannot be swept (settings: "
+                        f"{', '.join(sorted(set(SWEEP_FIELDS) - NOT_SWEPT))})")
 
 
 def _load_grid(grid_file: Path) -> object:
@@ -101,22 +110,22 @@ def _load_grid(grid_file: Path) -> object:
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--grid {grid_file}: not JSON ({e})") from None
+            raise BadInput(f"--grid {grid_file}: not JSON ({e})") from None
     try:
         import yaml
     except ImportError:
-        raise ValueError(f"--grid {grid_file}: YAML grids need PyYAML (pip install 'medembed[yaml]'), or write "
-                         "the grid as a .json file") from None
+        raise BadInput(f"--grid {grid_file}: YAML grids need PyYAML (pip install 'medembed[yaml]'), or write "
+                       "the grid as a .json file") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"--grid {grid_file}: not YAML or JSON ({' '.join(str(e).split())})") from None
+        raise BadInput(f"--grid {grid_file}: not YAML or JSON ({' '.join(str(e).split())})") from None
 
 
 def _grid_file(grid_file: str | Path) -> dict[str, list]:
     loaded = _load_grid(Path(grid_file))
     if not isinstance(loaded, dict) or not all(isinstance(v, list) for v in loaded.values()):
-        raise ValueError(f"--grid {grid_file}: expected a mapping of setting -> list of values")
+        raise BadInput(f"--grid {grid_file}: expected a mapping of setting -> list of values")
     grid = {str(k).replace("-", "_"): list(v) for k, v in loaded.items()}
     _check_keys(grid, f"--grid {grid_file}")
     return {k: [_cast(f"--grid {grid_file}: {k}", k, v) for v in values] for k, values in grid.items()}
@@ -129,7 +138,7 @@ def _assignments(items: list[str], option: str) -> dict[str, list]:
         key, sep, values = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not values.strip():
-            raise ValueError(f"{option} {item!r}: expected KEY=V1,V2,...")
+            raise BadOption(f"{option} {item!r}: expected KEY=V1,V2,...")
         grid[key] = [v.strip() for v in values.split(",") if v.strip()]
     _check_keys(grid, option)
     return {k: [_cast(f"{option} {k}", k, v) for v in values] for k, values in grid.items()}
@@ -141,7 +150,7 @@ def parse_grid(sets: list[str], grid_file: str | Path | None = None) -> dict[str
     grid = _grid_file(grid_file) if grid_file is not None else {}
     grid.update(_assignments(sets, "--set"))
     if not grid:
-        raise ValueError("sweep needs at least one --set KEY=V1,V2 (or --grid FILE)")
+        raise BadOption("sweep needs at least one --set KEY=V1,V2 (or --grid FILE)")
     return grid
 
 
@@ -150,7 +159,7 @@ def parse_fixed(items: list[str]) -> dict:
     fixed = {}
     for key, values in _assignments(items, "--fixed").items():
         if len(values) != 1:
-            raise ValueError(f"--fixed {key}: one value, got {len(values)}; sweep several with --set {key}=...")
+            raise BadOption(f"--fixed {key}: one value, got {len(values)}; sweep several with --set {key}=...")
         fixed[key] = values[0]
     return fixed
 
@@ -188,7 +197,7 @@ class CellResult:
             for k, v in values.items():
                 into.setdefault(k, []).append(v)
         for k, v in _test_recall(run_dir).items():
-            if k.startswith(("t2i_R@", "i2t_R@")) and "_ci_" not in k:
+            if k.startswith(tuple(recall_prefix(d) for d in DIRECTIONS)) and "_ci_" not in k:
                 self.test.setdefault(k, []).append(v)
 
     def ranking(self) -> str:
@@ -221,8 +230,8 @@ def _test_recall(run_dir: Path) -> dict[str, float]:
     model = model_from_run(run)
     img, txt = model.images(test.image_features), model.texts(test.caption_features)
     image_offset, caption_offset = model.offsets(img, txt)
-    return retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
-                                               caption_offset=caption_offset), DEFAULT_KS)
+    return summarize(ranks(img, txt, test.caption_image, image_offset=image_offset, caption_offset=caption_offset),
+                     DEFAULT_KS)
 
 
 def _one(config: AdaptConfig) -> tuple[dict, float]:
@@ -233,7 +242,7 @@ def _one(config: AdaptConfig) -> tuple[dict, float]:
         now = config.to_dict()
         changed = [k for k in now if k not in ("features_dir",) and saved.get(k) != now[k]]
         if changed:
-            raise FileExistsError(f"{out}: holds a run with other settings ({', '.join(changed)}); choose another --out")
+            raise AlreadyExists(f"{out}: holds a run with other settings ({', '.join(changed)}); choose another --out")
         summary = json.loads((out / run_files.SUMMARY).read_text())
         return summary, float(summary.get("seconds", 0.0))
     t0 = time.perf_counter()
@@ -246,8 +255,8 @@ def _configs(features_dir: str | Path, out: Path, cell: dict, seeds: int, fixed:
     try:
         return [AdaptConfig(features_dir=str(Path(features_dir).resolve()), out=str(out / cell_name(cell) / f"seed-{seed}"),
                             seed=seed, **{**SWEEP_DEFAULTS, **(fixed or {}), **cell}) for seed in range(seeds)]
-    except ValueError as e:
-        raise ValueError(f"cell {cell_name(cell)}: {e}") from None
+    except MedembedError as e:
+        raise BadOption(f"cell {cell_name(cell)}: {e}") from None
 
 
 def run_sweep(features_dir: str | Path, grid: dict[str, list], seeds: int, out: str | Path, fixed: dict | None = None,
@@ -271,7 +280,7 @@ def _sweep(todo: list[dict], configs: list, features_dir, grid: dict, seeds: int
         results.append(res.row())
         held = "" if results[-1]["valid_held_out"] else " (not held out: heads that trained on valid)"
         log(f"cell {i}/{len(todo)} {cell_name(cell)}: valid mean recall "
-            f"{results[-1]['valid']['mean_recall']['mean']:.1f} +- {results[-1]['valid']['mean_recall']['std']:.1f}{held} "
+            f"{results[-1]['valid'][MEAN_RECALL]['mean']:.1f} +- {results[-1]['valid'][MEAN_RECALL]['std']:.1f}{held} "
             f"over {seeds} seed(s), ranked by {results[-1]['ranking']}, {sum(res.seconds):.0f} s")
     board = sorted(results, key=_rank_key)
     write_json(out / LEADERBOARD, {"features_dir": str(features_dir), "grid": grid, "seeds": seeds, "fixed": fixed or {},
@@ -284,7 +293,7 @@ def _rank_key(row: dict) -> tuple:
     """Best valid mean recall first among the cells whose valid numbers are held out; the others after
     them all, unranked (in grid order)."""
     if row.get("valid_held_out", True):
-        return (0, -row["valid"]["mean_recall"]["mean"])
+        return (0, -row["valid"][MEAN_RECALL]["mean"])
     return (1, 0.0)
 
 
@@ -308,8 +317,9 @@ def format_leaderboard(rows: list[dict], seeds: int) -> str:
         rank += 1 if held else 0
         v, plain, t = r["valid"], r.get("valid_plain", {}), r["test"]
         cells_ = [str(rank) if held else "–", *(str(r["cell"][k]) for k in keys), r.get("ranking", "?"),
-                  _pm(v.get("mean_recall"), held), _pm(plain.get("mean_recall"), held), _pm(v.get("t2i_R@10"), held),
-                  _pm(v.get("i2t_R@10"), held), _pm(t.get("t2i_R@10")), _pm(t.get("i2t_R@10")),
+                  _pm(v.get(MEAN_RECALL), held), _pm(plain.get(MEAN_RECALL), held),
+                  _pm(v.get(recall_key("t2i", 10)), held), _pm(v.get(recall_key("i2t", 10)), held),
+                  _pm(t.get(recall_key("t2i", 10))), _pm(t.get(recall_key("i2t", 10))),
                   f"{r['seconds']['mean']:.0f}", r.get("valid_heads", "?") + ("" if held else ", not held out")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells_) + " |")
     return "\n".join(lines) + (f"\n\nmean ± std over {seeds} seed(s); ranked by valid mean recall (ranked) "

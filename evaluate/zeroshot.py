@@ -21,26 +21,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from medembed.common.errors import BadOption
+from medembed.common.modalities import DEFAULT_MODALITIES, ModalityClass
 from medembed.common.ranking import average_precision, roc_auc
+from medembed.common.stats import rate_interval
 from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
-from medembed.evaluate.stats import rate_interval
 from medembed.evaluate.tables import markdown_table
-
-
-@dataclass(frozen=True)
-class ModalityClass:
-    label: str
-    concept_id: str
-
-
-DEFAULT_MODALITIES: tuple[ModalityClass, ...] = (
-    ModalityClass("CT", "C0040405"),
-    ModalityClass("MRI", "C0024485"),
-    ModalityClass("ultrasound", "C0041618"),
-    ModalityClass("plain x-ray", "C1306645"),
-    ModalityClass("angiogram", "C0002978"),
-    ModalityClass("PET", "C0032743"),
-)
 
 
 def parse_modality_concepts(spec: str) -> tuple[ModalityClass, ...]:
@@ -51,10 +37,10 @@ def parse_modality_concepts(spec: str) -> tuple[ModalityClass, ...]:
             continue
         label, _, cid = item.rpartition("=")
         if not cid:
-            raise ValueError(f"--modality-concepts item {i + 1} ({item!r}): expected LABEL=CONCEPT_ID or CONCEPT_ID")
+            raise BadOption(f"--modality-concepts item {i + 1} ({item!r}): expected LABEL=CONCEPT_ID or CONCEPT_ID")
         out.append(ModalityClass(label.strip() or cid.strip(), cid.strip()))
     if not out:
-        raise ValueError(f"--modality-concepts {spec!r}: no concepts given")
+        raise BadOption(f"--modality-concepts {spec!r}: no concepts given")
     return tuple(out)
 
 

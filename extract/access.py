@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from medembed.cache import schema
 from medembed.common.errors import MedembedError
 
 LINK_OUTSIDE = "link outside the data folder (--follow-links reads it)"
@@ -56,7 +57,7 @@ class DataAccess:
         folder and every image refused."""
         if not str(data_root or ""):
             return None
-        return cls(data_root, follow_links=str(attrs.get("data_access", "")) == FOLLOW_LINKS)
+        return cls(data_root, follow_links=str(attrs.get(schema.DATA_ACCESS, "")) == FOLLOW_LINKS)
 
     def refusal(self, path: str) -> str | None:
         """Why `path` (a file or a container file) may not be read, or None when it may: its

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from medembed.cache.schema import split_file
 from medembed.cache.shards import merge_shards
 from medembed.common.device import resolve_device
 from medembed.common.ray_session import RayMissingError, ray_session
@@ -30,6 +31,11 @@ from medembed.extract.extraction import (
 )
 from medembed.extract.path_key import KEY_ENV
 from medembed.extract.synthetic import ensure_default_dataset
+
+# how `extract` runs: loop, its splits one after the other in this process (`extraction.extract`); ray, their
+# shards as Ray tasks, then merged (`extract_with_ray`)
+ENGINES = ("loop", "ray")
+DEFAULT_ENGINE = "loop"
 
 
 def _shard_task(cfg: ExtractConfig, split: str, id_key: str = "") -> SplitSummary:
@@ -52,7 +58,7 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
     dataset = read_dataset(dataclasses.replace(cfg, data=data))
     splits = cfg.splits or dataset.splits
     overlap = check_split_overlap(dataset, cfg.allow_split_overlap)
-    if not all((cache_dir(cfg.out, dataset.name, cfg.backbone) / f"{s}.h5").exists() for s in splits):
+    if not all((cache_dir(cfg.out, dataset.name, cfg.backbone) / split_file(s)).exists() for s in splits):
         overlap += copies_warning(dataset)  # only when some split will be written, as `extract` has it
     try:
         with ray_session(address, num_cpus) as ray:
@@ -74,7 +80,7 @@ def extract_with_ray(cfg: ExtractConfig, address: str | None = None, shards: int
         if empty := [i for i, p in enumerate(mine) if not p.records]:
             notes.append(empty_shards_note(s, sum(p.records for p in mine), cfg.batch_size, n, empty))
         results.append(SplitSummary(
-            split=s, path=str(folder / f"{s}.h5"), records=sum(p.records for p in mine),
+            split=s, path=str(folder / split_file(s)), records=sum(p.records for p in mine),
             images=sum(p.images for p in mine), captions=sum(p.captions for p in mine),
             skipped=[x for p in mine for x in p.skipped], seconds=max(p.seconds for p in mine),
             images_per_s=sum(p.images_per_s for p in mine), status=f"merged from {n} Ray shards",

@@ -19,16 +19,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medembed.cache import schema
 from medembed.cache.lock import writer_lock
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, read_attrs, read_skipped
 from medembed.cache.schema import PRIVATE_LOCATION
-from medembed.cache.shards import SHARD_RE, merge_shards, write_done_marker
+from medembed.cache.shards import merge_shards, write_done_marker
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
 from medembed.common.errors import MedembedError
 from medembed.common.files import relative_to, slug
+from medembed.common.planning import DEFAULT_MAX_MEMORY_GB, MemoryBudgetError
 from medembed.common.version import __version__
 from medembed.extract.access import FOLLOW_LINKS, DataAccess
 from medembed.extract.backbones import DEFAULT_BACKBONE, AugmentConfig, create_backbone, onnx_runtime
@@ -38,7 +40,7 @@ from medembed.extract.datasets.identity import naming_mismatch
 from medembed.extract.duplicates import cross_split_copies
 from medembed.extract.imaging import DecodeOptions
 from medembed.extract.imaging.locations import private_location
-from medembed.extract.memory import ExtractMemoryError, ExtractPlan, plan_extract_memory
+from medembed.extract.memory import ExtractPlan, plan_extract_memory
 from medembed.extract.records import ZIP_SEP, Dataset, Record
 from medembed.extract.synthetic import default_dataset_dir, ensure_default_dataset, is_complete
 from medembed.extract.worker import ImageItems, collate_items
@@ -51,6 +53,10 @@ DEFAULT_TEMPLATES = (
 )
 TEXT_BATCH = 256  # concept prompts per crash-safe part (captions go per image batch: `_text_phase`)
 GRAPHS_DIR = "graphs"  # exported runtime graphs, in the cache folder beside the split files
+# where caches go unless told (OUT/DATASET/BACKBONE/SPLIT.h5): extraction, and every command that encodes a
+# new dataset for a run (search, serve, index, export, eval --data), so each finds the others' caches
+DEFAULT_FEATURES_ROOT = "features"
+FEATURE_DTYPES = ("float16", "float32")  # how features may be stored (heads train in float32 either way)
 
 
 class ExtractError(MedembedError, RuntimeError):
@@ -65,7 +71,7 @@ class ExtractConfig:
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
-    out: str = "features"
+    out: str = DEFAULT_FEATURES_ROOT
     strict: bool = False
     dtype: str = "float16"
     views: int = 0  # augmented views per image stored beside the plain features
@@ -78,12 +84,12 @@ class ExtractConfig:
     report_sections: str | None = None  # MIMIC-CXR / OpenI captions: findings, impression, findings+impression, all
     follow_links: bool = False  # read links leading out of the data folder (recorded in the cache's provenance)
     readable_paths: bool = False  # keep image paths as ids where they would be hashed (DICOM, image-only folders)
-    runtime: str = "auto"  # image tower on the CPU: torch, onnx (ONNX Runtime), auto (onnx when installed)
+    runtime: str = onnx_runtime.DEFAULT_RUNTIME  # image tower on the CPU: torch, onnx (ONNX Runtime), auto (onnx when installed)
     # a split of more records is written as consecutive part files joined without copying (HDF5 virtual
     # datasets), so assembling one file holds at most this many images' features (0.9 GB at 1,792-d float16)
     records_per_file: int = 262_144
     # the whole process; parts are made smaller to fit, and a split or --shard that cannot fit is refused
-    max_memory_gb: float = 8.0
+    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB
 
     def decode_options(self) -> DecodeOptions:
         try:
@@ -148,7 +154,7 @@ def parse_shard(shard: str | None) -> tuple[int, int] | None:
 
 
 def shard_file_name(split: str, shard: tuple[int, int] | None) -> str:
-    return f"{split}.h5" if shard is None else f"{split}.shard-{shard[0]:04d}-of-{shard[1]:04d}.h5"
+    return schema.split_file(split) if shard is None else schema.shard_file(split, *shard)
 
 
 def shard_rows(n_records: int, shard: tuple[int, int] | None, batch_size: int = 1) -> tuple[int, int]:
@@ -237,23 +243,23 @@ def _relative(location: str, root: str) -> str:
 def split_provenance(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> dict:
     return {
         **{k: str(v) for k, v in bb.provenance.items()},
-        "backbone": bb.name,
-        "dataset": dataset.name,
-        "dataset_layout": dataset.layout,
-        "dataset_fingerprint": dataset.fingerprint(),
-        "synthetic": bool(dataset.synthetic),
-        "split": split,
-        "dtype": cfg.dtype,
-        "views": int(cfg.views),
-        "templates": "\n".join(cfg.templates),
-        "toolkit_version": __version__,
-        "shard": cfg.shard or "",
-        "image_dim": int(bb.image_dim),
-        "text_dim": int(bb.text_dim),
-        **({"image_decoding": decoding} if (decoding := cfg.decoding()) else {}),
+        schema.BACKBONE: bb.name,
+        schema.DATASET: dataset.name,
+        schema.DATASET_LAYOUT: dataset.layout,
+        schema.DATASET_FINGERPRINT: dataset.fingerprint(),
+        schema.SYNTHETIC: bool(dataset.synthetic),
+        schema.SPLIT: split,
+        schema.DTYPE: cfg.dtype,
+        schema.VIEWS: int(cfg.views),
+        schema.TEMPLATES: "\n".join(cfg.templates),
+        schema.TOOLKIT_VERSION: __version__,
+        schema.SHARD: cfg.shard or "",
+        schema.IMAGE_DIM: int(bb.image_dim),
+        schema.TEXT_DIM: int(bb.text_dim),
+        **({schema.IMAGE_DECODING: decoding} if (decoding := cfg.decoding()) else {}),
         # what was read and how records are named, when not the defaults (older caches keep matching)
-        **({"data_access": FOLLOW_LINKS} if dataset.follow_links else {}),
-        **({"image_ids": f"keyed path hash, key {dataset.id_key}"} if dataset.id_key else {}),
+        **({schema.DATA_ACCESS: FOLLOW_LINKS} if dataset.follow_links else {}),
+        **({schema.IMAGE_ID_SCHEME: f"keyed path hash, key {dataset.id_key}"} if dataset.id_key else {}),
     }
 
 
@@ -363,7 +369,7 @@ def planned(bb, dataset: Dataset, split: str, cfg: ExtractConfig) -> tuple[Extra
             captions_per_image=records.n_captions() / max(1, len(records)), batch_size=cfg.batch_size,
             workers=cfg.workers, views=cfg.views, dtype=cfg.dtype, records_per_file=cfg.records_per_file,
             other_runtime=cfg.runtime != "torch", split_records=max(1, hi - lo))
-    except ExtractMemoryError as e:
+    except MemoryBudgetError as e:
         raise ExtractError(str(e)) from None
     if shard is not None:
         if hi - lo > plan.fits:
@@ -397,7 +403,7 @@ def extract_split_in_parts(bb, dataset: Dataset, split: str, cfg: ExtractConfig,
     bit, with every phase's memory bounded by one part. A re-run keeps finished parts and continues the
     one in flight."""
     n = len(dataset.split(split))
-    final = cache_dir(cfg.out, dataset.name, bb.name) / f"{split}.h5"
+    final = cache_dir(cfg.out, dataset.name, bb.name) / schema.split_file(split)
     if cfg.shard is not None or n <= cfg.records_per_file or final.exists():
         return extract_split(bb, dataset, split, cfg, device, memo)
     n_batches = -(-n // cfg.batch_size)
@@ -418,15 +424,15 @@ def _check_earlier_parts(final: Path, split: str, parts: int, batch_size: int) -
     """Finished parts of an earlier, unfinished extraction of this split must be the parts this one
     would write (their rows follow the part count and --batch-size): else say how to continue it,
     instead of mixing two layouts into one split."""
-    for p in sorted(final.parent.glob(f"{split}.shard-*-of-*.h5")):
-        m = SHARD_RE.match(p.name)
+    for p in sorted(final.parent.glob(schema.shard_glob(split))):
+        m = schema.SHARD_RE.match(p.name)
         if not m:
             continue
-        n, size = int(m["n"]), read_attrs(p).get("extract_batch_size")
+        n, size = int(m["n"]), read_attrs(p).get(schema.EXTRACT_BATCH_SIZE)
         if n != parts or (size is not None and int(size) != batch_size):
             raise ExtractError(f"{p}: an earlier extraction of split {split} in {n} parts with --batch-size {size} is "
                                f"unfinished here; re-run it with the same --batch-size and --max-memory-gb to continue, or delete its "
-                               f"{split}.shard-* files")
+                               f"{split}{schema.SHARD_MARK}* files")
 
 
 def _up_to_date(final: Path, prov: dict, summary: SplitSummary, cfg: ExtractConfig, shard) -> SplitSummary:
@@ -435,14 +441,14 @@ def _up_to_date(final: Path, prov: dict, summary: SplitSummary, cfg: ExtractConf
     rounding) is kept as it is, said in its status: nothing is mixed into it."""
     attrs = read_attrs(final)
     diffs = differences(attrs, prov)
-    runtime_only = [d for d in diffs if d.startswith("image_runtime:")]
+    runtime_only = [d for d in diffs if d.startswith(f"{schema.IMAGE_RUNTIME}:")]
     if len(runtime_only) < len(diffs):
         raise naming_mismatch(final, attrs, prov, diffs) or ProvenanceMismatch(final, diffs)
     PartStore(final).remove()  # left over when a run died between rename and clean-up
     if shard is not None:  # the run may have died between the rename and the marker
-        write_done_marker(final, n_images=attrs["n_images"], n_captions=attrs["n_captions"], shard=cfg.shard)
-    made_by = f" (made by {attrs.get('image_runtime') or 'PyTorch'}, kept)" if runtime_only else ""
-    summary.status, summary.images, summary.captions = f"up to date{made_by}", attrs["n_images"], attrs["n_captions"]
+        write_done_marker(final, n_images=attrs[schema.N_IMAGES], n_captions=attrs[schema.N_CAPTIONS], shard=cfg.shard)
+    made_by = f" (made by {attrs.get(schema.IMAGE_RUNTIME) or 'PyTorch'}, kept)" if runtime_only else ""
+    summary.status, summary.images, summary.captions = f"up to date{made_by}", attrs[schema.N_IMAGES], attrs[schema.N_CAPTIONS]
     summary.skipped = read_skipped(final)
     return summary
 
@@ -484,9 +490,10 @@ def _assemble(bb, dataset: Dataset, split: str, records: list[Record], store: Pa
     cap_feats = _text_phase(bb, [[c for i in rows.tolist() for c in records[i].captions] for rows in batch_rows],
                             store, "capb", cfg.dtype, device, cfg.progress)
     vocab, names, labels, concept_feats = _concept_columns(bb, dataset, kept, store, cfg, device, memo)
-    attrs = {**prov, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-             "data_root": str(Path(dataset.root).resolve()), "data_root_relative": relative_to(dataset.root, store.dir.parent),
-             "n_records": len(records), "extract_batch_size": batch_size, **shard_attrs}
+    attrs = {**prov, schema.CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+             schema.DATA_ROOT: str(Path(dataset.root).resolve()),
+             schema.DATA_ROOT_RELATIVE: relative_to(dataset.root, store.dir.parent),
+             schema.N_RECORDS: len(records), schema.EXTRACT_BATCH_SIZE: batch_size, **shard_attrs}
     return CachedSplit(
         split=split, image_ids=[r.image_id for r in kept], image_features=feats, caption_features=cap_feats,
         caption_image=caption_image, captions=captions, concept_ids=vocab, concept_names=names, concepts=labels,
@@ -497,8 +504,8 @@ def _assemble(bb, dataset: Dataset, split: str, records: list[Record], store: Pa
 
 def _feature_attrs(bb) -> dict:
     p = bb.provenance
-    return {"images": {"layer": p.get("image_layer", ""), "pooling": p.get("image_pooling", "")},
-            "captions": {"layer": p.get("text_layer", ""), "pooling": p.get("text_pooling", "")}}
+    return {"images": {schema.FEATURE_LAYER: p.get(schema.IMAGE_LAYER, ""), schema.FEATURE_POOLING: p.get(schema.IMAGE_POOLING, "")},
+            "captions": {schema.FEATURE_LAYER: p.get(schema.TEXT_LAYER, ""), schema.FEATURE_POOLING: p.get(schema.TEXT_POOLING, "")}}
 
 
 def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device: str, memo: dict) -> SplitSummary:
@@ -530,7 +537,7 @@ def _extract_split(bb, dataset: Dataset, split: str, cfg: ExtractConfig, device:
         summary.records = len(records)
         summary.note = empty_shards_note(split, len(every), batch_size, shard[1], [shard[0]]) \
             if shard is not None and not records else ""
-        shard_attrs = {"shard_rows": f"{lo}:{hi}", "split_records": len(every)} if shard is not None else {}
+        shard_attrs = {schema.SHARD_ROWS: f"{lo}:{hi}", schema.SPLIT_RECORDS: len(every)} if shard is not None else {}
         summary.status = "resumed" if resumed else "written"
         t0 = time.perf_counter()
         with tqdm(total=len(records), desc=f"{split} images", unit="img", disable=not cfg.progress, dynamic_ncols=True) as bar:
@@ -615,7 +622,7 @@ def extract(cfg: ExtractConfig, backbone=None, dataset: Dataset | None = None) -
         splits=results,
         warnings=overlap + notes + [r.note for r in results if r.note] + list(getattr(dataset, "warnings", [])),
         layout=dataset.layout,
-        runtime=bb.provenance.get("image_runtime", f"torch {torch.__version__}"),
+        runtime=bb.provenance.get(schema.IMAGE_RUNTIME, f"torch {torch.__version__}"),
         found=describe_dataset(dataset),
         memory=[f"{s}: {plans[s][1].describe()}" for s in splits],
         refused=dataset.refused.lines(),

@@ -15,7 +15,7 @@ import os
 import zlib
 from collections.abc import Iterator
 
-from medembed.common.errors import MedembedError
+from medembed.common.errors import BadInput
 
 MAX_PIXELS = 64_000_000  # ~8000 x 8000; far beyond any radiograph, far below what exhausts memory
 # bytes a decoder may inflate per pixel of the pixel limit: a volume may hold many slices of that
@@ -28,11 +28,11 @@ IN_CHUNK = 1 << 16  # compressed bytes handed to zlib at a time
 OUT_CHUNK = 1 << 18  # inflated bytes taken from zlib at a time (measured fastest of 64 KiB - 16 MiB)
 
 
-class DecompressionBomb(MedembedError, ValueError):
+class DecompressionBomb(BadInput):
     """Content that inflates (or claims to) beyond the decoder's limit, or a canvas beyond its pixel limit."""
 
 
-class CorruptStream(MedembedError, ValueError):
+class CorruptStream(BadInput):
     """Compressed or archived bytes that are damaged or end early (a cut download, a bad CRC). A
     ValueError, as every other decoder failure is, so that whatever reads an image -- the extractor,
     example grids, the page -- skips it with this line as the reason (zlib's own error and EOFError

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from medembed.common.errors import MedembedError
 from medembed.common.memory import GB, format_bytes
+from medembed.common.planning import MemoryBudgetError, MemoryPlan, gib_up, largest_parts
 
 PROCESS_BYTES = 900 << 20  # python with torch, torchvision, h5py, pyarrow, the tokenizers and these modules
 SLACK_BYTES = 256 << 20  # HDF5's chunk caches, the allocator's free lists, a batch's strings and results
@@ -37,26 +37,16 @@ PREFETCH = 4  # batches each decoding worker keeps ready (extraction's DataLoade
 RUNTIME_BYTES = 512 << 20
 
 
-class ExtractMemoryError(MedembedError, ValueError):
-    """Not even one batch of the extraction fits --max-memory-gb."""
-
-
 @dataclass(frozen=True)
-class ExtractPlan:
-    budget: int
-    held: dict[str, int]  # bytes held throughout
-    per_record: int  # bytes one more record of a part adds while it is assembled
-    records_per_file: int  # the part size: what fits, at most the configured size (a multiple of the batch size)
-    fits: int  # the most records one file (a part or a --shard) may assemble within the budget
-    largest: int = 0  # records of the largest file this split will assemble (0: a whole part)
+class ExtractPlan(MemoryPlan):
+    """The parts a split is assembled in; its one phase is the largest file this split assembles."""
 
-    @property
-    def total(self) -> int:
-        return sum(self.held.values()) + self.per_record * (self.largest or self.records_per_file)
+    per_record: int = 0  # bytes one more record of a part adds while it is assembled
+    records_per_file: int = 0  # the part size: what fits, at most the configured size (a multiple of the batch size)
+    fits: int = 0  # the most records one file (a part or a --shard) may assemble within the budget
 
     def describe(self) -> str:
-        return (f"memory: parts of up to {self.records_per_file:,} images; planned peak {format_bytes(self.total)} "
-                f"of --max-memory-gb {self.budget / GB:g}")
+        return f"memory: parts of up to {self.records_per_file:,} images; {super().describe()}"
 
 
 def weight_bytes(bb, other_runtime: bool = False) -> int:
@@ -80,7 +70,7 @@ def pixel_bytes(bb) -> int:
 def plan_extract_memory(bb, *, budget_gb: float, n_dataset_records: int, captions_per_image: float,
                         batch_size: int, workers: int, views: int, dtype: str, records_per_file: int,
                         other_runtime: bool = True, split_records: int | None = None) -> ExtractPlan:
-    """Parts of at most `records_per_file` images, fewer when the budget asks; ExtractMemoryError (one
+    """Parts of at most `records_per_file` images, fewer when the budget asks; MemoryBudgetError (one
     line) when not even one batch fits. With `split_records` (the records one file of this split
     holds: the split, or its --shard), the planned peak is that file's, not a whole part's."""
     budget = int(budget_gb * GB)
@@ -106,10 +96,11 @@ def plan_extract_memory(bb, *, budget_gb: float, n_dataset_records: int, caption
     fits = (room // per_record) // batch_size * batch_size if room > 0 else 0
     if fits < batch_size:
         need = sum(held.values()) + per_record * batch_size
-        top = sorted(held.items(), key=lambda kv: -kv[1])[:3]
-        raise ExtractMemoryError(
+        raise MemoryBudgetError(
             f"extract needs {format_bytes(need)} for one batch of {batch_size} images "
-            f"({', '.join(f'{k} {format_bytes(v)}' for k, v in top)}), above --max-memory-gb {budget_gb:g}; "
-            f"use --max-memory-gb {math.ceil(need / GB * 10) / 10:g} or more, or a smaller --batch-size / --workers")
+            f"({largest_parts(held, {})}), above --max-memory-gb {budget_gb:g}; "
+            f"use --max-memory-gb {gib_up(need)} or more, or a smaller --batch-size / --workers")
     rows = int(min(records_per_file, fits))
-    return ExtractPlan(budget, held, per_record, rows, int(fits), min(rows, split_records) if split_records else 0)
+    largest = min(rows, split_records) if split_records else rows  # records of the largest file this split assembles
+    return ExtractPlan(budget, held, {"part": per_record * largest}, per_record=per_record, records_per_file=rows,
+                       fits=int(fits))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from medembed.common.errors import BadOption
 from medembed.extract.datasets import SYNTHETIC_MARKER
 
 DEFAULT_NAME = "synthetic-phantoms"
@@ -285,7 +286,7 @@ def plan_phantoms(n_images: int, seed: int) -> list[tuple[str, Phantom]]:
 def make_phantoms(out_dir: Path, n_images: int = 480, size: int = 160, seed: int = 0) -> Path:
     """Write the phantom dataset (imageclef2023 layout) into out_dir; same arguments, same bytes."""
     if n_images < 3:
-        raise ValueError(f"n_images must be at least 3 (one per split), got {n_images}")
+        raise BadOption(f"n_images must be at least 3 (one per split), got {n_images}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / SYNTHETIC_MARKER).unlink(missing_ok=True)  # incomplete until rewritten at the end

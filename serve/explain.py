@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from medembed.adapt.run import AdaptedRun
+from medembed.common.errors import Incompatible
 from medembed.common.tensors import unit
 from medembed.extract.backbones import Backbone, family_of
 
@@ -77,7 +78,7 @@ def explain(run: AdaptedRun, backbone: Backbone, image: Image.Image, query: torc
     query = unit(query.reshape(1, -1))
     family = family_of(backbone)
     if family is None or family.saliency is None:
-        raise ValueError(f"{backbone.name}: no explanation map for this image tower")
+        raise Incompatible(f"{backbone.name}: no explanation map for this image tower")
     heat, score = family.saliency(backbone, pixels, lambda features: _score(run, features, query))
     return Explanation(_normalise(heat.float(), tuple(pixels.shape[-2:])), _view(backbone, pixels), float(score))
 

@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 
 from medembed.adapt.run_querybank import bank_offsets
-from medembed.adapt.tuning.runs import open_run
 from medembed.cache import schema
 from medembed.cache.reader import (
     CachedSplit,
@@ -42,16 +41,19 @@ from medembed.cache.reader import (
     read_attrs,
     read_dataset,
 )
-from medembed.common.errors import ToolError
+from medembed.common.errors import BadOption, NotFound, ToolError
 from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.locks import exclusive
 from medembed.extract.datasets import load_dataset
+from medembed.extract.extraction import DEFAULT_FEATURES_ROOT
+from medembed.model.runs import open_run
 from medembed.serve.index import ALL_SPLITS, heads_sha256, pool_name, pool_run
 
 __all__ = ["EXPORT_FORMATS", "ExportOptions", "ExportSummary", "export_embeddings", "format_export_summary"]
 
 EXPORT_FORMATS = ("npy", "parquet")
 ROW_KINDS = ("images", "captions")
+EXPORT_DTYPES = ("float16", "float32")  # of the npy embeddings
 MANIFEST = "export.json"
 EMBEDDING_COLUMN = "embedding"
 EXPORT_CHUNK = 65536  # output rows read, embedded and written at a time
@@ -68,19 +70,19 @@ class ExportOptions:
     rows_per_file: int = 1_000_000
     overwrite: bool = False  # replace an earlier export in `out`
     data: str | None = None  # export this dataset, encoded by the run's backbone, instead of the run's cache
-    features_root: str = "features"  # where `data`'s encoding is cached
+    features_root: str = DEFAULT_FEATURES_ROOT  # where `data`'s encoding is cached
     follow_links: bool = False  # `data`: read links leading out of its folder
     readable_paths: bool = False  # `data`: keep image paths as ids where they would be hashed
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+            raise BadOption(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {self.format!r}")
+        if self.dtype not in EXPORT_DTYPES:
+            raise BadOption(f"dtype must be {' or '.join(EXPORT_DTYPES)}, got {self.dtype!r}")
         if self.rows not in ROW_KINDS:
-            raise ValueError(f"rows must be one of {', '.join(ROW_KINDS)}, got {self.rows!r}")
+            raise BadOption(f"rows must be one of {', '.join(ROW_KINDS)}, got {self.rows!r}")
         if self.rows_per_file < 1:
-            raise ValueError(f"rows_per_file must be >= 1, got {self.rows_per_file}")
+            raise BadOption(f"rows_per_file must be >= 1, got {self.rows_per_file}")
 
 
 @dataclass
@@ -195,8 +197,8 @@ def default_split(names: list[str], where: str | Path) -> str:
         return names[0]
     if DEFAULT_SPLIT in names:
         return DEFAULT_SPLIT
-    raise FileNotFoundError(f"{where}: no {DEFAULT_SPLIT} split to export by default (splits: {', '.join(names)}); "
-                            "name one with --split, or --split all")
+    raise NotFound(f"{where}: no {DEFAULT_SPLIT} split to export by default (splits: {', '.join(names)}); "
+                   "name one with --split, or --split all")
 
 
 def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None, run=None) -> ExportSummary:
@@ -219,7 +221,7 @@ def export_embeddings(run_dir: str | Path, options: ExportOptions | None = None,
     files = run.split_files()
     options = replace(options, split=split or default_split(list(files), run.features_dir))
     if options.split != ALL_SPLITS and options.split not in files:
-        raise FileNotFoundError(f"{run.features_dir}: no {options.split}.h5 (found: {', '.join(files)})")
+        raise NotFound(f"{run.features_dir}: no {schema.split_file(options.split)} (found: {', '.join(files)})")
     chosen = {k: v for k, v in files.items() if options.split in (ALL_SPLITS, k)}
     pool = f"{pool_name(options.data)}-" if options.data is not None else ""  # named as its index is
     out = Path(options.out) if options.out else run_dir / "export" / f"{pool}{options.split}-{options.format}"
@@ -278,7 +280,7 @@ def _write_export(run, run_dir: Path, options: ExportOptions, chosen: dict[str, 
         "split": options.split, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "querybank": offsets.setting.to_dict() if offsets is not None else None,
         "sources": [{"split": k, "path": str(chosen[k]), "rows": counts[k],
-                     "dataset_fingerprint": str(read_attrs(chosen[k]).get("dataset_fingerprint", ""))} for k in chosen],
+                     "dataset_fingerprint": str(read_attrs(chosen[k]).get(schema.DATASET_FINGERPRINT, ""))} for k in chosen],
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return files_out, part, manifest

@@ -36,7 +36,6 @@ import torch
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.run import QUERYBANK, read_querybank, run_features_dir
 from medembed.adapt.run_querybank import bank_offsets
-from medembed.adapt.tuning.runs import open_run
 from medembed.cache import schema
 from medembed.cache.reader import (
     feature_chunks,
@@ -48,13 +47,15 @@ from medembed.cache.reader import (
     string_chunks,
     verify_cache,
 )
-from medembed.common.errors import MedembedError
+from medembed.common.errors import AlreadyExists, BadInput, BadOption, BadRun, Incompatible, MedembedError, NotFound
 from medembed.common.files import slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
-from medembed.evaluate.new_data import open_runs
+from medembed.extract.extraction import DEFAULT_FEATURES_ROOT
+from medembed.model.runs import open_run, open_runs
+from medembed.serve.index_kinds import INDEX_KINDS, index_kind
 from medembed.serve.index_parts import PARTS_KINDS, add_chunks, fill_in_parts, write_part
-from medembed.serve.index_plan import HNSW_COARSE_M, INDEX_KINDS, KIND_CHOICES, IndexPlan, format_bytes, plan_index
+from medembed.serve.index_plan import KIND_CHOICES, IndexPlan, format_bytes, plan_index
 
 __all__ = [
     "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
@@ -66,6 +67,7 @@ INDEX_DIR = "index"
 POOLS_DIR = "pools"
 FORMAT = "medembed-index/1"
 ALL_SPLITS = "all"
+INDEX_ENGINES = ("local", "ray")  # ray: ivf / ivfpq filled in parts on Ray workers, then merged (index_parts)
 OWN_BANK = "own"  # `load_index`'s default bank: the run's own querybank.json
 HEADS_FILE = ckpt.BEST
 RUN_CONFIG = ckpt.CONFIG
@@ -94,7 +96,7 @@ class IndexOptions:
     chunk_rows: int = 65536  # rows read, embedded and added at a time: bounds memory
     seed: int = 0
     data: str | None = None  # index this dataset (e.g. an image-only archive), encoded by the run's backbone
-    features_root: str = "features"  # where `data`'s encoding is cached
+    features_root: str = DEFAULT_FEATURES_ROOT  # where `data`'s encoding is cached
     follow_links: bool = False  # `data`: read links leading out of its folder
     readable_paths: bool = False  # `data`: keep image paths as ids where they would be hashed
     engine: str = "local"  # ray: ivf / ivfpq filled in parts on Ray workers, then merged (index_parts)
@@ -104,21 +106,21 @@ class IndexOptions:
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_CHOICES:
-            raise ValueError(f"kind must be one of {', '.join(KIND_CHOICES)}, got {self.kind!r}")
+            raise BadOption(f"kind must be one of {', '.join(KIND_CHOICES)}, got {self.kind!r}")
         for name in ("nlist", "nprobe", "train_size", "pq_bytes"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 picks it from the data size), got {getattr(self, name)}")
+                raise BadOption(f"{name} must be >= 0 (0 picks it from the data size), got {getattr(self, name)}")
         if self.m < 2:
-            raise ValueError(f"m (hnsw links per vector) must be >= 2, got {self.m}")
+            raise BadOption(f"m (hnsw links per vector) must be >= 2, got {self.m}")
         for name in ("ef_construction", "ef_search", "chunk_rows", "pq_dim", "rerank"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise BadOption(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.pq_bytes and self.pq_bytes not in (8, 16, 32, 64):
-            raise ValueError(f"pq_bytes must be 8, 16, 32 or 64 (or 0: from the budget), got {self.pq_bytes}")
+            raise BadOption(f"pq_bytes must be 8, 16, 32 or 64 (or 0: from the budget), got {self.pq_bytes}")
         if not self.max_memory_gb > 0:
-            raise ValueError(f"--max-memory-gb must be above 0, got {self.max_memory_gb}")
-        if self.engine not in ("local", "ray"):
-            raise ValueError(f"engine must be local or ray, got {self.engine!r}")
+            raise BadOption(f"--max-memory-gb must be above 0, got {self.max_memory_gb}")
+        if self.engine not in INDEX_ENGINES:
+            raise BadOption(f"engine must be {' or '.join(INDEX_ENGINES)}, got {self.engine!r}")
 
     def plan(self, n: int, dim: int) -> IndexPlan:
         """The kind and parameters actually used for `n` vectors of `dim` (what the JSON records)."""
@@ -174,7 +176,7 @@ class IndexMeta:
     @classmethod
     def from_dict(cls, d: dict, where: str = "") -> IndexMeta:
         if d.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a medembed index description (format {d.get('format')!r}, want {FORMAT!r})")
+            raise BadInput(f"{where}: not a medembed index description (format {d.get('format')!r}, want {FORMAT!r})")
         d = dict(d)
         d["sources"] = [IndexSource(**s) for s in d.get("sources", [])]
         return cls(**d)
@@ -250,7 +252,7 @@ def _split_files(features_dir: Path, split: str) -> dict[str, Path]:
     if split == ALL_SPLITS:
         return files
     if split not in files:
-        raise FileNotFoundError(f"{features_dir}: no {split}.h5 (found: {', '.join(files)})")
+        raise NotFound(f"{features_dir}: no {schema.split_file(split)} (found: {', '.join(files)})")
     return {split: files[split]}
 
 
@@ -262,60 +264,25 @@ def _describe(split: str, path: Path) -> IndexSource:
         for i in block:
             h.update(i.encode("utf-8") + b"\x1f")
         n += len(block)
-    return IndexSource(split=split, path=str(path), n_images=n, backbone=str(attrs.get("backbone", "")),
-                       dataset_fingerprint=str(attrs.get("dataset_fingerprint", "")), ids_sha256=h.hexdigest())
+    return IndexSource(split=split, path=str(path), n_images=n, backbone=str(attrs.get(schema.BACKBONE, "")),
+                       dataset_fingerprint=str(attrs.get(schema.DATASET_FINGERPRINT, "")), ids_sha256=h.hexdigest())
 
 
 # ------------------------------------------------------------------ building
 
 def new_index(kind: str, dim: int, params: dict) -> faiss.Index:
     """An empty index of `kind` for unit vectors (`params` from `IndexOptions.plan`), made by
-    faiss's own factory; ivf and ivfpq still need `train_index`."""
-    if kind == "ivfpq":
-        # the projection is a plain LinearTransform whose matrix train_index sets: faiss's own PCA
-        # centres the data (shifting every inner product by a per-vector term) and takes minutes at 4,096-d
-        coarse = f"_HNSW{HNSW_COARSE_M}" if params["coarse"] == "hnsw" else ""
-        inner = faiss.index_factory(params["pq_dim"], f"IVF{params['nlist']}{coarse},PQ{2 * params['pq_bytes']}x4fs",
-                                    faiss.METRIC_INNER_PRODUCT)
-        index = faiss.IndexPreTransform(faiss.LinearTransform(dim, params["pq_dim"], False), inner)
-    else:
-        spec = {"flat": "Flat", "hnsw": f"HNSW{params.get('m', 32)},Flat", "ivf": f"IVF{params.get('nlist', 1)},Flat"}[kind]
-        index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
-    if kind == "hnsw":
-        index.hnsw.efConstruction = params["ef_construction"]
-        index.hnsw.efSearch = params["ef_search"]
-    elif kind in ("ivf", "ivfpq"):
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.spherical = True  # unit centroids: a cell is a cone around a direction, as cosine wants
-        ivf.cp.seed = params["seed"]
-        ivf.nprobe = params["nprobe"]
-    return index
+    faiss's own factory (`serve.index_kinds`); ivf and ivfpq still need `train_index`."""
+    return index_kind(kind).build(dim, params)
 
 
 def train_index(index: faiss.Index, kind: str, sample) -> None:
-    """Train an ivf or ivfpq index on a sample of its vectors (flat and hnsw need none): an array,
-    or for ivfpq a callable returning the sample's chunks afresh, read twice so that the sample is
-    never held at full dimension.
-
-    ivfpq's projection is the top eigenvectors of the sample's second-moment matrix (its right
-    singular vectors without centring): the directions that carry most of the vectors' energy, so
-    <Pq, Px> stays close to <q, x>. Its cells and codes are then trained on the projected sample."""
-    if kind == "ivf":
-        index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    elif kind == "ivfpq":
-        chunks = sample if callable(sample) else (lambda: [sample])
-        transform = faiss.downcast_VectorTransform(index.chain.at(0))
-        gram = np.zeros((transform.d_in, transform.d_in))
-        for x in chunks():
-            x = np.asarray(x, dtype=np.float64)
-            gram += x.T @ x
-        _, vectors = np.linalg.eigh(gram)  # ascending eigenvalues
-        top = np.ascontiguousarray(vectors[:, ::-1][:, : transform.d_out].T, dtype=np.float32)
-        faiss.copy_array_to_vector(top.ravel(), transform.A)
-        transform.is_trained = True
-        projected = np.concatenate([transform.apply(np.ascontiguousarray(x, dtype=np.float32)) for x in chunks()])
-        faiss.downcast_index(index.index).train(projected)
-        index.is_trained = True
+    """Train an ivf or ivfpq index on a sample of its vectors (flat and hnsw need none): an array, or
+    a callable returning the sample's chunks afresh (ivfpq reads it twice, so that the sample is never
+    held at full dimension). How each kind trains is its record's (`serve.index_kinds`)."""
+    train = index_kind(kind).train
+    if train is not None:
+        train(index, sample)
 
 
 def fill_index(index: faiss.Index, chunks, keep=None) -> None:
@@ -400,29 +367,29 @@ def _check_replaceable(run_dir: Path, options: IndexOptions, kind: str, pool: st
     faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
     if (faiss_path.exists() or json_path.exists()) and not options.overwrite:
         what = f"the {options.split} split" + (f" of {pool}" if pool else "")
-        raise FileExistsError(f"{faiss_path}: already holds a {kind} index of {what}; pass --overwrite to replace "
-                              "it (swapped in whole once the new one is built)")
+        raise AlreadyExists(f"{faiss_path}: already holds a {kind} index of {what}; pass --overwrite to replace "
+                            "it (swapped in whole once the new one is built)")
 
 
 def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) -> tuple[Path, IndexMeta]:
     if run is None:
         run = _index_run(run_dir, options)
     if getattr(run, "checkpoint", None) is not None:
-        raise ValueError(f"{run_dir}: a fine-tuned run (backbone and heads in {run.checkpoint.name}); indexes are kept "
-                         "for adapter runs, and `search` on this run scans its pool exactly")
+        raise Incompatible(f"{run_dir}: a fine-tuned run (backbone and heads in {run.checkpoint.name}); indexes are kept "
+                           "for adapter runs, and `search` on this run scans its pool exactly")
     t0 = time.perf_counter()
     run.split_files()  # a features folder that moved is named with how to re-point the run
     files = _split_files(Path(run.features_dir), options.split)
     sources = [_describe(split, path) for split, path in files.items()]
     n = sum(s.n_images for s in sources)
     if n == 0:
-        raise ValueError(f"{run.features_dir}: the {options.split} cache holds no images to index")
+        raise Incompatible(f"{run.features_dir}: the {options.split} cache holds no images to index")
     setting, vectors = _row_vectors(run)
     plan = options.plan(n, run.dim + (setting is not None))  # refuses a budget the index cannot fit
     kind, params = plan.kind, plan.params
     if options.engine == "ray" and kind not in PARTS_KINDS:
-        raise ValueError(f"--engine ray fills ivf and ivfpq indexes in parts; {kind} (what --kind {options.kind} "
-                         f"gives for {n:,} images) is built on one machine: drop --engine ray or pass --kind ivfpq")
+        raise BadOption(f"--engine ray fills ivf and ivfpq indexes in parts; {kind} (what --kind {options.kind} "
+                        f"gives for {n:,} images) is built on one machine: drop --engine ray or pass --kind ivfpq")
     _check_replaceable(run_dir, options, kind, pool)  # once planned: the kind "auto" gives is known
     index = new_index(kind, plan.dim, params)
     paths = list(files.values())
@@ -431,7 +398,7 @@ def _build_index(run_dir: Path, options: IndexOptions, run, pool: str | None) ->
             return (vectors(x) for x in _sample_chunks(run, paths, n, params["train_size"], plan.chunk_rows,
                                                        options.seed))
 
-        train_index(index, kind, sample if kind == "ivfpq" else np.concatenate(list(sample())))
+        train_index(index, kind, sample)
     faiss_path, json_path = index_paths(run_dir, options.split, kind, pool)
     keep = "rerank" in params  # the full vectors candidates are re-scored from, written as they are added
     kept = vectors_path(faiss_path).name if keep else ""
@@ -529,10 +496,10 @@ def _image_side(setting) -> dict | None:
 def _features_dir(run_dir: Path) -> Path:
     cfg = run_dir / RUN_CONFIG
     if not cfg.exists():
-        raise FileNotFoundError(f"{cfg}: no config.json, not an adapter run folder")
+        raise NotFound(f"{cfg}: no config.json, not an adapter run folder")
     config = json.loads(cfg.read_text())
     if not config.get("features_dir"):
-        raise ValueError(f"{cfg}: names no features_dir; cannot check the index against the cache")
+        raise BadRun(f"{cfg}: names no features_dir; cannot check the index against the cache")
     return run_features_dir(config, run_dir)
 
 
@@ -693,7 +660,7 @@ def search_index(index: faiss.Index, queries, k: int, allowed: np.ndarray | None
     fewer hits, padded with row -1 and score -inf. `allowed` (bool per index row) restricts the
     search to those rows (FAISS's own ID selector, so filtered hits are not lost to the top k)."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise BadOption(f"k must be >= 1, got {k}")
     q = _as_queries(queries)
     if q.shape[1] != index.d:
         raise ValueError(f"queries have dimension {q.shape[1]}, the index {index.d}")

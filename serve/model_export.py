@@ -25,18 +25,19 @@ from torch import nn
 
 from medembed.adapt.run import describe_run
 from medembed.adapt.run_querybank import BankOffsets
-from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.adapt.valid_heads import valid_source
+from medembed.cache import schema
 from medembed.cache.reader import load_split, read_attrs
+from medembed.common.errors import Incompatible
 from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
+from medembed.common.ranking import ranks, summarize
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, recall_key
 from medembed.common.tensors import unit
 from medembed.common.version import __version__
-from medembed.evaluate.models import EmbeddingModel, model_from_run
-from medembed.evaluate.retrieval import ranks, summarize
 from medembed.extract.backbones.core import Backbone
-from medembed.extract.backbones.effnet_minilm import HFTokenize
+from medembed.extract.backbones.family import PortableTokenizer
 from medembed.extract.backbones.onnx_runtime import (
     OPSET,
     OnnxTower,
@@ -45,7 +46,10 @@ from medembed.extract.backbones.onnx_runtime import (
     exportable_text,
     session,
 )
+from medembed.extract.backbones.registry import family_of
 from medembed.extract.backbones.transforms import Letterbox, Views
+from medembed.model.embedding import EmbeddingModel, model_from_run
+from medembed.model.runs import open_run, run_backbone
 
 MANIFEST = "medembed-model.json"
 IMAGE_GRAPH, TEXT_GRAPH = "image_encoder.onnx", "text_encoder.onnx"
@@ -54,7 +58,7 @@ PREPROCESSING, TOKENIZER, QUERYBANK, METRICS, CARD = (
 BANK_FILES = {"images": "querybank_captions.npy", "captions": "querybank_images.npy"}
 
 
-class NotPortable(ValueError):
+class NotPortable(Incompatible):
     """Something of the run has no exact form outside medembed (one line, names what)."""
 
 
@@ -145,11 +149,13 @@ class TextEncoder(nn.Module):
         return unit(self.head(self.tower(input_ids, **given)))
 
 
-def _tokenizer(backbone: Backbone) -> HFTokenize:
-    tok = backbone.tokenize
-    if not isinstance(tok, HFTokenize) or not getattr(tok.tokenizer, "is_fast", False):
-        raise NotPortable(f"{backbone.name}: its tokenizer ({type(tok).__name__}) has no tokenizer.json form; "
-                          "export-model needs a Hugging Face fast tokenizer")
+def _tokenizer(backbone: Backbone) -> PortableTokenizer:
+    """The tokenizer's portable form, as the backbone's family gives it (`BackboneFamily.portable_tokenizer`)."""
+    family = family_of(backbone)
+    tok = family.portable_tokenizer(backbone) if family is not None and family.portable_tokenizer else None
+    if tok is None:
+        raise NotPortable(f"{backbone.name}: its tokenizer ({type(backbone.tokenize).__name__}) has no tokenizer.json "
+                          "form; export-model needs a Hugging Face fast tokenizer")
     return tok
 
 
@@ -177,7 +183,8 @@ def export_model(run_ref: str | Path, out: str | Path, overwrite: bool = False) 
     return summary
 
 
-def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, work: Path) -> ModelExportSummary:
+def _write(run, backbone: Backbone, views: list[dict], norms, tok: PortableTokenizer,
+           work: Path) -> ModelExportSummary:
     backbone.to("cpu")
     run.image_head.cpu().eval()
     run.text_head.cpu().eval()
@@ -191,14 +198,15 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
     check_agreement(_graph(work / IMAGE_GRAPH), image, [{"views": example}, {"views": probe}], work / IMAGE_GRAPH)
 
     text = TextEncoder(exportable_text(backbone), run.text_head).eval()
-    probes = [tok(["CT", "Axial contrast-enhanced CT of the abdomen showing a lesion in the liver"]), tok(["x-ray"])]
+    probes = [backbone.tokenize(["CT", "Axial contrast-enhanced CT of the abdomen showing a lesion in the liver"]),
+              backbone.tokenize(["x-ray"])]
     names = list(probes[0])
     export_module(text, probes[0], work / TEXT_GRAPH, {k: {0: "batch", 1: "tokens"} for k in names},
                   output="embedding")
     # checked against the tower itself (not only the form exported) with the run's heads on top
     check_agreement(_graph(work / TEXT_GRAPH), TextEncoder(backbone.text_model.eval(), run.text_head).eval(), probes,
                     work / TEXT_GRAPH)
-    tok.tokenizer.backend_tokenizer.save(str(work / TOKENIZER))
+    tok.save(work / TOKENIZER)
 
     decoding = _decoding(run)
     spec = {
@@ -206,7 +214,7 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
                   "views": views, "decoding": decoding,
                   "note": "each view is made from the same RGB image; scaling to 0-1 and normalising are in the graph"},
         "text": {"inputs": names, "dtype": "int64", "max_length": tok.max_length, "padding": "longest in batch",
-                 "pad_id": int(tok.tokenizer.pad_token_id or 0)},
+                 "pad_id": tok.pad_id},
         "output": {"name": "embedding", "dim": run.dim, "normalised": "L2, so a dot product is the cosine"},
     }
     (work / PREPROCESSING).write_text(json.dumps(spec, indent=2) + "\n")
@@ -222,7 +230,7 @@ def _write(run, backbone: Backbone, views: list[dict], norms, tok: HFTokenize, w
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "run": Path(run.run_dir).name,
         "describe": describe_run(run), "backbone": backbone.name, "dim": run.dim, "opset": OPSET,
         "torch": torch.__version__, "backbone_provenance": {k: v for k, v in backbone.provenance.items()
-                                                            if k != "image_runtime"},
+                                                            if k != schema.IMAGE_RUNTIME},
         "files": {name: sha256_file(work / name) for name in files},
     }
     (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -237,7 +245,7 @@ def _decoding(run) -> str:
     """How the run's training images were decoded before resizing (DICOM/NIfTI windows), as recorded."""
     files = run.split_files()
     attrs = read_attrs(next(iter(files.values()))) if files else {}
-    return str(attrs.get("image_decoding") or "8-bit images converted to RGB as they are; 16-bit PNG/TIFF, DICOM "
+    return str(attrs.get(schema.IMAGE_DECODING) or "8-bit images converted to RGB as they are; 16-bit PNG/TIFF, DICOM "
                "and NIfTI windowed to 8 bits first (DICOM: the file's own VOI LUT or window, else the 0.5-99.5th "
                "percentiles of its values, MONOCHROME1 inverted; 16-bit PNG/TIFF: those percentiles), as medembed "
                "decodes them")
@@ -291,9 +299,9 @@ def _dataset_name(run) -> str:
 
 
 def _recall_lines(test: dict) -> list[str]:
-    lines = [f"| {direction} | R@{k} | {test[f'{d}_R@{k}']:.1f} | {test[f'{d}_R@{k}_ci_low']:.1f} - "
-             f"{test[f'{d}_R@{k}_ci_high']:.1f} |"
-             for d, direction in (("t2i", "text -> image"), ("i2t", "image -> text")) for k in (1, 5, 10)]
+    lines = [f"| {direction} | R@{k} | {test[recall_key(d, k)]:.1f} | {test[recall_key(d, k) + '_ci_low']:.1f} - "
+             f"{test[recall_key(d, k) + '_ci_high']:.1f} |"
+             for d, direction in zip(DIRECTIONS, ("text -> image", "image -> text")) for k in DEFAULT_KS]
     return ["| direction | metric | % | 95% interval |", "|---|---|---|---|", *lines]
 
 
@@ -333,15 +341,15 @@ def model_card(run, backbone: Backbone, metrics: dict, bank: dict | None, decodi
     else:
         lines += ["The run's features have no test split: no test recall is reported.", ""]
     valid = metrics.get("valid") or {}
-    if all(f"{d}_R@{k}" in valid for d in ("t2i", "i2t") for k in (1, 5, 10)):
+    if all(recall_key(d, k) in valid for d in DIRECTIONS for k in DEFAULT_KS):
         heads = {"selection": "the heads valid chose, before the refit on train + valid"}.get(
             metrics.get("valid_heads", ""), "the exported heads")
         held = ("" if metrics.get("valid_held_out", True) else
                 " Not held out: these heads learned from valid pairs, so this says nothing of unseen data.")
         lines += [f"Valid split (where settings were chosen; measured with {heads}).{held} R@1 / R@5 / R@10: "
                   "text -> image " + " / ".join(
-            f"{valid[f't2i_R@{k}']:.1f}" for k in (1, 5, 10)) + ", image -> text " + " / ".join(
-            f"{valid[f'i2t_R@{k}']:.1f}" for k in (1, 5, 10)) + ".", ""]
+            f"{valid[recall_key('t2i', k)]:.1f}" for k in DEFAULT_KS) + ", image -> text " + " / ".join(
+            f"{valid[recall_key('i2t', k)]:.1f}" for k in DEFAULT_KS) + ".", ""]
     lines += [
         "## How to use",
         "",

@@ -79,7 +79,7 @@ class SearchPool:
     def decode(self) -> DecodeOptions:
         """How the pool's images were rendered at extraction (window), for showing them and for
         decoding query images the same way."""
-        return DecodeOptions.from_provenance(self.splits[0].attrs.get("image_decoding") if self.splits else None)
+        return DecodeOptions.from_provenance(self.splits[0].attrs.get(schema.IMAGE_DECODING) if self.splits else None)
 
     @property
     def metadata_bytes(self) -> int:

@@ -20,18 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medembed.adapt.tuning.runs import run_backbone
-from medembed.evaluate.examples import load_image_thumbnail
-from medembed.evaluate.listing import BANK_SCORE, COSINE, one_line
-from medembed.evaluate.models import EmbeddingModel, model_from_run
-from medembed.evaluate.new_data import open_runs
-from medembed.evaluate.plots import Tile, image_query_grid, similar_images_grid, text_query_grid
-from medembed.evaluate.retrieval import top_k
+from medembed.cache.schema import split_file
+from medembed.common.errors import BadInput, BadOption, Incompatible, NotFound
+from medembed.common.querybank import BANK_SCORE, COSINE
+from medembed.common.ranking import top_k
+from medembed.common.text import one_line
 from medembed.extract.backbones import onnx_runtime
 from medembed.extract.backbones.core import Backbone
-from medembed.extract.extraction import GRAPHS_DIR
+from medembed.extract.extraction import DEFAULT_FEATURES_ROOT, GRAPHS_DIR
 from medembed.extract.imaging import DEFAULT_DECODE, DecodeOptions, open_image
 from medembed.extract.worker import describe_failure
+from medembed.model.embedding import EmbeddingModel, model_from_run
+from medembed.model.grids import Tile, image_query_grid, similar_images_grid, text_query_grid
+from medembed.model.runs import open_runs, run_backbone
+from medembed.model.thumbnails import load_image_thumbnail
 from medembed.serve.explain import explain
 from medembed.serve.pool import SearchPool
 from medembed.serve.search_memory import (
@@ -44,6 +46,18 @@ from medembed.serve.search_memory import (
 EXACT = "exact scan"
 NO_CAPTIONS = "the pool has no captions (an image-only collection)"
 QUERY_LABEL = "query image"  # what a grid calls an image query: its file name may name a patient
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What `cli.py search` and `serve` take unless told, and the defaults of `Searcher`, `search`, the
+    notebook API's search and the page: one place, so the command line, Python and the page agree."""
+
+    k: int = 9  # hits per query: the 3x3 grid `search --out` draws, and one page of the search page
+    features_root: str = DEFAULT_FEATURES_ROOT  # where a `data` pool's encoding is cached
+    runtime: str = onnx_runtime.DEFAULT_RUNTIME  # the queries' encoders: torch, onnx or auto
+    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB  # the whole process: the pool held when it fits, else streamed
+    use_index: bool = True  # answer text queries through the run's FAISS index when one was built
 
 
 @dataclass
@@ -87,7 +101,7 @@ def read_query_image(image, options: DecodeOptions = DEFAULT_DECODE):
     try:
         return open_image(str(image), options)
     except Exception as e:  # noqa: BLE001 - every decode failure becomes the same one-line message
-        raise ValueError(f"{image}: cannot use as a query image: {describe_failure(str(image), e)}") from None
+        raise BadInput(f"{image}: cannot use as a query image: {describe_failure(str(image), e)}") from None
 
 
 def encode_query(backbone, text: str | None = None, image=None,
@@ -95,7 +109,7 @@ def encode_query(backbone, text: str | None = None, image=None,
     """Raw backbone features [1, D] of one caption, or of one image (a path or a PIL image)."""
     if text is not None:
         if not text.strip():
-            raise ValueError("--text: the query is empty")
+            raise BadOption("--text: the query is empty")
         return backbone.encode_texts([text]).float().cpu()
     pil = read_query_image(image, options)
     return backbone.encode_images(backbone.preprocess(pil)[None]).float().cpu()
@@ -107,15 +121,16 @@ class Searcher:
     (`serve.search_memory`)."""
 
     def __init__(self, run_ref, split: str | None = None, data: str | Path | None = None,
-                 features_root: str | Path = "features", backbone=None, use_index: bool = True,
-                 runtime: str = "auto", max_memory_gb: float = DEFAULT_MAX_MEMORY_GB, follow_links: bool = False,
+                 features_root: str | Path = SearchOptions.features_root, backbone=None,
+                 use_index: bool = SearchOptions.use_index, runtime: str = SearchOptions.runtime,
+                 max_memory_gb: float = SearchOptions.max_memory_gb, follow_links: bool = False,
                  readable_paths: bool = False):
         (self.run,) = open_runs([run_ref], data, [split] if split else None, features_root,
                                 follow_links=follow_links, readable_paths=readable_paths)
         self._own_run = isinstance(run_ref, (str, Path))  # opened here, not handed in
         files = self.run.split_files()
         if split is not None and split not in files:
-            raise FileNotFoundError(f"{self.run.features_dir}: no {split}.h5 (found: {', '.join(files)})")
+            raise NotFound(f"{self.run.features_dir}: no {split_file(split)} (found: {', '.join(files)})")
         self.pool = SearchPool.open([p for name, p in files.items() if split in (None, name)])
         self.split = split
         self.model: EmbeddingModel = model_from_run(self.run)
@@ -229,7 +244,7 @@ class Searcher:
         query (`by="text"`) ranks with the run's query bank, as eval does; an image query
         (`by="image"`: similar images) by plain cosine, since the bank measures nearness to captions."""
         if by not in ("text", "image"):
-            raise ValueError(f"by: 'text' or 'image', not {by!r}")
+            raise BadOption(f"by: 'text' or 'image', not {by!r}")
         bank = by == "text"
         n = self.pool.n_images if allowed is None else int(allowed.sum())
         k_used, notes = _cap(k, n, "images")
@@ -377,9 +392,9 @@ def _cosines(query: torch.Tensor, items: torch.Tensor) -> list[float]:
 
 def _cap(k: int, pool: int, what: str) -> tuple[int, list[str]]:
     if k < 1:
-        raise ValueError(f"-k must be >= 1, got {k}")
+        raise BadOption(f"-k must be >= 1, got {k}")
     if pool == 0:
-        raise ValueError(f"the pool holds no {what} to search")
+        raise Incompatible(f"the pool holds no {what} to search")
     if k > pool:
         return pool, [f"-k {k} is more than the {pool} {what} in the pool: all {pool} are returned"]
     return k, []
@@ -389,16 +404,16 @@ def search(
     run_dir: str | Path,
     text: str | None = None,
     image: str | Path | None = None,
-    k: int = 9,
+    k: int = SearchOptions.k,
     out: str | Path | None = None,
     split: str | None = None,
     backbone=None,
-    use_index: bool = True,
+    use_index: bool = SearchOptions.use_index,
     data: str | Path | None = None,
-    features_root: str | Path = "features",
+    features_root: str | Path = SearchOptions.features_root,
     explain_maps: bool = False,
-    runtime: str = "auto",
-    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB,
+    runtime: str = SearchOptions.runtime,
+    max_memory_gb: float = SearchOptions.max_memory_gb,
     follow_links: bool = False,
     readable_paths: bool = False,
 ) -> SearchResult:
@@ -419,15 +434,15 @@ def search(
     is read (see `extract.access`, `extract.datasets.identity`).
     """
     if (text is None) == (image is None):
-        raise ValueError("give exactly one of --text or --image")
+        raise BadOption("give exactly one of --text or --image")
     if text is not None and not text.strip():
-        raise ValueError("--text: the query is empty")
+        raise BadOption("--text: the query is empty")
     if image is not None:
         read_query_image(image)  # a bad file is refused before anything is loaded
     searcher = Searcher(run_dir, split, data, features_root, backbone, use_index=use_index, runtime=runtime,
                         max_memory_gb=max_memory_gb, follow_links=follow_links, readable_paths=readable_paths)
     if explain_maps and (text is None or out is None):
-        raise ValueError("--explain draws heat maps over the images a --text query retrieves: it needs --text and --out")
+        raise BadOption("--explain draws heat maps over the images a --text query retrieves: it needs --text and --out")
     if text is not None:
         query = searcher.embed_text(text)
         result = searcher.images(query, k)

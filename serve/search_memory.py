@@ -15,13 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medembed.adapt.memory import MIN_CHUNK_ROWS, PROCESS_BYTES, SLACK_BYTES, MemoryBudgetError, gib_up
 from medembed.adapt.run_querybank import BANK_ROWS
 from medembed.common.memory import GB, format_bytes
+from medembed.common.planning import (
+    DEFAULT_MAX_MEMORY_GB,
+    MIN_CHUNK_ROWS,
+    PROCESS_BYTES,
+    SLACK_BYTES,
+    MemoryBudgetError,
+    gib_up,
+)
 
 __all__ = ["DEFAULT_MAX_MEMORY_GB", "SearchMemoryPlan", "plan_search_memory"]
 
-DEFAULT_MAX_MEMORY_GB = 8.0
 ENCODER_BYTES = 640 << 20  # the query encoders (torch towers and their ONNX Runtime sessions) once loaded
 ID_BYTES = 100  # per index row: its image id as a Python string beside the index (84 measured at 10M while its JSON is parsed)
 MAX_CHUNK_ROWS = 65536

@@ -72,12 +72,13 @@ def real_cache(dataset: str) -> Path:
     Extracted on first use (CI starts from a clean clone) and reused afterwards: the extraction
     is resumable and a finished split is reported up to date, so this costs nothing the second time.
     """
+    from medembed.cache.schema import split_file
     from medembed.extract.backbones import DEFAULT_BACKBONE
     from medembed.extract.extraction import ExtractConfig, cache_dir, extract
 
     data = shared_dataset(dataset)
     folder = cache_dir(REPO / "features", dataset, DEFAULT_BACKBONE)
-    if not all((folder / f"{s}.h5").exists() for s in ("train", "valid", "test")):
+    if not all((folder / split_file(s)).exists() for s in ("train", "valid", "test")):
         extract(ExtractConfig(data=str(data), out=str(REPO / "features"), progress=False))
     return folder
 

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from medembed.cache.reader import CachedSplit
+from medembed.cache.schema import split_file
 from medembed.cache.writer import write_split
 
 
@@ -102,5 +103,5 @@ def write_synthetic_features(features_dir: str | Path, n_train: int = 200, n_eva
     `store_dtype`; "float16" is what `extract` writes)."""
     d = Path(features_dir)
     for i, (name, n) in enumerate((("train", n_train), ("valid", n_eval), ("test", n_eval))):
-        write_cache(correlated_split(n, seed=i, split=name, **kw), d / f"{name}.h5", dtype=store_dtype)
+        write_cache(correlated_split(n, seed=i, split=name, **kw), d / split_file(name), dtype=store_dtype)
     return d

@@ -14,6 +14,7 @@ from medembed.adapt.data import (
     iter_batches,
     read_concepts,
 )
+from medembed.cache.schema import split_file
 from tests.synthetic_features import correlated_split, write_cache
 
 
@@ -99,7 +100,7 @@ def test_views_are_sampled_per_image():
 
 def test_stream_source_covers_every_caption_once(tmp_path):
     split = correlated_split(50, 6, 4, captions_per_image=2)
-    path = write_cache(split, tmp_path / "train.h5")
+    path = write_cache(split, tmp_path / split_file("train"))
     source = StreamSource(path, chunk_rows=16)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -116,7 +117,7 @@ def test_stream_source_covers_every_caption_once(tmp_path):
 
 def test_read_concepts_matches_full_load(tmp_path):
     split = correlated_split(40, 6, 4, n_concepts=5, templates=3)
-    path = write_cache(split, tmp_path / "train.h5")
+    path = write_cache(split, tmp_path / split_file("train"))
     labels, names, ctf = read_concepts(path)
     assert names == split.concept_names
     assert (labels != split.concepts).nnz == 0 and labels.nnz == split.concepts.nnz > 0

@@ -12,9 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.memory import MemoryBudgetError, plan_memory
+from medembed.adapt.memory import plan_memory
+from medembed.cache.schema import shard_file, split_file
 from medembed.cache.writer import write_joined, write_split
 from medembed.common.memory import GB
+from medembed.common.planning import MemoryBudgetError
 from tests.peak_memory import run_cli
 from tests.synthetic_features import correlated_split
 
@@ -32,12 +34,12 @@ def big_cache(tmp_path_factory) -> Path:
     for i in range(SHARDS):
         part = correlated_split(SHARD_PAIRS, 768, 384, latent=32, noise=0.5, seed=i, dtype=torch.float16)
         part.image_ids = [f"s{i}_{k:06d}" for k in range(SHARD_PAIRS)]
-        shards.append(write_split(folder / f"train.shard-{i:04d}-of-{SHARDS:04d}.h5", part))
+        shards.append(write_split(folder / shard_file("train", i, SHARDS), part))
         del part
-    write_joined(folder / "train.h5", shards, {"backbone": "synthetic", "dataset": "synthetic", "split": "train",
-                                               "dtype": "float16", "n_records": SHARDS * SHARD_PAIRS})
+    write_joined(folder / split_file("train"), shards, {"backbone": "synthetic", "dataset": "synthetic", "split": "train",
+                                                        "dtype": "float16", "n_records": SHARDS * SHARD_PAIRS})
     valid = correlated_split(1000, 768, 384, latent=32, noise=0.5, seed=99, split="valid", dtype=torch.float16)
-    write_split(folder / "valid.h5", valid)
+    write_split(folder / split_file("valid"), valid)
     return folder
 
 
@@ -51,7 +53,7 @@ def test_a_cache_larger_than_the_budget_trains_streamed_under_it(big_cache, tmp_
     assert SHARDS * SHARD_PAIRS * (768 + 384) * 2 > BUDGET_GB * GB and _cache_bytes(big_cache) > BUDGET_GB * GB
     config = AdaptConfig(features_dir=str(big_cache), out=str(tmp_path / "run"), head="linear", dim=32, ensemble=1,
                          batch_size=2048, max_memory_gb=BUDGET_GB)
-    plan = plan_memory(config, big_cache / "train.h5", big_cache / "valid.h5")
+    plan = plan_memory(config, big_cache / split_file("train"), big_cache / split_file("valid"))
     assert plan.stream and plan.total <= BUDGET_GB * GB and plan.chunk_rows < SHARDS * SHARD_PAIRS
 
     run = tmp_path / "run"
@@ -72,7 +74,7 @@ def test_a_cache_larger_than_the_budget_trains_streamed_under_it(big_cache, tmp_
 def test_a_budget_nothing_fits_is_refused_in_one_line(big_cache, tmp_path):
     config = AdaptConfig(features_dir=str(big_cache), out=str(tmp_path / "x"), max_memory_gb=0.5)
     with pytest.raises(MemoryBudgetError, match=r"training needs at least .* even with the training split streamed"):
-        plan_memory(config, big_cache / "train.h5", big_cache / "valid.h5")
+        plan_memory(config, big_cache / split_file("train"), big_cache / split_file("valid"))
     from medembed.cli import main
 
     r = CliRunner().invoke(main, ["adapt", "--features", str(big_cache), "--out", str(tmp_path / "x"),
@@ -85,4 +87,4 @@ def test_a_budget_nothing_fits_is_refused_in_one_line(big_cache, tmp_path):
     # the closed form holds train in memory: refused with its own reason
     cca = AdaptConfig(features_dir=str(big_cache), out=str(tmp_path / "y"), head="cca", max_memory_gb=2)
     with pytest.raises(MemoryBudgetError, match=r"--head cca\) holds the training split in memory"):
-        plan_memory(cca, big_cache / "train.h5", big_cache / "valid.h5")
+        plan_memory(cca, big_cache / split_file("train"), big_cache / split_file("valid"))

@@ -8,6 +8,7 @@ import pytest
 
 from medembed.adapt.run import load_adapter_run
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.common.ranking import recall_summary
 from tests.conftest import real_cache
 
@@ -21,6 +22,6 @@ def test_linear_infonce_head_keeps_its_recall(roco_linear_run):
     assert summary["valid"]["t2i_R@10"] >= 40 and summary["valid"]["i2t_R@10"] >= 41, summary["valid"]
     # the saved run generalises to the untouched test split
     run = load_adapter_run(roco_linear_run)
-    test = load_split(ROCO / "test.h5", with_views=False)
+    test = load_split(ROCO / split_file("test"), with_views=False)
     r = recall_summary(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
     assert r["t2i_R@10"] >= 35 and r["i2t_R@10"] >= 35, r

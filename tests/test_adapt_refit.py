@@ -10,14 +10,16 @@ from click.testing import CliRunner
 
 from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.memory import GB, MemoryBudgetError, plan_memory
+from medembed.adapt.memory import GB, plan_memory
 from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import SELECTION, train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.cli import main
+from medembed.common.planning import MemoryBudgetError
 from medembed.evaluate import detection
-from medembed.evaluate.models import model_from_run
 from medembed.evaluate.pipeline import EvalOptions, run_eval
+from medembed.model.embedding import model_from_run
 from tests.synthetic_features import write_synthetic_features
 
 
@@ -69,7 +71,7 @@ def test_eval_chooses_a_refit_runs_detection_settings_with_its_selection_heads(f
     refit_m, plain_m = got["refit"], got["plain"]
     assert refit_m["concept_f1_tuned_apart"] == 1.0 and plain_m["concept_f1_tuned_apart"] == 0.0
 
-    splits = {s: load_split(features / f"{s}.h5", with_views=False) for s in ("train", "valid", "test")}
+    splits = {s: load_split(features / split_file(s), with_views=False) for s in ("train", "valid", "test")}
     refit, chooser = load_adapter_run(tmp_path / "refit"), load_adapter_run(tmp_path / "plain")  # same heads as selection
     assert torch.equal(refit.selection().embed_images(splits["valid"].image_features),
                        chooser.embed_images(splits["valid"].image_features))
@@ -90,13 +92,13 @@ def test_the_default_refits_when_train_and_valid_fit_the_budget(features, tmp_pa
     """refit None (the default) refits when the plan has room for train + valid beside the run, and
     says why not otherwise; --refit asked for by name refuses in one line instead. (Wide heads, so
     that the refit's second set of heads is the plan's largest phase.)"""
-    roomy = plan_memory(_config(features, tmp_path / "p", dim=512), features / "train.h5", features / "valid.h5")
+    roomy = plan_memory(_config(features, tmp_path / "p", dim=512), features / split_file("train"), features / split_file("valid"))
     assert roomy.refit and "then refit on train + valid" in roomy.describe()
-    without = plan_memory(_config(features, tmp_path / "p", dim=512, refit=False), features / "train.h5", features / "valid.h5")
+    without = plan_memory(_config(features, tmp_path / "p", dim=512, refit=False), features / split_file("train"), features / split_file("valid"))
     assert not without.refit and without.total < roomy.total
     between = (without.total + roomy.total) / 2 / GB  # the run fits, its refit does not
     tight = _config(features, tmp_path / "tight", dim=512, max_memory_gb=between)
-    assert not plan_memory(tight, features / "train.h5", features / "valid.h5").refit
+    assert not plan_memory(tight, features / split_file("train"), features / split_file("valid")).refit
     summary = train(tight, progress=False)
     assert "refit" not in summary and "does not fit --max-memory-gb" in summary["refit_skipped"]
     assert not (tmp_path / "tight" / SELECTION).exists()

@@ -18,6 +18,7 @@ from medembed.adapt.run import load_adapter_run
 from medembed.adapt.state import Schedule
 from medembed.adapt.trainer import param_groups, train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.common.ranking import recall_summary
 from tests.synthetic_features import correlated_split, write_synthetic_features
 
@@ -121,7 +122,7 @@ def test_every_head_saves_and_loads_the_same_way(features, tmp_path, head):
     assert run.config["head"] == head and run.features_dir == features.resolve()
     keys = load_file(str(tmp_path / head / "best.safetensors")).keys()
     assert all(k.startswith(("image_head.", "text_head.")) for k in keys)
-    valid = load_split(features / "valid.h5")
+    valid = load_split(features / split_file("valid"))
     img, txt = run.embed_images(valid.image_features), run.embed_texts(valid.caption_features)
     # the default ensemble: 4 heads' unit embeddings side by side, each scaled by 1/2, so a cosine
     # of two joint embeddings is the mean of the members' cosines (a closed-form cca head is one)
@@ -178,7 +179,7 @@ def test_streamed_training_matches_in_memory_quality(features, tmp_path, monkeyp
     chance = 100 * 10 / 120
     assert s["valid"]["t2i_R@10"] > 3 * chance and s["valid"]["i2t_R@10"] > 3 * chance
     # 480 captions plus concept pairs at concept_ratio 0.5 (capped by how many labelled pairs exist)
-    labels = load_split(features / "train.h5").concepts
+    labels = load_split(features / split_file("train")).concepts
     assert s["n_train_pairs"] == 480 + min(labels.nnz, 240)
 
 
@@ -218,7 +219,7 @@ def test_ema_validates_and_saves_the_averaged_heads(features, tmp_path):
     if summary["best_epoch"] == 2:
         assert all(torch.equal(best[f"image_head.{k}"], v) for k, v in averaged.items())
     run = load_adapter_run(tmp_path / "ema")
-    valid = load_split(features / "valid.h5")
+    valid = load_split(features / split_file("valid"))
     again = recall_summary(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
                            valid.caption_image)
     assert again["mean_recall"] == pytest.approx(summary["valid"]["mean_recall"], abs=1e-6)

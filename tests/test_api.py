@@ -11,6 +11,7 @@ import medembed
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.serve.search import search as cli_search
 from tests.conftest import tiny_clip_cache
 
@@ -32,7 +33,7 @@ def test_package_exposes_the_api_lazily():
 
 def test_api_matches_the_command_line(run_dir, tmp_path):
     run = medembed.load_run(run_dir)
-    test = load_split(run.features_dir / "test.h5")
+    test = load_split(run.features_dir / split_file("test"))
     # a caption of the cache embeds to the same vector the run gives its cached features
     emb = medembed.embed_texts(run, test.captions[:2])
     assert emb.shape == (2, 16 * 4) and torch.allclose(emb.norm(dim=1), torch.ones(2))  # 4 heads of dim 16
@@ -51,7 +52,7 @@ def test_a_single_text_or_image_is_one_item_not_a_sequence(run_dir):
     from PIL import Image
 
     run = medembed.load_run(run_dir)
-    test = load_split(run.features_dir / "test.h5")
+    test = load_split(run.features_dir / split_file("test"))
     one = medembed.embed_texts(run, "axial CT")
     assert one.shape == (1, run.dim) and torch.allclose(one, medembed.embed_texts(run, ["axial CT"]))
     image = run.features_dir.parents[1].parent / "data" / test.image_locations[0]
@@ -141,11 +142,11 @@ def test_search_labels_bank_scores_and_prints_the_true_cosine(run_dir, tmp_path)
     from click.testing import CliRunner
 
     from medembed.cli import main
-    from medembed.evaluate.models import model_from_run
+    from medembed.model.embedding import model_from_run
 
     bank_dir = _with_bank(run_dir, tmp_path / "bank")
     run = medembed.load_run(bank_dir)
-    test = load_split(run.features_dir / "test.h5")
+    test = load_split(run.features_dir / split_file("test"))
     query = test.captions[0]
     res = CliRunner().invoke(main, ["search", "--run", str(bank_dir), "--text", query, "-k", "4", "--split", "test"])
     assert res.exit_code == 0, res.output
@@ -188,7 +189,7 @@ def test_search_without_a_bank_labels_its_scores_cosine(run_dir, tmp_path):
     plain_dir = Path(shutil.copytree(run_dir, tmp_path / "plain"))
     (plain_dir / "querybank.json").unlink(missing_ok=True)  # as --no-querybank leaves a run
     run = medembed.load_run(plain_dir)
-    test = load_split(run.features_dir / "test.h5")
+    test = load_split(run.features_dir / split_file("test"))
     res = CliRunner().invoke(main, ["search", "--run", str(plain_dir), "--text", test.captions[1], "-k", "3",
                                     "--split", "test"])
     assert res.exit_code == 0, res.output

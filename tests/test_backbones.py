@@ -251,3 +251,19 @@ def test_backbone_families_are_data_and_own_their_model_code():
     side = int(round((heat.numel()) ** 0.5))
     assert heat.shape == (side, side) and side > 1 and bool((heat >= 0).all())
     assert float(score) == pytest.approx(float(backbone.encode_images(pixels).sum()), rel=1e-4, abs=1e-4)
+
+
+def test_each_family_record_says_what_it_can_do_for_tuning_and_export(default, tiny, tmp_path):
+    """Unlocking, library checkpointing and the portable tokenizer are the family's: the default pair
+    exports its fast tokenizer's own tokenizer.json and has no library checkpointing; open_clip
+    checkpoints through its own switch and has no tokenizer.json form."""
+    from medembed.extract.backbones import family_of
+    from medembed.extract.backbones.tops import unlock_top_blocks
+
+    effnet, clip = family_of(default), family_of(tiny)
+    assert effnet.unlock is unlock_top_blocks and clip.unlock is not unlock_top_blocks
+    assert effnet.grad_checkpointing is None and clip.portable_tokenizer is None
+    tok = effnet.portable_tokenizer(default)
+    assert (tok.max_length, tok.pad_id) == (128, 0)
+    tok.save(tmp_path / "tokenizer.json")
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["type"] == "WordPiece"

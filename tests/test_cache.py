@@ -12,6 +12,7 @@ import torch
 from medembed.cache.parts import PartStore
 from medembed.cache.provenance import ProvenanceMismatch, differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
+from medembed.cache.schema import split_file
 from medembed.cache.writer import write_split
 
 
@@ -39,8 +40,8 @@ def _write(path, dtype="float16", **over):
 
 
 def test_round_trip_float32_exact(tmp_path):
-    kw = _write(tmp_path / "train.h5", dtype="float32")
-    s = load_split(tmp_path / "train.h5")
+    kw = _write(tmp_path / split_file("train"), dtype="float32")
+    s = load_split(tmp_path / split_file("train"))
     assert s.image_ids == ["a", "b", "c"]
     assert s.image_locations[2] == "x.zip::c.png"
     assert torch.equal(s.image_features, kw["image_features"])
@@ -52,7 +53,7 @@ def test_round_trip_float32_exact(tmp_path):
     assert s.concept_text_features.shape == (3, 2, 6)
     assert s.templates == ["{name}", "an image of {name}"]
     assert s.attrs["n_skipped"] == 1 and s.attrs["complete"]
-    with h5py.File(tmp_path / "train.h5") as f:
+    with h5py.File(tmp_path / split_file("train")) as f:
         assert f["images/features"].attrs["layer"] == "stage7"
         assert [x.decode() for x in f["skipped/reasons"][()]] == ["zero-byte file"]
 
@@ -74,7 +75,7 @@ def test_float16_default_and_row_chunks(tmp_path):
 
 def test_find_splits_orders_and_errors(tmp_path):
     for s in ("test", "train", "valid"):
-        _write(tmp_path / f"{s}.h5")
+        _write(tmp_path / split_file(s))
     assert list(find_splits(tmp_path)) == ["train", "valid", "test"]
     with pytest.raises(FileNotFoundError, match="no such features folder"):
         find_splits(tmp_path / "missing")
@@ -99,7 +100,7 @@ def test_differences_name_each_key():
 
 
 def test_part_store_resume_and_refusal(tmp_path):
-    final = tmp_path / "train.h5"
+    final = tmp_path / split_file("train")
     store = PartStore(final)
     settings = store.open({"backbone": "x", "split": "train"}, {"batch_size": 8})
     assert settings == {"batch_size": 8}

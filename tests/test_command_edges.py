@@ -25,6 +25,7 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_adapter_run, read_querybank
 from medembed.adapt.trainer import train
 from medembed.cache.reader import CacheError
+from medembed.cache.schema import split_file
 from medembed.cli import main
 from medembed.serve import index as index_module
 from medembed.serve.index import IndexOptions, StaleIndexError, build_index, index_paths, load_index
@@ -83,7 +84,7 @@ def test_search_and_relink_name_the_damaged_cache_file_and_dataset(indexed_run, 
     moved = tmp_path / "moved" / "tiny-clip"
     shutil.copytree(indexed_run / "features" / "data" / "tiny-clip", moved)
     assert _invoke("relink", "--run", run, "--features", moved).exit_code == 0  # the intact copy is taken
-    damage(moved / "test.h5")
+    damage(moved / split_file("test"))
 
     line = _one_line_error(_invoke("search", "--run", run, "--text", "a red square"))
     assert f"{moved / 'test.h5'}: dataset images/features" in line and reason in line, line
@@ -200,7 +201,7 @@ def test_retrained_heads_over_a_damaged_cache_are_reported_without_reading_the_c
     root = tmp_path / "copy"
     shutil.copytree(indexed_run, root)  # run and features together: the run finds this copy of its cache
     run = root / "run"
-    _nan_features(root / "features" / "data" / "tiny-clip" / "test.h5")
+    _nan_features(root / "features" / "data" / "tiny-clip" / split_file("test"))
     heads = load_adapter_run(run)
     with torch.no_grad():
         next(heads.image_head.parameters()).add_(0.01)

@@ -136,7 +136,7 @@ def test_a_compact_run_of_a_refit_run_chooses_with_its_projected_selection_heads
     that trained on valid; eval chooses the concept detectors' settings with them too."""
     from medembed.adapt.run_querybank import calibrate
     from medembed.common.ranking import recall_summary
-    from medembed.evaluate.models import model_from_run
+    from medembed.model.embedding import model_from_run
 
     assert "refit" in json.loads((source_run / "summary.json").read_text())
     make_compact(source_run, 6, tmp_path / "c")

@@ -18,6 +18,7 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.trainer import train
 from medembed.cache.provenance import ProvenanceMismatch
 from medembed.cache.reader import SplitHeader, load_split, read_attrs
+from medembed.cache.schema import split_file
 from medembed.cli import main
 from medembed.extract.access import LINK_OUTSIDE, NOT_REGULAR, DataAccess, name_problem, walk
 from medembed.extract.datasets import load_dataset
@@ -149,7 +150,7 @@ def test_the_page_serves_no_image_that_became_a_link_out_of_the_data_folder(tmp_
                       batch_size=8), progress=False)
     client = TestClient(create_app(Searcher(tmp_path / "run", split="test"), ServeLimits()))
     assert client.get("/api/image/test:1").status_code == 200
-    cached = load_split(Path(summary.out_dir) / "test.h5")
+    cached = load_split(Path(summary.out_dir) / split_file("test"))
     target = Path(cached.image_path(1))
     secret = _jpeg(tmp_path / "elsewhere" / "private.jpg")
     target.unlink()
@@ -183,7 +184,7 @@ def test_the_rule_is_made_once_per_dataset_and_per_pool_split_not_per_image(tmp_
     assert made == [str(tmp_path / "data")]
 
     made.clear()
-    header = SplitHeader("test", tmp_path / "test.h5", 6, 6, 8, 8, 2, np.arange(6), {"data_root": str(tmp_path / "data")})
+    header = SplitHeader("test", tmp_path / split_file("test"), 6, 6, 8, 8, 2, np.arange(6), {"data_root": str(tmp_path / "data")})
     pool = SearchPool([header])
     rules = [pool.access("test") for _ in range(10)] + [pool.access(0) for _ in range(10)]
     assert all(rule is rules[0] for rule in rules) and rules[0].refusal(records[0].image) is None

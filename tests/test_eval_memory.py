@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.memory import MemoryBudgetError
 from medembed.adapt.trainer import train
+from medembed.cache.schema import split_file
 from medembed.cli import main
 from medembed.common.memory import GB
+from medembed.common.planning import MemoryBudgetError
 from medembed.evaluate.memory import PoolFiles, plan_eval_memory
 from tests.peak_memory import run_cli
 from tests.synthetic_features import correlated_split, write_cache
@@ -28,7 +29,7 @@ def pool_run(tmp_path_factory) -> Path:
     features = root / "features"
     for name, n, seed in (("train", 4000, 0), ("valid", 1000, 1), ("test", POOL, 2)):
         write_cache(correlated_split(n, 768, 384, latent=32, noise=0.5, seed=seed, split=name, n_concepts=20,
-                                     concept_rate=0.1), features / f"{name}.h5", dtype="float16")
+                                     concept_rate=0.1), features / split_file(name), dtype="float16")
     train(AdaptConfig(features_dir=str(features), out=str(root / "run"), head="linear", dim=64, ensemble=1, epochs=2),
           progress=False)
     return root / "run"
@@ -37,7 +38,7 @@ def pool_run(tmp_path_factory) -> Path:
 def _plan(run: Path, budget: float = 64.0):
     features = json.loads((run / "config.json").read_text())["features_dir"]
     f = Path(features)
-    return plan_eval_memory(budget, [PoolFiles(f / "test.h5", f / "train.h5", f / "valid.h5", [64])], True, True, 256)
+    return plan_eval_memory(budget, [PoolFiles(f / split_file("test"), f / split_file("train"), f / split_file("valid"), [64])], True, True, 256)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from medembed.common.modalities import ModalityClass
 from medembed.evaluate import detection, fewshot, zeroshot
 
 
@@ -90,7 +91,7 @@ def test_modality_accuracy_single_label_images_only():
 def test_modality_concepts_are_configurable():
     img, concept_emb, labels, ids, names = _modality_set()
     classes = zeroshot.parse_modality_concepts("CT=C0040405, C0032743")
-    assert classes == (zeroshot.ModalityClass("CT", "C0040405"), zeroshot.ModalityClass("C0032743", "C0032743"))
+    assert classes == (ModalityClass("CT", "C0040405"), ModalityClass("C0032743", "C0032743"))
     res = zeroshot.score(img, concept_emb, labels, ids, names, zeroshot.ZeroShotConfig(modalities=classes, min_modality_images=2))
     # CT alone on 0-5 except image 0 (also PET); PET alone on 11
     assert [(m.concept_id, n) for m, n in res.modality_classes] == [("C0040405", 5), ("C0032743", 1)]

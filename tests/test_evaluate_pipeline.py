@@ -13,11 +13,13 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
+from medembed.common import ranking
 from medembed.evaluate import retrieval
 from medembed.evaluate.detection import DetectionConfig
 from medembed.evaluate.fewshot import FewShotConfig
-from medembed.evaluate.models import model_from_run
 from medembed.evaluate.pipeline import EvalOptions, run_eval
+from medembed.model.embedding import model_from_run
 from medembed.serve import search as search_mod
 from tests.synthetic_features import write_synthetic_features
 
@@ -57,7 +59,7 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
     assert list(result["columns"]) == ["chance", "closed-form", "linear", "cca"]
     record = json.loads((out / "metrics-linear.json").read_text())
     assert record["schema_version"] == 2 and record["split"] == "test" and record["run_ref"] == str(linear_run)
-    assert record["scored"]["features"] == str(runs["features"] / "test.h5")
+    assert record["scored"]["features"] == str(runs["features"] / split_file("test"))
     assert record["scored"]["backbone"] == "synthetic" and record["scored"]["pool_images"] == 120
     assert set(record["sections"]) == {"retrieval", "zeroshot", "fewshot", "detection"}
     metrics = record["metrics"]
@@ -67,10 +69,10 @@ def test_run_eval_writes_report_and_matches_metric_functions(runs, linear_run, t
         result["columns"]["cca"]["t2i_R@1"])
     # the first run's retrieval numbers are exactly what the metric function gives on its embeddings,
     # ranked with the run's query bank (and cosine_* with plain cosine)
-    run, test = load_adapter_run(linear_run), load_split(runs["features"] / "test.h5")
+    run, test = load_adapter_run(linear_run), load_split(runs["features"] / split_file("test"))
     img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
     image_offset, caption_offset = model_from_run(run).offsets(img, txt)
-    direct = retrieval.summarize(retrieval.ranks(img, txt, test.caption_image, image_offset=image_offset,
+    direct = ranking.summarize(ranking.ranks(img, txt, test.caption_image, image_offset=image_offset,
                                                  caption_offset=caption_offset), (1, 5, 10))
     plain = retrieval.compute(img, txt, test.caption_image, ks=(1, 5, 10))
     for key in ("t2i_R@1", "i2t_R@5", "t2i_medr", "i2t_meanr"):
@@ -157,9 +159,9 @@ class _LookupBackbone:
 
 
 def test_search_text_finds_the_captions_image(runs, tmp_path):
-    test = load_split(runs["features"] / "test.h5")
+    test = load_split(runs["features"] / split_file("test"))
     run = load_adapter_run(runs["cca"])
-    r = retrieval.ranks(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
+    r = ranking.ranks(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
     j = int(torch.nonzero(r.t2i == 1)[0])  # a caption whose own image the run ranks first
     results = search_mod.search(runs["cca"], text=test.captions[j], k=5, split="test", backbone=_LookupBackbone(test),
                                 out=tmp_path / "grid.png")
@@ -174,9 +176,9 @@ def test_search_text_finds_the_captions_image(runs, tmp_path):
 def test_search_image_ranks_captions(runs, tmp_path):
     from PIL import Image
 
-    test = load_split(runs["features"] / "test.h5")
+    test = load_split(runs["features"] / split_file("test"))
     run = load_adapter_run(runs["cca"])
-    r = retrieval.ranks(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
+    r = ranking.ranks(run.embed_images(test.image_features), run.embed_texts(test.caption_features), test.caption_image)
     row = int(torch.nonzero(r.i2t == 1)[0])  # an image whose own caption the run ranks first
     image = tmp_path / "q.png"
     Image.new("RGB", (8, 8)).save(image)
@@ -198,7 +200,7 @@ def test_search_uses_a_built_index_and_agrees_with_the_scan(runs, tmp_path):
     from medembed.serve.index import IndexOptions, build_index
 
     run_dir = Path(shutil.copytree(runs["cca"], tmp_path / "cca"))  # the index stays out of the shared run
-    test = load_split(runs["features"] / "test.h5")
+    test = load_split(runs["features"] / split_file("test"))
     build_index(run_dir, IndexOptions(split="test", kind="flat"))
     backbone = _LookupBackbone(test)
     via_index = search_mod.search(run_dir, text=test.captions[3], k=6, split="test", backbone=backbone)
@@ -211,7 +213,7 @@ def test_search_uses_a_built_index_and_agrees_with_the_scan(runs, tmp_path):
 def test_search_cli_prints_ranked_results(runs, monkeypatch):
     from medembed.cli import main
 
-    test = load_split(runs["features"] / "test.h5")
+    test = load_split(runs["features"] / split_file("test"))
     monkeypatch.setattr(search_mod, "run_backbone", lambda run, device="cpu": _LookupBackbone(test))
     res = CliRunner().invoke(main, ["search", "--run", str(runs["cca"]), "--text", test.captions[0], "-k", "4",
                                     "--split", "test"])
@@ -238,13 +240,13 @@ def test_eval_refuses_a_cache_from_another_backbone(runs, tmp_path):
     cfg = json.loads((run_dir / "config.json").read_text())
     cfg["features_dir"] = str(features)
     (run_dir / "config.json").write_text(json.dumps(cfg))
-    with h5py.File(features / "test.h5", "r+") as f:
+    with h5py.File(features / split_file("test"), "r+") as f:
         trained_on = f.attrs["backbone"]
         f.attrs["backbone"] = "some-other-backbone"
     r = CliRunner().invoke(main, ["eval", "--run", str(run_dir), "--skip", "zeroshot,fewshot,detection"])
     assert r.exit_code == 1
     assert f"backbone: cache has some-other-backbone, this run has {trained_on}" in r.output
-    assert str(features / "test.h5") in r.output
+    assert str(features / split_file("test")) in r.output
 
 
 def test_tampered_or_foreign_checkpoints_are_refused(runs, tmp_path):

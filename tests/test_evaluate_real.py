@@ -52,11 +52,12 @@ def _eval(run: Path, tmp_path: Path, *extra: str) -> tuple[dict, str, Path]:
 def test_roco_rad_default_recipe_keeps_its_quality(roco_default_run, tmp_path):
     """The default `cli.py adapt` (the session's run, tests/conftest.py), evaluated by `cli.py eval`."""
     from medembed.cache.reader import read_attrs
+    from medembed.cache.schema import split_file
 
     features = _cache("roco-rad")
     columns, output, out = _eval(roco_default_run, tmp_path, "--fewshot-seeds", "1")
     run, chance = columns["run"], columns["chance"]
-    assert run["pool_images"] == read_attrs(features / "test.h5")["n_images"] == 454  # the whole test split
+    assert run["pool_images"] == read_attrs(features / split_file("test"))["n_images"] == 454  # the whole test split
     for key, floor in ROCO_FLOOR.items():
         assert run[key] >= floor, (key, run[key], floor)
         assert run[key] > 3 * chance[key] or key == "fewshot_map@16", (key, run[key], chance[key])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from medembed.common import ranking
 from medembed.evaluate import retrieval
 
 # images I0=(1,0), I1=(0,1), I2=(.6,.8); captions t0,t1 -> I0, t2 -> I1, t3 -> I2
@@ -18,13 +19,13 @@ CAPTION_IMAGE = torch.tensor([0, 0, 1, 2])
 
 
 def test_ranks_with_several_captions_per_image():
-    r = retrieval.ranks(IMAGES, TEXTS, CAPTION_IMAGE)
+    r = ranking.ranks(IMAGES, TEXTS, CAPTION_IMAGE)
     # t0: own I0 scores 1 (best) -> 1; t1: own I0 scores 0, I1=1 and I2=.8 above -> 3;
     # t2: own I1 scores .6, I0=.8 and I2=.96 above -> 3; t3: own I2 scores 1 -> 1
     assert r.t2i.tolist() == [1, 3, 3, 1]
     # I0: best own caption t0 scores 1 -> 1; I1: own t2 scores .6, t1=1 and t3=.8 above -> 3; I2: t3 -> 1
     assert r.i2t.tolist() == [1, 3, 1]
-    m = retrieval.summarize(r, ks=(1, 2, 5))
+    m = ranking.summarize(r, ks=(1, 2, 5))
     assert m["t2i_R@1"] == pytest.approx(50.0)
     assert m["t2i_R@2"] == pytest.approx(50.0)
     assert m["i2t_R@1"] == pytest.approx(200 / 3)
@@ -38,11 +39,11 @@ def test_ranks_with_several_captions_per_image():
 def test_ties_count_against_the_query():
     same_images = torch.ones(3, 2)
     same_texts = torch.ones(4, 2)
-    r = retrieval.ranks(same_images, same_texts, CAPTION_IMAGE)
+    r = ranking.ranks(same_images, same_texts, CAPTION_IMAGE)
     assert r.t2i.tolist() == [3, 3, 3, 3]  # every image ties with the own one: last place
     # I0 has 2 captions, ties with the 2 others -> rank 3; I1, I2 tie with 3 negatives -> rank 4
     assert r.i2t.tolist() == [3, 4, 4]
-    m = retrieval.summarize(r, ks=(1,))
+    m = ranking.summarize(r, ks=(1,))
     assert m["t2i_R@1"] == 0.0 and m["i2t_R@1"] == 0.0
 
 
@@ -50,26 +51,26 @@ def test_k_larger_than_pool_and_an_uncaptioned_image():
     m = retrieval.compute(IMAGES, TEXTS, CAPTION_IMAGE, ks=(10, 1000))
     assert m["t2i_R@10"] == 100.0 and m["i2t_R@1000"] == 100.0
     # I2 has no caption: no K retrieves it, its rank is pool + 1
-    r = retrieval.ranks(IMAGES, TEXTS[:3], CAPTION_IMAGE[:3])
+    r = ranking.ranks(IMAGES, TEXTS[:3], CAPTION_IMAGE[:3])
     assert r.i2t.tolist()[2] == 4
-    assert retrieval.summarize(r, ks=(3, 100))["i2t_R@100"] == pytest.approx(200 / 3)
+    assert ranking.summarize(r, ks=(3, 100))["i2t_R@100"] == pytest.approx(200 / 3)
     assert retrieval.chance(CAPTION_IMAGE[:3], 3, ks=(100,))["i2t_R@100"] == pytest.approx(200 / 3)
 
 
 def test_caption_rows_outside_the_pool_are_rejected():
     with pytest.raises(ValueError, match="outside the 3 images"):
-        retrieval.ranks(IMAGES, TEXTS, torch.tensor([0, 1, 2, 3]))
+        ranking.ranks(IMAGES, TEXTS, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="3 rows but there are 4"):
-        retrieval.ranks(IMAGES, TEXTS, torch.tensor([0, 1, 2]))
+        ranking.ranks(IMAGES, TEXTS, torch.tensor([0, 1, 2]))
 
 
 def test_small_memory_budget_gives_identical_ranks():
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(300, 8, generator=g), torch.randn(600, 8, generator=g)
     rows = torch.arange(600) % 300
-    big = retrieval.ranks(img, txt, rows, memory_mb=512)
-    tiny = retrieval.ranks(img, txt, rows, memory_mb=0.01)  # 16-row chunks
-    assert retrieval.chunk_rows(600, 0.01) == 16
+    big = ranking.ranks(img, txt, rows, memory_mb=512)
+    tiny = ranking.ranks(img, txt, rows, memory_mb=0.01)  # 16-row chunks
+    assert ranking.chunk_rows(600, 0.01) == 16
     assert torch.equal(big.t2i, tiny.t2i) and torch.equal(big.i2t, tiny.i2t)
 
 
@@ -117,16 +118,16 @@ def test_chance_hand_values():
 def test_top_k_streams_over_pool_blocks():
     g = torch.Generator().manual_seed(1)
     pool, queries = torch.randn(5000, 8, generator=g), torch.randn(3, 8, generator=g)
-    scores, rows = retrieval.top_k(queries, pool, 7, memory_mb=0.001)  # 1024-row blocks
+    scores, rows = ranking.top_k(queries, pool, 7, memory_mb=0.001)  # 1024-row blocks
     full = (queries @ pool.T).topk(7, dim=1)
     assert torch.equal(rows, full.indices)
     assert torch.allclose(scores, full.values)
-    scores, rows = retrieval.top_k(queries, pool[:4], 10)  # k capped at the pool
+    scores, rows = ranking.top_k(queries, pool[:4], 10)  # k capped at the pool
     assert rows.shape == (3, 4)
 
 
 def test_recall_curve_is_monotone_and_reaches_100():
-    r = retrieval.ranks(IMAGES, TEXTS, CAPTION_IMAGE)
+    r = ranking.ranks(IMAGES, TEXTS, CAPTION_IMAGE)
     curve = retrieval.recall_curve(r.t2i, [1, 2, 3, 4], r.pool_images)
     assert curve == pytest.approx([50.0, 50.0, 100.0, 100.0])
     assert math.isclose(curve[-1], 100.0)
@@ -151,8 +152,8 @@ def _brute_ranks(img: torch.Tensor, txt: torch.Tensor, caption_image: torch.Tens
 
 def test_recall_at_a_share_of_a_2000_pool_is_recall_at_10_and_20():
     img, txt, caption_image = _noisy_pair(2000)
-    r = retrieval.ranks(img, txt, caption_image)
-    at_k = retrieval.summarize(r, ks=(10, 20))
+    r = ranking.ranks(img, txt, caption_image)
+    at_k = ranking.summarize(r, ks=(10, 20))
     shares = retrieval.fraction_recalls(r)
     t2i, i2t = _brute_ranks(img, txt, caption_image)
     assert 5 < shares["t2i_R@0.5%"] < 95  # a real ranking, neither trivial nor hopeless
@@ -166,7 +167,7 @@ def test_recall_at_a_share_of_a_2000_pool_is_recall_at_10_and_20():
 
 def test_recall_at_a_share_between_whole_ks_is_linear():
     img, txt, caption_image = _noisy_pair(454, captions_per_image=2, noise=1.2)
-    r = retrieval.ranks(img, txt, caption_image)
+    r = ranking.ranks(img, txt, caption_image)
     t2i, i2t = _brute_ranks(img, txt, caption_image)
     shares = retrieval.fraction_recalls(r)
     k = 0.005 * 454  # 2.27 of the images
@@ -194,5 +195,5 @@ def test_a_pool_above_2000_is_also_scored_on_2000_item_subsets():
     assert got["t2i_R@10_of2000"] == pytest.approx(np.mean(values))
     assert got["t2i_R@10_of2000_std"] == pytest.approx(np.std(values, ddof=1), rel=1e-4) and got["t2i_R@10_of2000_std"] > 0
     assert got["t2i_R@0.5%_of2000"] == pytest.approx(got["t2i_R@10_of2000"])  # on 2,000 items: the same K
-    whole = retrieval.summarize(retrieval.ranks(img, txt, caption_image), ks=(10,))["t2i_R@10"]
+    whole = ranking.summarize(ranking.ranks(img, txt, caption_image), ks=(10,))["t2i_R@10"]
     assert got["t2i_R@10_of2000"] > whole  # a smaller pool is easier at the same K

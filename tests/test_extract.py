@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from medembed.cache.lock import CacheBusy, writer_lock
 from medembed.cache.provenance import ProvenanceMismatch
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.extract.extraction import ExtractConfig, ExtractError, extract
 from tests.conftest import REPO, make_imageclef2023
 
@@ -100,7 +101,7 @@ def test_refuses_other_provenance(tiny_dataset, tmp_path):
     # same for leftover parts of an interrupted run
     (tiny_dataset / "valid_captions.csv").write_text(
         (tiny_dataset / "valid_captions.csv").read_text().replace("case 30", "case thirty"))
-    os.remove(tmp_path / "out" / "tiny" / "tiny-clip" / "valid.h5")
+    os.remove(tmp_path / "out" / "tiny" / "tiny-clip" / split_file("valid"))
     parts = tmp_path / "out" / "tiny" / "tiny-clip" / "valid.parts"
     parts.mkdir()
     (parts / "manifest.json").write_text('{"provenance": {"dataset_fingerprint": "0000"}, "settings": {"batch_size": 4}}')
@@ -109,7 +110,7 @@ def test_refuses_other_provenance(tiny_dataset, tmp_path):
 
 
 def test_second_writer_refused(tmp_path):
-    target = tmp_path / "train.h5"
+    target = tmp_path / split_file("train")
     with writer_lock(target):
         with pytest.raises(CacheBusy, match="another extract is already writing"):
             with writer_lock(target):
@@ -155,9 +156,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     (data / "images" / "IMG_00006.jpg").write_bytes(b"")  # one skipped file must survive resumes too
     clean = _run_cli(data, tmp_path / "clean")
     assert clean.returncode == 0, clean.stderr
-    reference = _feature_bytes(tmp_path / "clean" / "d" / "tiny-clip" / "train.h5")
+    reference = _feature_bytes(tmp_path / "clean" / "d" / "tiny-clip" / split_file("train"))
     out = tmp_path / "crashy"
-    final = out / "d" / "tiny-clip" / "train.h5"
+    final = out / "d" / "tiny-clip" / split_file("train")
     # die at several points in turn: after a batch, inside a part write, in the text phase,
     # with the finished file written but not renamed, and after the rename
     for point in ("img:2", "img-part:4", "capb:0", "capb:1", "con:0", "h5-tmp"):

@@ -14,6 +14,7 @@ from PIL import Image
 from medembed.cache.lock import writer_lock
 from medembed.cache.parts import PartStore
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.extract.extraction import ExtractConfig, ExtractError, extract
 from tests.conftest import REPO, make_imageclef2023
 
@@ -27,7 +28,7 @@ def test_full_disk_is_a_clear_error_and_keeps_earlier_work(tmp_path, monkeypatch
     data = make_imageclef2023(tmp_path / "d", {"train": 12, "valid": 12})
     out = tmp_path / "o"
     extract(_cfg(data, out, splits=["train"]))
-    train_h5 = out / "d" / "tiny-clip" / "train.h5"
+    train_h5 = out / "d" / "tiny-clip" / split_file("train")
     before = train_h5.read_bytes()
 
     real_put = PartStore.put
@@ -58,7 +59,7 @@ def test_second_concurrent_extract_refuses(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, str(REPO / "cli.py"), "extract", "--data", str(data), "--backbone", "tiny-clip",
            "--out", str(out), "--workers", "0"]
-    final = out / "d" / "tiny-clip" / "train.h5"
+    final = out / "d" / "tiny-clip" / split_file("train")
     with writer_lock(final):
         second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 1

@@ -18,7 +18,6 @@ from medembed.adapt.heads import build_heads
 from medembed.adapt.run import load_adapter_run
 from medembed.adapt.tuning import unfreeze
 from medembed.adapt.tuning.finetuned import FinetunedModel, mark_finetuned, read_finetuned, save_finetuned
-from medembed.adapt.tuning.runs import open_run
 from medembed.adapt.tuning.towers import (
     MidCacheUnsupported,
     UnlockSpec,
@@ -29,10 +28,11 @@ from medembed.adapt.tuning.towers import (
 )
 from medembed.adapt.tuning.unfreeze import TuneConfig, train_tuned, train_with_unfreezing
 from medembed.cache.reader import find_splits, load_split, read_attrs
-from medembed.cache.schema import PRIVATE_LOCATION
+from medembed.cache.schema import PRIVATE_LOCATION, split_file
 from medembed.common.hashing import tensor_digest
 from medembed.extract.backbones import create_backbone
 from medembed.extract.imaging import open_image
+from medembed.model.runs import open_run
 from tests.conftest import tiny_clip_cache
 from tests.synthetic_features import correlated_split, write_cache
 
@@ -167,7 +167,7 @@ def test_checkpoint_round_trips_exactly(tiny_cache, tmp_path):
 @pytest.mark.slow
 def test_unfreezing_run_refreshes_cache_under_new_provenance(tiny_cache, tmp_path):
     old_digest = _digest(tiny_cache)
-    old_attrs = read_attrs(tiny_cache / "train.h5")
+    old_attrs = read_attrs(tiny_cache / split_file("train"))
     tune = TuneConfig(unlock="2", every=1, epochs=1, batch_size=8, backbone_lr=1e-3, augment=False, rollback=False)
     summary = train_with_unfreezing(_config(tiny_cache, tmp_path / "run"), tune, progress=False)
 
@@ -176,7 +176,7 @@ def test_unfreezing_run_refreshes_cache_under_new_provenance(tiny_cache, tmp_pat
     new_dir = Path(cycle["features_dir"])
     assert new_dir.parent == tiny_cache.parent and new_dir.name.startswith("tiny-clip+ft-")
     assert set(find_splits(new_dir)) == {"train", "valid"}
-    new_attrs = read_attrs(new_dir / "train.h5")
+    new_attrs = read_attrs(new_dir / split_file("train"))
     assert new_attrs["backbone"] == new_dir.name
     assert new_attrs["weights_sha256"] != old_attrs["weights_sha256"]
     assert new_attrs["finetuned_from"] == old_attrs["weights_sha256"]
@@ -185,7 +185,7 @@ def test_unfreezing_run_refreshes_cache_under_new_provenance(tiny_cache, tmp_pat
     # the checkpoint is the model that wrote the refreshed cache
     bb, image_head, _, _ = read_finetuned(summary["checkpoint"])
     assert tensor_digest(tower_state(bb)) == new_attrs["weights_sha256"]
-    new, old = load_split(new_dir / "valid.h5"), load_split(tiny_cache / "valid.h5")
+    new, old = load_split(new_dir / split_file("valid")), load_split(tiny_cache / split_file("valid"))
     assert not torch.allclose(new.image_features, old.image_features, atol=1e-2)
     root = Path(new.attrs["data_root"])
     pixels = torch.stack([bb.preprocess(open_image(str(root / loc))) for loc in new.image_locations])
@@ -250,7 +250,7 @@ def test_lit_mode_tunes_the_text_tower_and_leaves_image_features_alone(tiny_cach
     new_dir = Path(summary["features_dir"])
     assert summary["mode"] == "lit" and new_dir.name.startswith("tiny-clip+ft-") and new_dir != tiny_cache
     for split in ("train", "valid"):
-        old, new = load_split(tiny_cache / f"{split}.h5", dtype=None), load_split(new_dir / f"{split}.h5", dtype=None)
+        old, new = load_split(tiny_cache / split_file(split), dtype=None), load_split(new_dir / split_file(split), dtype=None)
         assert torch.equal(old.image_features, new.image_features)  # cached image features never recomputed
         assert not torch.equal(old.caption_features, new.caption_features)
         assert not torch.equal(old.concept_text_features, new.concept_text_features)
@@ -260,7 +260,7 @@ def test_lit_mode_tunes_the_text_tower_and_leaves_image_features_alone(tiny_cach
                                                  base.image_model.state_dict().values()))
     assert any(not torch.equal(a, b) for a, b in zip(bb.text_model.state_dict().values(),
                                                      base.text_model.state_dict().values()))
-    refreshed = load_split(new_dir / "valid.h5")
+    refreshed = load_split(new_dir / split_file("valid"))
     assert torch.allclose(bb.encode_texts(refreshed.captions), refreshed.caption_features, atol=2e-2, rtol=1e-2)
 
 
@@ -321,7 +321,7 @@ def test_a_refresh_keeps_paths_readable_only_where_the_cache_kept_them(tmp_path,
     split = correlated_split(4, image_dim=8, text_dim=8, split="train")
     locations = [f"{PRIVATE_LOCATION}{i:016x}" if private else f"scans/{i}.png" for i in range(4)]
     attrs = {**split.attrs, "dataset": "scans", "backbone": "tiny-clip", "data_root": str(data)}
-    write_cache(replace(split, image_locations=locations, attrs=attrs), tmp_path / "scans" / "tiny-clip" / "train.h5")
+    write_cache(replace(split, image_locations=locations, attrs=attrs), tmp_path / "scans" / "tiny-clip" / split_file("train"))
     asked = {}
 
     def reading(path, **kwargs):

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_adapter_run
 from medembed.adapt.tuning.finetuned import FinetunedModel
-from medembed.adapt.tuning.runs import open_run, run_backbone
 from medembed.adapt.tuning.unfreeze import TuneConfig, train_with_unfreezing
 from medembed.cache.reader import load_split, read_attrs
-from medembed.evaluate import retrieval
+from medembed.cache.schema import split_file
+from medembed.common import ranking
 from medembed.evaluate.pipeline import EvalOptions, run_eval
+from medembed.model.runs import open_run, run_backbone
 from tests.conftest import make_imageclef2023, tiny_clip_cache
 
 
@@ -42,14 +43,14 @@ def test_eval_on_new_raw_data_scores_what_the_checkpoint_computes(finetuned, tmp
 
     model = FinetunedModel.load(ckpt)
     cache = tmp_path / "f" / "new-data" / model.backbone.name
-    attrs = read_attrs(cache / "test.h5")
+    attrs = read_attrs(cache / split_file("test"))
     assert attrs["weights_sha256"] == model.backbone.provenance["weights_sha256"]  # encoded by the fine-tuned towers
-    split = load_split(cache / "test.h5")
+    split = load_split(cache / split_file("test"))
     img = model.embed_images([new / loc for loc in split.image_locations])
     txt = model.embed_texts(split.captions)
     # another dataset with no train and valid split of its own: no query bank fits it, so plain cosine
     # (the run's training bank describes other images and captions)
-    want = retrieval.summarize(retrieval.ranks(img, txt, split.caption_image), [1, 3, 5])
+    want = ranking.summarize(ranking.ranks(img, txt, split.caption_image), [1, 3, 5])
     got = result["metrics"]
     # the cache stores float16 features; ranks may only differ where two scores tie within that precision
     for key in ("t2i_R@1", "t2i_R@3", "t2i_R@5", "i2t_R@1", "i2t_R@5"):
@@ -78,7 +79,7 @@ def test_search_cli_takes_the_checkpoint_and_a_new_pool(finetuned, tmp_path):
     rows = [line.split() for line in lines[header + 1:]]
     assert len(rows) == 3
     model = FinetunedModel.load(ckpt)
-    split = load_split(tmp_path / "f" / "new-data" / model.backbone.name / "test.h5")
+    split = load_split(tmp_path / "f" / "new-data" / model.backbone.name / split_file("test"))
     img = model.embed_images([new / loc for loc in split.image_locations])
     scores = img @ model.embed_texts([query]).T  # a new pool without train and valid splits: plain cosine
     best = torch.topk(scores[:, 0], 3)

@@ -24,7 +24,6 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, generate_uid
 
 from medembed.cache.reader import load_split
-from medembed.evaluate.examples import load_image_thumbnail
 from medembed.extract.datasets import load_dataset
 from medembed.extract.datasets.base import DatasetError
 from medembed.extract.datasets.csv_reader import LongFieldReader
@@ -33,6 +32,7 @@ from medembed.extract.extraction import ExtractConfig, extract
 from medembed.extract.imaging import DEFAULT_DECODE, CorruptStream, DecompressionBomb, decode_image, open_image
 from medembed.extract.imaging.dicom import DamagedDicom
 from medembed.extract.worker import describe_error
+from medembed.model.thumbnails import load_image_thumbnail
 
 GiB = 1 << 30
 LONG_CAPTION = "a long caption " * 70_000  # 1,050,000 characters, 8 times csv's default field limit

@@ -24,6 +24,7 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import AdaptedRun, load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import CachedSplit, load_split
+from medembed.cache.schema import split_file
 from medembed.cache.writer import write_split
 from medembed.serve.export import ExportOptions, export_embeddings
 from medembed.serve.index import (
@@ -96,7 +97,7 @@ def test_flat_index_is_exact_top_k(cca_run):
     path, meta = build_index(cca_run, IndexOptions(split="test", kind="flat"))
     assert path == cca_run / "index" / "test-flat.faiss" and meta.ntotal == 60 and meta.dim == 12
     run = load_adapter_run(cca_run)
-    split = load_split(Path(run.features_dir) / "test.h5")
+    split = load_split(Path(run.features_dir) / split_file("test"))
     assert meta.image_ids == split.image_ids
     index, _ = load_index(cca_run, "test", "flat")
     db = run.embed_images(split.image_features).numpy()
@@ -113,7 +114,7 @@ def test_flat_index_is_exact_top_k(cca_run):
 def test_approximate_kinds_recall_at_10(tmp_path, kind):
     feats = _clustered(3000, 32, clusters=40, seed=0)
     features = tmp_path / "features"
-    _write_cache(features / "test.h5", feats, [f"img{i:05d}" for i in range(len(feats))])
+    _write_cache(features / split_file("test"), feats, [f"img{i:05d}" for i in range(len(feats))])
     run = _identity_run(tmp_path / "run", features, 32)
     _, meta = build_index(run.run_dir, IndexOptions(split="test", kind=kind, m=16), run=run)
     if kind == "ivf":
@@ -130,7 +131,7 @@ def test_approximate_kinds_recall_at_10(tmp_path, kind):
 
 def test_ivf_rejects_more_cells_than_vectors(tmp_path):
     features = tmp_path / "features"
-    _write_cache(features / "test.h5", _clustered(50, 8, 4, 0), [f"i{i}" for i in range(50)])
+    _write_cache(features / split_file("test"), _clustered(50, 8, 4, 0), [f"i{i}" for i in range(50)])
     run = _identity_run(tmp_path / "run", features, 8)
     with pytest.raises(ValueError, match="more cells than the 50 vectors"):
         build_index(run.run_dir, IndexOptions(split="test", kind="ivf", nlist=60), run=run)
@@ -141,8 +142,8 @@ def test_ivf_rejects_more_cells_than_vectors(tmp_path):
 def test_all_splits_index_round_trip(tmp_path):
     features = tmp_path / "features"
     a, b = _clustered(30, 8, 3, 0), _clustered(20, 8, 3, 1)
-    _write_cache(features / "train.h5", a, [f"tr{i}" for i in range(30)])
-    _write_cache(features / "test.h5", b, [f"te{i}" for i in range(20)])
+    _write_cache(features / split_file("train"), a, [f"tr{i}" for i in range(30)])
+    _write_cache(features / split_file("test"), b, [f"te{i}" for i in range(20)])
     run = _identity_run(tmp_path / "run", features, 8)
     build_index(run.run_dir, IndexOptions(kind="flat", chunk_rows=7), run=run)  # chunks straddle nothing special
     assert load_index(run.run_dir, "test") is None  # only "all" was built
@@ -161,26 +162,26 @@ def test_stale_index_is_refused_with_a_rebuild_hint(tmp_path):
     features = tmp_path / "features"
     feats = _clustered(40, 8, 3, 0)
     ids = [f"img{i}" for i in range(40)]
-    _write_cache(features / "test.h5", feats, ids)
+    _write_cache(features / split_file("test"), feats, ids)
     run = _identity_run(tmp_path / "run", features, 8)
     build_index(run.run_dir, IndexOptions(split="test"), run=run)
     assert load_index(run.run_dir, "test") is not None
 
-    _write_cache(features / "test.h5", feats[:39], ids[:39])  # re-extracted: one image fewer
+    _write_cache(features / split_file("test"), feats[:39], ids[:39])  # re-extracted: one image fewer
     with pytest.raises(StaleIndexError, match=r"39 images now, 40 when the index was built") as e:
         load_index(run.run_dir, "test")
     assert "python cli.py index --run" in str(e.value) and "--split test --kind flat" in str(e.value)
 
-    _write_cache(features / "test.h5", feats[::-1].copy(), ids[::-1])  # same count, other order
+    _write_cache(features / split_file("test"), feats[::-1].copy(), ids[::-1])  # same count, other order
     with pytest.raises(StaleIndexError, match="ids or their order changed"):
         load_index(run.run_dir, "test")
 
-    _write_cache(features / "test.h5", feats, ids, fingerprint="fp-2")  # data edited upstream
+    _write_cache(features / split_file("test"), feats, ids, fingerprint="fp-2")  # data edited upstream
     with pytest.raises(StaleIndexError, match="dataset_fingerprint is 'fp-2'"):
         load_index(run.run_dir, "test")
     assert load_index(run.run_dir, "test", check=False)[1].ntotal == 40
 
-    _write_cache(features / "test.h5", feats, ids)  # back as built: current again
+    _write_cache(features / split_file("test"), feats, ids)  # back as built: current again
     assert load_index(run.run_dir, "test")[1].ntotal == 40
 
 
@@ -218,7 +219,7 @@ def test_export_npy_rows_align_with_cache(cca_run, tmp_path):
     txt = np.load(out / "text_emb" / "text_emb_0.npy")
     meta = pd.read_parquet(out / "metadata" / "metadata_0.parquet")
     run = load_adapter_run(cca_run)
-    split = load_split(Path(run.features_dir) / "test.h5")
+    split = load_split(Path(run.features_dir) / split_file("test"))
     assert img.shape == txt.shape == (60, 12) and img.dtype == np.float32
     assert meta["id"].tolist() == split.image_ids
     assert meta["image_path"].tolist() == [f"images/{i}.jpg" for i in split.image_ids]
@@ -240,7 +241,7 @@ def test_export_parquet_caption_rows_and_partitions(cca_run, tmp_path):
     names = sorted(p.name for p in (out / "img_emb").iterdir())
     assert names == [f"img_emb_{i}.parquet" for i in range(8)]
     run = load_adapter_run(cca_run)
-    test = load_split(Path(run.features_dir) / "test.h5")
+    test = load_split(Path(run.features_dir) / split_file("test"))
     img = pd.read_parquet(out / "img_emb" / "img_emb_6.parquet")  # first 100 test captions
     txt = pd.read_parquet(out / "text_emb" / "text_emb_6.parquet")
     meta = pd.read_parquet(out / "metadata" / "metadata_6.parquet")
@@ -333,7 +334,7 @@ def test_index_and_export_commands(cca_run, tmp_path):
 def test_ivfpq_recall_and_size_on_clustered_vectors(tmp_path):
     feats = _clustered(3000, 64, clusters=40, seed=0)
     features = tmp_path / "features"
-    _write_cache(features / "test.h5", feats, [f"img{i:05d}" for i in range(len(feats))])
+    _write_cache(features / split_file("test"), feats, [f"img{i:05d}" for i in range(len(feats))])
     run = _identity_run(tmp_path / "run", features, 64)
     path, meta = build_index(run.run_dir, IndexOptions(split="test", kind="ivfpq", pq_bytes=16), run=run)
     assert path.name == "test-ivfpq.faiss"
@@ -371,7 +372,7 @@ def test_ivfpq_search_rescores_with_the_query_bank_as_exact_search(tmp_path):
     assert meta.dim == 33 and meta.querybank["images"] == {"k": 5, "beta": 1.0} and meta.params["pq_bytes"] == 16
     exact, indexed = Searcher(run_dir, "test", use_index=False), Searcher(run_dir, "test")
     run = load_adapter_run(run_dir)
-    test = load_split(run.features_dir / "test.h5")
+    test = load_split(run.features_dir / split_file("test"))
     queries = run.embed_texts(test.caption_features)
     overlap = []
     for c in range(0, test.n_captions, 10):
@@ -446,7 +447,7 @@ def test_an_index_filled_in_parts_on_ray_answers_as_the_one_machine_build(tmp_pa
 
 
 def test_plan_picks_the_index_for_the_size_and_budget():
-    from medembed.serve.index_plan import BudgetError
+    from medembed.common.planning import MemoryBudgetError
 
     assert IndexOptions().plan(4639, 4097).kind == "flat"  # roco-rad with the query-bank coordinate
     assert IndexOptions().plan(100_000, 256).kind == "flat"  # 100 MB: one short scan
@@ -461,13 +462,37 @@ def test_plan_picks_the_index_for_the_size_and_budget():
     # a tight budget reads fewer rows at a time: 4,097-d chunks of at most an eighth of it
     assert IndexOptions(max_memory_gb=4).plan(10_000_000, 4097).chunk_rows == 16380
     assert IndexOptions(max_memory_gb=16).plan(10_000_000, 4097).chunk_rows == 65520
-    with pytest.raises(BudgetError, match=r"^100,000,000 vectors of 256 dimensions need .* above --max-memory-gb 0.5; "
+    with pytest.raises(MemoryBudgetError, match=r"^100,000,000 vectors of 256 dimensions need .* above --max-memory-gb 0.5; "
                                           r"raise it to at least [0-9.]+$"):
         IndexOptions(max_memory_gb=0.5).plan(100_000_000, 256)
-    with pytest.raises(BudgetError, match="in --kind hnsw .* or use --kind ivfpq$"):
+    with pytest.raises(MemoryBudgetError, match="in --kind hnsw .* or use --kind ivfpq$"):
         IndexOptions(kind="hnsw").plan(10_000_000, 4096)
-    with pytest.raises(BudgetError, match=r"in --kind flat .* at least [0-9.]+$"):  # ivfpq would not fit either
+    with pytest.raises(MemoryBudgetError, match=r"in --kind flat .* at least [0-9.]+$"):  # ivfpq would not fit either
         IndexOptions(kind="flat", max_memory_gb=1).plan(100_000_000, 256)
+
+
+def test_an_unknown_kind_is_refused_by_the_planner_not_costed_as_another():
+    from medembed.common.errors import MedembedError
+    from medembed.serve.index_kinds import INDEX_KINDS
+    from medembed.serve.index_plan import plan_index
+
+    opts = IndexOptions()
+    opts.kind = "ivfqp"  # past the options' own check, as a caller building them by hand would be
+    with pytest.raises(MedembedError) as e:
+        plan_index(1_000_000, 256, opts)
+    (line,) = str(e.value).splitlines()
+    assert "'ivfqp'" in line and ", ".join(INDEX_KINDS) in line
+    with pytest.raises(MedembedError, match="kind must be one of auto, flat, ivf, hnsw, ivfpq, got 'ivfqp'"):
+        IndexOptions(kind="ivfqp")
+
+
+def test_the_index_command_offers_the_registered_kinds():
+    from medembed.cli import main
+    from medembed.serve.index_kinds import INDEX_KINDS, KINDS
+
+    assert INDEX_KINDS == tuple(k.name for k in KINDS) == ("flat", "ivf", "hnsw", "ivfpq")
+    (kind,) = [p for p in main.commands["index"].params if p.name == "kind"]
+    assert list(kind.type.choices) == ["auto", *INDEX_KINDS]
 
 
 def test_index_command_refuses_a_budget_in_one_line(cca_run):

@@ -7,6 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from tests.conftest import shared_dataset
 
 MODALITIES = {"C0040405": "CT", "C1306645": "x-ray", "C0041618": "ultrasound", "C0002978": "angiogram"}
@@ -21,7 +22,7 @@ def test_extract_real_roco_split(tmp_path):
                                   "--batch-size", "64", "--workers", "2"])
     assert r.exit_code == 0, r.output
     assert "test" in r.output and "454" in r.output and "img/s" in r.output
-    s = load_split(tmp_path / "roco-rad" / "effnet-lite0-ms+minilm" / "test.h5")
+    s = load_split(tmp_path / "roco-rad" / "effnet-lite0-ms+minilm" / split_file("test"))
     assert s.n_images == 454 and s.n_captions == 454
     assert s.image_features.shape == (454, 1792) and s.caption_features.shape == (454, 384)
     assert torch.isfinite(s.image_features).all() and torch.isfinite(s.caption_features).all()

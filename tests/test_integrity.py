@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.trainer import train
 from medembed.cache.reader import CacheError, load_split
-from medembed.cache.schema import FORMAT
+from medembed.cache.schema import FORMAT, split_file
 from medembed.cache.writer import write_split
 from medembed.cli import main
 from medembed.common.files import TargetChanged, folder_state, replace_folder, staging_folder
@@ -141,17 +141,17 @@ def features(tmp_path) -> Path:
 
 
 def test_caches_are_written_with_checksums_and_the_current_format(features):
-    with h5py.File(features / "train.h5", "r") as f:
+    with h5py.File(features / split_file("train"), "r") as f:
         assert f.attrs["format"] == FORMAT
         for name in ("images/features", "captions/features", "captions/image_row", "concepts/indptr"):
             assert f[name].fletcher32, name
 
 
 def test_flipped_bytes_in_the_features_stop_training_with_the_file_and_dataset_named(features, tmp_path):
-    offset, size = _features_chunk(features / "train.h5")
-    _flip(features / "train.h5", offset + size // 2)
+    offset, size = _features_chunk(features / split_file("train"))
+    _flip(features / split_file("train"), offset + size // 2)
     with pytest.raises(CacheError, match="images/features is damaged"):
-        load_split(features / "train.h5")
+        load_split(features / split_file("train"))
     line = _one_line_error(_invoke("adapt", "--features", features, "--out", tmp_path / "run", "--epochs", "1"))
     assert "train.h5" in line and "images/features" in line and "cli.py extract" in line
     assert "Fletcher-32 checksum does not match" in line
@@ -159,7 +159,7 @@ def test_flipped_bytes_in_the_features_stop_training_with_the_file_and_dataset_n
 
 
 def test_non_finite_features_are_refused_when_written_and_when_read(features, tmp_path):
-    split = load_split(features / "test.h5")
+    split = load_split(features / split_file("test"))
     split.image_features[3, 1] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         write_split(tmp_path / "bad.h5", split, dtype="float32")
@@ -167,17 +167,17 @@ def test_non_finite_features_are_refused_when_written_and_when_read(features, tm
     split.image_features[3, 1] = 1e6  # finite in float32, Inf once stored as float16
     with pytest.raises(ValueError, match="non-finite"):
         write_split(tmp_path / "bad.h5", split, dtype="float16")
-    with h5py.File(features / "test.h5", "r+") as f:  # written by something else: NaN with a valid checksum
+    with h5py.File(features / split_file("test"), "r+") as f:  # written by something else: NaN with a valid checksum
         ds = f["captions/features"]
         row = ds[0]
         row[0] = np.inf
         ds[0] = row
     with pytest.raises(CacheError, match="captions/features holds 1 non-finite"):
-        load_split(features / "test.h5")
+        load_split(features / split_file("test"))
 
 
 def test_a_truncated_cache_gives_one_line_for_adapt_as_for_every_command(features, tmp_path):
-    path = features / "train.h5"
+    path = features / split_file("train")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     line = _one_line_error(_invoke("adapt", "--features", features, "--out", tmp_path / "run", "--epochs", "1"))
@@ -185,10 +185,10 @@ def test_a_truncated_cache_gives_one_line_for_adapt_as_for_every_command(feature
 
 
 def test_a_cache_of_a_newer_format_is_refused_with_what_to_do(features):
-    with h5py.File(features / "valid.h5", "r+") as f:
+    with h5py.File(features / split_file("valid"), "r+") as f:
         f.attrs["format"] = "medembed-cache/99"
     with pytest.raises(CacheError, match="medembed-cache/99.*upgrade medembed"):
-        load_split(features / "valid.h5")
+        load_split(features / split_file("valid"))
 
 
 # ------------------------------------------------------------------------------ what a finished run keeps
@@ -229,7 +229,7 @@ def test_a_run_moved_with_its_features_still_finds_them(tmp_path, querybank):
     shutil.move(root, moved)
     # a different cache now lies where the absolute paths point: the moved run must not rank with it
     for i, (name, n) in enumerate((("train", 120), ("valid", 40), ("test", 40))):
-        write_cache(correlated_split(n, seed=20 + i, split=name, world_seed=99), root / "features" / "syn" / f"{name}.h5")
+        write_cache(correlated_split(n, seed=20 + i, split=name, world_seed=99), root / "features" / "syn" / split_file(name))
     after = _eval_ok(moved / "runs" / "r", tmp_path / "ev-after")
     assert after["t2i_R@1"] == before["t2i_R@1"] and after["i2t_R@10"] == before["i2t_R@10"]
 
@@ -271,7 +271,7 @@ def test_image_locations_resolve_after_data_and_features_move_together(tmp_path)
     cache = tiny_clip_cache(root, {"train": 4})
     moved = tmp_path / "moved"
     shutil.move(root, moved)
-    split = load_split(moved / cache.relative_to(root) / "train.h5")
+    split = load_split(moved / cache.relative_to(root) / split_file("train"))
     assert split.attrs["data_root"].startswith(str(root))  # the absolute record is stale ...
     assert Path(split.image_path(0)).is_file()  # ... the relative one finds the image
     assert Path(split.image_path(0)).is_relative_to(moved)
@@ -330,7 +330,7 @@ def test_the_closed_form_baseline_is_fitted_once_per_cache_and_reused(cca_run, t
     report = (tmp_path / "b" / "report.md").read_text()
     assert f"reused from {stored[0]}" in report
     # a changed cache is a new key: fitted again, never the stale fit
-    other = closed_form_store.store_key(load_split(features / "train.h5"), load_split(features / "valid.h5"), 99)
+    other = closed_form_store.store_key(load_split(features / split_file("train")), load_split(features / split_file("valid")), 99)
     assert other != stored[0].stem
 
 
@@ -343,12 +343,12 @@ def test_a_rollback_deletes_only_a_cache_its_cycle_wrote(tmp_path):
     folder = tmp_path / "cache"
     folder.mkdir()
     assert not written_since(folder, time.time())  # nothing written: nothing to delete
-    old = folder / "train.h5"
+    old = folder / split_file("train")
     old.write_bytes(b"x")
     os.utime(old, (time.time() - 3600, time.time() - 3600))  # found in place, written an hour ago
     assert not written_since(folder, time.time())
     before = time.time()
-    (folder / "valid.h5").write_bytes(b"x")
+    (folder / split_file("valid")).write_bytes(b"x")
     os.utime(old, None)
     assert written_since(folder, before)
 

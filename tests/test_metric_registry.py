@@ -15,6 +15,7 @@ from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.evaluate import metrics as registry
 from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores
 from medembed.evaluate.pipeline import EvalOptions, run_eval
@@ -69,7 +70,7 @@ def test_a_registered_metric_is_scored_and_reported_everywhere(registered, cca_r
     record = json.loads((out / "metrics-run.json").read_text())
     assert record["sections"]["mean_cosine"] == ["mean_cosine"]
     run = load_adapter_run(cca_run)
-    test = load_split(Path(run.features_dir) / "test.h5")
+    test = load_split(Path(run.features_dir) / split_file("test"))
     img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
     expected = 100 * float((img[torch.as_tensor(test.caption_image).long()] * txt).sum(1).mean())
     assert record["metrics"]["mean_cosine"] == pytest.approx(expected, abs=1e-3)

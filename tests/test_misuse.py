@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.trainer import train
+from medembed.cache.schema import split_file
 from medembed.cli import main
 from tests.conftest import make_imageclef2023
 from tests.synthetic_features import correlated_split, write_cache, write_synthetic_features
@@ -39,7 +40,7 @@ def two_pools(tmp_path_factory) -> dict[str, Path]:
     for i, (name, n) in enumerate((("train", 160), ("valid", 40), ("test", 40))):
         split = correlated_split(n, seed=10 + i, split=name, n_concepts=4, image_dim=20, text_dim=12, world_seed=99)
         split.attrs["dataset"] = "other-synthetic"
-        write_cache(split, b / f"{name}.h5")
+        write_cache(split, b / split_file(name))
     for name, features in (("run-a", a), ("run-b", b)):
         train(AdaptConfig(features_dir=str(features), out=str(root / name), head="cca", dim=8), progress=False)
     return {"a": root / "run-a", "b": root / "run-b", "root": root}
@@ -176,4 +177,4 @@ def test_dataset_folder_names_keep_their_letters_and_never_collide(tmp_path):
     assert outs["Flickr ñ"].parent.name.startswith("Flickr_ñ-")
     assert len({p.parent for p in outs.values()}) == 3
     for p in outs.values():
-        assert (p / "train.h5").exists() and (p / "valid.h5").exists()
+        assert (p / split_file("train")).exists() and (p / split_file("valid")).exists()

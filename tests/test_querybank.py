@@ -15,6 +15,7 @@ from medembed.adapt.run import QUERYBANK, load_adapter_run
 from medembed.adapt.run_querybank import BANK_ROWS, BankOffsets, bank_features, bank_offsets
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.common.querybank import BankSide, QueryBank, bank_sample, choose, hubness
 from medembed.common.ranking import retrieval_ranks
 from medembed.common.tensors import unit
@@ -112,7 +113,7 @@ def bank_run(tmp_path_factory) -> Path:
     (root / "run" / QUERYBANK).write_text(json.dumps({**chosen, "setting": forced.to_dict()}))
     # what search and eval add to the cosines is the formula: -beta x mean of the k best bank cosines
     run = load_adapter_run(root / "run")
-    bank, test = load_split(features / "train.h5"), load_split(features / "test.h5")
+    bank, test = load_split(features / split_file("train")), load_split(features / split_file("test"))
     img, txt = run.embed_images(test.image_features), run.embed_texts(test.caption_features)
     bank_img, bank_txt = run.embed_images(bank.image_features), run.embed_texts(bank.caption_features)
     want_img = -(img @ bank_txt.T).topk(5, dim=1).values.mean(1)
@@ -125,7 +126,7 @@ def bank_run(tmp_path_factory) -> Path:
 
 def test_search_and_index_rank_as_eval_does(bank_run, tmp_path):
     run = load_adapter_run(bank_run)
-    test = load_split(run.features_dir / "test.h5")
+    test = load_split(run.features_dir / split_file("test"))
     result = run_eval([bank_run], split="test", out_dir=tmp_path / "eval", options=EvalOptions(
         closed_form=False, examples=0, progress=False, sections=("retrieval",)))
     metrics = result["metrics"]
@@ -190,8 +191,8 @@ def test_export_carries_the_offsets_search_ranks_with(bank_run, tmp_path):
 
 def test_a_foreign_pool_ranks_with_its_own_bank_or_plain_cosine(bank_run, tmp_path):
     from medembed.adapt.run_querybank import bank_for
-    from medembed.evaluate.models import model_from_run
-    from medembed.evaluate.retrieval import ranks
+    from medembed.common.ranking import ranks
+    from medembed.model.embedding import model_from_run
 
     run = load_adapter_run(bank_run)
     own, own_ranking = bank_for(run.with_features(run.features_dir))  # its own cache, found again: its own bank
@@ -202,7 +203,7 @@ def test_a_foreign_pool_ranks_with_its_own_bank_or_plain_cosine(bank_run, tmp_pa
                                      latent=8)
     pointed = run.with_features(other)
     offsets, ranking = bank_for(pointed)
-    train, valid, test = (load_split(other / f"{s}.h5") for s in ("train", "valid", "test"))
+    train, valid, test = (load_split(other / split_file(s)) for s in ("train", "valid", "test"))
     bank_img, bank_txt = run.embed_images(train.image_features), run.embed_texts(train.caption_features)
     want, _, _ = choose(run.embed_images(valid.image_features), run.embed_texts(valid.caption_features),
                         valid.caption_image, bank_img, bank_txt, bank_features=str(other.resolve()),
@@ -222,7 +223,7 @@ def test_a_foreign_pool_ranks_with_its_own_bank_or_plain_cosine(bank_run, tmp_pa
     # a dataset with no train or valid split of its own: plain cosine, said so
     lone = tmp_path / "lone"
     lone.mkdir()
-    (other / "test.h5").rename(lone / "test.h5")
+    (other / split_file("test")).rename(lone / split_file("test"))
     offsets, ranking = bank_for(run.with_features(lone))
     assert offsets is None and ranking.startswith("plain cosine (the pool's dataset has no train and valid split")
 

@@ -16,11 +16,12 @@ import torch
 from click.testing import CliRunner
 
 from medembed.adapt.config import AdaptConfig
-from medembed.adapt.memory import MemoryBudgetError
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.cli import main
 from medembed.common.memory import GB
+from medembed.common.planning import MemoryBudgetError
 from medembed.serve.index import IndexOptions, build_index
 from medembed.serve.search import Searcher
 from medembed.serve.search_memory import ENCODER_BYTES, plan_search_memory
@@ -57,7 +58,7 @@ def test_a_streamed_pool_answers_as_the_held_one(bank_run):
     held = Searcher(bank_run, use_index=False)
     assert held.memory.hold and held.model.gallery_offsets is not None
     streamed = _streamed(bank_run, 13, use_index=False)
-    test = load_split(held.run.features_dir / "test.h5")
+    test = load_split(held.run.features_dir / split_file("test"))
     queries = held.model.texts(test.caption_features[:6])
     rng = np.random.default_rng(0)
     allowed = rng.random(held.pool.n_images) < 0.4
@@ -72,10 +73,10 @@ def test_a_streamed_pool_answers_as_the_held_one(bank_run):
     _same(streamed.captions(image_query, 12), held.captions(image_query, 12))
     # what a hit shows is read from the file: the image's first caption, the caption's own image
     hit = held.images(queries[0][None], 1).hits[0]
-    split = load_split(held.run.features_dir / f"{hit.split}.h5")
+    split = load_split(held.run.features_dir / split_file(hit.split))
     assert hit.caption == split.first_captions()[hit.image_row] and hit.location == split.image_path(hit.image_row)
     for cap in held.captions(image_query, 12).hits:
-        own = load_split(held.run.features_dir / f"{cap.split}.h5")
+        own = load_split(held.run.features_dir / split_file(cap.split))
         assert cap.image_id == own.image_ids[cap.image_row]
         assert cap.caption in [c for c, r in zip(own.captions, own.caption_image.tolist()) if r == cap.image_row]
     # the streamed searcher never projected the whole pool
@@ -89,7 +90,7 @@ def test_an_index_over_a_streamed_pool_reads_only_its_hits(bank_run):
     exact = Searcher(bank_run, "test", use_index=False)
     indexed = _streamed(bank_run, 11, split="test")
     assert indexed.index is not None
-    test = load_split(exact.run.features_dir / "test.h5")
+    test = load_split(exact.run.features_dir / split_file("test"))
     for q in exact.model.texts(test.caption_features[:5]):
         got, want = indexed.images(q[None], 8), exact.images(q[None], 8)
         assert got.via == "flat index" and [h.image_row for h in got.hits] == [h.image_row for h in want.hits]
@@ -143,7 +144,7 @@ BUDGET_GB = 2.5
 def test_a_pool_above_the_budget_is_searched_streamed_under_it(tmp_path):
     features = tmp_path / "features"
     for name, n, seed in (("train", 4000, 0), ("valid", 1000, 1), ("test", POOL, 2)):
-        write_cache(correlated_split(n, 768, 384, latent=32, noise=0.5, seed=seed, split=name), features / f"{name}.h5",
+        write_cache(correlated_split(n, 768, 384, latent=32, noise=0.5, seed=seed, split=name), features / split_file(name),
                     dtype="float16")
     run = tmp_path / "run"
     train(AdaptConfig(features_dir=str(features), out=str(run), head="linear", dim=1024, ensemble=1, epochs=2),

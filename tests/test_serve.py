@@ -18,12 +18,13 @@ from PIL import Image
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.cli import main
 from medembed.serve import page as serve_module
 from medembed.serve import search as search_module
 from medembed.serve.index import IndexOptions, build_index
 from medembed.serve.page import FORM_FRAMING, ServeLimits, create_app
-from medembed.serve.search import Searcher, search
+from medembed.serve.search import Searcher, SearchOptions, search
 from tests.conftest import tiny_clip_cache
 
 CAP = 50_000  # the served app's upload cap in bytes
@@ -37,7 +38,7 @@ def served(tmp_path_factory):
           progress=False)
     searcher = Searcher(root / "run")
     client = TestClient(create_app(searcher, ServeLimits(max_upload_bytes=CAP, max_upload_pixels=640 * 640)))
-    return {"client": client, "run": root / "run", "test": load_split(cache / "test.h5"), "root": root}
+    return {"client": client, "run": root / "run", "test": load_split(cache / split_file("test")), "root": root}
 
 
 def _png(size=(40, 40), colour=(200, 30, 30)) -> bytes:
@@ -51,6 +52,7 @@ def test_info_names_the_run_and_pool(served):
     assert info["backbone"] == "tiny-clip" and info["pool_images"] == 44 and info["index"] is None
     assert info["splits"] == ["test", "train", "valid"]
     assert {c["id"] for c in info["concepts"]} >= {"C0000001", "C0000002"}
+    assert info["k"] == SearchOptions().k  # the page's hits per page: the command line's and the API's default
 
 
 def test_text_query_equals_the_command_line(served):

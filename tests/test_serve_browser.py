@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from medembed.adapt.run import load_adapter_run
-from medembed.adapt.tuning.runs import run_backbone
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.extract.imaging import open_image
+from medembed.model.runs import run_backbone
 from medembed.serve.explain import explain, masked_score
 from medembed.serve.page import create_app
-from medembed.serve.search import Searcher
+from medembed.serve.search import Searcher, SearchOptions
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+PER_PAGE = SearchOptions().k  # hits on one page: the default k /api/info reports
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_browser_types_a_query_sees_thumbnails_and_opens_neighbours(server, tmp_
         assert "pool 4639 images" in driver.find_element(By.ID, "about").text
         driver.find_element(By.ID, "query").send_keys("chest x-ray showing a pneumothorax")
         driver.find_element(By.ID, "search-button").click()
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit img")) == 12)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".hit img")) == PER_PAGE)
         wait.until(lambda d: all(img.get_property("naturalWidth") > 0 for img in d.find_elements(By.CSS_SELECTOR, ".hit img")))
         assert "exact scan over 4639 images" in driver.find_element(By.ID, "status").text
         first = driver.find_elements(By.CSS_SELECTOR, ".hit")[1]
@@ -107,7 +109,7 @@ def test_browser_pages_and_filters_an_uploaded_image_query(server, roco_run, tmp
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    test = load_split(load_adapter_run(roco_run).features_dir / "test.h5")
+    test = load_split(load_adapter_run(roco_run).features_dir / split_file("test"))
     query = tmp_path / "query.png"
     open_image(test.image_path(0)).save(query)
     driver = browser()
@@ -127,16 +129,16 @@ def test_browser_pages_and_filters_an_uploaded_image_query(server, roco_run, tmp
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "images like query.png"))
         wait.until(ec.text_to_be_present_in_element((By.ID, "captions"), "Captions for query.png"))
         first, _ = shown()
-        assert len(first) == 12
+        assert len(first) == PER_PAGE
         driver.find_element(By.ID, "next").click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "page-label"), "page 2"))
         second, _ = shown()
-        assert len(second) == 12 and not set(first) & set(second)
+        assert len(second) == PER_PAGE and not set(first) & set(second)
         assert "images like query.png" in driver.find_element(By.ID, "status").text
         Select(driver.find_element(By.ID, "split")).select_by_value("test")
         wait.until(ec.text_to_be_present_in_element((By.ID, "page-label"), "page 1"))
         wait.until(lambda d: set(shown()[1]) == {"[test]"})
-        assert len(shown()[0]) == 12 and "images like query.png" in driver.find_element(By.ID, "status").text
+        assert len(shown()[0]) == PER_PAGE and "images like query.png" in driver.find_element(By.ID, "status").text
     finally:
         driver.quit()
 
@@ -147,7 +149,7 @@ def test_explanation_maps_point_at_what_the_score_rests_on(roco_run):
     blanking random cells of the same number, over real roco-rad test images."""
     run = load_adapter_run(roco_run)
     backbone = run_backbone(run)
-    test = load_split(run.features_dir / "test.h5")
+    test = load_split(run.features_dir / split_file("test"))
     rng = np.random.default_rng(0)
     hot, rand = [], []
     for i in range(8):

@@ -22,7 +22,7 @@ from starlette.routing import Mount
 from medembed.adapt.config import AdaptConfig
 from medembed.adapt.run import read_querybank
 from medembed.adapt.trainer import train
-from medembed.evaluate import plots
+from medembed.model import grids
 from medembed.serve.index import IndexOptions, build_index
 from medembed.serve.page import ServeLimits, create_app
 from medembed.serve.search import Searcher, search
@@ -148,6 +148,11 @@ def _values(name: str, annotation, split: str, key: str) -> list[str | None]:
     return ["x", ""]
 
 
+def _fields(dependant, kind: str) -> list:
+    """A route's `kind` parameters (query_params, path_params): its own, then its dependencies'."""
+    return [*getattr(dependant, kind), *(f for d in dependant.dependencies for f in _fields(d, kind))]
+
+
 def _requests(app, split: str, key: str) -> list[tuple[str, str, str, dict, dict]]:
     """(label, method, path, params, request keywords) for every route of `app`: its valid request, then
     each parameter in turn set to each of its values, then (for a route taking a body) every body."""
@@ -161,9 +166,10 @@ def _requests(app, split: str, key: str) -> list[tuple[str, str, str, dict, dict
         methods = sorted(getattr(route, "methods", None) or {"GET"})
         params, path_params = {}, {}
         if isinstance(route, APIRoute):
-            params = {p.name: _values(p.name, p.field_info.annotation, split, key) for p in route.dependant.query_params}
+            params = {p.name: _values(p.name, p.field_info.annotation, split, key)
+                      for p in _fields(route.dependant, "query_params")}
             path_params = {p.name: _values(p.name, p.field_info.annotation, split, key)
-                           for p in route.dependant.path_params}
+                           for p in _fields(route.dependant, "path_params")}
         for method in methods:
             if method == "HEAD":
                 continue
@@ -247,14 +253,14 @@ def test_search_draws_an_image_query_over_a_caption_less_pool_beside_its_similar
     """`cli.py search --image --out` over an image-only collection: the grid shows the images it answers
     with (not a list of empty captions), and calls the query "query image", not by its file name."""
     drawn = []
-    save = plots._save
+    save = grids.save_figure
 
     def spy(fig, path):
         drawn.append(([t.get_text() for t in fig.findobj(Text) if t.get_text()],
                       [np.asarray(im.get_array()) for ax in fig.axes for im in ax.get_images()]))
         return save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(grids, "save_figure", spy)
     query = tmp_path / "Doe^Jane_MRN55120.png"
     Image.new("RGB", (36, 36), (30, 200, 40)).save(query)  # the pool's green image
     result = search(project["run"], image=str(query), k=3, data=str(project["data"]["image-only"]),

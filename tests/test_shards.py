@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from medembed.cache.reader import CacheError, find_splits, load_split
+from medembed.cache.schema import split_file
 from medembed.cache.shards import MergeError, merge_shards
 from medembed.extract.extraction import (
     ExtractConfig,
@@ -55,7 +56,7 @@ def test_shards_merge_to_the_unsharded_result(tmp_path, monkeypatch):
     merged = merge_shards(folder)
     assert sorted(p.name for p in merged) == ["train.h5", "valid.h5"]
     # the join copies no feature: they are virtual datasets over the shards, storing no byte of their own
-    with h5py.File(folder / "train.h5") as f:
+    with h5py.File(folder / split_file("train")) as f:
         for name in ("images/features", "captions/features"):
             assert f[name].is_virtual and f[name].id.get_storage_size() == 0
     # the folder moves as a whole (shards are named relative to the split file), read from elsewhere
@@ -63,8 +64,8 @@ def test_shards_merge_to_the_unsharded_result(tmp_path, monkeypatch):
     folder.rename(moved)
     monkeypatch.chdir(tmp_path / "d")
     for split in ("train", "valid"):
-        a = load_split(tmp_path / "whole" / "d" / "tiny-clip" / f"{split}.h5")
-        b = load_split(moved / f"{split}.h5")
+        a = load_split(tmp_path / "whole" / "d" / "tiny-clip" / split_file(split))
+        b = load_split(moved / split_file(split))
         assert a.image_ids == b.image_ids and a.captions == b.captions and a.skipped == b.skipped
         assert torch.equal(a.caption_image, b.caption_image)
         assert (a.concepts != b.concepts).nnz == 0
@@ -74,24 +75,24 @@ def test_shards_merge_to_the_unsharded_result(tmp_path, monkeypatch):
         assert torch.equal(a.concept_text_features, b.concept_text_features)
         assert b.attrs["shard"] == "" and b.attrs["merged_from_shards"] == 3
     assert [s for s in whole.splits if s.split == "train"][0].skipped[0][0] == "IMG_00004"
-    assert load_split(moved / "train.h5").n_images == 13
+    assert load_split(moved / split_file("train")).n_images == 13
     # a shard file that went missing is refused by name, never read as fill values
     (moved / "train.shard-0001-of-0003.h5").rename(tmp_path / "away.h5")
     with pytest.raises(CacheError, match=r"train.shard-0001-of-0003.h5, which is missing"):
-        load_split(moved / "train.h5")
+        load_split(moved / split_file("train"))
     (tmp_path / "away.h5").rename(moved / "train.shard-0001-of-0003.h5")
     # --copy over the joined files: rewritten self-contained, equal to them, readable with the shards gone
     from medembed.cli import main
 
     r = CliRunner().invoke(main, ["cache", "merge", "--copy", str(moved)])
     assert r.exit_code == 0 and r.output.count("(self-contained)") == 2, r.output
-    with h5py.File(moved / "train.h5") as f:
+    with h5py.File(moved / split_file("train")) as f:
         assert not f["images/features"].is_virtual
     for p in moved.glob("*.shard-*.h5"):
         p.unlink()
     for split in ("train", "valid"):
-        a = load_split(tmp_path / "whole" / "d" / "tiny-clip" / f"{split}.h5")
-        b = load_split(moved / f"{split}.h5")
+        a = load_split(tmp_path / "whole" / "d" / "tiny-clip" / split_file(split))
+        b = load_split(moved / split_file(split))
         assert a.image_ids == b.image_ids and torch.equal(a.image_features, b.image_features)
         assert torch.equal(a.caption_features, b.caption_features)
 
@@ -116,7 +117,7 @@ def test_merge_refuses_missing_or_unfinished_shards(tmp_path):
     (folder / "train.shard-0001-of-0003.parts").mkdir()
     with pytest.raises(MergeError, match=r"shard 1/3 is still being written; shard 2/3 has no completion marker"):
         merge_shards(folder)
-    assert not (folder / "train.h5").exists()
+    assert not (folder / split_file("train")).exists()
     from medembed.cli import main
 
     r = CliRunner().invoke(main, ["cache", "merge", str(folder)])
@@ -154,9 +155,9 @@ def test_a_large_split_is_written_in_parts_and_joined(tmp_path):
     assert next(s for s in summary.splits if s.split == "valid").status == "written"  # 5 records: one file
     assert sorted(p.name for p in folder.glob("train.shard-*.h5")) == ["train.shard-0000-of-0002.h5",
                                                                         "train.shard-0001-of-0002.h5"]
-    with h5py.File(folder / "train.h5") as f:
+    with h5py.File(folder / split_file("train")) as f:
         assert f["images/features"].is_virtual
-    a, b = load_split(whole / "train.h5"), load_split(folder / "train.h5")
+    a, b = load_split(whole / split_file("train")), load_split(folder / split_file("train"))
     assert a.image_ids == b.image_ids and a.captions == b.captions
     assert torch.equal(a.image_features, b.image_features) and torch.equal(a.caption_features, b.caption_features)
     assert (a.concepts != b.concepts).nnz == 0
@@ -172,7 +173,7 @@ def test_an_unfinished_extraction_in_parts_is_continued_not_mixed(tmp_path):
     with pytest.raises(ExtractError, match=r"an earlier extraction of split train in 2 parts with --batch-size 4 is "
                                            r"unfinished here; re-run it with the same --batch-size and --max-memory-gb"):
         extract(dataclasses.replace(cfg, batch_size=2))  # 7 batches of 2 in parts of 4: rows 0-8 and 8-14 no more
-    assert not (folder / "train.h5").exists()
+    assert not (folder / split_file("train")).exists()
     summary = extract(cfg)  # the same settings continue it
     assert summary.splits[0].status == "written in 2 parts, joined" and summary.splits[0].images == 14
 

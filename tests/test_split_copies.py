@@ -10,6 +10,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from medembed.cache.reader import load_split
+from medembed.cache.schema import split_file
 from medembed.cli import main
 from medembed.extract import extraction
 from medembed.extract.duplicates import HEAD_BYTES, CrossSplitCopy, cross_split_copies
@@ -56,7 +57,7 @@ def test_a_copy_under_another_id_in_another_split_is_named_in_a_warning(tmp_path
             "byte-identical copy of IMG_00001 in train): a run's numbers on the later split count it as unseen"
             ) in warnings[0]
     assert "ROCO_99998" not in warnings[0]
-    test = load_split(tmp_path / "f2" / "d" / "tiny-clip" / "test.h5")
+    test = load_split(tmp_path / "f2" / "d" / "tiny-clip" / split_file("test"))
     assert test.image_ids[-2:] == ["ROCO_99998", "ROCO_99999"]
 
 
@@ -68,7 +69,7 @@ def test_a_shared_id_is_still_refused_and_the_copy_still_named_when_allowed(tmp_
     res = _extract(data, tmp_path / "f")
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert "IMG_00002 in train+test" in res.output and "--allow-split-overlap" in res.output
-    assert not (tmp_path / "f" / "d" / "tiny-clip" / "train.h5").exists()
+    assert not (tmp_path / "f" / "d" / "tiny-clip" / split_file("train")).exists()
     res = _extract(data, tmp_path / "f", "--allow-split-overlap")
     assert res.exit_code == 0, res.output
     warnings = [x for x in res.output.splitlines() if "warning:" in x]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medembed.evaluate.stats import paired_difference, rate_interval
+from medembed.common.stats import paired_difference, rate_interval
 
 
 def _reference(a: np.ndarray, b: np.ndarray | None = None, draws: int = 40000, seed: int = 1) -> tuple[float, float]:

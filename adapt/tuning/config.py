@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medembed.common.errors import BadOption
+
 
 @dataclass(frozen=True)
 class UnlockSpec:
@@ -24,7 +26,7 @@ class UnlockSpec:
         for part in (p.strip() for p in spec.split(",") if p.strip()):
             tower, _, n = part.partition(":")
             if tower not in out:
-                raise ValueError(f"--unlock {spec!r}: tower must be image or text, got {tower!r}")
+                raise BadOption(f"--unlock {spec!r}: tower must be image or text, got {tower!r}")
             out[tower] = _count(n, f"--unlock {tower}")
         return cls(**out)
 
@@ -42,9 +44,9 @@ def _count(value: str, flag: str) -> int | str:
     try:
         n = int(value)
     except ValueError:
-        raise ValueError(f"{flag} must be a whole number of top blocks or 'all', got {value!r}") from None
+        raise BadOption(f"{flag} must be a whole number of top blocks or 'all', got {value!r}") from None
     if n < 0:
-        raise ValueError(f"{flag} must be >= 0, got {n}")
+        raise BadOption(f"{flag} must be >= 0, got {n}")
     return n
 
 
@@ -78,18 +80,18 @@ class TuneConfig:
             self.unlock = "2" if self.every else "text:2"
         self.spec  # noqa: B018 - parse now: a bad --unlock is refused before anything is loaded
         if self.every < 0 or self.epochs < 1:
-            raise ValueError(f"--unfreeze-every must be >= 0 and --unfreeze-epochs >= 1, got {self.every}, {self.epochs}")
+            raise BadOption(f"--unfreeze-every must be >= 0 and --unfreeze-epochs >= 1, got {self.every}, {self.epochs}")
         if self.batch_size < 2:
-            raise ValueError("the tuning batch size must be >= 2: a contrastive batch needs a negative")
+            raise BadOption("the tuning batch size must be >= 2: a contrastive batch needs a negative")
         spec = self.spec
         if not spec.any:
-            raise ValueError("--unlock names no tower block to train")
+            raise BadOption("--unlock names no tower block to train")
         if self.every == 0 and (spec.image == "all" or spec.text == "all" and spec.image != 0):
-            raise ValueError(f"--unlock {self.unlock}: training with the heads every epoch runs from cached "
-                             "activations, so the image tower can only have its top blocks unlocked (and only with a "
-                             "partly unlocked text tower); use --unfreeze-every for whole towers on raw images")
+            raise BadOption(f"--unlock {self.unlock}: training with the heads every epoch runs from cached "
+                            "activations, so the image tower can only have its top blocks unlocked (and only with a "
+                            "partly unlocked text tower); use --unfreeze-every for whole towers on raw images")
         if self.cached_trunk and "all" in (spec.image, spec.text):
-            raise ValueError(f"--unlock {self.unlock}: a whole tower unlocked leaves no frozen trunk to cache")
+            raise BadOption(f"--unlock {self.unlock}: a whole tower unlocked leaves no frozen trunk to cache")
 
     @property
     def spec(self) -> UnlockSpec:

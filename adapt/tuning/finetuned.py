@@ -18,6 +18,7 @@ from medembed.adapt import checkpoint as ckpt
 from medembed.adapt.heads import build_heads
 from medembed.adapt.run_files import FINETUNED
 from medembed.adapt.tuning.towers import release, tower_state
+from medembed.common.errors import BadRun, NotFound
 from medembed.common.hashing import tensor_digest
 from medembed.common.tensors import embed_in_chunks, module_device
 from medembed.extract.backbones import Backbone, create_backbone
@@ -67,17 +68,17 @@ def read_finetuned(path: str | Path, device: str | torch.device = "cpu"):
     so a file that does not match its base architecture fails loudly instead of half-loading."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no fine-tuned checkpoint")
+        raise NotFound(f"{path}: no fine-tuned checkpoint")
     tensors, meta = ckpt.read_verified(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fine-tuned backbone checkpoint (format {meta.get('format')!r}, expected {FORMAT})")
+        raise BadRun(f"{path}: not a fine-tuned backbone checkpoint (format {meta.get('format')!r}, expected {FORMAT})")
     backbone = create_backbone(meta["base_backbone"], device="cpu")
     for prefix, tower in (("image_model", backbone.image_model), ("text_model", backbone.text_model)):
         sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         missing, unexpected = tower.load_state_dict(sub, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path}: {prefix} does not fit {meta['base_backbone']} "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise BadRun(f"{path}: {prefix} does not fit {meta['base_backbone']} "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     backbone = replace(backbone, name=meta["backbone"], provenance=json.loads(meta["provenance"]))
     run_config = json.loads(meta["run_config"])
     image_head, text_head = build_heads(run_config)

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from medembed.adapt.data import caption_keys
 from medembed.adapt.state import Encoders
 from medembed.adapt.tuning.towers import MidActivations, plain
+from medembed.cache import schema
 from medembed.cache.reader import CachedSplit
 from medembed.common.errors import ToolError
 from medembed.extract.access import DataAccess
@@ -78,7 +79,7 @@ class RawImages(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, split: CachedSplit, transform: Callable):
         self.root, self.split, self.transform = root, split, transform
-        self.decode = DecodeOptions.from_provenance(split.attrs.get("image_decoding"))  # the window extraction used
+        self.decode = DecodeOptions.from_provenance(split.attrs.get(schema.IMAGE_DECODING))  # the window extraction used
         self.access = DataAccess.of_cache(split.attrs, str(root))  # read only what extraction was allowed to read
 
     def __len__(self) -> int:

@@ -7,9 +7,8 @@ training starts from those mid-layer activations, running only the unlocked bloc
 own pooling and projection, and the heads. The price: an image is seen through one fixed view (the
 eval transform), so random-crop augmentation is not available on this path.
 
-Supported layouts: open_clip CLIP models with a plain VisionTransformer image tower (class-token or
-average pooling, no attentional pool) and the classic text transformer, and the default
-EfficientNet-Lite0 + MiniLM pair. Each top is built from the towers' public modules and checked on
+How a tower is unlocked and how its top is run are its backbone family's (`BackboneFamily.unlock`,
+`BackboneFamily.cached_top`): each top is built from the towers' public modules and checked on
 construction against the tower's own forward pass; a layout it cannot reproduce raises
 `MidCacheUnsupported`, and the raw path (whole towers every step) is used instead.
 """
@@ -21,14 +20,15 @@ import torch
 from torch import nn
 
 from medembed.adapt.tuning.config import UnlockSpec as UnlockSpec  # re-exported
+from medembed.common.errors import Incompatible
 from medembed.extract.backbones import Backbone, family_of
 
 # re-exported: tuning code and tests reach these through this module
-from medembed.extract.backbones.open_clip_family import open_clip_model as open_clip_model
 from medembed.extract.backbones.tops import MidCacheUnsupported as MidCacheUnsupported
 from medembed.extract.backbones.tops import TowerCut as TowerCut
 from medembed.extract.backbones.tops import first_unlocked as first_unlocked
 from medembed.extract.backbones.tops import plain as plain
+from medembed.extract.backbones.tops import unlock_top_blocks
 
 
 # ----------------------------------------------------------------------------------------- unlocking
@@ -50,34 +50,19 @@ def tower_state(backbone: Backbone) -> dict[str, torch.Tensor]:
     return state
 
 
-def _unlock_top(blocks: list[nn.Module], n: int | str) -> None:
-    for block in blocks if n == "all" else blocks[len(blocks) - n:] if n else []:
-        for p in block.parameters():
-            p.requires_grad_(True)
-
-
 def lock_backbone(backbone: Backbone, spec: UnlockSpec) -> list[nn.Parameter]:
     """Freeze both towers except the top blocks `spec` names; returns the trainable tower parameters.
 
-    open_clip models use open_clip's own LiT-style locking (lock_image_tower / lock_text_tower);
-    other backbones unlock the last N of `image_blocks()` / `text_blocks()`."""
+    The backbone's family unlocks (`BackboneFamily.unlock`: its library's own locking, or the last N
+    of `image_blocks()` / `text_blocks()`); a backbone of no family unlocks the latter way."""
     params = tower_parameters(backbone)
     for p in params.values():
         p.requires_grad_(False)
-    clip = open_clip_model(backbone)
-    if clip is not None:
-        for p in params.values():
-            p.requires_grad_(True)
-        if spec.image != "all":
-            clip.lock_image_tower(unlocked_groups=spec.image)
-        if spec.text != "all":
-            clip.lock_text_tower(unlocked_layers=spec.text)
-    else:
-        _unlock_top(backbone.image_blocks(), spec.image)
-        _unlock_top(backbone.text_blocks(), spec.text)
+    family = family_of(backbone)
+    (unlock_top_blocks if family is None else family.unlock)(backbone, spec.image, spec.text)
     trainable = [p for p in params.values() if p.requires_grad]
     if spec.any and not trainable:
-        raise ValueError(f"{backbone.name}: unlocking {spec} left no trainable parameter")
+        raise Incompatible(f"{backbone.name}: unlocking {spec} left no trainable parameter")
     return trainable
 
 
@@ -129,7 +114,7 @@ class MidActivations:
 
     images: torch.Tensor | None  # [N, ...] activation entering the first unlocked image block
     texts: torch.Tensor | None  # [M, context, width]
-    text_aux: torch.Tensor | None  # [M, context]: token ids (open_clip pooling) or attention mask (mean pooling)
+    text_aux: torch.Tensor | None  # [M, context]: what the text pooling needs (token ids, or the attention mask)
 
     @property
     def nbytes(self) -> int:

@@ -56,7 +56,6 @@ from medembed.adapt.tuning.towers import (
     UnlockSpec,
     build_mid_cache,
     lock_backbone,
-    open_clip_model,
     release,
     top_for,
 )
@@ -73,11 +72,11 @@ from medembed.cache.reader import (
 from medembed.cache.schema import PRIVATE_LOCATION
 from medembed.cache.writer import write_split
 from medembed.common.device import resolve_device
-from medembed.common.errors import ToolError
+from medembed.common.errors import BadOption, Incompatible, NotFound, ToolError
 from medembed.common.ranking import recall_summary
 from medembed.common.tensors import embed_in_chunks
 from medembed.extract.access import FOLLOW_LINKS
-from medembed.extract.backbones import Backbone, create_backbone
+from medembed.extract.backbones import FAMILIES, Backbone, create_backbone, family_of
 from medembed.extract.datasets import load_dataset
 from medembed.extract.extraction import ExtractConfig, cache_dir, extract
 
@@ -94,15 +93,15 @@ def _autocast(device: torch.device):
 # ------------------------------------------------------------------------------------------ the cache
 def _base_backbone(features_dir: str | Path, device: torch.device) -> Backbone:
     attrs = read_attrs(find_splits(features_dir)["train"])
-    name = str(attrs.get("backbone", ""))
+    name = str(attrs.get(schema.BACKBONE, ""))
     if FT_MARK in name:
-        raise ValueError(f"{features_dir}: features of the fine-tuned backbone {name}; tune from its base cache or "
-                         "continue from the run that made it")
+        raise Incompatible(f"{features_dir}: features of the fine-tuned backbone {name}; tune from its base cache or "
+                           "continue from the run that made it")
     backbone = create_backbone(name, device=device)
-    if attrs.get("weights_sha256") != backbone.provenance.get("weights_sha256"):
-        raise ValueError(f"{features_dir}: cache weights_sha256 {str(attrs.get('weights_sha256'))[:12]}... was not made "
-                         f"by backbone {name} ({backbone.provenance.get('weights_sha256', '')[:12]}...); tuning from "
-                         "it would start from other features than the heads are trained on")
+    if attrs.get(schema.WEIGHTS_SHA256) != backbone.provenance.get(schema.WEIGHTS_SHA256):
+        raise Incompatible(f"{features_dir}: cache weights_sha256 {str(attrs.get(schema.WEIGHTS_SHA256))[:12]}... was not made "
+                           f"by backbone {name} ({backbone.provenance.get(schema.WEIGHTS_SHA256, '')[:12]}...); tuning from "
+                           "it would start from other features than the heads are trained on")
     return backbone
 
 
@@ -110,8 +109,8 @@ def _data_root(features_dir: str | Path, tune: TuneConfig) -> Path:
     train = find_splits(features_dir)["train"]
     root = Path(tune.data or recorded_data_root(read_attrs(train), train))
     if not root.is_dir():
-        raise FileNotFoundError(f"{features_dir}: dataset folder {str(root)!r} (data_root) not found; pass the "
-                                "dataset folder (TuneConfig.data)")
+        raise NotFound(f"{features_dir}: dataset folder {str(root)!r} (data_root) not found; pass the "
+                       "dataset folder (TuneConfig.data)")
     return root
 
 
@@ -125,21 +124,21 @@ def refresh_cache(backbone: Backbone, features_dir: str | Path, tune: TuneConfig
     files = find_splits(features_dir)
     attrs = read_attrs(next(iter(files.values())))
     root = Path(tune.features_root) if tune.features_root else Path(features_dir).resolve().parents[1]
-    out = cache_dir(root, str(attrs.get("dataset", "")), backbone.name)
+    out = cache_dir(root, str(attrs.get(schema.DATASET, "")), backbone.name)
     if out.resolve() == Path(features_dir).resolve():
         raise ToolError(f"{out}: the refreshed cache would overwrite the cache it replaces (backbone name unchanged)")
     if text_only:
         for name, path in files.items():
-            _refresh_texts(backbone, load_split(path, dtype=None), out / f"{name}.h5")
+            _refresh_texts(backbone, load_split(path, dtype=None), out / schema.split_file(name))
         return out
     data = _data_root(features_dir, tune)
     # read as the cache was: links followed or not, records named by keyed hashes or by their paths
-    dataset = load_dataset(data, name=attrs.get("dataset"), follow_links=attrs.get("data_access") == FOLLOW_LINKS,
+    dataset = load_dataset(data, name=attrs.get(schema.DATASET), follow_links=attrs.get(schema.DATA_ACCESS) == FOLLOW_LINKS,
                            readable_paths=_kept_readable_paths(files, attrs))
-    templates = tuple(str(attrs["templates"]).split("\n")) if attrs.get("templates") else ExtractConfig.templates
+    templates = tuple(str(attrs[schema.TEMPLATES]).split("\n")) if attrs.get(schema.TEMPLATES) else ExtractConfig.templates
     cfg = ExtractConfig(data=str(data), backbone=backbone.name, splits=list(files), batch_size=tune.extract_batch_size,
-                        workers=tune.workers, device=device.type, out=str(root), dtype=str(attrs.get("dtype", "float16")),
-                        views=int(attrs.get("views", 0)), templates=templates, progress=progress,
+                        workers=tune.workers, device=device.type, out=str(root), dtype=str(attrs.get(schema.DTYPE, "float16")),
+                        views=int(attrs.get(schema.VIEWS, 0)), templates=templates, progress=progress,
                         allow_split_overlap=True)  # the same records as the cache it refreshes, overlap already allowed
     return Path(extract(cfg, backbone=backbone, dataset=dataset).out_dir)
 
@@ -149,7 +148,7 @@ def _kept_readable_paths(files: dict[str, Path], attrs: dict) -> bool:
     when its records are keyed (`image_ids`), nor when any location it stored is private -- caches made
     before ids were keyed stored a plain `private:ID` for image-only folders and MIMIC-CXR, with no
     `image_ids` to say so."""
-    if attrs.get("image_ids"):
+    if attrs.get(schema.IMAGE_ID_SCHEME):
         return False
     for path in files.values():
         with open_cache(path) as f:
@@ -173,10 +172,11 @@ def _refresh_texts(backbone: Backbone, split: CachedSplit, path: Path) -> None:
         prompts = prompts.clone()
         if named:
             prompts[named] = backbone.encode_texts(texts).to(dtype).reshape(len(named), len(split.templates), -1)
-    attrs = {**split.attrs, **{k: str(v) for k, v in backbone.provenance.items()}, "backbone": backbone.name,
-             "created": datetime.now(UTC).isoformat(timespec="seconds"), "refreshed": "caption and concept-prompt features"}
+    attrs = {**split.attrs, **{k: str(v) for k, v in backbone.provenance.items()}, schema.BACKBONE: backbone.name,
+             schema.CREATED: datetime.now(UTC).isoformat(timespec="seconds"),
+             schema.REFRESHED: "caption and concept-prompt features"}
     refreshed = replace(split, caption_features=captions, concept_text_features=prompts, attrs=attrs)
-    write_split(path, refreshed, dtype=str(split.attrs.get("dtype", "float16")))
+    write_split(path, refreshed, dtype=str(split.attrs.get(schema.DTYPE, "float16")))
 
 
 # ---------------------------------------------------------------------------------- tuned features
@@ -301,7 +301,7 @@ def _start(config: AdaptConfig) -> Start:
     run_dir = prepare_run_dir(config, resume=False)
     data = load_training_data(config)
     if data.train is None:
-        raise ValueError(f"{config.features_dir}: tuning towers needs the training split in memory; raise max_memory_gb")
+        raise BadOption(f"{config.features_dir}: tuning towers needs the training split in memory; raise max_memory_gb")
     return Start(config, run_dir, device, data, _base_backbone(config.features_dir, device))
 
 
@@ -311,8 +311,8 @@ def train_tuned(config: AdaptConfig, tune: TuneConfig, progress: bool = True) ->
     s = _start(config)
     config, run_dir, device, data, backbone, spec = s.config, s.run_dir, s.device, s.data, s.backbone, tune.spec
     if data.concepts is not None and config.augment == "concepts":
-        raise ValueError("--augment concepts adds pairs to adapter epochs; with --unlock and no --unfreeze-every "
-                         "every epoch trains the towers on captions only (use --augment auto or none)")
+        raise BadOption("--augment concepts adds pairs to adapter epochs; with --unlock and no --unfreeze-every "
+                        "every epoch trains the towers on captions only (use --augment auto or none)")
     data = replace(data, concepts=None)  # "auto": the tower epochs train on captions
     trainable = lock_backbone(backbone, spec)
     root = _data_root(config.features_dir, tune) if spec.image != 0 else None
@@ -456,11 +456,13 @@ def _cycle(run: Periodic) -> None:
 
 
 def _library_grad_checkpointing(backbone: Backbone) -> None:
-    clip = open_clip_model(backbone)
-    if clip is None:
-        raise MidCacheUnsupported(f"{backbone.name}: gradient checkpointing on raw images needs an open_clip backbone; "
+    """The family's own checkpointing over the whole towers; refused for a family without one."""
+    family = family_of(backbone)
+    if family is None or family.grad_checkpointing is None:
+        able = " or ".join(f.name for f in FAMILIES if f.grad_checkpointing is not None)
+        raise MidCacheUnsupported(f"{backbone.name}: gradient checkpointing on raw images needs an {able} backbone; "
                                   "use --cached-trunk (checkpointing then covers the unlocked blocks)")
-    clip.set_grad_checkpointing(True)
+    family.grad_checkpointing(backbone)
 
 
 def _restart_adapter_optimizer(run: Periodic) -> None:
@@ -477,7 +479,7 @@ def _restart_adapter_optimizer(run: Periodic) -> None:
 def written_since(folder: str | Path, wall_clock: float) -> bool:
     """Whether every cache file of `folder` was written at or after `wall_clock` (time.time()), i.e. by
     this cycle rather than found in place: only then may a rollback delete the folder."""
-    written = list(Path(folder).glob("*.h5"))
+    written = list(Path(folder).glob(schema.FILE_GLOB))
     return bool(written) and all(p.stat().st_mtime >= wall_clock - 1 for p in written)
 
 
@@ -508,7 +510,7 @@ def train_with_unfreezing(config: AdaptConfig, tune: TuneConfig, progress: bool 
     config.epochs adapter epochs in all. Returns the summary with `stages`, `cycles` and, when a
     cycle was kept, `checkpoint` (finetuned.safetensors in the run folder)."""
     if tune.every < 1:
-        raise ValueError("periodic unfreezing needs --unfreeze-every K >= 1")
+        raise BadOption("periodic unfreezing needs --unfreeze-every K >= 1")
     s = _start(config)
     config, run_dir, device, data, backbone = s.config, s.run_dir, s.device, s.data, s.backbone
     run_config = _run_config(config, data, tune)

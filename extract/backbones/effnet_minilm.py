@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from medembed.common.errors import Incompatible
 from medembed.common.hashing import sha256_files
 from medembed.extract.backbones.core import Backbone, Tower
-from medembed.extract.backbones.family import BackboneFamily
+from medembed.extract.backbones.family import BackboneFamily, PortableTokenizer
 from medembed.extract.backbones.tops import MidCacheUnsupported, TowerCut, first_unlocked, plain
 from medembed.extract.backbones.transforms import (
     AugmentConfig,
@@ -159,6 +160,15 @@ class HFTokenize:
         encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
         return dict(encoded)
+
+
+def portable_tokenizer(backbone: Backbone) -> PortableTokenizer | None:
+    """A Hugging Face fast tokenizer's own tokenizer.json; None for any other tokenizer."""
+    tok = backbone.tokenize
+    if not isinstance(tok, HFTokenize) or not getattr(tok.tokenizer, "is_fast", False):
+        return None
+    return PortableTokenizer(max_length=tok.max_length, pad_id=int(tok.tokenizer.pad_token_id or 0),
+                             save=lambda path: tok.tokenizer.backend_tokenizer.save(str(path)))
 
 
 @contextmanager
@@ -336,7 +346,7 @@ def gradcam_map(backbone: Backbone, pixels: torch.Tensor,
     """Grad-CAM over the last conv stage: its channels weighted by the score's mean gradient."""
     tower = backbone.image_model.eval()
     if not hasattr(tower, "features_with_map"):
-        raise ValueError(f"{backbone.name}: no explanation map for this image tower")
+        raise Incompatible(f"{backbone.name}: no explanation map for this image tower")
     with torch.enable_grad():
         maps, feats = tower.features_with_map(pixels.to(backbone.device))
         maps.retain_grad()
@@ -358,4 +368,5 @@ FAMILY = BackboneFamily(
     owns=lambda backbone: hasattr(backbone.image_model, "net") and hasattr(backbone.text_model, "encoder"),
     cached_top=_cached_top,
     saliency=gradcam_map,
+    portable_tokenizer=portable_tokenizer,
 )

@@ -29,12 +29,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from medembed.common.errors import MedembedError
+from medembed.cache import schema
+from medembed.common.errors import BadOption, Incompatible, MedembedError
 from medembed.common.files import atomic_write, slug
 from medembed.extract.backbones.core import Backbone
 
 OPSET = 17
 RUNTIMES = ("torch", "onnx", "auto")
+DEFAULT_RUNTIME = "auto"  # onnx on the CPU when onnxruntime is installed, else torch (`choose_runtime`)
 PROBE_TEXTS = ("CT", "Axial contrast-enhanced CT of the abdomen showing a hypodense lesion in the right lobe of the "
                "liver", "chest x-ray")
 TOLERANCE = 1e-3  # largest |onnx - torch| a new graph may show, relative to the features' largest magnitude
@@ -57,13 +59,13 @@ def choose_runtime(runtime: str, device: str, log=None) -> str:
     """`torch` or `onnx` for a forward on `device`. `auto` takes ONNX Runtime on the CPU when it is
     installed (PyTorch on a GPU); asking for `onnx` without it installed fails in one line."""
     if runtime not in RUNTIMES:
-        raise ValueError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        raise BadOption(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     installed = onnxruntime_version() is not None
     if runtime == "onnx":
         if not installed:
-            raise ValueError("--runtime onnx needs onnxruntime: pip install onnx onnxruntime (or --runtime torch)")
+            raise BadOption("--runtime onnx needs onnxruntime: pip install onnx onnxruntime (or --runtime torch)")
         if device != "cpu":
-            raise ValueError(f"--runtime onnx runs on the CPU; this forward is on {device} (use --runtime torch)")
+            raise BadOption(f"--runtime onnx runs on the CPU; this forward is on {device} (use --runtime torch)")
         return "onnx"
     if runtime == "auto" and device == "cpu":
         if installed:
@@ -267,7 +269,7 @@ def use_onnx_images(backbone: Backbone, folder: str | Path, threads: int | None 
 
     path = export_image_tower(backbone, Path(folder))
     backbone.image_runtime = OnnxTower(session(path, threads), path)
-    backbone.provenance["image_runtime"] = f"onnxruntime=={ort.__version__} opset {OPSET}"
+    backbone.provenance[schema.IMAGE_RUNTIME] = f"onnxruntime=={ort.__version__} opset {OPSET}"
     return backbone
 
 
@@ -299,6 +301,6 @@ def attach(backbone: Backbone, runtime: str, device: str, folder: str | Path, no
         except Exception as e:  # noqa: BLE001 - any exporter failure means: this tower has no ONNX form here
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if runtime == "onnx":
-                raise ValueError(f"--runtime onnx: {backbone.name}'s {side} tower could not be run by ONNX Runtime "
-                                 f"({why}); use --runtime torch") from None
+                raise Incompatible(f"--runtime onnx: {backbone.name}'s {side} tower could not be run by ONNX Runtime "
+                                   f"({why}); use --runtime torch") from None
             notes.append(f"{backbone.name}: {side} tower not run by ONNX Runtime ({why}); encoded with PyTorch")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medembed.common.errors import ToolError
+from medembed.common.errors import Incompatible, ToolError
 from medembed.common.hashing import sha256_files, tensor_digest
 from medembed.extract.backbones.core import Backbone, BlockGroup, Tower, seeded_init
 from medembed.extract.backbones.family import BackboneFamily
@@ -291,13 +291,34 @@ def create_open_clip(spec: OpenClipName, augment: AugmentConfig = AugmentConfig(
     )
 
 
-# ------------------------------------------------------------------ tuning from cached activations
+# ------------------------------------------------------------------ unlocking for tuning
 def open_clip_model(backbone: Backbone) -> nn.Module | None:
     """The open_clip model behind a Backbone (the owner of both towers), or None for other families."""
     for module in backbone.extra_modules:
         if hasattr(module, "lock_image_tower") and hasattr(module, "encode_text"):
             return module
     return None
+
+
+def unlock_open_clip(backbone: Backbone, image: int | str, text: int | str) -> None:
+    """open_clip's own LiT-style locking (lock_image_tower / lock_text_tower), which knows each
+    architecture's groups: both towers trainable, then all but their top groups locked again."""
+    clip = open_clip_model(backbone)
+    for tower in (backbone.image_model, backbone.text_model):
+        for p in tower.parameters():
+            p.requires_grad_(True)
+    if image != "all":
+        clip.lock_image_tower(unlocked_groups=image)
+    if text != "all":
+        clip.lock_text_tower(unlocked_layers=text)
+
+
+def grad_checkpointing(backbone: Backbone) -> None:
+    """open_clip's activation checkpointing over every block of both towers."""
+    open_clip_model(backbone).set_grad_checkpointing(True)
+
+
+# ------------------------------------------------------------------ tuning from cached activations
 
 
 def vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -389,7 +410,7 @@ class ViTRollout:
 
     def __init__(self, visual: nn.Module):
         if getattr(visual, "attn_pool", None) is not None or not hasattr(visual, "transformer"):
-            raise ValueError("explanation maps support plain open_clip VisionTransformers")
+            raise Incompatible("explanation maps support plain open_clip VisionTransformers")
         self.visual = visual
 
     @staticmethod
@@ -422,7 +443,7 @@ def rollout_map(backbone: Backbone, pixels: torch.Tensor,
     with torch.enable_grad():
         feats, probs = vit.forward(pixels.to(backbone.device))
         if not torch.allclose(feats, backbone.image_model(pixels.to(backbone.device)), atol=1e-4, rtol=1e-4):
-            raise ValueError(f"{backbone.name}: the ViT's blocks run by hand do not reproduce its output")
+            raise Incompatible(f"{backbone.name}: the ViT's blocks run by hand do not reproduce its output")
         for p in probs:
             p.retain_grad()
         value = score(feats)
@@ -459,6 +480,8 @@ FAMILY = BackboneFamily(
     accepts=_accepts,
     create=_create,
     owns=lambda backbone: open_clip_model(backbone) is not None,
+    unlock=unlock_open_clip,
+    grad_checkpointing=grad_checkpointing,
     cached_top=_cached_top,
     saliency=rollout_map,
 )

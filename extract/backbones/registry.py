@@ -1,12 +1,13 @@
 """Name -> Backbone. The name is the whole identity of a feature space: caches are filed under it.
 
 `FAMILIES` is data: each family (a module's `FAMILY`) says which names it builds and owns its
-model-specific code (loader, cached top for tuning, saliency map); the first family accepting a
-name builds it."""
+model-specific code (loader, unlocking and checkpointing for tuning, cached top, saliency map,
+portable tokenizer); the first family accepting a name builds it."""
 from __future__ import annotations
 
 import torch
 
+from medembed.common.errors import BadOption
 from medembed.extract.backbones.core import Backbone
 from medembed.extract.backbones.effnet_minilm import FAMILY as EFFNET_MINILM
 from medembed.extract.backbones.effnet_minilm import MS_NAME, NAME
@@ -33,7 +34,7 @@ def family_for(name: str) -> BackboneFamily:
     for family in FAMILIES:
         if family.accepts(name):
             return family
-    raise ValueError(f"unknown backbone '{name}'. Known: {', '.join(BUILTIN_BACKBONES)}; or {'; '.join(NAME_PATTERNS)}.")
+    raise BadOption(f"unknown backbone '{name}'. Known: {', '.join(BUILTIN_BACKBONES)}; or {'; '.join(NAME_PATTERNS)}.")
 
 
 def family_of(backbone: Backbone) -> BackboneFamily | None:

@@ -1,4 +1,4 @@
-"""Shared pieces of the cached tops families build: where a tower is cut, which blocks are frozen.
+"""Shared pieces of tuning that families build on: which blocks are unlocked, where a tower is cut.
 
 A tower whose bottom is frozen computes the same activations every step, so tuning runs the frozen
 trunk once per image and caption and trains from the activations entering the first unlocked block
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from medembed.common.errors import MedembedError
+from medembed.extract.backbones.core import Backbone
 
 
 class MidCacheUnsupported(MedembedError, ValueError):
@@ -28,6 +29,15 @@ def first_unlocked(blocks: Sequence[nn.Module]) -> int:
         if any(p.requires_grad for p in block.parameters()):
             return i
     return len(blocks)
+
+
+def unlock_top_blocks(backbone: Backbone, image: int | str, text: int | str) -> None:
+    """The last `image` of `image_blocks()` and the last `text` of `text_blocks()` trainable ("all":
+    every block): how a family unlocks whose library has no locking of its own."""
+    for blocks, n in ((backbone.image_blocks(), image), (backbone.text_blocks(), text)):
+        for block in blocks if n == "all" else blocks[len(blocks) - n:] if n else []:
+            for p in block.parameters():
+                p.requires_grad_(True)
 
 
 def all_frozen(*modules) -> bool:

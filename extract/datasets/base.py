@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medembed.common.errors import MedembedError
+from medembed.common.errors import BadInput
 from medembed.common.splits import sort_splits
 from medembed.extract.access import name_problem
 from medembed.extract.datasets.csv_reader import LongFieldReader
@@ -39,7 +39,7 @@ def hash_split(key: str) -> str:
     return "train" if bucket < 8 else "valid" if bucket == 8 else "test"
 
 
-class DatasetError(MedembedError, ValueError):
+class DatasetError(BadInput):
     """Annotations that cannot be read unambiguously; the message names the file and line."""
 
 

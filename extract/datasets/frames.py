@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from medembed.common.errors import MedembedError
+from medembed.common.errors import BadOption
 from medembed.extract.access import DataAccess
 from medembed.extract.imaging.dicom import frame_count, is_dicom
 from medembed.extract.imaging.locations import read_at, split_location, with_frame
@@ -21,7 +21,7 @@ from medembed.extract.records import Dataset
 DEFAULT_FRAMES = "middle"
 
 
-class FramesError(MedembedError, ValueError):
+class FramesError(BadOption):
     pass
 
 

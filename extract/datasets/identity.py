@@ -107,7 +107,7 @@ class RecordNamingMismatch(ProvenanceMismatch):
 
 
 ANOTHER_OUT = "or extract it anew into another --out (--features-root for commands given --data), or delete it to rebuild it"
-_NAMING_KEYS = {"image_ids", "dataset_fingerprint"}
+_NAMING_KEYS = {schema.IMAGE_ID_SCHEME, schema.DATASET_FINGERPRINT}
 
 
 def naming_mismatch(path, existing: dict, wanted: dict, diffs: list[str]) -> RecordNamingMismatch | None:
@@ -116,7 +116,7 @@ def naming_mismatch(path, existing: dict, wanted: dict, diffs: list[str]) -> Rec
     (alone when the cache holds ids this version no longer makes). None for any other difference."""
     if not diffs or not {d.split(":", 1)[0] for d in diffs} <= _NAMING_KEYS:
         return None
-    old, new = _key_of(existing.get("image_ids")), _key_of(wanted.get("image_ids"))
+    old, new = _key_of(existing.get(schema.IMAGE_ID_SCHEME)), _key_of(wanted.get(schema.IMAGE_ID_SCHEME))
     if old == new:  # the fingerprint alone: ids written in the annotations that are now named below the folder
         if not _holds_unsafe_ids(path):
             return None

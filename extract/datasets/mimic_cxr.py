@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from medembed.common.errors import BadOption
 from medembed.extract.datasets.base import MAX_LINES_LISTED, DatasetError, find_column, hash_split, read_text
 from medembed.extract.datasets.csv_reader import LongFieldReader
 from medembed.extract.limits import GZIP_WBITS, CorruptStream, DecompressionBomb, inflate, inflate_limit
@@ -54,7 +55,7 @@ FINAL_REPORT = re.compile(r"^\s*FINAL REPORT[ \t]*(\r?\n|$)", re.IGNORECASE)
 
 def check_sections(report_sections: str) -> str:
     if report_sections not in REPORT_SECTIONS:
-        raise ValueError(f"report_sections must be one of {', '.join(REPORT_SECTIONS)}, not {report_sections!r}")
+        raise BadOption(f"report_sections must be one of {', '.join(REPORT_SECTIONS)}, not {report_sections!r}")
     return report_sections
 
 

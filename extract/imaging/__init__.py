@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from medembed.common.errors import MedembedError
+from medembed.common.errors import BadInput
 from medembed.extract.access import DataAccess
 from medembed.extract.imaging.dicom import NotAnImage, TooLarge, decode_dicom, is_dicom
 from medembed.extract.imaging.locations import (
@@ -36,7 +36,7 @@ __all__ = ["DEFAULT_DECODE", "MAX_PIXELS", "WINDOW_CHOICES", "CorruptStream", "D
            "read_image_bytes", "split_location", "with_frame"]
 
 
-class UndecodableImage(MedembedError, ValueError):
+class UndecodableImage(BadInput):
     """A decoder's own failure that is not a ValueError or OSError: pydicom, nibabel and Pillow raise
     what they like for a damaged file (RuntimeError, struct.error, NotImplementedError, IndexError...).
     Raised from it (`__cause__`) with its message, so that every guard that skips an unreadable image

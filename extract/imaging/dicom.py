@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medembed.common.errors import MedembedError
+from medembed.common.errors import BadInput
 from medembed.extract.imaging.windows import Window, linear, percentile_window, to_uint8
 from medembed.extract.limits import MAX_PIXELS, RAW_DEFLATE_WBITS, BufferStream, check_inflated_size, inflate_limit
 
@@ -32,15 +32,15 @@ PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 
-class NotAnImage(MedembedError, ValueError):
+class NotAnImage(BadInput):
     """A valid DICOM file that holds no picture (a report, a plan, a waveform, a DICOMDIR)."""
 
 
-class TooLarge(MedembedError, ValueError):
+class TooLarge(BadInput):
     """Frame size beyond the decoder's pixel limit (checked from the header, before decoding)."""
 
 
-class DamagedDicom(MedembedError, ValueError):
+class DamagedDicom(BadInput):
     """A file that is not a readable DICOM object at all: every object, image or not, names its SOP
     class (type 1 in every IOD, and in a Part 10 file's meta header), so one naming none and holding
     no pixel data is damaged -- random bytes after a DICOM preamble read as one garbage element."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from medembed.common.errors import BadInput
 from medembed.extract.imaging.windows import Window, linear, percentile_window, to_uint8
 from medembed.extract.limits import BufferStream
 
@@ -16,7 +17,7 @@ WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 RASTER_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 
 
-class PixelLimit(ValueError):
+class PixelLimit(BadInput):
     """The header claims more pixels than the decoder allows: refused before allocating them."""
 
 

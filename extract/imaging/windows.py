@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medembed.common.errors import BadOption
+
 # Common CT display windows (centre, width) in Hounsfield units.
 PRESETS: dict[str, tuple[float, float]] = {
     "lung": (-600.0, 1500.0),
@@ -43,7 +45,7 @@ class Window:
 
 
 def parse_window(text: str) -> Window:
-    """`auto`, a preset name, or `CENTRE,WIDTH` (e.g. `-600,1500`); ValueError naming the choices."""
+    """`auto`, a preset name, or `CENTRE,WIDTH` (e.g. `-600,1500`); BadOption naming the choices."""
     value = text.strip().lower()
     if value in ("", "auto"):
         return Window()
@@ -54,9 +56,9 @@ def parse_window(text: str) -> Window:
     try:
         c, w = (float(p) for p in parts)
     except ValueError:
-        raise ValueError(f"{text!r}: expected one of {', '.join(WINDOW_CHOICES)} or CENTRE,WIDTH (e.g. -600,1500)") from None
+        raise BadOption(f"{text!r}: expected one of {', '.join(WINDOW_CHOICES)} or CENTRE,WIDTH (e.g. -600,1500)") from None
     if not np.isfinite(c) or not np.isfinite(w) or w <= 0:
-        raise ValueError(f"{text!r}: the width must be a positive number and both must be finite")
+        raise BadOption(f"{text!r}: the width must be a positive number and both must be finite")
     return Window(c, w, "custom")
 
 

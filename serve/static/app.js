@@ -2,8 +2,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-// mode "upload" keeps the dropped File: paging and filters re-post it, the server keeps no upload
-const state = { mode: null, query: "", key: null, file: null, page: 0, perPage: 12, maxUpload: Infinity };
+// mode "upload" keeps the dropped File: paging and filters re-post it, the server keeps no upload;
+// perPage is the server's default k, from /api/info
+const state = { mode: null, query: "", key: null, file: null, page: 0, perPage: null, maxUpload: Infinity };
 
 function esc(text) {
   const d = document.createElement("div");
@@ -146,6 +147,7 @@ async function init() {
     `${info.pool_images} images, ${info.pool_captions} captions · ${info.index ? info.index + " index" : "exact scan"}` +
     ` · ${info.ranking}`;
   state.maxUpload = info.max_upload_bytes;
+  state.perPage = info.k;
   for (const s of info.splits) $("split").add(new Option(s, s));
   for (const m of info.modalities) $("modality").add(new Option(`${m.label} (${m.images})`, m.id));
   for (const c of info.concepts) {

@@ -1,8 +1,10 @@
-"""What evaluation compares: anything that turns raw cached features into unit embeddings.
+"""Anything that turns raw cached features into unit embeddings: what evaluation compares and
+what search, the page and export rank with.
 
 A trained run, the closed-form baseline and test stand-ins all reduce to two functions
-(raw image features -> embedding, raw text features -> embedding), so every metric runs the same
-code on each column of the report and a baseline can never be scored differently from a run.
+(raw image features -> embedding, raw text features -> embedding) and the run's query-bank offsets,
+so every metric runs the same code on each column of the report, a baseline can never be scored
+differently from a run, and a search ranks a run exactly as its evaluation did.
 """
 from __future__ import annotations
 
