@@ -23,7 +23,7 @@ from medembed.adapt.run_files import BEST, CONFIG, LAST, METRICS, SELECTION, SUM
 from medembed.adapt.state import TrainState
 from medembed.adapt.valid_heads import VALID_HEADS, VALID_HELD_OUT, VALID_WHY
 from medembed.common.errors import BadInput, BadRun, NotFound
-from medembed.common.files import atomic_write, write_json
+from medembed.common.files import atomic_write, read_json, write_json
 from medembed.common.hashing import digests_of, tensor_digest
 
 HEADS_FORMAT = "medembed-heads/1"
@@ -73,7 +73,7 @@ def write_derived_summary(source_dir: Path, folder: Path, replaced: tuple[str, .
     and memory; its refit record unless the selection heads it names came along into `folder`), plus
     `fields` and the new run's own query-bank record when it has one."""
     path = Path(source_dir) / SUMMARY
-    source = json.loads(path.read_text()) if path.exists() else {}
+    source = read_json(path) if path.exists() else {}
     drop = {"valid", VALID_HEADS, VALID_HELD_OUT, VALID_WHY, "querybank", "memory", "refit_skipped", *replaced}
     if not (Path(folder) / SELECTION).exists():
         drop.add("refit")

@@ -11,12 +11,12 @@ the head weights (0.98 per step) each added about one point of mean test recall 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from medembed.adapt import run_files
 from medembed.common.errors import BadOption, NotFound
+from medembed.common.files import read_json
 from medembed.common.planning import DEFAULT_MAX_MEMORY_GB
 
 HEAD_KINDS = ("linear", "mlp", "residual", "cca")
@@ -164,7 +164,7 @@ class AdaptConfig:
         path = Path(run_dir) / run_files.CONFIG
         if not path.exists():
             raise NotFound(f"{path}: no config.json, not an adapter run folder")
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         saved.setdefault("refit", False)  # a run saved before the refit existed was not refit: resuming keeps it so
         return cls.from_dict(saved)
 

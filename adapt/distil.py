@@ -24,7 +24,6 @@ leave the distilled run without any valid number to compare or choose by.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +41,7 @@ from medembed.adapt.run_querybank import calibrate
 from medembed.adapt.valid_heads import BEST_HEADS, SELECTION_HEADS, valid_fields
 from medembed.cache.reader import CachedSplit, load_split
 from medembed.common.errors import MedembedError
-from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
+from medembed.common.files import check_out_folder, folder_state, read_json, replace_folder, staging_folder
 from medembed.common.ranking import recall_summary
 from medembed.common.recall_keys import MEAN_RECALL
 from medembed.common.tensors import unit
@@ -184,7 +183,7 @@ def distil_run(run_dir: str | Path, out: str | Path, options: DistilOptions | No
     teacher = load_adapter_run(run_dir)
     _check_source(run_dir, teacher, out)
     check_out_folder(out, overwrite, ckpt.CONFIG, "distilled run")
-    if (out / ckpt.CONFIG).exists() and DISTILLED_KEY not in json.loads((out / ckpt.CONFIG).read_text()):
+    if (out / ckpt.CONFIG).exists() and DISTILLED_KEY not in read_json(out / ckpt.CONFIG):
         raise DistilError(f"{out}: holds a run that is not a distilled run; choose another --out")
     checked = folder_state(out)
     t0 = time.perf_counter()

@@ -10,7 +10,6 @@ something else (a stale index).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medembed.adapt import checkpoint as ckpt
@@ -18,7 +17,7 @@ from medembed.adapt.run import QUERYBANK, portable_features
 from medembed.cache.provenance import feature_differences
 from medembed.cache.reader import feature_widths, find_splits, read_attrs, verify_cache
 from medembed.common.errors import BadRun, Incompatible, NotFound
-from medembed.common.files import write_json
+from medembed.common.files import read_json, write_json
 from medembed.common.locks import exclusive
 
 
@@ -32,7 +31,7 @@ def relink(run_dir: str | Path, features_dir: str | Path) -> dict:
         raise NotFound(f"{config_path}: no config.json, not an adapter run folder")
     files = find_splits(new)
     with exclusive(run_dir, "command", "wait for it to finish"):
-        config = json.loads(config_path.read_text())
+        config = read_json(config_path)
         recorded = config.get("cache") or {}
         if not recorded:
             raise BadRun(f"{config_path}: records no provenance of its cache, so a new folder cannot be checked")
@@ -49,7 +48,7 @@ def relink(run_dir: str | Path, features_dir: str | Path) -> dict:
         write_json(config_path, portable_features({**config, "features_dir": str(new)}, run_dir))
         bank_path = run_dir / QUERYBANK
         if bank_path.exists():
-            record = json.loads(bank_path.read_text())
+            record = read_json(bank_path)
             if record.get("setting", {}).get("bank_features") == old:
                 record["setting"]["bank_features"] = str(new)
                 write_json(bank_path, record)

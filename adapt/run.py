@@ -23,7 +23,7 @@ from medembed.adapt.run_files import (  # QUERYBANK re-exported: the query-bank 
 )
 from medembed.cache.reader import find_splits
 from medembed.common.errors import BadInput, BadRun, NotFound
-from medembed.common.files import relative_to, resolve_recorded
+from medembed.common.files import read_json, relative_to, resolve_recorded
 from medembed.common.querybank import QueryBank
 from medembed.common.tensors import embed_in_chunks, module_device
 
@@ -148,7 +148,7 @@ def load_adapter_run(run_dir: str | Path) -> AdaptedRun:
     cfg_path = run_dir / ckpt.CONFIG
     if not cfg_path.exists():
         raise NotFound(f"{cfg_path}: no config.json, not an adapter run folder")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path)
     for key in ("head", "dim", "image_dim", "text_dim"):
         if key not in config:
             raise BadRun(f"{cfg_path}: missing {key!r}; was this written by `cli.py adapt`?")

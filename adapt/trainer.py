@@ -47,6 +47,7 @@ from medembed.cache.reader import CachedSplit, find_splits, load_split, read_att
 from medembed.cache.shards import concat_splits
 from medembed.common.device import resolve_device
 from medembed.common.errors import AlreadyExists, BadOption, BadRun, Incompatible, NotFound
+from medembed.common.files import read_json
 from medembed.common.memory import format_bytes, peak_rss_bytes
 from medembed.common.ranking import recall_summary
 from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key
@@ -295,7 +296,7 @@ def prepare_run_dir(config: AdaptConfig, resume: bool) -> Path:
     if has_run and not resume:
         raise AlreadyExists(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if resume and has_run:
-        _check_resume(json.loads((run_dir / ckpt.CONFIG).read_text()), config, run_dir)
+        _check_resume(read_json(run_dir / ckpt.CONFIG), config, run_dir)
         if (run_dir / ckpt.SUMMARY).exists() and not (run_dir / ckpt.LAST).exists():
             raise BadRun(f"{run_dir}: finished, and its {ckpt.LAST} was removed then; --resume continues a run "
                          "from that file only (train with --keep-last to extend a finished run later)")

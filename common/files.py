@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
-from medembed.common.errors import AlreadyExists, MedembedError
+from medembed.common.errors import AlreadyExists, BadInput, MedembedError
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -38,6 +38,16 @@ def write_json(path: str | Path, obj) -> Path:
     """Indented, key-sorted JSON, written atomically; NaN is written as null (JSON has no NaN)."""
     text = json.dumps(_nan_to_none(obj), indent=2, sort_keys=True, default=str) + "\n"
     return atomic_write(path, lambda p: p.write_text(text))
+
+
+def read_json(path: str | Path):
+    """A JSON file medembed wrote (a run's config or summary, an index's record), refused in one line
+    naming the file when it is damaged: a half-copied or hand-edited file is the user's to fix."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: damaged JSON ({e}); restore the file or make the run again") from e
 
 
 def _nan_to_none(obj):

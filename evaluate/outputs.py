@@ -11,7 +11,7 @@ from pathlib import Path
 from medembed.adapt import run_files
 from medembed.adapt.run import AdaptedRun, describe_run
 from medembed.cache import schema
-from medembed.common.files import replace_folder, slug, staging_folder, write_json
+from medembed.common.files import read_json, replace_folder, slug, staging_folder, write_json
 from medembed.common.version import __version__
 from medembed.evaluate import zeroshot
 from medembed.evaluate.examples import write_examples
@@ -100,7 +100,7 @@ def _training_curve(col: Column, work: Path, title: str) -> Path | None:
     if not rows:
         return None
     summary = col.run.run_dir / run_files.SUMMARY
-    best = json.loads(summary.read_text()).get("best_epoch", 0) if summary.exists() else 0
+    best = read_json(summary).get("best_epoch", 0) if summary.exists() else 0
     return training_curve(rows, best, work / f"training-{slug(col.name.replace('/', '_'))}.png",
                           title=f"Training of {col.name} (valid split of its cache); evaluated on {title}")
 

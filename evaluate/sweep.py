@@ -29,7 +29,7 @@ from medembed.adapt.run import load_adapter_run
 from medembed.adapt.trainer import train
 from medembed.cache.reader import load_split
 from medembed.common.errors import AlreadyExists, BadInput, BadOption, MedembedError
-from medembed.common.files import slug, write_json
+from medembed.common.files import read_json, slug, write_json
 from medembed.common.locks import exclusive
 from medembed.common.querybank import BANK_SCORE, COSINE
 from medembed.common.ranking import ranks, summarize
@@ -243,7 +243,7 @@ def _one(config: AdaptConfig) -> tuple[dict, float]:
         changed = [k for k in now if k not in ("features_dir",) and saved.get(k) != now[k]]
         if changed:
             raise AlreadyExists(f"{out}: holds a run with other settings ({', '.join(changed)}); choose another --out")
-        summary = json.loads((out / run_files.SUMMARY).read_text())
+        summary = read_json(out / run_files.SUMMARY)
         return summary, float(summary.get("seconds", 0.0))
     t0 = time.perf_counter()
     summary = train(config, progress=False)

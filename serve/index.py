@@ -48,7 +48,7 @@ from medembed.cache.reader import (
     verify_cache,
 )
 from medembed.common.errors import AlreadyExists, BadInput, BadOption, BadRun, Incompatible, MedembedError, NotFound
-from medembed.common.files import slug
+from medembed.common.files import read_json, slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.extract.extraction import DEFAULT_FEATURES_ROOT
@@ -497,7 +497,7 @@ def _features_dir(run_dir: Path) -> Path:
     cfg = run_dir / RUN_CONFIG
     if not cfg.exists():
         raise NotFound(f"{cfg}: no config.json, not an adapter run folder")
-    config = json.loads(cfg.read_text())
+    config = read_json(cfg)
     if not config.get("features_dir"):
         raise BadRun(f"{cfg}: names no features_dir; cannot check the index against the cache")
     return run_features_dir(config, run_dir)

@@ -29,7 +29,7 @@ from medembed.adapt.valid_heads import valid_source
 from medembed.cache import schema
 from medembed.cache.reader import load_split, read_attrs
 from medembed.common.errors import Incompatible
-from medembed.common.files import check_out_folder, folder_state, replace_folder, staging_folder
+from medembed.common.files import check_out_folder, folder_state, read_json, replace_folder, staging_folder
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
 from medembed.common.ranking import ranks, summarize
@@ -277,7 +277,7 @@ def _metrics(run, model: EmbeddingModel) -> dict:
     summary_path = Path(run.run_dir) / "summary.json"
     out: dict = {"ranking": model.ranking}
     if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+        summary = read_json(summary_path)
         out["dataset"] = _dataset_name(run)
         out["n_train_pairs"] = summary.get("n_train_pairs")
         out["valid"] = {k: v for k, v in (summary.get("querybank", {}).get("valid") or summary.get("valid", {})).items()

@@ -159,3 +159,14 @@ def test_the_command_line_names_a_path_the_system_refuses(tmp_path: Path, monkey
     res = CliRunner().invoke(main, ["runs", str(tmp_path)])
     assert res.exit_code == 1
     assert res.output == f"Error: [Errno 13] Permission denied: '{tmp_path}'\n"
+
+
+@pytest.mark.parametrize("command", [["search", "--text", "x"], ["index"], ["export"]])
+def test_a_damaged_run_file_is_named_in_one_line(tmp_path: Path, command: list[str]) -> None:
+    """A half-copied config.json is the user's to fix: one line naming the file, never a JSON traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"head": "linear", "dim"')
+    res = CliRunner().invoke(main, [command[0], "--run", str(run), *command[1:]])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert res.output.startswith(f"Error: {run / 'config.json'}: damaged JSON (") and res.output.count("\n") == 1
