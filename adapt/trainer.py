@@ -47,7 +47,7 @@ from medembed.cache.reader import CachedSplit, find_splits, load_split, read_att
 from medembed.cache.shards import concat_splits
 from medembed.common.device import resolve_device
 from medembed.common.errors import AlreadyExists, BadOption, BadRun, Incompatible, NotFound
-from medembed.common.files import read_json
+from medembed.common.files import read_json, read_jsonl
 from medembed.common.memory import format_bytes, peak_rss_bytes
 from medembed.common.ranking import recall_summary
 from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key
@@ -254,7 +254,7 @@ def read_metrics(run_dir: Path, upto: int | None = None) -> list[dict]:
     path = run_dir / ckpt.METRICS
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return [r for r in rows if upto is None or r.get("epoch", 0) <= upto]
 
 

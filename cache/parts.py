@@ -16,7 +16,7 @@ import numpy as np
 
 from medembed.cache.faults import reached
 from medembed.cache.provenance import ProvenanceMismatch, differences
-from medembed.common.files import atomic_write
+from medembed.common.files import atomic_write, read_json
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -47,7 +47,7 @@ class PartStore:
         boundaries (and therefore the bits of every feature) match an uninterrupted run.
         """
         if self.exists():
-            manifest = json.loads(self.manifest_path.read_text())
+            manifest = read_json(self.manifest_path)
             diffs = differences(manifest["provenance"], provenance)
             if diffs:
                 raise ProvenanceMismatch(self.dir, diffs)

@@ -50,6 +50,21 @@ def read_json(path: str | Path):
         raise BadInput(f"{path}: damaged JSON ({e}); restore the file or make the run again") from e
 
 
+def read_jsonl(path: str | Path) -> list:
+    """The records of a JSON-lines file medembed appends to (a run's metrics.jsonl); a damaged line
+    (a run killed mid-write) is refused in one line naming the file and line."""
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}: line {number}: damaged JSON ({e}); remove that line or make the run "
+                               "again") from e
+    return rows
+
+
 def _nan_to_none(obj):
     if isinstance(obj, float) and obj != obj:
         return None

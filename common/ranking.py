@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key  # the first two re-exported
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, MEAN_RECALL, recall_key
 from medembed.common.tensors import unit
 
 DEFAULT_MEMORY_MB = 256  # score matrices held at once while ranking a split or a pool

@@ -16,7 +16,6 @@ from pathlib import Path
 from medembed.adapt.memory import CacheShape, cache_shape
 from medembed.common.memory import GB, format_bytes
 from medembed.common.planning import (
-    DEFAULT_MAX_MEMORY_GB,
     PROCESS_BYTES,
     SLACK_BYTES,
     MemoryBudgetError,
@@ -24,7 +23,7 @@ from medembed.common.planning import (
     gib_up,
 )
 
-__all__ = ["DEFAULT_MAX_MEMORY_GB", "EvalMemoryPlan", "PoolFiles", "plan_eval_memory"]
+__all__ = ["EvalMemoryPlan", "PoolFiles", "plan_eval_memory"]
 
 ID_BYTES = 100  # an image id or location held as a Python string
 CAPTION_BYTES = 160  # a caption held as a Python string

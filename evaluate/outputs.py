@@ -3,7 +3,6 @@ sees the previous evaluation or the new one, never a mix."""
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from medembed.adapt import run_files
 from medembed.adapt.run import AdaptedRun, describe_run
 from medembed.cache import schema
-from medembed.common.files import read_json, replace_folder, slug, staging_folder, write_json
+from medembed.common.files import read_json, read_jsonl, replace_folder, slug, staging_folder, write_json
 from medembed.common.version import __version__
 from medembed.evaluate import zeroshot
 from medembed.evaluate.examples import write_examples
@@ -109,7 +108,7 @@ def _metrics_rows(run: AdaptedRun) -> list[dict]:
     path = run.run_dir / run_files.METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def _write_files(work: Path, plan: EvalPlan, results: dict[str, ColumnResult], options: EvalOptions) -> dict:

@@ -18,11 +18,12 @@ from medembed.cache.provenance import ProvenanceMismatch, backbone_differences
 from medembed.cache.reader import CachedSplit, find_splits, load_split
 from medembed.common.errors import AlreadyExists, BadOption, Incompatible, NotFound
 from medembed.common.files import slug
+from medembed.common.planning import DEFAULT_MAX_MEMORY_GB
 from medembed.common.ranking import DEFAULT_MEMORY_MB
 from medembed.common.stats import PairedDifference
 from medembed.evaluate import detection, fewshot, zeroshot
 from medembed.evaluate import metrics as registry
-from medembed.evaluate.memory import DEFAULT_MAX_MEMORY_GB, EvalMemoryPlan, PoolFiles, plan_eval_memory
+from medembed.evaluate.memory import EvalMemoryPlan, PoolFiles, plan_eval_memory
 from medembed.evaluate.metric import Metric, Scores
 from medembed.evaluate.new_data import eval_splits
 from medembed.extract.extraction import DEFAULT_FEATURES_ROOT

@@ -23,7 +23,6 @@ from scipy.special import gammaln
 
 from medembed.common.ranking import (
     DEFAULT_MEMORY_MB,
-    DIRECTIONS,
     RetrievalRanks,
     hits,
     ranks,
@@ -31,7 +30,7 @@ from medembed.common.ranking import (
     summarize,
     summarize_ranks,
 )
-from medembed.common.recall_keys import DEFAULT_KS, fraction_key, recall_key
+from medembed.common.recall_keys import DEFAULT_KS, DIRECTIONS, fraction_key, recall_key
 from medembed.common.stats import rate_interval
 from medembed.evaluate.metric import ColumnInputs, Metric, Needs, Scores, SectionView
 from medembed.evaluate.tables import markdown_table

@@ -23,8 +23,8 @@ from PIL import Image
 from medembed.common.memory import GB, format_bytes
 from medembed.common.planning import MemoryBudgetError, MemoryPlan, gib_up, largest_parts
 
-PROCESS_BYTES = 900 << 20  # python with torch, torchvision, h5py, pyarrow, the tokenizers and these modules
-SLACK_BYTES = 256 << 20  # HDF5's chunk caches, the allocator's free lists, a batch's strings and results
+EXTRACT_PROCESS_BYTES = 900 << 20  # extraction's own count (not common.planning's): python with torch, torchvision, h5py, pyarrow, the tokenizers and these modules
+EXTRACT_SLACK_BYTES = 256 << 20  # HDF5's chunk caches, the allocator's free lists, a batch's strings and results
 RECORD_BYTES = 1024  # a record of the part held as Python objects while assembling (id, captions, location)
 CAPTION_BYTES = 256  # a caption's text as a Python string, held with the part
 ROW_BOOKKEEPING_BYTES = 64  # per record of the whole dataset: split views and the overlap check's hashes
@@ -78,14 +78,14 @@ def plan_extract_memory(bb, *, budget_gb: float, n_dataset_records: int, caption
     pixels = pixel_bytes(bb)
     micro = bb.cpu_micro_batch if bb.cpu_micro_batch and bb.device.type == "cpu" else batch_size
     held = {
-        "process": PROCESS_BYTES,
+        "process": EXTRACT_PROCESS_BYTES,
         "backbone": weight_bytes(bb, other_runtime),
         "image runtime": RUNTIME_BYTES if other_runtime else 0,
         "records": ROW_BOOKKEEPING_BYTES * n_dataset_records,
         "decoded batches": max(1, workers) * PREFETCH * batch_size * (1 + views) * pixels if workers else
         batch_size * (1 + views) * pixels,
         "inference": min(micro, batch_size) * ACTIVATION_FACTOR * pixels,
-        "slack": SLACK_BYTES,
+        "slack": EXTRACT_SLACK_BYTES,
     }
     # a part's images: the batches read back and joined (twice, as stored), float32 once for writing;
     # its captions likewise; and the records and caption strings

@@ -51,14 +51,15 @@ from medembed.common.errors import AlreadyExists, BadInput, BadOption, BadRun, I
 from medembed.common.files import read_json, slug
 from medembed.common.hashing import sha256_file
 from medembed.common.locks import exclusive
+from medembed.common.memory import format_bytes
 from medembed.extract.extraction import DEFAULT_FEATURES_ROOT
 from medembed.model.runs import open_run, open_runs
 from medembed.serve.index_kinds import INDEX_KINDS, index_kind
 from medembed.serve.index_parts import PARTS_KINDS, add_chunks, fill_in_parts, write_part
-from medembed.serve.index_plan import KIND_CHOICES, IndexPlan, format_bytes, plan_index
+from medembed.serve.index_plan import KIND_CHOICES, IndexPlan, plan_index
 
 __all__ = [
-    "INDEX_KINDS", "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
+    "IndexMeta", "IndexOptions", "IndexSource", "StaleIndexError", "available_indexes",
     "build_index", "format_index_summary", "index_paths", "load_index", "new_index", "read_vectors", "search_index",
     "stale_reasons", "tune", "vectors_path",
 ]

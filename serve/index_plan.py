@@ -17,13 +17,13 @@ from medembed.common.memory import GB, format_bytes
 from medembed.common.planning import MemoryBudgetError, gib_up
 from medembed.serve.index_kinds import FLAT, INDEX_KINDS, IVFPQ, index_kind
 
-__all__ = ["AUTO", "INDEX_KINDS", "KIND_CHOICES", "IndexPlan", "plan_index", "format_bytes"]
+__all__ = ["AUTO", "KIND_CHOICES", "IndexPlan", "plan_index"]
 
 AUTO = "auto"  # not a kind: the planner's choice of one (flat while a scan is short, else ivfpq)
 KIND_CHOICES = (AUTO,) + INDEX_KINDS
 EXACT_SCAN_FLOATS = 1 << 25  # flat while a query scans at most 32M floats (128 MiB: ~12 ms on 2 cores)
 ID_LIST_BYTES = 100  # per image while building: its id as a Python string and in the JSON text
-PROCESS_BYTES = 600 << 20  # what the process holds before building (torch, faiss, numpy, the run), measured
+INDEX_PROCESS_BYTES = 600 << 20  # the index build's own count (not common.planning's): what the process holds before building (torch, faiss, numpy, the run), measured
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def plan_index(n: int, dim: int, opts) -> IndexPlan:
         for code in kind.codes(dim, opts):
             params = kind.params(n, dim, opts, code)
             index, own = kind.costs(n, dim, params)
-            build = PROCESS_BYTES + own + rows * dim * 4 * 2 + n * ID_LIST_BYTES
+            build = INDEX_PROCESS_BYTES + own + rows * dim * 4 * 2 + n * ID_LIST_BYTES
             plan = IndexPlan(kind.name, n, dim, params, index, build, rows)
             if build <= budget:
                 return plan

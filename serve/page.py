@@ -31,10 +31,9 @@ from medembed.serve.page_errors import answer_errors_in_one_line
 from medembed.serve.page_pool import PagePool
 from medembed.serve.page_requests import PageState, ServeLimits
 from medembed.serve.page_routes import STATIC, add_page_routes
-from medembed.serve.page_upload import FORM_FRAMING
 from medembed.serve.search import Searcher
 
-__all__ = ["FORM_FRAMING", "ServeLimits", "ServeOptions", "create_app", "listen", "serve"]
+__all__ = ["ServeLimits", "ServeOptions", "create_app", "listen", "serve"]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 
 from medembed.cache.schema import split_file
 from medembed.common.errors import BadInput, BadOption, Incompatible, NotFound
+from medembed.common.planning import DEFAULT_MAX_MEMORY_GB
 from medembed.common.querybank import BANK_SCORE, COSINE
 from medembed.common.ranking import top_k
 from medembed.common.text import one_line
@@ -33,11 +34,10 @@ from medembed.extract.worker import describe_failure
 from medembed.model.embedding import EmbeddingModel, model_from_run
 from medembed.model.grids import Tile, image_query_grid, similar_images_grid, text_query_grid
 from medembed.model.runs import open_runs, run_backbone
-from medembed.model.thumbnails import load_image_thumbnail
+from medembed.model.thumbnails import THUMBNAIL, load_image_thumbnail
 from medembed.serve.explain import explain
 from medembed.serve.pool import SearchPool
 from medembed.serve.search_memory import (
-    DEFAULT_MAX_MEMORY_GB,
     MAX_CHUNK_ROWS,
     SearchMemoryPlan,
     plan_search_memory,
@@ -469,7 +469,7 @@ def draw(result: SearchResult, searcher: Searcher, out: str | Path, text: str | 
         return text_query_grid(text, _image_tiles(result, searcher, query), Path(out), note=note)
     try:
         query_img = read_query_image(image, searcher.pool.decode)
-        query_img.thumbnail((384, 384))
+        query_img.thumbnail((THUMBNAIL, THUMBNAIL))
     except ValueError:
         query_img = None
     if result.target == "images":

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from medembed.adapt.run_querybank import BANK_ROWS
 from medembed.common.memory import GB, format_bytes
 from medembed.common.planning import (
-    DEFAULT_MAX_MEMORY_GB,
     MIN_CHUNK_ROWS,
     PROCESS_BYTES,
     SLACK_BYTES,
@@ -26,7 +25,7 @@ from medembed.common.planning import (
     gib_up,
 )
 
-__all__ = ["DEFAULT_MAX_MEMORY_GB", "SearchMemoryPlan", "plan_search_memory"]
+__all__ = ["SearchMemoryPlan", "plan_search_memory"]
 
 ENCODER_BYTES = 640 << 20  # the query encoders (torch towers and their ONNX Runtime sessions) once loaded
 ID_BYTES = 100  # per index row: its image id as a Python string beside the index (84 measured at 10M while its JSON is parsed)

@@ -19,7 +19,7 @@ from medembed.cache.reader import find_splits, load_split, open_cache
 from medembed.cli import main
 from medembed.common.device import resolve_device
 from medembed.common.errors import AlreadyExists, BadInput, BadOption, BadRun, MedembedError, NotFound
-from medembed.common.files import check_out_folder
+from medembed.common.files import check_out_folder, read_jsonl
 from medembed.evaluate import listing
 from medembed.extract.datasets import load_dataset
 from medembed.extract.datasets.frames import parse_frames
@@ -170,3 +170,12 @@ def test_a_damaged_run_file_is_named_in_one_line(tmp_path: Path, command: list[s
     res = CliRunner().invoke(main, [command[0], "--run", str(run), *command[1:]])
     assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
     assert res.output.startswith(f"Error: {run / 'config.json'}: damaged JSON (") and res.output.count("\n") == 1
+
+
+def test_a_run_killed_mid_write_leaves_a_metrics_line_named_in_one_line(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "lo')
+    with pytest.raises(BadInput, match=r"metrics.jsonl: line 2: damaged JSON"):
+        read_jsonl(metrics)
+    metrics.write_text('{"epoch": 1}\n\n{"epoch": 2}\n')
+    assert read_jsonl(metrics) == [{"epoch": 1}, {"epoch": 2}]

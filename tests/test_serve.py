@@ -23,7 +23,8 @@ from medembed.cli import main
 from medembed.serve import page as serve_module
 from medembed.serve import search as search_module
 from medembed.serve.index import IndexOptions, build_index
-from medembed.serve.page import FORM_FRAMING, ServeLimits, create_app
+from medembed.serve.page import ServeLimits, create_app
+from medembed.serve.page_upload import FORM_FRAMING
 from medembed.serve.search import Searcher, SearchOptions, search
 from tests.conftest import tiny_clip_cache
 
