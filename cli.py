@@ -20,7 +20,6 @@ from medembed.common.errors import BadOption, MedembedError
 from medembed.common.memory import release_large_blocks
 from medembed.common.recall_keys import DEFAULT_KS, MEAN_RECALL, recall_key
 from medembed.common.version import __version__
-from medembed.serve.index_plan import KIND_CHOICES
 
 # What a user can fix, said in one line with no traceback: medembed's own errors, and the operating
 # system's refusals of a path the user named (opened by the standard library or a file-format library,
@@ -705,7 +704,7 @@ def sweep(features_dir, sets, grid_file, seeds, fixed_sets, out) -> None:
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run folder, e.g. runs/NAME.")
 @click.option("--split", **_cfg("medembed.serve.index:IndexOptions.split"), help="Split to index (test, train, ...), or all of them.")
-@click.option("--kind", type=click.Choice(KIND_CHOICES), **_cfg("medembed.serve.index:IndexOptions.kind"),
+@click.option("--kind", type=_RegistryChoice("medembed.serve.index_plan:KIND_CHOICES"), **_cfg("medembed.serve.index:IndexOptions.kind"),
               help="auto: picked from the collection size and --max-memory-gb; flat: exact; ivf / hnsw: approximate, "
                    "full vectors; ivfpq: 8-64 bytes per image, candidates re-scored exactly (tens of millions of images).")
 @click.option("--max-memory-gb", **_cfg("medembed.serve.index:IndexOptions.max_memory_gb"), type=click.FloatRange(min=0, min_open=True),

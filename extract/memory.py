@@ -23,7 +23,9 @@ from PIL import Image
 from medembed.common.memory import GB, format_bytes
 from medembed.common.planning import MemoryBudgetError, MemoryPlan, gib_up, largest_parts
 
-EXTRACT_PROCESS_BYTES = 900 << 20  # extraction's own count (not common.planning's): python with torch, torchvision, h5py, pyarrow, the tokenizers and these modules
+# extraction counts its own process (not common.planning's): python with torch, torchvision, h5py, pyarrow,
+# the tokenizers and these modules
+EXTRACT_PROCESS_BYTES = 900 << 20
 EXTRACT_SLACK_BYTES = 256 << 20  # HDF5's chunk caches, the allocator's free lists, a batch's strings and results
 RECORD_BYTES = 1024  # a record of the part held as Python objects while assembling (id, captions, location)
 CAPTION_BYTES = 256  # a caption's text as a Python string, held with the part

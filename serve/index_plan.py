@@ -23,7 +23,9 @@ AUTO = "auto"  # not a kind: the planner's choice of one (flat while a scan is s
 KIND_CHOICES = (AUTO,) + INDEX_KINDS
 EXACT_SCAN_FLOATS = 1 << 25  # flat while a query scans at most 32M floats (128 MiB: ~12 ms on 2 cores)
 ID_LIST_BYTES = 100  # per image while building: its id as a Python string and in the JSON text
-INDEX_PROCESS_BYTES = 600 << 20  # the index build's own count (not common.planning's): what the process holds before building (torch, faiss, numpy, the run), measured
+# an index build counts its own process (not common.planning's): what it holds before building (torch, faiss,
+# numpy, the run), measured
+INDEX_PROCESS_BYTES = 600 << 20
 
 
 @dataclass(frozen=True)

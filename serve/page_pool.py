@@ -52,25 +52,16 @@ class PagePool:
             raise HTTPException(404, f"no image {key!r} in this run's pool")
         return pool.pool_row(split, int(row))
 
-    def location(self, key: str) -> str:
-        return self.searcher.pool.location(self.row(key))
-
-    def open_image(self, row: int) -> Image.Image:
-        """Pool image `row` (from `row`), read under its data folder's rule: never a file outside it."""
-        return self.searcher.pool.open_image(row)
-
-    def unreadable(self, row: int, error: BaseException) -> str:
-        """Why pool image `row` could not be opened, naming no path that may identify a patient."""
-        return self.searcher.pool.unreadable(row, error)
-
     def image(self, key: str) -> Image.Image:
-        """Pool image `key`; 404 for a key that is no pool row, or an image that cannot be read (saying
-        why, naming no path)."""
+        """Pool image `key`, read under its data folder's rule (never a file outside it); 404 for a key
+        that is no pool row, or an image that cannot be read (saying why, naming no path that may
+        identify a patient)."""
         row = self.row(key)  # only pool rows map to a location; the request names none
+        pool = self.searcher.pool
         try:
-            return self.open_image(row)
+            return pool.open_image(row)
         except Exception as e:  # noqa: BLE001
-            raise HTTPException(404, f"{key}: image not readable ({self.unreadable(row, e)})") from None
+            raise HTTPException(404, f"{key}: image not readable ({pool.unreadable(row, e)})") from None
 
     def allowed(self, split: str | None, modality: str | None, concept: str | None) -> np.ndarray | None:
         """Which pool images pass the filters (None: all)."""
